@@ -1,0 +1,3 @@
+from qubax.cli import main
+
+main()

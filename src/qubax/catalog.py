@@ -1,0 +1,224 @@
+"""The model catalog: one declarative table of what we serve, its limits, prices and upstream routes."""
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+from qubax.errors import InvalidRequest, ModelNotFound
+from qubax.protocol import ImageGenerateRequest
+
+MAX_PROMPT_CHARS = 4000
+RESPONSE_FORMATS = ("url", "b64_json")
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One upstream that can serve a model: a provider name and that provider's name for the model."""
+
+    provider: str
+    upstream_model: str
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Any width and height within [low, high] that are multiples of `step`."""
+
+    low: int
+    high: int
+    step: int
+
+    def allows(self, width: int, height: int) -> bool:
+        return all(self.low <= side <= self.high and side % self.step == 0 for side in (width, height))
+
+    def describe(self) -> str:
+        return f"width and height must each be between {self.low} and {self.high} and a multiple of {self.step}"
+
+
+@dataclass(frozen=True)
+class Fixed:
+    sizes: tuple[str, ...]
+
+    def allows(self, width: int, height: int) -> bool:
+        return f"{width}x{height}" in self.sizes
+
+    def describe(self) -> str:
+        return "supported sizes are " + ", ".join(self.sizes)
+
+
+@dataclass(frozen=True)
+class Price:
+    """Price of one image; the first entry whose quality and size match (None = any) applies."""
+
+    usd: Decimal
+    quality: str | None = None
+    size: str | None = None
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    id: str
+    owned_by: str
+    created: int
+    sizes: Grid | Fixed
+    default_size: str
+    max_n: int
+    prices: tuple[Price, ...]
+    routes: tuple[Route, ...]
+    qualities: tuple[str, ...] = ("auto", "standard")
+    default_quality: str | None = None
+    styles: tuple[str, ...] = ()
+    default_style: str | None = None
+
+    def price(self, quality: str | None, size: str) -> Decimal:
+        for entry in self.prices:
+            if entry.quality in (None, quality) and entry.size in (None, size):
+                return entry.usd
+        raise LookupError(f"no price for {self.id} {quality} {size}")  # pragma: no cover - table bug
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A generation request checked against its model: every field resolved to a concrete value."""
+
+    model: CatalogModel
+    prompt: str
+    width: int
+    height: int
+    n: int
+    response_format: str
+    quality: str | None
+    style: str | None
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def cost_per_image(self) -> Decimal:
+        return self.model.price(self.quality, self.size)
+
+
+FLUX_GRID = Grid(256, 1440, 32)
+ULTRA_SIZES = Fixed(
+    (
+        "3136x1344", "2752x1536", "2496x1664", "2368x1792", "2048x2048",
+        "1792x2368", "1664x2496", "1536x2752", "1344x3136",
+    )
+)  # fmt: skip
+
+MODELS: tuple[CatalogModel, ...] = (
+    CatalogModel(
+        id="flux-1.1-pro",
+        owned_by="black-forest-labs",
+        created=1727827200,
+        sizes=FLUX_GRID,
+        default_size="1024x768",
+        max_n=4,
+        prices=(Price(Decimal("0.04")),),
+        routes=(Route("bfl", "flux-pro-1.1"),),
+    ),
+    CatalogModel(
+        id="flux-1.1-pro-ultra",
+        owned_by="black-forest-labs",
+        created=1730851200,
+        sizes=ULTRA_SIZES,
+        default_size="2752x1536",
+        max_n=4,
+        prices=(Price(Decimal("0.06")),),
+        routes=(Route("bfl", "flux-pro-1.1-ultra"),),
+    ),
+    CatalogModel(
+        id="flux-1-schnell",
+        owned_by="black-forest-labs",
+        created=1722470400,
+        sizes=FLUX_GRID,
+        default_size="1024x1024",
+        max_n=4,
+        prices=(Price(Decimal("0.003")),),
+        routes=(Route("together", "black-forest-labs/FLUX.1-schnell"),),
+    ),
+    CatalogModel(
+        id="dall-e-3",
+        owned_by="openai",
+        created=1698785189,
+        sizes=Fixed(("1024x1024", "1792x1024", "1024x1792")),
+        default_size="1024x1024",
+        max_n=1,
+        prices=(
+            Price(Decimal("0.04"), "standard", "1024x1024"),
+            Price(Decimal("0.08"), "standard"),
+            Price(Decimal("0.08"), "hd", "1024x1024"),
+            Price(Decimal("0.12"), "hd"),
+        ),
+        routes=(Route("openai", "dall-e-3"),),
+        qualities=("auto", "standard", "hd"),
+        default_quality="standard",
+        styles=("vivid", "natural"),
+        default_style="vivid",
+    ),
+)
+
+
+def find_model(model_id: str) -> CatalogModel:
+    for model in MODELS:
+        if model.id == model_id:
+            return model
+    raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.")
+
+
+def check_request(body: ImageGenerateRequest) -> ImageRequest:
+    """Resolve defaults and enforce the model's limits; raise `InvalidRequest` naming the field."""
+    model = find_model(body.model)
+    if not body.prompt.strip():
+        raise InvalidRequest("prompt must be a non-empty string.", param="prompt")
+    if len(body.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(
+            f"prompt is {len(body.prompt)} characters long; the maximum is {MAX_PROMPT_CHARS}.",
+            param="prompt",
+            code="string_above_max_length",
+        )
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= model.max_n:
+        only = "n=1 only" if model.max_n == 1 else f"n between 1 and {model.max_n}"
+        raise InvalidRequest(f"{model.id} supports {only}; got n={n}.", param="n")
+    width, height = parse_size(model, body.size)
+    response_format = body.response_format or "url"
+    if response_format not in RESPONSE_FORMATS:
+        raise InvalidRequest(
+            f"Invalid value: '{response_format}'. Supported values are: 'url' and 'b64_json'.",
+            param="response_format",
+        )
+    quality = pick_option(model.id, "quality", body.quality, model.qualities, model.default_quality)
+    style = pick_option(model.id, "style", body.style, model.styles, model.default_style)
+    return ImageRequest(model, body.prompt, width, height, n, response_format, quality, style)
+
+
+def parse_size(model: CatalogModel, size: str | None) -> tuple[int, int]:
+    text = model.default_size if size in (None, "auto") else size
+    match = _SIZE.match(text or "")
+    if match is None:
+        raise InvalidRequest(
+            f"Invalid size '{text}': expected WIDTHxHEIGHT, e.g. '{model.default_size}'.", param="size"
+        )
+    width, height = int(match[1]), int(match[2])
+    if not model.sizes.allows(width, height):
+        raise InvalidRequest(
+            f"The size {text} is not supported by {model.id}: {model.sizes.describe()}.",
+            param="size",
+            code="invalid_size",
+        )
+    return width, height
+
+
+def pick_option(
+    model_id: str, param: str, value: str | None, allowed: tuple[str, ...], default: str | None
+) -> str | None:
+    if value is None:
+        return default
+    if value not in allowed:
+        supported = ", ".join(f"'{v}'" for v in allowed) if allowed else "none (omit the parameter)"
+        raise InvalidRequest(
+            f"Invalid value for {model_id}: '{value}'. Supported values are: {supported}.", param=param
+        )
+    return default if value == "auto" else value

@@ -1,0 +1,115 @@
+"""The one exception tree. Code raises these; `app.py` renders them as OpenAI error bodies.
+
+    QubaxError                      500 server_error
+    ├── InvalidRequest              400 invalid_request_error  (code invalid_value unless given)
+    │   ├── UnknownParameter        400 unknown_parameter
+    │   └── ContentPolicyViolation  400 content_policy_violation
+    ├── AuthenticationError         401 invalid_api_key
+    ├── Forbidden                   403
+    ├── NotFound                    404
+    │   └── ModelNotFound           404 model_not_found
+    ├── Gone                        410
+    ├── RequestTooLarge             413
+    └── UpstreamError               502 upstream_error       (retryable says if another try may work)
+        └── UpstreamTimeout         504 upstream_timeout
+"""
+
+from qubax.protocol import Error, ErrorResponse
+
+
+class QubaxError(Exception):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def to_body(self) -> ErrorResponse:
+        return ErrorResponse(error=Error(message=self.message, type=self.type, param=self.param, code=self.code))
+
+
+class InvalidRequest(QubaxError):
+    status_code = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class UnknownParameter(InvalidRequest):
+    code = "unknown_parameter"
+
+
+class ContentPolicyViolation(InvalidRequest):
+    code = "content_policy_violation"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "Your request was rejected as a result of our safety system. "
+            "Your prompt may contain text that is not allowed by our safety system."
+        )
+
+
+class AuthenticationError(QubaxError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(QubaxError):
+    status_code = 403
+    type = "invalid_request_error"
+
+
+class NotFound(QubaxError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
+
+
+class Gone(QubaxError):
+    status_code = 410
+    type = "invalid_request_error"
+    code = "expired"
+
+
+class RequestTooLarge(QubaxError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(QubaxError):
+    """The provider failed. `retryable` is False when sending the same request again cannot help."""
+
+    status_code = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-should-retry": "true" if self.retryable else "false"}
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    code = "upstream_timeout"

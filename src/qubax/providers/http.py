@@ -1,0 +1,120 @@
+"""Upstream plumbing shared by every adapter: sending, status mapping, polling and safe downloads."""
+
+import asyncio
+import fnmatch
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+
+from qubax.errors import UpstreamError, UpstreamTimeout
+
+T = TypeVar("T")
+MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+
+
+async def send(http: httpx.AsyncClient, provider: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """Send one request, turning transport failures into our errors."""
+    try:
+        return await http.request(method, url, **kwargs)
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"{provider} did not answer in time.") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"Could not reach {provider}: {type(exc).__name__}.", retryable=True) from exc
+
+
+def check_status(response: httpx.Response, provider: str) -> None:
+    """Raise the error a non-2xx upstream answer means; adapters handle provider quirks first."""
+    status = response.status_code
+    if status < 300:
+        return
+    detail = error_detail(response)
+    if status in (401, 403):
+        message = f"{provider} rejected the configured credential ({status})"
+    elif status == 402:
+        message = f"{provider} account is out of credit ({status})"
+    elif status == 429:
+        message = f"{provider} is rate limiting us ({status})"
+    elif status >= 500:
+        message = f"{provider} failed ({status})"
+    else:
+        message = f"{provider} refused the request ({status})"
+    retryable = status == 429 or status >= 500
+    raise UpstreamError(f"{message}: {detail}" if detail else f"{message}.", retryable=retryable)
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The upstream's own error message, short, whatever shape its body has."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    found: Any = body
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message", "title"):
+            if body.get(key):
+                found = body[key]
+                break
+    if isinstance(found, dict):
+        found = found.get("message") or found.get("msg") or found
+    if isinstance(found, list) and found and isinstance(found[0], dict):
+        found = found[0].get("msg", found[0])
+    return str(found)[:300]
+
+
+def read_json(response: httpx.Response, provider: str) -> dict[str, Any]:
+    """The JSON object the upstream returned, or an error that says it sent something else."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise UpstreamError(f"{provider} returned an unreadable response (not a JSON object).")
+    return body
+
+
+async def poll(check: Callable[[], Awaitable[T | None]], interval: float) -> T:
+    """Call `check` until it returns a value; the caller's deadline bounds the wait."""
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        await asyncio.sleep(interval)
+
+
+def host_allowed(url: str, patterns: Iterable[str]) -> bool:
+    """True when the URL's host matches one of the shell-style host patterns (`delivery.*.bfl.ai`)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in patterns)
+
+
+def base_host(base_url: str) -> str:
+    return (urlsplit(base_url).hostname or "").lower()
+
+
+async def download(http: httpx.AsyncClient, provider: str, url: Any, allowed_hosts: Iterable[str]) -> bytes:
+    """Fetch a result URL, but only from hosts the provider delivers from (no SSRF via upstream data)."""
+    if not isinstance(url, str) or not host_allowed(url, allowed_hosts):
+        raise UpstreamError(f"{provider} returned a result URL from a host we do not download from.")
+    try:
+        async with http.stream("GET", url, headers={"user-agent": "qubax"}) as response:
+            if response.status_code != 200:
+                raise UpstreamError(
+                    f"Downloading the image from {provider} failed ({response.status_code}).", retryable=True
+                )
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_DOWNLOAD_BYTES:
+                    raise UpstreamError(f"{provider} returned an image larger than we accept.")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"Downloading the image from {provider} timed out.") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"Downloading the image from {provider} failed: {type(exc).__name__}.") from exc

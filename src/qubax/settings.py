@@ -1,0 +1,44 @@
+"""Configuration, read from the environment once, in `create_app` or the CLI, never at import."""
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def credential(env_name: str) -> SecretStr | None:
+    """A provider credential read from the provider's own variable name (e.g. `BFL_API_KEY`)."""
+    return Field(default=None, validation_alias=AliasChoices(env_name))  # type: ignore[no-any-return]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUBAX_", populate_by_name=True, extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("qubax")))
+    database_url: str | None = None
+    public_url: str | None = None
+    image_ttl_seconds: int = Field(default=3600, gt=0)
+    request_timeout_seconds: float = Field(default=300.0, gt=0)
+    poll_interval_seconds: float = Field(default=0.5, gt=0)
+    sweep_interval_seconds: float = Field(default=60.0, gt=0)
+
+    bfl_api_key: SecretStr | None = credential("BFL_API_KEY")
+    openai_api_key: SecretStr | None = credential("OPENAI_API_KEY")
+    together_api_key: SecretStr | None = credential("TOGETHER_API_KEY")
+    fal_key: SecretStr | None = credential("FAL_KEY")
+    replicate_api_token: SecretStr | None = credential("REPLICATE_API_TOKEN")
+
+    bfl_base_url: str = "https://api.bfl.ai"
+    openai_base_url: str = "https://api.openai.com/v1"
+    together_base_url: str = "https://api.together.xyz/v1"
+    fal_base_url: str = "https://queue.fal.run"
+    replicate_base_url: str = "https://api.replicate.com/v1"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'qubax.db'}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"

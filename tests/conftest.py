@@ -1,6 +1,14 @@
+import asyncio
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from qubax import auth, db
+from qubax.app import create_app
+from qubax.settings import Settings
+from tests.server import serve
 
 # Provider credentials from the developer's shell must never leak into tests.
 PROVIDER_ENV = ("BFL_API_KEY", "OPENAI_API_KEY", "TOGETHER_API_KEY", "FAL_KEY", "REPLICATE_API_TOKEN")
@@ -16,3 +24,40 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", poll_interval_seconds=0.01, sweep_interval_seconds=3600)
+
+
+def create_key(settings: Settings, *, test: bool = False, name: str = "") -> str:
+    """A real key, created the way `qubax keys create` creates one; returns the secret."""
+    new = auth.new_key(test=test)
+
+    async def add() -> None:
+        engine = db.connect(settings.resolved_database_url)
+        await db.migrate(engine)
+        async with db.sessions(engine)() as session:
+            await db.add_key(session, name=name, prefix=new.prefix, digest=new.digest, test=test)
+        await engine.dispose()
+
+    asyncio.run(add())
+    return new.secret
+
+
+@pytest.fixture
+def test_key(settings: Settings) -> str:
+    return create_key(settings, test=True, name="test")
+
+
+@pytest.fixture
+def live_key(settings: Settings) -> str:
+    return create_key(settings, name="live")
+
+
+@pytest.fixture
+def base_url(settings: Settings) -> Iterator[str]:
+    """Our app, started with `settings`, serving real HTTP on loopback."""
+    with serve(create_app(settings)) as url:
+        yield url

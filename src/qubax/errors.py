@@ -1,17 +1,17 @@
 """The one exception tree. Code raises these; `app.py` renders them as OpenAI error bodies.
 
-    QubaxError                      500 server_error
-    ├── InvalidRequest              400 invalid_request_error  (code invalid_value unless given)
-    │   ├── UnknownParameter        400 unknown_parameter
-    │   └── ContentPolicyViolation  400 content_policy_violation
-    ├── AuthenticationError         401 invalid_api_key
-    ├── Forbidden                   403
-    ├── NotFound                    404
-    │   └── ModelNotFound           404 model_not_found
-    ├── Gone                        410
-    ├── RequestTooLarge             413
-    └── UpstreamError               502 upstream_error       (retryable says if another try may work)
-        └── UpstreamTimeout         504 upstream_timeout
+QubaxError                      500 server_error
+├── InvalidRequest              400 invalid_request_error  (code invalid_value unless given)
+│   ├── UnknownParameter        400 unknown_parameter
+│   └── ContentPolicyViolation  400 content_policy_violation
+├── AuthenticationError         401 invalid_api_key
+├── Forbidden                   403
+├── NotFound                    404
+│   └── ModelNotFound           404 model_not_found
+├── Gone                        410
+├── RequestTooLarge             413
+└── UpstreamError               502 upstream_error       (retryable says if another try may work)
+    └── UpstreamTimeout         504 upstream_timeout
 """
 
 from qubax.protocol import Error, ErrorResponse

@@ -21,7 +21,7 @@ def to_png(data: bytes, width: int, height: int) -> bytes:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_PIXELS:
                 raise UpstreamError("The upstream returned an image too large to process.")
             image.load()

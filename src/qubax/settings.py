@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 def credential(env_name: str) -> SecretStr | None:
     """A provider credential read from the provider's own variable name (e.g. `BFL_API_KEY`)."""
-    return Field(default=None, validation_alias=AliasChoices(env_name))  # type: ignore[no-any-return]
+    return Field(default=None, validation_alias=AliasChoices(env_name))
 
 
 class Settings(BaseSettings):

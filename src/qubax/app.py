@@ -1,0 +1,132 @@
+"""`create_app(settings)`: wires everything; the lifespan owns the long-lived objects."""
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qubax import db
+from qubax.errors import InvalidRequest, QubaxError
+from qubax.images import Services
+from qubax.protocol import Error, ErrorResponse
+from qubax.providers.registry import build_providers
+from qubax.routes import router
+from qubax.settings import Settings
+from qubax.storage import LocalStorage, load_secret
+
+logger = logging.getLogger("qubax")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = db.connect(settings.resolved_database_url)
+        await db.migrate(engine)
+        storage = LocalStorage(settings.images_dir, load_secret(settings.data_dir), settings.image_ttl_seconds)
+        timeout = httpx.Timeout(settings.request_timeout_seconds, connect=10.0)
+        async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=200)) as http:
+            providers = build_providers(settings, http)
+            app.state.services = Services(settings, engine, db.sessions(engine), http, storage, providers)
+            sweeper = asyncio.create_task(sweep_forever(storage, settings.sweep_interval_seconds))
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+                await engine.dispose()
+
+    app = FastAPI(title="Qubax Images", version="0.1.0", lifespan=lifespan)
+    app.include_router(router)
+    app.add_exception_handler(QubaxError, render_error)
+    app.add_exception_handler(RequestValidationError, render_validation_error)
+    app.add_exception_handler(HTTPException, render_http_exception)
+    app.add_middleware(RequestContext)
+    return app
+
+
+async def sweep_forever(storage: LocalStorage, interval: float) -> None:
+    while True:
+        try:
+            removed = await storage.sweep()
+            if removed:
+                logger.info("swept %d expired images", removed)
+        except OSError:
+            logger.exception("sweeping expired images failed")
+        await asyncio.sleep(interval)
+
+
+def error_response(status: int, body: ErrorResponse, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+async def render_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, QubaxError)
+    return error_response(exc.status_code, exc.to_body(), exc.headers)
+
+
+async def render_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = exc.errors()[0] if exc.errors() else {}
+    param = str(detail.get("loc", ["", ""])[-1]) or None
+    error = InvalidRequest(f"Invalid value for '{param}': {detail.get('msg', 'invalid')}.", param=param)
+    return error_response(400, error.to_body())
+
+
+async def render_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
+    body = ErrorResponse(error=Error(message=message, type="invalid_request_error", param=None, code=None))
+    return error_response(exc.status_code, body, dict(exc.headers or {}))
+
+
+class RequestContext:
+    """Gives every response an `x-request-id`, and turns crashes into an OpenAI-shaped 500."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = "req_" + secrets.token_hex(16)
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error in request %s", request_id)
+            if started:
+                raise
+            await crash_response(request_id)(scope, receive, send_with_id)
+
+
+def crash_response(request_id: str) -> Any:
+    body = ErrorResponse(
+        error=Error(
+            message=f"The server had an error while processing your request (request id {request_id}).",
+            type="server_error",
+            param=None,
+            code=None,
+        )
+    )
+    return error_response(500, body)

@@ -1,0 +1,45 @@
+"""API keys: random tokens we show once and store only as SHA-256 digests."""
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+LIVE_PREFIX = "qbx_live_"
+TEST_PREFIX = "qbx_test_"
+DISPLAY_CHARS = 4  # of the secret part, shown in listings next to the prefix
+
+
+@dataclass(frozen=True)
+class NewKey:
+    secret: str  # the full key; exists only until it is printed
+    prefix: str
+    digest: str
+    test: bool
+
+
+def digest_key(key: str) -> str:
+    # A fast hash is enough: keys carry 256 bits of entropy, so there is nothing to brute-force.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(*, test: bool) -> NewKey:
+    secret = (TEST_PREFIX if test else LIVE_PREFIX) + secrets.token_urlsafe(32)
+    return NewKey(secret, display_prefix(secret), digest_key(secret), test)
+
+
+def display_prefix(key: str) -> str:
+    head = TEST_PREFIX if key.startswith(TEST_PREFIX) else LIVE_PREFIX
+    return key[: len(head) + DISPLAY_CHARS]
+
+
+def looks_like_key(text: str) -> bool:
+    return text.startswith((LIVE_PREFIX, TEST_PREFIX))
+
+
+def masked(key: str) -> str:
+    """What error messages may echo of a wrong key (as OpenAI does: `sk-abc***`)."""
+    return key[: len(LIVE_PREFIX) + 3] + "***" if looks_like_key(key) else key[:3] + "***"
+
+
+def matches(key: str, stored_digest: str) -> bool:
+    return secrets.compare_digest(digest_key(key), stored_digest)

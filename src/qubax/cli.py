@@ -1,0 +1,188 @@
+"""The `qubax` command: run the server, manage keys, inspect models and usage, generate images."""
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import httpx
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from qubax import auth, db
+from qubax.catalog import MODELS
+from qubax.providers.registry import PROVIDERS
+from qubax.settings import Settings
+
+T = TypeVar("T")
+
+
+@click.group()
+@click.version_option(package_name="qubax")
+def main() -> None:
+    """Qubax Images: an OpenAI-compatible image generation gateway."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(host: str, port: int) -> None:
+    """Start the API server."""
+    import uvicorn
+
+    from qubax.app import create_app
+
+    settings = Settings()
+    configured = [name for name, info in PROVIDERS.items() if getattr(settings, info.key_field)]
+    click.echo(f"Data folder: {settings.data_dir}", err=True)
+    click.echo(f"Upstreams configured: {', '.join(configured) or 'none (test keys only)'}", err=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@contextlib.asynccontextmanager
+async def open_session(settings: Settings) -> AsyncIterator[AsyncSession]:
+    engine = db.connect(settings.resolved_database_url)
+    try:
+        await db.migrate(engine)
+        async with db.sessions(engine)() as session:
+            yield session
+    finally:
+        await engine.dispose()
+
+
+def with_session(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with open_session(Settings()) as session:
+            return await work(session)
+
+    return asyncio.run(run())
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--name", default="", help="A label to recognise the key by.")
+@click.option("--test", is_flag=True, help="A test key: placeholder images, never an upstream call, never a cost.")
+def create_key(name: str, test: bool) -> None:
+    """Create a key and print it (alone on stdout). It is shown only this once."""
+    new = auth.new_key(test=test)
+    stored = with_session(lambda s: db.add_key(s, name=name, prefix=new.prefix, digest=new.digest, test=test))
+    click.echo(f"Created {'test' if test else 'live'} key {stored.id}. Store it now: it is not shown again.", err=True)
+    click.echo(new.secret)
+
+
+@keys.command("list")
+def list_keys() -> None:
+    """List keys (prefix only; full keys are never stored)."""
+    rows = [
+        (k.id, k.prefix + "…", "test" if k.test else "live", k.name, f"{k.created_at:%Y-%m-%d %H:%M}",
+         "revoked" if k.revoked_at else "active")
+        for k in with_session(db.list_keys)
+    ]  # fmt: skip
+    print_table(("ID", "KEY", "KIND", "NAME", "CREATED", "STATUS"), rows)
+
+
+@keys.command("revoke")
+@click.argument("key_or_id")
+def revoke_key(key_or_id: str) -> None:
+    """Revoke a key, given the full key or its id."""
+    if auth.looks_like_key(key_or_id):
+        key = with_session(lambda s: db.revoke_key(s, digest=auth.digest_key(key_or_id)))
+    else:
+        key = with_session(lambda s: db.revoke_key(s, key_id=key_or_id))
+    if key is None:
+        raise click.ClickException("No such key.")
+    click.echo(f"Revoked {key.id} ({key.prefix}…).")
+
+
+@main.command()
+def models() -> None:
+    """List the catalog: sizes, n, price and each model's upstream routes."""
+    settings = Settings()
+    rows = []
+    for model in MODELS:
+        routes = []
+        for route in model.routes:
+            info = PROVIDERS[route.provider]
+            state = "configured" if getattr(settings, info.key_field) else f"set {info.credential}"
+            routes.append(f"{route.provider} ({state})")
+        price = min(p.usd for p in model.prices)
+        rows.append((model.id, model.default_size, f"1-{model.max_n}", f"${price}", ", ".join(routes)))
+    print_table(("MODEL", "DEFAULT SIZE", "N", "FROM", "ROUTES"), rows)
+
+
+@main.command()
+def usage() -> None:
+    """Images delivered and their cost, per key and model."""
+    rows = [
+        (r.key_id, r.key_name, r.model, str(r.requests), str(r.images), f"${r.cost_micros / 1_000_000:.4f}")
+        for r in with_session(db.usage)
+    ]
+    print_table(("KEY", "NAME", "MODEL", "REQUESTS", "IMAGES", "COST"), rows)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    for row in (headers, *rows):
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", default="flux-1.1-pro", show_default=True)
+@click.option("--size", default=None, help="WIDTHxHEIGHT; the model's default when omitted.")
+@click.option("-n", "n", default=1, show_default=True, type=int)
+@click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True)
+@click.option("--api-key", envvar="QUBAX_API_KEY", required=True, help="Or set QUBAX_API_KEY.")
+def generate(prompt: str, model: str, size: str | None, n: int, out: Path, base_url: str, api_key: str) -> None:
+    """Generate images on a running server and save them as PNG files."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n, "response_format": "b64_json"}
+    if size:
+        body["size"] = size
+    response = asyncio.run(post_with_progress(f"{base_url.rstrip('/')}/images/generations", body, api_key))
+    payload = response.json() if response.headers.get("content-type", "").endswith("json") else {}
+    if response.status_code != 200:
+        message = payload.get("error", {}).get("message") if isinstance(payload, dict) else None
+        raise click.ClickException(f"{response.status_code}: {message or response.text[:200]}")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for index, item in enumerate(payload["data"], start=1):
+        path = out / f"{model}-{stamp}-{index}.png"
+        path.write_bytes(base64.b64decode(item["b64_json"]))
+        click.echo(str(path))
+
+
+async def post_with_progress(url: str, body: dict[str, Any], api_key: str) -> httpx.Response:
+    headers = {"authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=10.0)) as client:
+        request = asyncio.create_task(client.post(url, json=body, headers=headers))
+        spinner = spin(request)
+        try:
+            return await request
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"Could not reach {url}: {exc}") from exc
+        finally:
+            await spinner
+
+
+async def spin(task: "asyncio.Task[Any]") -> None:
+    """A progress indicator on stderr, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return
+    started = time.monotonic()
+    for frame in itertools.cycle("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"):
+        if task.done():
+            break
+        sys.stderr.write(f"\r{frame} generating… {time.monotonic() - started:4.0f}s")
+        sys.stderr.flush()
+        await asyncio.sleep(0.1)
+    sys.stderr.write("\r" + " " * 30 + "\r")

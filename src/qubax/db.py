@@ -1,0 +1,138 @@
+"""The database: two tables (API keys, generations) and the handful of queries we run on them."""
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, func, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("key"))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    prefix: Mapped[str] = mapped_column(String(32))  # shown in listings; too short to authenticate
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    test: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("gen"))
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    model: Mapped[str] = mapped_column(String(100))
+    upstream: Mapped[str] = mapped_column(String(50))
+    n: Mapped[int] = mapped_column(Integer)
+    size: Mapped[str] = mapped_column(String(20))
+    images: Mapped[int] = mapped_column(Integer, default=0)  # images delivered, and so charged
+    cost_micros: Mapped[int] = mapped_column(Integer, default=0)  # millionths of a US dollar
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(50))  # "ok" or the error code we answered with
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
+
+
+def connect(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return create_async_engine(url)
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Bring the schema to the newest migration (Alembic, run in-process)."""
+    async with engine.begin() as connection:
+        await connection.run_sync(_upgrade)
+
+
+def _upgrade(connection: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def add_key(session: AsyncSession, *, name: str, prefix: str, digest: str, test: bool) -> ApiKey:
+    key = ApiKey(name=name, prefix=prefix, digest=digest, test=test)
+    session.add(key)
+    await session.commit()
+    return key
+
+
+async def find_key(session: AsyncSession, digest: str) -> ApiKey | None:
+    return await session.scalar(select(ApiKey).where(ApiKey.digest == digest))
+
+
+async def list_keys(session: AsyncSession) -> list[ApiKey]:
+    return list(await session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+async def revoke_key(session: AsyncSession, *, key_id: str | None = None, digest: str | None = None) -> ApiKey | None:
+    """Revoke by id or by digest of the full key; returns the key, or None when there is no such key."""
+    where = ApiKey.id == key_id if key_id is not None else ApiKey.digest == digest
+    key = await session.scalar(select(ApiKey).where(where))
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = now()
+        await session.commit()
+    return key
+
+
+async def record(session: AsyncSession, generation: Generation) -> None:
+    session.add(generation)
+    await session.commit()
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    key_id: str
+    key_name: str
+    model: str
+    requests: int
+    images: int
+    cost_micros: int
+
+
+async def usage(session: AsyncSession) -> list[UsageRow]:
+    """Images and cost per key and model, over every recorded generation."""
+    query = (
+        select(
+            Generation.key_id,
+            ApiKey.name,
+            Generation.model,
+            func.count(),
+            func.coalesce(func.sum(Generation.images), 0),
+            func.coalesce(func.sum(Generation.cost_micros), 0),
+        )
+        .join(ApiKey, ApiKey.id == Generation.key_id)
+        .group_by(Generation.key_id, ApiKey.name, Generation.model)
+        .order_by(Generation.key_id, Generation.model)
+    )
+    return [UsageRow(*row) for row in (await session.execute(query)).all()]

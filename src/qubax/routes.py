@@ -1,0 +1,145 @@
+"""HTTP endpoints: parse, authenticate, call one service function, return."""
+
+import json
+import re
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+from sqlalchemy import text
+
+from qubax import auth, db, images
+from qubax.catalog import MODELS, CatalogModel, find_model
+from qubax.errors import AuthenticationError, InvalidRequest, NotFound, RequestTooLarge, UnknownParameter
+from qubax.images import Services
+from qubax.protocol import ImageGenerateRequest, ImagesResponse, Model, ModelList
+
+MAX_BODY_BYTES = 1024 * 1024
+IMAGE_NAME = re.compile(r"^(img_[A-Za-z0-9_-]{1,64})\.png$")
+
+router = APIRouter()
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def authenticate(request: Request, services: ServicesDep) -> db.ApiKey:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError(
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            code="missing_api_key",
+        )
+    key = None
+    if auth.looks_like_key(token):
+        async with services.sessions() as session:
+            key = await db.find_key(session, auth.digest_key(token))
+    if key is None or not auth.matches(token, key.digest):
+        raise AuthenticationError(f"Incorrect API key provided: {auth.masked(token)}.")
+    if key.revoked_at is not None:
+        raise AuthenticationError(f"The API key {auth.masked(token)} has been revoked.")
+    return key
+
+
+CurrentKey = Annotated[db.ApiKey, Depends(authenticate)]
+
+
+@router.post("/v1/images/generations", response_model_exclude_none=True)
+async def create_image(request: Request, key: CurrentKey, services: ServicesDep, response: Response) -> ImagesResponse:
+    body = parse_body(await read_body(request))
+    public_url = services.settings.public_url or str(request.base_url)
+    result = await images.generate(body, key, services, public_url.rstrip("/"))
+    response.headers["x-qubax-route"] = result.upstream
+    if key.test:
+        response.headers["x-qubax-test"] = "true"
+    return result.response
+
+
+async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestTooLarge(f"Request body is larger than the {MAX_BODY_BYTES} byte limit.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestTooLarge(f"Request body is larger than the {MAX_BODY_BYTES} byte limit.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(raw: bytes) -> ImageGenerateRequest:
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The API expects a JSON object, "
+            "but what was sent was not valid JSON.",
+            code="invalid_json",
+        ) from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return ImageGenerateRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()[0]) from exc
+
+
+TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "int_from_float": "an integer"}
+
+
+def validation_error(detail: Any) -> InvalidRequest:
+    """One pydantic error, said the way OpenAI says it, naming the offending field."""
+    field = ".".join(str(part) for part in detail["loc"]) or None
+    kind = detail["type"]
+    if kind == "extra_forbidden":
+        return UnknownParameter(f"Unknown parameter: '{field}'.", param=field)
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
+    expected = TYPE_NAMES.get(kind)
+    if expected is not None:
+        got = type(detail.get("input")).__name__
+        message = f"Invalid type for '{field}': expected {expected}, but got {got}."
+        return InvalidRequest(message, param=field, code="invalid_type")
+    return InvalidRequest(f"Invalid value for '{field}': {detail['msg']}.", param=field)
+
+
+@router.get("/v1/models")
+async def list_models(key: CurrentKey) -> ModelList:
+    return ModelList(data=[model_card(model) for model in MODELS])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, key: CurrentKey) -> Model:
+    return model_card(find_model(model_id))
+
+
+def model_card(model: CatalogModel) -> Model:
+    return Model(id=model.id, created=model.created, owned_by=model.owned_by)
+
+
+@router.get("/images/{name}")
+async def serve_image(name: str, services: ServicesDep, expires: str = "", signature: str = "") -> FileResponse:
+    match = IMAGE_NAME.match(name)
+    if match is None:
+        raise NotFound("Image not found.")
+    path = services.storage.verify(match[1], expires, signature)
+    max_age = max(0, int(expires) - int(time.time()))
+    return FileResponse(path, media_type="image/png", headers={"cache-control": f"private, max-age={max_age}"})
+
+
+@router.get("/healthz")
+async def healthz(services: ServicesDep) -> dict[str, str]:
+    async with services.engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+    return {"status": "ok"}

@@ -1,0 +1,98 @@
+"""End to end through the official `openai` SDK against the real app, with test keys."""
+
+import base64
+import io
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from qubax.catalog import MODELS
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return image.size
+
+
+@pytest.fixture
+def client(base_url: str, test_key: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=test_key, base_url=base_url + "/v1", max_retries=0)
+
+
+def test_spec_example_returns_a_fetchable_png_url(client: openai.OpenAI) -> None:
+    response = client.images.generate(model="flux-1.1-pro", prompt="a cat in space, photorealistic", n=1,
+                                      size="1024x1024")  # fmt: skip
+    assert isinstance(response.created, int)
+    assert len(response.data) == 1
+    url = response.data[0].url
+    assert url is not None and "/images/img_" in url and "signature=" in url
+    download = httpx.get(url)
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "image/png"
+    assert png_size(download.content) == (1024, 1024)
+
+
+@pytest.mark.parametrize("model", [m.id for m in MODELS])
+def test_every_model_answers_test_keys_at_its_default_size(client: openai.OpenAI, model: str) -> None:
+    raw = client.images.with_raw_response.generate(model=model, prompt="a lighthouse", response_format="b64_json")
+    assert raw.headers["x-qubax-test"] == "true"
+    assert raw.headers["x-request-id"].startswith("req_")
+    response = raw.parse()
+    default = next(m.default_size for m in MODELS if m.id == model)
+    width, height = (int(side) for side in default.split("x"))
+    b64 = response.data[0].b64_json
+    assert b64 is not None
+    assert png_size(base64.b64decode(b64)) == (width, height)
+
+
+def test_n_images_are_distinct(client: openai.OpenAI) -> None:
+    response = client.images.generate(model="flux-1-schnell", prompt="a fox", n=4, size="512x256",
+                                      response_format="b64_json")  # fmt: skip
+    payloads = [base64.b64decode(item.b64_json or "") for item in response.data]
+    assert len(payloads) == 4
+    assert len(set(payloads)) == 4
+    assert all(png_size(p) == (512, 256) for p in payloads)
+
+
+def test_test_key_output_is_deterministic(client: openai.OpenAI) -> None:
+    def once() -> str | None:
+        return client.images.generate(model="flux-1.1-pro", prompt="same", response_format="b64_json").data[0].b64_json
+
+    assert once() == once()
+
+
+def test_explicit_nulls_mean_defaults(client: openai.OpenAI) -> None:
+    response = client.images.generate(model="flux-1.1-pro", prompt="p", n=None, size=None, response_format=None,
+                                      quality=None, style=None)  # fmt: skip
+    url = response.data[0].url
+    assert url is not None
+    assert png_size(httpx.get(url).content) == (1024, 768)
+
+
+def test_openai_client_fields_are_accepted(client: openai.OpenAI) -> None:
+    response = client.images.generate(model="dall-e-3", prompt="p", quality="hd", style="natural", user="u-1",
+                                      size="1792x1024", response_format="b64_json")  # fmt: skip
+    assert png_size(base64.b64decode(response.data[0].b64_json or "")) == (1792, 1024)
+
+
+@pytest.mark.anyio
+async def test_async_client(base_url: str, test_key: str) -> None:
+    client = openai.AsyncOpenAI(api_key=test_key, base_url=base_url + "/v1", max_retries=0)
+    response = await client.images.generate(model="flux-1.1-pro-ultra", prompt="mountains", n=2,
+                                            size="1344x3136", response_format="b64_json")  # fmt: skip
+    assert [png_size(base64.b64decode(i.b64_json or "")) for i in response.data] == [(1344, 3136)] * 2
+    models = [model.id async for model in client.models.list()]
+    assert models == [m.id for m in MODELS]
+    await client.close()
+
+
+def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [m.id for m in MODELS]
+    model = client.models.retrieve("dall-e-3")
+    assert (model.id, model.object, model.owned_by) == ("dall-e-3", "model", "openai")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("flux-9")
+    assert caught.value.code == "model_not_found"

@@ -1,0 +1,173 @@
+"""Every client-facing error, as the official SDK and a raw HTTP client see it."""
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from qubax.settings import Settings
+from tests.conftest import create_key
+
+
+@pytest.fixture
+def client(base_url: str, test_key: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=test_key, base_url=base_url + "/v1", max_retries=0)
+
+
+def generate_error(client: openai.OpenAI, **kwargs: Any) -> openai.APIStatusError:
+    kwargs.setdefault("model", "flux-1.1-pro")
+    kwargs.setdefault("prompt", "a cat")
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.images.generate(**kwargs)
+    return caught.value
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None, param: str | None) -> dict[str, Any]:
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-request-id"].startswith("req_")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["code"], error["param"]) == (code, param)
+    assert error["message"]
+    return dict(error)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "param", "in_message"),
+    [
+        ({"n": 5}, "invalid_value", "n", "between 1 and 4"),
+        ({"n": 0}, "invalid_value", "n", "n=0"),
+        ({"model": "dall-e-3", "n": 2}, "invalid_value", "n", "dall-e-3 supports n=1 only"),
+        ({"n": "2"}, "invalid_type", "n", "expected an integer"),
+        ({"n": True}, "invalid_type", "n", "expected an integer"),
+        ({"size": "1792x1024"}, "invalid_size", "size", "between 256 and 1440 and a multiple of 32"),
+        ({"size": "1000x1000"}, "invalid_size", "size", "multiple of 32"),
+        ({"size": "big"}, "invalid_value", "size", "WIDTHxHEIGHT"),
+        ({"model": "dall-e-3", "size": "256x256"}, "invalid_size", "size", "1024x1024, 1792x1024, 1024x1792"),
+        ({"model": "flux-1.1-pro-ultra", "size": "1024x1024"}, "invalid_size", "size", "2752x1536"),
+        ({"response_format": "jpeg"}, "invalid_value", "response_format", "'url' and 'b64_json'"),
+        ({"quality": "hd"}, "invalid_value", "quality", "'auto', 'standard'"),
+        ({"model": "dall-e-3", "quality": "low"}, "invalid_value", "quality", "'hd'"),
+        ({"style": "vivid"}, "invalid_value", "style", "omit the parameter"),
+        ({"model": "dall-e-3", "style": "cartoon"}, "invalid_value", "style", "'natural'"),
+        ({"prompt": "x" * 4001}, "string_above_max_length", "prompt", "4000"),
+        ({"prompt": "   "}, "invalid_value", "prompt", "non-empty"),
+        ({"prompt": 42}, "invalid_type", "prompt", "expected a string"),
+        ({"extra_body": {"seed": 3}}, "unknown_parameter", "seed", "Unknown parameter: 'seed'"),
+    ],
+)
+def test_invalid_input_is_a_400_naming_the_field(
+    client: openai.OpenAI, kwargs: dict[str, Any], code: str, param: str, in_message: str
+) -> None:
+    error = generate_error(client, **kwargs)
+    assert isinstance(error, openai.BadRequestError)
+    assert (error.status_code, error.code, error.param, error.type) == (400, code, param, "invalid_request_error")
+    assert in_message in error.message
+    assert error.request_id and error.request_id.startswith("req_")
+
+
+def test_missing_model_names_the_field(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a cat")
+    assert (caught.value.code, caught.value.param) == ("missing_required_parameter", "model")
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    error = generate_error(client, model="flux-9-mega")
+    assert isinstance(error, openai.NotFoundError)
+    assert (error.code, error.param) == ("model_not_found", "model")
+
+
+def test_unconfigured_model_says_which_credential_enables_it(base_url: str, live_key: str) -> None:
+    client = openai.OpenAI(api_key=live_key, base_url=base_url + "/v1", max_retries=0)
+    error = generate_error(client, model="flux-1.1-pro")
+    assert isinstance(error, openai.NotFoundError)
+    assert "BFL_API_KEY" in error.message
+    assert "TOGETHER_API_KEY" in generate_error(client, model="flux-1-schnell").message
+    assert "OPENAI_API_KEY" in generate_error(client, model="dall-e-3").message
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        (b'{"model": "flux-1.1-pro", "prompt": ', None, "invalid_json"),
+        (b"\xff\xfe", None, "invalid_json"),
+        (b'["model"]', None, "invalid_json"),
+        (b'{"model": "flux-1.1-pro"}', "prompt", "missing_required_parameter"),
+        (b'{"model": "flux-1.1-pro", "prompt": "p", "n": 1.5}', "n", "invalid_type"),
+        (b'{"model": "flux-1.1-pro", "prompt": "p", "n": null, "size": null}', None, None),
+    ],
+)
+def test_raw_bodies(base_url: str, test_key: str, body: bytes, param: str | None, code: str | None) -> None:
+    response = httpx.post(f"{base_url}/v1/images/generations", content=body,
+                          headers={"authorization": f"Bearer {test_key}", "content-type": "application/json"})  # fmt: skip
+    if code is None:
+        assert response.status_code == 200
+    else:
+        assert_openai_error(response, 400, code, param)
+
+
+def test_huge_body_is_413(base_url: str, test_key: str) -> None:
+    body = b'{"model": "flux-1.1-pro", "prompt": "' + b"x" * (1024 * 1024) + b'"}'
+    headers = {"authorization": f"Bearer {test_key}"}
+    response = httpx.post(f"{base_url}/v1/images/generations", content=body, headers=headers)
+    assert_openai_error(response, 413, "request_too_large", None)
+
+    def chunks() -> Any:  # no content-length: the limit must hold while streaming too
+        for _ in range(20):
+            yield b"x" * 65536
+
+    response = httpx.post(f"{base_url}/v1/images/generations", content=chunks(), headers=headers)
+    assert_openai_error(response, 413, "request_too_large", None)
+
+
+def test_authentication(base_url: str, settings: Settings) -> None:
+    url = f"{base_url}/v1/images/generations"
+    body = {"model": "flux-1.1-pro", "prompt": "p"}
+    error = assert_openai_error(httpx.post(url, json=body), 401, "missing_api_key", None)
+    assert "didn't provide an API key" in error["message"]
+    wrong = "qbx_live_" + "A" * 43
+    error = assert_openai_error(httpx.post(url, json=body, headers={"authorization": f"Bearer {wrong}"}),
+                                401, "invalid_api_key", None)  # fmt: skip
+    assert wrong not in error["message"]  # never echo a secret back
+    assert_openai_error(httpx.post(url, json=body, headers={"authorization": "Bearer sk-openai"}),
+                        401, "invalid_api_key", None)  # fmt: skip
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(api_key=wrong, base_url=base_url + "/v1", max_retries=0).images.generate(**body)
+    assert caught.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(api_key=wrong, base_url=base_url + "/v1", max_retries=0).models.list()
+
+
+def test_auth_comes_before_validation(base_url: str) -> None:
+    response = httpx.post(f"{base_url}/v1/images/generations", content=b"not json")
+    assert response.status_code == 401
+
+
+def test_unknown_route_is_openai_shaped(base_url: str) -> None:
+    error = assert_openai_error(httpx.post(f"{base_url}/v1/images/edits-nope"), 404, None, None)
+    assert error["message"] == "Invalid URL (POST /v1/images/edits-nope)"
+
+
+def test_healthz(base_url: str) -> None:
+    response = httpx.get(f"{base_url}/healthz")
+    assert response.status_code == 200
+    assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_revoked_key_is_refused(settings: Settings, base_url: str) -> None:
+    key = create_key(settings, test=True)
+    client = openai.OpenAI(api_key=key, base_url=base_url + "/v1", max_retries=0)
+    assert client.models.list().data
+    from click.testing import CliRunner
+
+    from qubax.cli import main
+
+    result = CliRunner().invoke(main, ["keys", "revoke", key], env={"QUBAX_DATA_DIR": str(settings.data_dir)})
+    assert result.exit_code == 0, result.output
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.models.list()
+    assert "revoked" in caught.value.message

@@ -23,8 +23,9 @@ def client(base_url: str, test_key: str) -> openai.OpenAI:
 
 
 def test_spec_example_returns_a_fetchable_png_url(client: openai.OpenAI) -> None:
-    response = client.images.generate(model="flux-1.1-pro", prompt="a cat in space, photorealistic", n=1,
-                                      size="1024x1024")  # fmt: skip
+    response = client.images.generate(
+        model="flux-1.1-pro", prompt="a cat in space, photorealistic", n=1, size="1024x1024"
+    )
     assert isinstance(response.created, int)
     assert len(response.data) == 1
     url = response.data[0].url
@@ -49,8 +50,9 @@ def test_every_model_answers_test_keys_at_its_default_size(client: openai.OpenAI
 
 
 def test_n_images_are_distinct(client: openai.OpenAI) -> None:
-    response = client.images.generate(model="flux-1-schnell", prompt="a fox", n=4, size="512x256",
-                                      response_format="b64_json")  # fmt: skip
+    response = client.images.generate(
+        model="flux-1-schnell", prompt="a fox", n=4, size="512x256", response_format="b64_json"
+    )
     payloads = [base64.b64decode(item.b64_json or "") for item in response.data]
     assert len(payloads) == 4
     assert len(set(payloads)) == 4
@@ -65,24 +67,33 @@ def test_test_key_output_is_deterministic(client: openai.OpenAI) -> None:
 
 
 def test_explicit_nulls_mean_defaults(client: openai.OpenAI) -> None:
-    response = client.images.generate(model="flux-1.1-pro", prompt="p", n=None, size=None, response_format=None,
-                                      quality=None, style=None)  # fmt: skip
+    response = client.images.generate(
+        model="flux-1.1-pro", prompt="p", n=None, size=None, response_format=None, quality=None, style=None
+    )
     url = response.data[0].url
     assert url is not None
     assert png_size(httpx.get(url).content) == (1024, 768)
 
 
 def test_openai_client_fields_are_accepted(client: openai.OpenAI) -> None:
-    response = client.images.generate(model="dall-e-3", prompt="p", quality="hd", style="natural", user="u-1",
-                                      size="1792x1024", response_format="b64_json")  # fmt: skip
+    response = client.images.generate(
+        model="dall-e-3",
+        prompt="p",
+        quality="hd",
+        style="natural",
+        user="u-1",
+        size="1792x1024",
+        response_format="b64_json",
+    )
     assert png_size(base64.b64decode(response.data[0].b64_json or "")) == (1792, 1024)
 
 
 @pytest.mark.anyio
 async def test_async_client(base_url: str, test_key: str) -> None:
     client = openai.AsyncOpenAI(api_key=test_key, base_url=base_url + "/v1", max_retries=0)
-    response = await client.images.generate(model="flux-1.1-pro-ultra", prompt="mountains", n=2,
-                                            size="1344x3136", response_format="b64_json")  # fmt: skip
+    response = await client.images.generate(
+        model="flux-1.1-pro-ultra", prompt="mountains", n=2, size="1344x3136", response_format="b64_json"
+    )
     assert [png_size(base64.b64decode(i.b64_json or "")) for i in response.data] == [(1344, 3136)] * 2
     models = [model.id async for model in client.models.list()]
     assert models == [m.id for m in MODELS]

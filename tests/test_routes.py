@@ -101,8 +101,11 @@ def test_unconfigured_model_says_which_credential_enables_it(base_url: str, live
     ],
 )
 def test_raw_bodies(base_url: str, test_key: str, body: bytes, param: str | None, code: str | None) -> None:
-    response = httpx.post(f"{base_url}/v1/images/generations", content=body,
-                          headers={"authorization": f"Bearer {test_key}", "content-type": "application/json"})  # fmt: skip
+    response = httpx.post(
+        f"{base_url}/v1/images/generations",
+        content=body,
+        headers={"authorization": f"Bearer {test_key}", "content-type": "application/json"},
+    )
     if code is None:
         assert response.status_code == 200
     else:
@@ -129,11 +132,13 @@ def test_authentication(base_url: str, settings: Settings) -> None:
     error = assert_openai_error(httpx.post(url, json=body), 401, "missing_api_key", None)
     assert "didn't provide an API key" in error["message"]
     wrong = "qbx_live_" + "A" * 43
-    error = assert_openai_error(httpx.post(url, json=body, headers={"authorization": f"Bearer {wrong}"}),
-                                401, "invalid_api_key", None)  # fmt: skip
+    error = assert_openai_error(
+        httpx.post(url, json=body, headers={"authorization": f"Bearer {wrong}"}), 401, "invalid_api_key", None
+    )
     assert wrong not in error["message"]  # never echo a secret back
-    assert_openai_error(httpx.post(url, json=body, headers={"authorization": "Bearer sk-openai"}),
-                        401, "invalid_api_key", None)  # fmt: skip
+    assert_openai_error(
+        httpx.post(url, json=body, headers={"authorization": "Bearer sk-openai"}), 401, "invalid_api_key", None
+    )
 
     with pytest.raises(openai.AuthenticationError) as caught:
         openai.OpenAI(api_key=wrong, base_url=base_url + "/v1", max_retries=0).images.generate(**body)

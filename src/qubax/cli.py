@@ -4,6 +4,7 @@ import asyncio
 import base64
 import contextlib
 import itertools
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -83,10 +84,16 @@ def create_key(name: str, test: bool) -> None:
 def list_keys() -> None:
     """List keys (prefix only; full keys are never stored)."""
     rows = [
-        (k.id, k.prefix + "…", "test" if k.test else "live", k.name, f"{k.created_at:%Y-%m-%d %H:%M}",
-         "revoked" if k.revoked_at else "active")
+        (
+            k.id,
+            k.prefix + "…",
+            "test" if k.test else "live",
+            k.name,
+            f"{k.created_at:%Y-%m-%d %H:%M}",
+            "revoked" if k.revoked_at else "active",
+        )
         for k in with_session(db.list_keys)
-    ]  # fmt: skip
+    ]
     print_table(("ID", "KEY", "KIND", "NAME", "CREATED", "STATUS"), rows)
 
 
@@ -154,7 +161,7 @@ def generate(prompt: str, model: str, size: str | None, n: int, out: Path, base_
         message = payload.get("error", {}).get("message") if isinstance(payload, dict) else None
         raise click.ClickException(f"{response.status_code}: {message or response.text[:200]}")
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)  # two runs in one second must not collide
     for index, item in enumerate(payload["data"], start=1):
         path = out / f"{model}-{stamp}-{index}.png"
         path.write_bytes(base64.b64decode(item["b64_json"]))

@@ -44,8 +44,7 @@ class Generated:
 async def generate(body: ImageGenerateRequest, key: db.ApiKey, services: Services, public_url: str) -> Generated:
     request = check_request(body)
     upstream, provider, upstream_model = choose_route(request.model, key, services.providers)
-    job = Job(upstream_model, request.prompt, request.width, request.height, request.n,
-              request.quality, request.style)  # fmt: skip
+    job = Job(upstream_model, request.prompt, request.width, request.height, request.n, request.quality, request.style)
     started = time.monotonic()
     try:
         async with asyncio.timeout(services.settings.request_timeout_seconds):
@@ -80,17 +79,24 @@ async def deliver(
 ) -> list[Image]:
     if len(images) != request.n:  # never answer 200 with fewer images than asked
         raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
-    pngs = await asyncio.gather(
-        *(anyio.to_thread.run_sync(to_png, image.data, request.width, request.height) for image in images)
+    inline = request.response_format == "b64_json"
+    encoded = await asyncio.gather(
+        *(anyio.to_thread.run_sync(encode, image.data, request.width, request.height, inline) for image in images)
     )
     data = []
-    for png, image in zip(pngs, images, strict=True):
-        if request.response_format == "b64_json":
-            data.append(Image(b64_json=base64.b64encode(png).decode(), revised_prompt=image.revised_prompt))
+    for payload, image in zip(encoded, images, strict=True):
+        if isinstance(payload, str):
+            data.append(Image(b64_json=payload, revised_prompt=image.revised_prompt))
         else:
-            url = public_url + storage.signed_path(await storage.put(png))
+            url = public_url + storage.signed_path(await storage.put(payload))
             data.append(Image(url=url, revised_prompt=image.revised_prompt))
     return data
+
+
+def encode(data: bytes, width: int, height: int, inline: bool) -> bytes | str:
+    """PNG bytes, or their base64 text when the client wants the image inline (runs in a thread)."""
+    png = to_png(data, width, height)
+    return base64.b64encode(png).decode() if inline else png
 
 
 async def log(

@@ -25,9 +25,17 @@ def to_png(data: bytes, width: int, height: int) -> bytes:
             if image.width * image.height > MAX_PIXELS:
                 raise UpstreamError("The upstream returned an image too large to process.")
             image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            ValueError) as exc:  # fmt: skip
+    except (
+        UnidentifiedImageError,
+        OSError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+        ValueError,
+    ) as exc:
         raise UpstreamError("The upstream returned data that is not a readable image.") from exc
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale down, or convert() clips to white
+        image = image.point(lambda value: value / 256).convert("L")
     if image.mode not in ("RGB", "RGBA"):
         image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
     if image.size != (width, height):
@@ -47,8 +55,7 @@ def render_placeholder(prompt: str, width: int, height: int, index: int) -> byte
     seed = hashlib.sha256(f"{index}:{prompt}".encode()).digest()
     start, end = tuple(seed[0:3]), tuple(seed[3:6])
     gradient = Image.linear_gradient("L").resize((width, height))
-    image = Image.composite(Image.new("RGB", (width, height), end), Image.new("RGB", (width, height), start),
-                            gradient)  # fmt: skip
+    image = Image.composite(Image.new("RGB", (width, height), end), Image.new("RGB", (width, height), start), gradient)
     draw = ImageDraw.Draw(image)
     step = max(16, min(width, height) // 8)
     for x in range(0, width + height, step * 2):  # diagonal stripes: unmistakably not a real picture
@@ -58,7 +65,8 @@ def render_placeholder(prompt: str, width: int, height: int, index: int) -> byte
     box = draw.multiline_textbbox((0, 0), label, font_size=font_size)
     origin = ((width - box[2]) // 2, (height - box[3]) // 2)
     pad = font_size // 2
-    draw.rectangle((origin[0] - pad, origin[1] - pad, origin[0] + box[2] + pad, origin[1] + box[3] + pad),
-                   fill=(255, 255, 255))  # fmt: skip
+    draw.rectangle(
+        (origin[0] - pad, origin[1] - pad, origin[0] + box[2] + pad, origin[1] + box[3] + pad), fill=(255, 255, 255)
+    )
     draw.multiline_text(origin, label, fill=(0, 0, 0), font_size=font_size)
     return encode_png(image)

@@ -17,7 +17,7 @@ from qubax.images import Services
 from qubax.protocol import ImageGenerateRequest, ImagesResponse, Model, ModelList
 
 MAX_BODY_BYTES = 1024 * 1024
-IMAGE_NAME = re.compile(r"^(img_[A-Za-z0-9_-]{1,64})\.png$")
+IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.png")
 
 router = APIRouter()
 
@@ -67,7 +67,7 @@ async def create_image(request: Request, key: CurrentKey, services: ServicesDep,
 
 async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise RequestTooLarge(f"Request body is larger than the {MAX_BODY_BYTES} byte limit.")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -130,7 +130,7 @@ def model_card(model: CatalogModel) -> Model:
 
 @router.get("/images/{name}")
 async def serve_image(name: str, services: ServicesDep, expires: str = "", signature: str = "") -> FileResponse:
-    match = IMAGE_NAME.match(name)
+    match = IMAGE_NAME.fullmatch(name)
     if match is None:
         raise NotFound("Image not found.")
     path = services.storage.verify(match[1], expires, signature)

@@ -1,9 +1,11 @@
 """Generated images on local disk, served through signed, expiring URLs."""
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,16 +13,30 @@ import anyio
 
 from qubax.errors import Forbidden, Gone, NotFound
 
+SECRET_BYTES = 32
+# The sweeper waits this long past the TTL, so a file never vanishes before its URL expires.
+SWEEP_GRACE_SECONDS = 5
+
 
 def load_secret(data_dir: Path) -> bytes:
     """The URL-signing secret, created once per data folder and readable only by its owner."""
     path = data_dir / "signing.key"
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(secrets.token_bytes(32))
-    return path.read_bytes()
+        # Write aside, then link into place: a reader never sees a half-written (weak) secret, and of
+        # two nodes starting at once the second simply adopts the first one's secret.
+        fd, temporary = tempfile.mkstemp(dir=data_dir, prefix=".signing-")  # created with mode 0600
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(secrets.token_bytes(SECRET_BYTES))
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
+    secret = path.read_bytes()
+    if len(secret) < SECRET_BYTES:
+        raise RuntimeError(f"{path} holds a secret shorter than {SECRET_BYTES} bytes; delete it to make a new one.")
+    return secret
 
 
 class LocalStorage:
@@ -49,7 +65,8 @@ class LocalStorage:
 
     def verify(self, image_id: str, expires: str, signature: str) -> Path:
         """The file a signed URL points to; raises when the URL is forged, expired or the file is gone."""
-        if not expires.isdigit() or not hmac.compare_digest(self.sign(image_id, int(expires)), signature):
+        well_formed = expires.isascii() and expires.isdigit() and len(expires) <= 12 and signature.isascii()
+        if not well_formed or not hmac.compare_digest(self.sign(image_id, int(expires)), signature):
             raise Forbidden("Invalid image URL signature.", code="invalid_signature")
         if int(expires) < time.time():
             raise Gone("This image URL has expired. Generate the image again or request b64_json.")
@@ -63,7 +80,7 @@ class LocalStorage:
         return await anyio.to_thread.run_sync(self._sweep)
 
     def _sweep(self) -> int:
-        cutoff = time.time() - self.ttl_seconds
+        cutoff = time.time() - self.ttl_seconds - SWEEP_GRACE_SECONDS
         removed = 0
         for path in self.root.glob("img_*.png"):
             try:

@@ -1,0 +1,108 @@
+"""Any OpenAI-compatible Images API serving dall-e-3: one synchronous call per image."""
+
+import asyncio
+import base64
+import binascii
+from typing import Any
+
+import httpx
+
+from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.providers import GeneratedImage, Job, Upstream
+from qubax.providers.http import base_host, check_status, download, error_detail, read_json, send
+
+PROVIDER = "OpenAI"
+# Where OpenAI served dall-e-3 result URLs from; the configured base host (a proxy, a fake) is trusted too.
+DELIVERY_HOSTS = ("oaidalleapiprodscus.blob.core.windows.net",)
+MODERATION_CODES = ("content_policy_violation", "moderation_blocked")
+NO_CREDIT_CODES = ("insufficient_quota", "billing_hard_limit_reached")
+
+
+class OpenAI:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.headers = {"authorization": f"Bearer {upstream.api_key}"}
+        self.host = base_host(upstream.base_url)
+        self.delivery_hosts = (*DELIVERY_HOSTS, self.host)
+
+    async def generate(self, job: Job) -> list[GeneratedImage]:
+        # dall-e-3 takes only n=1: fan out one call per image; the TaskGroup cancels the rest on failure.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._one(job)) for _ in range(job.n)]
+        except ExceptionGroup as failed:
+            # Callers handle our error tree, not groups; the first failure is the one that cancelled the rest.
+            first = failed.exceptions[0]
+            raise first from first.__cause__  # keep its own cause (the httpx error), not the group
+        return [task.result() for task in tasks]
+
+    async def _one(self, job: Job) -> GeneratedImage:
+        url = f"{self.upstream.base_url}/images/generations"
+        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=self.headers, json=body(job))
+        self._raise_for_error(response, job)
+        items = read_json(response, PROVIDER).get("data")
+        item = items[0] if isinstance(items, list) and items else None
+        if not isinstance(item, dict):
+            raise UpstreamError(f"{PROVIDER} returned no image.")
+        if item.get("b64_json") is not None:
+            data = decode_image(item["b64_json"])
+        else:
+            # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
+            data = await download(self.upstream.http, PROVIDER, item.get("url"), self.delivery_hosts)
+        revised = item.get("revised_prompt")
+        return GeneratedImage(data, revised if isinstance(revised, str) else None)
+
+    def _raise_for_error(self, response: httpx.Response, job: Job) -> None:
+        """OpenAI's quirks first (its error `code` says more than the status), then the common mapping."""
+        if response.status_code < 300:
+            return
+        code, detail = error_code(response), error_detail(response)
+        # Until 2023 OpenAI sent the safety-system message with `code: null`.
+        if code in MODERATION_CODES or (response.status_code == 400 and "safety system" in detail.lower()):
+            raise ContentPolicyViolation(detail or None)
+        if response.status_code == 404 or code == "model_not_found":
+            # OpenAI shut dall-e-3 down on 2026-05-12; only compatible hosts still serve it.
+            raise UpstreamError(
+                f"The configured OpenAI-compatible host ({self.host}) does not serve {job.model}; "
+                f"point QUBAX_OPENAI_BASE_URL at a host that does. Upstream said: {detail or 'not found'}"
+            )
+        if code in NO_CREDIT_CODES:
+            # OpenAI says "out of credit" with 429, which must not be retried like a rate limit.
+            raise UpstreamError(f"{PROVIDER} account is out of credit ({response.status_code}): {detail}")
+        check_status(response, PROVIDER)
+
+
+def body(job: Job) -> dict[str, Any]:
+    # b64_json because OpenAI's result URLs expire after an hour and would need a second fetch anyway.
+    payload: dict[str, Any] = {
+        "model": job.model,
+        "prompt": job.prompt,
+        "n": 1,
+        "size": f"{job.width}x{job.height}",
+        "response_format": "b64_json",
+    }
+    if job.quality is not None:
+        payload["quality"] = job.quality
+    if job.style is not None:
+        payload["style"] = job.style
+    return payload
+
+
+def error_code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def decode_image(text: Any) -> bytes:
+    try:
+        data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+    except binascii.Error:
+        data = b""
+    if not data:
+        raise UpstreamError(f"{PROVIDER} returned image data that is not valid base64.")
+    return data

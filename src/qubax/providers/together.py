@@ -1,0 +1,82 @@
+"""Together AI (api.together.xyz): synchronous images endpoint, up to four images per call."""
+
+import asyncio
+import base64
+import binascii
+from typing import Any
+
+from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.providers import GeneratedImage, Job, Upstream
+from qubax.providers.http import base_host, check_status, download, error_detail, read_json, send
+
+PROVIDER = "Together"
+MAX_PER_CALL = 4  # Together accepts n from 1 to 4
+# Result URLs come from Together's own CDN; the configured base host (a proxy, or a fake) is trusted too.
+DELIVERY_HOSTS = ("*.together.ai", "*.together.xyz", "api.together.ai")
+# Together answers 422 both for its safety checker and for plain validation failures.
+SAFETY_WORDS = ("nsfw", "safety")
+
+
+class Together:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.headers = {"authorization": f"Bearer {upstream.api_key}"}
+        self.delivery_hosts = (*DELIVERY_HOSTS, base_host(upstream.base_url))
+
+    async def generate(self, job: Job) -> list[GeneratedImage]:
+        counts = [min(MAX_PER_CALL, job.n - start) for start in range(0, job.n, MAX_PER_CALL)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._call(job, count)) for count in counts]
+        except ExceptionGroup as failed:
+            # Callers handle our error tree, not groups; the first failure is the one that cancelled the rest.
+            first = failed.exceptions[0]
+            raise first from first.__cause__  # keep its own cause (the httpx error), not the group
+        return [image for task in tasks for image in task.result()]
+
+    async def _call(self, job: Job, n: int) -> list[GeneratedImage]:
+        url = f"{self.upstream.base_url}/images/generations"
+        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=self.headers, json=body(job, n))
+        if response.status_code == 422 and any(word in error_detail(response).lower() for word in SAFETY_WORDS):
+            raise ContentPolicyViolation()
+        check_status(response, PROVIDER)
+        items = read_json(response, PROVIDER).get("data")
+        if not isinstance(items, list) or len(items) < n:
+            # Never hand back fewer images than were paid for and asked for.
+            got = len(items) if isinstance(items, list) else 0
+            raise UpstreamError(f"{PROVIDER} returned {got} of the {n} images asked for.")
+        return [GeneratedImage(await self._image_bytes(item)) for item in items[:n]]
+
+    async def _image_bytes(self, item: Any) -> bytes:
+        if not isinstance(item, dict):
+            raise UpstreamError(f"{PROVIDER} returned an image entry that is not an object.")
+        if item.get("b64_json") is not None:
+            return decode_image(item["b64_json"])
+        # Only reached when Together ignores response_format=base64; download() refuses foreign hosts.
+        return await download(self.upstream.http, PROVIDER, item.get("url"), self.delivery_hosts)
+
+
+def body(job: Job, n: int) -> dict[str, Any]:
+    # Inline base64 because result URLs expire; PNG keeps the caller's PNG conversion lossless.
+    payload: dict[str, Any] = {
+        "model": job.model,
+        "prompt": job.prompt,
+        "width": job.width,
+        "height": job.height,
+        "n": n,
+        "response_format": "base64",
+        "output_format": "png",
+    }
+    if "schnell" in job.model.lower():
+        payload["steps"] = 4  # schnell is distilled for 4 steps; Together's default of 20 only costs time
+    return payload
+
+
+def decode_image(text: Any) -> bytes:
+    try:
+        data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+    except binascii.Error:
+        data = b""
+    if not data:
+        raise UpstreamError(f"{PROVIDER} returned image data that is not valid base64.")
+    return data

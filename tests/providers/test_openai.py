@@ -1,0 +1,248 @@
+import io
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from PIL import Image
+
+from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.providers import Job, Upstream
+from qubax.providers.openai import OpenAI
+from tests.fakes.openai import SAFETY_MESSAGE, FakeOpenAI
+from tests.server import serve
+
+
+@pytest.fixture
+def fake() -> FakeOpenAI:
+    return FakeOpenAI()
+
+
+@pytest.fixture
+def server(fake: FakeOpenAI) -> Iterator[str]:
+    with serve(fake.app) as url:
+        yield url
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def openai(http: httpx.AsyncClient, server: str) -> OpenAI:
+    return OpenAI(Upstream(http, f"{server}/v1", "test-key", poll_interval=0.01))
+
+
+def job(n: int = 1, quality: str | None = "hd", style: str | None = "natural", size: str = "1792x1024") -> Job:
+    width, height = (int(side) for side in size.split("x"))
+    return Job("dall-e-3", "a lighthouse at dusk", width, height, n, quality=quality, style=style)
+
+
+def picture(data: bytes) -> tuple[str | None, tuple[int, int], tuple[int, int, int]]:
+    image = Image.open(io.BytesIO(data))
+    return image.format, image.size, image.convert("RGB").getpixel((0, 0))  # type: ignore[return-value]
+
+
+@pytest.mark.anyio
+async def test_one_image(openai: OpenAI, fake: FakeOpenAI) -> None:
+    [image] = await openai.generate(job())
+
+    assert fake.requests == [
+        {
+            "model": "dall-e-3",
+            "prompt": "a lighthouse at dusk",
+            "n": 1,
+            "size": "1792x1024",
+            "response_format": "b64_json",
+            "quality": "hd",
+            "style": "natural",
+        }
+    ]
+    assert picture(image.data)[:2] == ("PNG", (1792, 1024))
+    assert image.revised_prompt == "A natural picture of a lighthouse at dusk"
+
+
+@pytest.mark.anyio
+async def test_unset_quality_and_style_are_not_sent(openai: OpenAI, fake: FakeOpenAI) -> None:
+    await openai.generate(job(quality=None, style=None, size="1024x1024"))
+
+    assert fake.requests == [
+        {
+            "model": "dall-e-3",
+            "prompt": "a lighthouse at dusk",
+            "n": 1,
+            "size": "1024x1024",
+            "response_format": "b64_json",
+        }
+    ]
+
+
+@pytest.mark.anyio
+async def test_n_images_are_n_concurrent_calls(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.delay = 0.3
+
+    images = await openai.generate(job(n=3, size="1024x1792"))
+
+    assert [request["n"] for request in fake.requests] == [1, 1, 1]
+    assert fake.peak == 3
+    assert [picture(image.data)[1] for image in images] == [(1024, 1792)] * 3
+    assert len({picture(image.data)[2] for image in images}) == 3
+    assert {image.revised_prompt for image in images} == {"A natural picture of a lighthouse at dusk"}
+
+
+@pytest.mark.anyio
+async def test_url_results_are_downloaded(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.return_urls = True
+
+    images = await openai.generate(job(n=2))
+
+    assert sorted(fake.downloads) == ["/files/img-0", "/files/img-1"]
+    assert sorted(image.data for image in images) == sorted(fake.files.values())
+    assert images[0].revised_prompt == "A natural picture of a lighthouse at dusk"
+
+
+@pytest.mark.anyio
+async def test_jpeg_is_passed_through_as_is(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.image_format = "JPEG"
+
+    [image] = await openai.generate(job())
+
+    assert image.data[:3] == b"\xff\xd8\xff"
+    assert picture(image.data)[:2] == ("JPEG", (1792, 1024))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("code", ["content_policy_violation", "moderation_blocked"])
+async def test_safety_refusal_is_a_content_policy_violation(openai: OpenAI, fake: FakeOpenAI, code: str) -> None:
+    fake.moderate = code
+
+    with pytest.raises(ContentPolicyViolation) as caught:
+        await openai.generate(job())
+
+    assert (caught.value.code, caught.value.message) == ("content_policy_violation", SAFETY_MESSAGE)
+
+
+@pytest.mark.anyio
+async def test_retired_model_says_where_to_point_the_base_url(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.retired = True
+
+    with pytest.raises(UpstreamError) as caught:
+        await openai.generate(job())
+
+    assert caught.value.retryable is False
+    assert caught.value.message == (
+        "The configured OpenAI-compatible host (127.0.0.1) does not serve dall-e-3; "
+        "point QUBAX_OPENAI_BASE_URL at a host that does. "
+        "Upstream said: The model `dall-e-3` does not exist or you do not have access to it."
+    )
+
+
+@pytest.mark.anyio
+async def test_plain_404_from_a_wrong_base_url_gets_the_same_advice(http: httpx.AsyncClient, server: str) -> None:
+    openai = OpenAI(Upstream(http, server, "test-key"))  # missing /v1: Starlette's plain-text 404
+
+    with pytest.raises(UpstreamError, match="point QUBAX_OPENAI_BASE_URL at a host that does") as caught:
+        await openai.generate(job())
+
+    assert caught.value.retryable is False
+
+
+@pytest.mark.anyio
+async def test_insufficient_quota_is_not_retryable(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.out_of_credit = True
+
+    with pytest.raises(UpstreamError) as caught:
+        await openai.generate(job())
+
+    assert caught.value.retryable is False
+    assert caught.value.message.startswith("OpenAI account is out of credit (429): You exceeded your current quota")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "retryable", "message"),
+    [
+        (402, False, "OpenAI account is out of credit (402): fake failure 402"),
+        (429, True, "OpenAI is rate limiting us (429): fake failure 429"),
+        (500, True, "OpenAI failed (500): fake failure 500"),
+        (503, True, "OpenAI failed (503): fake failure 503"),
+    ],
+)
+async def test_status_mapping(openai: OpenAI, fake: FakeOpenAI, status: int, retryable: bool, message: str) -> None:
+    fake.fail_status = status
+
+    with pytest.raises(UpstreamError) as caught:
+        await openai.generate(job())
+
+    assert type(caught.value) is UpstreamError
+    assert (caught.value.message, caught.value.retryable) == (message, retryable)
+
+
+@pytest.mark.anyio
+async def test_wrong_key_is_not_retryable(http: httpx.AsyncClient, server: str) -> None:
+    openai = OpenAI(Upstream(http, f"{server}/v1", "wrong-key"))
+
+    with pytest.raises(UpstreamError) as caught:
+        await openai.generate(job())
+
+    assert (
+        caught.value.message == "OpenAI rejected the configured credential (401): Incorrect API key provided: test-***."
+    )
+    assert caught.value.retryable is False
+
+
+@pytest.mark.anyio
+async def test_upstream_validation_message_is_kept(openai: OpenAI, fake: FakeOpenAI) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        await openai.generate(job(size="1024x768"))
+
+    assert caught.value.message == "OpenAI refused the request (400): The size is not supported by this model."
+    assert caught.value.retryable is False
+
+
+@pytest.mark.anyio
+async def test_html_body_is_an_upstream_error(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.garbage = True
+
+    with pytest.raises(UpstreamError, match="unreadable response"):
+        await openai.generate(job())
+
+
+@pytest.mark.anyio
+async def test_html_error_page_from_a_proxy_is_retryable(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.garbage, fake.fail_status = True, 502
+
+    with pytest.raises(UpstreamError) as caught:
+        await openai.generate(job())
+
+    assert (caught.value.message, caught.value.retryable) == ("OpenAI failed (502).", True)
+
+
+@pytest.mark.anyio
+async def test_invalid_base64_is_an_upstream_error(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.bad_base64 = True
+
+    with pytest.raises(UpstreamError, match="not valid base64"):
+        await openai.generate(job())
+
+
+@pytest.mark.anyio
+async def test_no_image_in_the_answer_is_an_error(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.empty = True
+
+    with pytest.raises(UpstreamError) as caught:
+        await openai.generate(job(n=2))
+
+    assert caught.value.message == "OpenAI returned no image."
+
+
+@pytest.mark.anyio
+async def test_url_on_a_foreign_host_is_never_fetched(openai: OpenAI, fake: FakeOpenAI) -> None:
+    # `localhost` reaches the same fake, so a fetch would show up in fake.downloads.
+    fake.return_urls, fake.url_host = True, "localhost"
+
+    with pytest.raises(UpstreamError, match="host we do not download from"):
+        await openai.generate(job())
+
+    assert fake.downloads == []

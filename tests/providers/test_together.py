@@ -1,0 +1,220 @@
+import base64
+import io
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from PIL import Image
+
+from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.providers import Job, Upstream
+from qubax.providers.together import Together
+from tests.fakes.together import FakeTogether
+from tests.server import serve
+
+SCHNELL = "black-forest-labs/FLUX.1-schnell"
+
+
+@pytest.fixture
+def fake() -> FakeTogether:
+    return FakeTogether()
+
+
+@pytest.fixture
+def base_url(fake: FakeTogether) -> Iterator[str]:
+    with serve(fake.app) as url:
+        yield f"{url}/v1"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def together(http: httpx.AsyncClient, base_url: str) -> Together:
+    return Together(Upstream(http, base_url, "test-key", poll_interval=0.01))
+
+
+def job(n: int = 1, model: str = SCHNELL, width: int = 512, height: int = 768) -> Job:
+    return Job(model=model, prompt="a red fox in snow", width=width, height=height, n=n)
+
+
+def picture(data: bytes) -> tuple[str | None, tuple[int, int], tuple[int, int, int]]:
+    image = Image.open(io.BytesIO(data))
+    return image.format, image.size, image.convert("RGB").getpixel((0, 0))  # type: ignore[return-value]
+
+
+@pytest.mark.anyio
+async def test_one_call_for_n_images(together: Together, fake: FakeTogether) -> None:
+    images = await together.generate(job(n=3))
+
+    assert fake.requests == [
+        {
+            "model": SCHNELL,
+            "prompt": "a red fox in snow",
+            "width": 512,
+            "height": 768,
+            "steps": 4,
+            "n": 3,
+            "response_format": "base64",
+            "output_format": "png",
+        }
+    ]
+    assert [picture(image.data)[:2] for image in images] == [("PNG", (512, 768))] * 3
+    assert len({picture(image.data)[2] for image in images}) == 3  # three different images, none repeated
+    assert [image.revised_prompt for image in images] == [None] * 3
+
+
+@pytest.mark.anyio
+async def test_steps_only_for_schnell(together: Together, fake: FakeTogether) -> None:
+    await together.generate(job(model="black-forest-labs/FLUX.1.1-pro"))
+
+    assert "steps" not in fake.requests[0]
+    assert fake.requests[0]["model"] == "black-forest-labs/FLUX.1.1-pro"
+
+
+@pytest.mark.anyio
+async def test_more_than_four_split_into_concurrent_calls(together: Together, fake: FakeTogether) -> None:
+    fake.delay = 0.3
+
+    images = await together.generate(job(n=6))
+
+    assert sorted(request["n"] for request in fake.requests) == [2, 4]
+    assert fake.peak == 2
+    assert len(images) == 6
+    assert len({picture(image.data)[2] for image in images}) == 6
+
+
+@pytest.mark.anyio
+async def test_url_results_are_downloaded(together: Together, fake: FakeTogether) -> None:
+    fake.return_urls = True
+
+    images = await together.generate(job(n=2))
+
+    assert sorted(fake.downloads) == ["/files/img-0", "/files/img-1"]
+    assert sorted(image.data for image in images) == sorted(fake.files.values())
+    assert picture(images[0].data)[:2] == ("PNG", (512, 768))
+
+
+@pytest.mark.anyio
+async def test_jpeg_is_passed_through_as_is(together: Together, fake: FakeTogether) -> None:
+    fake.format_override = "JPEG"
+
+    [image] = await together.generate(job())
+
+    assert image.data[:3] == b"\xff\xd8\xff"
+    assert picture(image.data)[:2] == ("JPEG", (512, 768))
+
+
+@pytest.mark.anyio
+async def test_safety_checker_is_a_content_policy_violation(together: Together, fake: FakeTogether) -> None:
+    fake.moderate = True
+
+    with pytest.raises(ContentPolicyViolation) as caught:
+        await together.generate(job())
+
+    assert caught.value.code == "content_policy_violation"
+    assert caught.value.status_code == 400
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "retryable", "message"),
+    [
+        (402, False, "Together account is out of credit (402): fake failure 402"),
+        (422, False, "Together refused the request (422): fake failure 422"),
+        (429, True, "Together is rate limiting us (429): fake failure 429"),
+        (500, True, "Together failed (500): fake failure 500"),
+        (503, True, "Together failed (503): fake failure 503"),
+    ],
+)
+async def test_status_mapping(
+    together: Together, fake: FakeTogether, status: int, retryable: bool, message: str
+) -> None:
+    fake.fail_status = status
+
+    with pytest.raises(UpstreamError) as caught:
+        await together.generate(job())
+
+    assert type(caught.value) is UpstreamError
+    assert (caught.value.message, caught.value.retryable) == (message, retryable)
+
+
+@pytest.mark.anyio
+async def test_wrong_key_is_not_retryable(http: httpx.AsyncClient, base_url: str) -> None:
+    together = Together(Upstream(http, base_url, "wrong-key", poll_interval=0.01))
+
+    with pytest.raises(UpstreamError) as caught:
+        await together.generate(job())
+
+    assert caught.value.message == "Together rejected the configured credential (401): Invalid API key provided."
+    assert caught.value.retryable is False
+
+
+@pytest.mark.anyio
+async def test_html_body_is_an_upstream_error(together: Together, fake: FakeTogether) -> None:
+    fake.garbage = True
+
+    with pytest.raises(UpstreamError, match="unreadable response") as caught:
+        await together.generate(job())
+
+    assert caught.value.retryable is False
+
+
+@pytest.mark.anyio
+async def test_html_error_page_from_a_proxy_is_retryable(together: Together, fake: FakeTogether) -> None:
+    fake.garbage, fake.fail_status = True, 502
+
+    with pytest.raises(UpstreamError) as caught:
+        await together.generate(job())
+
+    assert (caught.value.message, caught.value.retryable) == ("Together failed (502).", True)
+
+
+@pytest.mark.anyio
+async def test_invalid_base64_is_an_upstream_error(together: Together, fake: FakeTogether) -> None:
+    fake.bad_base64 = True
+
+    with pytest.raises(UpstreamError, match="not valid base64"):
+        await together.generate(job())
+
+
+@pytest.mark.anyio
+async def test_fewer_images_than_asked_is_an_error(together: Together, fake: FakeTogether) -> None:
+    fake.drop = 1
+
+    with pytest.raises(UpstreamError) as caught:
+        await together.generate(job(n=3))
+
+    assert caught.value.message == "Together returned 2 of the 3 images asked for."
+
+
+@pytest.mark.anyio
+async def test_url_on_a_foreign_host_is_never_fetched(together: Together, fake: FakeTogether) -> None:
+    # `localhost` reaches the same fake, so a fetch would show up in fake.downloads.
+    fake.return_urls, fake.url_host = True, "localhost"
+
+    with pytest.raises(UpstreamError, match="host we do not download from"):
+        await together.generate(job())
+
+    assert fake.downloads == []
+
+
+def test_fake_encodes_base64_png_by_default() -> None:
+    # Guards the fake itself: base64 must round-trip to the size asked for.
+    fake = FakeTogether()
+    assert picture(base64.b64decode(fake.encode(fake.image(64, 32, "PNG"))))[:2] == ("PNG", (64, 32))
+
+
+@pytest.mark.anyio
+async def test_unreachable_host_is_retryable_and_keeps_its_cause(http: httpx.AsyncClient) -> None:
+    # Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+    together = Together(Upstream(http, "http://127.0.0.1:9/v1", "test-key"))
+
+    with pytest.raises(UpstreamError) as caught:
+        await together.generate(job(n=6))
+
+    assert (caught.value.message, caught.value.retryable) == ("Could not reach Together: ConnectError.", True)
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)

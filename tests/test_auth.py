@@ -1,0 +1,122 @@
+"""API keys: their format, and that the database never holds one in the clear."""
+
+import hashlib
+import re
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from qubax import auth
+from qubax.cli import main
+from qubax.settings import Settings
+
+URLSAFE_43 = re.compile(r"^[A-Za-z0-9_-]{43,}$")
+
+
+@pytest.mark.parametrize(("test", "prefix"), [(False, "qbx_live_"), (True, "qbx_test_")])
+def test_new_key_format(test: bool, prefix: str) -> None:
+    new = auth.new_key(test=test)
+    assert new.secret.startswith(prefix)
+    assert URLSAFE_43.match(new.secret.removeprefix(prefix))
+    assert new.prefix == new.secret[: len(prefix) + 4]
+    assert new.digest == hashlib.sha256(new.secret.encode()).hexdigest()
+    assert new.test is test
+
+
+def test_new_keys_are_unique() -> None:
+    keys = [auth.new_key(test=False) for _ in range(200)]
+    assert len({k.secret for k in keys}) == 200
+    assert len({k.digest for k in keys}) == 200
+
+
+def test_digest_is_lowercase_sha256_hex() -> None:
+    assert auth.digest_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert re.fullmatch(r"[0-9a-f]{64}", auth.digest_key(auth.new_key(test=True).secret))
+
+
+def test_display_prefix_shows_four_secret_characters() -> None:
+    assert auth.display_prefix("qbx_live_AbCdEfGh") == "qbx_live_AbCd"
+    assert auth.display_prefix("qbx_test_xyz1234567") == "qbx_test_xyz1"
+
+
+def test_masked_never_contains_the_full_secret() -> None:
+    for test in (False, True):
+        key = auth.new_key(test=test).secret
+        shown = auth.masked(key)
+        assert shown == key[:12] + "***"
+        assert key not in shown
+        assert key[12:] not in shown
+    assert auth.masked("sk-proj-abcdefghijklmnop") == "sk-***"
+    assert auth.masked("ab") == "ab***"
+    assert auth.masked("") == "***"
+
+
+def test_looks_like_key() -> None:
+    assert auth.looks_like_key("qbx_live_x") and auth.looks_like_key("qbx_test_x")
+    assert not auth.looks_like_key("key_0123abcd")
+    assert not auth.looks_like_key("QBX_LIVE_x")
+
+
+def test_matches() -> None:
+    key, other = auth.new_key(test=False), auth.new_key(test=False)
+    assert auth.matches(key.secret, key.digest)
+    assert not auth.matches(other.secret, key.digest)
+    assert not auth.matches(key.secret + "x", key.digest)
+    assert not auth.matches(key.secret, key.digest.upper())
+    assert not auth.matches(key.secret, "")
+
+
+def database_path(settings: Settings) -> Path:
+    url = settings.resolved_database_url
+    assert url.startswith("sqlite+aiosqlite:///")
+    return Path(url.split(":///", 1)[1])
+
+
+def cli_create_key(settings: Settings, *args: str) -> str:
+    result = CliRunner().invoke(main, ["keys", "create", *args], env={"QUBAX_DATA_DIR": str(settings.data_dir)})
+    assert result.exit_code == 0, result.output
+    return result.stdout.splitlines()[-1]  # the key is the last line even where click mixes in stderr
+
+
+def all_cells(path: Path) -> list[object]:
+    with sqlite3.connect(path) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        assert {"api_keys", "generations"} <= set(tables)
+        return [cell for table in tables for row in connection.execute(f'SELECT * FROM "{table}"') for cell in row]
+
+
+def test_database_stores_only_the_digest(settings: Settings) -> None:
+    keys = [cli_create_key(settings, "--name", "ci"), cli_create_key(settings, "--test")]
+    path = database_path(settings)
+
+    cells = all_cells(path)
+    assert cells  # the scan saw the rows
+    for key in keys:
+        hidden = key[13:]  # everything past the displayed prefix
+        assert not any(hidden in str(cell) for cell in cells)
+        assert key.encode() not in path.read_bytes()
+        assert hidden.encode() not in path.read_bytes()
+
+    with sqlite3.connect(path) as connection:
+        rows = connection.execute("SELECT prefix, digest, test, name FROM api_keys ORDER BY created_at").fetchall()
+    assert rows == [
+        (keys[0][:13], hashlib.sha256(keys[0].encode()).hexdigest(), 0, "ci"),
+        (keys[1][:13], hashlib.sha256(keys[1].encode()).hexdigest(), 1, ""),
+    ]
+
+
+def test_cli_key_authenticates_until_revoked(settings: Settings, base_url: str) -> None:
+    key = cli_create_key(settings)
+    headers = {"authorization": f"Bearer {key}"}
+    assert httpx.get(f"{base_url}/v1/models", headers=headers).status_code == 200
+
+    revoke = CliRunner().invoke(main, ["keys", "revoke", key], env={"QUBAX_DATA_DIR": str(settings.data_dir)})
+    assert revoke.exit_code == 0, revoke.output
+    response = httpx.get(f"{base_url}/v1/models", headers=headers)
+    assert response.status_code == 401
+    message = response.json()["error"]["message"]
+    assert message == f"The API key {key[:12]}*** has been revoked."
+    assert key not in response.text

@@ -1,0 +1,262 @@
+"""The `qubax` command, run in-process through click's CliRunner."""
+
+import hashlib
+import inspect
+import io
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from qubax.catalog import MODELS
+from qubax.cli import main
+from qubax.settings import Settings
+
+
+def runner() -> CliRunner:
+    """A runner that keeps stdout and stderr apart (click < 8.2 needs mix_stderr=False; later ones always do)."""
+    options: dict[str, Any] = {}
+    if "mix_stderr" in inspect.signature(CliRunner).parameters:
+        options["mix_stderr"] = False
+    return CliRunner(**options)
+
+
+def qubax(settings: Settings, *args: str, env: dict[str, str] | None = None) -> Result:
+    return runner().invoke(main, list(args), env={"QUBAX_DATA_DIR": str(settings.data_dir), **(env or {})})
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result.stdout
+
+
+def create(settings: Settings, *args: str) -> str:
+    return ok(qubax(settings, "keys", "create", *args)).removesuffix("\n")
+
+
+def table(stdout: str) -> list[list[str]]:
+    """The rows of a printed table, header included, split on whitespace."""
+    return [line.split() for line in stdout.splitlines()]
+
+
+def key_id(settings: Settings, key: str) -> str:
+    path = settings.resolved_database_url.split(":///", 1)[1]
+    with sqlite3.connect(path) as connection:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        row = connection.execute("SELECT id FROM api_keys WHERE digest = ?", (digest,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+# keys
+
+
+def test_keys_create_prints_only_the_key_on_stdout(settings: Settings) -> None:
+    result = qubax(settings, "keys", "create")
+    stdout = ok(result)
+    assert stdout.count("\n") == 1
+    key = stdout.removesuffix("\n")
+    assert key.startswith("qbx_live_") and len(key) >= len("qbx_live_") + 43
+    assert key not in result.stderr
+    assert f"Created live key {key_id(settings, key)}." in result.stderr
+
+
+def test_keys_create_test(settings: Settings) -> None:
+    result = qubax(settings, "keys", "create", "--test")
+    assert ok(result).startswith("qbx_test_")
+    assert "Created test key key_" in result.stderr
+
+
+def test_keys_list_shows_names_and_prefixes_never_keys(settings: Settings) -> None:
+    live = create(settings, "--name", "ci-bot")
+    test = create(settings, "--test", "--name", "sandbox")
+    stdout = ok(qubax(settings, "keys", "list"))
+    rows = table(stdout)
+    assert rows[0] == ["ID", "KEY", "KIND", "NAME", "CREATED", "STATUS"]
+    assert [(r[0], r[1], r[2], r[3], r[-1]) for r in rows[1:]] == [
+        (key_id(settings, live), live[:13] + "…", "live", "ci-bot", "active"),
+        (key_id(settings, test), test[:13] + "…", "test", "sandbox", "active"),
+    ]
+    for key in (live, test):
+        assert key not in stdout
+        assert key[13:17] not in stdout
+
+
+def test_keys_list_when_there_are_none(settings: Settings) -> None:
+    assert table(ok(qubax(settings, "keys", "list"))) == [["ID", "KEY", "KIND", "NAME", "CREATED", "STATUS"]]
+
+
+def test_revoke_by_full_key_and_by_id(settings: Settings) -> None:
+    by_key = create(settings, "--name", "a")
+    by_id = create(settings, "--name", "b")
+    create(settings, "--name", "c")
+    first = ok(qubax(settings, "keys", "revoke", by_key))
+    assert first == f"Revoked {key_id(settings, by_key)} ({by_key[:13]}…).\n"
+    assert ok(qubax(settings, "keys", "revoke", key_id(settings, by_id))).startswith(
+        f"Revoked {key_id(settings, by_id)} "
+    )
+    status = {row[3]: row[-1] for row in table(ok(qubax(settings, "keys", "list")))[1:]}
+    assert status == {"a": "revoked", "b": "revoked", "c": "active"}
+
+
+@pytest.mark.parametrize("target", ["key_0000000000000000", "qbx_live_" + "A" * 43, ""])
+def test_revoke_unknown_fails(settings: Settings, target: str) -> None:
+    create(settings)
+    result = qubax(settings, "keys", "revoke", target)
+    assert result.exit_code == 1
+    assert "No such key." in result.stderr
+    assert result.stdout == ""
+    assert table(ok(qubax(settings, "keys", "list")))[1][-1] == "active"
+
+
+# models
+
+
+def model_rows(stdout: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in stdout.splitlines()[1:]}
+
+
+def test_models_without_credentials_say_what_to_set(settings: Settings) -> None:
+    rows = model_rows(ok(qubax(settings, "models")))
+    assert list(rows) == [m.id for m in MODELS]
+    assert rows["flux-1.1-pro"].endswith("bfl (set BFL_API_KEY)")
+    assert rows["flux-1.1-pro-ultra"].endswith("bfl (set BFL_API_KEY)")
+    assert rows["flux-1-schnell"].endswith("together (set TOGETHER_API_KEY)")
+    assert rows["dall-e-3"].endswith("openai (set OPENAI_API_KEY)")
+    assert rows["flux-1-schnell"].split()[1:4] == ["1024x1024", "1-4", "$0.003"]
+    assert rows["dall-e-3"].split()[1:4] == ["1024x1024", "1-1", "$0.04"]
+
+
+def test_models_with_a_credential_say_configured(settings: Settings) -> None:
+    rows = model_rows(ok(qubax(settings, "models", env={"BFL_API_KEY": "bfl-secret-123"})))
+    assert rows["flux-1.1-pro"].endswith("bfl (configured)")
+    assert rows["flux-1.1-pro-ultra"].endswith("bfl (configured)")
+    assert rows["flux-1-schnell"].endswith("together (set TOGETHER_API_KEY)")
+    assert "bfl-secret-123" not in "".join(rows.values())
+
+
+# usage
+
+
+def post(base_url: str, key: str, **body: Any) -> httpx.Response:
+    body = {"model": "flux-1-schnell", "prompt": "a fox", "size": "256x256", "response_format": "b64_json", **body}
+    return httpx.post(f"{base_url}/v1/images/generations", json=body, headers={"authorization": f"Bearer {key}"})
+
+
+def test_usage_counts_test_key_images_at_no_cost(settings: Settings, base_url: str, test_key: str) -> None:
+    assert table(ok(qubax(settings, "usage"))) == [["KEY", "NAME", "MODEL", "REQUESTS", "IMAGES", "COST"]]
+    assert post(base_url, test_key).status_code == 200
+    assert post(base_url, test_key, response_format="url").status_code == 200
+    assert post(base_url, test_key, model="dall-e-3", size="1024x1024").status_code == 200
+    rows = table(ok(qubax(settings, "usage")))
+    kid = key_id(settings, test_key)
+    assert rows[1:] == [
+        [kid, "test", "dall-e-3", "1", "1", "$0.0000"],
+        [kid, "test", "flux-1-schnell", "2", "2", "$0.0000"],
+    ]
+
+
+# generate
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(io.BytesIO(path.read_bytes())) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_generate_saves_pngs_and_prints_their_paths(base_url: str, test_key: str, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "nested"
+    result = runner().invoke(
+        main,
+        [
+            "generate",
+            "a red fox",
+            "--api-key",
+            test_key,
+            "-n",
+            "2",
+            "--out",
+            str(out),
+            "--size",
+            "512x512",
+            "--model",
+            "flux-1-schnell",
+            "--base-url",
+            base_url + "/v1",
+        ],
+    )
+    paths = [Path(line) for line in ok(result).splitlines()]
+    assert len(paths) == 2
+    assert sorted(paths) == sorted(out.iterdir())
+    assert all(p.name.startswith("flux-1-schnell-") and p.suffix == ".png" for p in paths)
+    assert [png_size(p) for p in paths] == [(512, 512), (512, 512)]
+    assert paths[0].read_bytes() != paths[1].read_bytes()
+
+
+def test_generate_takes_the_key_from_the_environment(base_url: str, test_key: str, tmp_path: Path) -> None:
+    result = runner().invoke(
+        main,
+        ["generate", "p", "--out", str(tmp_path), "--base-url", base_url + "/v1", "--model", "dall-e-3"],
+        env={"QUBAX_API_KEY": test_key},
+    )
+    [path] = [Path(line) for line in ok(result).splitlines()]
+    assert png_size(path) == (1024, 1024)
+
+
+def test_generate_with_a_bad_key_fails_with_the_401_message(base_url: str, tmp_path: Path) -> None:
+    result = runner().invoke(
+        main,
+        ["generate", "p", "--api-key", "qbx_live_nope", "--out", str(tmp_path / "out"), "--base-url", base_url + "/v1"],
+    )
+    assert result.exit_code == 1
+    assert "401: Incorrect API key provided: qbx_live_nop***." in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_with_an_invalid_size_names_the_constraint(base_url: str, test_key: str, tmp_path: Path) -> None:
+    result = runner().invoke(
+        main,
+        [
+            "generate",
+            "p",
+            "--api-key",
+            test_key,
+            "--size",
+            "500x500",
+            "--model",
+            "flux-1-schnell",
+            "--out",
+            str(tmp_path / "out"),
+            "--base-url",
+            base_url + "/v1",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "400: The size 500x500 is not supported by flux-1-schnell" in result.stderr
+    assert "between 256 and 1440 and a multiple of 32" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_without_a_server_says_so(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    result = runner().invoke(
+        main, ["generate", "p", "--api-key", "qbx_test_x", "--out", str(tmp_path), "--base-url", url]
+    )
+    assert result.exit_code == 1
+    assert f"Could not reach {url}/images/generations" in result.stderr
+
+
+def test_generate_without_a_key_fails(tmp_path: Path) -> None:
+    result = runner().invoke(main, ["generate", "p", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--api-key" in result.stderr

@@ -1,0 +1,177 @@
+"""Normalising upstream images to PNG, and the placeholder renderer for test keys."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from qubax.errors import UpstreamError
+from qubax.imaging import render_placeholder, to_png
+
+Pixel = tuple[int, ...]
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def palette_image() -> Image.Image:
+    image = Image.new("P", (40, 30), 1)
+    image.putpalette([0, 0, 0, 200, 100, 50] * 128)
+    return image
+
+
+@pytest.mark.parametrize(
+    ("source", "fmt", "options", "mode", "pixel"),
+    [
+        (Image.new("RGB", (64, 48), (200, 30, 40)), "JPEG", {"quality": 95}, "RGB", (200, 30, 40)),
+        (Image.new("RGB", (64, 48), (20, 130, 240)), "WEBP", {"lossless": True}, "RGB", (20, 130, 240)),
+        (Image.new("RGBA", (64, 48), (10, 200, 30, 128)), "PNG", {}, "RGBA", (10, 200, 30, 128)),
+        (Image.new("RGBA", (64, 48), (10, 200, 30, 128)), "WEBP", {"lossless": True}, "RGBA", (10, 200, 30, 128)),
+        (palette_image(), "PNG", {}, "RGB", (200, 100, 50)),
+        (palette_image(), "PNG", {"transparency": 0}, "RGBA", (200, 100, 50, 255)),
+        (palette_image(), "GIF", {}, "RGB", (200, 100, 50)),
+        (Image.new("L", (64, 48), 77), "PNG", {}, "RGB", (77, 77, 77)),
+        (Image.new("LA", (64, 48), (77, 50)), "PNG", {}, "RGBA", (77, 77, 77, 50)),
+        (Image.new("1", (64, 48), 1), "PNG", {}, "RGB", (255, 255, 255)),
+        (Image.new("CMYK", (64, 48), (0, 255, 255, 0)), "JPEG", {"quality": 95}, "RGB", (255, 0, 0)),
+    ],
+    ids=[
+        "jpeg",
+        "webp",
+        "png-rgba",
+        "webp-rgba",
+        "palette",
+        "palette-transparent",
+        "gif",
+        "grey",
+        "grey-alpha",
+        "bilevel",
+        "cmyk-jpeg",
+    ],
+)
+@pytest.mark.parametrize("size", [(64, 48), (32, 32), (200, 100)])
+def test_to_png_converts_to_an_rgb_or_rgba_png_of_the_exact_size(
+    source: Image.Image, fmt: str, options: dict[str, object], mode: str, pixel: Pixel, size: tuple[int, int]
+) -> None:
+    image = decode(to_png(encode(source, fmt, **options), *size))
+    assert image.size == size
+    assert image.mode == mode
+    centre = image.getpixel((size[0] // 2, size[1] // 2))
+    assert isinstance(centre, tuple) and len(centre) == len(pixel)
+    assert all(abs(got - want) <= 3 for got, want in zip(centre, pixel, strict=True)), centre
+
+
+def test_png_of_the_right_size_and_mode_keeps_its_pixels() -> None:
+    source = Image.linear_gradient("L").convert("RGB").resize((96, 64))
+    image = decode(to_png(encode(source, "PNG"), 96, 64))
+    assert image.tobytes() == source.tobytes()
+
+
+def blue_between_red(width: int, height: int) -> bytes:
+    """Left and right quarters red, the middle half blue."""
+    image = Image.new("RGB", (width, height), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, width // 4, height))
+    image.paste((255, 0, 0), (width - width // 4, 0, width, height))
+    return encode(image, "PNG")
+
+
+def is_blue(pixel: object) -> bool:
+    assert isinstance(pixel, tuple)
+    red, green, blue = (int(channel) for channel in pixel[:3])
+    return blue >= 200 and red <= 60 and green <= 60
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [((200, 100), (100, 100)), ((400, 200), (100, 100)), ((400, 200), (64, 64)), ((400, 200), (200, 200))],
+)
+def test_other_aspect_ratios_are_cropped_not_stretched(source: tuple[int, int], target: tuple[int, int]) -> None:
+    image = decode(to_png(blue_between_red(*source), *target))
+    width, height = target
+    assert image.size == target
+    # Stretching would keep the red quarters at the left and right edges; cropping keeps only the blue middle.
+    for point in [
+        (0, 0),
+        (0, height // 2),
+        (width // 2, height // 2),
+        (width - 1, height // 2),
+        (width - 1, height - 1),
+    ]:
+        assert is_blue(image.getpixel(point)), (point, image.getpixel(point))
+
+
+def test_a_tall_image_is_cropped_top_and_bottom() -> None:
+    source = Image.new("RGB", (100, 400), (0, 0, 255))
+    source.paste((255, 0, 0), (0, 0, 100, 100))
+    source.paste((255, 0, 0), (0, 300, 100, 400))
+    image = decode(to_png(encode(source, "PNG"), 100, 100))
+    assert all(is_blue(image.getpixel(point)) for point in [(50, 0), (50, 50), (50, 99)])
+
+
+def truncated_jpeg() -> bytes:
+    data = encode(Image.effect_noise((256, 256), 64).convert("RGB"), "JPEG")
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, truncated_jpeg(), b"\xff\xd8\xff"],
+    ids=["empty", "text", "png-signature-only", "truncated-jpeg", "jpeg-magic-only"],
+)
+def test_unreadable_data_is_an_upstream_error(data: bytes) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        to_png(data, 64, 64)
+    assert (caught.value.status_code, caught.value.code) == (502, "upstream_error")
+    assert caught.value.message == "The upstream returned data that is not a readable image."
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ((9000, 8000), "The upstream returned an image too large to process."),  # 72 MP: over our 64 MP cap
+        ((10_000, 10_000), "The upstream returned data that is not a readable image."),  # Pillow's bomb warning
+    ],
+    ids=["over-our-cap", "decompression-bomb"],
+)
+def test_huge_images_are_refused(size: tuple[int, int], message: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        to_png(encode(Image.new("L", size), "PNG", compress_level=1), 64, 64)
+    assert caught.value.message == message
+
+
+def test_sixteen_bit_greyscale_keeps_its_tone() -> None:
+    image = decode(to_png(encode(Image.new("I;16", (16, 16), 32768), "PNG"), 16, 16))
+    pixel = image.getpixel((8, 8))
+    assert isinstance(pixel, tuple)
+    assert all(120 <= channel <= 135 for channel in pixel[:3]), pixel
+
+
+def test_placeholder_has_the_exact_size() -> None:
+    for width, height in [(256, 256), (1024, 768), (1344, 3136), (3136, 1344)]:
+        image = decode(render_placeholder("a cat", width, height, 0))
+        assert (image.size, image.mode) == ((width, height), "RGB")
+
+
+def test_placeholder_is_deterministic_per_prompt_and_index() -> None:
+    first = render_placeholder("a lighthouse", 512, 256, 0)
+    assert render_placeholder("a lighthouse", 512, 256, 0) == first
+    assert render_placeholder("a lighthouse", 512, 256, 1) != first
+    assert render_placeholder("a lighthouse!", 512, 256, 0) != first
+    assert len({render_placeholder("p", 256, 256, i) for i in range(4)}) == 4
+
+
+def test_placeholder_colours_depend_on_the_prompt() -> None:
+    def corner(prompt: str) -> object:
+        return decode(render_placeholder(prompt, 256, 256, 0)).getpixel((0, 128))
+
+    assert len({corner(f"prompt {i}") for i in range(5)}) > 1

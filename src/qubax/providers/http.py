@@ -1,9 +1,11 @@
 """Upstream plumbing shared by every adapter: sending, status mapping, polling and safe downloads."""
 
 import asyncio
+import base64
+import binascii
 import fnmatch
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -13,6 +15,8 @@ from qubax.errors import UpstreamError, UpstreamTimeout
 
 T = TypeVar("T")
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+# A task that is already running (and billed) deserves more than one bad poll before we give up on it.
+POLL_RETRIES = 5
 
 
 async def send(http: httpx.AsyncClient, provider: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -59,8 +63,9 @@ def error_detail(response: httpx.Response) -> str:
                 break
     if isinstance(found, dict):
         found = found.get("message") or found.get("msg") or found
-    if isinstance(found, list) and found and isinstance(found[0], dict):
-        found = found[0].get("msg", found[0])
+    if isinstance(found, list) and found and isinstance(found[0], dict):  # FastAPI-style validation errors
+        field = ".".join(str(part) for part in found[0].get("loc", [])[1:])
+        found = f"{field}: {found[0].get('msg')}" if field else found[0].get("msg", found[0])
     return str(found)[:300]
 
 
@@ -76,12 +81,47 @@ def read_json(response: httpx.Response, provider: str) -> dict[str, Any]:
 
 
 async def poll(check: Callable[[], Awaitable[T | None]], interval: float) -> T:
-    """Call `check` until it returns a value; the caller's deadline bounds the wait."""
+    """Call `check` until it returns a value; the caller's deadline bounds the wait.
+
+    Transient failures (retryable errors) are retried with growing pauses, a few times in a row.
+    """
+    failures = 0
     while True:
-        result = await check()
+        try:
+            result = await check()
+        except UpstreamError as exc:
+            failures += 1
+            if not exc.retryable or failures > POLL_RETRIES:
+                raise
+            await asyncio.sleep(interval * 2**failures)
+            continue
+        failures = 0
         if result is not None:
             return result
         await asyncio.sleep(interval)
+
+
+async def fan_out(calls: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run calls concurrently; the first failure cancels the others and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except ExceptionGroup as failed:
+        # Callers handle our error tree, not groups. Keep the failure's own cause (say, the httpx error).
+        first = failed.exceptions[0]
+        raise first from first.__cause__
+    return [task.result() for task in tasks]
+
+
+def decode_b64(text: Any, provider: str) -> bytes:
+    """Image bytes from an upstream's inline base64 field."""
+    try:
+        data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+    except binascii.Error:
+        data = b""
+    if not data:
+        raise UpstreamError(f"{provider} returned image data that is not valid base64.")
+    return data
 
 
 def host_allowed(url: str, patterns: Iterable[str]) -> bool:
@@ -104,8 +144,10 @@ async def download(http: httpx.AsyncClient, provider: str, url: Any, allowed_hos
     try:
         async with http.stream("GET", url, headers={"user-agent": "qubax"}) as response:
             if response.status_code != 200:
+                # 403/404/410 mean the signed URL expired or never existed: asking again cannot help.
+                busy = response.status_code == 429 or response.status_code >= 500
                 raise UpstreamError(
-                    f"Downloading the image from {provider} failed ({response.status_code}).", retryable=True
+                    f"Downloading the image from {provider} failed ({response.status_code}).", retryable=busy
                 )
             chunks, size = [], 0
             async for chunk in response.aiter_bytes():

@@ -1,15 +1,12 @@
 """Any OpenAI-compatible Images API serving dall-e-3: one synchronous call per image."""
 
-import asyncio
-import base64
-import binascii
 from typing import Any
 
 import httpx
 
 from qubax.errors import ContentPolicyViolation, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
-from qubax.providers.http import base_host, check_status, download, error_detail, read_json, send
+from qubax.providers.http import base_host, check_status, decode_b64, download, error_detail, fan_out, read_json, send
 
 PROVIDER = "OpenAI"
 # Where OpenAI served dall-e-3 result URLs from; the configured base host (a proxy, a fake) is trusted too.
@@ -26,15 +23,8 @@ class OpenAI:
         self.delivery_hosts = (*DELIVERY_HOSTS, self.host)
 
     async def generate(self, job: Job) -> list[GeneratedImage]:
-        # dall-e-3 takes only n=1: fan out one call per image; the TaskGroup cancels the rest on failure.
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._one(job)) for _ in range(job.n)]
-        except ExceptionGroup as failed:
-            # Callers handle our error tree, not groups; the first failure is the one that cancelled the rest.
-            first = failed.exceptions[0]
-            raise first from first.__cause__  # keep its own cause (the httpx error), not the group
-        return [task.result() for task in tasks]
+        # dall-e-3 takes only n=1: fan out one call per image; one failure cancels the rest.
+        return await fan_out(self._one(job) for _ in range(job.n))
 
     async def _one(self, job: Job) -> GeneratedImage:
         url = f"{self.upstream.base_url}/images/generations"
@@ -45,7 +35,7 @@ class OpenAI:
         if not isinstance(item, dict):
             raise UpstreamError(f"{PROVIDER} returned no image.")
         if item.get("b64_json") is not None:
-            data = decode_image(item["b64_json"])
+            data = decode_b64(item["b64_json"], PROVIDER)
         else:
             # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
             data = await download(self.upstream.http, PROVIDER, item.get("url"), self.delivery_hosts)
@@ -96,13 +86,3 @@ def error_code(response: httpx.Response) -> str | None:
     error = body.get("error") if isinstance(body, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
     return code if isinstance(code, str) else None
-
-
-def decode_image(text: Any) -> bytes:
-    try:
-        data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
-    except binascii.Error:
-        data = b""
-    if not data:
-        raise UpstreamError(f"{PROVIDER} returned image data that is not valid base64.")
-    return data

@@ -1,13 +1,10 @@
 """Together AI (api.together.xyz): synchronous images endpoint, up to four images per call."""
 
-import asyncio
-import base64
-import binascii
 from typing import Any
 
 from qubax.errors import ContentPolicyViolation, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
-from qubax.providers.http import base_host, check_status, download, error_detail, read_json, send
+from qubax.providers.http import base_host, check_status, decode_b64, download, error_detail, fan_out, read_json, send
 
 PROVIDER = "Together"
 MAX_PER_CALL = 4  # Together accepts n from 1 to 4
@@ -25,14 +22,8 @@ class Together:
 
     async def generate(self, job: Job) -> list[GeneratedImage]:
         counts = [min(MAX_PER_CALL, job.n - start) for start in range(0, job.n, MAX_PER_CALL)]
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._call(job, count)) for count in counts]
-        except ExceptionGroup as failed:
-            # Callers handle our error tree, not groups; the first failure is the one that cancelled the rest.
-            first = failed.exceptions[0]
-            raise first from first.__cause__  # keep its own cause (the httpx error), not the group
-        return [image for task in tasks for image in task.result()]
+        results = await fan_out(self._call(job, count) for count in counts)
+        return [image for batch in results for image in batch]
 
     async def _call(self, job: Job, n: int) -> list[GeneratedImage]:
         url = f"{self.upstream.base_url}/images/generations"
@@ -51,7 +42,7 @@ class Together:
         if not isinstance(item, dict):
             raise UpstreamError(f"{PROVIDER} returned an image entry that is not an object.")
         if item.get("b64_json") is not None:
-            return decode_image(item["b64_json"])
+            return decode_b64(item["b64_json"], PROVIDER)
         # Only reached when Together ignores response_format=base64; download() refuses foreign hosts.
         return await download(self.upstream.http, PROVIDER, item.get("url"), self.delivery_hosts)
 
@@ -70,13 +61,3 @@ def body(job: Job, n: int) -> dict[str, Any]:
     if "schnell" in job.model.lower():
         payload["steps"] = 4  # schnell is distilled for 4 steps; Together's default of 20 only costs time
     return payload
-
-
-def decode_image(text: Any) -> bytes:
-    try:
-        data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
-    except binascii.Error:
-        data = b""
-    if not data:
-        raise UpstreamError(f"{PROVIDER} returned image data that is not valid base64.")
-    return data

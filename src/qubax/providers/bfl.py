@@ -1,0 +1,90 @@
+"""Black Forest Labs (api.bfl.ai): one async task per image, each polled until it yields a signed URL."""
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio
+from qubax.providers.http import base_host, check_status, download, fan_out, host_allowed, poll, read_json, send
+
+PROVIDER = "Black Forest Labs"
+ULTRA = "flux-pro-1.1-ultra"  # takes an aspect ratio instead of width/height
+# BFL answers with a polling URL on whichever cluster took the task; only its own hosts get the key.
+KEY_HOSTS = ("bfl.ai", "*.bfl.ai")
+# Signed result URLs: current delivery hosts and the older Azure blob store.
+DELIVERY_HOSTS = ("delivery.*.bfl.ai", "*.bfl.ai", "bfldeliveryprod.blob.core.windows.net")
+MODERATED = ("Request Moderated", "Content Moderated")
+
+
+class BFL:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.headers = {"x-key": upstream.api_key, "accept": "application/json"}
+        # The configured base host (a proxy, or a fake in tests) is trusted like BFL's own.
+        self.own_host = base_host(upstream.base_url)
+        self.key_hosts = (*KEY_HOSTS, self.own_host)
+        self.delivery_hosts = (*DELIVERY_HOSTS, self.own_host)
+
+    async def generate(self, job: Job) -> list[GeneratedImage]:
+        # BFL has no `n`: fan out one task per image; one failure cancels the rest.
+        return await fan_out(self._one(job) for _ in range(job.n))
+
+    async def _one(self, job: Job) -> GeneratedImage:
+        polling_url = await self._submit(job)
+        sample = await poll(lambda: self._check(polling_url), self.upstream.poll_interval)
+        # Delivery URLs are pre-signed: download() sends no key.
+        return GeneratedImage(await download(self.upstream.http, PROVIDER, sample, self.delivery_hosts))
+
+    async def _submit(self, job: Job) -> str:
+        url = f"{self.upstream.base_url}/v1/{job.model}"
+        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=self.headers, json=body(job))
+        check_status(response, PROVIDER)
+        task = read_json(response, PROVIDER)
+        polling_url = task.get("polling_url")
+        if not task.get("id") or not isinstance(polling_url, str):
+            raise UpstreamError(f"{PROVIDER} accepted the task but returned no id or polling_url.")
+        if not self._may_receive_key(polling_url):
+            raise UpstreamError(f"{PROVIDER} returned a polling URL on a host we do not send the key to.")
+        return polling_url
+
+    def _may_receive_key(self, url: str) -> bool:
+        # Never over plain HTTP to a BFL host: only an operator-configured http base URL may do that.
+        if not host_allowed(url, self.key_hosts):
+            return False
+        return urlsplit(url).scheme == "https" or base_host(url) == self.own_host
+
+    async def _check(self, polling_url: str) -> str | None:
+        """The sample URL once the task is Ready, None while Pending; raise for every other outcome."""
+        response = await send(self.upstream.http, PROVIDER, "GET", polling_url, headers=self.headers)
+        if response.status_code == 404:
+            raise UpstreamError(f"{PROVIDER} no longer knows the task (404).")
+        check_status(response, PROVIDER)
+        result = read_json(response, PROVIDER)
+        status = result.get("status")
+        if status == "Pending":  # BFL's own SDK treats only this as in progress
+            return None
+        if status == "Ready":
+            sample = result.get("result")
+            sample = sample.get("sample") if isinstance(sample, dict) else None
+            if not isinstance(sample, str) or not sample:
+                raise UpstreamError(f"{PROVIDER} reported the task Ready but gave no image URL.")
+            return sample
+        if status in MODERATED:
+            raise ContentPolicyViolation()
+        if status == "Error":
+            details = result.get("details")
+            reason = f": {str(details)[:200]}" if details else "."
+            raise UpstreamError(f"{PROVIDER} failed to generate the image{reason}")
+        if status == "Task not found":
+            raise UpstreamError(f"{PROVIDER} no longer knows the task (Task not found).")
+        raise UpstreamError(f"{PROVIDER} reported an unknown task status: {str(status)[:80]!r}.")
+
+
+def body(job: Job) -> dict[str, Any]:
+    # PNG keeps the caller's PNG conversion lossless; BFL's default is JPEG.
+    payload: dict[str, Any] = {"prompt": job.prompt, "output_format": "png"}
+    if job.model == ULTRA:
+        payload["aspect_ratio"] = aspect_ratio(job.width, job.height)
+    else:
+        payload |= {"width": job.width, "height": job.height}
+    return payload

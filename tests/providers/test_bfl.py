@@ -1,0 +1,257 @@
+"""The BFL adapter against a fake BFL API served over real loopback HTTP."""
+
+import asyncio
+import io
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from PIL import Image
+
+from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.providers import GeneratedImage, Job, Upstream
+from qubax.providers.bfl import BFL
+from tests.fakes.bfl import FakeBFL
+from tests.server import serve
+
+pytestmark = pytest.mark.anyio
+
+PRO = "flux-pro-1.1"
+ULTRA = "flux-pro-1.1-ultra"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBFL]:
+    fake = FakeBFL()
+    with serve(fake.app) as base_url:
+        fake.base_url = base_url
+        yield fake
+
+
+def port(fake: FakeBFL) -> str:
+    return fake.base_url.rsplit(":", 1)[1]
+
+
+async def generate(fake: FakeBFL, job: Job, key: str = "test-key") -> list[GeneratedImage]:
+    # The caller owns the deadline; here it turns a poll loop that never ends into a failure.
+    async with httpx.AsyncClient(timeout=10) as http, asyncio.timeout(10):
+        return await BFL(Upstream(http, fake.base_url, key, poll_interval=0.01)).generate(job)
+
+
+def pro(n: int = 1, width: int = 1024, height: int = 768) -> Job:
+    return Job(PRO, "a red fox in snow", width, height, n)
+
+
+async def failure(fake: FakeBFL, job: Job | None = None, key: str = "test-key") -> UpstreamError:
+    with pytest.raises(UpstreamError) as caught:
+        await generate(fake, job or pro(), key)
+    return caught.value
+
+
+async def test_pro_submits_one_task_per_image_and_returns_them_all(fake: FakeBFL) -> None:
+    images = await generate(fake, pro(n=3, width=1024, height=768))
+
+    assert (
+        fake.submissions == [{"prompt": "a red fox in snow", "output_format": "png", "width": 1024, "height": 768}] * 3
+    )
+    assert len({task.id for task in fake.tasks}) == 3
+    assert len(images) == 3
+    for image in images:
+        decoded = Image.open(io.BytesIO(image.data))
+        assert (decoded.format, decoded.size) == ("PNG", (1024, 768))
+    assert sorted(fake.downloads) == sorted(f"/delivery/{task.id}.png" for task in fake.tasks)
+    assert fake.download_keys == [None] * 3  # signed delivery URLs never get the key
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "ratio"), [(2752, 1536, "16:9"), (2048, 2048, "1:1"), (1344, 3136, "9:21")]
+)
+async def test_ultra_sends_aspect_ratio_instead_of_size(fake: FakeBFL, width: int, height: int, ratio: str) -> None:
+    images = await generate(fake, Job(ULTRA, "a lighthouse", width, height, 1))
+
+    assert fake.submissions == [{"prompt": "a lighthouse", "output_format": "png", "aspect_ratio": ratio}]
+    assert Image.open(io.BytesIO(images[0].data)).size == (width, height)
+
+
+async def test_polls_through_pending_until_ready(fake: FakeBFL) -> None:
+    fake.pending_polls = 4
+
+    images = await generate(fake, pro())
+
+    assert fake.polls == [fake.tasks[0].id] * 5
+    assert Image.open(io.BytesIO(images[0].data)).size == (1024, 768)
+
+
+async def test_whatever_format_bfl_delivers_is_passed_through(fake: FakeBFL) -> None:
+    fake.image_format = "WEBP"
+
+    images = await generate(fake, pro())
+
+    assert Image.open(io.BytesIO(images[0].data)).format == "WEBP"
+
+
+@pytest.mark.parametrize("status", ["Request Moderated", "Content Moderated"])
+async def test_moderation_is_a_content_policy_violation(fake: FakeBFL, status: str) -> None:
+    fake.moderate = status
+
+    with pytest.raises(ContentPolicyViolation) as caught:
+        await generate(fake, pro())
+
+    assert caught.value.status_code == 400
+    assert caught.value.code == "content_policy_violation"
+    assert fake.downloads == []
+
+
+async def test_error_status_is_a_final_upstream_error_with_details(fake: FakeBFL) -> None:
+    fake.status_sequence = ["Pending", "Error"]
+    fake.error_details = {"reason": "GPU fell over"}
+
+    error = await failure(fake)
+
+    assert "GPU fell over" in error.message
+    assert error.retryable is False
+    assert len(fake.polls) == 2
+
+
+@pytest.mark.parametrize("status", ["Task not found", "Failed", "Processing", None])
+async def test_unknown_task_and_unknown_statuses_stop_polling(fake: FakeBFL, status: str | None) -> None:
+    fake.status_sequence = [status]  # type: ignore[list-item]
+
+    error = await failure(fake)
+
+    assert error.retryable is False
+    assert len(fake.polls) == 1
+    assert fake.downloads == []
+
+
+async def test_poll_404_is_an_upstream_error(fake: FakeBFL) -> None:
+    fake.poll_status = 404
+
+    error = await failure(fake)
+
+    assert "no longer knows the task (404)" in error.message
+    assert error.retryable is False
+    assert len(fake.polls) == 1
+
+
+async def test_poll_5xx_goes_through_the_status_mapping(fake: FakeBFL) -> None:
+    fake.poll_status = 503
+
+    error = await failure(fake)
+
+    assert "503" in error.message
+    assert error.retryable is True
+
+
+async def test_garbage_poll_response_is_an_upstream_error(fake: FakeBFL) -> None:
+    fake.poll_garbage = True
+
+    error = await failure(fake)
+
+    assert "not a JSON object" in error.message
+    assert fake.downloads == []
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable", "says"),
+    [
+        (401, False, "credential"),
+        (402, False, "Insufficient credits"),
+        (429, True, "active tasks"),
+        (500, True, "failed (500)"),
+        (503, True, "failed (503)"),
+    ],
+)
+async def test_submit_errors_map_to_upstream_errors(fake: FakeBFL, status: int, retryable: bool, says: str) -> None:
+    fake.submit_status = status
+
+    error = await failure(fake, pro(n=2))
+
+    assert f"({status})" in error.message
+    assert says in error.message
+    assert error.retryable is retryable
+    assert fake.polls == []
+
+
+async def test_wrong_key_is_a_final_upstream_error(fake: FakeBFL) -> None:
+    error = await failure(fake, key="not-the-key")
+
+    assert "401" in error.message
+    assert error.retryable is False
+    assert fake.submissions == []
+
+
+async def test_validation_error_422_carries_the_message(fake: FakeBFL) -> None:
+    error = await failure(fake, pro(width=1000))  # not a multiple of 32
+
+    assert "(422)" in error.message
+    assert "multiple of 32" in error.message
+    assert error.retryable is False
+    assert fake.tasks == []
+
+
+@pytest.mark.parametrize("response", [{"cost": 4}, {"id": "abc"}, {"id": "abc", "polling_url": None}])
+async def test_submit_without_id_or_polling_url_is_an_upstream_error(
+    fake: FakeBFL, response: dict[str, object]
+) -> None:
+    fake.submit_response = response
+
+    error = await failure(fake)
+
+    assert "polling_url" in error.message
+    assert fake.polls == []
+
+
+async def test_polling_url_on_a_foreign_host_never_gets_the_key(fake: FakeBFL) -> None:
+    # Same server, different host name: were the adapter to follow it, the fake would see the poll.
+    fake.polling_url_override = f"http://localhost:{port(fake)}/v1/get_result?id=stolen"
+
+    error = await failure(fake)
+
+    assert "polling URL" in error.message
+    assert fake.polls == []
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api.bfl.ai.evil.example/v1/get_result?id=1", "http://api.eu.bfl.ai/v1/get_result?id=1"]
+)
+async def test_key_only_goes_to_bfl_hosts_over_https(fake: FakeBFL, url: str) -> None:
+    fake.polling_url_override = url
+
+    error = await failure(fake)
+
+    assert "polling URL" in error.message
+    assert error.retryable is False  # refused before any connection attempt
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://localhost:{port}/delivery/x.png"])
+async def test_sample_url_on_a_foreign_host_is_never_fetched(fake: FakeBFL, url: str) -> None:
+    fake.sample_url_override = url.format(port=port(fake))
+
+    error = await failure(fake)
+
+    assert "host we do not download from" in error.message
+    assert fake.downloads == []
+
+
+async def test_download_failure_is_an_upstream_error(fake: FakeBFL) -> None:
+    fake.download_status = 404
+
+    error = await failure(fake)
+
+    assert "(404)" in error.message
+    assert fake.downloads == [f"/delivery/{fake.tasks[0].id}.png"]
+
+
+async def test_one_failed_task_cancels_the_others(fake: FakeBFL) -> None:
+    fake.statuses_for = {0: ["Pending"], 1: ["Pending", "Pending", "Error"], 2: ["Pending"]}
+
+    before = asyncio.all_tasks()
+
+    error = await failure(fake, pro(n=3))
+
+    assert "failed to generate" in error.message
+    assert asyncio.all_tasks() == before
+    polls = len(fake.polls)
+    await asyncio.sleep(0.1)  # ten poll intervals: a leaked task would keep polling
+    assert len(fake.polls) == polls

@@ -1,0 +1,211 @@
+"""Live keys end to end: the official SDK → our app → fake upstreams, all over real loopback HTTP."""
+
+import asyncio
+import base64
+import io
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from qubax import db
+from qubax.app import create_app
+from qubax.settings import Settings
+from tests.conftest import create_key
+from tests.fakes.bfl import FakeBFL
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.together import FakeTogether
+from tests.server import serve
+
+
+@dataclass
+class Stack:
+    bfl: FakeBFL
+    together: FakeTogether
+    openai: FakeOpenAI
+    url: str  # our app
+    live: openai.OpenAI
+    test: openai.OpenAI
+    settings: Settings
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[Stack]:
+    bfl, together, oai = FakeBFL(), FakeTogether(), FakeOpenAI()
+    with serve(bfl.app) as bfl_url, serve(together.app) as together_url, serve(oai.app) as openai_url:
+        settings.bfl_base_url, settings.bfl_api_key = bfl_url, SecretStr("test-key")
+        settings.together_base_url, settings.together_api_key = together_url + "/v1", SecretStr("test-key")
+        settings.openai_base_url, settings.openai_api_key = openai_url + "/v1", SecretStr("test-key")
+        live, test = create_key(settings), create_key(settings, test=True)
+        with serve(create_app(settings)) as url:
+            yield Stack(bfl, together, oai, url, client(url, live), client(url, test), settings)
+
+
+def client(url: str, key: str, retries: int = 0) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=url + "/v1", max_retries=retries)
+
+
+def png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return image
+
+
+def generations(settings: Settings) -> list[db.Generation]:
+    async def load() -> list[db.Generation]:
+        engine = db.connect(settings.resolved_database_url)
+        async with db.sessions(engine)() as session:
+            rows = list(await session.scalars(select(db.Generation).order_by(db.Generation.created_at)))
+        await engine.dispose()
+        return rows
+
+    return asyncio.run(load())
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "n", "route"),
+    [
+        ("flux-1.1-pro", "1024x1024", 3, "bfl"),
+        ("flux-1.1-pro-ultra", "2752x1536", 2, "bfl"),
+        ("flux-1-schnell", "512x768", 4, "together"),
+        ("dall-e-3", "1792x1024", 1, "openai"),
+    ],
+)
+def test_every_model_through_its_upstream(stack: Stack, model: str, size: str, n: int, route: str) -> None:
+    raw = stack.live.images.with_raw_response.generate(model=model, prompt="a red barn", n=n, size=size)
+    assert raw.headers["x-qubax-route"] == route
+    assert "x-qubax-test" not in raw.headers
+    response = raw.parse()
+    assert len(response.data) == n
+    width, height = (int(side) for side in size.split("x"))
+    for item in response.data:
+        assert item.url is not None
+        assert png(httpx.get(item.url).content).size == (width, height)
+    [row] = generations(stack.settings)
+    price = {"flux-1.1-pro": 40_000, "flux-1.1-pro-ultra": 60_000, "flux-1-schnell": 3_000, "dall-e-3": 80_000}
+    assert (row.model, row.upstream, row.n, row.images, row.outcome) == (model, route, n, n, "ok")
+    assert row.cost_micros == price[model] * n
+
+
+def test_bfl_gets_one_task_per_image_and_jpeg_becomes_png(stack: Stack) -> None:
+    response = stack.live.images.generate(
+        model="flux-1.1-pro", prompt="fox", n=2, size="768x512", response_format="b64_json"
+    )
+    assert [(body["width"], body["height"], body["prompt"]) for body in stack.bfl.submissions] == [
+        (768, 512, "fox")
+    ] * 2
+    images = [png(base64.b64decode(item.b64_json or "")) for item in response.data]
+    assert [image.size for image in images] == [(768, 512)] * 2
+
+
+def test_webp_output_and_ultra_aspect_ratio(stack: Stack) -> None:
+    stack.bfl.image_format = "WEBP"
+    response = stack.live.images.generate(
+        model="flux-1.1-pro-ultra", prompt="x", size="1344x3136", response_format="b64_json"
+    )
+    assert stack.bfl.submissions[0]["aspect_ratio"] == "9:21"
+    assert "width" not in stack.bfl.submissions[0]
+    assert png(base64.b64decode(response.data[0].b64_json or "")).size == (1344, 3136)
+
+
+def test_dalle_options_and_revised_prompt(stack: Stack) -> None:
+    response = stack.live.images.generate(
+        model="dall-e-3", prompt="a cat", quality="hd", style="natural", response_format="b64_json"
+    )
+    body = stack.openai.requests[0]
+    assert (body["model"], body["size"], body["quality"], body["style"]) == ("dall-e-3", "1024x1024", "hd", "natural")
+    assert response.data[0].revised_prompt
+    assert [row.cost_micros for row in generations(stack.settings)] == [80_000]
+
+
+def test_test_keys_never_reach_an_upstream(stack: Stack) -> None:
+    for model in ("flux-1.1-pro", "flux-1.1-pro-ultra", "flux-1-schnell", "dall-e-3"):
+        stack.test.images.generate(model=model, prompt="p", response_format="b64_json")
+    assert stack.bfl.submissions == stack.together.requests == stack.openai.requests == []
+    rows = generations(stack.settings)
+    assert [(row.upstream, row.cost_micros) for row in rows] == [("test", 0)] * 4
+
+
+def test_moderation_is_a_content_policy_violation(stack: Stack) -> None:
+    stack.bfl.moderate = "Request Moderated"
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.live.images.generate(model="flux-1.1-pro", prompt="p")
+    assert (caught.value.code, caught.value.type) == ("content_policy_violation", "invalid_request_error")
+    stack.together.moderate = True
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.live.images.generate(model="flux-1-schnell", prompt="p")
+    assert caught.value.code == "content_policy_violation"
+    assert [(row.outcome, row.cost_micros) for row in generations(stack.settings)] == [
+        ("content_policy_violation", 0),
+        ("content_policy_violation", 0),
+    ]
+
+
+def test_upstream_garbage_is_502_and_the_sdk_does_not_retry(stack: Stack) -> None:
+    stack.together.garbage = True
+    patient = client(stack.url, create_key(stack.settings), retries=2)
+    with pytest.raises(openai.InternalServerError) as caught:
+        patient.images.generate(model="flux-1-schnell", prompt="p")
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_error"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(stack.together.requests) == 1  # x-should-retry: false stopped the SDK's two retries
+
+
+def test_busy_upstream_is_502_worth_retrying(stack: Stack) -> None:
+    stack.openai.fail_status = 503
+    with pytest.raises(openai.InternalServerError) as caught:
+        stack.live.images.generate(model="dall-e-3", prompt="p")
+    assert caught.value.response.headers["x-should-retry"] == "true"
+
+
+def test_non_image_download_is_502(stack: Stack) -> None:
+    stack.bfl.sample_url_override = "{base}/v1/get_result?id=nope"  # JSON where a picture should be
+    with pytest.raises(openai.InternalServerError) as caught:
+        stack.live.images.generate(model="flux-1.1-pro", prompt="p")
+    assert caught.value.status_code == 502
+    assert [(row.outcome, row.images, row.cost_micros) for row in generations(stack.settings)] == [
+        ("upstream_error", 0, 0)
+    ]
+
+
+def test_partial_fan_out_failure_charges_nothing(stack: Stack) -> None:
+    stack.bfl.statuses_for = {1: ["Pending", "Error"]}
+    with pytest.raises(openai.InternalServerError):
+        stack.live.images.generate(model="flux-1.1-pro", prompt="p", n=3)
+    [row] = generations(stack.settings)
+    assert (row.n, row.images, row.cost_micros) == (3, 0, 0)
+
+
+def test_deadline_is_504(settings: Settings) -> None:
+    settings.request_timeout_seconds = 0.5
+    bfl = FakeBFL(pending_polls=10_000)
+    with serve(bfl.app) as bfl_url:
+        settings.bfl_base_url, settings.bfl_api_key = bfl_url, SecretStr("test-key")
+        key = create_key(settings)
+        with serve(create_app(settings)) as url:
+            with pytest.raises(openai.APIStatusError) as caught:
+                client(url, key, retries=2).images.generate(model="flux-1.1-pro", prompt="p")
+    assert caught.value.status_code == 504
+    assert caught.value.code == "upstream_timeout"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(bfl.submissions) == 1
+    assert [(row.outcome, row.cost_micros) for row in generations(settings)] == [("upstream_timeout", 0)]
+
+
+def test_a_slow_generation_does_not_hold_up_others(stack: Stack) -> None:
+    stack.openai.delay = 3.0
+    slow = threading.Thread(target=lambda: stack.live.images.generate(model="dall-e-3", prompt="slow"))
+    slow.start()
+    while stack.openai.in_flight == 0:
+        threading.Event().wait(0.01)
+    quick = stack.live.images.generate(model="flux-1-schnell", prompt="quick", n=4, response_format="b64_json")
+    assert len(quick.data) == 4
+    assert stack.openai.in_flight == 1  # finished while the slow one was still generating
+    slow.join()

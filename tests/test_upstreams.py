@@ -189,9 +189,8 @@ def test_deadline_is_504(settings: Settings) -> None:
     with serve(bfl.app) as bfl_url:
         settings.bfl_base_url, settings.bfl_api_key = bfl_url, SecretStr("test-key")
         key = create_key(settings)
-        with serve(create_app(settings)) as url:
-            with pytest.raises(openai.APIStatusError) as caught:
-                client(url, key, retries=2).images.generate(model="flux-1.1-pro", prompt="p")
+        with serve(create_app(settings)) as url, pytest.raises(openai.APIStatusError) as caught:
+            client(url, key, retries=2).images.generate(model="flux-1.1-pro", prompt="p")
     assert caught.value.status_code == 504
     assert caught.value.code == "upstream_timeout"
     assert caught.value.response.headers["x-should-retry"] == "false"

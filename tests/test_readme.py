@@ -1,0 +1,79 @@
+"""The README's two commands, as a newcomer runs them on a clean checkout."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE = "./qubax serve"
+TEST = "./scripts/test"
+
+
+def test_readme_and_ci_name_the_same_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert f"{SERVE}  " in readme and f"{TEST}  " in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "exec ./scripts/test" in ci
+    assert os.access(ROOT / "qubax", os.X_OK) and os.access(ROOT / "scripts" / "test", os.X_OK)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_health(url: str, server: subprocess.Popen[bytes], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"server exited with {server.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("server did not become healthy")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout to clone")
+def test_serve_command_on_a_clean_clone(tmp_path: Path) -> None:
+    """Clone HEAD, run `./qubax serve` there (it installs itself), then follow the README's test-key path."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUBAX_", "VIRTUAL_ENV"))}
+    env["QUBAX_DATA_DIR"] = str(tmp_path / "data")
+    port = free_port()
+    server = subprocess.Popen(
+        [*SERVE.split(), "--port", str(port)], cwd=clone, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, server, seconds=600)
+        created = subprocess.run(
+            ["./qubax", "keys", "create", "--test"], cwd=clone, env=env, capture_output=True, text=True, check=True
+        )
+        key = created.stdout.strip()
+        assert key.startswith("qbx_test_") and "\n" not in key
+        client = openai.OpenAI(api_key=key, base_url=f"{url}/v1")
+        response = client.images.generate(
+            model="flux-1.1-pro", prompt="a cat in space, photorealistic", n=1, size="1024x1024"
+        )
+        assert response.data[0].url is not None
+        image = httpx.get(response.data[0].url)
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

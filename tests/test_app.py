@@ -1,0 +1,55 @@
+"""The app's wiring: crashes become OpenAI-shaped 500s, every response has a request id."""
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import select
+
+from qubax import db, images
+from qubax.settings import Settings
+
+
+def explode(*args: object) -> bytes:
+    raise RuntimeError("secret internals /etc/passwd")
+
+
+def test_a_crash_is_an_openai_shaped_500_without_internals(
+    base_url: str, test_key: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "to_png", explode)
+    response = httpx.post(
+        f"{base_url}/v1/images/generations",
+        json={"model": "flux-1.1-pro", "prompt": "p", "response_format": "b64_json"},
+        headers={"authorization": f"Bearer {test_key}"},
+    )
+    assert response.status_code == 500
+    request_id = response.headers["x-request-id"]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "server_error"
+    assert request_id in error["message"]
+    assert "secret internals" not in response.text and "Traceback" not in response.text
+
+    async def outcomes() -> list[tuple[str, int]]:
+        engine = db.connect(settings.resolved_database_url)
+        async with db.sessions(engine)() as session:
+            rows = await session.scalars(select(db.Generation))
+            result = [(row.outcome, row.cost_micros) for row in rows]
+        await engine.dispose()
+        return result
+
+    assert asyncio.run(outcomes()) == [("server_error", 0)]
+
+
+def test_sdk_sees_413_for_a_huge_prompt(base_url: str, test_key: str) -> None:
+    client = openai.OpenAI(api_key=test_key, base_url=base_url + "/v1", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.images.generate(model="flux-1.1-pro", prompt="x" * (1024 * 1024 + 1))
+    assert (caught.value.status_code, caught.value.code) == (413, "request_too_large")
+
+
+def test_request_ids_are_unique(base_url: str) -> None:
+    ids = {httpx.get(f"{base_url}/healthz").headers["x-request-id"] for _ in range(5)}
+    assert len(ids) == 5

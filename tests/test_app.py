@@ -53,3 +53,21 @@ def test_sdk_sees_413_for_a_huge_prompt(base_url: str, test_key: str) -> None:
 def test_request_ids_are_unique(base_url: str) -> None:
     ids = {httpx.get(f"{base_url}/healthz").headers["x-request-id"] for _ in range(5)}
     assert len(ids) == 5
+
+
+def test_access_logs_never_show_image_signatures() -> None:
+    import logging
+
+    from qubax.app import hide_query
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        "",
+        0,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/images/img_a.png?expires=1&signature=abc", "1.1", 200),
+        None,
+    )
+    assert hide_query(record)
+    assert record.getMessage() == '127.0.0.1:5 - "GET /images/img_a.png HTTP/1.1" 200'

@@ -129,7 +129,7 @@ def test_models_without_credentials_say_what_to_set(settings: Settings) -> None:
     assert rows["flux-1-schnell"].endswith("together (set TOGETHER_API_KEY)")
     assert rows["dall-e-3"].endswith("openai (set OPENAI_API_KEY)")
     assert rows["flux-1-schnell"].split()[1:4] == ["1024x1024", "1-4", "$0.003"]
-    assert rows["dall-e-3"].split()[1:4] == ["1024x1024", "1-1", "$0.04"]
+    assert rows["dall-e-3"].split()[1:4] == ["1024x1024", "1", "$0.04"]
 
 
 def test_models_with_a_credential_say_configured(settings: Settings) -> None:

@@ -31,10 +31,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logging.getLogger("uvicorn.access").addFilter(hide_query)
         engine = db.connect(settings.resolved_database_url)
         await db.migrate(engine)
         storage = LocalStorage(settings.images_dir, load_secret(settings.data_dir), settings.image_ttl_seconds)
         timeout = httpx.Timeout(settings.request_timeout_seconds, connect=10.0)
+        # Redirects stay off (httpx's default): adapters vet every host they send a key or a download to.
         async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=200)) as http:
             providers = build_providers(settings, http)
             app.state.services = Services(settings, engine, db.sessions(engine), http, storage, providers)
@@ -54,6 +56,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, render_http_exception)
     app.add_middleware(RequestContext)
     return app
+
+
+def hide_query(record: logging.LogRecord) -> bool:
+    """Keep image URL signatures (capabilities, like keys) out of access logs."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+        record.args = (args[0], args[1], args[2].split("?", 1)[0], args[3], args[4])
+    return True
 
 
 async def sweep_forever(storage: LocalStorage, interval: float) -> None:

@@ -122,7 +122,8 @@ def models() -> None:
             state = "configured" if getattr(settings, info.key_field) else f"set {info.credential}"
             routes.append(f"{route.provider} ({state})")
         price = min(p.usd for p in model.prices)
-        rows.append((model.id, model.default_size, f"1-{model.max_n}", f"${price}", ", ".join(routes)))
+        n_range = "1" if model.max_n == 1 else f"1-{model.max_n}"
+        rows.append((model.id, model.default_size, n_range, f"${price}", ", ".join(routes)))
     print_table(("MODEL", "DEFAULT SIZE", "N", "FROM", "ROUTES"), rows)
 
 

@@ -14,6 +14,8 @@ QubaxError                      500 server_error
     └── UpstreamTimeout         504 upstream_timeout
 """
 
+from typing import Any
+
 from qubax.protocol import Error, ErrorResponse
 
 
@@ -95,19 +97,28 @@ class RequestTooLarge(QubaxError):
 
 
 class UpstreamError(QubaxError):
-    """The provider failed. `retryable` is False when sending the same request again cannot help."""
+    """The provider failed. See the module docstring for `retryable` and `failover`."""
 
     status_code = 502
     type = "upstream_error"
     code = "upstream_error"
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, failover: bool | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.failover = retryable if failover is None else failover
+        self.images: list[Any] = []  # what a fan-out produced before this failure, to keep
 
     @property
     def headers(self) -> dict[str, str]:
         return {"x-should-retry": "true" if self.retryable else "false"}
+
+
+class TaskFailed(UpstreamError):
+    """The upstream reports the task failed, so it was not billed: another route may take it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, failover=True)
 
 
 class UpstreamTimeout(UpstreamError):

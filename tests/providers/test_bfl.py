@@ -8,7 +8,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
 from qubax.providers.bfl import BFL
 from tests.fakes.bfl import FakeBFL
@@ -243,14 +243,27 @@ async def test_download_failure_is_an_upstream_error(fake: FakeBFL) -> None:
     assert fake.downloads == [f"/delivery/{fake.tasks[0].id}.png"]
 
 
-async def test_one_failed_task_cancels_the_others(fake: FakeBFL) -> None:
-    fake.statuses_for = {0: ["Pending"], 1: ["Pending", "Pending", "Error"], 2: ["Pending"]}
-
-    before = asyncio.all_tasks()
+async def test_one_failed_task_keeps_the_others_images(fake: FakeBFL) -> None:
+    # The other tasks are billed anyway: their images are kept, and only the failed one may go elsewhere.
+    fake.statuses_for = {1: ["Pending", "Pending", "Error"]}
 
     error = await failure(fake, pro(n=3))
 
+    assert isinstance(error, TaskFailed) and error.failover
     assert "failed to generate" in error.message
+    assert len(error.images) == 2
+    assert len(fake.downloads) == 2
+
+
+async def test_cancelling_stops_every_task_and_leaks_nothing(fake: FakeBFL) -> None:
+    fake.pending_polls = 10_000
+    before = asyncio.all_tasks()
+    async with httpx.AsyncClient(timeout=10) as http:
+        bfl = BFL(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await bfl.generate(pro(n=3))
+        assert bfl.upstream.pool.active == {"test-key": 0}
     assert asyncio.all_tasks() == before
     polls = len(fake.polls)
     await asyncio.sleep(0.1)  # ten poll intervals: a leaked task would keep polling

@@ -5,16 +5,23 @@ HTTP API, keys, storage or database. Each translates its upstream's failures int
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
 
+from qubax.providers.pool import KeyPool
+
 
 @dataclass(frozen=True)
 class Job:
-    """What to generate, in our terms; `model` is the upstream's own name for the model."""
+    """What to generate, in our terms; `model` is the upstream's own name for the model.
+
+    `seed`, `safety_tolerance` and `output_format` are FLUX extensions a client may send; adapters pass
+    them on where their upstream takes them and ignore them otherwise.
+    """
 
     model: str
     prompt: str
@@ -23,6 +30,9 @@ class Job:
     n: int
     quality: str | None = None
     style: str | None = None
+    seed: int | None = None
+    safety_tolerance: int | None = None
+    output_format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,14 +43,25 @@ class GeneratedImage:
     revised_prompt: str | None = None
 
 
-@dataclass(frozen=True)
 class Upstream:
-    """How to reach one provider: the shared HTTP client, where, with which credential."""
+    """How to reach one provider: the shared HTTP client, where, and a pool of credentials."""
 
-    http: httpx.AsyncClient
-    base_url: str
-    api_key: str
-    poll_interval: float = 0.5
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        base_url: str,
+        keys: str | Sequence[str],
+        poll_interval: float = 0.5,
+        concurrency: int | None = None,
+    ) -> None:
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self.pool = KeyPool([keys] if isinstance(keys, str) else keys, concurrency)
+        self.poll_interval = poll_interval
+
+    def lease(self) -> AbstractAsyncContextManager[str]:
+        """A key with a free slot; hold it for the whole life of one upstream task or call."""
+        return self.pool.lease()
 
 
 class Provider(Protocol):
@@ -52,9 +73,10 @@ class ProviderInfo:
     """Registry entry: how to build the adapter and which settings configure it."""
 
     build: Callable[[Upstream], Provider]
-    credential: str  # the environment variable operators set, e.g. BFL_API_KEY
+    credential: str  # the environment variable operators set, e.g. BFL_API_KEY (comma-separated for a pool)
     key_field: str  # the Settings attribute holding it
     base_url_field: str
+    concurrency: int | None = None  # active tasks each key may have at once (the upstream's own cap)
 
 
 def aspect_ratio(width: int, height: int) -> str:

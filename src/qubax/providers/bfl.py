@@ -3,9 +3,9 @@
 from typing import Any
 from urllib.parse import urlsplit
 
-from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio
-from qubax.providers.http import base_host, check_status, download, fan_out, host_allowed, poll, read_json, send
+from qubax.providers.http import base_host, billed, check_status, download, fan_out, host_allowed, poll, read_json, send
 
 PROVIDER = "Black Forest Labs"
 ULTRA = "flux-pro-1.1-ultra"  # takes an aspect ratio instead of width/height
@@ -19,25 +19,29 @@ MODERATED = ("Request Moderated", "Content Moderated")
 class BFL:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.headers = {"x-key": upstream.api_key, "accept": "application/json"}
         # The configured base host (a proxy, or a fake in tests) is trusted like BFL's own.
         self.own_host = base_host(upstream.base_url)
         self.key_hosts = (*KEY_HOSTS, self.own_host)
         self.delivery_hosts = (*DELIVERY_HOSTS, self.own_host)
 
     async def generate(self, job: Job) -> list[GeneratedImage]:
-        # BFL has no `n`: fan out one task per image; one failure cancels the rest.
+        # BFL has no `n`: one task per image, all at once.
         return await fan_out(self._one(job) for _ in range(job.n))
 
-    async def _one(self, job: Job) -> GeneratedImage:
-        polling_url = await self._submit(job)
-        sample = await poll(lambda: self._check(polling_url), self.upstream.poll_interval)
-        # Delivery URLs are pre-signed: download() sends no key.
-        return GeneratedImage(await download(self.upstream.http, PROVIDER, sample, self.delivery_hosts))
+    async def _one(self, job: Job) -> list[GeneratedImage]:
+        # A task counts against the key's concurrency cap from submission until its result is in.
+        async with self.upstream.lease() as key:
+            headers = {"x-key": key, "accept": "application/json"}
+            polling_url = await self._submit(job, headers)
+            with billed():
+                sample = await poll(lambda: self._check(polling_url, headers), self.upstream.poll_interval)
+        with billed():
+            # Delivery URLs are pre-signed: download() sends no key.
+            return [GeneratedImage(await download(self.upstream.http, PROVIDER, sample, self.delivery_hosts))]
 
-    async def _submit(self, job: Job) -> str:
+    async def _submit(self, job: Job, headers: dict[str, str]) -> str:
         url = f"{self.upstream.base_url}/v1/{job.model}"
-        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=self.headers, json=body(job))
+        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(job))
         check_status(response, PROVIDER)
         task = read_json(response, PROVIDER)
         polling_url = task.get("polling_url")
@@ -53,9 +57,9 @@ class BFL:
             return False
         return urlsplit(url).scheme == "https" or base_host(url) == self.own_host
 
-    async def _check(self, polling_url: str) -> str | None:
+    async def _check(self, polling_url: str, headers: dict[str, str]) -> str | None:
         """The sample URL once the task is Ready, None while Pending; raise for every other outcome."""
-        response = await send(self.upstream.http, PROVIDER, "GET", polling_url, headers=self.headers)
+        response = await send(self.upstream.http, PROVIDER, "GET", polling_url, headers=headers)
         if response.status_code == 404:
             raise UpstreamError(f"{PROVIDER} no longer knows the task (404).")
         check_status(response, PROVIDER)
@@ -74,7 +78,7 @@ class BFL:
         if status == "Error":
             details = result.get("details")
             reason = f": {str(details)[:200]}" if details else "."
-            raise UpstreamError(f"{PROVIDER} failed to generate the image{reason}")
+            raise TaskFailed(f"{PROVIDER} failed to generate the image{reason}")
         if status == "Task not found":
             raise UpstreamError(f"{PROVIDER} no longer knows the task (Task not found).")
         raise UpstreamError(f"{PROVIDER} reported an unknown task status: {str(status)[:80]!r}.")
@@ -82,7 +86,11 @@ class BFL:
 
 def body(job: Job) -> dict[str, Any]:
     # PNG keeps the caller's PNG conversion lossless; BFL's default is JPEG.
-    payload: dict[str, Any] = {"prompt": job.prompt, "output_format": "png"}
+    payload: dict[str, Any] = {"prompt": job.prompt, "output_format": job.output_format or "png"}
+    if job.seed is not None:
+        payload["seed"] = job.seed
+    if job.safety_tolerance is not None:
+        payload["safety_tolerance"] = job.safety_tolerance
     if job.model == ULTRA:
         payload["aspect_ratio"] = aspect_ratio(job.width, job.height)
     else:

@@ -3,15 +3,17 @@
 import asyncio
 import base64
 import binascii
+import contextlib
 import fnmatch
 import json
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
-from qubax.errors import UpstreamError, UpstreamTimeout
+from qubax.errors import TaskFailed, UpstreamError, UpstreamTimeout
+from qubax.providers import GeneratedImage
 
 T = TypeVar("T")
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
@@ -23,10 +25,16 @@ async def send(http: httpx.AsyncClient, provider: str, method: str, url: str, **
     """Send one request, turning transport failures into our errors."""
     try:
         return await http.request(method, url, **kwargs)
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout(f"{provider} did not answer in time.") from exc
-    except httpx.HTTPError as exc:
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        # Nothing reached the upstream: another route can safely take the work.
         raise UpstreamError(f"Could not reach {provider}: {type(exc).__name__}.", retryable=True) from exc
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"{provider} did not answer in time.", failover=False) from exc
+    except httpx.HTTPError as exc:
+        # The request may have arrived (and been billed): the client may retry, we do not re-route.
+        raise UpstreamError(
+            f"{provider} connection failed: {type(exc).__name__}.", retryable=True, failover=False
+        ) from exc
 
 
 def check_status(response: httpx.Response, provider: str) -> None:
@@ -46,7 +54,9 @@ def check_status(response: httpx.Response, provider: str) -> None:
     else:
         message = f"{provider} refused the request ({status})"
     retryable = status == 429 or status >= 500
-    raise UpstreamError(f"{message}: {detail}" if detail else f"{message}.", retryable=retryable)
+    # A refused credential or an empty account is this route's problem: another route may still serve.
+    failover = retryable or status in (401, 402, 403)
+    raise UpstreamError(f"{message}: {detail}" if detail else f"{message}.", retryable=retryable, failover=failover)
 
 
 def error_detail(response: httpx.Response) -> str:
@@ -101,16 +111,42 @@ async def poll(check: Callable[[], Awaitable[T | None]], interval: float) -> T:
         await asyncio.sleep(interval)
 
 
-async def fan_out(calls: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run calls concurrently; the first failure cancels the others and is raised as itself."""
+async def fan_out(calls: Iterable[Awaitable[list[GeneratedImage]]]) -> list[GeneratedImage]:
+    """Run calls concurrently, to the end: an image one call made survives a sibling's failure.
+
+    When any call failed, raise the most decisive failure (a refusal before an upstream error, one that
+    forbids failover before one that allows it), carrying the images the other calls made.
+    """
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    images = [image for result in results if isinstance(result, list) for image in result]
+    errors = [result for result in results if isinstance(result, BaseException)]
+    if not errors:
+        return images
+    error = min(errors, key=decisiveness)
+    if isinstance(error, UpstreamError):
+        # Calls that failed part-way (a batch short of images) keep what they made too.
+        error.images = images + [image for e in errors if isinstance(e, UpstreamError) for image in e.images]
+    raise error
+
+
+def decisiveness(error: BaseException) -> int:
+    """Lower wins: refusals and crashes, then failures that forbid failover, then the rest."""
+    if not isinstance(error, UpstreamError):
+        return 0
+    return 2 if error.failover else 1
+
+
+@contextlib.contextmanager
+def billed() -> Iterator[None]:
+    """Failures inside come after the upstream accepted (and may bill) the work: no failover for them,
+    unless the upstream itself says the task failed."""
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(call) for call in calls]
-    except ExceptionGroup as failed:
-        # Callers handle our error tree, not groups. Keep the failure's own cause (say, the httpx error).
-        first = failed.exceptions[0]
-        raise first from first.__cause__
-    return [task.result() for task in tasks]
+        yield
+    except TaskFailed:
+        raise
+    except UpstreamError as exc:
+        exc.failover = False
+        raise
 
 
 def decode_b64(text: Any, provider: str) -> bytes:
@@ -157,6 +193,6 @@ async def download(http: httpx.AsyncClient, provider: str, url: Any, allowed_hos
                 chunks.append(chunk)
             return b"".join(chunks)
     except httpx.TimeoutException as exc:
-        raise UpstreamTimeout(f"Downloading the image from {provider} timed out.") from exc
+        raise UpstreamTimeout(f"Downloading the image from {provider} timed out.", retryable=True) from exc
     except httpx.HTTPError as exc:
         raise UpstreamError(f"Downloading the image from {provider} failed: {type(exc).__name__}.") from exc

@@ -4,9 +4,19 @@ from typing import Any
 
 import httpx
 
-from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
-from qubax.providers.http import base_host, check_status, decode_b64, download, error_detail, fan_out, read_json, send
+from qubax.providers.http import (
+    base_host,
+    billed,
+    check_status,
+    decode_b64,
+    download,
+    error_detail,
+    fan_out,
+    read_json,
+    send,
+)
 
 PROVIDER = "OpenAI"
 # Where OpenAI served dall-e-3 result URLs from; the configured base host (a proxy, a fake) is trusted too.
@@ -18,29 +28,31 @@ NO_CREDIT_CODES = ("insufficient_quota", "billing_hard_limit_reached")
 class OpenAI:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.headers = {"authorization": f"Bearer {upstream.api_key}"}
         self.host = base_host(upstream.base_url)
         self.delivery_hosts = (*DELIVERY_HOSTS, self.host)
 
     async def generate(self, job: Job) -> list[GeneratedImage]:
-        # dall-e-3 takes only n=1: fan out one call per image; one failure cancels the rest.
+        # dall-e-3 takes only n=1: one call per image, all at once.
         return await fan_out(self._one(job) for _ in range(job.n))
 
-    async def _one(self, job: Job) -> GeneratedImage:
+    async def _one(self, job: Job) -> list[GeneratedImage]:
         url = f"{self.upstream.base_url}/images/generations"
-        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=self.headers, json=body(job))
+        async with self.upstream.lease() as key:
+            headers = {"authorization": f"Bearer {key}"}
+            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(job))
         self._raise_for_error(response, job)
         items = read_json(response, PROVIDER).get("data")
         item = items[0] if isinstance(items, list) and items else None
         if not isinstance(item, dict):
-            raise UpstreamError(f"{PROVIDER} returned no image.")
-        if item.get("b64_json") is not None:
-            data = decode_b64(item["b64_json"], PROVIDER)
-        else:
-            # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
-            data = await download(self.upstream.http, PROVIDER, item.get("url"), self.delivery_hosts)
+            raise TaskFailed(f"{PROVIDER} returned no image.")
+        with billed():
+            if item.get("b64_json") is not None:
+                data = decode_b64(item["b64_json"], PROVIDER)
+            else:
+                # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
+                data = await download(self.upstream.http, PROVIDER, item.get("url"), self.delivery_hosts)
         revised = item.get("revised_prompt")
-        return GeneratedImage(data, revised if isinstance(revised, str) else None)
+        return [GeneratedImage(data, revised if isinstance(revised, str) else None)]
 
     def _raise_for_error(self, response: httpx.Response, job: Job) -> None:
         """OpenAI's quirks first (its error `code` says more than the status), then the common mapping."""
@@ -58,7 +70,9 @@ class OpenAI:
             )
         if code in NO_CREDIT_CODES:
             # OpenAI says "out of credit" with 429, which must not be retried like a rate limit.
-            raise UpstreamError(f"{PROVIDER} account is out of credit ({response.status_code}): {detail}")
+            raise UpstreamError(
+                f"{PROVIDER} account is out of credit ({response.status_code}): {detail}", failover=True
+            )
         check_status(response, PROVIDER)
 
 

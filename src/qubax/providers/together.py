@@ -2,9 +2,19 @@
 
 from typing import Any
 
-from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
-from qubax.providers.http import base_host, check_status, decode_b64, download, error_detail, fan_out, read_json, send
+from qubax.providers.http import (
+    base_host,
+    billed,
+    check_status,
+    decode_b64,
+    download,
+    error_detail,
+    fan_out,
+    read_json,
+    send,
+)
 
 PROVIDER = "Together"
 MAX_PER_CALL = 4  # Together accepts n from 1 to 4
@@ -17,26 +27,31 @@ SAFETY_WORDS = ("nsfw", "safety")
 class Together:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.headers = {"authorization": f"Bearer {upstream.api_key}"}
         self.delivery_hosts = (*DELIVERY_HOSTS, base_host(upstream.base_url))
 
     async def generate(self, job: Job) -> list[GeneratedImage]:
         counts = [min(MAX_PER_CALL, job.n - start) for start in range(0, job.n, MAX_PER_CALL)]
-        results = await fan_out(self._call(job, count) for count in counts)
-        return [image for batch in results for image in batch]
+        return await fan_out(self._call(job, count) for count in counts)
 
     async def _call(self, job: Job, n: int) -> list[GeneratedImage]:
         url = f"{self.upstream.base_url}/images/generations"
-        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=self.headers, json=body(job, n))
+        async with self.upstream.lease() as key:
+            headers = {"authorization": f"Bearer {key}"}
+            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(job, n))
         if response.status_code == 422 and any(word in error_detail(response).lower() for word in SAFETY_WORDS):
             raise ContentPolicyViolation()
         check_status(response, PROVIDER)
         items = read_json(response, PROVIDER).get("data")
-        if not isinstance(items, list) or len(items) < n:
-            # Never hand back fewer images than were paid for and asked for.
-            got = len(items) if isinstance(items, list) else 0
-            raise UpstreamError(f"{PROVIDER} returned {got} of the {n} images asked for.")
-        return [GeneratedImage(await self._image_bytes(item)) for item in items[:n]]
+        if not isinstance(items, list):
+            raise UpstreamError(f"{PROVIDER} returned no list of images.", failover=True)
+        with billed():
+            images = [GeneratedImage(await self._image_bytes(item)) for item in items[:n]]
+        if len(images) < n:
+            # A short batch (say, some images dropped by the safety checker) is kept; the rest can go elsewhere.
+            error = TaskFailed(f"{PROVIDER} returned {len(images)} of the {n} images asked for.")
+            error.images = images
+            raise error
+        return images
 
     async def _image_bytes(self, item: Any) -> bytes:
         if not isinstance(item, dict):
@@ -56,8 +71,10 @@ def body(job: Job, n: int) -> dict[str, Any]:
         "height": job.height,
         "n": n,
         "response_format": "base64",
-        "output_format": "png",
+        "output_format": job.output_format or "png",
     }
+    if job.seed is not None:
+        payload["seed"] = job.seed
     if "schnell" in job.model.lower():
         payload["steps"] = 4  # schnell is distilled for 4 steps; Together's default of 20 only costs time
     return payload

@@ -18,7 +18,7 @@ def explode(*args: object) -> bytes:
 def test_a_crash_is_an_openai_shaped_500_without_internals(
     base_url: str, test_key: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(images, "to_png", explode)
+    monkeypatch.setattr(images, "convert", explode)
     response = httpx.post(
         f"{base_url}/v1/images/generations",
         json={"model": "flux-1.1-pro", "prompt": "p", "response_format": "b64_json"},

@@ -124,20 +124,43 @@ def model_rows(stdout: str) -> dict[str, str]:
 def test_models_without_credentials_say_what_to_set(settings: Settings) -> None:
     rows = model_rows(ok(qubax(settings, "models")))
     assert list(rows) == [m.id for m in MODELS]
-    assert rows["flux-1.1-pro"].endswith("bfl (set BFL_API_KEY)")
-    assert rows["flux-1.1-pro-ultra"].endswith("bfl (set BFL_API_KEY)")
-    assert rows["flux-1-schnell"].endswith("together (set TOGETHER_API_KEY)")
-    assert rows["dall-e-3"].endswith("openai (set OPENAI_API_KEY)")
+    assert rows["flux-1.1-pro"].endswith(
+        "bfl:flux-pro-1.1 (set BFL_API_KEY), fal:fal-ai/flux-pro/v1.1 (set FAL_KEY), "
+        "replicate:black-forest-labs/flux-1.1-pro (set REPLICATE_API_TOKEN), "
+        "together:black-forest-labs/FLUX.1.1-pro (set TOGETHER_API_KEY)"
+    )
+    assert "bfl:flux-pro-1.1-ultra (set BFL_API_KEY), fal:" in rows["flux-1.1-pro-ultra"]
+    assert "  together:black-forest-labs/FLUX.1-schnell (set TOGETHER_API_KEY), fal:" in rows["flux-1-schnell"]
+    assert rows["dall-e-3"].endswith("openai:dall-e-3 (set OPENAI_API_KEY)")
     assert rows["flux-1-schnell"].split()[1:4] == ["1024x1024", "1-4", "$0.003"]
     assert rows["dall-e-3"].split()[1:4] == ["1024x1024", "1", "$0.04"]
 
 
 def test_models_with_a_credential_say_configured(settings: Settings) -> None:
-    rows = model_rows(ok(qubax(settings, "models", env={"BFL_API_KEY": "bfl-secret-123"})))
-    assert rows["flux-1.1-pro"].endswith("bfl (configured)")
-    assert rows["flux-1.1-pro-ultra"].endswith("bfl (configured)")
-    assert rows["flux-1-schnell"].endswith("together (set TOGETHER_API_KEY)")
+    rows = model_rows(ok(qubax(settings, "models", env={"BFL_API_KEY": "bfl-secret-123,bfl-second"})))
+    assert "bfl:flux-pro-1.1 (configured), fal:fal-ai/flux-pro/v1.1 (set FAL_KEY)" in rows["flux-1.1-pro"]
+    assert "bfl:flux-pro-1.1-ultra (configured)" in rows["flux-1.1-pro-ultra"]
+    assert "(configured)" not in rows["flux-1-schnell"]
     assert "bfl-secret-123" not in "".join(rows.values())
+
+
+def test_models_show_the_operator_catalog(settings: Settings, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(
+        '[models."flux-1.1-pro"]\naliases = ["flux-pro"]\nroutes = [{ provider = "fal" }, { provider = "bfl" }]\n'
+    )
+    rows = model_rows(ok(qubax(settings, "models", env={"QUBAX_CATALOG": str(catalog)})))
+    assert rows["flux-1.1-pro"].split("  ")[0] == "flux-1.1-pro (flux-pro)"
+    assert rows["flux-1.1-pro"].endswith("fal:fal-ai/flux-pro/v1.1 (set FAL_KEY), bfl:flux-pro-1.1 (set BFL_API_KEY)")
+
+
+def test_a_broken_catalog_is_a_clear_error(settings: Settings, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text('[models."flux-1.1-pro"]\nroutes = [{ provider = "midjourney" }]\n')
+    for command in (("models",), ("serve",)):
+        result = qubax(settings, *command, env={"QUBAX_CATALOG": str(catalog)})
+        assert result.exit_code == 1
+        assert "models.flux-1.1-pro.routes.0.provider: unknown provider 'midjourney'" in result.stderr
 
 
 # usage

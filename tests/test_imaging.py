@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from qubax.errors import UpstreamError
-from qubax.imaging import render_placeholder, to_png
+from qubax.imaging import convert, render_placeholder
 
 Pixel = tuple[int, ...]
 
@@ -63,7 +63,7 @@ def palette_image() -> Image.Image:
 def test_to_png_converts_to_an_rgb_or_rgba_png_of_the_exact_size(
     source: Image.Image, fmt: str, options: dict[str, object], mode: str, pixel: Pixel, size: tuple[int, int]
 ) -> None:
-    image = decode(to_png(encode(source, fmt, **options), *size))
+    image = decode(convert(encode(source, fmt, **options), *size))
     assert image.size == size
     assert image.mode == mode
     centre = image.getpixel((size[0] // 2, size[1] // 2))
@@ -73,7 +73,7 @@ def test_to_png_converts_to_an_rgb_or_rgba_png_of_the_exact_size(
 
 def test_png_of_the_right_size_and_mode_keeps_its_pixels() -> None:
     source = Image.linear_gradient("L").convert("RGB").resize((96, 64))
-    image = decode(to_png(encode(source, "PNG"), 96, 64))
+    image = decode(convert(encode(source, "PNG"), 96, 64))
     assert image.tobytes() == source.tobytes()
 
 
@@ -96,7 +96,7 @@ def is_blue(pixel: object) -> bool:
     [((200, 100), (100, 100)), ((400, 200), (100, 100)), ((400, 200), (64, 64)), ((400, 200), (200, 200))],
 )
 def test_other_aspect_ratios_are_cropped_not_stretched(source: tuple[int, int], target: tuple[int, int]) -> None:
-    image = decode(to_png(blue_between_red(*source), *target))
+    image = decode(convert(blue_between_red(*source), *target))
     width, height = target
     assert image.size == target
     # Stretching would keep the red quarters at the left and right edges; cropping keeps only the blue middle.
@@ -114,7 +114,7 @@ def test_a_tall_image_is_cropped_top_and_bottom() -> None:
     source = Image.new("RGB", (100, 400), (0, 0, 255))
     source.paste((255, 0, 0), (0, 0, 100, 100))
     source.paste((255, 0, 0), (0, 300, 100, 400))
-    image = decode(to_png(encode(source, "PNG"), 100, 100))
+    image = decode(convert(encode(source, "PNG"), 100, 100))
     assert all(is_blue(image.getpixel(point)) for point in [(50, 0), (50, 50), (50, 99)])
 
 
@@ -130,7 +130,7 @@ def truncated_jpeg() -> bytes:
 )
 def test_unreadable_data_is_an_upstream_error(data: bytes) -> None:
     with pytest.raises(UpstreamError) as caught:
-        to_png(data, 64, 64)
+        convert(data, 64, 64)
     assert (caught.value.status_code, caught.value.code) == (502, "upstream_error")
     assert caught.value.message == "The upstream returned data that is not a readable image."
 
@@ -145,12 +145,12 @@ def test_unreadable_data_is_an_upstream_error(data: bytes) -> None:
 )
 def test_huge_images_are_refused(size: tuple[int, int], message: str) -> None:
     with pytest.raises(UpstreamError) as caught:
-        to_png(encode(Image.new("L", size), "PNG", compress_level=1), 64, 64)
+        convert(encode(Image.new("L", size), "PNG", compress_level=1), 64, 64)
     assert caught.value.message == message
 
 
 def test_sixteen_bit_greyscale_keeps_its_tone() -> None:
-    image = decode(to_png(encode(Image.new("I;16", (16, 16), 32768), "PNG"), 16, 16))
+    image = decode(convert(encode(Image.new("I;16", (16, 16), 32768), "PNG"), 16, 16))
     pixel = image.getpixel((8, 8))
     assert isinstance(pixel, tuple)
     assert all(120 <= channel <= 135 for channel in pixel[:3]), pixel

@@ -1,54 +1,29 @@
 """Live keys end to end: the official SDK → our app → fake upstreams, all over real loopback HTTP."""
 
-import asyncio
 import base64
 import io
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 from PIL import Image
 from pydantic import SecretStr
-from sqlalchemy import select
 
 from qubax import db
 from qubax.app import create_app
 from qubax.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
-from tests.fakes.openai import FakeOpenAI
-from tests.fakes.together import FakeTogether
 from tests.server import serve
-
-
-@dataclass
-class Stack:
-    bfl: FakeBFL
-    together: FakeTogether
-    openai: FakeOpenAI
-    url: str  # our app
-    live: openai.OpenAI
-    test: openai.OpenAI
-    settings: Settings
+from tests.stack import Stack, client, rows, running_stack
 
 
 @pytest.fixture
 def stack(settings: Settings) -> Iterator[Stack]:
-    bfl, together, oai = FakeBFL(), FakeTogether(), FakeOpenAI()
-    with serve(bfl.app) as bfl_url, serve(together.app) as together_url, serve(oai.app) as openai_url:
-        settings.bfl_base_url, settings.bfl_api_key = bfl_url, SecretStr("test-key")
-        settings.together_base_url, settings.together_api_key = together_url + "/v1", SecretStr("test-key")
-        settings.openai_base_url, settings.openai_api_key = openai_url + "/v1", SecretStr("test-key")
-        live, test = create_key(settings), create_key(settings, test=True)
-        with serve(create_app(settings)) as url:
-            yield Stack(bfl, together, oai, url, client(url, live), client(url, test), settings)
-
-
-def client(url: str, key: str, retries: int = 0) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key, base_url=url + "/v1", max_retries=retries)
+    with running_stack(settings) as stack:
+        yield stack
 
 
 def png(data: bytes) -> Image.Image:
@@ -58,14 +33,11 @@ def png(data: bytes) -> Image.Image:
 
 
 def generations(settings: Settings) -> list[db.Generation]:
-    async def load() -> list[db.Generation]:
-        engine = db.connect(settings.resolved_database_url)
-        async with db.sessions(engine)() as session:
-            rows = list(await session.scalars(select(db.Generation).order_by(db.Generation.created_at)))
-        await engine.dispose()
-        return rows
+    return rows(settings, db.Generation)
 
-    return asyncio.run(load())
+
+def attempts(settings: Settings) -> list[db.Attempt]:
+    return rows(settings, db.Attempt)
 
 
 @pytest.mark.parametrize(
@@ -175,12 +147,19 @@ def test_non_image_download_is_502(stack: Stack) -> None:
     ]
 
 
-def test_partial_fan_out_failure_charges_nothing(stack: Stack) -> None:
+def test_partial_fan_out_failure_is_made_up_by_the_next_route(stack: Stack) -> None:
     stack.bfl.statuses_for = {1: ["Pending", "Error"]}
-    with pytest.raises(openai.InternalServerError):
-        stack.live.images.generate(model="flux-1.1-pro", prompt="p", n=3)
+    raw = stack.live.images.with_raw_response.generate(model="flux-1.1-pro", prompt="p", n=3, size="512x512")
+    assert raw.headers["x-qubax-route"] == "bfl+together"
+    assert len(raw.parse().data) == 3
+    assert len(stack.bfl.submissions) == 3
+    assert [body["n"] for body in stack.together.requests] == [1]  # only the missing image
     [row] = generations(stack.settings)
-    assert (row.n, row.images, row.cost_micros) == (3, 0, 0)
+    assert (row.n, row.images, row.cost_micros, row.upstream) == (3, 3, 120_000, "bfl+together")
+    assert [(a.upstream, a.n, a.images, a.outcome) for a in attempts(stack.settings)] == [
+        ("bfl", 3, 2, "upstream_error"),
+        ("together", 1, 1, "ok"),
+    ]
 
 
 def test_deadline_is_504(settings: Settings) -> None:

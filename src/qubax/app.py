@@ -15,10 +15,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qubax import db
+from qubax.breaker import Breakers
+from qubax.catalog_file import load_catalog
 from qubax.errors import InvalidRequest, QubaxError
 from qubax.images import Services
 from qubax.protocol import Error, ErrorResponse
-from qubax.providers.registry import build_providers
+from qubax.providers.registry import PROVIDERS, build_providers, default_concurrency
 from qubax.routes import router
 from qubax.settings import Settings
 from qubax.storage import LocalStorage, load_secret
@@ -27,7 +29,9 @@ logger = logging.getLogger("qubax")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; raises `CatalogError` at once when the operator's catalog file is wrong."""
     settings = settings or Settings()
+    catalog = load_catalog(settings.catalog, set(PROVIDERS), default_concurrency())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,8 +42,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         timeout = httpx.Timeout(settings.request_timeout_seconds, connect=10.0)
         # Redirects stay off (httpx's default): adapters vet every host they send a key or a download to.
         async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=200)) as http:
-            providers = build_providers(settings, http)
-            app.state.services = Services(settings, engine, db.sessions(engine), http, storage, providers)
+            providers = build_providers(settings, http, dict(catalog.concurrency))
+            breakers = Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds)
+            sessions = db.sessions(engine)
+            app.state.services = Services(settings, engine, sessions, http, storage, catalog, providers, breakers)
             sweeper = asyncio.create_task(sweep_forever(storage, settings.sweep_interval_seconds))
             try:
                 yield

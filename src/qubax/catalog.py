@@ -1,7 +1,8 @@
 """The model catalog: one declarative table of what we serve, its limits, prices and upstream routes."""
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from qubax.errors import InvalidRequest, ModelNotFound
@@ -9,6 +10,8 @@ from qubax.protocol import ImageGenerateRequest
 
 MAX_PROMPT_CHARS = 4000
 RESPONSE_FORMATS = ("url", "b64_json")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MAX_SEED = 2**32 - 1
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
@@ -69,6 +72,7 @@ class CatalogModel:
     default_quality: str | None = None
     styles: tuple[str, ...] = ()
     default_style: str | None = None
+    aliases: tuple[str, ...] = ()
 
     def price(self, quality: str | None, size: str) -> Decimal:
         for entry in self.prices:
@@ -89,6 +93,9 @@ class ImageRequest:
     response_format: str
     quality: str | None
     style: str | None
+    output_format: str = "png"
+    seed: int | None = None
+    safety_tolerance: int | None = None
 
     @property
     def size(self) -> str:
@@ -123,7 +130,12 @@ MODELS: tuple[CatalogModel, ...] = (
         default_size="1024x768",
         max_n=4,
         prices=(Price(Decimal("0.04")),),
-        routes=(Route("bfl", "flux-pro-1.1"),),
+        routes=(
+            Route("bfl", "flux-pro-1.1"),
+            Route("fal", "fal-ai/flux-pro/v1.1"),
+            Route("replicate", "black-forest-labs/flux-1.1-pro"),
+            Route("together", "black-forest-labs/FLUX.1.1-pro"),
+        ),
     ),
     CatalogModel(
         id="flux-1.1-pro-ultra",
@@ -133,7 +145,11 @@ MODELS: tuple[CatalogModel, ...] = (
         default_size="2752x1536",
         max_n=4,
         prices=(Price(Decimal("0.06")),),
-        routes=(Route("bfl", "flux-pro-1.1-ultra"),),
+        routes=(
+            Route("bfl", "flux-pro-1.1-ultra"),
+            Route("fal", "fal-ai/flux-pro/v1.1-ultra"),
+            Route("replicate", "black-forest-labs/flux-1.1-pro-ultra"),
+        ),
     ),
     CatalogModel(
         id="flux-1-schnell",
@@ -143,7 +159,11 @@ MODELS: tuple[CatalogModel, ...] = (
         default_size="1024x1024",
         max_n=4,
         prices=(Price(Decimal("0.003")),),
-        routes=(Route("together", "black-forest-labs/FLUX.1-schnell"),),
+        routes=(
+            Route("together", "black-forest-labs/FLUX.1-schnell"),
+            Route("fal", "fal-ai/flux/schnell"),
+            Route("replicate", "black-forest-labs/flux-schnell"),
+        ),
     ),
     CatalogModel(
         id="dall-e-3",
@@ -167,38 +187,50 @@ MODELS: tuple[CatalogModel, ...] = (
 )
 
 
-def find_model(model_id: str) -> CatalogModel:
-    for model in MODELS:
-        if model.id == model_id:
-            return model
-    raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.")
+@dataclass(frozen=True)
+class Catalog:
+    """The models this server offers (built-ins plus the operator's file) and per-provider settings."""
+
+    models: tuple[CatalogModel, ...] = MODELS
+    concurrency: Mapping[str, int] = field(default_factory=dict)  # per-key active-task caps by provider
+
+    def find(self, model_id: str) -> CatalogModel:
+        for model in self.models:
+            if model_id == model.id or model_id in model.aliases:
+                return model
+        raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.")
+
+    def check(self, body: ImageGenerateRequest) -> ImageRequest:
+        """Resolve defaults and enforce the model's limits; raise `InvalidRequest` naming the field."""
+        model = self.find(body.model)
+        if not body.prompt.strip():
+            raise InvalidRequest("prompt must be a non-empty string.", param="prompt")
+        if len(body.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(
+                f"prompt is {len(body.prompt)} characters long; the maximum is {MAX_PROMPT_CHARS}.",
+                param="prompt",
+                code="string_above_max_length",
+            )
+        n = 1 if body.n is None else body.n
+        if not 1 <= n <= model.max_n:
+            only = "n=1 only" if model.max_n == 1 else f"n between 1 and {model.max_n}"
+            raise InvalidRequest(f"{model.id} supports {only}; got n={n}.", param="n")
+        width, height = parse_size(model, body.size)
+        response_format = pick_option(model.id, "response_format", body.response_format, RESPONSE_FORMATS, "url")
+        quality = pick_option(model.id, "quality", body.quality, model.qualities, model.default_quality)
+        style = pick_option(model.id, "style", body.style, model.styles, model.default_style)
+        output_format = pick_option(model.id, "output_format", body.output_format, OUTPUT_FORMATS, "png")
+        check_range("seed", body.seed, 0, MAX_SEED)
+        check_range("safety_tolerance", body.safety_tolerance, 0, 6)
+        return ImageRequest(
+            model, body.prompt, width, height, n, response_format or "url", quality, style,
+            output_format or "png", body.seed, body.safety_tolerance,
+        )  # fmt: skip
 
 
-def check_request(body: ImageGenerateRequest) -> ImageRequest:
-    """Resolve defaults and enforce the model's limits; raise `InvalidRequest` naming the field."""
-    model = find_model(body.model)
-    if not body.prompt.strip():
-        raise InvalidRequest("prompt must be a non-empty string.", param="prompt")
-    if len(body.prompt) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(
-            f"prompt is {len(body.prompt)} characters long; the maximum is {MAX_PROMPT_CHARS}.",
-            param="prompt",
-            code="string_above_max_length",
-        )
-    n = 1 if body.n is None else body.n
-    if not 1 <= n <= model.max_n:
-        only = "n=1 only" if model.max_n == 1 else f"n between 1 and {model.max_n}"
-        raise InvalidRequest(f"{model.id} supports {only}; got n={n}.", param="n")
-    width, height = parse_size(model, body.size)
-    response_format = body.response_format or "url"
-    if response_format not in RESPONSE_FORMATS:
-        raise InvalidRequest(
-            f"Invalid value: '{response_format}'. Supported values are: 'url' and 'b64_json'.",
-            param="response_format",
-        )
-    quality = pick_option(model.id, "quality", body.quality, model.qualities, model.default_quality)
-    style = pick_option(model.id, "style", body.style, model.styles, model.default_style)
-    return ImageRequest(model, body.prompt, width, height, n, response_format, quality, style)
+def check_range(param: str, value: int | None, low: int, high: int) -> None:
+    if value is not None and not low <= value <= high:
+        raise InvalidRequest(f"{param} must be between {low} and {high}; got {value}.", param=param)
 
 
 def parse_size(model: CatalogModel, size: str | None) -> tuple[int, int]:

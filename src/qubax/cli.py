@@ -16,8 +16,9 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from qubax import auth, db
-from qubax.catalog import MODELS
-from qubax.providers.registry import PROVIDERS
+from qubax.catalog import Catalog
+from qubax.catalog_file import CatalogError, load_catalog
+from qubax.providers.registry import PROVIDERS, credentials, default_concurrency
 from qubax.settings import Settings
 
 T = TypeVar("T")
@@ -39,7 +40,8 @@ def serve(host: str, port: int) -> None:
     from qubax.app import create_app
 
     settings = Settings()
-    configured = [name for name, info in PROVIDERS.items() if getattr(settings, info.key_field)]
+    open_catalog(settings)  # a broken catalog file stops here, with its error, before anything starts
+    configured = [name for name in PROVIDERS if credentials(settings, name)]
     click.echo(f"Data folder: {settings.data_dir}", err=True)
     click.echo(f"Upstreams configured: {', '.join(configured) or 'none (test keys only)'}", err=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
@@ -112,19 +114,28 @@ def revoke_key(key_or_id: str) -> None:
 
 @main.command()
 def models() -> None:
-    """List the catalog: sizes, n, price and each model's upstream routes."""
+    """List the catalog: sizes, n, price, aliases and each model's routes in failover order."""
     settings = Settings()
+    catalog = open_catalog(settings)
     rows = []
-    for model in MODELS:
+    for model in catalog.models:
         routes = []
         for route in model.routes:
             info = PROVIDERS[route.provider]
-            state = "configured" if getattr(settings, info.key_field) else f"set {info.credential}"
-            routes.append(f"{route.provider} ({state})")
+            state = "configured" if credentials(settings, route.provider) else f"set {info.credential}"
+            routes.append(f"{route.provider}:{route.upstream_model} ({state})")
         price = min(p.usd for p in model.prices)
         n_range = "1" if model.max_n == 1 else f"1-{model.max_n}"
-        rows.append((model.id, model.default_size, n_range, f"${price}", ", ".join(routes)))
-    print_table(("MODEL", "DEFAULT SIZE", "N", "FROM", "ROUTES"), rows)
+        name = model.id + (f" ({', '.join(model.aliases)})" if model.aliases else "")
+        rows.append((name, model.default_size, n_range, f"${price}", ", ".join(routes)))
+    print_table(("MODEL", "DEFAULT SIZE", "N", "FROM", "ROUTES (IN ORDER)"), rows)
+
+
+def open_catalog(settings: Settings) -> Catalog:
+    try:
+        return load_catalog(settings.catalog, set(PROVIDERS), default_concurrency())
+    except CatalogError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()

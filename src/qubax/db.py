@@ -41,7 +41,7 @@ class Generation(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("gen"))
     key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
     model: Mapped[str] = mapped_column(String(100))
-    upstream: Mapped[str] = mapped_column(String(50))
+    upstream: Mapped[str] = mapped_column(String(50))  # the route(s) that delivered, e.g. "bfl" or "bfl+fal"
     n: Mapped[int] = mapped_column(Integer)
     size: Mapped[str] = mapped_column(String(20))
     images: Mapped[int] = mapped_column(Integer, default=0)  # images delivered, and so charged
@@ -50,6 +50,23 @@ class Generation(Base):
     outcome: Mapped[str] = mapped_column(String(50))  # "ok" or the error code we answered with
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
+
+
+class Attempt(Base):
+    """One try of one route within a generation; failover makes several."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id"), index=True)
+    upstream: Mapped[str] = mapped_column(String(50))
+    upstream_model: Mapped[str] = mapped_column(String(200))
+    n: Mapped[int] = mapped_column(Integer)
+    images: Mapped[int] = mapped_column(Integer)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(50))
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 def connect(url: str) -> AsyncEngine:
@@ -105,8 +122,10 @@ async def revoke_key(session: AsyncSession, *, key_id: str | None = None, digest
     return key
 
 
-async def record(session: AsyncSession, generation: Generation) -> None:
+async def record(session: AsyncSession, generation: Generation, attempts: list[Attempt]) -> None:
     session.add(generation)
+    await session.flush()  # the generation row first: attempts point at it
+    session.add_all(attempts)
     await session.commit()
 
 

@@ -96,6 +96,26 @@ class RequestTooLarge(QubaxError):
     code = "request_too_large"
 
 
+class ClientDisconnected(QubaxError):
+    status_code = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
+class ServiceUnavailable(QubaxError):
+    status_code = 503
+    type = "service_unavailable_error"
+    code = "upstream_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(max(1, round(self.retry_after)))}
+
+
 class UpstreamError(QubaxError):
     """The provider failed. See the module docstring for `retryable` and `failover`."""
 

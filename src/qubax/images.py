@@ -1,4 +1,5 @@
-"""The one service function: a checked request in, stored images and a usage record out."""
+"""The one service function: a checked request in, images from the first routes that can make them,
+stored or inlined, and a usage record out."""
 
 import asyncio
 import base64
@@ -10,9 +11,10 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from qubax import db
-from qubax.catalog import CatalogModel, ImageRequest, check_request
-from qubax.errors import ModelNotFound, QubaxError, UpstreamError, UpstreamTimeout
-from qubax.imaging import to_png
+from qubax.breaker import Breakers
+from qubax.catalog import Catalog, ImageRequest, Route
+from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from qubax.imaging import convert
 from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse
 from qubax.providers import GeneratedImage, Job, Provider
 from qubax.providers.placeholder import Placeholder
@@ -32,45 +34,131 @@ class Services:
     sessions: async_sessionmaker[AsyncSession]
     http: httpx.AsyncClient
     storage: LocalStorage
+    catalog: Catalog
     providers: dict[str, Provider]
+    breakers: Breakers
 
 
 @dataclass(frozen=True)
 class Generated:
     response: ImagesResponse
-    upstream: str
+    upstream: str  # the route(s) that delivered, e.g. "bfl" or "bfl+fal"
 
 
 async def generate(body: ImageGenerateRequest, key: db.ApiKey, services: Services, public_url: str) -> Generated:
-    request = check_request(body)
-    upstream, provider, upstream_model = choose_route(request.model, key, services.providers)
-    job = Job(upstream_model, request.prompt, request.width, request.height, request.n, request.quality, request.style)
+    request = services.catalog.check(body)
+    generation = db.Generation(
+        id=db.new_id("gen"),
+        key_id=key.id,
+        model=request.model.id,
+        upstream="",
+        n=request.n,
+        size=request.size,
+        images=0,
+        cost_micros=0,
+    )
+    attempts: list[db.Attempt] = []
     started = time.monotonic()
     try:
         async with asyncio.timeout(services.settings.request_timeout_seconds):
-            images = await provider.generate(job)
+            images, served = await collect(request, key, services, attempts)
             data = await deliver(request, images, services.storage, public_url)
     except TimeoutError as exc:
-        error = UpstreamTimeout(f"{upstream} did not finish within the request deadline.")
-        await log(services, key, request, upstream, started, 0, error)
+        error = UpstreamTimeout("The upstream did not finish within the request deadline.")
+        await finish(services, generation, attempts, started, error)
         raise error from exc
-    except Exception as exc:
-        await log(services, key, request, upstream, started, 0, exc)
+    except BaseException as exc:  # CancelledError too: the client went away, and that is recorded
+        await finish(services, generation, attempts, started, exc)
         raise
-    await log(services, key, request, upstream, started, len(data), None)
-    return Generated(ImagesResponse(created=int(time.time()), data=data), upstream)
+    generation.upstream = "+".join(served)
+    generation.images = len(data)
+    generation.cost_micros = 0 if key.test else int(request.cost_per_image * 1_000_000) * len(data)
+    await finish(services, generation, attempts, started, None)
+    return Generated(ImagesResponse(created=int(time.time()), data=data), generation.upstream)
 
 
-def choose_route(model: CatalogModel, key: db.ApiKey, providers: dict[str, Provider]) -> tuple[str, Provider, str]:
-    """Test keys always get the placeholder renderer; live keys the first configured route."""
-    if key.test:
-        return TEST_UPSTREAM, Placeholder(), model.id
-    for route in model.routes:
-        if route.provider in providers:
-            return route.provider, providers[route.provider], route.upstream_model
-    needed = " or ".join(PROVIDERS[route.provider].credential for route in model.routes)
-    raise ModelNotFound(
-        f"The model `{model.id}` is not available on this server: the operator must set {needed} to enable it."
+async def collect(
+    request: ImageRequest, key: db.ApiKey, services: Services, attempts: list[db.Attempt]
+) -> tuple[list[GeneratedImage], list[str]]:
+    """Images from the model's routes in order: a route that fails in a way another route can fix
+    hands over to the next one, which makes only the images still missing."""
+    if key.test:  # test keys never reach an upstream
+        return await Placeholder().generate(job_for(request, request.model.id, request.n)), [TEST_UPSTREAM]
+    routes = [route for route in request.model.routes if route.provider in services.providers]
+    if not routes:
+        needed = " or ".join(dict.fromkeys(PROVIDERS[route.provider].credential for route in request.model.routes))
+        raise ModelNotFound(
+            f"The model `{request.model.id}` is not available on this server: "
+            f"the operator must set {needed} to enable it."
+        )
+    images: list[GeneratedImage] = []
+    served: list[str] = []
+    failure: UpstreamError | None = None
+    for route in routes:
+        if not services.breakers.allow(breaker_name(route)):
+            continue
+        missing = request.n - len(images)
+        made, failure = await attempt(services, route, job_for(request, route.upstream_model, missing), attempts)
+        images += made[:missing]
+        if made:
+            served.append(route.provider)
+        if len(images) == request.n:
+            return images, served
+        if failure is not None and not failure.failover:
+            raise failure
+    if failure is not None:
+        raise failure
+    wait = min(services.breakers.retry_after(breaker_name(route)) for route in routes)
+    raise ServiceUnavailable(
+        f"Every upstream for {request.model.id} is failing; the next try is in {wait:.0f}s.", retry_after=wait
+    )
+
+
+async def attempt(
+    services: Services, route: Route, job: Job, attempts: list[db.Attempt]
+) -> tuple[list[GeneratedImage], UpstreamError | None]:
+    """One route's try: its images, and its failure when it fell short; refusals are raised."""
+    name = breaker_name(route)
+    record = db.Attempt(upstream=route.provider, upstream_model=route.upstream_model, n=job.n, images=0, outcome="ok")
+    attempts.append(record)
+    started = time.monotonic()
+    try:
+        images = await services.providers[route.provider].generate(job)
+    except UpstreamError as exc:
+        services.breakers.failed(name)
+        record.images, record.outcome, record.error = len(exc.images), exc.code or "upstream_error", exc.message
+        return exc.images, exc
+    except QubaxError as exc:  # a refusal such as moderation: the route works, the prompt does not
+        services.breakers.succeeded(name)
+        record.outcome, record.error = exc.code or "refused", exc.message
+        raise
+    except BaseException:
+        services.breakers.release(name)
+        record.outcome = "cancelled"
+        raise
+    finally:
+        record.latency_ms = int((time.monotonic() - started) * 1000)
+    services.breakers.succeeded(name)
+    record.images = len(images)
+    return images, None
+
+
+def breaker_name(route: Route) -> str:
+    return f"{route.provider}:{route.upstream_model}"
+
+
+def job_for(request: ImageRequest, upstream_model: str, n: int) -> Job:
+    return Job(
+        upstream_model,
+        request.prompt,
+        request.width,
+        request.height,
+        n,
+        request.quality,
+        request.style,
+        request.seed,
+        request.safety_tolerance,
+        request.output_format,
     )
 
 
@@ -79,49 +167,45 @@ async def deliver(
 ) -> list[Image]:
     if len(images) != request.n:  # never answer 200 with fewer images than asked
         raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
-    inline = request.response_format == "b64_json"
+    fmt, inline = request.output_format, request.response_format == "b64_json"
     encoded = await asyncio.gather(
-        *(anyio.to_thread.run_sync(encode, image.data, request.width, request.height, inline) for image in images)
+        *(anyio.to_thread.run_sync(encode, image.data, request.width, request.height, fmt, inline) for image in images)
     )
     data = []
     for payload, image in zip(encoded, images, strict=True):
         if isinstance(payload, str):
             data.append(Image(b64_json=payload, revised_prompt=image.revised_prompt))
         else:
-            url = public_url + storage.signed_path(await storage.put(payload))
+            url = public_url + storage.signed_path(await storage.put(payload, fmt), fmt)
             data.append(Image(url=url, revised_prompt=image.revised_prompt))
     return data
 
 
-def encode(data: bytes, width: int, height: int, inline: bool) -> bytes | str:
-    """PNG bytes, or their base64 text when the client wants the image inline (runs in a thread)."""
-    png = to_png(data, width, height)
-    return base64.b64encode(png).decode() if inline else png
+def encode(data: bytes, width: int, height: int, output_format: str, inline: bool) -> bytes | str:
+    """The image at the asked size and format, as base64 text when inline (runs in a worker thread)."""
+    picture = convert(data, width, height, output_format)
+    return base64.b64encode(picture).decode() if inline else picture
 
 
-async def log(
+async def finish(
     services: Services,
-    key: db.ApiKey,
-    request: ImageRequest,
-    upstream: str,
+    generation: db.Generation,
+    attempts: list[db.Attempt],
     started: float,
-    delivered: int,
     error: BaseException | None,
 ) -> None:
-    """Record the attempt; only delivered images of live keys cost anything."""
-    cost = 0 if key.test else int(request.cost_per_image * 1_000_000) * delivered
-    outcome = "ok" if error is None else (getattr(error, "code", None) or "server_error")
-    generation = db.Generation(
-        key_id=key.id,
-        model=request.model.id,
-        upstream=upstream,
-        n=request.n,
-        size=request.size,
-        images=delivered,
-        cost_micros=cost,
-        latency_ms=int((time.monotonic() - started) * 1000),
-        outcome=outcome if isinstance(error, QubaxError) or error is None else "server_error",
-        error=None if error is None else str(error)[:1000],
-    )
+    """Record the generation and every attempt; only delivered images of live keys cost anything."""
+    generation.latency_ms = int((time.monotonic() - started) * 1000)
+    if error is not None:
+        generation.images, generation.cost_micros = 0, 0
+        generation.error = str(error)[:1000] or type(error).__name__
+        if isinstance(error, QubaxError):
+            generation.outcome = error.code or "error"
+        else:
+            generation.outcome = "client_disconnected" if isinstance(error, asyncio.CancelledError) else "server_error"
+    else:
+        generation.outcome = "ok"
+    for record in attempts:
+        record.generation_id = generation.id
     async with services.sessions() as session:
-        await db.record(session, generation)
+        await db.record(session, generation, attempts)

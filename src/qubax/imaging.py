@@ -1,4 +1,4 @@
-"""Pixel work: normalising upstream output to PNG and drawing test-key placeholders.
+"""Pixel work: normalising upstream output to the size and format asked for, and test-key placeholders.
 
 Everything here is CPU-bound and synchronous; callers run it in a worker thread.
 """
@@ -16,8 +16,8 @@ PNG_COMPRESS_LEVEL = 3
 MAX_PIXELS = 64_000_000
 
 
-def to_png(data: bytes, width: int, height: int) -> bytes:
-    """Decode any image Pillow reads and return a PNG of exactly width x height."""
+def convert(data: bytes, width: int, height: int, output_format: str = "png") -> bytes:
+    """Decode any image Pillow reads; return it at exactly width x height as png, jpeg or webp."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -41,12 +41,17 @@ def to_png(data: bytes, width: int, height: int) -> bytes:
     if image.size != (width, height):
         # Crop to the requested aspect ratio, then scale: never stretch the picture.
         image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
-    return encode_png(image)
+    return encode(image, output_format)
 
 
-def encode_png(image: Image.Image) -> bytes:
+def encode(image: Image.Image, output_format: str = "png") -> bytes:
     out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    if output_format == "png":
+        image.save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    elif output_format == "jpeg":
+        image.convert("RGB").save(out, format="JPEG", quality=95)  # JPEG has no alpha channel
+    else:
+        image.save(out, format="WEBP", quality=95)
     return out.getvalue()
 
 
@@ -69,4 +74,4 @@ def render_placeholder(prompt: str, width: int, height: int, index: int) -> byte
         (origin[0] - pad, origin[1] - pad, origin[0] + box[2] + pad, origin[1] + box[3] + pad), fill=(255, 255, 255)
     )
     draw.multiline_text(origin, label, fill=(0, 0, 0), font_size=font_size)
-    return encode_png(image)
+    return encode(image)

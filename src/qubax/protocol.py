@@ -19,6 +19,10 @@ class ImageGenerateRequest(BaseModel):
     quality: StrictStr | None = None
     style: StrictStr | None = None
     user: StrictStr | None = None
+    # FLUX extensions (not OpenAI's): OpenAI clients never send them and see no difference.
+    seed: StrictInt | None = None
+    output_format: StrictStr | None = None
+    safety_tolerance: StrictInt | None = None
 
 
 class Image(BaseModel):

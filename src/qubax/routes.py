@@ -1,9 +1,12 @@
 """HTTP endpoints: parse, authenticate, call one service function, return."""
 
+import asyncio
+import contextlib
 import json
 import re
 import time
-from typing import Annotated, Any
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
@@ -11,13 +14,21 @@ from pydantic import ValidationError
 from sqlalchemy import text
 
 from qubax import auth, db, images
-from qubax.catalog import MODELS, CatalogModel, find_model
-from qubax.errors import AuthenticationError, InvalidRequest, NotFound, RequestTooLarge, UnknownParameter
+from qubax.catalog import CatalogModel
+from qubax.errors import (
+    AuthenticationError,
+    ClientDisconnected,
+    InvalidRequest,
+    NotFound,
+    RequestTooLarge,
+    UnknownParameter,
+)
 from qubax.images import Services
 from qubax.protocol import ImageGenerateRequest, ImagesResponse, Model, ModelList
 
+T = TypeVar("T")
 MAX_BODY_BYTES = 1024 * 1024
-IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.png")
+IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)")
 
 router = APIRouter()
 
@@ -58,11 +69,34 @@ CurrentKey = Annotated[db.ApiKey, Depends(authenticate)]
 async def create_image(request: Request, key: CurrentKey, services: ServicesDep, response: Response) -> ImagesResponse:
     body = parse_body(await read_body(request))
     public_url = services.settings.public_url or str(request.base_url)
-    result = await images.generate(body, key, services, public_url.rstrip("/"))
+    result = await until_disconnect(request, images.generate(body, key, services, public_url.rstrip("/")))
     response.headers["x-qubax-route"] = result.upstream
     if key.test:
         response.headers["x-qubax-test"] = "true"
     return result.response
+
+
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run the work, cancelling it (and the upstream work it owns) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientDisconnected("The client closed the connection before the images were ready.")
+    return task.result()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next message the server sends is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def read_body(request: Request) -> bytes:
@@ -115,17 +149,18 @@ def validation_error(detail: Any) -> InvalidRequest:
 
 
 @router.get("/v1/models")
-async def list_models(key: CurrentKey) -> ModelList:
-    return ModelList(data=[model_card(model) for model in MODELS])
+async def list_models(key: CurrentKey, services: ServicesDep) -> ModelList:
+    models = services.catalog.models
+    return ModelList(data=[model_card(model, name) for model in models for name in (model.id, *model.aliases)])
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, key: CurrentKey) -> Model:
-    return model_card(find_model(model_id))
+async def retrieve_model(model_id: str, key: CurrentKey, services: ServicesDep) -> Model:
+    return model_card(services.catalog.find(model_id), model_id)
 
 
-def model_card(model: CatalogModel) -> Model:
-    return Model(id=model.id, created=model.created, owned_by=model.owned_by)
+def model_card(model: CatalogModel, name: str) -> Model:
+    return Model(id=name, created=model.created, owned_by=model.owned_by)
 
 
 @router.get("/images/{name}")
@@ -133,9 +168,10 @@ async def serve_image(name: str, services: ServicesDep, expires: str = "", signa
     match = IMAGE_NAME.fullmatch(name)
     if match is None:
         raise NotFound("Image not found.")
-    path = services.storage.verify(match[1], expires, signature)
+    path = services.storage.verify(match[1], expires, signature, match[2])
     max_age = max(0, int(expires) - int(time.time()))
-    return FileResponse(path, media_type="image/png", headers={"cache-control": f"private, max-age={max_age}"})
+    headers = {"cache-control": f"private, max-age={max_age}"}
+    return FileResponse(path, media_type=f"image/{match[2]}", headers=headers)
 
 
 @router.get("/healthz")

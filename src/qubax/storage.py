@@ -46,31 +46,31 @@ class LocalStorage:
         self.ttl_seconds = ttl_seconds
         root.mkdir(parents=True, exist_ok=True)
 
-    async def put(self, png: bytes) -> str:
+    async def put(self, data: bytes, ext: str = "png") -> str:
         image_id = "img_" + secrets.token_urlsafe(18)
-        await anyio.Path(self.path(image_id)).write_bytes(png)
+        await anyio.Path(self.path(image_id, ext)).write_bytes(data)
         return image_id
 
-    def path(self, image_id: str) -> Path:
-        return self.root / f"{image_id}.png"
+    def path(self, image_id: str, ext: str = "png") -> Path:
+        return self.root / f"{image_id}.{ext}"
 
     def sign(self, image_id: str, expires: int) -> str:
         message = f"{image_id}:{expires}".encode()
         return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
 
-    def signed_path(self, image_id: str) -> str:
+    def signed_path(self, image_id: str, ext: str = "png") -> str:
         """The path and query of a URL that serves the image until the TTL runs out."""
         expires = int(time.time()) + self.ttl_seconds
-        return f"/images/{image_id}.png?expires={expires}&signature={self.sign(image_id, expires)}"
+        return f"/images/{image_id}.{ext}?expires={expires}&signature={self.sign(image_id, expires)}"
 
-    def verify(self, image_id: str, expires: str, signature: str) -> Path:
+    def verify(self, image_id: str, expires: str, signature: str, ext: str = "png") -> Path:
         """The file a signed URL points to; raises when the URL is forged, expired or the file is gone."""
         well_formed = expires.isascii() and expires.isdigit() and len(expires) <= 12 and signature.isascii()
         if not well_formed or not hmac.compare_digest(self.sign(image_id, int(expires)), signature):
             raise Forbidden("Invalid image URL signature.", code="invalid_signature")
         if int(expires) < time.time():
             raise Gone("This image URL has expired. Generate the image again or request b64_json.")
-        path = self.path(image_id)
+        path = self.path(image_id, ext)
         if not path.is_file():
             raise NotFound("Image not found.")
         return path
@@ -82,7 +82,7 @@ class LocalStorage:
     def _sweep(self) -> int:
         cutoff = time.time() - self.ttl_seconds - SWEEP_GRACE_SECONDS
         removed = 0
-        for path in self.root.glob("img_*.png"):
+        for path in self.root.glob("img_*"):
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()

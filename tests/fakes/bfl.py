@@ -73,6 +73,7 @@ class FakeBFL:
     error_details: dict[str, Any] | None = None  # `details` sent with status Error
     submit_status: int | None = None  # answer every submit with this HTTP status and a `detail`
     submit_response: dict[str, Any] | None = None  # replace the submit response body
+    submit_html: bool = False  # answer submits with an HTML page (status: submit_status or 200)
     polling_url_override: str | None = None
     poll_status: int | None = None  # answer every poll with this HTTP status
     poll_garbage: bool = False  # answer polls with an HTML page (a proxy error, say)
@@ -106,6 +107,8 @@ class FakeBFL:
             return JSONResponse({"detail": ERROR_DETAILS[401]}, 401)
         body = await request.json()
         self.submissions.append(body)
+        if self.submit_html:
+            return HTMLResponse("<html><body>Bad gateway</body></html>", self.submit_status or 200)
         if self.submit_status is not None:
             return JSONResponse({"detail": ERROR_DETAILS.get(self.submit_status, "error")}, self.submit_status)
         problems = validate(model, body)

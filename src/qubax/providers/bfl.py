@@ -46,7 +46,8 @@ class BFL:
         task = read_json(response, PROVIDER)
         polling_url = task.get("polling_url")
         if not task.get("id") or not isinstance(polling_url, str):
-            raise UpstreamError(f"{PROVIDER} accepted the task but returned no id or polling_url.")
+            # Without an id there is no task of ours to be billed for: another route may take the work.
+            raise UpstreamError(f"{PROVIDER} answered the submission without a task id or polling_url.", failover=True)
         if not self._may_receive_key(polling_url):
             raise UpstreamError(f"{PROVIDER} returned a polling URL on a host we do not send the key to.")
         return polling_url

@@ -86,7 +86,8 @@ def read_json(response: httpx.Response, provider: str) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         body = None
     if not isinstance(body, dict):
-        raise UpstreamError(f"{provider} returned an unreadable response (not a JSON object).")
+        # Nothing usable came back, so nothing was handed over; inside `billed()` this becomes final.
+        raise UpstreamError(f"{provider} returned an unreadable response (not a JSON object).", failover=True)
     return body
 
 

@@ -1,0 +1,142 @@
+"""Replicate (api.replicate.com): one prediction per call, answered at once under `Prefer: wait` or polled."""
+
+import asyncio
+import contextlib
+from typing import Any
+
+from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio
+from qubax.providers.http import (
+    base_host,
+    billed,
+    check_status,
+    decode_b64,
+    download,
+    fan_out,
+    host_allowed,
+    poll,
+    read_json,
+    send,
+)
+
+PROVIDER = "Replicate"
+MAX_SCHNELL_OUTPUTS = 4  # flux-schnell's num_outputs is 1-4; pro and ultra make one image per prediction
+KEY_HOSTS = ("api.replicate.com", "*.replicate.com")  # where urls.get and urls.cancel may take the key
+DELIVERY_HOSTS = ("replicate.delivery", "*.replicate.delivery")
+RUNNING = ("starting", "processing")
+MODERATED_WORDS = ("nsfw", "flagged", "sensitive")  # "flagged as sensitive (E005)", "… contained NSFW content"
+FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}  # ours -> Replicate's names
+CANCEL_TIMEOUT = 5.0
+
+
+class Replicate:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        # The configured base host (a proxy, or a fake in tests) is trusted like Replicate's own.
+        self.own_host = base_host(upstream.base_url)
+        self.key_hosts = (*KEY_HOSTS, self.own_host)
+        self.delivery_hosts = (*DELIVERY_HOSTS, self.own_host)
+
+    async def generate(self, job: Job) -> list[GeneratedImage]:
+        per_call = MAX_SCHNELL_OUTPUTS if "schnell" in job.model else 1
+        return await fan_out(self._prediction(job, min(per_call, job.n - i)) for i in range(0, job.n, per_call))
+
+    async def _prediction(self, job: Job, count: int) -> list[GeneratedImage]:
+        # A prediction counts against the key's concurrency cap from creation until it is finished.
+        async with self.upstream.lease() as key:
+            headers = {"authorization": f"Bearer {key}"}
+            prediction = await self._create(job, count, headers)
+            with billed():
+                outputs = await self._settle(prediction, headers)
+        with billed():
+            images = [GeneratedImage(await self._fetch(output)) for output in outputs[:count]]
+        if len(images) < count:
+            # The safety checker drops flagged images from the list; the rest can be made elsewhere.
+            error = TaskFailed(f"{PROVIDER} returned {len(images)} of the {count} images asked for.")
+            error.images = images
+            raise error
+        return images
+
+    async def _create(self, job: Job, count: int, headers: dict[str, str]) -> dict[str, Any]:
+        url = f"{self.upstream.base_url}/models/{job.model}/predictions"
+        wait = headers | {"prefer": "wait"}  # Replicate holds the request (up to 60 s) until the prediction ends
+        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=wait, json=body(job, count))
+        check_status(response, PROVIDER)
+        return read_json(response, PROVIDER)
+
+    async def _settle(self, prediction: dict[str, Any], headers: dict[str, str]) -> list[str]:
+        """The output URIs once the prediction succeeded; raise for every other end."""
+        if (done := outcome(prediction)) is not None:
+            return done
+        urls = prediction["urls"] if isinstance(prediction.get("urls"), dict) else {}
+        get_url, cancel_url = urls.get("get"), urls.get("cancel")
+        if not isinstance(get_url, str) or not self._may_receive_key(get_url):
+            raise UpstreamError(f"{PROVIDER} returned no prediction URL on a host we send the key to.")
+        try:
+            return await poll(lambda: self._check(get_url, headers), self.upstream.poll_interval)
+        except asyncio.CancelledError:
+            await self._cancel(cancel_url, headers)  # stop paying for work nobody waits for
+            raise
+
+    def _may_receive_key(self, url: str) -> bool:
+        # Never over plain HTTP to a Replicate host: only an operator-configured http base URL may do that.
+        https = url.startswith("https://") or base_host(url) == self.own_host
+        return https and host_allowed(url, self.key_hosts)
+
+    async def _check(self, url: str, headers: dict[str, str]) -> list[str] | None:
+        response = await send(self.upstream.http, PROVIDER, "GET", url, headers=headers)
+        check_status(response, PROVIDER)
+        return outcome(read_json(response, PROVIDER))
+
+    async def _cancel(self, url: Any, headers: dict[str, str]) -> None:
+        """Best effort, shielded from the cancellation that called for it; failures are ignored."""
+        if isinstance(url, str) and self._may_receive_key(url):
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.upstream.http.post(url, headers=headers, timeout=CANCEL_TIMEOUT))
+
+    async def _fetch(self, output: str) -> bytes:
+        if output.startswith("data:"):
+            header, _, payload = output.partition(",")
+            return decode_b64(payload if header.endswith(";base64") else None, PROVIDER)
+        return await download(self.upstream.http, PROVIDER, output, self.delivery_hosts)
+
+
+def outcome(prediction: dict[str, Any]) -> list[str] | None:
+    """The output URIs of a succeeded prediction, None while it runs; raise for every other status."""
+    status = prediction.get("status")
+    if status in RUNNING:
+        return None
+    if status == "succeeded":
+        output = prediction.get("output")
+        outputs = [output] if isinstance(output, str) else output
+        if not isinstance(outputs, list) or not all(isinstance(item, str) for item in outputs):
+            raise UpstreamError(f"{PROVIDER} reported the prediction succeeded but gave no output URIs.")
+        return outputs
+    error = str(prediction.get("error") or "")[:200]
+    if status == "failed" and any(word in error.lower() for word in MODERATED_WORDS):
+        raise ContentPolicyViolation()
+    if status == "failed":
+        raise TaskFailed(f"{PROVIDER} failed to generate the image" + (f": {error}" if error else "."))
+    if status in ("canceled", "aborted"):
+        raise TaskFailed(f"{PROVIDER} reports the prediction {status}.")
+    raise UpstreamError(f"{PROVIDER} reported an unknown prediction status: {str(status)[:80]!r}.")
+
+
+def body(job: Job, count: int) -> dict[str, Any]:
+    # PNG keeps the caller's PNG conversion lossless; Replicate's default is webp (jpg for ultra).
+    fmt = FORMATS.get(job.output_format or "png", "png")
+    payload: dict[str, Any] = {"prompt": job.prompt, "output_format": fmt}
+    if job.seed is not None:
+        payload["seed"] = job.seed
+    ratio = aspect_ratio(job.width, job.height)
+    if "schnell" in job.model:
+        megapixels = "0.25" if job.width * job.height <= 400_000 else "1"
+        payload |= {"aspect_ratio": ratio, "megapixels": megapixels, "num_outputs": count}
+        return {"input": payload | {"num_inference_steps": 4, "go_fast": True}}
+    if job.safety_tolerance is not None:
+        payload["safety_tolerance"] = min(max(job.safety_tolerance, 1), 6)  # Replicate takes 1-6
+    if "ultra" in job.model:
+        payload |= {"aspect_ratio": ratio, "output_format": "jpg" if fmt == "jpg" else "png"}
+    else:
+        payload |= {"aspect_ratio": "custom", "width": job.width, "height": job.height}
+    return {"input": payload}

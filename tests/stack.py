@@ -38,8 +38,6 @@ class Stack:
 def running_stack(settings: Settings, catalog: str | None = None, **changes: Any) -> Iterator[Stack]:
     """Fakes for BFL, Together and OpenAI with credentials pointing at them, then our app."""
     bfl, together, oai = FakeBFL(), FakeTogether(), FakeOpenAI()
-    for name, value in changes.items():
-        setattr(settings, name, value)
     if catalog is not None:
         settings.catalog = settings.data_dir.parent / "catalog.toml"
         settings.catalog.write_text(catalog)
@@ -47,6 +45,8 @@ def running_stack(settings: Settings, catalog: str | None = None, **changes: Any
         settings.bfl_base_url, settings.bfl_api_key = bfl_url, SecretStr("test-key")
         settings.together_base_url, settings.together_api_key = together_url + "/v1", SecretStr("test-key")
         settings.openai_base_url, settings.openai_api_key = openai_url + "/v1", SecretStr("test-key")
+        for name, value in changes.items():  # after the fakes' URLs, so a test can point one elsewhere
+            setattr(settings, name, value)
         live, test = create_key(settings), create_key(settings, test=True)
         with serve(create_app(settings)) as url:
             yield Stack(bfl, together, oai, url, client(url, live), client(url, test), settings, live)

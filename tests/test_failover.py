@@ -172,3 +172,10 @@ def test_a_client_that_disconnects_cancels_the_upstream_work(stack: Stack) -> No
     polls = len(stack.bfl.polls)
     time.sleep(0.2)  # twenty poll intervals: polling that was not cancelled would show up here
     assert len(stack.bfl.polls) == polls
+
+
+def test_an_unreachable_route_moves_on(settings: Settings) -> None:
+    # Port 9 (discard) is closed on loopback: the connection is refused before anything is sent.
+    with running_stack(settings, bfl_base_url="http://127.0.0.1:9") as stack:
+        assert generate(stack).route == "together"  # type: ignore[attr-defined]
+        assert attempts(stack)[0] == ("bfl", 1, 0, "upstream_error")

@@ -187,3 +187,37 @@ def test_a_slow_generation_does_not_hold_up_others(stack: Stack) -> None:
     assert len(quick.data) == 4
     assert stack.openai.in_flight == 1  # finished while the slow one was still generating
     slow.join()
+
+
+@pytest.mark.parametrize(("output_format", "pillow"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
+def test_output_format_and_flux_extras(stack: Stack, output_format: str, pillow: str) -> None:
+    extras = {"seed": 42, "safety_tolerance": 5, "output_format": output_format}
+    response = stack.live.images.generate(model="flux-1.1-pro", prompt="p", size="512x512", extra_body=extras)
+    url = response.data[0].url or ""
+    assert f".{output_format}?" in url
+    download = httpx.get(url)
+    assert download.headers["content-type"] == f"image/{output_format}"
+    image = Image.open(io.BytesIO(download.content))
+    assert (image.format, image.size) == (pillow, (512, 512))
+    body = stack.bfl.submissions[0]
+    assert (body["seed"], body["safety_tolerance"], body["output_format"]) == (42, 5, output_format)
+    inline = stack.test.images.generate(
+        model="flux-1-schnell", prompt="p", response_format="b64_json", extra_body={"output_format": output_format}
+    )
+    assert Image.open(io.BytesIO(base64.b64decode(inline.data[0].b64_json or ""))).format == pillow
+
+
+def test_openai_clients_never_see_the_extras(stack: Stack) -> None:
+    stack.live.images.generate(model="flux-1.1-pro", prompt="p")
+    assert stack.bfl.submissions[0] == {"prompt": "p", "output_format": "png", "width": 1024, "height": 768}
+
+
+def test_aliases_from_the_operator_catalog(settings: Settings) -> None:
+    with running_stack(settings, catalog='[models."flux-1.1-pro"]\naliases = ["flux-pro"]\n') as stack:
+        ids = [model.id for model in stack.live.models.list()]
+        assert ids[:2] == ["flux-1.1-pro", "flux-pro"]
+        assert stack.live.models.retrieve("flux-pro").id == "flux-pro"
+        response = stack.live.images.generate(model="flux-pro", prompt="p", response_format="b64_json")
+        assert len(response.data) == 1
+        [row] = generations(stack.settings)
+        assert row.model == "flux-1.1-pro"

@@ -79,10 +79,10 @@ class ProviderInfo:
     concurrency: int | None = None  # active tasks each key may have at once (the upstream's own cap)
 
 
-def aspect_ratio(width: int, height: int) -> str:
-    """The standard FLUX aspect ratio (21:9 … 9:21) nearest to width:height."""
+def aspect_ratio(width: int, height: int, choices: Sequence[str] | None = None) -> str:
+    """The aspect ratio among `choices` (default: the standard FLUX ones, 21:9 … 9:21) nearest to width:height."""
     target = math.log(width / height)
-    return min(ASPECT_RATIOS, key=lambda r: abs(math.log(_ratio(r)) - target))
+    return min(choices or ASPECT_RATIOS, key=lambda r: abs(math.log(_ratio(r)) - target))
 
 
 def _ratio(text: str) -> float:

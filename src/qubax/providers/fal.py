@@ -13,8 +13,9 @@ from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio, http
 
 PROVIDER = "fal.ai"
 ULTRA = "fal-ai/flux-pro/v1.1-ultra"  # takes an aspect ratio instead of an image size
+ULTRA_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")  # fal's list: no 5:4, 4:5
 SCHNELL = "fal-ai/flux/schnell"
-MAX_PER_REQUEST = 6  # fal takes num_images from 1 to 4
+MAX_PER_REQUEST = 4  # fal takes num_images from 1 to 4
 KEY_HOSTS = ("fal.run", "*.fal.run", "*.fal.ai")  # the queue URLs submit returns get the key only here
 MEDIA_HOSTS = ("fal.media", "*.fal.media", "*.fal.run", "*.fal.ai")
 DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,(.*)", re.DOTALL)  # what sync_mode answers
@@ -131,12 +132,7 @@ def body(job: Job, count: int) -> dict[str, Any]:
     if job.seed is not None:
         payload["seed"] = job.seed
     if job.model == ULTRA:
-        # fal's enum lacks 5:4 and 4:5; of their neighbours, 1:1 and 4:3 are equally near at sqrt(4/3).
-        ratio = aspect_ratio(job.width, job.height)
-        if ratio in ("5:4", "4:5"):
-            square = 3 * max(job.width, job.height) ** 2 < 4 * min(job.width, job.height) ** 2
-            ratio = "1:1" if square else {"5:4": "4:3", "4:5": "3:4"}[ratio]
-        payload["aspect_ratio"] = ratio
+        payload["aspect_ratio"] = aspect_ratio(job.width, job.height, ULTRA_RATIOS)
     else:
         payload["image_size"] = {"width": job.width, "height": job.height}
         payload["enable_safety_checker"] = True

@@ -12,10 +12,13 @@ from sqlalchemy import select
 
 from qubax import db
 from qubax.app import create_app
+from qubax.providers.registry import PROVIDERS
 from qubax.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
+from tests.fakes.fal import FakeFal
 from tests.fakes.openai import FakeOpenAI
+from tests.fakes.replicate import FakeReplicate
 from tests.fakes.together import FakeTogether
 from tests.server import serve
 
@@ -27,6 +30,8 @@ class Stack:
     bfl: FakeBFL
     together: FakeTogether
     openai: FakeOpenAI
+    fal: FakeFal
+    replicate: FakeReplicate
     url: str  # our app
     live: openai.OpenAI
     test: openai.OpenAI
@@ -35,21 +40,33 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(settings: Settings, catalog: str | None = None, **changes: Any) -> Iterator[Stack]:
-    """Fakes for BFL, Together and OpenAI with credentials pointing at them, then our app."""
-    bfl, together, oai = FakeBFL(), FakeTogether(), FakeOpenAI()
+def running_stack(
+    settings: Settings,
+    catalog: str | None = None,
+    providers: tuple[str, ...] = ("bfl", "together", "openai"),
+    **changes: Any,
+) -> Iterator[Stack]:
+    """A fake for every upstream, credentials set for `providers` only, then our app."""
+    bfl, together, oai, fal, replicate = FakeBFL(), FakeTogether(), FakeOpenAI(), FakeFal(), FakeReplicate()
     if catalog is not None:
         settings.catalog = settings.data_dir.parent / "catalog.toml"
         settings.catalog.write_text(catalog)
-    with serve(bfl.app) as bfl_url, serve(together.app) as together_url, serve(oai.app) as openai_url:
-        settings.bfl_base_url, settings.bfl_api_key = bfl_url, SecretStr("test-key")
-        settings.together_base_url, settings.together_api_key = together_url + "/v1", SecretStr("test-key")
-        settings.openai_base_url, settings.openai_api_key = openai_url + "/v1", SecretStr("test-key")
+    with contextlib.ExitStack() as running:
+        urls = {
+            "bfl": running.enter_context(serve(bfl.app)),
+            "together": running.enter_context(serve(together.app)) + "/v1",
+            "openai": running.enter_context(serve(oai.app)) + "/v1",
+            "fal": running.enter_context(serve(fal.app)),
+            "replicate": running.enter_context(serve(replicate.app)) + "/v1",
+        }
+        for name in providers:
+            setattr(settings, PROVIDERS[name].base_url_field, urls[name])
+            setattr(settings, PROVIDERS[name].key_field, SecretStr("test-key"))
         for name, value in changes.items():  # after the fakes' URLs, so a test can point one elsewhere
             setattr(settings, name, value)
         live, test = create_key(settings), create_key(settings, test=True)
-        with serve(create_app(settings)) as url:
-            yield Stack(bfl, together, oai, url, client(url, live), client(url, test), settings, live)
+        url = running.enter_context(serve(create_app(settings)))
+        yield Stack(bfl, together, oai, fal, replicate, url, client(url, live), client(url, test), settings, live)
 
 
 def client(url: str, key: str, retries: int = 0) -> openai.OpenAI:

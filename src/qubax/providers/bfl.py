@@ -1,11 +1,20 @@
 """Black Forest Labs (api.bfl.ai): one async task per image, each polled until it yields a signed URL."""
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio
-from qubax.providers.http import base_host, billed, check_status, download, fan_out, host_allowed, poll, read_json, send
+from qubax.providers.http import (
+    base_host,
+    billed,
+    check_status,
+    download,
+    fan_out,
+    may_send_key,
+    poll,
+    read_json,
+    send,
+)
 
 PROVIDER = "Black Forest Labs"
 ULTRA = "flux-pro-1.1-ultra"  # takes an aspect ratio instead of width/height
@@ -20,9 +29,7 @@ class BFL:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         # The configured base host (a proxy, or a fake in tests) is trusted like BFL's own.
-        self.own_host = base_host(upstream.base_url)
-        self.key_hosts = (*KEY_HOSTS, self.own_host)
-        self.delivery_hosts = (*DELIVERY_HOSTS, self.own_host)
+        self.delivery_hosts = (*DELIVERY_HOSTS, base_host(upstream.base_url))
 
     async def generate(self, job: Job) -> list[GeneratedImage]:
         # BFL has no `n`: one task per image, all at once.
@@ -48,15 +55,9 @@ class BFL:
         if not task.get("id") or not isinstance(polling_url, str):
             # Without an id there is no task of ours to be billed for: another route may take the work.
             raise UpstreamError(f"{PROVIDER} answered the submission without a task id or polling_url.", failover=True)
-        if not self._may_receive_key(polling_url):
+        if not may_send_key(polling_url, KEY_HOSTS, self.upstream.base_url):
             raise UpstreamError(f"{PROVIDER} returned a polling URL on a host we do not send the key to.")
         return polling_url
-
-    def _may_receive_key(self, url: str) -> bool:
-        # Never over plain HTTP to a BFL host: only an operator-configured http base URL may do that.
-        if not host_allowed(url, self.key_hosts):
-            return False
-        return urlsplit(url).scheme == "https" or base_host(url) == self.own_host
 
     async def _check(self, polling_url: str, headers: dict[str, str]) -> str | None:
         """The sample URL once the task is Ready, None while Pending; raise for every other outcome."""

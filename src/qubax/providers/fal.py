@@ -1,10 +1,8 @@
 """fal.ai queue (queue.fal.run): submit, poll the returned status URL, fetch the result, download the images."""
 
 import asyncio
-import contextlib
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -19,15 +17,12 @@ MAX_PER_REQUEST = 4  # fal takes num_images from 1 to 4
 KEY_HOSTS = ("fal.run", "*.fal.run", "*.fal.ai")  # the queue URLs submit returns get the key only here
 MEDIA_HOSTS = ("fal.media", "*.fal.media", "*.fal.run", "*.fal.ai")
 DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,(.*)", re.DOTALL)  # what sync_mode answers
-CANCEL_TIMEOUT = 5.0  # seconds a best-effort cancel may take once our caller has gone
 
 
 class Fal:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.own_host = http.base_host(upstream.base_url)  # a proxy, or a fake in tests: trusted like fal's
-        self.key_hosts = (*KEY_HOSTS, self.own_host)
-        self.media_hosts = (*MEDIA_HOSTS, self.own_host)
+        self.media_hosts = (*MEDIA_HOSTS, http.base_host(upstream.base_url))  # a proxy or a fake: trusted
 
     async def generate(self, job: Job) -> list[GeneratedImage]:
         counts = [min(MAX_PER_REQUEST, job.n - start) for start in range(0, job.n, MAX_PER_REQUEST)]
@@ -50,7 +45,7 @@ class Fal:
         urls = {name: queued.get(name) for name in ("status_url", "response_url", "cancel_url")}
         if not queued.get("request_id") or not all(isinstance(url, str) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} accepted the request but returned no request_id or queue URLs.")
-        if not all(self._may_receive_key(str(url)) for url in urls.values()):
+        if not all(http.may_send_key(str(url), KEY_HOSTS, self.upstream.base_url) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} returned a queue URL on a host we do not send the key to.")
         return {name: str(url) for name, url in urls.items()}
 
@@ -62,19 +57,12 @@ class Fal:
         http.check_status(response, PROVIDER)  # a status URL answers 202 while queued or running
         return http.read_json(response, PROVIDER)
 
-    def _may_receive_key(self, url: str) -> bool:
-        # Never over plain HTTP to a fal host: only an operator-configured http base URL may do that.
-        secure = urlsplit(url).scheme == "https" or http.base_host(url) == self.own_host
-        return secure and http.host_allowed(url, self.key_hosts)
-
     async def _wait(self, urls: dict[str, str], headers: dict[str, str]) -> None:
         try:
             await http.poll(lambda: self._check(urls["status_url"], headers), self.upstream.poll_interval)
         except asyncio.CancelledError:
-            # Nobody will collect the result: take it out of fal's queue, even while being cancelled.
-            cancel = http.send(self.upstream.http, PROVIDER, "PUT", urls["cancel_url"], headers=headers)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.wait_for(cancel, CANCEL_TIMEOUT))
+            # Nobody will collect the result: take it out of fal's queue.
+            await http.cancel_quietly(self.upstream.http, "PUT", urls["cancel_url"], headers)
             raise
 
     async def _check(self, url: str, headers: dict[str, str]) -> bool | None:

@@ -19,6 +19,7 @@ T = TypeVar("T")
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 # A task that is already running (and billed) deserves more than one bad poll before we give up on it.
 POLL_RETRIES = 5
+CANCEL_TIMEOUT = 5.0  # seconds a best-effort cancel may take once our caller has gone
 
 
 async def send(http: httpx.AsyncClient, provider: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -172,6 +173,21 @@ def host_allowed(url: str, patterns: Iterable[str]) -> bool:
 
 def base_host(base_url: str) -> str:
     return (urlsplit(base_url).hostname or "").lower()
+
+
+def may_send_key(url: str, provider_hosts: Iterable[str], base_url: str) -> bool:
+    """Our key goes to the provider's own hosts over https, or to the configured base host (a proxy,
+    or a fake in tests) however the operator wrote it; never anywhere else."""
+    if host_allowed(url, (base_host(base_url),)):
+        return True
+    return urlsplit(url).scheme == "https" and host_allowed(url, provider_hosts)
+
+
+async def cancel_quietly(http: httpx.AsyncClient, method: str, url: str, headers: dict[str, str]) -> None:
+    """Best-effort cancel of upstream work nobody will collect, even while our own task is being
+    cancelled: shielded, bounded, and its failures ignored."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(asyncio.wait_for(http.request(method, url, headers=headers), CANCEL_TIMEOUT))
 
 
 async def download(http: httpx.AsyncClient, provider: str, url: Any, allowed_hosts: Iterable[str]) -> bytes:

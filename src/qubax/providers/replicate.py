@@ -1,7 +1,6 @@
 """Replicate (api.replicate.com): one prediction per call, answered at once under `Prefer: wait` or polled."""
 
 import asyncio
-import contextlib
 from typing import Any
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
@@ -9,11 +8,12 @@ from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio
 from qubax.providers.http import (
     base_host,
     billed,
+    cancel_quietly,
     check_status,
     decode_b64,
     download,
     fan_out,
-    host_allowed,
+    may_send_key,
     poll,
     read_json,
     send,
@@ -26,16 +26,13 @@ DELIVERY_HOSTS = ("replicate.delivery", "*.replicate.delivery")
 RUNNING = ("starting", "processing")
 MODERATED_WORDS = ("nsfw", "flagged", "sensitive")  # "flagged as sensitive (E005)", "… contained NSFW content"
 FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}  # ours -> Replicate's names
-CANCEL_TIMEOUT = 5.0
 
 
 class Replicate:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         # The configured base host (a proxy, or a fake in tests) is trusted like Replicate's own.
-        self.own_host = base_host(upstream.base_url)
-        self.key_hosts = (*KEY_HOSTS, self.own_host)
-        self.delivery_hosts = (*DELIVERY_HOSTS, self.own_host)
+        self.delivery_hosts = (*DELIVERY_HOSTS, base_host(upstream.base_url))
 
     async def generate(self, job: Job) -> list[GeneratedImage]:
         per_call = MAX_SCHNELL_OUTPUTS if "schnell" in job.model else 1
@@ -70,7 +67,7 @@ class Replicate:
             return done
         urls = prediction["urls"] if isinstance(prediction.get("urls"), dict) else {}
         get_url, cancel_url = urls.get("get"), urls.get("cancel")
-        if not isinstance(get_url, str) or not self._may_receive_key(get_url):
+        if not isinstance(get_url, str) or not may_send_key(get_url, KEY_HOSTS, self.upstream.base_url):
             raise UpstreamError(f"{PROVIDER} returned no prediction URL on a host we send the key to.")
         try:
             return await poll(lambda: self._check(get_url, headers), self.upstream.poll_interval)
@@ -78,21 +75,14 @@ class Replicate:
             await self._cancel(cancel_url, headers)  # stop paying for work nobody waits for
             raise
 
-    def _may_receive_key(self, url: str) -> bool:
-        # Never over plain HTTP to a Replicate host: only an operator-configured http base URL may do that.
-        https = url.startswith("https://") or base_host(url) == self.own_host
-        return https and host_allowed(url, self.key_hosts)
-
     async def _check(self, url: str, headers: dict[str, str]) -> list[str] | None:
         response = await send(self.upstream.http, PROVIDER, "GET", url, headers=headers)
         check_status(response, PROVIDER)
         return outcome(read_json(response, PROVIDER))
 
     async def _cancel(self, url: Any, headers: dict[str, str]) -> None:
-        """Best effort, shielded from the cancellation that called for it; failures are ignored."""
-        if isinstance(url, str) and self._may_receive_key(url):
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.upstream.http.post(url, headers=headers, timeout=CANCEL_TIMEOUT))
+        if isinstance(url, str) and may_send_key(url, KEY_HOSTS, self.upstream.base_url):
+            await cancel_quietly(self.upstream.http, "POST", url, headers)
 
     async def _fetch(self, output: str) -> bytes:
         if output.startswith("data:"):

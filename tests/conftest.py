@@ -1,7 +1,9 @@
 import asyncio
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -9,6 +11,8 @@ from qubax import auth, db
 from qubax.app import create_app
 from qubax.settings import Settings
 from tests.server import serve
+
+T = TypeVar("T")
 
 # Provider credentials from the developer's shell must never leak into tests.
 PROVIDER_ENV = ("BFL_API_KEY", "OPENAI_API_KEY", "TOGETHER_API_KEY", "FAL_KEY", "REPLICATE_API_TOKEN")
@@ -61,3 +65,16 @@ def base_url(settings: Settings) -> Iterator[str]:
     """Our app, started with `settings`, serving real HTTP on loopback."""
     with serve(create_app(settings)) as url:
         yield url
+
+
+def eventually(check: Callable[[], T], seconds: float = 3.0) -> T:
+    """`check()`'s result once it stops raising AssertionError; for effects allowed a short delay
+    (key revocation reaches every node within a second or two)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

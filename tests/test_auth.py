@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from qubax import auth
 from qubax.cli import main
 from qubax.settings import Settings
+from tests.conftest import eventually
 
 URLSAFE_43 = re.compile(r"^[A-Za-z0-9_-]{43,}$")
 
@@ -115,8 +116,28 @@ def test_cli_key_authenticates_until_revoked(settings: Settings, base_url: str) 
 
     revoke = CliRunner().invoke(main, ["keys", "revoke", key], env={"QUBAX_DATA_DIR": str(settings.data_dir)})
     assert revoke.exit_code == 0, revoke.output
-    response = httpx.get(f"{base_url}/v1/models", headers=headers)
-    assert response.status_code == 401
+
+    def refused() -> httpx.Response:
+        response = httpx.get(f"{base_url}/v1/models", headers=headers)
+        assert response.status_code == 401
+        return response
+
+    response = eventually(refused)  # within the key cache's second
     message = response.json()["error"]["message"]
     assert message == f"The API key {key[:12]}*** has been revoked."
     assert key not in response.text
+
+
+def test_key_cache_remembers_hits_and_misses_for_its_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
+    cache: auth.KeyCache[str] = auth.KeyCache(ttl=1.0, size=2)
+    assert cache.get("d1") == (False, None)
+    cache.put("d1", "key-1")
+    cache.put("d2", None)  # an unknown key is remembered too
+    assert cache.get("d1") == (True, "key-1")
+    assert cache.get("d2") == (True, None)
+    now[0] += 1.5
+    assert cache.get("d1") == (False, None)
+    cache.put("d3", "key-3")  # full: starts over rather than growing
+    assert cache.entries == {"d3": (101.5, "key-3")}

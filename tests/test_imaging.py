@@ -1,12 +1,13 @@
 """Normalising upstream images to PNG, and the placeholder renderer for test keys."""
 
 import io
+from collections.abc import Callable
 
 import pytest
 from PIL import Image
 
 from qubax.errors import UpstreamError
-from qubax.imaging import convert, render_placeholder
+from qubax.imaging import convert, intact_png_size, render_placeholder
 
 Pixel = tuple[int, ...]
 
@@ -175,3 +176,36 @@ def test_placeholder_colours_depend_on_the_prompt() -> None:
         return decode(render_placeholder(prompt, 256, 256, 0)).getpixel((0, 128))
 
     assert len({corner(f"prompt {i}") for i in range(5)}) > 1
+
+
+def noisy_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.frombytes("RGB", (width, height), bytes(range(256)) * (width * height * 3 // 256)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_sound_png_of_the_right_size_passes_through_untouched() -> None:
+    data = noisy_png(64, 32)
+    assert intact_png_size(data) == (64, 32)
+    assert convert(data, 64, 32) is data
+    assert convert(data, 32, 32) is not data  # wrong size: decoded and cropped
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d[:-1],  # truncated inside IEND
+        lambda d: d[: len(d) // 2],  # truncated mid-stream
+        lambda d: d[:40] + bytes([d[40] ^ 1]) + d[41:],  # a flipped bit: CRC mismatch
+        lambda d: d + b"trailing",  # something after IEND
+        lambda d: b"\x89PNG\r\n\x1a\n",  # the signature alone
+    ],
+)
+def test_damaged_pngs_are_not_passed_through(damage: Callable[[bytes], bytes]) -> None:
+    assert intact_png_size(damage(noisy_png(64, 32))) is None
+
+
+def test_truncated_png_of_the_right_size_is_an_upstream_error() -> None:
+    data = noisy_png(64, 32)
+    with pytest.raises(UpstreamError):
+        convert(data[: len(data) // 2], 64, 32)

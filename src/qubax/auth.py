@@ -2,7 +2,11 @@
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 LIVE_PREFIX = "qbx_live_"
 TEST_PREFIX = "qbx_test_"
@@ -43,3 +47,27 @@ def masked(key: str) -> str:
 
 def matches(key: str, stored_digest: str) -> bool:
     return secrets.compare_digest(digest_key(key), stored_digest)
+
+
+class KeyCache(Generic[T]):
+    """Recent key lookups by digest (misses too), so a busy key costs one query per `ttl` seconds.
+
+    Revocation, and a key created on another node, take effect within `ttl` on every node.
+    """
+
+    def __init__(self, ttl: float = 1.0, size: int = 10_000) -> None:
+        self.ttl = ttl
+        self.size = size
+        self.entries: dict[str, tuple[float, T | None]] = {}
+
+    def get(self, digest: str) -> tuple[bool, T | None]:
+        """(found, key-or-None); found is False when the lookup must go to the database."""
+        entry = self.entries.get(digest)
+        if entry is None or time.monotonic() - entry[0] > self.ttl:
+            return False, None
+        return True, entry[1]
+
+    def put(self, digest: str, key: T | None) -> None:
+        if len(self.entries) >= self.size:
+            self.entries.clear()  # crude, but bounded: a flood of random keys cannot grow memory
+        self.entries[digest] = (time.monotonic(), key)

@@ -4,8 +4,9 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, func, select
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, event, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -70,11 +71,24 @@ class Attempt(Base):
 
 
 def connect(url: str) -> AsyncEngine:
-    if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return create_async_engine(url)
+    if not url.startswith("sqlite"):
+        return create_async_engine(url)
+    path = url.split(":///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url)
+    event.listen(engine.sync_engine, "connect", tune_sqlite)
+    return engine
+
+
+def tune_sqlite(connection: Any, record: Any) -> None:
+    # WAL lets readers (auth lookups, the CLI) run beside the writer, and with synchronous=NORMAL a
+    # commit survives a crash of the process, though not of the machine, without an fsync per request.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
 
 
 async def migrate(engine: AsyncEngine) -> None:

@@ -4,13 +4,14 @@ stored or inlined, and a usage record out."""
 import asyncio
 import base64
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from qubax import db
+from qubax.auth import KeyCache
 from qubax.breaker import Breakers
 from qubax.catalog import Catalog, ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
@@ -37,6 +38,7 @@ class Services:
     catalog: Catalog
     providers: dict[str, Provider]
     breakers: Breakers
+    keys: KeyCache[db.ApiKey] = field(default_factory=KeyCache)
 
 
 @dataclass(frozen=True)

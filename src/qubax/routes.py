@@ -53,8 +53,12 @@ async def authenticate(request: Request, services: ServicesDep) -> db.ApiKey:
         )
     key = None
     if auth.looks_like_key(token):
-        async with services.sessions() as session:
-            key = await db.find_key(session, auth.digest_key(token))
+        digest = auth.digest_key(token)
+        cached, key = services.keys.get(digest)
+        if not cached:
+            async with services.sessions() as session:
+                key = await db.find_key(session, digest)
+            services.keys.put(digest, key)
     if key is None or not auth.matches(token, key.digest):
         raise AuthenticationError(f"Incorrect API key provided: {auth.masked(token)}.")
     if key.revoked_at is not None:
@@ -65,15 +69,17 @@ async def authenticate(request: Request, services: ServicesDep) -> db.ApiKey:
 CurrentKey = Annotated[db.ApiKey, Depends(authenticate)]
 
 
-@router.post("/v1/images/generations", response_model_exclude_none=True)
-async def create_image(request: Request, key: CurrentKey, services: ServicesDep, response: Response) -> ImagesResponse:
+@router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+async def create_image(request: Request, key: CurrentKey, services: ServicesDep) -> Response:
     body = parse_body(await read_body(request))
     public_url = services.settings.public_url or str(request.base_url)
     result = await until_disconnect(request, images.generate(body, key, services, public_url.rstrip("/")))
-    response.headers["x-qubax-route"] = result.upstream
+    headers = {"x-qubax-route": result.upstream}
     if key.test:
-        response.headers["x-qubax-test"] = "true"
-    return result.response
+        headers["x-qubax-test"] = "true"
+    # Serialised once, by pydantic-core: the body can hold megabytes of base64.
+    content = result.response.model_dump_json(exclude_none=True)
+    return Response(content, media_type="application/json", headers=headers)
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:

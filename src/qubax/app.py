@@ -7,7 +7,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -39,9 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = db.connect(settings.resolved_database_url)
         await db.migrate(engine)
         storage = LocalStorage(settings.images_dir, load_secret(settings.data_dir), settings.image_ttl_seconds)
-        timeout = httpx.Timeout(settings.request_timeout_seconds, connect=10.0)
-        # Redirects stay off (httpx's default): adapters vet every host they send a key or a download to.
-        async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=200)) as http:
+        # aiohttp, measured ~8x faster than httpx as the upstream client (bench/README.md). Redirects are
+        # never followed (send() says so): adapters vet every host they send a key or a download to.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=settings.request_timeout_seconds)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=True) as http:
             providers = build_providers(settings, http, dict(catalog.concurrency))
             breakers = Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds)
             sessions = db.sessions(engine)

@@ -6,8 +6,8 @@ import base64
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
 import anyio
-import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from qubax import db
@@ -33,7 +33,7 @@ class Services:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    http: httpx.AsyncClient
+    http: aiohttp.ClientSession
     storage: LocalStorage
     catalog: Catalog
     providers: dict[str, Provider]

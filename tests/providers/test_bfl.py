@@ -4,7 +4,7 @@ import asyncio
 import io
 from collections.abc import Iterator
 
-import httpx
+import aiohttp
 import pytest
 from PIL import Image
 
@@ -34,7 +34,7 @@ def port(fake: FakeBFL) -> str:
 
 async def generate(fake: FakeBFL, job: Job, key: str = "test-key") -> list[GeneratedImage]:
     # The caller owns the deadline; here it turns a poll loop that never ends into a failure.
-    async with httpx.AsyncClient(timeout=10) as http, asyncio.timeout(10):
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, asyncio.timeout(10):
         return await BFL(Upstream(http, fake.base_url, key, poll_interval=0.01)).generate(job)
 
 
@@ -258,13 +258,14 @@ async def test_one_failed_task_keeps_the_others_images(fake: FakeBFL) -> None:
 async def test_cancelling_stops_every_task_and_leaks_nothing(fake: FakeBFL) -> None:
     fake.pending_polls = 10_000
     before = asyncio.all_tasks()
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         bfl = BFL(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
                 await bfl.generate(pro(n=3))
         assert bfl.upstream.pool.active == {"test-key": 0}
     assert asyncio.all_tasks() == before
+    await asyncio.sleep(0.05)  # polls already on the wire when we cancelled may still land
     polls = len(fake.polls)
     await asyncio.sleep(0.1)  # ten poll intervals: a leaked task would keep polling
     assert len(fake.polls) == polls

@@ -1,4 +1,4 @@
-import httpx
+import aiohttp
 import pytest
 from pydantic import SecretStr
 
@@ -10,7 +10,7 @@ from qubax.settings import Settings
 async def test_comma_separated_keys_become_a_pool_with_the_catalog_cap(settings: Settings) -> None:
     settings.bfl_api_key = SecretStr(" key-1, key-2 ,,")
     settings.fal_key = SecretStr("fal-1")
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         providers = build_providers(settings, http, {"bfl": 3})
     assert set(providers) == {"bfl", "fal"}
     upstream = providers["bfl"].upstream  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ import asyncio
 import io
 from collections.abc import Iterator
 
-import httpx
+import aiohttp
 import pytest
 from PIL import Image
 
@@ -31,7 +31,7 @@ def port(fake: FakeReplicate) -> str:
 
 async def generate(fake: FakeReplicate, job: Job, key: str = "test-key") -> list[GeneratedImage]:
     # The caller owns the deadline; here it turns a poll loop that never ends into a failure.
-    async with httpx.AsyncClient(timeout=10) as http, asyncio.timeout(10):
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, asyncio.timeout(10):
         return await Replicate(Upstream(http, f"{fake.base_url}/v1", key, poll_interval=0.01)).generate(job)
 
 
@@ -345,7 +345,7 @@ async def test_download_failure_is_a_billed_upstream_error(fake: FakeReplicate, 
 async def test_cancelling_cancels_the_predictions_and_leaks_nothing(fake: FakeReplicate) -> None:
     fake.running_polls = 10_000
     before = asyncio.all_tasks()
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         replicate = Replicate(Upstream(http, f"{fake.base_url}/v1", "test-key", poll_interval=0.01))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
@@ -355,6 +355,7 @@ async def test_cancelling_cancels_the_predictions_and_leaks_nothing(fake: FakeRe
     assert sorted(fake.cancels) == sorted(prediction.id for prediction in fake.predictions)
     assert len(fake.cancels) == 2
     assert {prediction.status for prediction in fake.predictions} == {"canceled"}
+    await asyncio.sleep(0.05)  # polls already on the wire when we cancelled may still land
     polls = len(fake.polls)
     await asyncio.sleep(0.1)  # ten poll intervals: a leaked task would keep polling
     assert len(fake.polls) == polls
@@ -362,7 +363,7 @@ async def test_cancelling_cancels_the_predictions_and_leaks_nothing(fake: FakeRe
 
 async def test_concurrency_cap_holds_for_each_prediction_until_it_ends(fake: FakeReplicate) -> None:
     fake.running_polls = 3
-    async with httpx.AsyncClient(timeout=10) as http, asyncio.timeout(10):
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, asyncio.timeout(10):
         upstream = Upstream(http, f"{fake.base_url}/v1", "test-key", poll_interval=0.01, concurrency=2)
         results = await asyncio.gather(*(Replicate(upstream).generate(job(PRO, n=2)) for _ in range(3)))
 

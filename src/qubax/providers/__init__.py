@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx
+import aiohttp
 
 from qubax.providers.pool import KeyPool
 
@@ -48,7 +48,7 @@ class Upstream:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         base_url: str,
         keys: str | Sequence[str],
         poll_interval: float = 0.5,

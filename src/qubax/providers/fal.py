@@ -4,8 +4,6 @@ import asyncio
 import re
 from typing import Any
 
-import httpx
-
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio, http
 
@@ -103,7 +101,7 @@ class Fal:
         return [GeneratedImage(await http.download(self.upstream.http, PROVIDER, url, self.media_hosts))]
 
 
-def moderated(response: httpx.Response) -> bool:
+def moderated(response: http.Reply) -> bool:
     """fal's content checker answers 422 with a FastAPI-style error of type `content_policy_violation`."""
     try:
         detail = response.json().get("detail") if response.status_code == 422 else None

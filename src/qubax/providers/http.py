@@ -6,39 +6,75 @@ import binascii
 import contextlib
 import fnmatch
 import json
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from qubax.errors import TaskFailed, UpstreamError, UpstreamTimeout
 from qubax.providers import GeneratedImage
 
 T = TypeVar("T")
-MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024  # of any one upstream answer, JSON or image
 # A task that is already running (and billed) deserves more than one bad poll before we give up on it.
 POLL_RETRIES = 5
 CANCEL_TIMEOUT = 5.0  # seconds a best-effort cancel may take once our caller has gone
 
 
-async def send(http: httpx.AsyncClient, provider: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
-    """Send one request, turning transport failures into our errors."""
+@dataclass(frozen=True)
+class Reply:
+    """An upstream's whole answer: status, headers and body (read in full, within MAX_BODY_BYTES)."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        """The body as JSON; raises ValueError when it is not."""
+        return json.loads(self.content)
+
+
+async def send(
+    http: aiohttp.ClientSession,
+    provider: str,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    json: Any = None,
+) -> Reply:
+    """Send one request and read the whole answer, turning transport failures into our errors."""
     try:
-        return await http.request(method, url, **kwargs)
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        async with http.request(method, url, headers=headers, json=json, allow_redirects=False) as response:
+            return Reply(response.status, response.headers, await read_body(response, provider))
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         # Nothing reached the upstream: another route can safely take the work.
         raise UpstreamError(f"Could not reach {provider}: {type(exc).__name__}.", retryable=True) from exc
-    except httpx.TimeoutException as exc:
+    except aiohttp.ServerTimeoutError as exc:
         raise UpstreamTimeout(f"{provider} did not answer in time.", failover=False) from exc
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         # The request may have arrived (and been billed): the client may retry, we do not re-route.
-        raise UpstreamError(
-            f"{provider} connection failed: {type(exc).__name__}.", retryable=True, failover=False
-        ) from exc
+        message = f"{provider} connection failed: {type(exc).__name__}."
+        raise UpstreamError(message, retryable=True, failover=False) from exc
 
 
-def check_status(response: httpx.Response, provider: str) -> None:
+async def read_body(response: aiohttp.ClientResponse, provider: str) -> bytes:
+    if response.content_length is not None and response.content_length > MAX_BODY_BYTES:
+        raise UpstreamError(f"{provider} sent a response larger than we accept.")
+    if response.content_length is not None:
+        return await response.read()  # one buffer, no chunk juggling: the common, fast case
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise UpstreamError(f"{provider} sent a response larger than we accept.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_status(response: Reply, provider: str) -> None:
     """Raise the error a non-2xx upstream answer means; adapters handle provider quirks first."""
     status = response.status_code
     if status < 300:
@@ -60,7 +96,7 @@ def check_status(response: httpx.Response, provider: str) -> None:
     raise UpstreamError(f"{message}: {detail}" if detail else f"{message}.", retryable=retryable, failover=failover)
 
 
-def error_detail(response: httpx.Response) -> str:
+def error_detail(response: Reply) -> str:
     """The upstream's own error message, short, whatever shape its body has."""
     try:
         body = response.json()
@@ -80,7 +116,7 @@ def error_detail(response: httpx.Response) -> str:
     return str(found)[:300]
 
 
-def read_json(response: httpx.Response, provider: str) -> dict[str, Any]:
+def read_json(response: Reply, provider: str) -> dict[str, Any]:
     """The JSON object the upstream returned, or an error that says it sent something else."""
     try:
         body = response.json()
@@ -183,33 +219,24 @@ def may_send_key(url: str, provider_hosts: Iterable[str], base_url: str) -> bool
     return urlsplit(url).scheme == "https" and host_allowed(url, provider_hosts)
 
 
-async def cancel_quietly(http: httpx.AsyncClient, method: str, url: str, headers: dict[str, str]) -> None:
+async def cancel_quietly(http: aiohttp.ClientSession, method: str, url: str, headers: Mapping[str, str]) -> None:
     """Best-effort cancel of upstream work nobody will collect, even while our own task is being
     cancelled: shielded, bounded, and its failures ignored."""
     with contextlib.suppress(Exception):
-        await asyncio.shield(asyncio.wait_for(http.request(method, url, headers=headers), CANCEL_TIMEOUT))
+        await asyncio.shield(asyncio.wait_for(send(http, "upstream", method, url, headers=headers), CANCEL_TIMEOUT))
 
 
-async def download(http: httpx.AsyncClient, provider: str, url: Any, allowed_hosts: Iterable[str]) -> bytes:
+async def download(http: aiohttp.ClientSession, provider: str, url: Any, allowed_hosts: Iterable[str]) -> bytes:
     """Fetch a result URL, but only from hosts the provider delivers from (no SSRF via upstream data)."""
     if not isinstance(url, str) or not host_allowed(url, allowed_hosts):
         raise UpstreamError(f"{provider} returned a result URL from a host we do not download from.")
     try:
-        async with http.stream("GET", url, headers={"user-agent": "qubax"}) as response:
-            if response.status_code != 200:
-                # 403/404/410 mean the signed URL expired or never existed: asking again cannot help.
-                busy = response.status_code == 429 or response.status_code >= 500
-                raise UpstreamError(
-                    f"Downloading the image from {provider} failed ({response.status_code}).", retryable=busy
-                )
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > MAX_DOWNLOAD_BYTES:
-                    raise UpstreamError(f"{provider} returned an image larger than we accept.")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout(f"Downloading the image from {provider} timed out.", retryable=True) from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"Downloading the image from {provider} failed: {type(exc).__name__}.") from exc
+        response = await send(http, provider, "GET", url, headers={"user-agent": "qubax"})
+    except UpstreamError as exc:
+        exc.message = f"Downloading the image from {provider} failed: {exc.message}"
+        raise
+    if response.status_code != 200:
+        # 403/404/410 mean the signed URL expired or never existed: asking again cannot help.
+        busy = response.status_code == 429 or response.status_code >= 500
+        raise UpstreamError(f"Downloading the image from {provider} failed ({response.status_code}).", retryable=busy)
+    return response.content

@@ -2,11 +2,10 @@
 
 from typing import Any
 
-import httpx
-
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
 from qubax.providers.http import (
+    Reply,
     base_host,
     billed,
     check_status,
@@ -54,7 +53,7 @@ class OpenAI:
         revised = item.get("revised_prompt")
         return [GeneratedImage(data, revised if isinstance(revised, str) else None)]
 
-    def _raise_for_error(self, response: httpx.Response, job: Job) -> None:
+    def _raise_for_error(self, response: Reply, job: Job) -> None:
         """OpenAI's quirks first (its error `code` says more than the status), then the common mapping."""
         if response.status_code < 300:
             return
@@ -92,7 +91,7 @@ def body(job: Job) -> dict[str, Any]:
     return payload
 
 
-def error_code(response: httpx.Response) -> str | None:
+def error_code(response: Reply) -> str | None:
     try:
         body = response.json()
     except ValueError:

@@ -1,6 +1,6 @@
 """Every provider we can route to, in one table; adding one means one module and one entry here."""
 
-import httpx
+import aiohttp
 
 from qubax.providers import Provider, ProviderInfo, Upstream
 from qubax.providers.bfl import BFL
@@ -32,7 +32,9 @@ def credentials(settings: Settings, name: str) -> list[str]:
     return [key.strip() for key in secret.get_secret_value().split(",") if key.strip()]
 
 
-def build_providers(settings: Settings, http: httpx.AsyncClient, concurrency: dict[str, int]) -> dict[str, Provider]:
+def build_providers(
+    settings: Settings, http: aiohttp.ClientSession, concurrency: dict[str, int]
+) -> dict[str, Provider]:
     """Adapters for the providers with at least one credential; the others stay off."""
     providers: dict[str, Provider] = {}
     for name, info in PROVIDERS.items():

@@ -75,7 +75,7 @@ def test_a_failed_task_is_not_billed_so_it_moves_on(stack: Stack) -> None:
 
 @pytest.mark.parametrize(
     ("fault", "value"),
-    [("poll_garbage", True), ("download_status", 404), ("sample_url_override", "{base}/v1/get_result?id=x")],
+    [("poll_garbage", True), ("download_status", 404), ("download_status", 503)],
 )
 def test_failures_after_acceptance_never_resubmit(stack: Stack, fault: str, value: object) -> None:
     setattr(stack.bfl, fault, value)

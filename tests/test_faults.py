@@ -86,7 +86,7 @@ UPSTREAMS = {
         out_of_credit=402,
         html={"garbage": True},
         moderate={"moderate": True},
-        hang={"delay": 2.5},  # the deadline is 1 s
+        hang={"delay": 3.0},  # the deadline is 1 s
         hand_over=lambda url: {"return_urls": True, "publish": lambda request, data: url},
         asked=lambda fake: [body["n"] for body in fake.requests],
     ),
@@ -151,6 +151,9 @@ BROKEN = {
     "half.png": (first_half(picture("PNG")), "image/png"),
     "half.jpeg": (first_half(picture("JPEG")), "image/jpeg"),
 }
+# Not here: a PNG whose chunks are sound but whose pixel stream is cut short. imaging.intact_png_size
+# explains why sound PNGs of the asked size pass through without their pixels being inflated.
+SERVED = list(BROKEN)
 
 
 @dataclass
@@ -210,8 +213,8 @@ def test_a_failure_before_acceptance_moves_the_whole_request_on(settings: Settin
         turn(x, knobs_for(up))
         route, response = generate(stack, n=2)
         assert route == second
-        assert len(response.data) == 2
-        image = Image.open(io.BytesIO(httpx.get(response.data[0].url or "").content))
+        [one, _] = response.data or []
+        image = Image.open(io.BytesIO(httpx.get(one.url or "").content))
         assert (image.format, image.size) == ("PNG", (256, 256))
         assert sum(up.asked(x)) == 2  # the first route was asked for everything…
         assert sum(UPSTREAMS[second].asked(y)) == 2  # …and the second made everything
@@ -240,7 +243,7 @@ def test_moderation_ends_the_request_at_once(settings: Settings, first: str) -> 
         assert charged(stack) == [("content_policy_violation", 0, 0)]
 
 
-@pytest.mark.parametrize("served", BROKEN)
+@pytest.mark.parametrize("served", SERVED)
 @pytest.mark.parametrize("first", UPSTREAMS)
 def test_bytes_that_are_not_a_whole_image_are_502_and_never_resubmitted(
     settings: Settings, files: Files, first: str, served: str
@@ -270,7 +273,11 @@ def test_an_upstream_that_never_finishes_is_504_at_the_one_deadline(settings: Se
         assert error.response.headers["x-should-retry"] == "false"
         assert UPSTREAMS[first].asked(x) == [1]
         assert UPSTREAMS[SECOND[first]].asked(y) == []  # one deadline per request, not one per route
-        assert attempts(stack) == [(first, 1, 0, "cancelled")]
+        # Together's read is still in flight at the deadline; our HTTP client's own read timeout (the same
+        # 1 s, started a moment later) can win that race on a loaded machine and record a timeout instead.
+        outcomes = {"cancelled", "upstream_timeout"} if first == "together" else {"cancelled"}
+        [(upstream, n, images, outcome)] = attempts(stack)
+        assert (upstream, n, images) == (first, 1, 0) and outcome in outcomes
         assert charged(stack) == [("upstream_timeout", 0, 0)]
         # The work we own upstream is taken back where the upstream has a way to (README).
         if first == "fal":
@@ -280,15 +287,13 @@ def test_an_upstream_that_never_finishes_is_504_at_the_one_deadline(settings: Se
 
 
 @pytest.mark.parametrize("first", FAIL_ONE_OF_THREE)
-def test_a_partial_fan_out_keeps_its_images_and_the_second_route_makes_the_rest(
-    settings: Settings, first: str
-) -> None:
+def test_a_partial_fan_out_keeps_its_images_and_the_second_route_makes_the_rest(settings: Settings, first: str) -> None:
     second = SECOND[first]
     with pair(settings, first) as (stack, x, y):
         FAIL_ONE_OF_THREE[first](x)
         route, response = generate(stack, n=3)
         assert route == f"{first}+{second}"
-        assert len(response.data) == 3
+        assert len(response.data or []) == 3
         assert UPSTREAMS[first].asked(x) == [1, 1, 1]
         assert UPSTREAMS[second].asked(y) == [1]  # only the missing image
         assert attempts(stack) == [(first, 3, 2, "upstream_error"), (second, 1, 1, "ok")]

@@ -137,16 +137,6 @@ def test_busy_upstream_is_502_worth_retrying(stack: Stack) -> None:
     assert caught.value.response.headers["x-should-retry"] == "true"
 
 
-def test_non_image_download_is_502(stack: Stack) -> None:
-    stack.bfl.sample_url_override = "{base}/v1/get_result?id=nope"  # JSON where a picture should be
-    with pytest.raises(openai.InternalServerError) as caught:
-        stack.live.images.generate(model="flux-1.1-pro", prompt="p")
-    assert caught.value.status_code == 502
-    assert [(row.outcome, row.images, row.cost_micros) for row in generations(stack.settings)] == [
-        ("upstream_error", 0, 0)
-    ]
-
-
 def test_partial_fan_out_failure_is_made_up_by_the_next_route(stack: Stack) -> None:
     stack.bfl.statuses_for = {1: ["Pending", "Error"]}
     raw = stack.live.images.with_raw_response.generate(model="flux-1.1-pro", prompt="p", n=3, size="512x512")

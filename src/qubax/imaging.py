@@ -54,6 +54,9 @@ def intact_png_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a structurally sound PNG (every chunk's CRC checks out, IEND last), else None.
 
     Far cheaper than decoding, and catches what transport does to files: truncation and corruption.
+    It does not inflate the pixel stream: proving that costs ~10 ms per megapixel even for a flat
+    image (more than the rest of a request), and guards only against an encoder that wraps a cut-short
+    stream in valid chunks, which no upstream we route to has been seen to do.
     """
     if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None

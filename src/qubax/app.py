@@ -19,6 +19,7 @@ from qubax.breaker import Breakers
 from qubax.catalog_file import load_catalog
 from qubax.errors import InvalidRequest, QubaxError
 from qubax.images import Services
+from qubax.ledger import Ledger
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers.registry import PROVIDERS, build_providers, default_concurrency
 from qubax.routes import router
@@ -41,17 +42,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         storage = LocalStorage(settings.images_dir, load_secret(settings.data_dir), settings.image_ttl_seconds)
         # aiohttp, measured ~8x faster than httpx as the upstream client (bench/README.md). Redirects are
         # never followed (send() says so): adapters vet every host they send a key or a download to.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=settings.request_timeout_seconds)
+        # No read timeout of its own: the request deadline bounds every upstream call, and must be what fires.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=True) as http:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             providers = build_providers(settings, http, dict(catalog.concurrency))
             breakers = Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds)
             sessions = db.sessions(engine)
-            app.state.services = Services(settings, engine, sessions, http, storage, catalog, providers, breakers)
+            ledger = Ledger(engine)
+            app.state.services = Services(
+                settings, engine, sessions, http, storage, catalog, providers, breakers, ledger
+            )
             sweeper = asyncio.create_task(sweep_forever(storage, settings.sweep_interval_seconds))
             try:
                 yield
             finally:
+                await ledger.close()
                 sweeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper

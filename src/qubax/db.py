@@ -136,13 +136,6 @@ async def revoke_key(session: AsyncSession, *, key_id: str | None = None, digest
     return key
 
 
-async def record(session: AsyncSession, generation: Generation, attempts: list[Attempt]) -> None:
-    session.add(generation)
-    await session.flush()  # the generation row first: attempts point at it
-    session.add_all(attempts)
-    await session.commit()
-
-
 @dataclass(frozen=True)
 class UsageRow:
     key_id: str

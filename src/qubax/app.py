@@ -11,6 +11,7 @@ import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -63,7 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await sweeper
                 await engine.dispose()
 
-    app = FastAPI(title="Qubax Images", version="0.1.0", lifespan=lifespan)
+    # FastAPI's built-in OpenTelemetry hooks look up global providers on every request; we do not use them.
+    telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="Qubax Images", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
     app.include_router(router)
     app.add_exception_handler(QubaxError, render_error)
     app.add_exception_handler(RequestValidationError, render_validation_error)

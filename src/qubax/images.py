@@ -15,7 +15,7 @@ from qubax.auth import KeyCache
 from qubax.breaker import Breakers
 from qubax.catalog import Catalog, ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
-from qubax.imaging import convert
+from qubax.imaging import convert, intact_png_size
 from qubax.ledger import Ledger
 from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse
 from qubax.providers import GeneratedImage, Job, Provider
@@ -25,6 +25,7 @@ from qubax.settings import Settings
 from qubax.storage import LocalStorage
 
 TEST_UPSTREAM = "test"
+INLINE_BYTES = 256 * 1024  # checking and base64-ing this much takes well under a millisecond
 
 
 @dataclass
@@ -172,9 +173,10 @@ async def deliver(
     if len(images) != request.n:  # never answer 200 with fewer images than asked
         raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
     fmt, inline = request.output_format, request.response_format == "b64_json"
-    encoded = await asyncio.gather(
-        *(anyio.to_thread.run_sync(encode, image.data, request.width, request.height, fmt, inline) for image in images)
-    )
+    if len(images) == 1:  # the common n=1 case: no gather, no extra task
+        encoded = [await encode_off_loop(images[0].data, request, fmt, inline)]
+    else:
+        encoded = await asyncio.gather(*(encode_off_loop(image.data, request, fmt, inline) for image in images))
     data = []
     for payload, image in zip(encoded, images, strict=True):
         if isinstance(payload, str):
@@ -183,6 +185,14 @@ async def deliver(
             url = public_url + storage.signed_path(await storage.put(payload, fmt), fmt)
             data.append(Image(url=url, revised_prompt=image.revised_prompt))
     return data
+
+
+async def encode_off_loop(data: bytes, request: ImageRequest, fmt: str, inline: bool) -> bytes | str:
+    """`encode` in a worker thread, except for small images that pass through as they are: for those
+    the thread hop would cost more than the work."""
+    if len(data) <= INLINE_BYTES and fmt == "png" and intact_png_size(data) == (request.width, request.height):
+        return encode(data, request.width, request.height, fmt, inline)
+    return await anyio.to_thread.run_sync(encode, data, request.width, request.height, fmt, inline)
 
 
 def encode(data: bytes, width: int, height: int, output_format: str, inline: bool) -> bytes | str:

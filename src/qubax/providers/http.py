@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 import pybase64
 
 from qubax.errors import TaskFailed, UpstreamError, UpstreamTimeout
@@ -46,8 +47,11 @@ async def send(
     json: Any = None,
 ) -> Reply:
     """Send one request and read the whole answer, turning transport failures into our errors."""
+    if json is not None:  # orjson: aiohttp's own json= takes several times longer for the same body
+        headers = {**(headers or {}), "content-type": "application/json"}
+    data = None if json is None else orjson.dumps(json)
     try:
-        async with http.request(method, url, headers=headers, json=json, allow_redirects=False) as response:
+        async with http.request(method, url, headers=headers, data=data, allow_redirects=False) as response:
             return Reply(response.status, response.headers, await read_body(response, provider))
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         # Nothing reached the upstream: another route can safely take the work.
@@ -155,7 +159,10 @@ async def fan_out(calls: Iterable[Awaitable[list[GeneratedImage]]]) -> list[Gene
     When any call failed, raise the most decisive failure (a refusal before an upstream error, one that
     forbids failover before one that allows it), carrying the images the other calls made.
     """
-    results = await asyncio.gather(*calls, return_exceptions=True)
+    pending = list(calls)
+    if len(pending) == 1:  # the common n=1 case: no gather, no extra task
+        return await pending[0]
+    results = await asyncio.gather(*pending, return_exceptions=True)
     images = [image for result in results if isinstance(result, list) for image in result]
     errors = [result for result in results if isinstance(result, BaseException)]
     if not errors:

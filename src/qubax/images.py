@@ -172,33 +172,32 @@ async def deliver(
 ) -> list[Image]:
     if len(images) != request.n:  # never answer 200 with fewer images than asked
         raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
-    fmt, inline = request.output_format, request.response_format == "b64_json"
+    store = None if request.response_format == "b64_json" else storage
     if len(images) == 1:  # the common n=1 case: no gather, no extra task
-        encoded = [await encode_off_loop(images[0].data, request, fmt, inline)]
+        outputs = [await finish_off_loop(images[0].data, request, store)]
     else:
-        encoded = await asyncio.gather(*(encode_off_loop(image.data, request, fmt, inline) for image in images))
-    data = []
-    for payload, image in zip(encoded, images, strict=True):
-        if isinstance(payload, str):
-            data.append(Image(b64_json=payload, revised_prompt=image.revised_prompt))
-        else:
-            url = public_url + storage.signed_path(await storage.put(payload, fmt), fmt)
-            data.append(Image(url=url, revised_prompt=image.revised_prompt))
-    return data
+        outputs = await asyncio.gather(*(finish_off_loop(image.data, request, store) for image in images))
+    pairs = zip(outputs, images, strict=True)
+    if store is None:
+        return [Image(b64_json=text, revised_prompt=image.revised_prompt) for text, image in pairs]
+    links = [(public_url + storage.signed_path(image_id, request.output_format), image) for image_id, image in pairs]
+    return [Image(url=url, revised_prompt=image.revised_prompt) for url, image in links]
 
 
-async def encode_off_loop(data: bytes, request: ImageRequest, fmt: str, inline: bool) -> bytes | str:
-    """`encode` in a worker thread, except for small images that pass through as they are: for those
-    the thread hop would cost more than the work."""
-    if len(data) <= INLINE_BYTES and fmt == "png" and intact_png_size(data) == (request.width, request.height):
-        return encode(data, request.width, request.height, fmt, inline)
-    return await anyio.to_thread.run_sync(encode, data, request.width, request.height, fmt, inline)
+async def finish_off_loop(data: bytes, request: ImageRequest, store: LocalStorage | None) -> str:
+    """`finish_image` in a worker thread, except for small images that pass through as they are: for
+    those the thread hop would cost more than the work."""
+    args = (data, request.width, request.height, request.output_format, store)
+    small = len(data) <= INLINE_BYTES and store is None and request.output_format == "png"
+    if small and intact_png_size(data) == (request.width, request.height):
+        return finish_image(*args)
+    return await anyio.to_thread.run_sync(finish_image, *args)
 
 
-def encode(data: bytes, width: int, height: int, output_format: str, inline: bool) -> bytes | str:
-    """The image at the asked size and format, as base64 text when inline (runs in a worker thread)."""
+def finish_image(data: bytes, width: int, height: int, output_format: str, store: LocalStorage | None) -> str:
+    """The image at the asked size and format: base64 text, or, given a store, the id it is saved under."""
     picture = convert(data, width, height, output_format)
-    return pybase64.b64encode_as_string(picture) if inline else picture
+    return pybase64.b64encode_as_string(picture) if store is None else store.save(picture, output_format)
 
 
 async def finish(

@@ -47,8 +47,12 @@ class LocalStorage:
         root.mkdir(parents=True, exist_ok=True)
 
     async def put(self, data: bytes, ext: str = "png") -> str:
+        return await anyio.to_thread.run_sync(self.save, data, ext)
+
+    def save(self, data: bytes, ext: str = "png") -> str:
+        """Blocking `put`, for code already in a worker thread."""
         image_id = "img_" + secrets.token_urlsafe(18)
-        await anyio.Path(self.path(image_id, ext)).write_bytes(data)
+        self.path(image_id, ext).write_bytes(data)
         return image_id
 
     def path(self, image_id: str, ext: str = "png") -> Path:

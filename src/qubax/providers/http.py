@@ -15,7 +15,7 @@ import orjson
 import pybase64
 
 from qubax.errors import TaskFailed, UpstreamError, UpstreamTimeout
-from qubax.providers import GeneratedImage
+from qubax.providers import GeneratedImage, payload
 
 T = TypeVar("T")
 MAX_BODY_BYTES = 64 * 1024 * 1024  # of any one upstream answer, JSON or image
@@ -34,7 +34,7 @@ class Reply:
 
     def json(self) -> Any:
         """The body as JSON; raises ValueError when it is not."""
-        return json.loads(self.content)
+        return payload.loads(self.content)
 
 
 async def send(

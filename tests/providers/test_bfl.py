@@ -264,6 +264,8 @@ async def test_cancelling_stops_every_task_and_leaks_nothing(fake: FakeBFL) -> N
             async with asyncio.timeout(0.2):
                 await bfl.generate(pro(n=3))
         assert bfl.upstream.pool.active == {"test-key": 0}
+        # No connection is left checked out of the pool (aiohttp keeps no public count of them).
+        assert http.connector is not None and not http.connector._acquired
     assert asyncio.all_tasks() == before
     await asyncio.sleep(0.05)  # polls already on the wire when we cancelled may still land
     polls = len(fake.polls)

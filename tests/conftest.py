@@ -1,6 +1,7 @@
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -10,6 +11,7 @@ import pytest
 from qubax import auth, db
 from qubax.app import create_app
 from qubax.settings import Settings
+from tests.postgres import create_database, running_postgres
 from tests.server import serve
 
 T = TypeVar("T")
@@ -30,9 +32,49 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="run the app's tests on this database (postgresql starts a real server)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--database") != "sqlite":
+        skip = pytest.mark.skip(reason="reads the SQLite file itself")
+        for item in items:
+            if "sqlite_only" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    if request.config.getoption("--database") != "postgresql":
+        yield None
+        return
+    with running_postgres() as url:
+        yield url
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", poll_interval_seconds=0.01, sweep_interval_seconds=3600)
+def settings(tmp_path: Path, postgres_url: str | None) -> Settings:
+    """A fresh data folder, and a fresh database: SQLite in that folder, or one on the test PostgreSQL."""
+    database_url = None
+    if postgres_url is not None:
+        database_url = asyncio.run(create_database(postgres_url, f"t_{uuid.uuid4().hex}"))
+    return Settings(
+        data_dir=tmp_path / "data", database_url=database_url, poll_interval_seconds=0.01, sweep_interval_seconds=3600
+    )
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    """The environment a `qubax` command needs to act on the same data as `settings`."""
+    env = {"QUBAX_DATA_DIR": str(settings.data_dir)}
+    if settings.database_url:
+        env["QUBAX_DATABASE_URL"] = settings.database_url
+    return env
 
 
 def create_key(settings: Settings, *, test: bool = False, name: str = "") -> str:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from qubax import auth
 from qubax.cli import main
 from qubax.settings import Settings
-from tests.conftest import eventually
+from tests.conftest import cli_env, eventually
 
 URLSAFE_43 = re.compile(r"^[A-Za-z0-9_-]{43,}$")
 
@@ -77,7 +77,7 @@ def database_path(settings: Settings) -> Path:
 
 
 def cli_create_key(settings: Settings, *args: str) -> str:
-    result = CliRunner().invoke(main, ["keys", "create", *args], env={"QUBAX_DATA_DIR": str(settings.data_dir)})
+    result = CliRunner().invoke(main, ["keys", "create", *args], env=cli_env(settings))
     assert result.exit_code == 0, result.output
     return result.stdout.splitlines()[-1]  # the key is the last line even where click mixes in stderr
 
@@ -89,6 +89,7 @@ def all_cells(path: Path) -> list[object]:
         return [cell for table in tables for row in connection.execute(f'SELECT * FROM "{table}"') for cell in row]
 
 
+@pytest.mark.sqlite_only
 def test_database_stores_only_the_digest(settings: Settings) -> None:
     keys = [cli_create_key(settings, "--name", "ci"), cli_create_key(settings, "--test")]
     path = database_path(settings)
@@ -114,7 +115,7 @@ def test_cli_key_authenticates_until_revoked(settings: Settings, base_url: str) 
     headers = {"authorization": f"Bearer {key}"}
     assert httpx.get(f"{base_url}/v1/models", headers=headers).status_code == 200
 
-    revoke = CliRunner().invoke(main, ["keys", "revoke", key], env={"QUBAX_DATA_DIR": str(settings.data_dir)})
+    revoke = CliRunner().invoke(main, ["keys", "revoke", key], env=cli_env(settings))
     assert revoke.exit_code == 0, revoke.output
 
     def refused() -> httpx.Response:

@@ -1,10 +1,10 @@
 """The `qubax` command, run in-process through click's CliRunner."""
 
+import asyncio
 import hashlib
 import inspect
 import io
 import socket
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,11 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from qubax import db
 from qubax.catalog import MODELS
 from qubax.cli import main
 from qubax.settings import Settings
+from tests.conftest import cli_env
 
 
 def runner() -> CliRunner:
@@ -27,7 +29,7 @@ def runner() -> CliRunner:
 
 
 def qubax(settings: Settings, *args: str, env: dict[str, str] | None = None) -> Result:
-    return runner().invoke(main, list(args), env={"QUBAX_DATA_DIR": str(settings.data_dir), **(env or {})})
+    return runner().invoke(main, list(args), env={**cli_env(settings), **(env or {})})
 
 
 def ok(result: Result) -> str:
@@ -45,12 +47,16 @@ def table(stdout: str) -> list[list[str]]:
 
 
 def key_id(settings: Settings, key: str) -> str:
-    path = settings.resolved_database_url.split(":///", 1)[1]
-    with sqlite3.connect(path) as connection:
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        row = connection.execute("SELECT id FROM api_keys WHERE digest = ?", (digest,)).fetchone()
-    assert row is not None
-    return str(row[0])
+    async def find() -> db.ApiKey | None:
+        engine = db.connect(settings.resolved_database_url)
+        async with db.sessions(engine)() as session:
+            found = await db.find_key(session, hashlib.sha256(key.encode()).hexdigest())
+        await engine.dispose()
+        return found
+
+    found = asyncio.run(find())
+    assert found is not None
+    return found.id
 
 
 # keys

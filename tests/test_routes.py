@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from qubax.settings import Settings
-from tests.conftest import create_key, eventually
+from tests.conftest import cli_env, create_key, eventually
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_revoked_key_is_refused(settings: Settings, base_url: str) -> None:
 
     from qubax.cli import main
 
-    result = CliRunner().invoke(main, ["keys", "revoke", key], env={"QUBAX_DATA_DIR": str(settings.data_dir)})
+    result = CliRunner().invoke(main, ["keys", "revoke", key], env=cli_env(settings))
     assert result.exit_code == 0, result.output
 
     def refused() -> openai.AuthenticationError:

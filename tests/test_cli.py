@@ -69,7 +69,7 @@ def test_keys_create_prints_only_the_key_on_stdout(settings: Settings) -> None:
     key = stdout.removesuffix("\n")
     assert key.startswith("qbx_live_") and len(key) >= len("qbx_live_") + 43
     assert key not in result.stderr
-    assert f"Created live key {key_id(settings, key)}." in result.stderr
+    assert f"Created live key {key_id(settings, key)} (no limits)." in result.stderr
 
 
 def test_keys_create_test(settings: Settings) -> None:

@@ -220,7 +220,7 @@ def test_expired_url_is_410(base_url: str, settings: Settings, test_key: str) ->
 
 
 def test_sweeper_deletes_expired_images(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data", image_ttl_seconds=1, sweep_interval_seconds=0.2)
+    settings = Settings(data_dir=tmp_path / "data", image_ttl_seconds=5, sweep_interval_seconds=0.2)
     key = create_key(settings, test=True)
     with serve(create_app(settings)) as base_url:
         url = generate_url(base_url, key)
@@ -229,7 +229,7 @@ def test_sweeper_deletes_expired_images(tmp_path: Path) -> None:
         assert path.is_file()
         assert httpx.get(url).status_code == 200
         age(path, 3600)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not path.exists()

@@ -23,6 +23,7 @@ from qubax.images import Services
 from qubax.ledger import Ledger
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers.registry import PROVIDERS, build_providers, default_concurrency
+from qubax.quota import Quotas
 from qubax.routes import router
 from qubax.settings import Settings
 from qubax.storage import LocalStorage, load_secret
@@ -51,8 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             breakers = Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds)
             sessions = db.sessions(engine)
             ledger = Ledger(engine)
+            quotas = Quotas(sessions)
             app.state.services = Services(
-                settings, engine, sessions, http, storage, catalog, providers, breakers, ledger
+                settings, engine, sessions, http, storage, catalog, providers, breakers, ledger, quotas
             )
             sweeper = asyncio.create_task(sweep_forever(storage, settings.sweep_interval_seconds))
             try:

@@ -71,15 +71,72 @@ def keys() -> None:
     """Create, list and revoke API keys."""
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def limit_options(command: F) -> F:
+    """The per-key limit flags `keys create` and `keys update` share; 0 removes a limit."""
+    for option in (
+        click.option("--monthly-budget-usd", type=click.FloatRange(min=0), help="Spend cap per calendar month, USD."),
+        click.option("--max-concurrent", type=click.IntRange(min=0), help="Requests in flight at once."),
+        click.option("--images-per-day", type=click.IntRange(min=0), help="Images per UTC day."),
+        click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute."),
+    ):
+        command = option(command)
+    return command
+
+
+def chosen_limits(options: dict[str, Any]) -> dict[str, int | None]:
+    """The limits given on the command line, as stored: 0 means no limit, budgets in micro-USD."""
+    budget = options.pop("monthly_budget_usd", None)
+    if budget is not None:
+        options["monthly_budget_micros"] = round(budget * 1_000_000)
+    return {name: (value or None) for name, value in options.items() if name in db.LIMITS and value is not None}
+
+
+def describe_limits(key: db.ApiKey) -> str:
+    parts = [f"{name.replace('_', ' ')} {getattr(key, name)}" for name in db.LIMITS[:3] if getattr(key, name)]
+    if key.monthly_budget_micros:
+        parts.append(f"monthly budget ${key.monthly_budget_micros / 1_000_000:.2f}")
+    return ", ".join(parts) or "no limits"
+
+
 @keys.command("create")
 @click.option("--name", default="", help="A label to recognise the key by.")
 @click.option("--test", is_flag=True, help="A test key: placeholder images, never an upstream call, never a cost.")
-def create_key(name: str, test: bool) -> None:
+@limit_options
+def create_key(name: str, test: bool, **options: Any) -> None:
     """Create a key and print it (alone on stdout). It is shown only this once."""
     new = auth.new_key(test=test)
-    stored = with_session(lambda s: db.add_key(s, name=name, prefix=new.prefix, digest=new.digest, test=test))
-    click.echo(f"Created {'test' if test else 'live'} key {stored.id}. Store it now: it is not shown again.", err=True)
+    limits = chosen_limits(options)
+    stored = with_session(
+        lambda s: db.add_key(s, name=name, prefix=new.prefix, digest=new.digest, test=test, limits=limits)
+    )
+    click.echo(f"Created {'test' if test else 'live'} key {stored.id} ({describe_limits(stored)}).", err=True)
+    click.echo("Store it now: it is not shown again.", err=True)
     click.echo(new.secret)
+
+
+@keys.command("update")
+@click.argument("key_or_id")
+@limit_options
+def update_key(key_or_id: str, **options: Any) -> None:
+    """Change a key's limits (0 removes one); running servers apply it within a second or two."""
+
+    async def update(session: AsyncSession) -> db.ApiKey | None:
+        key = await find(session, key_or_id)
+        return key if key is None else await db.update_limits(session, key, chosen_limits(options))
+
+    key = with_session(update)
+    if key is None:
+        raise click.ClickException("No such key.")
+    click.echo(f"Updated {key.id}: {describe_limits(key)}.")
+
+
+async def find(session: AsyncSession, key_or_id: str) -> db.ApiKey | None:
+    if auth.looks_like_key(key_or_id):
+        return await db.find_key_by(session, digest=auth.digest_key(key_or_id))
+    return await db.find_key_by(session, key_id=key_or_id)
 
 
 @keys.command("list")

@@ -34,6 +34,11 @@ class ApiKey(Base):
     test: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Limits; None means unlimited.
+    rpm: Mapped[int | None] = mapped_column(Integer, default=None)
+    images_per_day: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer, default=None)
+    monthly_budget_micros: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class Generation(Base):
@@ -111,8 +116,19 @@ def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-async def add_key(session: AsyncSession, *, name: str, prefix: str, digest: str, test: bool) -> ApiKey:
-    key = ApiKey(name=name, prefix=prefix, digest=digest, test=test)
+LIMITS = ("rpm", "images_per_day", "max_concurrent", "monthly_budget_micros")
+
+
+async def add_key(
+    session: AsyncSession,
+    *,
+    name: str,
+    prefix: str,
+    digest: str,
+    test: bool,
+    limits: dict[str, int | None] | None = None,
+) -> ApiKey:
+    key = ApiKey(name=name, prefix=prefix, digest=digest, test=test, **(limits or {}))
     session.add(key)
     await session.commit()
     return key
@@ -128,12 +144,30 @@ async def list_keys(session: AsyncSession) -> list[ApiKey]:
 
 async def revoke_key(session: AsyncSession, *, key_id: str | None = None, digest: str | None = None) -> ApiKey | None:
     """Revoke by id or by digest of the full key; returns the key, or None when there is no such key."""
-    where = ApiKey.id == key_id if key_id is not None else ApiKey.digest == digest
-    key = await session.scalar(select(ApiKey).where(where))
+    key = await find_key_by(session, key_id=key_id, digest=digest)
     if key is not None and key.revoked_at is None:
         key.revoked_at = now()
         await session.commit()
     return key
+
+
+async def find_key_by(session: AsyncSession, *, key_id: str | None = None, digest: str | None = None) -> ApiKey | None:
+    where = ApiKey.id == key_id if key_id is not None else ApiKey.digest == digest
+    return await session.scalar(select(ApiKey).where(where))
+
+
+async def update_limits(session: AsyncSession, key: ApiKey, limits: dict[str, int | None]) -> ApiKey:
+    for name, value in limits.items():
+        setattr(key, name, value)
+    await session.commit()
+    return key
+
+
+async def usage_since(session: AsyncSession, key_id: str, since: datetime) -> tuple[int, int]:
+    """(images, cost in micro-USD) a key has been charged for since a moment."""
+    query = select(func.coalesce(func.sum(Generation.images), 0), func.coalesce(func.sum(Generation.cost_micros), 0))
+    row = (await session.execute(query.where(Generation.key_id == key_id, Generation.created_at >= since))).one()
+    return int(row[0]), int(row[1])
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,26 @@ class RequestTooLarge(QubaxError):
     code = "request_too_large"
 
 
+class RateLimited(QubaxError):
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.extra_headers = headers or {}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(max(1, round(self.retry_after))), **self.extra_headers}
+
+
+class QuotaExceeded(RateLimited):
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class ClientDisconnected(QubaxError):
     status_code = 499
     type = "invalid_request_error"

@@ -2,6 +2,7 @@
 stored or inlined, and a usage record out."""
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse
 from qubax.providers import GeneratedImage, Job, Provider
 from qubax.providers.placeholder import Placeholder
 from qubax.providers.registry import PROVIDERS
+from qubax.quota import Quotas
 from qubax.settings import Settings
 from qubax.storage import LocalStorage
 
@@ -41,6 +43,7 @@ class Services:
     providers: dict[str, Provider]
     breakers: Breakers
     ledger: Ledger
+    quotas: Quotas
     keys: KeyCache[db.ApiKey] = field(default_factory=KeyCache)
 
 
@@ -48,10 +51,18 @@ class Services:
 class Generated:
     response: ImagesResponse
     upstream: str  # the route(s) that delivered, e.g. "bfl" or "bfl+fal"
+    headers: dict[str, str] = field(default_factory=dict)  # the key's rate-limit state, when it has limits
 
 
 async def generate(body: ImageGenerateRequest, key: db.ApiKey, services: Services, public_url: str) -> Generated:
     request = services.catalog.check(body)
+    async with services.quotas.hold(key, request.n, request.cost_per_image) as rate_headers:
+        generated = await produce(request, key, services, public_url)
+    return dataclasses.replace(generated, headers=rate_headers)
+
+
+async def produce(request: ImageRequest, key: db.ApiKey, services: Services, public_url: str) -> Generated:
+    """The images for a checked, admitted request, with its generation and attempts recorded."""
     generation = db.Generation(
         id=db.new_id("gen"),
         key_id=key.id,

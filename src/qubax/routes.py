@@ -79,7 +79,7 @@ async def create_image(request: Request) -> Response:
     body = parse_body(await read_body(request))
     public_url = services.settings.public_url or str(request.base_url)
     result = await until_disconnect(request, images.generate(body, key, services, public_url.rstrip("/")))
-    headers = {"x-qubax-route": result.upstream}
+    headers = {"x-qubax-route": result.upstream, **result.headers}
     if key.test:
         headers["x-qubax-test"] = "true"
     # orjson writes megabytes of base64 ~10x faster than pydantic's JSON serialiser.

@@ -1,0 +1,82 @@
+"""Per-key limits: requests per minute and concurrent requests (a maintained limiter library's moving
+window; in-process until a shared store is configured), images per day and monthly spend (from the
+usage ledger, so every node sees the same totals)."""
+
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from qubax import db
+from qubax.errors import QuotaExceeded, RateLimited
+
+
+class Quotas:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+        self.window = MovingWindowRateLimiter(MemoryStorage())
+        self.active: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: db.ApiKey, images: int, price: Decimal) -> AsyncIterator[dict[str, str]]:
+        """Admit one request for `images` images at `price` each, or raise a 429; yields the rate
+        headers to send back. The concurrency slot is held until the block ends."""
+        headers = await self.count_request(key)
+        await self.check_ledger(key, images, price)
+        if key.max_concurrent is not None and self.active.get(key.id, 0) >= key.max_concurrent:
+            raise RateLimited(f"This key allows {key.max_concurrent} concurrent requests.", retry_after=1)
+        self.active[key.id] = self.active.get(key.id, 0) + 1
+        try:
+            yield headers
+        finally:
+            self.active[key.id] -= 1
+
+    async def count_request(self, key: db.ApiKey) -> dict[str, str]:
+        if key.rpm is None:
+            return {}
+        item = RateLimitItemPerMinute(key.rpm)
+        allowed = await self.window.hit(item, key.id)
+        stats = await self.window.get_window_stats(item, key.id)
+        reset = max(0.0, stats.reset_time - time.time())
+        headers = {
+            "x-ratelimit-limit-requests": str(key.rpm),
+            "x-ratelimit-remaining-requests": str(stats.remaining),
+            "x-ratelimit-reset-requests": f"{math.ceil(reset)}s",
+        }
+        if not allowed:
+            raise RateLimited(
+                f"Rate limit reached for requests: this key allows {key.rpm} per minute.",
+                retry_after=reset,
+                headers=headers,
+            )
+        return headers
+
+    async def check_ledger(self, key: db.ApiKey, images: int, price: Decimal) -> None:
+        if key.images_per_day is None and key.monthly_budget_micros is None:
+            return
+        now = datetime.now(UTC)
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        month = day.replace(day=1)
+        async with self.sessions() as session:
+            today, _ = await db.usage_since(session, key.id, day)
+            _, spent = await db.usage_since(session, key.id, month)
+        if key.images_per_day is not None and today + images > key.images_per_day:
+            raise RateLimited(
+                f"This key allows {key.images_per_day} images per day; {today} used today.",
+                retry_after=(day + timedelta(days=1) - now).total_seconds(),
+            )
+        cost = 0 if key.test else int(price * 1_000_000) * images
+        if key.monthly_budget_micros is not None and spent + cost > key.monthly_budget_micros:
+            budget = key.monthly_budget_micros / 1_000_000
+            next_month = (month + timedelta(days=32)).replace(day=1)
+            raise QuotaExceeded(
+                f"You exceeded this key's monthly budget of ${budget:.2f} (spent ${spent / 1_000_000:.4f}).",
+                retry_after=(next_month - now).total_seconds(),
+            )

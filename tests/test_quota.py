@@ -1,0 +1,109 @@
+"""Per-key limits and budgets, set with the CLI and enforced end to end through the official SDK."""
+
+import threading
+from collections.abc import Iterator
+
+import openai
+import pytest
+from click.testing import CliRunner, Result
+
+from qubax.cli import main
+from qubax.settings import Settings
+from tests.conftest import cli_env, eventually
+from tests.stack import Stack, client, running_stack
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[Stack]:
+    with running_stack(settings) as stack:
+        yield stack
+
+
+def qubax(settings: Settings, *args: str) -> Result:
+    result = CliRunner().invoke(main, list(args), env=cli_env(settings))
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def limited_key(stack: Stack, *flags: str) -> openai.OpenAI:
+    key = qubax(stack.settings, "keys", "create", *flags).stdout.strip().splitlines()[-1]
+    return client(stack.url, key)
+
+
+def generate(sdk: openai.OpenAI, model: str = "flux-1-schnell", n: int = 1) -> openai.types.ImagesResponse:
+    return sdk.images.generate(model=model, prompt="p", n=n, size="256x256", response_format="b64_json")
+
+
+def test_requests_per_minute(stack: Stack) -> None:
+    sdk = limited_key(stack, "--rpm", "2")
+    raw = sdk.images.with_raw_response.generate(model="flux-1-schnell", prompt="p", size="256x256")
+    assert raw.headers["x-ratelimit-limit-requests"] == "2"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "1"
+    generate(sdk)
+    with pytest.raises(openai.RateLimitError) as caught:
+        generate(sdk)
+    error = caught.value
+    assert (error.status_code, error.code, error.type) == (429, "rate_limit_exceeded", "requests")
+    assert "2 per minute" in error.message
+    assert 1 <= int(error.response.headers["retry-after"]) <= 60
+    assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(stack.together.requests) == 2  # the refused request never reached an upstream
+
+
+def test_images_per_day_counts_what_was_delivered(stack: Stack) -> None:
+    sdk = limited_key(stack, "--images-per-day", "3")
+    generate(sdk, n=2)
+    with pytest.raises(openai.RateLimitError) as caught:
+        generate(sdk, n=2)  # 2 + 2 > 3
+    assert "3 images per day; 2 used today" in caught.value.message
+    generate(sdk, n=1)
+
+
+def test_monthly_budget_is_insufficient_quota(stack: Stack) -> None:
+    sdk = limited_key(stack, "--monthly-budget-usd", "0.05")
+    generate(sdk, model="flux-1.1-pro")  # $0.04
+    with pytest.raises(openai.RateLimitError) as caught:
+        generate(sdk, model="flux-1.1-pro")
+    assert (caught.value.code, caught.value.type) == ("insufficient_quota", "insufficient_quota")
+    assert "$0.05" in caught.value.message
+    assert int(caught.value.response.headers["retry-after"]) > 0
+    generate(sdk, model="flux-1-schnell")  # $0.003 still fits
+
+
+def test_concurrent_requests(stack: Stack) -> None:
+    sdk = limited_key(stack, "--max-concurrent", "1")
+    stack.openai.delay = 2.0
+    slow = threading.Thread(target=lambda: sdk.images.generate(model="dall-e-3", prompt="slow"))
+    slow.start()
+    while stack.openai.in_flight == 0:
+        threading.Event().wait(0.01)
+    with pytest.raises(openai.RateLimitError) as caught:
+        generate(sdk)
+    assert "1 concurrent requests" in caught.value.message
+    slow.join()
+    generate(sdk)  # the slot is free again
+
+
+def test_update_changes_limits_on_a_running_server(stack: Stack) -> None:
+    key = qubax(stack.settings, "keys", "create").stdout.strip()
+    sdk = client(stack.url, key)
+    generate(sdk)
+    result = qubax(stack.settings, "keys", "update", key, "--rpm", "1", "--monthly-budget-usd", "12.5")
+    assert result.stdout.strip().endswith(": rpm 1, monthly budget $12.50.")
+
+    def limited() -> None:
+        try:
+            generate(sdk)
+            generate(sdk)
+        except openai.RateLimitError:
+            return
+        raise AssertionError("the new limit is not applied yet")
+
+    eventually(limited)  # the key cache lets the change in within a second
+    assert "no limits" in qubax(stack.settings, "keys", "update", key, "--rpm", "0", "--monthly-budget-usd", "0").stdout
+
+
+def test_update_of_an_unknown_key_fails(settings: Settings) -> None:
+    result = CliRunner().invoke(main, ["keys", "update", "key_nope", "--rpm", "3"], env=cli_env(settings))
+    assert result.exit_code == 1
+    assert "No such key." in result.output

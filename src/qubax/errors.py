@@ -1,17 +1,27 @@
 """The one exception tree. Code raises these; `app.py` renders them as OpenAI error bodies.
 
-QubaxError                      500 server_error
-├── InvalidRequest              400 invalid_request_error  (code invalid_value unless given)
-│   ├── UnknownParameter        400 unknown_parameter
-│   └── ContentPolicyViolation  400 content_policy_violation
-├── AuthenticationError         401 invalid_api_key
-├── Forbidden                   403
-├── NotFound                    404
-│   └── ModelNotFound           404 model_not_found
-├── Gone                        410
-├── RequestTooLarge             413
-└── UpstreamError               502 upstream_error       (retryable says if another try may work)
-    └── UpstreamTimeout         504 upstream_timeout
+    QubaxError                      500 server_error
+    ├── InvalidRequest              400 invalid_request_error  (code invalid_value unless given)
+    │   ├── UnknownParameter        400 unknown_parameter
+    │   └── ContentPolicyViolation  400 content_policy_violation
+    ├── AuthenticationError         401 invalid_api_key
+    ├── Forbidden                   403
+    ├── NotFound                    404
+    │   └── ModelNotFound           404 model_not_found
+    ├── Gone                        410
+    ├── RequestTooLarge             413
+    ├── TryLater                    (sends Retry-After)
+    │   ├── RateLimited             429 rate_limit_exceeded  (a key's own limit)
+    │   │   └── QuotaExceeded       429 insufficient_quota   (the key's monthly budget is spent)
+    │   └── ServiceUnavailable      503 upstream_unavailable (every route of the model is cooling down)
+    ├── ClientDisconnected          499 (nobody reads it: the client is gone)
+    └── UpstreamError               502 upstream_error
+        ├── TaskFailed              502 upstream_error       (the upstream says the task failed: not billed)
+        └── UpstreamTimeout         504 upstream_timeout
+
+An `UpstreamError` says two things about what to do next: `retryable` (worth the *client* sending the
+request again: becomes `x-should-retry`) and `failover` (worth trying the *next route* now; false once the
+upstream may have accepted, and so billed, the work).
 """
 
 from typing import Any
@@ -96,10 +106,8 @@ class RequestTooLarge(QubaxError):
     code = "request_too_large"
 
 
-class RateLimited(QubaxError):
-    status_code = 429
-    type = "requests"
-    code = "rate_limit_exceeded"
+class TryLater(QubaxError):
+    """Refused for now: says when to come back (`Retry-After`), plus any headers that explain why."""
 
     def __init__(self, message: str, *, retry_after: float, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -109,6 +117,12 @@ class RateLimited(QubaxError):
     @property
     def headers(self) -> dict[str, str]:
         return {"retry-after": str(max(1, round(self.retry_after))), **self.extra_headers}
+
+
+class RateLimited(TryLater):
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
 
 
 class QuotaExceeded(RateLimited):
@@ -122,18 +136,10 @@ class ClientDisconnected(QubaxError):
     code = "client_disconnected"
 
 
-class ServiceUnavailable(QubaxError):
+class ServiceUnavailable(TryLater):
     status_code = 503
     type = "service_unavailable_error"
     code = "upstream_unavailable"
-
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(max(1, round(self.retry_after)))}
 
 
 class UpstreamError(QubaxError):

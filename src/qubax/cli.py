@@ -68,7 +68,7 @@ def with_session(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
 
 @main.group()
 def keys() -> None:
-    """Create, list and revoke API keys."""
+    """Create, list, update (limits) and revoke API keys."""
 
 
 F = TypeVar("F", bound=Callable[..., Any])

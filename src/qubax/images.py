@@ -16,7 +16,7 @@ from qubax.auth import KeyCache
 from qubax.breaker import Breakers
 from qubax.catalog import Catalog, ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
-from qubax.imaging import convert, intact_png_size
+from qubax.imaging import convert, passes_through
 from qubax.ledger import Ledger
 from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse
 from qubax.providers import GeneratedImage, Job, Provider
@@ -198,11 +198,10 @@ async def deliver(
 async def finish_off_loop(data: bytes, request: ImageRequest, store: LocalStorage | None) -> str:
     """`finish_image` in a worker thread, except for small images that pass through as they are: for
     those the thread hop would cost more than the work."""
-    args = (data, request.width, request.height, request.output_format, store)
-    small = len(data) <= INLINE_BYTES and store is None and request.output_format == "png"
-    if small and intact_png_size(data) == (request.width, request.height):
-        return finish_image(*args)
-    return await anyio.to_thread.run_sync(finish_image, *args)
+    size = (request.width, request.height)
+    if store is None and len(data) <= INLINE_BYTES and passes_through(data, *size, request.output_format):
+        return pybase64.b64encode_as_string(data)
+    return await anyio.to_thread.run_sync(finish_image, data, *size, request.output_format, store)
 
 
 def finish_image(data: bytes, width: int, height: int, output_format: str, store: LocalStorage | None) -> str:

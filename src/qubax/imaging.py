@@ -20,10 +20,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RGB_8BIT = (b"\x08\x02", b"\x08\x06")  # IHDR bit depth and colour type: 8-bit RGB and RGBA
 
 
+def passes_through(data: bytes, width: int, height: int, output_format: str) -> bool:
+    """Whether `data` already is what `convert` would make, so decoding and re-encoding would only cost time."""
+    return output_format == "png" and intact_png_size(data) == (width, height) and data[24:26] in RGB_8BIT
+
+
 def convert(data: bytes, width: int, height: int, output_format: str = "png") -> bytes:
     """Decode any image Pillow reads; return it at exactly width x height as png, jpeg or webp."""
-    if output_format == "png" and intact_png_size(data) == (width, height) and data[24:26] in RGB_8BIT:
-        return data  # already what we would make: decoding and re-encoding would only cost time
+    if passes_through(data, width, height, output_format):
+        return data
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

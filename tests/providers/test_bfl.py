@@ -12,6 +12,7 @@ from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
 from qubax.providers.bfl import BFL
 from tests.fakes.bfl import FakeBFL
+from tests.providers import run_adapter
 from tests.server import serve
 
 pytestmark = pytest.mark.anyio
@@ -33,9 +34,7 @@ def port(fake: FakeBFL) -> str:
 
 
 async def generate(fake: FakeBFL, job: Job, key: str = "test-key") -> list[GeneratedImage]:
-    # The caller owns the deadline; here it turns a poll loop that never ends into a failure.
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, asyncio.timeout(10):
-        return await BFL(Upstream(http, fake.base_url, key, poll_interval=0.01)).generate(job)
+    return await run_adapter(BFL, fake.base_url, job, key)
 
 
 def pro(n: int = 1, width: int = 1024, height: int = 768) -> Job:

@@ -15,6 +15,7 @@ from qubax.providers import GeneratedImage, Job, Upstream
 from qubax.providers.fal import Fal
 from tests.fakes.bfl import ULTRA_SIZES
 from tests.fakes.fal import PRO, SCHNELL, ULTRA, FakeFal
+from tests.providers import run_adapter
 from tests.server import serve
 
 pytestmark = pytest.mark.anyio
@@ -33,9 +34,7 @@ def port(fake: FakeFal) -> str:
 
 
 async def generate(fake: FakeFal, job: Job, key: str = "test-key") -> list[GeneratedImage]:
-    # The caller owns the deadline; here it turns a poll loop that never ends into a failure.
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, asyncio.timeout(10):
-        return await Fal(Upstream(http, fake.base_url, key, poll_interval=0.01)).generate(job)
+    return await run_adapter(Fal, fake.base_url, job, key)
 
 
 def pro(n: int = 1, **extras: Any) -> Job:

@@ -12,6 +12,7 @@ from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
 from qubax.providers.replicate import Replicate
 from tests.fakes.replicate import NSFW_ERROR, PRO, SCHNELL, ULTRA, FakeReplicate
+from tests.providers import run_adapter
 from tests.server import serve
 
 pytestmark = pytest.mark.anyio
@@ -30,9 +31,7 @@ def port(fake: FakeReplicate) -> str:
 
 
 async def generate(fake: FakeReplicate, job: Job, key: str = "test-key") -> list[GeneratedImage]:
-    # The caller owns the deadline; here it turns a poll loop that never ends into a failure.
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, asyncio.timeout(10):
-        return await Replicate(Upstream(http, f"{fake.base_url}/v1", key, poll_interval=0.01)).generate(job)
+    return await run_adapter(Replicate, f"{fake.base_url}/v1", job, key)
 
 
 def job(model: str = PRO, n: int = 1, width: int = 1024, height: int = 768, **extra: object) -> Job:

@@ -105,6 +105,10 @@ class ImageRequest:
     def cost_per_image(self) -> Decimal:
         return self.model.price(self.quality, self.size)
 
+    def cost_micros(self, images: int, test: bool) -> int:
+        """What `images` of this request cost, in millionths of a US dollar; test keys pay nothing."""
+        return 0 if test else int(self.cost_per_image * 1_000_000) * images
+
 
 FLUX_GRID = Grid(256, 1440, 32)
 ULTRA_SIZES = Fixed(

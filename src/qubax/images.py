@@ -56,7 +56,7 @@ class Generated:
 
 async def generate(body: ImageGenerateRequest, key: db.ApiKey, services: Services, public_url: str) -> Generated:
     request = services.catalog.check(body)
-    async with services.quotas.hold(key, request.n, request.cost_per_image) as rate_headers:
+    async with services.quotas.hold(key, request) as rate_headers:
         generated = await produce(request, key, services, public_url)
     return dataclasses.replace(generated, headers=rate_headers)
 
@@ -88,7 +88,7 @@ async def produce(request: ImageRequest, key: db.ApiKey, services: Services, pub
         raise
     generation.upstream = "+".join(served)
     generation.images = len(data)
-    generation.cost_micros = 0 if key.test else int(request.cost_per_image * 1_000_000) * len(data)
+    generation.cost_micros = request.cost_micros(len(data), key.test)
     await finish(services, generation, attempts, started, None)
     return Generated(ImagesResponse(created=int(time.time()), data=data), generation.upstream)
 

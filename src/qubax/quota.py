@@ -7,7 +7,6 @@ import math
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
@@ -15,6 +14,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax import db
+from qubax.catalog import ImageRequest
 from qubax.errors import QuotaExceeded, RateLimited
 
 
@@ -25,11 +25,11 @@ class Quotas:
         self.active: dict[str, int] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: db.ApiKey, images: int, price: Decimal) -> AsyncIterator[dict[str, str]]:
-        """Admit one request for `images` images at `price` each, or raise a 429; yields the rate
-        headers to send back. The concurrency slot is held until the block ends."""
+    async def hold(self, key: db.ApiKey, request: ImageRequest) -> AsyncIterator[dict[str, str]]:
+        """Admit one request, or raise a 429; yields the rate headers to send back. The concurrency
+        slot is held until the block ends."""
         headers = await self.count_request(key)
-        await self.check_ledger(key, images, price)
+        await self.check_ledger(key, request)
         if key.max_concurrent is not None and self.active.get(key.id, 0) >= key.max_concurrent:
             raise RateLimited(f"This key allows {key.max_concurrent} concurrent requests.", retry_after=1)
         self.active[key.id] = self.active.get(key.id, 0) + 1
@@ -58,7 +58,7 @@ class Quotas:
             )
         return headers
 
-    async def check_ledger(self, key: db.ApiKey, images: int, price: Decimal) -> None:
+    async def check_ledger(self, key: db.ApiKey, request: ImageRequest) -> None:
         if key.images_per_day is None and key.monthly_budget_micros is None:
             return
         now = datetime.now(UTC)
@@ -67,12 +67,12 @@ class Quotas:
         async with self.sessions() as session:
             today, _ = await db.usage_since(session, key.id, day)
             _, spent = await db.usage_since(session, key.id, month)
-        if key.images_per_day is not None and today + images > key.images_per_day:
+        if key.images_per_day is not None and today + request.n > key.images_per_day:
             raise RateLimited(
                 f"This key allows {key.images_per_day} images per day; {today} used today.",
                 retry_after=(day + timedelta(days=1) - now).total_seconds(),
             )
-        cost = 0 if key.test else int(price * 1_000_000) * images
+        cost = request.cost_micros(request.n, key.test)
         if key.monthly_budget_micros is not None and spent + cost > key.monthly_budget_micros:
             budget = key.monthly_budget_micros / 1_000_000
             next_month = (month + timedelta(days=32)).replace(day=1)

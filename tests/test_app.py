@@ -11,14 +11,14 @@ from qubax import db, images
 from qubax.settings import Settings
 
 
-def explode(*args: object) -> bytes:
+async def explode(*args: object) -> bytes:
     raise RuntimeError("secret internals /etc/passwd")
 
 
 def test_a_crash_is_an_openai_shaped_500_without_internals(
     base_url: str, test_key: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(images, "convert", explode)
+    monkeypatch.setattr(images, "deliver", explode)  # a bug after the images were made
     response = httpx.post(
         f"{base_url}/v1/images/generations",
         json={"model": "flux-1.1-pro", "prompt": "p", "response_format": "b64_json"},

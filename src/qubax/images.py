@@ -17,7 +17,7 @@ from qubax.breaker import Breakers
 from qubax.catalog import Catalog, ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from qubax.imaging import convert, passes_through
-from qubax.ledger import Ledger
+from qubax.ledger import AttemptRecord, GenerationRecord, Ledger
 from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse
 from qubax.providers import GeneratedImage, Job, Provider
 from qubax.providers.placeholder import Placeholder
@@ -63,17 +63,8 @@ async def generate(body: ImageGenerateRequest, key: db.ApiKey, services: Service
 
 async def produce(request: ImageRequest, key: db.ApiKey, services: Services, public_url: str) -> Generated:
     """The images for a checked, admitted request, with its generation and attempts recorded."""
-    generation = db.Generation(
-        id=db.new_id("gen"),
-        key_id=key.id,
-        model=request.model.id,
-        upstream="",
-        n=request.n,
-        size=request.size,
-        images=0,
-        cost_micros=0,
-    )
-    attempts: list[db.Attempt] = []
+    generation = GenerationRecord(db.new_id("gen"), key.id, request.model.id, request.n, request.size)
+    attempts = generation.attempts
     started = time.monotonic()
     try:
         async with asyncio.timeout(services.settings.request_timeout_seconds):
@@ -81,20 +72,20 @@ async def produce(request: ImageRequest, key: db.ApiKey, services: Services, pub
             data = await deliver(request, images, services.storage, public_url)
     except TimeoutError as exc:
         error = UpstreamTimeout("The upstream did not finish within the request deadline.")
-        await finish(services, generation, attempts, started, error)
+        await finish(services, generation, started, error)
         raise error from exc
     except BaseException as exc:  # CancelledError too: the client went away, and that is recorded
-        await finish(services, generation, attempts, started, exc)
+        await finish(services, generation, started, exc)
         raise
     generation.upstream = "+".join(served)
     generation.images = len(data)
     generation.cost_micros = request.cost_micros(len(data), key.test)
-    await finish(services, generation, attempts, started, None)
+    await finish(services, generation, started, None)
     return Generated(ImagesResponse(created=int(time.time()), data=data), generation.upstream)
 
 
 async def collect(
-    request: ImageRequest, key: db.ApiKey, services: Services, attempts: list[db.Attempt]
+    request: ImageRequest, key: db.ApiKey, services: Services, attempts: list[AttemptRecord]
 ) -> tuple[list[GeneratedImage], list[str]]:
     """Images from the model's routes in order: a route that fails in a way another route can fix
     hands over to the next one, which makes only the images still missing."""
@@ -131,11 +122,11 @@ async def collect(
 
 
 async def attempt(
-    services: Services, route: Route, job: Job, attempts: list[db.Attempt]
+    services: Services, route: Route, job: Job, attempts: list[AttemptRecord]
 ) -> tuple[list[GeneratedImage], UpstreamError | None]:
     """One route's try: its images, and its failure when it fell short; refusals are raised."""
     name = breaker_name(route)
-    record = db.Attempt(upstream=route.provider, upstream_model=route.upstream_model, n=job.n, images=0, outcome="ok")
+    record = AttemptRecord(route.provider, route.upstream_model, job.n)
     attempts.append(record)
     started = time.monotonic()
     try:
@@ -212,8 +203,7 @@ def finish_image(data: bytes, width: int, height: int, output_format: str, store
 
 async def finish(
     services: Services,
-    generation: db.Generation,
-    attempts: list[db.Attempt],
+    generation: GenerationRecord,
     started: float,
     error: BaseException | None,
 ) -> None:
@@ -228,6 +218,4 @@ async def finish(
             generation.outcome = "client_disconnected" if isinstance(error, asyncio.CancelledError) else "server_error"
     else:
         generation.outcome = "ok"
-    for record in attempts:
-        record.generation_id = generation.id
-    await services.ledger.record(generation, attempts)
+    await services.ledger.record(generation)

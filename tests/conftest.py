@@ -4,7 +4,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -12,6 +12,8 @@ from qubax import auth, db
 from qubax.app import create_app
 from qubax.settings import Settings
 from tests.postgres import create_database, running_postgres
+from tests.redis import fresh_redis, running_redis
+from tests.s3 import create_bucket, running_moto, s3_environment
 from tests.server import serve
 
 T = TypeVar("T")
@@ -39,6 +41,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="sqlite",
         help="run the app's tests on this database (postgresql starts a real server)",
     )
+    parser.addoption(
+        "--redis",
+        action="store_true",
+        help="share limits through a real redis-server started for the session",
+    )
+    parser.addoption(
+        "--storage",
+        choices=("file", "s3"),
+        default="file",
+        help="store images on local disk, or in S3 (a moto server started for the session)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -58,15 +71,44 @@ def postgres_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    if not request.config.getoption("--redis"):
+        yield None
+        return
+    with running_redis() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    if request.config.getoption("--storage") != "s3":
+        yield None
+        return
+    with running_moto() as endpoint:
+        yield endpoint
+
+
 @pytest.fixture
-def settings(tmp_path: Path, postgres_url: str | None) -> Settings:
-    """A fresh data folder, and a fresh database: SQLite in that folder, or one on the test PostgreSQL."""
-    database_url = None
+def settings(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    postgres_url: str | None,
+    redis_url: str | None,
+    s3_endpoint: str | None,
+) -> Settings:
+    """A fresh data folder and a fresh database (SQLite in that folder, or one on the test PostgreSQL);
+    with --redis, a fresh Redis database number; with --storage=s3, a fresh bucket."""
+    changes: dict[str, Any] = {}
     if postgres_url is not None:
-        database_url = asyncio.run(create_database(postgres_url, f"t_{uuid.uuid4().hex}"))
-    return Settings(
-        data_dir=tmp_path / "data", database_url=database_url, poll_interval_seconds=0.01, sweep_interval_seconds=3600
-    )
+        changes["database_url"] = asyncio.run(create_database(postgres_url, f"t_{uuid.uuid4().hex}"))
+    if redis_url is not None:
+        changes["redis_url"] = fresh_redis(redis_url)
+    if s3_endpoint is not None:
+        for name, value in s3_environment(s3_endpoint).items():
+            monkeypatch.setenv(name, value)
+        changes["storage_url"] = create_bucket(s3_endpoint, f"t-{uuid.uuid4().hex[:20]}")
+    return Settings(data_dir=tmp_path / "data", poll_interval_seconds=0.01, sweep_interval_seconds=3600, **changes)
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
@@ -74,6 +116,10 @@ def cli_env(settings: Settings) -> dict[str, str]:
     env = {"QUBAX_DATA_DIR": str(settings.data_dir)}
     if settings.database_url:
         env["QUBAX_DATABASE_URL"] = settings.database_url
+    if settings.redis_url:
+        env["QUBAX_REDIS_URL"] = settings.redis_url
+    if settings.storage_url:
+        env["QUBAX_STORAGE_URL"] = settings.storage_url
     return env
 
 

@@ -5,6 +5,7 @@ import contextlib
 import gc
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from qubax.catalog_file import load_catalog
 from qubax.errors import InvalidRequest, QubaxError
 from qubax.images import Services
 from qubax.ledger import Ledger
+from qubax.logs import log_access
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers.registry import PROVIDERS, build_providers, default_concurrency
 from qubax.quota import Quotas
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # FastAPI's built-in OpenTelemetry hooks look up global providers on every request; we do not use them.
     telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
     app = Qubax(title="Qubax Images", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
+    app.access_log = settings.access_log
     app.include_router(router)
     app.add_exception_handler(QubaxError, render_error)
     app.add_exception_handler(RequestValidationError, render_validation_error)
@@ -138,17 +141,20 @@ class Qubax(FastAPI):
     stack (five layers, each wrapping `send`) cost ~10% of a light request's CPU and does nothing for it.
     """
 
+    access_log = True
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
         request_id = "req_" + secrets.token_hex(16)
-        started = False
+        began = time.perf_counter()
+        status = 0
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
@@ -159,10 +165,13 @@ class Qubax(FastAPI):
             else:
                 await super().__call__(scope, receive, send_with_id)
         except Exception:
-            logger.exception("unhandled error in request %s", request_id)
-            if started:
+            logger.exception("unhandled error in request %s", request_id, extra={"fields": {"request_id": request_id}})
+            if status:
                 raise
             await crash_response(request_id)(scope, receive, send_with_id)
+        finally:
+            if self.access_log:
+                log_access(scope, status or 499, began, request_id)  # no status sent: the client left
 
 
 async def respond(endpoint: Callable[[Request], Awaitable[Response]], request: Request, send: Send) -> None:

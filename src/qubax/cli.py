@@ -15,7 +15,7 @@ import click
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from qubax import auth, db
+from qubax import auth, db, logs
 from qubax.catalog import Catalog
 from qubax.catalog_file import CatalogError, load_catalog
 from qubax.providers.registry import PROVIDERS, credentials, default_concurrency
@@ -44,7 +44,9 @@ def serve(host: str, port: int) -> None:
     configured = [name for name in PROVIDERS if credentials(settings, name)]
     click.echo(f"Data folder: {settings.data_dir}", err=True)
     click.echo(f"Upstreams configured: {', '.join(configured) or 'none (test keys only)'}", err=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # Qubax writes the access log itself (with the request id, never a query string): uvicorn's is off.
+    log_config = logs.config(settings.log_format)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=log_config, access_log=False)
 
 
 @contextlib.asynccontextmanager

@@ -1,6 +1,7 @@
 """Configuration, read from the environment once, in `create_app` or the CLI, never at import."""
 
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field, SecretStr
@@ -17,6 +18,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("qubax")))
     database_url: str | None = None
+    redis_url: str | None = None  # shared limits for several nodes; without it, limits hold per process
+    storage_url: str | None = None  # file:///path or s3://bucket/prefix; default: images/ in the data folder
+    admin_token: SecretStr | None = None  # enables /admin and /metrics
     public_url: str | None = None
     image_ttl_seconds: int = Field(default=3600, gt=0)
     request_timeout_seconds: float = Field(default=300.0, gt=0)
@@ -25,6 +29,9 @@ class Settings(BaseSettings):
     catalog: Path | None = None  # the operator's TOML catalog file
     breaker_failures: int = Field(default=5, ge=1)  # failures in a row that take a route out of rotation
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = True
+    log_prompts: bool = False  # prompts are the users' data: off the logs unless the operator asks
 
     bfl_api_key: SecretStr | None = credential("BFL_API_KEY")
     openai_api_key: SecretStr | None = credential("OPENAI_API_KEY")

@@ -1,5 +1,6 @@
 import asyncio
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -60,6 +61,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "sqlite_only" in item.keywords:
                 item.add_marker(skip)
+    if config.getoption("--storage") != "file":
+        skip = pytest.mark.skip(reason="needs images on local disk, served by our own links")
+        for item in items:
+            if "local_storage_only" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +78,20 @@ def postgres_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
 
 
 @pytest.fixture(scope="session")
-def redis_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    if not request.config.getoption("--redis"):
-        yield None
-        return
+def redis_server() -> Iterator[str]:
+    """A real redis-server for the session (tests of the shared limits use it with or without --redis)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed: apt-get install -y redis-server (scripts/test does)")
     with running_redis() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> str | None:
+    if not request.config.getoption("--redis"):
+        return None
+    url: str = request.getfixturevalue("redis_server")
+    return url
 
 
 @pytest.fixture(scope="session")

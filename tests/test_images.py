@@ -29,7 +29,7 @@ def test_spec_example_returns_a_fetchable_png_url(client: openai.OpenAI) -> None
     assert isinstance(response.created, int)
     assert len(response.data) == 1
     url = response.data[0].url
-    assert url is not None and "/images/img_" in url and "signature=" in url
+    assert url is not None and "/images/img_" in url and "signature=" in url.lower()  # S3's is X-Amz-Signature
     download = httpx.get(url)
     assert download.status_code == 200
     assert download.headers["content-type"] == "image/png"

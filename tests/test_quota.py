@@ -1,5 +1,6 @@
 """Per-key limits and budgets, set with the CLI and enforced end to end through the official SDK."""
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -7,9 +8,12 @@ import openai
 import pytest
 from click.testing import CliRunner, Result
 
+from qubax.app import create_app
 from qubax.cli import main
 from qubax.settings import Settings
 from tests.conftest import cli_env, eventually
+from tests.redis import fresh_redis, running_redis
+from tests.server import serve
 from tests.stack import Stack, client, running_stack
 
 
@@ -107,3 +111,47 @@ def test_update_of_an_unknown_key_fails(settings: Settings) -> None:
     result = CliRunner().invoke(main, ["keys", "update", "key_nope", "--rpm", "3"], env=cli_env(settings))
     assert result.exit_code == 1
     assert "No such key." in result.output
+
+
+def test_two_nodes_share_one_limit_through_redis(settings: Settings, redis_server: str) -> None:
+    settings.redis_url = fresh_redis(redis_server)
+    with running_stack(settings) as stack, serve(create_app(stack.settings)) as second_node:
+        key = qubax(stack.settings, "keys", "create", "--rpm", "5").stdout.strip().splitlines()[-1]
+        nodes = [client(stack.url, key), client(second_node, key)]
+        answered = refused = 0
+        for i in range(8):
+            try:
+                generate(nodes[i % 2])
+                answered += 1
+            except openai.RateLimitError:
+                refused += 1
+        assert (answered, refused) == (5, 3)
+
+
+def test_two_nodes_share_one_concurrency_cap_through_redis(settings: Settings, redis_server: str) -> None:
+    settings.redis_url = fresh_redis(redis_server)
+    with running_stack(settings) as stack, serve(create_app(stack.settings)) as second_node:
+        key = qubax(stack.settings, "keys", "create", "--max-concurrent", "1").stdout.strip().splitlines()[-1]
+        stack.openai.delay = 2.0
+        slow = threading.Thread(target=lambda: client(stack.url, key).images.generate(model="dall-e-3", prompt="p"))
+        slow.start()
+        while stack.openai.in_flight == 0:
+            threading.Event().wait(0.01)
+        with pytest.raises(openai.RateLimitError):
+            generate(client(second_node, key))  # the slot is held on the other node
+        slow.join()
+        generate(client(second_node, key))
+
+
+def test_limits_refuse_with_a_503_while_redis_is_down(settings: Settings) -> None:
+    redis_running = contextlib.ExitStack()
+    settings.redis_url = fresh_redis(redis_running.enter_context(running_redis()))
+    with redis_running, running_stack(settings) as stack:
+        sdk = limited_key(stack, "--rpm", "5")
+        generate(sdk)
+        redis_running.close()  # Redis goes away; the node stays up
+        with pytest.raises(openai.InternalServerError) as caught:
+            generate(sdk)
+        assert (caught.value.status_code, caught.value.code) == (503, "limits_unavailable")
+        assert caught.value.response.headers["retry-after"] == "1"
+        assert len(stack.together.requests) == 1  # nothing reached an upstream, nothing was charged

@@ -6,7 +6,9 @@ import gc
 import logging
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,19 +19,21 @@ from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from qubax import db
+from qubax import admin, db, s3
 from qubax.breaker import Breakers
 from qubax.catalog_file import load_catalog
 from qubax.errors import InvalidRequest, QubaxError
 from qubax.images import Services
 from qubax.ledger import Ledger
 from qubax.logs import log_access
+from qubax.metrics import Metrics
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers.registry import PROVIDERS, build_providers, default_concurrency
-from qubax.quota import Quotas
+from qubax.quota import Quotas, limiter_storage
 from qubax.routes import GENERATIONS_PATH, create_image, router
 from qubax.settings import Settings
-from qubax.storage import LocalStorage, load_secret
+from qubax.slots import LocalSlots, RedisSlots, connect_redis
+from qubax.storage import LocalStorage, Storage, signing_secret
 
 logger = logging.getLogger("qubax")
 GC_THRESHOLD = 20_000  # allocations between young-generation collections; the default is 700
@@ -39,26 +43,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; raises `CatalogError` at once when the operator's catalog file is wrong."""
     settings = settings or Settings()
     catalog = load_catalog(settings.catalog, set(PROVIDERS), default_concurrency())
+    metrics = Metrics()  # a registry per app, not the process-wide default: tests run many apps at once
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logging.getLogger("uvicorn.access").addFilter(hide_query)
         engine = db.connect(settings.resolved_database_url)
         await db.migrate(engine)
-        storage = LocalStorage(settings.images_dir, load_secret(settings.data_dir), settings.image_ttl_seconds)
         # aiohttp, measured ~8x faster than httpx as the upstream client (bench/README.md). Redirects are
         # never followed (send() says so): adapters vet every host they send a key or a download to.
         # No read timeout of its own: the request deadline bounds every upstream call, and must be what fires.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
-            providers = build_providers(settings, http, dict(catalog.concurrency))
+        async with (
+            open_storage(settings) as storage,
+            aiohttp.ClientSession(timeout=timeout, connector=connector) as http,
+        ):
+            redis = await connect_redis(settings.redis_url) if settings.redis_url else None
+            # A slot outlives no request: its hold lapses after the longest one could take.
+            slots = RedisSlots(redis, settings.request_timeout_seconds + 60) if redis else LocalSlots()
+            providers = build_providers(settings, http, dict(catalog.concurrency), slots)
             breakers = Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds)
             sessions = db.sessions(engine)
             ledger = Ledger(engine)
-            quotas = Quotas(sessions)
+            quotas = Quotas(sessions, slots, limiter_storage(settings.redis_url))
             app.state.services = Services(
-                settings, engine, sessions, http, storage, catalog, providers, breakers, ledger, quotas
+                settings, engine, sessions, http, storage, catalog, providers, breakers, ledger, quotas, metrics
             )
             sweeper = asyncio.create_task(sweep_forever(storage, settings.sweep_interval_seconds))
             settle_garbage_collector()
@@ -70,12 +80,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
                 await engine.dispose()
+                if redis is not None:
+                    await redis.aclose()
 
     # FastAPI's built-in OpenTelemetry hooks look up global providers on every request; we do not use them.
     telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
     app = Qubax(title="Qubax Images", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
     app.access_log = settings.access_log
+    app.metrics = metrics
     app.include_router(router)
+    if admin.enabled(settings):  # without an admin token, the admin API does not exist: /admin/... is a 404
+        app.include_router(admin.router)
     app.add_exception_handler(QubaxError, render_error)
     app.add_exception_handler(RequestValidationError, render_validation_error)
     app.add_exception_handler(HTTPException, render_http_exception)
@@ -99,13 +114,28 @@ def hide_query(record: logging.LogRecord) -> bool:
     return True
 
 
-async def sweep_forever(storage: LocalStorage, interval: float) -> None:
+@contextlib.asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
+    """Where `QUBAX_STORAGE_URL` says images live: `s3://bucket/prefix` (one client for the app's life),
+    `file:///path`, or by default the data folder."""
+    secret, ttl = signing_secret(settings), settings.image_ttl_seconds
+    url = urllib.parse.urlsplit(settings.storage_url or "")
+    if url.scheme == "s3" and url.netloc:
+        async with s3.connect() as client:
+            yield s3.S3Storage(client, url.netloc, url.path, secret, ttl, own_links=bool(settings.public_url))
+    elif url.scheme in ("", "file") and url.netloc in ("", "localhost"):
+        yield LocalStorage(Path(urllib.parse.unquote(url.path)) if url.path else settings.images_dir, secret, ttl)
+    else:
+        raise ValueError("QUBAX_STORAGE_URL must be s3://bucket/prefix or file:///absolute/path.")
+
+
+async def sweep_forever(storage: Storage, interval: float) -> None:
     while True:
         try:
             removed = await storage.sweep()
             if removed:
                 logger.info("swept %d expired images", removed)
-        except OSError:
+        except (OSError, QubaxError):  # the disk or the bucket failed; the next round may do better
             logger.exception("sweeping expired images failed")
         await asyncio.sleep(interval)
 
@@ -142,6 +172,7 @@ class Qubax(FastAPI):
     """
 
     access_log = True
+    metrics: Metrics  # set by create_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,6 +201,7 @@ class Qubax(FastAPI):
                 raise
             await crash_response(request_id)(scope, receive, send_with_id)
         finally:
+            self.metrics.count_response(scope["method"], scope["path"], status or 499)
             if self.access_log:
                 log_access(scope, status or 499, began, request_id)  # no status sent: the client left
 

@@ -71,3 +71,7 @@ class KeyCache(Generic[T]):
         if len(self.entries) >= self.size:
             self.entries.clear()  # crude, but bounded: a flood of random keys cannot grow memory
         self.entries[digest] = (time.monotonic(), key)
+
+    def forget(self, digest: str) -> None:
+        """Drop a key that just changed, so this node's next lookup reads it afresh."""
+        self.entries.pop(digest, None)

@@ -79,27 +79,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 def limit_options(command: F) -> F:
     """The per-key limit flags `keys create` and `keys update` share; 0 removes a limit."""
     for option in (
-        click.option("--monthly-budget-usd", type=click.FloatRange(min=0), help="Spend cap per calendar month, USD."),
-        click.option("--max-concurrent", type=click.IntRange(min=0), help="Requests in flight at once."),
-        click.option("--images-per-day", type=click.IntRange(min=0), help="Images per UTC day."),
-        click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute."),
+        click.option(
+            "--monthly-budget-usd",
+            type=click.FloatRange(0, db.MAX_BUDGET_USD),
+            help="Spend cap per calendar month, USD.",
+        ),
+        click.option("--max-concurrent", type=click.IntRange(0, db.MAX_LIMIT), help="Requests in flight at once."),
+        click.option("--images-per-day", type=click.IntRange(0, db.MAX_LIMIT), help="Images per UTC day."),
+        click.option("--rpm", type=click.IntRange(0, db.MAX_LIMIT), help="Requests per minute."),
     ):
         command = option(command)
     return command
 
 
 def chosen_limits(options: dict[str, Any]) -> dict[str, int | None]:
-    """The limits given on the command line, as stored: 0 means no limit, budgets in micro-USD."""
-    budget = options.pop("monthly_budget_usd", None)
-    if budget is not None:
-        options["monthly_budget_micros"] = round(budget * 1_000_000)
-    return {name: (value or None) for name, value in options.items() if name in db.LIMITS and value is not None}
+    """The limits given on the command line (an option left out is None), as stored."""
+    return db.chosen_limits({name: value for name, value in options.items() if value is not None})
 
 
 def describe_limits(key: db.ApiKey) -> str:
     parts = [f"{name.replace('_', ' ')} {getattr(key, name)}" for name in db.LIMITS[:3] if getattr(key, name)]
     if key.monthly_budget_micros:
-        parts.append(f"monthly budget ${key.monthly_budget_micros / 1_000_000:.2f}")
+        parts.append(f"monthly budget ${db.to_usd(key.monthly_budget_micros):.2f}")
     return ", ".join(parts) or "no limits"
 
 
@@ -109,14 +110,11 @@ def describe_limits(key: db.ApiKey) -> str:
 @limit_options
 def create_key(name: str, test: bool, **options: Any) -> None:
     """Create a key and print it (alone on stdout). It is shown only this once."""
-    new = auth.new_key(test=test)
     limits = chosen_limits(options)
-    stored = with_session(
-        lambda s: db.add_key(s, name=name, prefix=new.prefix, digest=new.digest, test=test, limits=limits)
-    )
+    stored, secret = with_session(lambda s: db.create_key(s, name=name, test=test, limits=limits))
     click.echo(f"Created {'test' if test else 'live'} key {stored.id} ({describe_limits(stored)}).", err=True)
     click.echo("Store it now: it is not shown again.", err=True)
-    click.echo(new.secret)
+    click.echo(secret)
 
 
 @keys.command("update")
@@ -201,13 +199,13 @@ def open_catalog(settings: Settings) -> Catalog:
 def usage() -> None:
     """Images delivered and their cost, per key and model."""
     rows = [
-        (r.key_id, r.key_name, r.model, str(r.requests), str(r.images), f"${r.cost_micros / 1_000_000:.4f}")
+        (r.key_id, r.key_name, r.model, str(r.requests), str(r.images), f"${db.to_usd(r.cost_micros):.4f}")
         for r in with_session(db.usage)
     ]
     print_table(("KEY", "NAME", "MODEL", "REQUESTS", "IMAGES", "COST"), rows)
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
     for row in (headers, *rows):
         click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

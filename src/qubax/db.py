@@ -1,15 +1,33 @@
 """The database: two tables (API keys, generations) and the handful of queries we run on them."""
 
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, event, func, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    cast,
+    event,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement, Label
+
+from qubax import auth
 
 
 class Base(DeclarativeBase):
@@ -38,7 +56,7 @@ class ApiKey(Base):
     rpm: Mapped[int | None] = mapped_column(Integer, default=None)
     images_per_day: Mapped[int | None] = mapped_column(Integer, default=None)
     max_concurrent: Mapped[int | None] = mapped_column(Integer, default=None)
-    monthly_budget_micros: Mapped[int | None] = mapped_column(Integer, default=None)
+    monthly_budget_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class Generation(Base):
@@ -51,7 +69,7 @@ class Generation(Base):
     n: Mapped[int] = mapped_column(Integer)
     size: Mapped[str] = mapped_column(String(20))
     images: Mapped[int] = mapped_column(Integer, default=0)  # images delivered, and so charged
-    cost_micros: Mapped[int] = mapped_column(Integer, default=0)  # millionths of a US dollar
+    cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)  # millionths of a US dollar
     latency_ms: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(50))  # "ok" or the error code we answered with
     error: Mapped[str | None] = mapped_column(Text, default=None)
@@ -117,6 +135,36 @@ def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 LIMITS = ("rpm", "images_per_day", "max_concurrent", "monthly_budget_micros")
+MAX_LIMIT = 2**31 - 1  # the count limits are 32-bit integers on PostgreSQL
+MICROS_PER_USD = 1_000_000
+MAX_BUDGET_USD = 1_000_000_000.0  # far inside the 64-bit budget column, and exact in a float
+
+
+def to_micros(usd: float) -> int:
+    return round(usd * MICROS_PER_USD)
+
+
+def to_usd(micros: int) -> float:
+    return micros / MICROS_PER_USD
+
+
+def chosen_limits(options: Mapping[str, Any]) -> dict[str, int | None]:
+    """The limits named in `options` (the budget as `monthly_budget_usd`), as stored: budgets in
+    micro-USD, and 0 or None for no limit. Limits not named are left out, so they stay as they are."""
+    chosen = {name: options[name] for name in LIMITS if name in options}
+    if "monthly_budget_usd" in options:
+        budget = options["monthly_budget_usd"]
+        chosen["monthly_budget_micros"] = None if budget is None else to_micros(budget)
+    return {name: value or None for name, value in chosen.items()}
+
+
+async def create_key(
+    session: AsyncSession, *, name: str, test: bool, limits: dict[str, int | None] | None = None
+) -> tuple[ApiKey, str]:
+    """A new key with its limits, stored; returns it with its secret, which exists only until shown."""
+    new = auth.new_key(test=test)
+    key = await add_key(session, name=name, prefix=new.prefix, digest=new.digest, test=test, limits=limits)
+    return key, new.secret
 
 
 async def add_key(
@@ -170,29 +218,59 @@ async def usage_since(session: AsyncSession, key_id: str, since: datetime) -> tu
     return int(row[0]), int(row[1])
 
 
+USAGE_GROUPS = ("key", "model", "day")
+
+
 @dataclass(frozen=True)
 class UsageRow:
-    key_id: str
-    key_name: str
-    model: str
     requests: int
     images: int
     cost_micros: int
+    # Set only when grouped by them.
+    key_id: str | None = None
+    key_name: str | None = None
+    model: str | None = None
+    day: date | None = None
 
 
-async def usage(session: AsyncSession) -> list[UsageRow]:
-    """Images and cost per key and model, over every recorded generation."""
-    query = (
-        select(
-            Generation.key_id,
-            ApiKey.name,
-            Generation.model,
-            func.count(),
-            func.coalesce(func.sum(Generation.images), 0),
-            func.coalesce(func.sum(Generation.cost_micros), 0),
-        )
-        .join(ApiKey, ApiKey.id == Generation.key_id)
-        .group_by(Generation.key_id, ApiKey.name, Generation.model)
-        .order_by(Generation.key_id, Generation.model)
+async def usage(
+    session: AsyncSession,
+    group_by: Sequence[str] = ("key", "model"),
+    since: date | None = None,
+    until: date | None = None,
+) -> list[UsageRow]:
+    """Requests, images and cost per group (any of `USAGE_GROUPS`, ordered as given) over the
+    generations from day `since` through day `until` (UTC, both included)."""
+    columns: list[Label[Any]] = []
+    for group in group_by:
+        if group == "key":
+            columns += [Generation.key_id.label("key_id"), ApiKey.name.label("key_name")]
+        elif group == "model":
+            columns.append(Generation.model.label("model"))
+        elif group == "day":
+            columns.append(utc_day(session).label("day"))
+        else:
+            raise ValueError(f"usage cannot be grouped by {group!r}")
+    query = select(
+        func.count().label("requests"),
+        func.coalesce(func.sum(Generation.images), 0).label("images"),
+        func.coalesce(func.sum(Generation.cost_micros), 0).label("cost_micros"),
+        *columns,
     )
-    return [UsageRow(*row) for row in (await session.execute(query)).all()]
+    if "key" in group_by:
+        query = query.join(ApiKey, ApiKey.id == Generation.key_id)
+    if since is not None:
+        query = query.where(Generation.created_at >= datetime.combine(since, time(), UTC))
+    if until is not None:
+        query = query.where(Generation.created_at < datetime.combine(until + timedelta(days=1), time(), UTC))
+    query = query.group_by(*columns).order_by(*columns)
+    return [UsageRow(**row) for row in (await session.execute(query)).mappings()]
+
+
+def utc_day(session: AsyncSession) -> ColumnElement[date]:
+    """The UTC day a generation was recorded on, as a date."""
+    if session.get_bind().dialect.name == "postgresql":
+        # A timestamptz becomes a date in the session's time zone, which need not be UTC. The zone is
+        # literal SQL: as a bound parameter, GROUP BY would not see the same expression as SELECT.
+        return cast(func.timezone(literal_column("'UTC'"), Generation.created_at), Date)
+    return func.date(Generation.created_at, type_=Date)  # SQLite keeps the UTC time as text

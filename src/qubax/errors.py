@@ -14,6 +14,7 @@
     │   ├── RateLimited             429 rate_limit_exceeded  (a key's own limit)
     │   │   └── QuotaExceeded       429 insufficient_quota   (the key's monthly budget is spent)
     │   └── ServiceUnavailable      503 upstream_unavailable (every route of the model is cooling down)
+    │       └── LimitsUnavailable   503 limits_unavailable   (the shared limits store, Redis, is unreachable)
     ├── ClientDisconnected          499 (nobody reads it: the client is gone)
     └── UpstreamError               502 upstream_error
         ├── TaskFailed              502 upstream_error       (the upstream says the task failed: not billed)
@@ -140,6 +141,10 @@ class ServiceUnavailable(TryLater):
     status_code = 503
     type = "service_unavailable_error"
     code = "upstream_unavailable"
+
+
+class LimitsUnavailable(ServiceUnavailable):
+    code = "limits_unavailable"
 
 
 class UpstreamError(QubaxError):

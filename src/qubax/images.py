@@ -18,13 +18,14 @@ from qubax.catalog import Catalog, ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from qubax.imaging import convert, passes_through
 from qubax.ledger import AttemptRecord, GenerationRecord, Ledger
+from qubax.metrics import Metrics
 from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse
 from qubax.providers import GeneratedImage, Job, Provider
 from qubax.providers.placeholder import Placeholder
 from qubax.providers.registry import PROVIDERS
 from qubax.quota import Quotas
 from qubax.settings import Settings
-from qubax.storage import LocalStorage
+from qubax.storage import LocalStorage, Storage
 
 TEST_UPSTREAM = "test"
 INLINE_BYTES = 256 * 1024  # checking and base64-ing this much takes well under a millisecond
@@ -38,12 +39,13 @@ class Services:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     http: aiohttp.ClientSession
-    storage: LocalStorage
+    storage: Storage
     catalog: Catalog
     providers: dict[str, Provider]
     breakers: Breakers
     ledger: Ledger
     quotas: Quotas
+    metrics: Metrics
     keys: KeyCache[db.ApiKey] = field(default_factory=KeyCache)
 
 
@@ -170,7 +172,7 @@ def job_for(request: ImageRequest, upstream_model: str, n: int) -> Job:
 
 
 async def deliver(
-    request: ImageRequest, images: list[GeneratedImage], storage: LocalStorage, public_url: str
+    request: ImageRequest, images: list[GeneratedImage], storage: Storage, public_url: str
 ) -> list[Image]:
     if len(images) != request.n:  # never answer 200 with fewer images than asked
         raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
@@ -182,17 +184,21 @@ async def deliver(
     pairs = zip(outputs, images, strict=True)
     if store is None:
         return [Image(b64_json=text, revised_prompt=image.revised_prompt) for text, image in pairs]
-    links = [(public_url + storage.signed_path(image_id, request.output_format), image) for image_id, image in pairs]
-    return [Image(url=url, revised_prompt=image.revised_prompt) for url, image in links]
+    urls = [await storage.link(image_id, request.output_format, public_url) for image_id in outputs]
+    return [Image(url=url, revised_prompt=image.revised_prompt) for url, image in zip(urls, images, strict=True)]
 
 
-async def finish_off_loop(data: bytes, request: ImageRequest, store: LocalStorage | None) -> str:
+async def finish_off_loop(data: bytes, request: ImageRequest, store: Storage | None) -> str:
     """`finish_image` in a worker thread, except for small images that pass through as they are: for
-    those the thread hop would cost more than the work."""
+    those the thread hop would cost more than the work. Local disk is written in the same thread trip;
+    other stores get the converted image uploaded from the event loop."""
     size = (request.width, request.height)
     if store is None and len(data) <= INLINE_BYTES and passes_through(data, *size, request.output_format):
         return pybase64.b64encode_as_string(data)
-    return await anyio.to_thread.run_sync(finish_image, data, *size, request.output_format, store)
+    if store is None or isinstance(store, LocalStorage):
+        return await anyio.to_thread.run_sync(finish_image, data, *size, request.output_format, store)
+    picture = await anyio.to_thread.run_sync(convert, data, *size, request.output_format)
+    return await store.put(picture, request.output_format)
 
 
 def finish_image(data: bytes, width: int, height: int, output_format: str, store: LocalStorage | None) -> str:
@@ -218,4 +224,7 @@ async def finish(
             generation.outcome = "client_disconnected" if isinstance(error, asyncio.CancelledError) else "server_error"
     else:
         generation.outcome = "ok"
-    await services.ledger.record(generation)
+    try:
+        await services.ledger.record(generation)
+    finally:  # counted even when the write failed or the client left: the record says what happened
+        services.metrics.observe(generation)

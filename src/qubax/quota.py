@@ -1,6 +1,6 @@
-"""Per-key limits: requests per minute and concurrent requests (a maintained limiter library's moving
-window; in-process until a shared store is configured), images per day and monthly spend (from the
-usage ledger, so every node sees the same totals)."""
+"""Per-key limits: requests per minute (a maintained limiter library's moving window), concurrent
+requests (`Slots`), both in-process, or in Redis so that every node shares them; images per day and
+monthly spend (from the usage ledger, so every node sees the same totals)."""
 
 import contextlib
 import math
@@ -9,20 +9,29 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax import db
 from qubax.catalog import ImageRequest
 from qubax.errors import QuotaExceeded, RateLimited
+from qubax.slots import Slots, unreachable
+
+
+def limiter_storage(redis_url: str | None) -> Storage:
+    if redis_url is None:
+        return MemoryStorage()
+    # wrap_exceptions: any Redis failure arrives as one StorageError, refused below as a 503.
+    return RedisStorage(f"async+{redis_url}", wrap_exceptions=True, implementation="redispy", key_prefix="qubax:rpm")
 
 
 class Quotas:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], slots: Slots, storage: Storage) -> None:
         self.sessions = sessions
-        self.window = MovingWindowRateLimiter(MemoryStorage())
-        self.active: dict[str, int] = {}
+        self.slots = slots
+        self.window = MovingWindowRateLimiter(storage)
 
     @contextlib.asynccontextmanager
     async def hold(self, key: db.ApiKey, request: ImageRequest) -> AsyncIterator[dict[str, str]]:
@@ -30,20 +39,26 @@ class Quotas:
         slot is held until the block ends."""
         headers = await self.count_request(key)
         await self.check_ledger(key, request)
-        if key.max_concurrent is not None and self.active.get(key.id, 0) >= key.max_concurrent:
+        if key.max_concurrent is None:
+            yield headers
+            return
+        taken = await self.slots.take([f"key:{key.id}"], key.max_concurrent)
+        if taken is None:
             raise RateLimited(f"This key allows {key.max_concurrent} concurrent requests.", retry_after=1)
-        self.active[key.id] = self.active.get(key.id, 0) + 1
         try:
             yield headers
         finally:
-            self.active[key.id] -= 1
+            await self.slots.give_back(*taken)
 
     async def count_request(self, key: db.ApiKey) -> dict[str, str]:
         if key.rpm is None:
             return {}
         item = RateLimitItemPerMinute(key.rpm)
-        allowed = await self.window.hit(item, key.id)
-        stats = await self.window.get_window_stats(item, key.id)
+        try:
+            allowed = await self.window.hit(item, key.id)
+            stats = await self.window.get_window_stats(item, key.id)
+        except StorageError as exc:
+            raise unreachable(exc) from exc
         reset = max(0.0, stats.reset_time - time.time())
         headers = {
             "x-ratelimit-limit-requests": str(key.rpm),

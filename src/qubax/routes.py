@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from sqlalchemy import text
 from starlette.requests import ClientDisconnect
@@ -24,6 +25,7 @@ from qubax.errors import (
     UnknownParameter,
 )
 from qubax.images import Services
+from qubax.metrics import check_admin
 from qubax.protocol import ImageGenerateRequest, Model, ModelList
 from qubax.providers import payload as payload_json
 
@@ -191,14 +193,16 @@ def model_card(model: CatalogModel, name: str) -> Model:
 
 
 @router.get("/images/{name}")
-async def serve_image(name: str, services: ServicesDep, expires: str = "", signature: str = "") -> FileResponse:
+async def serve_image(name: str, services: ServicesDep, expires: str = "", signature: str = "") -> Response:
     match = IMAGE_NAME.fullmatch(name)
     if match is None:
         raise NotFound("Image not found.")
-    path = services.storage.verify(match[1], expires, signature, match[2])
+    image = await services.storage.open(match[1], match[2], expires, signature)
     max_age = max(0, int(expires) - int(time.time()))
     headers = {"cache-control": f"private, max-age={max_age}"}
-    return FileResponse(path, media_type=f"image/{match[2]}", headers=headers)
+    if isinstance(image, bytes):  # read from a bucket
+        return Response(image, media_type=f"image/{match[2]}", headers=headers)
+    return FileResponse(image, media_type=f"image/{match[2]}", headers=headers)
 
 
 @router.get("/healthz")
@@ -206,3 +210,10 @@ async def healthz(services: ServicesDep) -> dict[str, str]:
     async with services.engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
     return {"status": "ok"}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def serve_metrics(request: Request, services: ServicesDep) -> Response:
+    """Prometheus' scrape target; needs the admin token (`Authorization: Bearer ...`)."""
+    check_admin(request, services.settings.admin_token)
+    return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     storage_url: str | None = None  # file:///path or s3://bucket/prefix; default: images/ in the data folder
     admin_token: SecretStr | None = None  # enables /admin and /metrics
     public_url: str | None = None
+    # Signs image URLs; every node behind one public address must share it. Default: a file in data_dir.
+    signing_secret: SecretStr | None = Field(default=None, min_length=32)
     image_ttl_seconds: int = Field(default=3600, gt=0)
     request_timeout_seconds: float = Field(default=300.0, gt=0)
     poll_interval_seconds: float = Field(default=0.5, gt=0)

@@ -1,4 +1,5 @@
-"""Generated images on local disk, served through signed, expiring URLs."""
+"""Where generated images live (the `Storage` protocol), local disk (`LocalStorage`), and our own signed,
+expiring image URLs, which any node holding the secret can check."""
 
 import contextlib
 import hashlib
@@ -8,14 +9,45 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 
 from qubax.errors import Forbidden, Gone, NotFound
+from qubax.settings import Settings
 
 SECRET_BYTES = 32
-# The sweeper waits this long past the TTL, so a file never vanishes before its URL expires.
+# The sweeper waits this long past the TTL, so an image never vanishes before its URL expires.
 SWEEP_GRACE_SECONDS = 5
+
+
+class Storage(Protocol):
+    """What the app needs from a place to keep images: local disk, or an S3 bucket (`qubax.s3`)."""
+
+    async def put(self, data: bytes, ext: str = "png") -> str:
+        """Keep the image; returns its new id."""
+        ...
+
+    async def link(self, image_id: str, ext: str, public_url: str) -> str:
+        """A URL that serves the image until the TTL runs out; `public_url` is our own address."""
+        ...
+
+    async def open(self, image_id: str, ext: str, expires: str, signature: str) -> Path | bytes:
+        """The image one of our signed URLs points to, as a file to send or its bytes; raises when the
+        URL is forged or expired, or the image is gone."""
+        ...
+
+    async def sweep(self) -> int:
+        """Delete the images whose URLs have all expired; returns how many."""
+        ...
+
+
+def signing_secret(settings: Settings) -> bytes:
+    """`QUBAX_SIGNING_SECRET` when set (every node behind one address must share it), else this data
+    folder's own secret."""
+    if settings.signing_secret is not None:
+        return settings.signing_secret.get_secret_value().encode()
+    return load_secret(settings.data_dir)
 
 
 def load_secret(data_dir: Path) -> bytes:
@@ -39,24 +71,16 @@ def load_secret(data_dir: Path) -> bytes:
     return secret
 
 
-class LocalStorage:
-    def __init__(self, root: Path, secret: bytes, ttl_seconds: int) -> None:
-        self.root = root
+def new_image_id() -> str:
+    return "img_" + secrets.token_urlsafe(18)
+
+
+class SignedUrls:
+    """Our own image URLs, `/images/{id}.{ext}?expires=..&signature=..`, signed with an HMAC."""
+
+    def __init__(self, secret: bytes, ttl_seconds: int) -> None:
         self.secret = secret
         self.ttl_seconds = ttl_seconds
-        root.mkdir(parents=True, exist_ok=True)
-
-    async def put(self, data: bytes, ext: str = "png") -> str:
-        return await anyio.to_thread.run_sync(self.save, data, ext)
-
-    def save(self, data: bytes, ext: str = "png") -> str:
-        """Blocking `put`, for code already in a worker thread."""
-        image_id = "img_" + secrets.token_urlsafe(18)
-        self.path(image_id, ext).write_bytes(data)
-        return image_id
-
-    def path(self, image_id: str, ext: str = "png") -> Path:
-        return self.root / f"{image_id}.{ext}"
 
     def sign(self, image_id: str, expires: int) -> str:
         message = f"{image_id}:{expires}".encode()
@@ -67,13 +91,42 @@ class LocalStorage:
         expires = int(time.time()) + self.ttl_seconds
         return f"/images/{image_id}.{ext}?expires={expires}&signature={self.sign(image_id, expires)}"
 
-    def verify(self, image_id: str, expires: str, signature: str, ext: str = "png") -> Path:
-        """The file a signed URL points to; raises when the URL is forged, expired or the file is gone."""
+    def check(self, image_id: str, expires: str, signature: str) -> None:
+        """Raise when the URL is forged or expired."""
         well_formed = expires.isascii() and expires.isdigit() and len(expires) <= 12 and signature.isascii()
         if not well_formed or not hmac.compare_digest(self.sign(image_id, int(expires)), signature):
             raise Forbidden("Invalid image URL signature.", code="invalid_signature")
         if int(expires) < time.time():
             raise Gone("This image URL has expired. Generate the image again or request b64_json.")
+
+
+class LocalStorage(SignedUrls):
+    def __init__(self, root: Path, secret: bytes, ttl_seconds: int) -> None:
+        super().__init__(secret, ttl_seconds)
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    async def put(self, data: bytes, ext: str = "png") -> str:
+        return await anyio.to_thread.run_sync(self.save, data, ext)
+
+    def save(self, data: bytes, ext: str = "png") -> str:
+        """Blocking `put`, for code already in a worker thread."""
+        image_id = new_image_id()
+        self.path(image_id, ext).write_bytes(data)
+        return image_id
+
+    def path(self, image_id: str, ext: str = "png") -> Path:
+        return self.root / f"{image_id}.{ext}"
+
+    async def link(self, image_id: str, ext: str, public_url: str) -> str:
+        return public_url + self.signed_path(image_id, ext)
+
+    async def open(self, image_id: str, ext: str, expires: str, signature: str) -> Path:
+        return self.verify(image_id, expires, signature, ext)
+
+    def verify(self, image_id: str, expires: str, signature: str, ext: str = "png") -> Path:
+        """The file a signed URL points to; raises when the URL is forged, expired or the file is gone."""
+        self.check(image_id, expires, signature)
         path = self.path(image_id, ext)
         if not path.is_file():
             raise NotFound("Image not found.")

@@ -1,9 +1,12 @@
+import sys
+
 import aiohttp
 import pytest
 from pydantic import SecretStr
 
 from qubax.providers.registry import PROVIDERS, build_providers, credentials, default_concurrency
 from qubax.settings import Settings
+from qubax.slots import LocalSlots
 
 
 @pytest.mark.anyio
@@ -11,12 +14,12 @@ async def test_comma_separated_keys_become_a_pool_with_the_catalog_cap(settings:
     settings.bfl_api_key = SecretStr(" key-1, key-2 ,,")
     settings.fal_key = SecretStr("fal-1")
     async with aiohttp.ClientSession() as http:
-        providers = build_providers(settings, http, {"bfl": 3})
+        providers = build_providers(settings, http, {"bfl": 3}, LocalSlots())
     assert set(providers) == {"bfl", "fal"}
     upstream = providers["bfl"].upstream  # type: ignore[attr-defined]
     assert upstream.pool.keys == ["key-1", "key-2"]
     assert upstream.pool.limit == 3
-    assert providers["fal"].upstream.pool.limit is None  # type: ignore[attr-defined]
+    assert providers["fal"].upstream.pool.limit == sys.maxsize  # type: ignore[attr-defined]
 
 
 def test_credentials_and_defaults(settings: Settings) -> None:

@@ -13,6 +13,7 @@ from typing import Protocol
 import aiohttp
 
 from qubax.providers.pool import KeyPool
+from qubax.slots import Slots
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,12 @@ class Upstream:
         keys: str | Sequence[str],
         poll_interval: float = 0.5,
         concurrency: int | None = None,
+        slots: Slots | None = None,
+        name: str = "",
     ) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
-        self.pool = KeyPool([keys] if isinstance(keys, str) else keys, concurrency)
+        self.pool = KeyPool([keys] if isinstance(keys, str) else keys, concurrency, slots, f"upstream:{name}")
         self.poll_interval = poll_interval
 
     def lease(self) -> AbstractAsyncContextManager[str]:

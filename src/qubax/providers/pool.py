@@ -1,34 +1,51 @@
-"""Credentials for one provider as a pool: each key has a cap on active work; excess work waits its turn."""
+"""Credentials for one provider as a pool: each key has a cap on active work; excess work waits its turn.
+
+The caps are counted in `Slots`: in this process, or in Redis so that every node shares them."""
 
 import asyncio
 import contextlib
+import hashlib
+import sys
 from collections.abc import AsyncIterator, Sequence
+
+from qubax.slots import LocalSlots, Slots
+
+# How often work waiting for a slot looks again: a release on this node wakes it at once, one on
+# another node is seen at the next look.
+RECHECK_SECONDS = 0.05
 
 
 class KeyPool:
-    def __init__(self, keys: Sequence[str], limit: int | None = None) -> None:
+    def __init__(
+        self, keys: Sequence[str], limit: int | None = None, slots: Slots | None = None, scope: str = ""
+    ) -> None:
         if not keys:
             raise ValueError("a key pool needs at least one key")
-        self.active = dict.fromkeys(keys, 0)
-        self.limit = limit
+        # Slot names carry a digest, never the credential: the shared store is not a secret store.
+        self.credentials = {f"{scope}:{hashlib.sha256(key.encode()).hexdigest()[:16]}": key for key in keys}
+        self.limit = sys.maxsize if limit is None else limit
+        # Uncapped pools only spread work over their keys: nothing worth sharing between nodes.
+        self.slots = slots if slots is not None and limit is not None else LocalSlots()
         self.released = asyncio.Event()
 
     @property
     def keys(self) -> list[str]:
-        return list(self.active)
+        return list(self.credentials.values())
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[str]:
         """The least busy key, once one has a free slot; the slot is held until the block ends."""
-        key = min(self.active, key=self.active.__getitem__)
-        while self.limit is not None and self.active[key] >= self.limit:
+        names = list(self.credentials)
+        while (taken := await self.slots.take(names, self.limit)) is None:
             self.released.clear()
-            await self.released.wait()
-            key = min(self.active, key=self.active.__getitem__)
-        self.active[key] += 1
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECHECK_SECONDS):
+                    await self.released.wait()
+        name, token = taken
         try:
-            yield key
+            yield self.credentials[name]
         finally:
-            # No await here: a cancelled task must still give its slot back.
-            self.active[key] -= 1
+            # In-process this never suspends, so a cancelled task still gives its slot back; in Redis
+            # an interrupted give-back lapses on its own.
+            await self.slots.give_back(name, token)
             self.released.set()

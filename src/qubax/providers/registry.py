@@ -9,6 +9,7 @@ from qubax.providers.openai import OpenAI
 from qubax.providers.replicate import Replicate
 from qubax.providers.together import Together
 from qubax.settings import Settings
+from qubax.slots import Slots
 
 PROVIDERS: dict[str, ProviderInfo] = {
     # BFL allows 24 active tasks per key by default; the others' caps keep bursts from becoming 429s.
@@ -33,14 +34,16 @@ def credentials(settings: Settings, name: str) -> list[str]:
 
 
 def build_providers(
-    settings: Settings, http: aiohttp.ClientSession, concurrency: dict[str, int]
+    settings: Settings, http: aiohttp.ClientSession, concurrency: dict[str, int], slots: Slots
 ) -> dict[str, Provider]:
-    """Adapters for the providers with at least one credential; the others stay off."""
+    """Adapters for the providers with at least one credential; the others stay off. Their keys'
+    concurrency caps are counted in `slots`."""
     providers: dict[str, Provider] = {}
     for name, info in PROVIDERS.items():
         keys = credentials(settings, name)
         if keys:
             base_url = str(getattr(settings, info.base_url_field))
-            upstream = Upstream(http, base_url, keys, settings.poll_interval_seconds, concurrency.get(name))
+            cap = concurrency.get(name)
+            upstream = Upstream(http, base_url, keys, settings.poll_interval_seconds, cap, slots, name)
             providers[name] = info.build(upstream)
     return providers

@@ -1,0 +1,225 @@
+"""The admin API (`/admin/...`): keys and usage for operators, behind the admin token.
+
+`create_app` includes this router only when `QUBAX_ADMIN_TOKEN` is set; without it every admin path is a 404.
+"""
+
+import secrets
+from datetime import UTC, date, datetime
+from typing import Annotated, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from qubax import db
+from qubax.errors import AuthenticationError, InvalidRequest, NotFound
+from qubax.images import Services
+from qubax.routes import ServicesDep, read_body, validation_error
+from qubax.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
+Limit = Annotated[StrictInt | None, Field(ge=0, le=db.MAX_LIMIT)]
+Budget = Annotated[float | None, Field(ge=0, le=db.MAX_BUDGET_USD)]
+
+
+def enabled(settings: Settings) -> bool:
+    """The admin API exists only when an admin token is set; an empty one would let anybody in."""
+    return bool(settings.admin_token and settings.admin_token.get_secret_value())
+
+
+async def authorize(request: Request, services: ServicesDep) -> None:
+    """Only the admin token passes: API keys, valid or not, never reach an admin route."""
+    admin_token = services.settings.admin_token
+    expected = admin_token.get_secret_value().encode() if admin_token else b""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # Bytes: compare_digest refuses str with non-ASCII characters, which a header may carry.
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    if not expected or not secrets.compare_digest(given, expected):
+        raise AuthenticationError(
+            "The admin API needs the admin token (QUBAX_ADMIN_TOKEN) in an Authorization header "
+            "using Bearer auth; API keys are not accepted here."
+        )
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(authorize)])
+
+
+class Limits(BaseModel):
+    """A key's limits; 0 or null is no limit."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    rpm: Limit = None
+    images_per_day: Limit = None
+    max_concurrent: Limit = None
+    monthly_budget_usd: Budget = None
+
+
+class NewKey(Limits):
+    name: StrictStr = Field(default="", max_length=200)
+    test: StrictBool = False
+
+
+class Key(BaseModel):
+    object: Literal["api_key"] = "api_key"
+    id: str
+    name: str
+    prefix: str
+    test: bool
+    created_at: int  # Unix seconds, as OpenAI gives times
+    revoked_at: int | None
+    rpm: int | None
+    images_per_day: int | None
+    max_concurrent: int | None
+    monthly_budget_usd: float | None
+
+
+class CreatedKey(Key):
+    key: str  # the secret: in this response only, never stored
+
+
+class KeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Key]
+
+
+class Usage(BaseModel):
+    object: Literal["usage"] = "usage"
+    key_id: str | None = None
+    key_name: str | None = None
+    model: str | None = None
+    day: date | None = None
+    requests: int
+    images: int
+    cost_usd: float
+
+
+class UsageList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Usage]
+
+
+@router.post("/keys", status_code=201)
+async def create_key(request: Request, services: ServicesDep) -> CreatedKey:
+    body = await parse(request, NewKey)
+    limits = db.chosen_limits(body.model_dump(include=set(Limits.model_fields)))
+    async with services.sessions() as session:
+        key, secret = await db.create_key(session, name=body.name, test=body.test, limits=limits)
+    return CreatedKey(**describe(key).model_dump(), key=secret)
+
+
+@router.get("/keys")
+async def list_keys(services: ServicesDep) -> KeyList:
+    async with services.sessions() as session:
+        return KeyList(data=[describe(key) for key in await db.list_keys(session)])
+
+
+@router.get("/keys/{key_id}")
+async def retrieve_key(key_id: str, services: ServicesDep) -> Key:
+    async with services.sessions() as session:
+        return describe(await find(session, key_id))
+
+
+@router.patch("/keys/{key_id}")
+async def update_key(key_id: str, request: Request, services: ServicesDep) -> Key:
+    body = await parse(request, Limits)
+    async with services.sessions() as session:
+        key = await find(session, key_id)
+        key = await db.update_limits(session, key, db.chosen_limits(body.model_dump(include=body.model_fields_set)))
+    return changed(key, services)
+
+
+@router.post("/keys/{key_id}/revoke")
+@router.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, services: ServicesDep) -> Key:
+    async with services.sessions() as session:
+        key = await db.revoke_key(session, key_id=key_id)
+    if key is None:
+        raise not_found(key_id)
+    return changed(key, services)
+
+
+@router.get("/usage", response_model_exclude_none=True)
+async def usage(services: ServicesDep, group_by: str = "key,model", since: str = "", until: str = "") -> UsageList:
+    groups = [group.strip() for group in group_by.split(",") if group.strip()]
+    unknown = [group for group in groups if group not in db.USAGE_GROUPS]
+    if unknown:
+        choices = ", ".join(db.USAGE_GROUPS)
+        raise InvalidRequest(f"Invalid value for 'group_by': {unknown[0]!r} is not one of {choices}.", param="group_by")
+    first, last = parse_day(since, "since"), parse_day(until, "until")
+    if first and last and first > last:
+        raise InvalidRequest("Invalid value for 'since': it is after 'until'.", param="since")
+    async with services.sessions() as session:
+        rows = await db.usage(session, list(dict.fromkeys(groups)), first, last)
+    return UsageList(
+        data=[
+            Usage(
+                key_id=row.key_id,
+                key_name=row.key_name,
+                model=row.model,
+                day=row.day,
+                requests=row.requests,
+                images=row.images,
+                cost_usd=db.to_usd(row.cost_micros),
+            )
+            for row in rows
+        ]
+    )
+
+
+async def parse(request: Request, model: type[M]) -> M:
+    """The JSON body as `model` (an empty body is `{}`); wrong input is a 400 said the way OpenAI says it."""
+    try:
+        return model.model_validate_json(await read_body(request) or b"{}")
+    except ValidationError as exc:
+        detail = exc.errors()[0]
+        if detail["type"] in ("json_invalid", "model_type"):
+            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json") from exc
+        raise validation_error(detail) from exc
+
+
+def parse_day(text: str, param: str) -> date | None:
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequest(f"Invalid value for '{param}': expected a day as YYYY-MM-DD.", param=param) from None
+
+
+async def find(session: AsyncSession, key_id: str) -> db.ApiKey:
+    key = await db.find_key_by(session, key_id=key_id)
+    if key is None:
+        raise not_found(key_id)
+    return key
+
+
+def not_found(key_id: str) -> NotFound:
+    return NotFound(f"No API key with id '{key_id}'.", param="key_id")
+
+
+def changed(key: db.ApiKey, services: Services) -> Key:
+    # Other nodes see the change when their cached copy expires (within a second).
+    services.keys.forget(key.digest)
+    return describe(key)
+
+
+def describe(key: db.ApiKey) -> Key:
+    budget = key.monthly_budget_micros
+    return Key(
+        id=key.id,
+        name=key.name,
+        prefix=key.prefix,
+        test=key.test,
+        created_at=unix(key.created_at),
+        revoked_at=None if key.revoked_at is None else unix(key.revoked_at),
+        rpm=key.rpm,
+        images_per_day=key.images_per_day,
+        max_concurrent=key.max_concurrent,
+        monthly_budget_usd=None if budget is None else db.to_usd(budget),
+    )
+
+
+def unix(moment: datetime) -> int:
+    # SQLite hands back naive datetimes; they are UTC.
+    return int(moment.replace(tzinfo=moment.tzinfo or UTC).timestamp())

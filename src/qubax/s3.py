@@ -1,0 +1,118 @@
+"""Generated images in an S3 bucket (AWS S3, Cloudflare R2, MinIO...), through one aiobotocore client.
+
+Endpoint, region and credentials come from the standard AWS variables and profiles, which botocore reads
+itself: `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`...
+"""
+
+import contextlib
+import datetime
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from qubax.errors import NotFound, QubaxError, ServiceUnavailable, UpstreamError
+from qubax.storage import SWEEP_GRACE_SECONDS, SignedUrls, new_image_id
+
+if TYPE_CHECKING:  # the stubs are a development dependency
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import ObjectIdentifierTypeDef
+
+logger = logging.getLogger("qubax")
+RETRY_AFTER_SECONDS = 5  # what we tell clients when the bucket is unreachable or overloaded
+
+
+@contextlib.asynccontextmanager
+async def connect() -> AsyncIterator["S3Client"]:
+    """The one S3 client the app uses for its whole life."""
+    # SigV4 everywhere: botocore still presigns us-east-1 URLs with the deprecated SigV2, which R2 refuses.
+    async with get_session().create_client("s3", config=AioConfig(signature_version="s3v4")) as client:
+        yield client
+
+
+class S3Storage(SignedUrls):
+    """Images as objects under a prefix. Links are presigned S3 URLs, unless the operator set a public
+    address of ours (a CDN in front of the nodes): then they are our own signed URLs, which any node
+    serves by reading the object."""
+
+    def __init__(
+        self, client: "S3Client", bucket: str, prefix: str, secret: bytes, ttl_seconds: int, own_links: bool
+    ) -> None:
+        super().__init__(secret, ttl_seconds)
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.own_links = own_links
+
+    def key(self, image_id: str, ext: str) -> str:
+        return f"{self.prefix}{image_id}.{ext}"
+
+    async def put(self, data: bytes, ext: str = "png") -> str:
+        image_id = new_image_id()
+        with translated("save the image"):
+            await self.client.put_object(
+                Bucket=self.bucket, Key=self.key(image_id, ext), Body=data, ContentType=f"image/{ext}"
+            )
+        return image_id
+
+    async def link(self, image_id: str, ext: str, public_url: str) -> str:
+        if self.own_links:
+            return public_url + self.signed_path(image_id, ext)
+        with translated("sign a link"):  # signing is local, but may first fetch credentials
+            return await self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self.key(image_id, ext)}, ExpiresIn=self.ttl_seconds
+            )
+
+    async def open(self, image_id: str, ext: str, expires: str, signature: str) -> bytes:
+        self.check(image_id, expires, signature)
+        with translated("read the image"):
+            try:
+                response = await self.client.get_object(Bucket=self.bucket, Key=self.key(image_id, ext))
+            except self.client.exceptions.NoSuchKey as exc:
+                raise NotFound("Image not found.") from exc
+            async with response["Body"] as body:  # images are a few MB at most: one read
+                return await body.read()
+
+    async def sweep(self) -> int:
+        """Delete objects older than the TTL (their URLs have all expired); returns how many."""
+        age = datetime.timedelta(seconds=self.ttl_seconds + SWEEP_GRACE_SECONDS)
+        cutoff = datetime.datetime.now(datetime.UTC) - age
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}img_")
+        removed = 0
+        with translated("sweep expired images"):
+            async for page in pages:
+                old: list[ObjectIdentifierTypeDef] = [
+                    {"Key": item["Key"]} for item in page.get("Contents", []) if item["LastModified"] < cutoff
+                ]
+                if old:  # a page lists at most 1000 keys, as many as one request may delete
+                    deleted = await self.client.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": old, "Quiet": True}
+                    )
+                    removed += len(old) - len(deleted.get("Errors", []))
+        return removed
+
+
+@contextlib.contextmanager
+def translated(action: str) -> Iterator[None]:
+    """botocore's failures as ours: the bucket unreachable or overloaded is a 503, a refusal a 502."""
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        logger.warning("S3 could not %s: %s", action, exc)
+        raise storage_error(action, exc) from exc
+
+
+def storage_error(action: str, exc: ClientError | BotoCoreError) -> QubaxError:
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = exc.response.get("Error", {}).get("Code", "")
+        if status < 500 and status != 429:
+            return UpstreamError(f"The image store refused to {action} ({code or status}).")
+    elif not isinstance(exc, BotoConnectionError | HTTPClientError):
+        return UpstreamError(f"The image store could not {action} ({type(exc).__name__}).")
+    message = f"The image store is unavailable, so the server could not {action}; try again shortly."
+    return ServiceUnavailable(message, retry_after=RETRY_AFTER_SECONDS)

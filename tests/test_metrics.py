@@ -1,0 +1,145 @@
+"""`GET /metrics`, end to end: the SDK → our app → fake upstreams, then a scrape read with Prometheus'
+own parser. flux-1.1-pro goes to BFL first and Together next; dall-e-3 goes to the fake OpenAI."""
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from qubax.app import create_app
+from qubax.settings import Settings
+from tests.conftest import eventually
+from tests.server import serve
+from tests.stack import Stack, running_stack
+
+ADMIN_TOKEN = "admin-secret-token"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[Stack]:
+    with running_stack(settings, admin_token=SecretStr(ADMIN_TOKEN)) as stack:
+        yield stack
+
+
+def scrape(stack: Stack) -> Samples:
+    response = httpx.get(f"{stack.url}/metrics", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    families = text_string_to_metric_families(response.text)
+    return {(s.name, frozenset(s.labels.items())): s.value for family in families for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over every series of `name` that has these labels, whatever its others."""
+    wanted = set(labels.items())
+    return sum(v for (sample, have), v in samples.items() if sample == name and wanted <= have)
+
+
+def label_values(samples: Samples, name: str, label: str) -> set[str]:
+    return {dict(labels)[label] for sample, labels in samples if sample == name}
+
+
+def test_generations_upstreams_images_and_cost(stack: Stack) -> None:
+    for _ in range(2):
+        stack.live.images.generate(model="dall-e-3", prompt="a secret prompt")
+    stack.bfl.submit_status = 500  # BFL fails before accepting: Together takes all three images
+    stack.live.images.generate(model="flux-1.1-pro", prompt="p", n=3, size="256x256")
+    stack.openai.fail_status = 500
+    with pytest.raises(openai.InternalServerError):
+        stack.live.images.generate(model="dall-e-3", prompt="p")
+    stack.test.images.generate(model="flux-1.1-pro", prompt="p")  # a test key: no upstream, no cost
+
+    samples = scrape(stack)
+    generations = "qubax_generations_total"
+    assert value(samples, generations, model="dall-e-3", route="openai", outcome="ok") == 2
+    assert value(samples, generations, model="dall-e-3", route="none", outcome="upstream_error") == 1
+    assert value(samples, generations, model="flux-1.1-pro", route="together", outcome="ok") == 1
+    assert value(samples, generations, model="flux-1.1-pro", route="test", outcome="ok") == 1
+    assert total(samples, generations) == 5
+    duration = "qubax_generation_duration_seconds_count"
+    assert value(samples, duration, model="dall-e-3", route="openai") == 2
+    assert value(samples, duration, model="dall-e-3", route="none") == 1
+    assert value(samples, "qubax_images_total", model="dall-e-3", route="openai") == 2
+    assert value(samples, "qubax_images_total", model="flux-1.1-pro", route="together") == 3
+    assert value(samples, "qubax_images_total", model="flux-1.1-pro", route="test") == 1
+    assert value(samples, "qubax_cost_usd_total", model="dall-e-3") == pytest.approx(0.08)  # $0.04 each
+    assert value(samples, "qubax_cost_usd_total", model="flux-1.1-pro") == pytest.approx(0.12)
+
+    attempts = "qubax_upstream_attempts_total"
+    assert value(samples, attempts, upstream="openai", outcome="ok") == 2
+    assert value(samples, attempts, upstream="openai", outcome="upstream_error") == 1
+    assert value(samples, attempts, upstream="bfl", outcome="upstream_error") == 1
+    assert value(samples, attempts, upstream="together", outcome="ok") == 1
+    assert value(samples, "qubax_upstream_duration_seconds_count", upstream="openai") == 3
+    assert value(samples, "qubax_upstream_duration_seconds_count", upstream="bfl") == 1
+    errors = "qubax_upstream_errors_total"
+    assert value(samples, errors, upstream="openai", code="upstream_error") == 1
+    assert value(samples, errors, upstream="bfl", code="upstream_error") == 1
+    assert label_values(samples, errors, "upstream") == {"openai", "bfl"}  # Together never failed
+
+    def http_counts() -> None:
+        samples = scrape(stack)
+        path = "/v1/images/generations"
+        assert value(samples, "qubax_http_requests_total", method="POST", path=path, status="200") == 4
+        assert value(samples, "qubax_http_requests_total", method="POST", path=path, status="502") == 1
+        assert value(samples, "qubax_http_requests_total", method="GET", path="/metrics", status="200") >= 1
+
+    eventually(http_counts)
+
+
+def test_prompts_and_keys_never_appear(stack: Stack) -> None:
+    stack.live.images.generate(model="dall-e-3", prompt="a very private prompt")
+    response = httpx.get(f"{stack.url}/metrics", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert "private" not in response.text
+    assert stack.live_key not in response.text and ADMIN_TOKEN not in response.text
+
+
+def test_path_labels_stay_bounded(stack: Stack) -> None:
+    for i in range(5):
+        httpx.get(f"{stack.url}/images/img_{i}abc.png?expires=1&signature=x")
+        httpx.get(f"{stack.url}/v1/models/model-{i}", headers={"authorization": f"Bearer {stack.live_key}"})
+        httpx.get(f"{stack.url}/no/such/path/{i}")
+    httpx.post(f"{stack.url}/v1/models", headers={"authorization": f"Bearer {stack.live_key}"})
+
+    def bounded() -> None:
+        samples = scrape(stack)
+        name = "qubax_http_requests_total"
+        assert label_values(samples, name, "path") == {"/images", "/v1/models", "other"}
+        assert total(samples, name, method="GET", path="/images") == 5  # refused: bad signatures
+        assert value(samples, name, method="GET", path="/v1/models", status="404") == 5
+        assert value(samples, name, method="GET", path="other", status="404") == 5
+        assert value(samples, name, method="POST", path="/v1/models", status="405") == 1
+
+    eventually(bounded)
+
+
+def test_a_missing_or_wrong_token_is_401_and_an_api_key_is_no_token(stack: Stack) -> None:
+    wrong = [
+        b"Bearer wrong-token",
+        f"Basic {ADMIN_TOKEN}".encode(),
+        b"Bearer \xe4",
+        f"Bearer {stack.live_key}".encode(),
+    ]
+    for headers in [{}, *({b"authorization": header} for header in wrong)]:
+        response = httpx.get(f"{stack.url}/metrics", headers=headers)
+        assert response.status_code == 401
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert "qubax_" not in response.text and stack.live_key not in response.text
+
+
+@pytest.mark.parametrize("admin_token", [None, ""])
+def test_without_an_admin_token_there_is_no_metrics_endpoint(settings: Settings, admin_token: str | None) -> None:
+    settings.admin_token = None if admin_token is None else SecretStr(admin_token)
+    with serve(create_app(settings)) as url:
+        for headers in ({}, {"authorization": "Bearer"}, {"authorization": "Bearer anything"}):
+            response = httpx.get(f"{url}/metrics", headers=headers)
+            assert response.status_code == 404
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -1,13 +1,15 @@
-"""The admin API (`/admin/...`): keys and usage for operators, behind the admin token.
+"""The operators' endpoints, behind the admin token: the admin API (`/admin/...`: keys and usage)
+and Prometheus' `/metrics`.
 
-`create_app` includes this router only when `QUBAX_ADMIN_TOKEN` is set; without it every admin path is a 404.
+`create_app` includes these routers only when `QUBAX_ADMIN_TOKEN` is set; without it they are 404s.
 """
 
 import secrets
 from datetime import UTC, date, datetime
 from typing import Annotated, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -36,12 +38,19 @@ async def authorize(request: Request, services: ServicesDep) -> None:
     given = token.strip().encode() if scheme.lower() == "bearer" else b""
     if not expected or not secrets.compare_digest(given, expected):
         raise AuthenticationError(
-            "The admin API needs the admin token (QUBAX_ADMIN_TOKEN) in an Authorization header "
+            "This endpoint needs the admin token (QUBAX_ADMIN_TOKEN) in an Authorization header "
             "using Bearer auth; API keys are not accepted here."
         )
 
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(authorize)])
+metrics_router = APIRouter(dependencies=[Depends(authorize)], include_in_schema=False)
+
+
+@metrics_router.get("/metrics")
+async def serve_metrics(services: ServicesDep) -> Response:
+    """Prometheus' scrape target (`authorization: {type: Bearer, ...}` in the scrape job)."""
+    return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 class Limits(BaseModel):

@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     if admin.enabled(settings):  # without an admin token, the admin API does not exist: /admin/... is a 404
         app.include_router(admin.router)
+        app.include_router(admin.metrics_router)
     app.add_exception_handler(QubaxError, render_error)
     app.add_exception_handler(RequestValidationError, render_validation_error)
     app.add_exception_handler(HTTPException, render_http_exception)

@@ -1,14 +1,10 @@
 """Prometheus metrics: one registry per app, fed by every HTTP response and every generation's usage
-record, served at `GET /metrics` to a scraper that holds the admin token. Prompts are never labels."""
+record, served at `GET /metrics` (in `admin.py`) to a scraper that holds the admin token. Prompts are never labels."""
 
-import secrets
 from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import SecretStr
-from starlette.requests import Request
 
-from qubax.errors import AuthenticationError, NotFound
 from qubax.ledger import GenerationRecord
 
 M = TypeVar("M", Counter, Histogram)
@@ -101,14 +97,3 @@ def path_label(path: str) -> str:
         if path.startswith(prefix):
             return label
     return "other"
-
-
-def check_admin(request: Request, admin_token: SecretStr | None) -> None:
-    """Let through only `Authorization: Bearer <admin token>`. Without a token configured the admin
-    endpoints do not exist (404); API keys are never admin tokens (401)."""
-    expected = admin_token.get_secret_value().encode() if admin_token else b""
-    if not expected:  # an empty token would let in `Authorization: Bearer` with nothing after it
-        raise NotFound(f"Invalid URL ({request.method} {request.url.path})")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected):
-        raise AuthenticationError("Incorrect or missing admin token.")

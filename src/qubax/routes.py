@@ -9,7 +9,6 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
-from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from sqlalchemy import text
 from starlette.requests import ClientDisconnect
@@ -25,7 +24,6 @@ from qubax.errors import (
     UnknownParameter,
 )
 from qubax.images import Services
-from qubax.metrics import check_admin
 from qubax.protocol import ImageGenerateRequest, Model, ModelList
 from qubax.providers import payload as payload_json
 
@@ -210,10 +208,3 @@ async def healthz(services: ServicesDep) -> dict[str, str]:
     async with services.engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
     return {"status": "ok"}
-
-
-@router.get("/metrics", include_in_schema=False)
-async def serve_metrics(request: Request, services: ServicesDep) -> Response:
-    """Prometheus' scrape target; needs the admin token (`Authorization: Bearer ...`)."""
-    check_admin(request, services.settings.admin_token)
-    return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -40,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per target (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target (default 2)")
     parser.add_argument("--payload", choices=["light", "heavy", "both"], default="both")
+    parser.add_argument(
+        "--images-dir",
+        type=Path,
+        default=None,
+        help="where Qubax stores url-mode images (default: its data folder, under the system temp dir)",
+    )
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, default: all")
     parser.add_argument(
         "--keep", action="store_true", help="keep the temp folder (servers' logs, Qubax data dirs, wrk scripts)"
@@ -130,7 +136,11 @@ def run_payload(
         with targets.upstream(payload, workdir) as up:
             load("upstream", up)
             gateway("floor", [("floor", "b64_json")], lambda: targets.floor(up.base, workdir))
-            gateway("qubax", [("qubax", "b64_json"), ("qubax-url", "url")], lambda: targets.qubax(up.base, workdir))
+            gateway(
+                "qubax",
+                [("qubax", "b64_json"), ("qubax-url", "url")],
+                lambda: targets.qubax(up.base, workdir, args.images_dir),
+            )
             if litellm_exe is None:
                 if "litellm" in args.targets:
                     rows["litellm"] = {"error": litellm_note}
@@ -173,6 +183,19 @@ def qubax_peak_rss(wrk: str, workdir: Path) -> dict[str, Any]:
     if server_log is not None:
         result["server_log"] = save_log(server_log, "memory-qubax")
     return result
+
+
+def file_create_us(folder: Path, files: int = 500) -> float:
+    """Wall microseconds to create and write one light image's worth of file in `folder`: what url mode
+    pays per image on top of b64_json, however Qubax is written."""
+    probe = Path(tempfile.mkdtemp(prefix="probe-", dir=folder))
+    data = os.urandom(4500)
+    started = time.perf_counter()
+    for index in range(files):
+        (probe / f"img_{index}.png").write_bytes(data)
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(probe, ignore_errors=True)
+    return round(elapsed / files * 1e6, 1)
 
 
 def machine() -> dict[str, Any]:
@@ -228,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
+        "disk": {"images_dir": str(args.images_dir or tempfile.gettempdir()), "file_create_us": None},
         "qubax_source": qubax_source(),
         "settings": {
             "connections": args.connections,
@@ -241,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     shutil.rmtree(LOGS, ignore_errors=True)
     workdir = Path(tempfile.mkdtemp(prefix="qubax-bench-"))  # servers' logs, Qubax data dirs, wrk scripts
+    results["disk"]["file_create_us"] = file_create_us(args.images_dir or workdir)
     try:
         for payload in payloads:
             results["payloads"][payload] = run_payload(payload, args, wrk, litellm_exe, litellm_note, workdir)

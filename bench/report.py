@@ -63,6 +63,8 @@ def render(results: dict[str, Any]) -> str:
         f"wrk -t1 -c{s['connections']} -d{s['duration_s']:g}s --latency --timeout {s['wrk_timeout']}, "
         f"after a {s['warmup_s']:g}s warm-up run per target",
         f"LiteLLM: {results['litellm']['note']}",
+        f"url-mode images in {results['disk']['images_dir']}: creating a 4.5 KB file there takes "
+        f"{results['disk']['file_create_us']} us",
         f"Qubax: commit {src['commit']}, uncommitted changes under src/: {', '.join(src['src_changes']) or 'none'}"
         + (f" (diff sha256 {src['src_diff_sha256']})" if src["src_diff_sha256"] else ""),
     ]

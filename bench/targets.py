@@ -5,6 +5,7 @@ Each is a context manager that waits for the server's health check and stops its
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,16 +71,19 @@ def floor(upstream_base: str, workdir: Path) -> Iterator[Server]:
 
 
 @contextmanager
-def qubax(upstream_base: str, workdir: Path) -> Iterator[Server]:
-    """`qubax serve` as shipped (its default log level, access log on), with a fresh data dir and a live key."""
+def qubax(upstream_base: str, workdir: Path, images_dir: Path | None = None) -> Iterator[Server]:
+    """`qubax serve` as shipped (its default log level, access log on), with a fresh data dir and a live key;
+    url-mode images in a fresh folder under `images_dir` when given."""
     data_dir = Path(tempfile.mkdtemp(prefix="qubax-", dir=workdir))
-    env = clean_env(
-        {
-            "QUBAX_DATA_DIR": str(data_dir),
-            "OPENAI_API_KEY": UPSTREAM_KEY,
-            "QUBAX_OPENAI_BASE_URL": f"{upstream_base}/v1",
-        }
-    )
+    settings = {
+        "QUBAX_DATA_DIR": str(data_dir),
+        "OPENAI_API_KEY": UPSTREAM_KEY,
+        "QUBAX_OPENAI_BASE_URL": f"{upstream_base}/v1",
+    }
+    images = Path(tempfile.mkdtemp(prefix="qubax-images-", dir=images_dir)) if images_dir else None
+    if images is not None:
+        settings["QUBAX_STORAGE_URL"] = f"file://{images}"
+    env = clean_env(settings)
     created = subprocess.run(
         [str(BIN / "qubax"), "keys", "create", "--name", "bench"], env=env, capture_output=True, text=True
     )
@@ -87,9 +91,13 @@ def qubax(upstream_base: str, workdir: Path) -> Iterator[Server]:
         raise RuntimeError(f"qubax keys create failed ({created.returncode}): {created.stderr.strip()[-500:]}")
     port = procs.free_port()
     cmd = [str(BIN / "qubax"), "serve", "--port", str(port)]
-    with running(cmd, "/healthz", port, data_dir / "serve.log", env) as server:
-        server.api_key = created.stdout.strip()
-        yield server
+    try:
+        with running(cmd, "/healthz", port, data_dir / "serve.log", env) as server:
+            server.api_key = created.stdout.strip()
+            yield server
+    finally:
+        if images is not None:
+            shutil.rmtree(images, ignore_errors=True)
 
 
 @contextmanager

@@ -4,6 +4,8 @@ import asyncio
 import base64
 import contextlib
 import itertools
+import logging
+import logging.config
 import secrets
 import sys
 import time
@@ -22,6 +24,7 @@ from qubax.providers.registry import PROVIDERS, credentials, default_concurrency
 from qubax.settings import Settings
 
 T = TypeVar("T")
+logger = logging.getLogger("qubax")
 
 
 @click.group()
@@ -41,12 +44,13 @@ def serve(host: str, port: int) -> None:
 
     settings = Settings()
     open_catalog(settings)  # a broken catalog file stops here, with its error, before anything starts
+    # One logging set-up for Qubax and uvicorn, so that with QUBAX_LOG_FORMAT=json every line is JSON.
+    logging.config.dictConfig(logs.config(settings.log_format))
     configured = [name for name in PROVIDERS if credentials(settings, name)]
-    click.echo(f"Data folder: {settings.data_dir}", err=True)
-    click.echo(f"Upstreams configured: {', '.join(configured) or 'none (test keys only)'}", err=True)
+    logger.info("data folder: %s", settings.data_dir)
+    logger.info("upstreams configured: %s", ", ".join(configured) or "none (test keys only)")
     # Qubax writes the access log itself (with the request id, never a query string): uvicorn's is off.
-    log_config = logs.config(settings.log_format)
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=log_config, access_log=False)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
 
 
 @contextlib.asynccontextmanager

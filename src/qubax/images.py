@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
-import anyio
 import pybase64
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -196,8 +195,8 @@ async def finish_off_loop(data: bytes, request: ImageRequest, store: Storage | N
     if store is None and len(data) <= INLINE_BYTES and passes_through(data, *size, request.output_format):
         return pybase64.b64encode_as_string(data)
     if store is None or isinstance(store, LocalStorage):
-        return await anyio.to_thread.run_sync(finish_image, data, *size, request.output_format, store)
-    picture = await anyio.to_thread.run_sync(convert, data, *size, request.output_format)
+        return await asyncio.to_thread(finish_image, data, *size, request.output_format, store)
+    picture = await asyncio.to_thread(convert, data, *size, request.output_format)
     return await store.put(picture, request.output_format)
 
 

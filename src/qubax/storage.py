@@ -1,6 +1,7 @@
 """Where generated images live (the `Storage` protocol), local disk (`LocalStorage`), and our own signed,
 expiring image URLs, which any node holding the secret can check."""
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -10,8 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
-
-import anyio
 
 from qubax.errors import Forbidden, Gone, NotFound
 from qubax.settings import Settings
@@ -107,7 +106,7 @@ class LocalStorage(SignedUrls):
         root.mkdir(parents=True, exist_ok=True)
 
     async def put(self, data: bytes, ext: str = "png") -> str:
-        return await anyio.to_thread.run_sync(self.save, data, ext)
+        return await asyncio.to_thread(self.save, data, ext)
 
     def save(self, data: bytes, ext: str = "png") -> str:
         """Blocking `put`, for code already in a worker thread."""
@@ -134,7 +133,7 @@ class LocalStorage(SignedUrls):
 
     async def sweep(self) -> int:
         """Delete images older than the TTL (their URLs have all expired); returns how many."""
-        return await anyio.to_thread.run_sync(self._sweep)
+        return await asyncio.to_thread(self._sweep)
 
     def _sweep(self) -> int:
         cutoff = time.time() - self.ttl_seconds - SWEEP_GRACE_SECONDS

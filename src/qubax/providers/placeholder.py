@@ -1,6 +1,6 @@
 """The built-in renderer that answers test keys: no upstream, no cost, deterministic output."""
 
-import anyio
+import asyncio
 
 from qubax.imaging import render_placeholder
 from qubax.providers import GeneratedImage, Job
@@ -10,6 +10,6 @@ class Placeholder:
     async def generate(self, job: Job) -> list[GeneratedImage]:
         images = []
         for index in range(job.n):
-            data = await anyio.to_thread.run_sync(render_placeholder, job.prompt, job.width, job.height, index)
+            data = await asyncio.to_thread(render_placeholder, job.prompt, job.width, job.height, index)
             images.append(GeneratedImage(data))
         return images

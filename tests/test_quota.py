@@ -3,6 +3,7 @@
 import contextlib
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -155,3 +156,40 @@ def test_limits_refuse_with_a_503_while_redis_is_down(settings: Settings) -> Non
         assert (caught.value.status_code, caught.value.code) == (503, "limits_unavailable")
         assert caught.value.response.headers["retry-after"] == "1"
         assert len(stack.together.requests) == 1  # nothing reached an upstream, nothing was charged
+
+
+def burst(sdks: list[openai.OpenAI], model: str, count: int) -> tuple[int, list[openai.RateLimitError]]:
+    """`count` requests at once, spread over `sdks`; returns how many were answered, and the refusals."""
+    refusals: list[openai.RateLimitError] = []
+
+    def call(i: int) -> bool:
+        try:
+            generate(sdks[i % len(sdks)], model=model)
+            return True
+        except openai.RateLimitError as error:
+            refusals.append(error)
+            return False
+
+    with ThreadPoolExecutor(count) as pool:
+        answered = sum(pool.map(call, range(count)))
+    return answered, refusals
+
+
+def test_a_burst_cannot_overshoot_the_daily_images(stack: Stack) -> None:
+    sdk = limited_key(stack, "--images-per-day", "3")
+    stack.together.delay = 0.5  # every request is in flight before any is recorded
+    answered, refusals = burst([sdk], "flux-1-schnell", 6)
+    assert (answered, len(refusals)) == (3, 3)
+    assert any("in requests still running" in error.message for error in refusals)
+    with pytest.raises(openai.RateLimitError):
+        generate(sdk)  # and once recorded, the ledger holds the line
+
+
+def test_a_burst_across_two_nodes_cannot_overshoot_the_budget(settings: Settings, redis_server: str) -> None:
+    settings.redis_url = fresh_redis(redis_server)
+    with running_stack(settings) as stack, serve(create_app(stack.settings)) as second_node:
+        key = qubax(stack.settings, "keys", "create", "--monthly-budget-usd", "0.1").stdout.strip().splitlines()[-1]
+        stack.bfl.delay = 0.5
+        answered, refusals = burst([client(stack.url, key), client(second_node, key)], "flux-1.1-pro", 6)
+        assert (answered, len(refusals)) == (2, 4)  # $0.04 each: two fit in $0.10, a third would not
+        assert {error.code for error in refusals} == {"insufficient_quota"}

@@ -82,3 +82,25 @@ async def test_an_unreachable_store_refuses_with_a_503() -> None:
 async def test_a_node_without_its_redis_does_not_start() -> None:
     with pytest.raises(RuntimeError, match="unreachable"):
         await connect_redis("redis://127.0.0.1:9/0")
+
+
+async def test_reservations_add_up_until_given_back(slots: Slots) -> None:
+    first, total = await slots.reserve("spend", 40_000)
+    assert total == 40_000
+    second, total = await slots.reserve("spend", 3_000)
+    assert total == 43_000
+    await slots.give_back("spend", first)
+    _, total = await slots.reserve("spend", 1)
+    assert total == 3_001
+    assert (await slots.reserve("other", 5))[1] == 5
+
+
+async def test_a_dead_holders_reservation_lapses(redis_server: str) -> None:
+    redis = await connect_redis(fresh_redis(redis_server))
+    try:
+        slots = RedisSlots(redis, hold_seconds=0.2)
+        await slots.reserve("images", 3)  # never given back, as if its node died
+        await asyncio.sleep(0.3)
+        assert (await slots.reserve("images", 1))[1] == 1
+    finally:
+        await redis.aclose()

@@ -35,20 +35,20 @@ class Quotas:
 
     @contextlib.asynccontextmanager
     async def hold(self, key: db.ApiKey, request: ImageRequest) -> AsyncIterator[dict[str, str]]:
-        """Admit one request, or raise a 429; yields the rate headers to send back. The concurrency
-        slot is held until the block ends."""
+        """Admit one request, or raise a 429; yields the rate headers to send back. The request's
+        concurrency slot and its reservations are held until the block ends."""
         headers = await self.count_request(key)
-        await self.check_ledger(key, request)
-        if key.max_concurrent is None:
+        if key.images_per_day is None and key.monthly_budget_micros is None and key.max_concurrent is None:
             yield headers
             return
-        taken = await self.slots.take([f"key:{key.id}"], key.max_concurrent)
-        if taken is None:
-            raise RateLimited(f"This key allows {key.max_concurrent} concurrent requests.", retry_after=1)
-        try:
+        async with contextlib.AsyncExitStack() as held:
+            await self.check_ledger(key, request, held)
+            if key.max_concurrent is not None:
+                taken = await self.slots.take([f"key:{key.id}"], key.max_concurrent)
+                if taken is None:
+                    raise RateLimited(f"This key allows {key.max_concurrent} concurrent requests.", retry_after=1)
+                held.push_async_callback(self.slots.give_back, *taken)
             yield headers
-        finally:
-            await self.slots.give_back(*taken)
 
     async def count_request(self, key: db.ApiKey) -> dict[str, str]:
         if key.rpm is None:
@@ -73,25 +73,38 @@ class Quotas:
             )
         return headers
 
-    async def check_ledger(self, key: db.ApiKey, request: ImageRequest) -> None:
+    async def check_ledger(self, key: db.ApiKey, request: ImageRequest, held: contextlib.AsyncExitStack) -> None:
+        """Images per day and monthly spend: what the ledger has recorded, plus what requests in flight
+        have reserved. Reserving before reading the ledger means concurrent requests cannot overshoot
+        a limit together; at worst, one that would just fit is refused while another finishes."""
         if key.images_per_day is None and key.monthly_budget_micros is None:
             return
+        cost = request.cost_micros(request.n, key.test)
+        images_in_flight = await self.reserve(held, f"images:{key.id}", request.n) if key.images_per_day else 0
+        cost_in_flight = await self.reserve(held, f"spend:{key.id}", cost) if key.monthly_budget_micros else 0
         now = datetime.now(UTC)
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         month = day.replace(day=1)
         async with self.sessions() as session:
             today, _ = await db.usage_since(session, key.id, day)
             _, spent = await db.usage_since(session, key.id, month)
-        if key.images_per_day is not None and today + request.n > key.images_per_day:
+        if key.images_per_day is not None and today + images_in_flight > key.images_per_day:
+            others = images_in_flight - request.n
             raise RateLimited(
-                f"This key allows {key.images_per_day} images per day; {today} used today.",
+                f"This key allows {key.images_per_day} images per day; {today} used today"
+                + (f", {others} in requests still running." if others else "."),
                 retry_after=(day + timedelta(days=1) - now).total_seconds(),
             )
-        cost = request.cost_micros(request.n, key.test)
-        if key.monthly_budget_micros is not None and spent + cost > key.monthly_budget_micros:
+        if key.monthly_budget_micros is not None and spent + cost_in_flight > key.monthly_budget_micros:
             budget = key.monthly_budget_micros / 1_000_000
             next_month = (month + timedelta(days=32)).replace(day=1)
             raise QuotaExceeded(
                 f"You exceeded this key's monthly budget of ${budget:.2f} (spent ${spent / 1_000_000:.4f}).",
                 retry_after=(next_month - now).total_seconds(),
             )
+
+    async def reserve(self, held: contextlib.AsyncExitStack, name: str, amount: int) -> int:
+        """Hold `amount` until `held` closes; returns the name's total in flight, this amount included."""
+        token, total = await self.slots.reserve(name, amount)
+        held.push_async_callback(self.slots.give_back, name, token)
+        return total

@@ -1,12 +1,14 @@
-"""Concurrency slots: at most `limit` holders of a name at once (a key's concurrent requests, an
-upstream credential's active tasks). In-process by default; in Redis when several nodes must share
-the count.
+"""Holds on shared counts: slots (at most `limit` holders of a name at once: a key's concurrent requests,
+an upstream credential's active tasks) and reservations (amounts in flight: the images and spend of a
+key's running requests, which its daily and monthly limits must count before the ledger has them).
+In-process by default; in Redis when several nodes must share the counts.
 
 Redis keeps each name as a sorted set of holders scored by when their hold lapses. A node that dies
 holding slots cannot give them back, so a hold lapses on its own after `hold_seconds`, which callers
 set longer than any request may run (the request deadline bounds every holder).
 """
 
+import itertools
 import logging
 import secrets
 from collections.abc import Sequence
@@ -39,6 +41,21 @@ if best > 0 then
 end
 return best
 """
+# KEYS: one name; ARGV: hold in milliseconds, holder token ending in ":<amount>". Adds the hold and
+# returns the sum of every live hold's amount, this one included.
+RESERVE = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local lapses = now + tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], lapses, ARGV[2])
+redis.call('PEXPIREAT', KEYS[1], lapses)
+local total = 0
+for _, token in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    total = total + tonumber(string.match(token, ':(%d+)$'))
+end
+return total
+"""
 
 
 class Slots(Protocol):
@@ -46,7 +63,13 @@ class Slots(Protocol):
         """A slot of the least busy of `names` with one free: (name, holder token), or None."""
         ...
 
-    async def give_back(self, name: str, token: str) -> None: ...
+    async def reserve(self, name: str, amount: int) -> tuple[str, int]:
+        """Hold `amount` of a name: (holder token, the total now held, this amount included)."""
+        ...
+
+    async def give_back(self, name: str, token: str) -> None:
+        """End a hold, whether a slot or a reservation."""
+        ...
 
 
 async def connect_redis(url: str) -> Redis:
@@ -64,18 +87,28 @@ class LocalSlots:
     """Counts in this process's memory."""
 
     def __init__(self) -> None:
-        self.held: dict[str, int] = {}
+        self.held: dict[str, dict[str, int]] = {}  # name -> holder token -> amount
+        self.tokens = itertools.count()
 
     async def take(self, names: Sequence[str], limit: int) -> tuple[str, str] | None:
-        name = min(names, key=lambda name: self.held.get(name, 0))
-        if self.held.get(name, 0) >= limit:
+        name = min(names, key=lambda name: len(self.held.get(name, ())))
+        if len(self.held.get(name, ())) >= limit:
             return None
-        self.held[name] = self.held.get(name, 0) + 1
-        return name, ""
+        return name, self.add(name, 1)
+
+    async def reserve(self, name: str, amount: int) -> tuple[str, int]:
+        token = self.add(name, amount)
+        return token, sum(self.held[name].values())
+
+    def add(self, name: str, amount: int) -> str:
+        token = str(next(self.tokens))
+        self.held.setdefault(name, {})[token] = amount
+        return token
 
     async def give_back(self, name: str, token: str) -> None:
-        self.held[name] -= 1
-        if not self.held[name]:
+        holders = self.held[name]
+        del holders[token]
+        if not holders:
             del self.held[name]
 
 
@@ -86,16 +119,25 @@ class RedisSlots:
         self.redis = redis
         self.hold_seconds = hold_seconds
         self.prefix = prefix
-        self.script = redis.register_script(TAKE_LEAST_BUSY)
+        self.take_script = redis.register_script(TAKE_LEAST_BUSY)
+        self.reserve_script = redis.register_script(RESERVE)
 
     async def take(self, names: Sequence[str], limit: int) -> tuple[str, str] | None:
         token = secrets.token_hex(8)
         keys = [self.prefix + name for name in names]
         try:
-            chosen = int(await self.script(keys=keys, args=[limit, int(self.hold_seconds * 1000), token]))
+            chosen = int(await self.take_script(keys=keys, args=[limit, int(self.hold_seconds * 1000), token]))
         except RedisError as exc:
             raise unreachable(exc) from exc
         return (names[chosen - 1], token) if chosen else None
+
+    async def reserve(self, name: str, amount: int) -> tuple[str, int]:
+        token = f"{secrets.token_hex(8)}:{amount}"
+        try:
+            total = await self.reserve_script(keys=[self.prefix + name], args=[int(self.hold_seconds * 1000), token])
+        except RedisError as exc:
+            raise unreachable(exc) from exc
+        return token, int(total)
 
     async def give_back(self, name: str, token: str) -> None:
         try:

@@ -62,15 +62,16 @@ def cluster_env(servers: dict[str, str], upstream: tuple[FakeOpenAI, str], tmp_p
 
 
 @contextlib.contextmanager
-def node(env: dict[str, str], data_dir: Path, **extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def node(
+    env: dict[str, str], data_dir: Path, *args: str, **extra: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """One `qubax serve` process; yields its URL and the process."""
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("QUBAX_", "AWS_", "OPENAI_"))}
     full_env = {**clean, **env, "QUBAX_DATA_DIR": str(data_dir), **extra}
     log = (data_dir.parent / f"node-{port}.log").open("wb")
-    process = subprocess.Popen(
-        [str(QUBAX), "serve", "--port", str(port)], env=full_env, stdout=log, stderr=log, start_new_session=True
-    )
+    command = [str(QUBAX), "serve", "--port", str(port), *args]
+    process = subprocess.Popen(command, env=full_env, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(url, process, 30)
@@ -97,21 +98,42 @@ def sdk(url: str, key: str) -> openai.OpenAI:
     return openai.OpenAI(api_key=key, base_url=url + "/v1", max_retries=0)
 
 
+def statuses(clients: list[openai.OpenAI], count: int) -> list[int]:
+    """`count` generations, eight at a time, spread over the clients."""
+
+    def call(i: int) -> int:
+        try:
+            clients[i % len(clients)].images.generate(model="dall-e-3", prompt="p", response_format="b64_json")
+            return 200
+        except openai.RateLimitError:
+            return 429
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(call, range(count)))
+
+
 def test_two_nodes_share_one_rate_limit(cluster_env: dict[str, str], tmp_path: Path) -> None:
     with node(cluster_env, tmp_path / "a") as (a, _), node(cluster_env, tmp_path / "b") as (b, _):
         key = new_key(cluster_env, tmp_path, "--rpm", "6")
-        clients = [sdk(a, key), sdk(b, key)]
+        answers = statuses([sdk(a, key), sdk(b, key)], 16)
+        assert (answers.count(200), answers.count(429)) == (6, 10)
 
-        def call(i: int) -> int:
-            try:
-                clients[i % 2].images.generate(model="dall-e-3", prompt="p", response_format="b64_json")
-                return 200
-            except openai.RateLimitError:
-                return 429
 
-        with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(call, range(16)))
-        assert (statuses.count(200), statuses.count(429)) == (6, 10)
+def test_worker_processes_share_one_rate_limit(cluster_env: dict[str, str], tmp_path: Path) -> None:
+    with node(cluster_env, tmp_path / "a", "--workers", "2") as (url, process):
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) >= 2  # two workers (uvicorn may add a helper process)
+        key = new_key(cluster_env, tmp_path, "--rpm", "5")
+        answers = statuses([sdk(url, key)], 12)
+        assert (answers.count(200), answers.count(429)) == (5, 7)
+
+
+def test_workers_without_redis_are_refused(cluster_env: dict[str, str], tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBAX_")}
+    env["QUBAX_DATA_DIR"] = str(tmp_path / "data")
+    done = subprocess.run([str(QUBAX), "serve", "--workers", "2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "QUBAX_REDIS_URL" in done.stderr
 
 
 def test_an_image_url_from_one_node_is_served_by_another(cluster_env: dict[str, str], tmp_path: Path) -> None:

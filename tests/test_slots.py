@@ -87,7 +87,7 @@ async def test_a_node_without_its_redis_does_not_start() -> None:
 async def test_reservations_add_up_until_given_back(slots: Slots) -> None:
     first, total = await slots.reserve("spend", 40_000)
     assert total == 40_000
-    second, total = await slots.reserve("spend", 3_000)
+    _, total = await slots.reserve("spend", 3_000)
     assert total == 43_000
     await slots.give_back("spend", first)
     _, total = await slots.reserve("spend", 1)

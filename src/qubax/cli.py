@@ -36,21 +36,48 @@ def main() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def serve(host: str, port: int) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Server processes; more than one needs QUBAX_REDIS_URL, so that limits hold across them.",
+)
+def serve(host: str, port: int, workers: int) -> None:
     """Start the API server."""
     import uvicorn
 
     from qubax.app import create_app
 
     settings = Settings()
+    if workers > 1 and not settings.redis_url:
+        raise click.UsageError(
+            "--workers above 1 needs QUBAX_REDIS_URL: without Redis each process would count the limits "
+            "(requests per minute, concurrency, upstream caps) on its own."
+        )
     open_catalog(settings)  # a broken catalog file stops here, with its error, before anything starts
-    # One logging set-up for Qubax and uvicorn, so that with QUBAX_LOG_FORMAT=json every line is JSON.
-    logging.config.dictConfig(logs.config(settings.log_format))
+    # One logging set-up for Qubax and uvicorn (each worker applies it too): with QUBAX_LOG_FORMAT=json
+    # every line is JSON.
+    log_config = logs.config(settings.log_format)
+    logging.config.dictConfig(log_config)
     configured = [name for name in PROVIDERS if credentials(settings, name)]
     logger.info("data folder: %s", settings.data_dir)
     logger.info("upstreams configured: %s", ", ".join(configured) or "none (test keys only)")
     # Qubax writes the access log itself (with the request id, never a query string): uvicorn's is off.
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    options: dict[str, Any] = {"host": host, "port": port, "log_config": log_config, "access_log": False}
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    asyncio.run(migrate_once(settings))  # here, not in several workers at once
+    uvicorn.run("qubax.app:create_app", factory=True, workers=workers, **options)
+
+
+async def migrate_once(settings: Settings) -> None:
+    engine = db.connect(settings.resolved_database_url)
+    try:
+        await db.migrate(engine)
+    finally:
+        await engine.dispose()
 
 
 @contextlib.asynccontextmanager

@@ -24,7 +24,7 @@ from qubax.providers.placeholder import Placeholder
 from qubax.providers.registry import PROVIDERS
 from qubax.quota import Quotas
 from qubax.settings import Settings
-from qubax.storage import LocalStorage, Storage
+from qubax.storage import Storage
 
 TEST_UPSTREAM = "test"
 INLINE_BYTES = 256 * 1024  # checking and base64-ing this much takes well under a millisecond
@@ -188,22 +188,22 @@ async def deliver(
 
 
 async def finish_off_loop(data: bytes, request: ImageRequest, store: Storage | None) -> str:
-    """`finish_image` in a worker thread, except for small images that pass through as they are: for
-    those the thread hop would cost more than the work. Local disk is written in the same thread trip;
-    other stores get the converted image uploaded from the event loop."""
-    size = (request.width, request.height)
-    if store is None and len(data) <= INLINE_BYTES and passes_through(data, *size, request.output_format):
-        return pybase64.b64encode_as_string(data)
-    if store is None or isinstance(store, LocalStorage):
-        return await asyncio.to_thread(finish_image, data, *size, request.output_format, store)
-    picture = await asyncio.to_thread(convert, data, *size, request.output_format)
-    return await store.put(picture, request.output_format)
+    """The image as base64 text, or stored (returning its id). The work that needs a worker thread
+    (decoding, converting, base64 of a large image) gets one; small images that pass through as they
+    are do not: for those the thread hop would cost more than the work."""
+    size, output_format = (request.width, request.height), request.output_format
+    sound = len(data) <= INLINE_BYTES and passes_through(data, *size, output_format)
+    if store is None:
+        if sound:
+            return pybase64.b64encode_as_string(data)
+        return await asyncio.to_thread(finish_image, data, *size, output_format)
+    picture = data if sound else await asyncio.to_thread(convert, data, *size, output_format)
+    return await store.put(picture, output_format)
 
 
-def finish_image(data: bytes, width: int, height: int, output_format: str, store: LocalStorage | None) -> str:
-    """The image at the asked size and format: base64 text, or, given a store, the id it is saved under."""
-    picture = convert(data, width, height, output_format)
-    return pybase64.b64encode_as_string(picture) if store is None else store.save(picture, output_format)
+def finish_image(data: bytes, width: int, height: int, output_format: str) -> str:
+    """The image at the asked size and format, as base64 text."""
+    return pybase64.b64encode_as_string(convert(data, width, height, output_format))
 
 
 async def finish(

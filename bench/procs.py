@@ -104,5 +104,6 @@ def cpu_seconds(pid: int) -> float:
 def log_summary(log: Path) -> dict[str, Any]:
     """Status codes in a uvicorn access log (warm-ups and checks included) and how many tracebacks it holds."""
     text = log.read_text(errors="replace")
-    statuses = Counter(re.findall(r'"POST /v1/images/generations HTTP/1\.1" (\d{3})', text))
+    # uvicorn's access line (LiteLLM) ends the request with ` HTTP/1.1"`, Qubax's own with `"`.
+    statuses = Counter(re.findall(r'"POST /v1/images/generations(?: HTTP/1\.1)?" (\d{3})', text))
     return {"statuses": dict(sorted(statuses.items())), "tracebacks": text.count("Traceback (most recent call last)")}

@@ -192,3 +192,17 @@ def recorded_ok(database_url: str, key: str) -> int:
         return total
 
     return asyncio.run(count())
+
+
+def test_two_nodes_share_one_upstream_cap(
+    cluster_env: dict[str, str], upstream: tuple[FakeOpenAI, str], tmp_path: Path
+) -> None:
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text("[providers.openai]\nconcurrency = 2\n")
+    env = {**cluster_env, "QUBAX_CATALOG": str(catalog)}
+    upstream[0].delay = 0.3  # long enough for work to pile up behind the cap
+    with node(env, tmp_path / "a") as (a, _), node(env, tmp_path / "b") as (b, _):
+        key = new_key(env, tmp_path)
+        answers = statuses([sdk(a, key), sdk(b, key)], 8)
+    assert answers == [200] * 8  # excess work waited for a slot; none was refused
+    assert upstream[0].peak == 2  # one OpenAI key, capped at 2 active calls across both nodes

@@ -32,7 +32,7 @@ from qubax.providers.registry import PROVIDERS, build_providers, default_concurr
 from qubax.quota import Quotas, limiter_storage
 from qubax.routes import GENERATIONS_PATH, create_image, router
 from qubax.settings import Settings
-from qubax.slots import LocalSlots, RedisSlots, connect_redis
+from qubax.slots import open_slots
 from qubax.storage import LocalStorage, Storage, signing_secret
 
 logger = logging.getLogger("qubax")
@@ -48,40 +48,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logging.getLogger("uvicorn.access").addFilter(hide_query)
-        engine = db.connect(settings.resolved_database_url)
-        await db.migrate(engine)
-        # aiohttp, measured ~8x faster than httpx as the upstream client (bench/README.md). Redirects are
-        # never followed (send() says so): adapters vet every host they send a key or a download to.
-        # No read timeout of its own: the request deadline bounds every upstream call, and must be what fires.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        async with (
-            open_storage(settings) as storage,
-            aiohttp.ClientSession(timeout=timeout, connector=connector) as http,
-        ):
-            redis = await connect_redis(settings.redis_url) if settings.redis_url else None
+        async with contextlib.AsyncExitStack() as held:  # closed in reverse: the ledger before the engine
+            engine = db.connect(settings.resolved_database_url)
+            held.push_async_callback(engine.dispose)
+            await db.migrate(engine)
+            storage = await held.enter_async_context(open_storage(settings))
+            http = await held.enter_async_context(open_http())
             # A slot outlives no request: its hold lapses after the longest one could take.
-            slots = RedisSlots(redis, settings.request_timeout_seconds + 60) if redis else LocalSlots()
+            slots = await held.enter_async_context(
+                open_slots(settings.redis_url, settings.request_timeout_seconds + 60)
+            )
             providers = build_providers(settings, http, dict(catalog.concurrency), slots)
             breakers = Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds)
             sessions = db.sessions(engine)
             ledger = Ledger(engine)
+            held.push_async_callback(ledger.close)
             quotas = Quotas(sessions, slots, limiter_storage(settings.redis_url))
             app.state.services = Services(
                 settings, engine, sessions, http, storage, catalog, providers, breakers, ledger, quotas, metrics
             )
             sweeper = asyncio.create_task(sweep_forever(storage, settings.sweep_interval_seconds))
+            held.push_async_callback(stop, sweeper)
             settle_garbage_collector()
-            try:
-                yield
-            finally:
-                await ledger.close()
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
-                await engine.dispose()
-                if redis is not None:
-                    await redis.aclose()
+            yield
 
     # FastAPI's built-in OpenTelemetry hooks look up global providers on every request; we do not use them.
     telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
@@ -96,6 +85,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, render_validation_error)
     app.add_exception_handler(HTTPException, render_http_exception)
     return app
+
+
+@contextlib.asynccontextmanager
+async def open_http() -> AsyncIterator[aiohttp.ClientSession]:
+    """The one upstream HTTP client. aiohttp: measured ~8x faster than httpx here (bench/README.md).
+    Redirects are never followed (send() says so): adapters vet every host they send a key or a
+    download to. No read timeout of its own: the request deadline bounds every upstream call, and
+    must be what fires."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        yield http
+
+
+async def stop(task: "asyncio.Task[None]") -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def settle_garbage_collector() -> None:

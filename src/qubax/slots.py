@@ -8,10 +8,11 @@ holding slots cannot give them back, so a hold lapses on its own after `hold_sec
 set longer than any request may run (the request deadline bounds every holder).
 """
 
+import contextlib
 import itertools
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -70,6 +71,19 @@ class Slots(Protocol):
     async def give_back(self, name: str, token: str) -> None:
         """End a hold, whether a slot or a reservation."""
         ...
+
+
+@contextlib.asynccontextmanager
+async def open_slots(redis_url: str | None, hold_seconds: float) -> AsyncIterator["LocalSlots | RedisSlots"]:
+    """Slots in Redis when a URL is given, for the life of the block; otherwise in this process."""
+    if redis_url is None:
+        yield LocalSlots()
+        return
+    redis = await connect_redis(redis_url)
+    try:
+        yield RedisSlots(redis, hold_seconds)
+    finally:
+        await redis.aclose()
 
 
 async def connect_redis(url: str) -> Redis:

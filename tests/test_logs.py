@@ -58,6 +58,7 @@ def test_each_request_gets_one_access_line_with_its_request_id(
     assert second.fields["request_id"] == missing.headers["x-request-id"]  # type: ignore[attr-defined]
 
 
+@pytest.mark.local_storage_only  # with S3 and no public URL, image links point at the bucket, not at us
 def test_prompts_and_signatures_stay_out_unless_asked(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     key = create_key(settings, test=True)
     caplog.set_level(logging.INFO, logger="qubax.access")

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from qubax import db
 from qubax.auth import digest_key
 from tests.fakes.openai import FakeOpenAI
-from tests.postgres import create_database, free_port, running_postgres
+from tests.postgres import binaries, create_database, free_port, running_postgres
 from tests.redis import fresh_redis, running_redis
 from tests.s3 import create_bucket, running_moto, s3_environment
 from tests.server import serve
@@ -34,6 +34,8 @@ QUBAX = Path(sys.executable).parent / "qubax"
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, str]]:
     """PostgreSQL, Redis and S3 for this module's nodes; each test gets a fresh database and bucket."""
+    if binaries() is None:
+        pytest.skip("PostgreSQL is not installed: apt-get install -y postgresql (scripts/test does)")
     with running_postgres() as postgres, running_redis() as redis, running_moto() as s3:
         yield {"postgres": postgres, "redis": redis, "s3": s3}
 

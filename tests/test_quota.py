@@ -5,6 +5,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 from click.testing import CliRunner, Result
@@ -156,6 +157,8 @@ def test_limits_refuse_with_a_503_while_redis_is_down(settings: Settings) -> Non
         assert (caught.value.status_code, caught.value.code) == (503, "limits_unavailable")
         assert caught.value.response.headers["retry-after"] == "1"
         assert len(stack.together.requests) == 1  # nothing reached an upstream, nothing was charged
+        health = httpx.get(f"{stack.url}/healthz")  # so a load balancer takes the node out
+        assert (health.status_code, health.json()["error"]["code"]) == (503, "limits_unavailable")
 
 
 def burst(sdks: list[openai.OpenAI], model: str, count: int) -> tuple[int, list[openai.RateLimitError]]:

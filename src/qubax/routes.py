@@ -207,4 +207,5 @@ async def serve_image(name: str, services: ServicesDep, expires: str = "", signa
 async def healthz(services: ServicesDep) -> dict[str, str]:
     async with services.engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
+    await services.quotas.slots.check()  # a node that cannot reach the shared limits is not ready
     return {"status": "ok"}

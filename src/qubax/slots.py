@@ -72,6 +72,10 @@ class Slots(Protocol):
         """End a hold, whether a slot or a reservation."""
         ...
 
+    async def check(self) -> None:
+        """Raise `LimitsUnavailable` when the counts cannot be reached (for the health check)."""
+        ...
+
 
 @contextlib.asynccontextmanager
 async def open_slots(redis_url: str | None, hold_seconds: float) -> AsyncIterator["LocalSlots | RedisSlots"]:
@@ -119,6 +123,9 @@ class LocalSlots:
         self.held.setdefault(name, {})[token] = amount
         return token
 
+    async def check(self) -> None:
+        return None
+
     async def give_back(self, name: str, token: str) -> None:
         holders = self.held[name]
         del holders[token]
@@ -152,6 +159,12 @@ class RedisSlots:
         except RedisError as exc:
             raise unreachable(exc) from exc
         return token, int(total)
+
+    async def check(self) -> None:
+        try:
+            await self.redis.ping()
+        except RedisError as exc:
+            raise unreachable(exc) from exc
 
     async def give_back(self, name: str, token: str) -> None:
         try:

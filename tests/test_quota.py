@@ -1,22 +1,27 @@
 """Per-key limits and budgets, set with the CLI and enforced end to end through the official SDK."""
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
 import pytest
 from click.testing import CliRunner, Result
 
+from qubax import db
 from qubax.app import create_app
+from qubax.auth import digest_key
 from qubax.cli import main
 from qubax.settings import Settings
 from tests.conftest import cli_env, eventually
 from tests.redis import fresh_redis, running_redis
 from tests.server import serve
 from tests.stack import Stack, client, running_stack
+from tests.test_admin import add_generations
 
 
 @pytest.fixture
@@ -196,3 +201,32 @@ def test_a_burst_across_two_nodes_cannot_overshoot_the_budget(settings: Settings
         answered, refusals = burst([client(stack.url, key), client(second_node, key)], "flux-1.1-pro", 6)
         assert (answered, len(refusals)) == (2, 4)  # $0.04 each: two fit in $0.10, a third would not
         assert {error.code for error in refusals} == {"insufficient_quota"}
+
+
+def test_images_count_from_today_and_spend_from_the_first_of_the_month(stack: Stack) -> None:
+    key = qubax(stack.settings, "keys", "create", "--images-per-day", "3", "--monthly-budget-usd", "0.05")
+    secret = key.stdout.strip().splitlines()[-1]
+    now = datetime.now(UTC)
+    yesterday = now - timedelta(days=1)
+    add_generations(
+        stack.settings, key_id(stack.settings, secret), [(yesterday.isoformat(), "flux-1-schnell", 3, 50_000)]
+    )
+    sdk = client(stack.url, secret)
+    if yesterday.month != now.month:  # today is the 1st: yesterday's spend belongs to last month
+        generate(sdk)
+        return
+    with pytest.raises(openai.RateLimitError) as caught:  # yesterday's images are not today's, its spend is
+        generate(sdk)
+    assert caught.value.code == "insufficient_quota"
+
+
+def key_id(settings: Settings, secret: str) -> str:
+    async def find() -> str:
+        engine = db.connect(settings.resolved_database_url)
+        async with db.sessions(engine)() as session:
+            key = await db.find_key(session, digest_key(secret))
+        await engine.dispose()
+        assert key is not None
+        return key.id
+
+    return asyncio.run(find())

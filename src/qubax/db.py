@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    case,
     cast,
     event,
     func,
@@ -211,10 +212,12 @@ async def update_limits(session: AsyncSession, key: ApiKey, limits: dict[str, in
     return key
 
 
-async def usage_since(session: AsyncSession, key_id: str, since: datetime) -> tuple[int, int]:
-    """(images, cost in micro-USD) a key has been charged for since a moment."""
-    query = select(func.coalesce(func.sum(Generation.images), 0), func.coalesce(func.sum(Generation.cost_micros), 0))
-    row = (await session.execute(query.where(Generation.key_id == key_id, Generation.created_at >= since))).one()
+async def charged(session: AsyncSession, key_id: str, day: datetime, month: datetime) -> tuple[int, int]:
+    """The images a key has been charged for since `day`, and their cost in micro-USD since `month`
+    (which is not after `day`), in one query."""
+    images_today = case((Generation.created_at >= day, Generation.images), else_=0)
+    query = select(func.coalesce(func.sum(images_today), 0), func.coalesce(func.sum(Generation.cost_micros), 0))
+    row = (await session.execute(query.where(Generation.key_id == key_id, Generation.created_at >= month))).one()
     return int(row[0]), int(row[1])
 
 

@@ -86,8 +86,7 @@ class Quotas:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         month = day.replace(day=1)
         async with self.sessions() as session:
-            today, _ = await db.usage_since(session, key.id, day)
-            _, spent = await db.usage_since(session, key.id, month)
+            today, spent = await db.charged(session, key.id, day, month)
         if key.images_per_day is not None and today + images_in_flight > key.images_per_day:
             others = images_in_flight - request.n
             raise RateLimited(

@@ -54,17 +54,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# Tests that only make sense on the default stack: (option, its default, marker, why they skip otherwise).
+DEFAULT_STACK_ONLY = (
+    ("--database", "sqlite", "sqlite_only", "reads the SQLite file itself"),
+    ("--storage", "file", "local_storage_only", "needs images on local disk, served by our own links"),
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--database") != "sqlite":
-        skip = pytest.mark.skip(reason="reads the SQLite file itself")
-        for item in items:
-            if "sqlite_only" in item.keywords:
-                item.add_marker(skip)
-    if config.getoption("--storage") != "file":
-        skip = pytest.mark.skip(reason="needs images on local disk, served by our own links")
-        for item in items:
-            if "local_storage_only" in item.keywords:
-                item.add_marker(skip)
+    for option, default, marker, reason in DEFAULT_STACK_ONLY:
+        if config.getoption(option) != default:
+            skip = pytest.mark.skip(reason=reason)
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,7 @@ class S3Storage(SignedUrls):
 
     async def link(self, image_id: str, ext: str, public_url: str) -> str:
         if self.own_links:
-            return public_url + self.signed_path(image_id, ext)
+            return await super().link(image_id, ext, public_url)
         with translated("sign a link"):  # signing is local, but may first fetch credentials
             return await self.client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": self.key(image_id, ext)}, ExpiresIn=self.ttl_seconds

@@ -92,6 +92,9 @@ class SignedUrls:
         expires = int(time.time()) + self.ttl_seconds
         return f"/images/{image_id}.{ext}?expires={expires}&signature={self.sign(image_id, expires)}"
 
+    async def link(self, image_id: str, ext: str, public_url: str) -> str:
+        return public_url + self.signed_path(image_id, ext)
+
     def check(self, image_id: str, expires: str, signature: str) -> None:
         """Raise when the URL is forged or expired."""
         well_formed = expires.isascii() and expires.isdigit() and len(expires) <= 12 and signature.isascii()
@@ -175,9 +178,6 @@ class LocalStorage(SignedUrls):
 
     def path(self, image_id: str, ext: str = "png") -> Path:
         return self.root / f"{image_id}.{ext}"
-
-    async def link(self, image_id: str, ext: str, public_url: str) -> str:
-        return public_url + self.signed_path(image_id, ext)
 
     async def open(self, image_id: str, ext: str, expires: str, signature: str) -> Path:
         return self.verify(image_id, expires, signature, ext)

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from qubax.app import create_app
+from qubax.metrics import Metrics
 from qubax.settings import Settings
 from tests.conftest import eventually
 from tests.server import serve
@@ -143,3 +144,21 @@ def test_without_an_admin_token_there_is_no_metrics_endpoint(settings: Settings,
             response = httpx.get(f"{url}/metrics", headers=headers)
             assert response.status_code == 404
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_histogram_buckets_count_up_to_and_including_their_bound() -> None:
+    metrics = Metrics()
+    for seconds in (0.05, 0.07, 400.0):  # on the first bound, inside the second, beyond the last
+        metrics.upstream_duration.observe(("bfl",), seconds)
+    metrics.count_response("POST", "/v1/images/generations", 200)
+    families = text_string_to_metric_families(metrics.exposition().decode())
+    samples = {(s.name, frozenset(s.labels.items())): s.value for family in families for s in family.samples}
+    bucket = "qubax_upstream_duration_seconds_bucket"
+    assert value(samples, bucket, upstream="bfl", le="0.05") == 1
+    assert value(samples, bucket, upstream="bfl", le="0.1") == 2
+    assert value(samples, bucket, upstream="bfl", le="300.0") == 2
+    assert value(samples, bucket, upstream="bfl", le="+Inf") == 3
+    assert value(samples, "qubax_upstream_duration_seconds_count", upstream="bfl") == 3
+    assert value(samples, "qubax_upstream_duration_seconds_sum", upstream="bfl") == pytest.approx(400.12)
+    labels = {"method": "POST", "path": "/v1/images/generations", "status": "200"}
+    assert value(samples, "qubax_http_requests_total", **labels) == 1

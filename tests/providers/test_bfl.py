@@ -258,7 +258,7 @@ async def test_cancelling_stops_every_task_and_leaks_nothing(fake: FakeBFL) -> N
     fake.pending_polls = 10_000
     before = asyncio.all_tasks()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-        bfl = BFL(Upstream(http, fake.base_url, "test-key", poll_interval=0.01, concurrency=24))
+        bfl = BFL(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
                 await bfl.generate(pro(n=3))

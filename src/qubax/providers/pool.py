@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
 
 from qubax.slots import LocalSlots, Slots
 
@@ -33,15 +32,9 @@ class KeyPool:
     def keys(self) -> list[str]:
         return list(self.credentials.values())
 
-    def lease(self) -> AbstractAsyncContextManager[str]:
-        """The least busy key, once one has a free slot; the slot is held until the block ends."""
-        if len(self.credentials) == 1 and self.limit == sys.maxsize:
-            # One key and no cap: nothing to choose or count, so no slot bookkeeping on every call.
-            return contextlib.nullcontext(next(iter(self.credentials.values())))
-        return self.lease_slot()
-
     @contextlib.asynccontextmanager
-    async def lease_slot(self) -> AsyncIterator[str]:
+    async def lease(self) -> AsyncIterator[str]:
+        """The least busy key, once one has a free slot; the slot is held until the block ends."""
         names = list(self.credentials)
         while (taken := await self.slots.take(names, self.limit)) is None:
             self.released.clear()

@@ -1,5 +1,6 @@
 """API keys: their format, and that the database never holds one in the clear."""
 
+import asyncio
 import hashlib
 import re
 import sqlite3
@@ -142,3 +143,40 @@ def test_key_cache_remembers_hits_and_misses_for_its_ttl(monkeypatch: pytest.Mon
     assert cache.get("d1") == (False, None)
     cache.put("d3", "key-3")  # full: starts over rather than growing
     assert cache.entries == {"d3": (101.5, "key-3")}
+
+
+@pytest.mark.anyio
+async def test_requests_that_miss_together_share_one_lookup() -> None:
+    cache: auth.KeyCache[str] = auth.KeyCache()
+    calls = 0
+    release = asyncio.Event()
+
+    async def load() -> str:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return "key-1"
+
+    waiters = [asyncio.create_task(cache.fetch("d1", load)) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    waiters[0].cancel()  # one client leaves: the others still get their answer
+    release.set()
+    assert await asyncio.gather(*waiters[1:]) == ["key-1"] * 19
+    assert calls == 1 and cache.get("d1") == (True, "key-1")
+
+
+@pytest.mark.anyio
+async def test_a_failed_lookup_fails_its_waiters_and_the_next_one_tries_again() -> None:
+    cache: auth.KeyCache[str] = auth.KeyCache()
+    answers: list[str | Exception] = [OSError("database down"), "key-1"]
+
+    async def load() -> str:
+        await asyncio.sleep(0)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    results = await asyncio.gather(*(cache.fetch("d1", load) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(result, OSError) for result in results)
+    assert await cache.fetch("d1", load) == "key-1"

@@ -1,10 +1,12 @@
 """API keys: random tokens we show once and store only as SHA-256 digests."""
 
+import asyncio
 import hashlib
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -59,6 +61,29 @@ class KeyCache(Generic[T]):
         self.ttl = ttl
         self.size = size
         self.entries: dict[str, tuple[float, T | None]] = {}
+        self.loading: dict[str, asyncio.Future[T | None]] = {}
+
+    async def fetch(self, digest: str, load: Callable[[], Awaitable[T | None]]) -> T | None:
+        """The key (or None) for `digest`, from the cache or from `load()`. Requests that miss together
+        share one load: when a busy key's entry expires, every request in flight misses at once, and
+        each running its own query cost ~2% of the light benchmark."""
+        found, key = self.get(digest)
+        if found:
+            return key
+        loading = self.loading.get(digest)
+        if loading is None:
+            loading = self.loading[digest] = asyncio.ensure_future(self.load(digest, load))
+            loading.add_done_callback(ignore_failure)  # its waiters hear of a failure; none may be left
+        # Shielded: one waiter giving up (its client left) must not cancel the others' lookup.
+        return await asyncio.shield(loading)
+
+    async def load(self, digest: str, load: Callable[[], Awaitable[T | None]]) -> T | None:
+        try:
+            key = await load()
+        finally:
+            del self.loading[digest]
+        self.put(digest, key)
+        return key
 
     def get(self, digest: str) -> tuple[bool, T | None]:
         """(found, key-or-None); found is False when the lookup must go to the database."""
@@ -75,3 +100,8 @@ class KeyCache(Generic[T]):
     def forget(self, digest: str) -> None:
         """Drop a key that just changed, so this node's next lookup reads it afresh."""
         self.entries.pop(digest, None)
+
+
+def ignore_failure(future: "asyncio.Future[Any]") -> None:
+    if not future.cancelled():
+        future.exception()

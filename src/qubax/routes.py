@@ -55,11 +55,12 @@ async def authenticate(request: Request, services: ServicesDep) -> db.ApiKey:
     key = None
     if auth.looks_like_key(token):
         digest = auth.digest_key(token)
-        cached, key = services.keys.get(digest)
-        if not cached:
+
+        async def find() -> db.ApiKey | None:
             async with services.sessions() as session:
-                key = await db.find_key(session, digest)
-            services.keys.put(digest, key)
+                return await db.find_key(session, digest)
+
+        key = await services.keys.fetch(digest, find)
     if key is None or not auth.matches(token, key.digest):
         raise AuthenticationError(f"Incorrect API key provided: {auth.masked(token)}.")
     if key.revoked_at is not None:

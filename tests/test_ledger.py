@@ -1,5 +1,5 @@
 """The usage ledger: each record is committed before `record` returns, concurrent records share a
-transaction, a failed write fails only its own batch, and a SQLite file written through its own thread
+transaction, a failed write fails only its own batch, and a SQLite file written by its own process
 holds exactly what SQLAlchemy would have written."""
 
 import asyncio
@@ -13,7 +13,16 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qubax import db
-from qubax.ledger import ROWS_PER_STATEMENT, AttemptRecord, EngineSink, GenerationRecord, Ledger, Row, SqliteSink
+from qubax.ledger import (
+    ROWS_PER_STATEMENT,
+    AttemptRecord,
+    EngineSink,
+    GenerationRecord,
+    Ledger,
+    Row,
+    SqliteSink,
+    WriteFailed,
+)
 from qubax.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -69,11 +78,29 @@ async def test_a_record_is_committed_before_record_returns(engine: AsyncEngine) 
     await ledger.close()
 
 
-async def test_a_sqlite_file_is_written_by_its_own_thread(engine: AsyncEngine, settings: Settings) -> None:
+async def test_a_sqlite_file_is_written_by_its_own_process(engine: AsyncEngine, settings: Settings) -> None:
     ledger = Ledger(engine)
     expected = EngineSink if settings.database_url else SqliteSink
     assert isinstance(ledger.sink, expected)
     await ledger.close()
+
+
+async def test_the_writer_process_comes_back_after_it_died(engine: AsyncEngine, settings: Settings) -> None:
+    if settings.database_url:
+        pytest.skip("PostgreSQL is written through the engine")
+    ledger = Ledger(engine)
+    key = await key_id(engine)
+    await ledger.record(generation(key))
+    assert isinstance(ledger.sink, SqliteSink) and ledger.sink.process is not None
+    ledger.sink.process.kill()
+    await ledger.sink.process.wait()
+    with pytest.raises(WriteFailed, match="writer process stopped"):
+        await ledger.record(generation(key))  # this batch is lost with it, and says so
+    await ledger.record(generation(key))
+    assert await count(engine, db.Generation) == 2
+    process = ledger.sink.process
+    await ledger.close()
+    assert process is not None and process.returncode == 0  # closing ends its input, and it exits
 
 
 async def test_concurrent_records_share_transactions(engine: AsyncEngine) -> None:
@@ -106,7 +133,7 @@ async def test_a_failed_write_fails_its_batch_and_the_next_one_succeeds(engine: 
     await ledger.close()
 
 
-async def test_the_sqlite_thread_writes_what_sqlalchemy_writes(engine: AsyncEngine, settings: Settings) -> None:
+async def test_the_writer_process_writes_what_sqlalchemy_writes(engine: AsyncEngine, settings: Settings) -> None:
     if settings.database_url:
         pytest.skip("compares two ways of writing a SQLite file")
     key = await key_id(engine)

@@ -6,17 +6,18 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import sqlite3
+import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
 from sqlalchemy import Table, insert
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from qubax.db import Attempt, Base, Generation, now, tune_sqlite
+from qubax import sqlite_writer
+from qubax.db import Attempt, Base, Generation, now
 
 
 @dataclass(slots=True)
@@ -142,44 +143,70 @@ class EngineSink:
 
 
 class SqliteSink:
-    """A SQLite file: each batch is one trip to a thread of its own, which holds a plain `sqlite3`
-    connection and writes one INSERT per table. Through aiosqlite a batch took seven thread hops, and
-    the driver hands the GIL over around every row it steps through: each hand-over is a forced
-    switch that the event loop's thread pays for. This way costs ~12% more throughput on the light
-    benchmark (bench/README.md)."""
+    """A SQLite file, written by a process of its own (`sqlite_writer.py` says why), one multi-row
+    INSERT per table and one transaction per batch. The process starts with the first batch, and
+    again after it died or a batch was interrupted (so a late answer can never be taken for the
+    next batch's)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="qubax-ledger")
-        self.connection: sqlite3.Connection | None = None  # used in that thread only
+        self.process: asyncio.subprocess.Process | None = None
 
     async def insert(self, generations: list[Row], attempts: list[Row]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.thread, self.insert_now, generations, attempts)
-
-    def insert_now(self, generations: list[Row], attempts: list[Row]) -> None:
-        if self.connection is None:
-            self.connection = sqlite3.connect(self.path, timeout=5)
-            tune_sqlite(self.connection, None)
+        statements = [
+            insert_statement(table, rows[start : start + ROWS_PER_STATEMENT])
+            for table, rows in ((GENERATIONS, generations), (ATTEMPTS, attempts))
+            for start in range(0, len(rows), ROWS_PER_STATEMENT)
+        ]
+        batch = orjson.dumps(statements)
+        process = self.process or await self.start()
+        assert process.stdin is not None and process.stdout is not None
         try:
-            with self.connection:  # one transaction: commits, or rolls back and raises
-                for table, rows in ((GENERATIONS, generations), (ATTEMPTS, attempts)):
-                    for start in range(0, len(rows), ROWS_PER_STATEMENT):
-                        self.connection.execute(*insert_statement(table, rows[start : start + ROWS_PER_STATEMENT]))
-        except sqlite3.Error:
-            connection, self.connection = self.connection, None  # the next batch starts on a fresh one
-            connection.close()
+            process.stdin.write(len(batch).to_bytes(sqlite_writer.LENGTH_BYTES, "big") + batch)
+            answer = await process.stdout.readline()
+        except BaseException:
+            await self.stop()
             raise
+        if answer != b"ok\n":
+            if not answer.startswith(b"error: "):
+                await self.stop()
+            raise WriteFailed(answer.decode(errors="replace").strip() or "the ledger's writer process stopped")
+
+    async def start(self) -> asyncio.subprocess.Process:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "qubax.sqlite_writer",
+            self.path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            # Its own session: Ctrl-C on the server must not stop it before the last batches are in.
+            # It ends when its input does, which happens when this process closes it, or dies.
+            start_new_session=True,
+        )
+        return self.process
+
+    async def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.returncode is not None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), STOP_SECONDS)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.thread, self.close_now)
-        self.thread.shutdown()
-
-    def close_now(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
+        await self.stop()
 
 
+class WriteFailed(Exception):
+    """The database refused a batch, or the writer process is gone."""
+
+
+STOP_SECONDS = 10  # for the writer to finish its batch and exit once its input has ended
 ROWS_PER_STATEMENT = 500  # SQLite takes at most 32,766 parameters a statement
 SQLITE = sqlite_dialect()
 GENERATIONS, ATTEMPTS = (Base.metadata.tables[model.__tablename__] for model in (Generation, Attempt))

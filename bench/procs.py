@@ -1,5 +1,6 @@
 """Start servers in their own process groups, wait for their health checks, and always stop them."""
 
+import contextlib
 import os
 import re
 import signal
@@ -96,9 +97,28 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time one process has used so far (its threads included, not its children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time a process and its live descendants have used so far, threads included
+    (Qubax writes its SQLite usage ledger from a child process)."""
+    ticks = 0
+    for one in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):  # gone meanwhile
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def log_summary(log: Path) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qubax import db
 from qubax.ledger import (
-    ROWS_PER_STATEMENT,
     AttemptRecord,
     EngineSink,
     GenerationRecord,
@@ -24,6 +23,7 @@ from qubax.ledger import (
     WriteFailed,
 )
 from qubax.settings import Settings
+from qubax.sqlite_writer import ROWS_PER_STATEMENT
 
 pytestmark = pytest.mark.anyio
 

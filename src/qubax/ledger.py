@@ -5,14 +5,13 @@ instead of one per request. SQLite allows a single writer; PostgreSQL saves a ro
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import Table, insert
+from sqlalchemy import insert
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -153,12 +152,10 @@ class SqliteSink:
         self.process: asyncio.subprocess.Process | None = None
 
     async def insert(self, generations: list[Row], attempts: list[Row]) -> None:
-        statements = [
-            insert_statement(table, rows[start : start + ROWS_PER_STATEMENT])
-            for table, rows in ((GENERATIONS, generations), (ATTEMPTS, attempts))
-            for start in range(0, len(rows), ROWS_PER_STATEMENT)
-        ]
-        batch = orjson.dumps(statements)
+        tables = ((Generation.__tablename__, generations), (Attempt.__tablename__, attempts))
+        # Each table's rows as value lists; the writer process builds the statements, off this loop.
+        inserts = [[table, list(rows[0]), [list(row.values()) for row in rows]] for table, rows in tables if rows]
+        batch = orjson.dumps(inserts, default=sqlite_value, option=orjson.OPT_PASSTHROUGH_DATETIME)
         process = self.process or await self.start()
         assert process.stdin is not None and process.stdout is not None
         try:
@@ -207,28 +204,16 @@ class WriteFailed(Exception):
 
 
 STOP_SECONDS = 10  # for the writer to finish its batch and exit once its input has ended
-ROWS_PER_STATEMENT = 500  # SQLite takes at most 32,766 parameters a statement
 SQLITE = sqlite_dialect()
-GENERATIONS, ATTEMPTS = (Base.metadata.tables[model.__tablename__] for model in (Generation, Attempt))
+# How SQLAlchemy stores a date and time in SQLite (text), so both ways of writing agree.
+CREATED_AT = Base.metadata.tables[Generation.__tablename__].c.created_at.type
+SQLITE_DATETIME = CREATED_AT.dialect_impl(SQLITE).bind_processor(SQLITE)
 
 
-def insert_statement(table: Table, rows: list[Row]) -> tuple[str, list[Any]]:
-    """One multi-row INSERT, its values converted as SQLAlchemy converts them for SQLite (dates as text)."""
-    columns = tuple(rows[0])
-    convert = converters(table, columns)
-    values = "(" + ", ".join("?" * len(columns)) + ")"
-    sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {', '.join([values] * len(rows))}"
-    return sql, [to(row[column]) for row in rows for column, to in zip(columns, convert, strict=True)]
-
-
-@functools.cache
-def converters(table: Table, columns: tuple[str, ...]) -> list[Callable[[Any], Any]]:
-    types = [table.c[column].type.dialect_impl(SQLITE) for column in columns]
-    return [kind.bind_processor(SQLITE) or same for kind in types]
-
-
-def same(value: Any) -> Any:
-    return value
+def sqlite_value(value: Any) -> Any:
+    if isinstance(value, datetime) and SQLITE_DATETIME is not None:
+        return SQLITE_DATETIME(value)
+    raise TypeError(f"no SQLite value for {type(value).__name__}")
 
 
 def generation_row(record: GenerationRecord, created_at: Any) -> Row:

@@ -30,7 +30,11 @@ def scrape(stack: Stack) -> Samples:
     response = httpx.get(f"{stack.url}/metrics", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
-    families = text_string_to_metric_families(response.text)
+    return parse(response.text)
+
+
+def parse(exposition: str) -> Samples:
+    families = text_string_to_metric_families(exposition)
     return {(s.name, frozenset(s.labels.items())): s.value for family in families for s in family.samples}
 
 
@@ -151,8 +155,7 @@ def test_histogram_buckets_count_up_to_and_including_their_bound() -> None:
     for seconds in (0.05, 0.07, 400.0):  # on the first bound, inside the second, beyond the last
         metrics.upstream_duration.observe(("bfl",), seconds)
     metrics.count_response("POST", "/v1/images/generations", 200)
-    families = text_string_to_metric_families(metrics.exposition().decode())
-    samples = {(s.name, frozenset(s.labels.items())): s.value for family in families for s in family.samples}
+    samples = parse(metrics.exposition().decode())
     bucket = "qubax_upstream_duration_seconds_bucket"
     assert value(samples, bucket, upstream="bfl", le="0.05") == 1
     assert value(samples, bucket, upstream="bfl", le="0.1") == 2

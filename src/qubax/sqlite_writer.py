@@ -3,8 +3,8 @@
 
 Why a process: a thread writing SQLite shares the GIL with the event loop, and every time the two
 hand it over (several times a batch) the event loop's thread paid for it: with the writer in a
-thread the light benchmark ran ~25% slower than with no usage record at all; with this process, as
-fast (bench/README.md).
+thread the light benchmark ran ~25% slower than with no usage record at all; with this process,
+about as fast (bench/README.md).
 
 Protocol, on stdin and stdout: each batch is a 4-byte big-endian length and a JSON array of inserts,
 `[table, [column, ...], [[value, ...], ...]]`, all run in one transaction; the answer is one line,

@@ -99,8 +99,12 @@ async def test_the_writer_process_comes_back_after_it_died(engine: AsyncEngine, 
     await ledger.record(generation(key))
     assert await count(engine, db.Generation) == 2
     process = ledger.sink.process
+    assert process is not None
+    process.terminate()  # as a service manager stopping every process of the service would
+    await ledger.record(generation(key))  # the server's last requests are still recorded
+    assert ledger.sink.process is process and await count(engine, db.Generation) == 3
     await ledger.close()
-    assert process is not None and process.returncode == 0  # closing ends its input, and it exits
+    assert process.returncode == 0  # closing ends its input, and it exits
 
 
 async def test_concurrent_records_share_transactions(engine: AsyncEngine) -> None:

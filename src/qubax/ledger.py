@@ -177,8 +177,9 @@ class SqliteSink:
             self.path,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            # Its own session: Ctrl-C on the server must not stop it before the last batches are in.
-            # It ends when its input does, which happens when this process closes it, or dies.
+            # Its own session, so Ctrl-C on the server does not reach it (nor do the signals it ignores):
+            # it must outlive the last requests. It ends when its input does: when this process closes
+            # it, or dies.
             start_new_session=True,
         )
         return self.process

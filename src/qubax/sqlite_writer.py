@@ -13,6 +13,7 @@ Standard library only, so it starts in a few tens of milliseconds.
 """
 
 import json
+import signal
 import sqlite3
 import sys
 from typing import Any, BinaryIO
@@ -55,4 +56,8 @@ def statement(table: str, columns: list[str], rows: list[list[Any]]) -> tuple[st
 
 
 if __name__ == "__main__":
+    # Stopping a service often signals every process it has (systemd, `docker stop`): the server then
+    # finishes its requests, whose records this process must still write. It stops when its input ends.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer)

@@ -20,7 +20,6 @@ from qubax.ledger import (
     Ledger,
     Row,
     SqliteSink,
-    WriteFailed,
 )
 from qubax.settings import Settings
 from qubax.sqlite_writer import ROWS_PER_STATEMENT
@@ -91,12 +90,14 @@ async def test_the_writer_process_comes_back_after_it_died(engine: AsyncEngine, 
     ledger = Ledger(engine)
     key = await key_id(engine)
     await ledger.record(generation(key))
-    assert isinstance(ledger.sink, SqliteSink) and ledger.sink.process is not None
-    ledger.sink.process.kill()
-    await ledger.sink.process.wait()
-    with pytest.raises(WriteFailed, match="writer process stopped"):
-        await ledger.record(generation(key))  # this batch is lost with it, and says so
-    await ledger.record(generation(key))
+    assert isinstance(ledger.sink, SqliteSink)
+    process = ledger.sink.worker.process
+    assert process is not None
+    process.kill()
+    assert ledger.sink.worker.reader is not None
+    await ledger.sink.worker.reader  # it has seen the helper go
+    await ledger.record(generation(key))  # through a new one
+    assert ledger.sink.worker.process is not None and ledger.sink.worker.process.pid != process.pid
     assert await count(engine, db.Generation) == 2
     await ledger.close()
 
@@ -109,11 +110,12 @@ async def test_the_writer_process_outlives_sigterm_and_ends_with_its_input(
     ledger = Ledger(engine)
     key = await key_id(engine)
     await ledger.record(generation(key))
-    process = ledger.sink.process if isinstance(ledger.sink, SqliteSink) else None
+    assert isinstance(ledger.sink, SqliteSink)
+    process = ledger.sink.worker.process
     assert process is not None
     process.terminate()  # as a service manager stopping every process of the service would
     await ledger.record(generation(key))  # the server's last requests are still recorded
-    assert ledger.sink.process is process and await count(engine, db.Generation) == 2
+    assert ledger.sink.worker.process is process and await count(engine, db.Generation) == 2
     await ledger.close()
     assert process.returncode == 0  # closing ends its input, and it exits
 

@@ -110,7 +110,7 @@ def connect(url: str) -> AsyncEngine:
 
 
 def tune_sqlite(connection: Any, record: Any) -> None:
-    """The same settings as the ledger's writer process (`sqlite_writer.PRAGMAS` says why)."""
+    """The same settings as the ledger's helper process (`sqlite_writer.PRAGMAS` says why)."""
     cursor = connection.cursor()
     for pragma in sqlite_writer.PRAGMAS:
         cursor.execute(pragma)

@@ -5,7 +5,6 @@ instead of one per request. SQLite allows a single writer; PostgreSQL saves a ro
 import asyncio
 import contextlib
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -15,8 +14,8 @@ from sqlalchemy import insert
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from qubax import sqlite_writer
 from qubax.db import Attempt, Base, Generation, now
+from qubax.worker import Worker
 
 
 @dataclass(slots=True)
@@ -142,69 +141,22 @@ class EngineSink:
 
 
 class SqliteSink:
-    """A SQLite file, written by a process of its own (`sqlite_writer.py` says why), one multi-row
-    INSERT per table and one transaction per batch. The process starts with the first batch, and
-    again after it died or a batch was interrupted (so a late answer can never be taken for the
-    next batch's)."""
+    """A SQLite file, written by a helper process (`worker.py` says why), one multi-row INSERT per
+    table and one transaction per batch."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.process: asyncio.subprocess.Process | None = None
+        self.worker = Worker("qubax.sqlite_writer", path)
 
     async def insert(self, generations: list[Row], attempts: list[Row]) -> None:
         tables = ((Generation.__tablename__, generations), (Attempt.__tablename__, attempts))
-        # Each table's rows as value lists; the writer process builds the statements, off this loop.
+        # Each table's rows as value lists; the helper builds the statements, off this loop.
         inserts = [[table, list(rows[0]), [list(row.values()) for row in rows]] for table, rows in tables if rows]
-        batch = orjson.dumps(inserts, default=sqlite_value, option=orjson.OPT_PASSTHROUGH_DATETIME)
-        process = self.process or await self.start()
-        assert process.stdin is not None and process.stdout is not None
-        try:
-            process.stdin.write(len(batch).to_bytes(sqlite_writer.LENGTH_BYTES, "big") + batch)
-            answer = await process.stdout.readline()
-        except BaseException:
-            await self.stop()
-            raise
-        if answer != b"ok\n":
-            if not answer.startswith(b"error: "):
-                await self.stop()
-            raise WriteFailed(answer.decode(errors="replace").strip() or "the ledger's writer process stopped")
-
-    async def start(self) -> asyncio.subprocess.Process:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "qubax.sqlite_writer",
-            self.path,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            # Its own session, so Ctrl-C on the server does not reach it (nor do the signals it ignores):
-            # it must outlive the last requests. It ends when its input does: when this process closes
-            # it, or dies.
-            start_new_session=True,
-        )
-        return self.process
-
-    async def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.returncode is not None:
-            return
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), STOP_SECONDS)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await self.worker.call(orjson.dumps(inserts, default=sqlite_value, option=orjson.OPT_PASSTHROUGH_DATETIME))
 
     async def close(self) -> None:
-        await self.stop()
+        await self.worker.close()
 
 
-class WriteFailed(Exception):
-    """The database refused a batch, or the writer process is gone."""
-
-
-STOP_SECONDS = 10  # for the writer to finish its batch and exit once its input has ended
 SQLITE = sqlite_dialect()
 # How SQLAlchemy stores a date and time in SQLite (text), so both ways of writing agree.
 CREATED_AT = Base.metadata.tables[Generation.__tablename__].c.created_at.type

@@ -102,24 +102,6 @@ async def test_the_writer_process_comes_back_after_it_died(engine: AsyncEngine, 
     await ledger.close()
 
 
-async def test_the_writer_process_outlives_sigterm_and_ends_with_its_input(
-    engine: AsyncEngine, settings: Settings
-) -> None:
-    if settings.database_url:
-        pytest.skip("PostgreSQL is written through the engine")
-    ledger = Ledger(engine)
-    key = await key_id(engine)
-    await ledger.record(generation(key))
-    assert isinstance(ledger.sink, SqliteSink)
-    process = ledger.sink.worker.process
-    assert process is not None
-    process.terminate()  # as a service manager stopping every process of the service would
-    await ledger.record(generation(key))  # the server's last requests are still recorded
-    assert ledger.sink.worker.process is process and await count(engine, db.Generation) == 2
-    await ledger.close()
-    assert process.returncode == 0  # closing ends its input, and it exits
-
-
 async def test_concurrent_records_share_transactions(engine: AsyncEngine) -> None:
     ledger = Ledger(engine)
     sink = ledger.sink = CountingSink(ledger.sink)

@@ -73,3 +73,14 @@ def test_serve_answers_each_frame_in_order() -> None:
     answers = io.BytesIO()
     serve(handle, io.BytesIO(frames), answers)
     assert answers.getvalue() == b"ok\nerror: refused with two lines\nok\n"
+
+
+async def test_a_helper_that_could_not_start_is_started_by_the_next_call(tmp_path: Path) -> None:
+    helper = Worker("qubax.file_writer")
+    command, helper.command = helper.command, (str(tmp_path / "no-such-python"),)
+    with pytest.raises(FileNotFoundError):
+        await write(helper, tmp_path / "a.png", b"png")
+    helper.command = command
+    await write(helper, tmp_path / "a.png", b"png")
+    assert (tmp_path / "a.png").read_bytes() == b"png"
+    await helper.close()

@@ -51,11 +51,15 @@ class Worker:
     async def started(self) -> asyncio.subprocess.Process:
         if self.starting is None:  # concurrent first calls share one start
             self.starting = asyncio.ensure_future(self.start())
+        starting = self.starting
         try:
-            return await asyncio.shield(self.starting)
+            return await asyncio.shield(starting)
         except BaseException:
-            if self.starting.done():
-                self.starting = None  # a failed start is tried again by the next call
+            # Only a start that failed is tried again by the next call: one that worked has a helper
+            # running, and a second one would take its answers.
+            failed = starting.done() and (starting.cancelled() or starting.exception() is not None)
+            if failed and self.starting is starting:
+                self.starting = None
             raise
 
     async def start(self) -> asyncio.subprocess.Process:

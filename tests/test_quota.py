@@ -1,6 +1,5 @@
 """Per-key limits and budgets, set with the CLI and enforced end to end through the official SDK."""
 
-import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
@@ -12,16 +11,15 @@ import openai
 import pytest
 from click.testing import CliRunner, Result
 
-from qubax import db
 from qubax.app import create_app
-from qubax.auth import digest_key
 from qubax.cli import main
 from qubax.settings import Settings
 from tests.conftest import cli_env, eventually
 from tests.redis import fresh_redis, running_redis
 from tests.server import serve
 from tests.stack import Stack, client, running_stack
-from tests.test_admin import add_generations
+from tests.test_admin import add_generations, generate
+from tests.test_cli import key_id
 
 
 @pytest.fixture
@@ -39,10 +37,6 @@ def qubax(settings: Settings, *args: str) -> Result:
 def limited_key(stack: Stack, *flags: str) -> openai.OpenAI:
     key = qubax(stack.settings, "keys", "create", *flags).stdout.strip().splitlines()[-1]
     return client(stack.url, key)
-
-
-def generate(sdk: openai.OpenAI, model: str = "flux-1-schnell", n: int = 1) -> openai.types.ImagesResponse:
-    return sdk.images.generate(model=model, prompt="p", n=n, size="256x256", response_format="b64_json")
 
 
 def test_requests_per_minute(stack: Stack) -> None:
@@ -218,15 +212,3 @@ def test_images_count_from_today_and_spend_from_the_first_of_the_month(stack: St
     with pytest.raises(openai.RateLimitError) as caught:  # yesterday's images are not today's, its spend is
         generate(sdk)
     assert caught.value.code == "insufficient_quota"
-
-
-def key_id(settings: Settings, secret: str) -> str:
-    async def find() -> str:
-        engine = db.connect(settings.resolved_database_url)
-        async with db.sessions(engine)() as session:
-            key = await db.find_key(session, digest_key(secret))
-        await engine.dispose()
-        assert key is not None
-        return key.id
-
-    return asyncio.run(find())

@@ -3,7 +3,6 @@ moto's S3 server on loopback (whatever --storage says)."""
 
 import contextlib
 import datetime
-import io
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -12,7 +11,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from PIL import Image
 from pydantic import SecretStr, ValidationError
 
 from qubax import db, s3
@@ -26,6 +24,7 @@ from tests.postgres import free_port
 from tests.s3 import create_bucket, running_moto, s3_environment
 from tests.server import serve
 from tests.stack import rows, running_stack
+from tests.test_images import png_size
 
 PNG = b"\x89PNG\r\n\x1a\nnot really a png, but storage does not look"
 SECRET = b"s" * 32
@@ -74,12 +73,6 @@ def split(url: str) -> tuple[str, str, str]:
     parsed = httpx.URL(url)
     image_id = parsed.path.removeprefix("/images/").removesuffix(".png")
     return image_id, parsed.params["expires"], parsed.params["signature"]
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    image = Image.open(io.BytesIO(data))
-    assert image.format == "PNG"
-    return image.size
 
 
 # Choosing the storage

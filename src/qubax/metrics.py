@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from qubax import db
 from qubax.ledger import GenerationRecord
 
 # Image generation takes from a fraction of a second (test keys, fast models) to minutes (queues).
@@ -106,7 +107,7 @@ class Metrics(Collector):
         if generation.images:
             self.images.inc((model, route), generation.images)
         if generation.cost_micros:
-            self.cost.inc((model,), generation.cost_micros / 1_000_000)
+            self.cost.inc((model,), db.to_usd(generation.cost_micros))
         for attempt in generation.attempts:
             self.upstream_attempts.inc((attempt.upstream, attempt.outcome))
             self.upstream_duration.observe((attempt.upstream,), attempt.latency_ms / 1000)

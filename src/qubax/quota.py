@@ -95,10 +95,10 @@ class Quotas:
                 retry_after=(day + timedelta(days=1) - now).total_seconds(),
             )
         if key.monthly_budget_micros is not None and spent + cost_in_flight > key.monthly_budget_micros:
-            budget = key.monthly_budget_micros / 1_000_000
             next_month = (month + timedelta(days=32)).replace(day=1)
             raise QuotaExceeded(
-                f"You exceeded this key's monthly budget of ${budget:.2f} (spent ${spent / 1_000_000:.4f}).",
+                f"You exceeded this key's monthly budget of ${db.to_usd(key.monthly_budget_micros):.2f} "
+                f"(spent ${db.to_usd(spent):.4f}).",
                 retry_after=(next_month - now).total_seconds(),
             )
 

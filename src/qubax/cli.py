@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 import httpx
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from qubax import auth, db, logs
 from qubax.catalog import Catalog
@@ -73,22 +73,25 @@ def serve(host: str, port: int, workers: int) -> None:
 
 
 async def migrate_once(settings: Settings) -> None:
+    async with open_engine(settings):
+        pass  # opening it migrated it
+
+
+@contextlib.asynccontextmanager
+async def open_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The database, brought to the newest schema, for the life of the block."""
     engine = db.connect(settings.resolved_database_url)
     try:
         await db.migrate(engine)
+        yield engine
     finally:
         await engine.dispose()
 
 
 @contextlib.asynccontextmanager
 async def open_session(settings: Settings) -> AsyncIterator[AsyncSession]:
-    engine = db.connect(settings.resolved_database_url)
-    try:
-        await db.migrate(engine)
-        async with db.sessions(engine)() as session:
-            yield session
-    finally:
-        await engine.dispose()
+    async with open_engine(settings) as engine, db.sessions(engine)() as session:
+        yield session
 
 
 def with_session(work: Callable[[AsyncSession], Awaitable[T]]) -> T:

@@ -6,7 +6,6 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 import pybase64
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -14,6 +13,7 @@ from qubax import db
 from qubax.auth import KeyCache
 from qubax.breaker import Breakers
 from qubax.catalog import Catalog, ImageRequest, Route
+from qubax.client import Client
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from qubax.imaging import convert, passes_through
 from qubax.ledger import AttemptRecord, GenerationRecord, Ledger
@@ -37,7 +37,7 @@ class Services:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    http: aiohttp.ClientSession
+    http: Client
     storage: Storage
     catalog: Catalog
     providers: dict[str, Provider]

@@ -3,8 +3,7 @@
 import asyncio
 from collections.abc import Callable
 
-import aiohttp
-
+from qubax.client import Client
 from qubax.providers import GeneratedImage, Job, Provider, Upstream
 
 
@@ -13,5 +12,5 @@ async def run_adapter(
 ) -> list[GeneratedImage]:
     """One `generate` call through a fresh session, polling fast. The caller of an adapter owns the
     deadline; here it turns a poll loop that never ends into a failure."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, asyncio.timeout(10):
+    async with Client() as http, asyncio.timeout(10):
         return await build(Upstream(http, base_url, key, poll_interval=0.01)).generate(job)

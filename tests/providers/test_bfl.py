@@ -4,10 +4,10 @@ import asyncio
 import io
 from collections.abc import Iterator
 
-import aiohttp
 import pytest
 from PIL import Image
 
+from qubax.client import Client
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
 from qubax.providers.bfl import BFL
@@ -257,14 +257,13 @@ async def test_one_failed_task_keeps_the_others_images(fake: FakeBFL) -> None:
 async def test_cancelling_stops_every_task_and_leaks_nothing(fake: FakeBFL) -> None:
     fake.pending_polls = 10_000
     before = asyncio.all_tasks()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+    async with Client() as http:
         bfl = BFL(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
                 await bfl.generate(pro(n=3))
         assert bfl.upstream.pool.slots.held == {}  # every slot given back
-        # No connection is left checked out of the pool (aiohttp keeps no public count of them).
-        assert http.connector is not None and not http.connector._acquired
+        assert http.in_use == 0  # no connection is left checked out
     assert asyncio.all_tasks() == before
     await asyncio.sleep(0.05)  # polls already on the wire when we cancelled may still land
     polls = len(fake.polls)

@@ -6,10 +6,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 from PIL import Image
 
+from qubax.client import Client
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
 from qubax.providers.fal import Fal
@@ -419,7 +419,7 @@ async def test_download_failure_is_a_billed_upstream_error(fake: FakeFal, status
 async def test_cancelling_takes_the_requests_out_of_the_queue_and_leaks_nothing(fake: FakeFal) -> None:
     fake.queued_polls = 10_000
     before = asyncio.all_tasks()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+    async with Client() as http:
         adapter = Fal(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
@@ -442,7 +442,7 @@ async def test_a_cancel_that_hangs_does_not_hold_up_the_cancellation(
     fake.queued_polls = 10_000
     fake.cancel_delay = 5.0
     monkeypatch.setattr("qubax.providers.http.CANCEL_TIMEOUT", 0.1)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+    async with Client() as http:
         adapter = Fal(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
         task = asyncio.create_task(adapter.generate(pro()))
         await asyncio.sleep(0.1)
@@ -457,7 +457,7 @@ async def test_a_cancel_that_hangs_does_not_hold_up_the_cancellation(
 
 async def test_the_key_concurrency_cap_holds_for_the_life_of_each_request(fake: FakeFal) -> None:
     fake.queued_polls = 5
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, asyncio.timeout(10):
+    async with Client() as http, asyncio.timeout(10):
         adapter = Fal(Upstream(http, fake.base_url, "test-key", poll_interval=0.01, concurrency=2))
         job = Job(ULTRA, "a lighthouse", 2048, 2048, 1)
         results = await asyncio.gather(*(adapter.generate(job) for _ in range(3)))

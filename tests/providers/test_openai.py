@@ -1,10 +1,10 @@
 import io
 from collections.abc import AsyncIterator, Iterator
 
-import aiohttp
 import pytest
 from PIL import Image
 
+from qubax.client import Client
 from qubax.errors import ContentPolicyViolation, UpstreamError
 from qubax.providers import Job, Upstream
 from qubax.providers.openai import OpenAI
@@ -24,13 +24,13 @@ def server(fake: FakeOpenAI) -> Iterator[str]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+async def http() -> AsyncIterator[Client]:
+    async with Client() as client:
         yield client
 
 
 @pytest.fixture
-def openai(http: aiohttp.ClientSession, server: str) -> OpenAI:
+def openai(http: Client, server: str) -> OpenAI:
     return OpenAI(Upstream(http, f"{server}/v1", "test-key", poll_interval=0.01))
 
 
@@ -139,7 +139,7 @@ async def test_retired_model_says_where_to_point_the_base_url(openai: OpenAI, fa
 
 
 @pytest.mark.anyio
-async def test_plain_404_from_a_wrong_base_url_gets_the_same_advice(http: aiohttp.ClientSession, server: str) -> None:
+async def test_plain_404_from_a_wrong_base_url_gets_the_same_advice(http: Client, server: str) -> None:
     openai = OpenAI(Upstream(http, server, "test-key"))  # missing /v1: Starlette's plain-text 404
 
     with pytest.raises(UpstreamError, match="point QUBAX_OPENAI_BASE_URL at a host that does") as caught:
@@ -180,7 +180,7 @@ async def test_status_mapping(openai: OpenAI, fake: FakeOpenAI, status: int, ret
 
 
 @pytest.mark.anyio
-async def test_wrong_key_is_not_retryable(http: aiohttp.ClientSession, server: str) -> None:
+async def test_wrong_key_is_not_retryable(http: Client, server: str) -> None:
     openai = OpenAI(Upstream(http, f"{server}/v1", "wrong-key"))
 
     with pytest.raises(UpstreamError) as caught:

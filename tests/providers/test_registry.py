@@ -1,9 +1,9 @@
 import sys
 
-import aiohttp
 import pytest
 from pydantic import SecretStr
 
+from qubax.client import Client
 from qubax.providers.registry import PROVIDERS, build_providers, credentials, default_concurrency
 from qubax.settings import Settings
 from qubax.slots import LocalSlots
@@ -13,7 +13,7 @@ from qubax.slots import LocalSlots
 async def test_comma_separated_keys_become_a_pool_with_the_catalog_cap(settings: Settings) -> None:
     settings.bfl_api_key = SecretStr(" key-1, key-2 ,,")
     settings.fal_key = SecretStr("fal-1")
-    async with aiohttp.ClientSession() as http:
+    async with Client() as http:
         providers = build_providers(settings, http, {"bfl": 3}, LocalSlots())
     assert set(providers) == {"bfl", "fal"}
     upstream = providers["bfl"].upstream  # type: ignore[attr-defined]

@@ -4,10 +4,10 @@ import asyncio
 import io
 from collections.abc import Iterator
 
-import aiohttp
 import pytest
 from PIL import Image
 
+from qubax.client import Client
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Job, Upstream
 from qubax.providers.replicate import Replicate
@@ -344,7 +344,7 @@ async def test_download_failure_is_a_billed_upstream_error(fake: FakeReplicate, 
 async def test_cancelling_cancels_the_predictions_and_leaks_nothing(fake: FakeReplicate) -> None:
     fake.running_polls = 10_000
     before = asyncio.all_tasks()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+    async with Client() as http:
         replicate = Replicate(Upstream(http, f"{fake.base_url}/v1", "test-key", poll_interval=0.01))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
@@ -362,7 +362,7 @@ async def test_cancelling_cancels_the_predictions_and_leaks_nothing(fake: FakeRe
 
 async def test_concurrency_cap_holds_for_each_prediction_until_it_ends(fake: FakeReplicate) -> None:
     fake.running_polls = 3
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, asyncio.timeout(10):
+    async with Client() as http, asyncio.timeout(10):
         upstream = Upstream(http, f"{fake.base_url}/v1", "test-key", poll_interval=0.01, concurrency=2)
         results = await asyncio.gather(*(Replicate(upstream).generate(job(PRO, n=2)) for _ in range(3)))
 

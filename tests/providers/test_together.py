@@ -2,10 +2,10 @@ import base64
 import io
 from collections.abc import AsyncIterator, Iterator
 
-import aiohttp
 import pytest
 from PIL import Image
 
+from qubax.client import Client, ConnectError
 from qubax.errors import ContentPolicyViolation, UpstreamError
 from qubax.providers import Job, Upstream
 from qubax.providers.together import Together
@@ -27,13 +27,13 @@ def base_url(fake: FakeTogether) -> Iterator[str]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+async def http() -> AsyncIterator[Client]:
+    async with Client() as client:
         yield client
 
 
 @pytest.fixture
-def together(http: aiohttp.ClientSession, base_url: str) -> Together:
+def together(http: Client, base_url: str) -> Together:
     return Together(Upstream(http, base_url, "test-key", poll_interval=0.01))
 
 
@@ -143,7 +143,7 @@ async def test_status_mapping(
 
 
 @pytest.mark.anyio
-async def test_wrong_key_is_not_retryable(http: aiohttp.ClientSession, base_url: str) -> None:
+async def test_wrong_key_is_not_retryable(http: Client, base_url: str) -> None:
     together = Together(Upstream(http, base_url, "wrong-key", poll_interval=0.01))
 
     with pytest.raises(UpstreamError) as caught:
@@ -209,12 +209,12 @@ def test_fake_encodes_base64_png_by_default() -> None:
 
 
 @pytest.mark.anyio
-async def test_unreachable_host_is_retryable_and_keeps_its_cause(http: aiohttp.ClientSession) -> None:
+async def test_unreachable_host_is_retryable_and_keeps_its_cause(http: Client) -> None:
     # Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
     together = Together(Upstream(http, "http://127.0.0.1:9/v1", "test-key"))
 
     with pytest.raises(UpstreamError) as caught:
         await together.generate(job(n=6))
 
-    assert (caught.value.message, caught.value.retryable) == ("Could not reach Together: ClientConnectorError.", True)
-    assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
+    assert (caught.value.message, caught.value.retryable) == ("Could not reach Together: ConnectionRefusedError.", True)
+    assert isinstance(caught.value.__cause__, ConnectError)

@@ -10,8 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
-
+from qubax.client import Client
 from qubax.providers.pool import KeyPool
 from qubax.slots import Slots
 
@@ -49,7 +48,7 @@ class Upstream:
 
     def __init__(
         self,
-        http: aiohttp.ClientSession,
+        http: Client,
         base_url: str,
         keys: str | Sequence[str],
         poll_interval: float = 0.5,

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 import pybase64
 
-from qubax.errors import TaskFailed, UpstreamError, UpstreamTimeout
+from qubax.client import Client, ClientError, ConnectError, TooLarge
+from qubax.errors import TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, payload
 
 T = TypeVar("T")
@@ -38,7 +38,7 @@ class Reply:
 
 
 async def send(
-    http: aiohttp.ClientSession,
+    http: Client,
     provider: str,
     method: str,
     url: str,
@@ -46,36 +46,23 @@ async def send(
     headers: Mapping[str, str] | None = None,
     json: Any = None,
 ) -> Reply:
-    """Send one request and read the whole answer, turning transport failures into our errors."""
-    if json is not None:  # orjson: aiohttp's own json= takes several times longer for the same body
+    """Send one request and read the whole answer, turning transport failures into our errors.
+    Redirects are never followed: adapters vet every host they send a key or a download to."""
+    if json is not None:
         headers = {**(headers or {}), "content-type": "application/json"}
     data = None if json is None else orjson.dumps(json)
     try:
-        async with http.request(method, url, headers=headers, data=data, allow_redirects=False) as response:
-            return Reply(response.status, response.headers, await read_body(response, provider))
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        response = await http.request(method, url, headers, data, MAX_BODY_BYTES)
+    except ConnectError as exc:
         # Nothing reached the upstream: another route can safely take the work.
-        raise UpstreamError(f"Could not reach {provider}: {type(exc).__name__}.", retryable=True) from exc
-    except aiohttp.ServerTimeoutError as exc:
-        raise UpstreamTimeout(f"{provider} did not answer in time.", failover=False) from exc
-    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"Could not reach {provider}: {exc}.", retryable=True) from exc
+    except TooLarge as exc:
+        raise UpstreamError(f"{provider} sent a response larger than we accept.") from exc
+    except ClientError as exc:
         # The request may have arrived (and been billed): the client may retry, we do not re-route.
-        message = f"{provider} connection failed: {type(exc).__name__}."
+        message = f"{provider} connection failed: {exc}."
         raise UpstreamError(message, retryable=True, failover=False) from exc
-
-
-async def read_body(response: aiohttp.ClientResponse, provider: str) -> bytes:
-    if response.content_length is not None and response.content_length > MAX_BODY_BYTES:
-        raise UpstreamError(f"{provider} sent a response larger than we accept.")
-    if response.content_length is not None:
-        return await response.read()  # one buffer, no chunk juggling: the common, fast case
-    chunks, size = [], 0
-    async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise UpstreamError(f"{provider} sent a response larger than we accept.")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return Reply(response.status, response.headers, response.content)
 
 
 def check_status(response: Reply, provider: str) -> None:
@@ -227,14 +214,14 @@ def may_send_key(url: str, provider_hosts: Iterable[str], base_url: str) -> bool
     return urlsplit(url).scheme == "https" and host_allowed(url, provider_hosts)
 
 
-async def cancel_quietly(http: aiohttp.ClientSession, method: str, url: str, headers: Mapping[str, str]) -> None:
+async def cancel_quietly(http: Client, method: str, url: str, headers: Mapping[str, str]) -> None:
     """Best-effort cancel of upstream work nobody will collect, even while our own task is being
     cancelled: shielded, bounded, and its failures ignored."""
     with contextlib.suppress(Exception):
         await asyncio.shield(asyncio.wait_for(send(http, "upstream", method, url, headers=headers), CANCEL_TIMEOUT))
 
 
-async def download(http: aiohttp.ClientSession, provider: str, url: Any, allowed_hosts: Iterable[str]) -> bytes:
+async def download(http: Client, provider: str, url: Any, allowed_hosts: Iterable[str]) -> bytes:
     """Fetch a result URL, but only from hosts the provider delivers from (no SSRF via upstream data)."""
     if not isinstance(url, str) or not host_allowed(url, allowed_hosts):
         raise UpstreamError(f"{provider} returned a result URL from a host we do not download from.")

@@ -1,7 +1,6 @@
 """Every provider we can route to, in one table; adding one means one module and one entry here."""
 
-import aiohttp
-
+from qubax.client import Client
 from qubax.providers import Provider, ProviderInfo, Upstream
 from qubax.providers.bfl import BFL
 from qubax.providers.fal import Fal
@@ -33,9 +32,7 @@ def credentials(settings: Settings, name: str) -> list[str]:
     return [key.strip() for key in secret.get_secret_value().split(",") if key.strip()]
 
 
-def build_providers(
-    settings: Settings, http: aiohttp.ClientSession, concurrency: dict[str, int], slots: Slots
-) -> dict[str, Provider]:
+def build_providers(settings: Settings, http: Client, concurrency: dict[str, int], slots: Slots) -> dict[str, Provider]:
     """Adapters for the providers with at least one credential; the others stay off. Their keys'
     concurrency caps are counted in `slots`."""
     providers: dict[str, Provider] = {}

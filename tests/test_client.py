@@ -33,7 +33,8 @@ class Server:
         self.connections += 1
         try:
             while head := await reader.readuntil(b"\r\n\r\n"):
-                length = next((int(line[15:]) for line in head.split(b"\r\n") if line.startswith(b"content-length:")), 0)
+                lines = head.split(b"\r\n")
+                length = next((int(line[15:]) for line in lines if line.startswith(b"content-length:")), 0)
                 self.requests.append(head + await reader.readexactly(length))
                 answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
                 writer.write(answer.removesuffix(HANG_UP))
@@ -74,7 +75,8 @@ async def test_sends_the_request_and_reuses_the_connection() -> None:
         b"content-length: 7",
     ]
     assert body == b'{"a":1}'
-    assert server.requests[1].startswith(b"GET /v1/tasks/1 HTTP/1.1\r\n") and b"content-length" not in server.requests[1]
+    assert server.requests[1].startswith(b"GET /v1/tasks/1 HTTP/1.1\r\n")
+    assert b"content-length" not in server.requests[1]
 
 
 @pytest.mark.anyio

@@ -60,6 +60,8 @@ async def test_sends_the_request_and_reuses_the_connection() -> None:
     async with serving(server) as base, Client() as client:
         first = await client.request("POST", f"{base}/v1/images?x=1", {"authorization": "Bearer k"}, b'{"a":1}')
         second = await client.request("GET", f"{base}/v1/tasks/1")
+        kept = [connection for idle in client.idle.values() for connection in idle]
+        assert len(kept) == 1 and kept[0].chunks == []  # an idle connection holds no old answer
 
     assert (first.status, first.headers, first.content) == (200, {"content-length": "2"}, b"ok")
     assert second.content == b"ok" and server.connections == 1

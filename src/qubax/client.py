@@ -249,6 +249,7 @@ class Connection(asyncio.Protocol):
 
     def finish(self) -> None:
         content = b"".join(self.chunks)
+        self.chunks = []  # an idle connection keeps no copy of the last answer
         encoding = self.headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):  # we ask for identity; a server may send these anyway
             try:
@@ -264,6 +265,7 @@ class Connection(asyncio.Protocol):
 
     def fail(self, error: ClientError) -> None:
         self.keep_alive = False
+        self.chunks = []
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(error)
 

@@ -132,6 +132,17 @@ async def test_a_failed_write_fails_its_batch_and_the_next_one_succeeds(engine: 
     await ledger.close()
 
 
+async def test_a_client_that_leaves_while_its_record_is_written_still_gets_it_written(engine: AsyncEngine) -> None:
+    ledger = Ledger(engine)
+    waiting = asyncio.ensure_future(ledger.record(generation(await key_id(engine))))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    assert ledger.writer is not None
+    await ledger.writer
+    assert await count(engine, db.Generation) == 1
+    await ledger.close()
+
+
 async def test_the_writer_process_writes_what_sqlalchemy_writes(engine: AsyncEngine, settings: Settings) -> None:
     if settings.database_url:
         pytest.skip("compares two ways of writing a SQLite file")

@@ -24,6 +24,7 @@ CONNECT_TIMEOUT = 10.0
 # closing as we write to it, and a request lost that way cannot be retried.
 IDLE_SECONDS = 15.0
 MAX_IDLE = 64  # idle connections kept per origin
+MAX_HEAD_BYTES = 64 * 1024  # of an answer's status line and headers (the parser sets no limit of its own)
 DEFAULT_HEADERS = {"user-agent": "qubax", "accept": "*/*", "accept-encoding": "identity"}
 URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # left as they are when a URL's non-ASCII characters are quoted
 
@@ -178,6 +179,7 @@ class Connection(asyncio.Protocol):
         self.max_body = max_body
         self.headers: dict[str, str] = {}
         self.chunks: list[bytes] = []
+        self.head_size = 0
         self.size = 0
         self.status = 0
         self.delimited = False  # by a length or by chunks: otherwise the answer ends when the connection does
@@ -221,11 +223,17 @@ class Connection(asyncio.Protocol):
             self.fail(self.failure)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value)
+        if self.head_size > MAX_HEAD_BYTES:
+            self.failure = self.failure or ExchangeError(f"the answer's headers run over {MAX_HEAD_BYTES} bytes")
+            return
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if self.status == 101:  # we never ask to switch protocols; waiting for a final answer would hang
+            self.failure = self.failure or ExchangeError("the server switched protocols")
         length = self.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             self.failure = TooLarge(f"the answer has {length} bytes")

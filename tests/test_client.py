@@ -129,6 +129,9 @@ async def test_refused_unresolvable_and_non_http_urls_fail_before_sending() -> N
             await client.request("GET", "http://no-such-host.invalid/")
         with pytest.raises(ConnectError, match="not an http"):
             await client.request("GET", "file:///etc/passwd")
+        for broken in ("http://127.0.0.1:99999/", "http://" + "ü" * 70 + ".example/"):  # port, IDNA label
+            with pytest.raises(ConnectError, match="not a valid URL"):
+                await client.request("GET", broken)
 
 
 @pytest.mark.anyio

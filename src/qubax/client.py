@@ -4,7 +4,7 @@ Why our own: through aiohttp's ClientSession a light gateway request cost ~0.45 
 this ~0.31 ms (bench/README.md). What adapters need is small: send a whole request, read a whole
 answer up to a size limit, keep the connection for the next one, follow no redirect, go through no
 proxy. Nothing is retried: a request that may have reached the server fails as an `ExchangeError`,
-and only an `ConnectError` says that nothing was sent.
+and only a `ConnectError` says that nothing was sent.
 """
 
 import asyncio
@@ -133,14 +133,13 @@ def locate(url: str) -> tuple[Origin, str, str]:
     """Where a URL points: its origin, its Host header and its request target."""
     try:
         parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
+        port, host = parts.port, parts.hostname or ""
+        name = host if host.isascii() else host.encode("idna").decode("ascii")
+    except ValueError as exc:  # a port out of range, a host name IDNA cannot spell (UnicodeError)
         raise ConnectError(f"not a valid URL: {exc}") from None
-    host = parts.hostname or ""
     if parts.scheme not in ("http", "https") or not host:
         raise ConnectError("not an http(s) URL")
     default = 443 if parts.scheme == "https" else 80
-    name = host if host.isascii() else host.encode("idna").decode("ascii")
     name = f"[{name}]" if ":" in name else name
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if not (target.isascii() and target.isprintable()) or " " in target:
@@ -236,7 +235,7 @@ class Connection(asyncio.Protocol):
             self.failure = self.failure or ExchangeError("the server switched protocols")
         length = self.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
-            self.failure = TooLarge(f"the answer has {length} bytes")
+            self.failure = self.failure or TooLarge(f"the answer has {length} bytes")
         chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
         self.delimited = bool(length) or chunked or self.status in (204, 304) or self.status < 200
 

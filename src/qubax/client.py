@@ -24,6 +24,7 @@ CONNECT_TIMEOUT = 10.0
 # closing as we write to it, and a request lost that way cannot be retried.
 IDLE_SECONDS = 15.0
 MAX_IDLE = 64  # idle connections kept per origin
+MAX_BODY_BYTES = 64 * 1024 * 1024  # of any one answer, JSON or image, unless the caller says otherwise
 MAX_HEAD_BYTES = 64 * 1024  # of an answer's status line and headers (the parser sets no limit of its own)
 DEFAULT_HEADERS = {"user-agent": "qubax", "accept": "*/*", "accept-encoding": "identity"}
 URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # left as they are when a URL's non-ASCII characters are quoted
@@ -74,7 +75,7 @@ class Client:
         url: str,
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
-        max_body: int = 64 * 1024 * 1024,
+        max_body: int = MAX_BODY_BYTES,
     ) -> Response:
         origin, host, target = locate(url)
         head = request_head(method, target, host, headers or {}, body)

@@ -18,7 +18,6 @@ from qubax.errors import TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, payload
 
 T = TypeVar("T")
-MAX_BODY_BYTES = 64 * 1024 * 1024  # of any one upstream answer, JSON or image
 # A task that is already running (and billed) deserves more than one bad poll before we give up on it.
 POLL_RETRIES = 5
 CANCEL_TIMEOUT = 5.0  # seconds a best-effort cancel may take once our caller has gone
@@ -26,7 +25,7 @@ CANCEL_TIMEOUT = 5.0  # seconds a best-effort cancel may take once our caller ha
 
 @dataclass(frozen=True)
 class Reply:
-    """An upstream's whole answer: status, headers and body (read in full, within MAX_BODY_BYTES)."""
+    """An upstream's whole answer: status, headers and body (read in full, within the client's MAX_BODY_BYTES)."""
 
     status_code: int
     headers: Mapping[str, str]
@@ -52,7 +51,7 @@ async def send(
         headers = {**(headers or {}), "content-type": "application/json"}
     data = None if json is None else orjson.dumps(json)
     try:
-        response = await http.request(method, url, headers, data, MAX_BODY_BYTES)
+        response = await http.request(method, url, headers, data)
     except ConnectError as exc:
         # Nothing reached the upstream: another route can safely take the work.
         raise UpstreamError(f"Could not reach {provider}: {exc}.", retryable=True) from exc

@@ -1,12 +1,15 @@
 """Logs: one access line per request with its request id, text or JSON, never a query string, and
 prompts only when the operator asks for them."""
 
+import asyncio
+import io
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -14,7 +17,7 @@ import openai
 import pytest
 
 from qubax.app import create_app
-from qubax.logs import JsonFormatter
+from qubax.logs import ACCESS, TEXT_FORMAT, JsonFormatter, StreamHandler, TextFormatter, access_record
 from qubax.settings import Settings
 from tests.conftest import create_key
 from tests.postgres import free_port
@@ -128,3 +131,81 @@ def test_serve_writes_json_lines(tmp_path: Path) -> None:
     assert any(line["logger"].startswith("uvicorn") for line in lines)
     assert any(line["message"].startswith("data folder: ") for line in lines)
     assert PROMPT not in text
+
+
+def test_text_lines_read_as_the_standard_formatter_writes_them() -> None:
+    ours, standard = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    for created in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5, 1_700_003_600.25):
+        record = logging.LogRecord("qubax", logging.INFO, "", 0, "hello %s", ("there",), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert ours.format(record) == standard.format(record)
+
+
+def test_access_records_are_the_records_logging_would_make() -> None:
+    fields = {"request_id": "req_1", "status": 200}
+    ours = vars(access_record("a line", fields))
+    usual = vars(ACCESS.makeRecord(ACCESS.name, logging.INFO, "", 0, "a line", (), None, extra={"fields": fields}))
+    made_at = {"created", "msecs", "relativeCreated", "pathname", "filename", "module"}
+    assert {name: value for name, value in ours.items() if name not in made_at} == {
+        name: value for name, value in usual.items() if name not in made_at
+    }
+    assert (
+        abs(ours["created"] - usual["created"]) < 1 and abs(ours["relativeCreated"] - usual["relativeCreated"]) < 1000
+    )
+    assert ours["msecs"] == int((ours["created"] - int(ours["created"])) * 1000)
+    in_thread: list[logging.LogRecord] = []
+    worker = threading.Thread(target=lambda: in_thread.append(access_record("x", {})), name="elsewhere")
+    worker.start()
+    worker.join()
+    assert in_thread[0].threadName == "elsewhere" and in_thread[0].thread == worker.ident
+
+
+def line_record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("qubax", logging.INFO, "", 0, message, (), None)
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_lines_logged_in_one_turn_of_the_loop_are_written_together() -> None:
+    stream = CountingStream()
+    handler = StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+
+    async def log_a_turn() -> None:
+        for number in range(3):
+            handler.handle(line_record(f"line {number}"))
+        assert stream.getvalue() == ""  # not yet: at the end of this turn
+        await asyncio.sleep(0)
+        assert stream.getvalue() == "line 0\nline 1\nline 2\n" and stream.writes == 1
+        handler.handle(line_record("next turn"))
+        threading.Thread(target=handler.handle, args=(line_record("from a thread"),)).start()
+        await asyncio.sleep(0.2)
+        # The thread's line went out at once, after the line that waited for this loop: order holds.
+        assert stream.getvalue().endswith("next turn\nfrom a thread\n")
+        handler.handle(line_record("last"))
+
+    asyncio.run(log_a_turn())
+    assert stream.getvalue().endswith("last\n")  # the loop ran its callbacks before it closed
+    handler.handle(line_record("no loop"))  # outside any loop: at once
+    assert stream.getvalue().endswith("last\nno loop\n")
+
+
+def test_flush_writes_what_waits() -> None:
+    stream = CountingStream()
+    handler = StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+
+    async def log_and_flush() -> None:
+        handler.handle(line_record("waiting"))
+        handler.flush()  # as logging.shutdown() does at exit
+        assert stream.getvalue() == "waiting\n"
+
+    asyncio.run(log_and_flush())

@@ -5,7 +5,7 @@ import binascii
 import contextlib
 import fnmatch
 import json
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -167,17 +167,17 @@ def decisiveness(error: BaseException) -> int:
     return 2 if error.failover else 1
 
 
-@contextlib.contextmanager
-def billed() -> Iterator[None]:
+class billed:  # lower case: used like the function it was, `with billed():`
     """Failures inside come after the upstream accepted (and may bill) the work: no failover for them,
-    unless the upstream itself says the task failed."""
-    try:
-        yield
-    except TaskFailed:
-        raise
-    except UpstreamError as exc:
-        exc.failover = False
-        raise
+    unless the upstream itself says the task failed. A class rather than `contextlib.contextmanager`,
+    whose generator cost ~1% of a light request's CPU on the hot path (bench/README.md)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        if isinstance(error, UpstreamError) and not isinstance(error, TaskFailed):
+            error.failover = False
 
 
 def decode_b64(text: Any, provider: str) -> bytes:

@@ -69,8 +69,8 @@ class Ledger:
         self.pending.append((generation, done))
         if self.writer is None or self.writer.done():
             self.writer = asyncio.create_task(self.drain())
-        # Shielded: a client that disconnects now must not stop its record from being written.
-        await asyncio.shield(done)
+        # A client that disconnects now cancels only this wait: the record is in the batch, and is written.
+        await done
 
     async def drain(self) -> None:
         while self.pending:
@@ -151,7 +151,17 @@ class SqliteSink:
         tables = ((Generation.__tablename__, generations), (Attempt.__tablename__, attempts))
         # Each table's rows as value lists; the helper builds the statements, off this loop.
         inserts = [[table, list(rows[0]), [list(row.values()) for row in rows]] for table, rows in tables if rows]
-        await self.worker.call(orjson.dumps(inserts, default=sqlite_value, option=orjson.OPT_PASSTHROUGH_DATETIME))
+        # A batch's rows share one time stamp (`Ledger.write`): converted once, not once a row.
+        stamps: dict[datetime, str] = {}
+
+        def value(value: Any) -> Any:
+            if isinstance(value, datetime):
+                if value not in stamps:
+                    stamps[value] = sqlite_value(value)
+                return stamps[value]
+            return sqlite_value(value)
+
+        await self.worker.call(orjson.dumps(inserts, default=value, option=orjson.OPT_PASSTHROUGH_DATETIME))
 
     async def close(self) -> None:
         await self.worker.close()

@@ -49,6 +49,8 @@ class Worker:
         await answered
 
     async def started(self) -> asyncio.subprocess.Process:
+        if self.process is not None:  # running: `read_answers` forgets it when it ends
+            return self.process
         if self.starting is None:  # concurrent first calls share one start
             self.starting = asyncio.ensure_future(self.start())
         starting = self.starting

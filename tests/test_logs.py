@@ -2,14 +2,18 @@
 prompts only when the operator asks for them."""
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +21,7 @@ import openai
 import pytest
 
 from qubax.app import create_app
-from qubax.logs import ACCESS, TEXT_FORMAT, JsonFormatter, StreamHandler, TextFormatter, access_record
+from qubax.logs import ACCESS, TEXT_FORMAT, JsonFormatter, StreamHandler, TextFormatter, log_access, sole_handler
 from qubax.settings import Settings
 from tests.conftest import create_key
 from tests.postgres import free_port
@@ -141,23 +145,102 @@ def test_text_lines_read_as_the_standard_formatter_writes_them() -> None:
         assert ours.format(record) == standard.format(record)
 
 
-def test_access_records_are_the_records_logging_would_make() -> None:
-    fields = {"request_id": "req_1", "status": 200}
-    ours = vars(access_record("a line", fields))
-    usual = vars(ACCESS.makeRecord(ACCESS.name, logging.INFO, "", 0, "a line", (), None, extra={"fields": fields}))
-    made_at = {"created", "msecs", "relativeCreated", "pathname", "filename", "module"}
-    assert {name: value for name, value in ours.items() if name not in made_at} == {
-        name: value for name, value in usual.items() if name not in made_at
-    }
-    assert (
-        abs(ours["created"] - usual["created"]) < 1 and abs(ours["relativeCreated"] - usual["relativeCreated"]) < 1000
-    )
-    assert ours["msecs"] == int((ours["created"] - int(ours["created"])) * 1000)
-    in_thread: list[logging.LogRecord] = []
-    worker = threading.Thread(target=lambda: in_thread.append(access_record("x", {})), name="elsewhere")
-    worker.start()
-    worker.join()
-    assert in_thread[0].threadName == "elsewhere" and in_thread[0].thread == worker.ident
+@pytest.fixture
+def own_handler() -> Iterator[tuple[StreamHandler, io.StringIO]]:
+    """Qubax's handler alone on the `qubax` logger, as `qubax serve` sets logging up."""
+    logger = logging.getLogger("qubax")
+    saved = (logger.handlers, logger.propagate, logger.level)
+    stream = io.StringIO()
+    handler = StreamHandler(stream)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield handler, stream
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+
+
+@contextlib.contextmanager
+def alone(handler: logging.Handler) -> Iterator[None]:
+    """Only `handler` on the `qubax` logger: pytest adds its capturing handlers to it for each test phase."""
+    logger = logging.getLogger("qubax")
+    saved, logger.handlers = logger.handlers, [handler]
+    try:
+        yield
+    finally:
+        logger.handlers = saved
+
+
+SCOPE = {"method": "POST", "path": "/v1/images/generations", "client": ("10.0.0.1", 5000)}
+EXTRA = {"model": "dall-e-3", "route": "openai", "images": 1, "prompt": 'a "quoted" prompt'}
+
+
+def access_line_through_records(formatter: logging.Formatter) -> str:
+    """What the access line reads as when a second handler makes `log_access` go through `logging`."""
+    stream = io.StringIO()
+    second = logging.StreamHandler(stream)
+    second.setFormatter(formatter)
+    logging.getLogger("qubax").addHandler(second)
+    try:
+        log_access({**SCOPE, "qubax.log": EXTRA}, 201, time.perf_counter(), "req_1")
+    finally:
+        logging.getLogger("qubax").removeHandler(second)
+    return stream.getvalue()
+
+
+def test_the_own_handler_gets_the_line_logging_would_write(
+    own_handler: tuple[StreamHandler, io.StringIO], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing but Qubax's handler listening, the access line skips `LogRecord`s: same text, same JSON."""
+    handler, stream = own_handler
+    for formatter in (TextFormatter(), JsonFormatter()):
+        handler.setFormatter(formatter)
+        stream.seek(0), stream.truncate()
+        with alone(handler):
+            assert sole_handler() is handler
+            log_access({**SCOPE, "qubax.log": EXTRA}, 201, time.perf_counter(), "req_1")
+        direct = stream.getvalue()
+        stream.seek(0), stream.truncate()
+        with alone(handler):
+            through_records = access_line_through_records(formatter)
+        assert stream.getvalue() == through_records  # both handlers wrote the same line
+        if isinstance(formatter, TextFormatter):
+            stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+            pattern = stamp + r' INFO qubax\.access: 10\.0\.0\.1:5000 "POST /v1/images/generations" 201 \d+\.\dms req_1'
+            tail = ' model=dall-e-3 route=openai images=1 prompt="a \\"quoted\\" prompt"\n'
+            for written in (direct, through_records):
+                assert re.fullmatch(pattern + re.escape(tail), written), written
+        else:
+            direct_entry, record_entry = json.loads(direct), json.loads(through_records)
+            for entry in (direct_entry, record_entry):
+                entry.pop("time"), entry.pop("duration_ms")
+                entry["message"] = re.sub(r"\d+\.\dms", "ms", entry["message"])
+            assert direct_entry == record_entry
+            assert direct_entry["logger"] == "qubax.access" and direct_entry["status"] == 201
+            assert direct_entry["prompt"] == EXTRA["prompt"] and direct_entry["client"] == "10.0.0.1:5000"
+    assert [record for record in caplog.records if record.name == "qubax.access"] == []  # nothing else listened
+
+
+def test_any_other_listener_gets_records(own_handler: tuple[StreamHandler, io.StringIO]) -> None:
+    handler, stream = own_handler
+    handler.setFormatter(TextFormatter())
+    seen: list[logging.LogRecord] = []
+
+    def look(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    for filtered in (ACCESS, handler):  # a filter on the logger, then one on the handler
+        filtered.addFilter(look)
+        try:
+            with alone(handler):
+                log_access({**SCOPE, "qubax.log": EXTRA}, 200, time.perf_counter(), "req_2")
+        finally:
+            filtered.removeFilter(look)
+    assert len(seen) == 2
+    assert all(record.fields["request_id"] == "req_2" for record in seen)  # type: ignore[attr-defined]
+    assert stream.getvalue().count("req_2") == 2
 
 
 def line_record(message: str) -> logging.LogRecord:

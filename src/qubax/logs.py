@@ -5,9 +5,9 @@ logs unless `QUBAX_LOG_PROMPTS` is set."""
 import asyncio
 import logging
 import logging.config
-import os
-import threading
+import sys
 import time
+import traceback
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -21,40 +21,61 @@ class JsonFormatter(logging.Formatter):
     """One object per line: time, level, logger, message, the request's fields, and any traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        exception = self.formatException(record.exc_info) if record.exc_info else None
         fields = getattr(record, "fields", None)
+        return self.line(record.created, record.levelname, record.name, record.getMessage(), fields, exception)
+
+    def line(
+        self,
+        created: float,
+        level: str,
+        logger: str,
+        message: str,
+        fields: dict[str, Any] | None,
+        exception: str | None = None,
+    ) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{milliseconds(created):03d}Z",
+            "level": level.lower(),
+            "logger": logger,
+            "message": message,
+        }
         if fields:
             entry.update(fields)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if exception:
+            entry["exception"] = exception
         return orjson.dumps(entry, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):
-    """`TEXT_FORMAT`, with each second's date and time worked out once instead of once a line."""
+    """`TEXT_FORMAT`, with each second's date and time worked out once instead of once a line: glibc's
+    `localtime` looks at /etc/localtime on every call, ~5% of a light request's CPU (bench/README.md)."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
         self.last = (-1, "")  # one attribute, so that threads sharing the formatter never mix two seconds
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second, stamp = self.last
-        if int(record.created) != second:
-            second = int(record.created)
-            stamp = time.strftime(self.default_time_format, self.converter(second))
-            self.last = (second, stamp)
-        return f"{stamp},{int(record.msecs):03d}"
+        return self.stamp(record.created)
+
+    def stamp(self, created: float) -> str:
+        second, text = self.last
+        if int(created) != second:
+            second = int(created)
+            text = time.strftime(self.default_time_format, self.converter(second))
+            self.last = (second, text)
+        return f"{text},{milliseconds(created):03d}"
+
+
+def milliseconds(created: float) -> int:
+    """The milliseconds part of a time, as `LogRecord.msecs` has it."""
+    return int((created - int(created)) * 1000)
 
 
 class StreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """`logging.StreamHandler`, but lines logged on an event loop are written together once per turn of
-    the loop: a write (and flush) per line cost ~15% of a light request's CPU (bench/README.md).
-    Lines from elsewhere, and whatever waits when `flush()` is called, go out at once, in order."""
+    the loop instead of with a write (and a flush) each. Lines from elsewhere, and whatever waits when
+    `flush()` is called, go out at once, in order."""
 
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
@@ -63,15 +84,34 @@ class StreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:  # called holding self.lock
         try:
-            self.waiting.append(self.format(record) + self.terminator)
-            loop = running_loop()
-            if loop is None or (self.loop is not None and self.loop is not loop):
-                self.write_waiting()
-            elif self.loop is None:
-                self.loop = loop
-                loop.call_soon(self.flush)
+            self.add(self.format(record) + self.terminator)
         except Exception:
             self.handleError(record)
+
+    def add(self, line: str) -> None:
+        """Write a formatted line, now or at the end of this turn of the loop; called holding self.lock."""
+        self.waiting.append(line)
+        loop = running_loop()
+        if loop is None or (self.loop is not None and self.loop is not loop):
+            self.write_waiting()
+        elif self.loop is None:
+            self.loop = loop
+            loop.call_soon(self.write_turn)
+
+    def write_line(self, line: str) -> None:
+        """A line formatted by the caller as this handler's formatter would (`log_access`)."""
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.add(line + self.terminator)
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": line}))
+
+    def write_turn(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # as `handleError` would, without a record to name: a broken stream stops nothing
+            if logging.raiseExceptions and sys.stderr:
+                traceback.print_exc(file=sys.stderr)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -111,48 +151,59 @@ def log_access(scope: MutableMapping[str, Any], status: int, started: float, req
     """The access line. The query string never appears: image URLs carry their signature there."""
     if not ACCESS.isEnabledFor(logging.INFO):
         return
-    milliseconds = (time.perf_counter() - started) * 1000
+    duration = (time.perf_counter() - started) * 1000
     client = scope.get("client")
-    fields: dict[str, Any] = {
+    peer = f"{client[0]}:{client[1]}" if client else None
+    extra = scope.get("qubax.log", {})
+    line = f'{peer} "{scope["method"]} {scope["path"]}" {status} {duration:.1f}ms {request_id}' + "".join(
+        [f" {name}={text(value)}" for name, value in extra.items()]
+    )
+    handler, created = sole_handler(), time.time()
+    if handler is not None and isinstance(handler.formatter, TextFormatter):
+        handler.write_line(f"{handler.formatter.stamp(created)} {INFO} {ACCESS.name}: {line}")
+        return
+    fields = {
         "request_id": request_id,
-        "client": f"{client[0]}:{client[1]}" if client else None,
+        "client": peer,
         "method": scope["method"],
         "path": scope["path"],
         "status": status,
-        "duration_ms": round(milliseconds, 1),
-        **scope.get("qubax.log", {}),
+        "duration_ms": round(duration, 1),
+        **extra,
     }
-    extra = "".join(f" {name}={text(value)}" for name, value in fields.items() if name not in TEXT_LINE_FIELDS)
-    line = f'{fields["client"]} "{scope["method"]} {scope["path"]}" {status} {milliseconds:.1f}ms {request_id}{extra}'
-    ACCESS.handle(access_record(line, fields))
+    if handler is not None and isinstance(handler.formatter, JsonFormatter):
+        handler.write_line(handler.formatter.line(created, INFO, ACCESS.name, line, fields))
+        return
+    # Not `ACCESS.info`: that walks up the stack for the caller's file and line, which no access line shows.
+    ACCESS.handle(ACCESS.makeRecord(ACCESS.name, logging.INFO, __file__, 0, line, (), None, extra={"fields": fields}))
 
 
-def access_record(message: str, fields: dict[str, Any]) -> logging.LogRecord:
-    """The record `ACCESS.info(message, extra={"fields": fields})` would make, made for less: no walk up the
-    stack for the caller's file and line, which no access line shows, and the process's names and this
-    file's looked up once per process instead of once a line. Each was a few % of a light request's CPU
-    (bench/README.md)."""
-    process = os.getpid()
-    template = ACCESS_TEMPLATES.get(process)
-    if template is None:
-        template = ACCESS_TEMPLATES[process] = vars(
-            ACCESS.makeRecord(ACCESS.name, logging.INFO, __file__, 0, "", (), None)
-        )
-    record = logging.LogRecord.__new__(logging.LogRecord)
-    attributes = record.__dict__
-    attributes.update(template)
-    created, thread = time.time(), threading.current_thread()
-    attributes["msg"], attributes["fields"] = message, fields
-    attributes["created"], attributes["msecs"] = created, int((created - int(created)) * 1000) + 0.0
-    attributes["relativeCreated"] = template["relativeCreated"] + (created - template["created"]) * 1000
-    attributes["thread"], attributes["threadName"] = thread.ident, thread.name
-    return record
+INFO = logging.getLevelName(logging.INFO)
 
 
-ACCESS_TEMPLATES: dict[int, dict[str, Any]] = {}  # by process id: a forked child makes its own
+def sole_handler() -> StreamHandler | None:
+    """Qubax's own handler, when it is all that would see an access record (as `qubax serve` sets logging
+    up): the line is then formatted as that handler would, without a `LogRecord` and the trip through
+    `logging`, which cost ~4% of a light request's CPU (bench/README.md). Any other handler or a filter
+    anywhere on the way gets records, as usual."""
+    found = None
+    logger: logging.Logger | None = ACCESS
+    while logger is not None:
+        if logger.filters:
+            return None
+        for handler in logger.handlers:
+            if (
+                found is not None
+                or type(handler) is not StreamHandler
+                or handler.filters
+                or handler.level > logging.INFO
+            ):
+                return None
+            found = handler
+        logger = logger.parent if logger.propagate else None
+    return found
 
 
-TEXT_LINE_FIELDS = {"request_id", "client", "method", "path", "status", "duration_ms"}
 QUOTED = frozenset(' "=')
 
 

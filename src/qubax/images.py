@@ -2,7 +2,6 @@
 stored or inlined, and a usage record out."""
 
 import asyncio
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -59,7 +58,7 @@ async def generate(body: ImageGenerateRequest, key: db.ApiKey, services: Service
     request = services.catalog.check(body)
     async with services.quotas.hold(key, request) as rate_headers:
         generated = await produce(request, key, services, public_url)
-    return dataclasses.replace(generated, headers=rate_headers)
+    return Generated(generated.response, generated.upstream, rate_headers)
 
 
 async def produce(request: ImageRequest, key: db.ApiKey, services: Services, public_url: str) -> Generated:

@@ -1,11 +1,14 @@
 """Every client-facing error, as the official SDK and a raw HTTP client see it."""
 
+import asyncio
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from qubax.errors import ClientDisconnected
+from qubax.routes import WATCH_AFTER_SECONDS, until_disconnect
 from qubax.settings import Settings
 from tests.conftest import cli_env, create_key, eventually
 
@@ -186,3 +189,54 @@ def test_revoked_key_is_refused(settings: Settings, base_url: str) -> None:
         raise AssertionError("the revoked key still works")
 
     assert "revoked" in eventually(refused).message  # within the key cache's second
+
+
+class Connection:
+    """What `until_disconnect` needs of a request: `receive`, which answers `http.disconnect` once the
+    client has gone (here, when the test says so)."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+        self.receives = 0
+
+    async def receive(self) -> dict[str, Any]:
+        self.receives += 1
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+@pytest.mark.anyio
+async def test_work_that_ends_soon_is_not_watched() -> None:
+    connection = Connection()
+    assert await until_disconnect(connection, asyncio.sleep(0, "done")) == "done"  # type: ignore[arg-type]
+    await asyncio.sleep(WATCH_AFTER_SECONDS * 2)
+    assert connection.receives == 0
+
+
+@pytest.mark.anyio
+async def test_a_client_that_leaves_cancels_the_work() -> None:
+    connection = Connection()
+    cancelled = asyncio.Event()
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS * 2, connection.gone.set)
+    with pytest.raises(ClientDisconnected):
+        await asyncio.wait_for(until_disconnect(connection, work()), 5)  # type: ignore[arg-type]
+    assert cancelled.is_set() and connection.receives == 1
+
+
+@pytest.mark.anyio
+async def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
+    connection = Connection()
+    watched = asyncio.ensure_future(until_disconnect(connection, asyncio.sleep(30)))  # type: ignore[arg-type]
+    await asyncio.sleep(WATCH_AFTER_SECONDS * 2)
+    assert connection.receives == 1  # watching by now
+    watched.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watched

@@ -44,7 +44,7 @@ class Services:
     ledger: Ledger
     quotas: Quotas
     metrics: Metrics
-    keys: KeyCache[db.ApiKey] = field(default_factory=KeyCache)
+    keys: KeyCache[db.KeyRecord] = field(default_factory=KeyCache)
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,14 @@ class Generated:
     headers: dict[str, str] = field(default_factory=dict)  # the key's rate-limit state, when it has limits
 
 
-async def generate(body: ImageGenerateRequest, key: db.ApiKey, services: Services, public_url: str) -> Generated:
+async def generate(body: ImageGenerateRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
     request = services.catalog.check(body)
     async with services.quotas.hold(key, request) as rate_headers:
         generated = await produce(request, key, services, public_url)
     return Generated(generated.response, generated.upstream, rate_headers)
 
 
-async def produce(request: ImageRequest, key: db.ApiKey, services: Services, public_url: str) -> Generated:
+async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
     """The images for a checked, admitted request, with its generation and attempts recorded."""
     generation = GenerationRecord(db.new_id("gen"), key.id, request.model.id, request.n, request.size)
     attempts = generation.attempts
@@ -85,7 +85,7 @@ async def produce(request: ImageRequest, key: db.ApiKey, services: Services, pub
 
 
 async def collect(
-    request: ImageRequest, key: db.ApiKey, services: Services, attempts: list[AttemptRecord]
+    request: ImageRequest, key: db.KeyRecord, services: Services, attempts: list[AttemptRecord]
 ) -> tuple[list[GeneratedImage], list[str]]:
     """Images from the model's routes in order: a route that fails in a way another route can fix
     hands over to the next one, which makes only the images still missing."""

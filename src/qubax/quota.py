@@ -32,12 +32,12 @@ class Quotas:
         self.slots = slots
         self.window = MovingWindowRateLimiter(storage)
 
-    def hold(self, key: db.ApiKey, request: ImageRequest) -> "Hold":
+    def hold(self, key: db.KeyRecord, request: ImageRequest) -> "Hold":
         """Admit one request, or raise a 429; the block gets the rate headers to send back. The request's
         concurrency slot and its reservations are held until the block ends."""
         return Hold(self, key, request)
 
-    async def count_request(self, key: db.ApiKey) -> dict[str, str]:
+    async def count_request(self, key: db.KeyRecord) -> dict[str, str]:
         if key.rpm is None:
             return {}
         item = RateLimitItemPerMinute(key.rpm)
@@ -60,7 +60,7 @@ class Quotas:
             )
         return headers
 
-    async def check_ledger(self, key: db.ApiKey, request: ImageRequest, held: contextlib.AsyncExitStack) -> None:
+    async def check_ledger(self, key: db.KeyRecord, request: ImageRequest, held: contextlib.AsyncExitStack) -> None:
         """Images per day and monthly spend: what the ledger has recorded, plus what requests in flight
         have reserved. Reserving before reading the ledger means concurrent requests cannot overshoot
         a limit together; at worst, one that would just fit is refused while another finishes."""
@@ -100,7 +100,7 @@ class Hold:
     """`Quotas.hold()`'s block. A class rather than `contextlib.asynccontextmanager`, whose generator
     machinery cost ~3% of a light request's CPU on the hot path (bench/README.md)."""
 
-    def __init__(self, quotas: Quotas, key: db.ApiKey, request: ImageRequest) -> None:
+    def __init__(self, quotas: Quotas, key: db.KeyRecord, request: ImageRequest) -> None:
         self.quotas, self.key, self.request = quotas, key, request
         self.held: contextlib.AsyncExitStack | None = None  # only keys with limits beyond the rate hold anything
 

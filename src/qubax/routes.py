@@ -42,7 +42,7 @@ async def get_services(request: Request) -> Services:  # async: FastAPI runs pla
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def authenticate(request: Request, services: ServicesDep) -> db.ApiKey:
+async def authenticate(request: Request, services: ServicesDep) -> db.KeyRecord:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -56,9 +56,10 @@ async def authenticate(request: Request, services: ServicesDep) -> db.ApiKey:
     if auth.looks_like_key(token):
         digest = auth.digest_key(token)
 
-        async def find() -> db.ApiKey | None:
+        async def find() -> db.KeyRecord | None:
             async with services.sessions() as session:
-                return await db.find_key(session, digest)
+                row = await db.find_key(session, digest)
+                return None if row is None else db.key_record(row)
 
         key = await services.keys.fetch(digest, find)
     if key is None or not auth.matches(token, key.digest):
@@ -68,7 +69,7 @@ async def authenticate(request: Request, services: ServicesDep) -> db.ApiKey:
     return key
 
 
-CurrentKey = Annotated[db.ApiKey, Depends(authenticate)]
+CurrentKey = Annotated[db.KeyRecord, Depends(authenticate)]
 
 
 async def create_image(request: Request) -> Response:

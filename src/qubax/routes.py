@@ -11,7 +11,6 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy import text
-from starlette.requests import ClientDisconnect
 
 from qubax import auth, db, images
 from qubax.catalog import CatalogModel
@@ -141,15 +140,18 @@ async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise RequestTooLarge(f"Request body is larger than the {MAX_BODY_BYTES} byte limit.")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise RequestTooLarge(f"Request body is larger than the {MAX_BODY_BYTES} byte limit.")
-            chunks.append(chunk)
-    except ClientDisconnect as exc:
-        raise ClientDisconnected("The client closed the connection while sending the request.") from exc
+    # ASGI messages read directly: Starlette's `request.stream()` is an async generator, measurably dearer.
+    chunks, size, more = [], 0, True
+    while more:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("The client closed the connection while sending the request.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestTooLarge(f"Request body is larger than the {MAX_BODY_BYTES} byte limit.")
+        chunks.append(chunk)
+        more = message.get("more_body", False)
     return b"".join(chunks)
 
 

@@ -2,13 +2,14 @@
 each loaded by wrk with the same settings, per payload. Results print as tables and go to
 bench/results/latest.json.
 
-    .venv/bin/python -m bench [--connections 32] [--duration 10] [--payload light|heavy|both]
+    .venv/bin/python -m bench [--connections 32] [--duration 10] [--rounds 3] [--payload light|heavy|both]
                               [--targets upstream,floor,qubax,qubax-url,litellm]
 """
 
 import argparse
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per target (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target (default 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of the floor and Qubax; each reports its median"
+    )
     parser.add_argument("--payload", choices=["light", "heavy", "both"], default="both")
     parser.add_argument(
         "--images-dir",
@@ -104,48 +108,58 @@ def measure(
 def run_payload(
     payload: str, args: argparse.Namespace, wrk: str, litellm_exe: Path | None, litellm_note: str, workdir: Path
 ) -> dict[str, Any]:
+    """The upstream alone, then the floor and Qubax (both modes) in alternating rounds, then LiteLLM.
+
+    The floor and Qubax run side by side and take turns, round after round, and each reports its median
+    round: this VM's speed drifts by 10-30% from one minute to the next, and one 10 s sample each let a
+    slow minute land on either side of the ratio."""
     print(f"{payload} payload", flush=True)
     rows: dict[str, dict[str, Any]] = {}
     peak_rss: dict[str, int] = {}
     logs: dict[str, dict[str, Any]] = {}
 
-    def load(name: str, server: targets.Server, mode: str = "b64_json") -> None:
-        if name in args.targets:
-            rows[name] = measure(name, server, mode, wrk, workdir, args.connections, args.duration, args.warmup)
+    def load(name: str, server: targets.Server, mode: str = "b64_json") -> dict[str, Any]:
+        return measure(name, server, mode, wrk, workdir, args.connections, args.duration, args.warmup)
 
-    def gateway(
-        label: str, names: list[tuple[str, str]], start: Callable[[], AbstractContextManager[targets.Server]]
-    ) -> None:
-        wanted = [(name, mode) for name, mode in names if name in args.targets]
-        if not wanted:
-            return
-        server_log = None
+    def gateways(starts: dict[str, Callable[[], AbstractContextManager[targets.Server]]], rounds: int) -> None:
+        """Start the wanted gateways together and load their targets in turn, `rounds` times over."""
+        wanted = [(name, mode, label) for name, mode, label in GATEWAY_TARGETS if label in starts]
+        wanted = [(name, mode, label) for name, mode, label in wanted if name in args.targets]
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in wanted}
+        servers: dict[str, targets.Server] = {}
         try:
-            with start() as server:
-                server_log = server.log
-                for name, mode in wanted:
-                    load(name, server, mode)
-                peak_rss[label] = procs.memory_kib(server.proc.pid)["VmHWM"]
+            with contextlib.ExitStack() as running:
+                for label in dict.fromkeys(label for _, _, label in wanted):
+                    servers[label] = running.enter_context(starts[label]())
+                for _ in range(rounds):
+                    for name, mode, label in wanted:
+                        runs[name].append(load(name, servers[label], mode))
+                for label, server in servers.items():
+                    peak_rss[label] = procs.memory_kib(server.proc.pid)["VmHWM"]
         except Exception as exc:  # one target failing must not end the run
-            for name, _ in wanted:
-                rows.setdefault(name, {"error": f"{type(exc).__name__}: {exc}"})
-        if server_log is not None:
-            logs[label] = save_log(server_log, f"{payload}-{label}")
+            for name, _, _ in wanted:
+                runs[name].append({"error": f"{type(exc).__name__}: {exc}"})
+        for name, results in runs.items():
+            rows[name] = median_run(results)
+        for label, server in servers.items():
+            logs[label] = save_log(server.log, f"{payload}-{label}")
 
     try:
         with targets.upstream(payload, workdir) as up:
-            load("upstream", up)
-            gateway("floor", [("floor", "b64_json")], lambda: targets.floor(up.base, workdir))
-            gateway(
-                "qubax",
-                [("qubax", "b64_json"), ("qubax-url", "url")],
-                lambda: targets.qubax(up.base, workdir, args.images_dir),
+            if "upstream" in args.targets:
+                rows["upstream"] = load("upstream", up)
+            gateways(
+                {
+                    "floor": lambda: targets.floor(up.base, workdir),
+                    "qubax": lambda: targets.qubax(up.base, workdir, args.images_dir),
+                },
+                args.rounds,
             )
             if litellm_exe is None:
                 if "litellm" in args.targets:
                     rows["litellm"] = {"error": litellm_note}
-            else:
-                gateway("litellm", [("litellm", "b64_json")], lambda: targets.litellm(litellm_exe, up.base, workdir))
+            else:  # one round: it is far behind, and ~10x slower to measure
+                gateways({"litellm": lambda: targets.litellm(litellm_exe, up.base, workdir)}, 1)
     except Exception as exc:
         return {"description": DESCRIPTIONS[payload], "error": f"{type(exc).__name__}: {exc}", "targets": rows}
     ordered = {name: rows[name] for name in TARGETS if name in rows}
@@ -156,6 +170,25 @@ def run_payload(
         "peak_rss_kib": peak_rss,
         "server_logs": logs,
     }
+
+
+# (target, response_format, the gateway serving it), in the order each round loads them
+GATEWAY_TARGETS = (
+    ("floor", "b64_json", "floor"),
+    ("qubax", "b64_json", "qubax"),
+    ("qubax-url", "url", "qubax"),
+    ("litellm", "b64_json", "litellm"),
+)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput (the lower middle of an even count), with every round's req/s;
+    a round that failed is the result."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda run: run["rps"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_rps": [round(run["rps"], 1) for run in runs]}
 
 
 def save_log(log: Path, name: str) -> dict[str, Any]:
@@ -257,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
             "connections": args.connections,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
+            "rounds": args.rounds,
             "wrk_timeout": loadgen.WRK_TIMEOUT,
             "targets": args.targets,
         },

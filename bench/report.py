@@ -61,7 +61,8 @@ def render(results: dict[str, Any]) -> str:
         f"Python {results['machine']['python']}, load average at start "
         f"{results['machine']['load_avg_at_start'][0]:.2f} (other work on the machine makes numbers noisier)",
         f"wrk -t1 -c{s['connections']} -d{s['duration_s']:g}s --latency --timeout {s['wrk_timeout']}, "
-        f"after a {s['warmup_s']:g}s warm-up run per target",
+        f"after a {s['warmup_s']:g}s warm-up run per target; the floor and Qubax alternate over "
+        f"{s.get('rounds', 1)} rounds",
         f"LiteLLM: {results['litellm']['note']}",
         f"url-mode images in {results['disk']['images_dir']}: creating a 4.5 KB file there takes "
         f"{results['disk']['file_create_us']} us",
@@ -74,6 +75,13 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"  failed: {result['error']}")
             continue
         lines += table(result["targets"])
+        rounds = [
+            f"{name} {' / '.join(map(fmt, row['rounds_rps']))}"
+            for name, row in result["targets"].items()
+            if len(row.get("rounds_rps", ())) > 1
+        ]
+        if rounds:
+            lines.append("  req/s in each round (the table shows each target's median round): " + "; ".join(rounds))
         lines.append("  ratios:")
         for label, entry in result["ratios"].items():
             goal = f"   goal {entry['goal']}: {'met' if entry['met'] else 'MISSED'}" if "goal" in entry else ""

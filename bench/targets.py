@@ -70,6 +70,16 @@ def floor(upstream_base: str, workdir: Path) -> Iterator[Server]:
         yield server
 
 
+def create_key(env: dict[str, str]) -> str:
+    """A live key in the data folder `env` names, through the CLI."""
+    created = subprocess.run(
+        [str(BIN / "qubax"), "keys", "create", "--name", "bench"], env=env, capture_output=True, text=True
+    )
+    if created.returncode != 0 or not created.stdout.strip():
+        raise RuntimeError(f"qubax keys create failed ({created.returncode}): {created.stderr.strip()[-500:]}")
+    return created.stdout.strip()
+
+
 @contextmanager
 def qubax(upstream_base: str, workdir: Path, images_dir: Path | None = None) -> Iterator[Server]:
     """`qubax serve` as shipped (its default log level, access log on), with a fresh data dir and a live key;
@@ -84,16 +94,12 @@ def qubax(upstream_base: str, workdir: Path, images_dir: Path | None = None) -> 
     if images is not None:
         settings["QUBAX_STORAGE_URL"] = f"file://{images}"
     env = clean_env(settings)
-    created = subprocess.run(
-        [str(BIN / "qubax"), "keys", "create", "--name", "bench"], env=env, capture_output=True, text=True
-    )
-    if created.returncode != 0 or not created.stdout.strip():
-        raise RuntimeError(f"qubax keys create failed ({created.returncode}): {created.stderr.strip()[-500:]}")
+    key = create_key(env)
     port = procs.free_port()
     cmd = [str(BIN / "qubax"), "serve", "--port", str(port)]
     try:
         with running(cmd, "/healthz", port, data_dir / "serve.log", env) as server:
-            server.api_key = created.stdout.strip()
+            server.api_key = key
             yield server
     finally:
         if images is not None:

@@ -101,7 +101,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await the work, cancelling it (and the upstream work it owns) if the client goes away first.
 
     The work runs in this task, and a watcher task cancels it. The watcher starts only once the work has
-    run WATCH_AFTER_SECONDS: a task per request cost ~5% of a light request's CPU (bench/README.md), and
+    run WATCH_AFTER_SECONDS: a task per request cost ~4% of a light request's instructions (bench/README.md), and
     the upstream work worth saving takes seconds."""
     task = asyncio.current_task()
     assert task is not None

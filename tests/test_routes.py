@@ -6,9 +6,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from starlette.requests import Request
 
 from qubax.errors import ClientDisconnected
-from qubax.routes import WATCH_AFTER_SECONDS, until_disconnect
+from qubax.routes import WATCH_AFTER_SECONDS, base_url, until_disconnect
 from qubax.settings import Settings
 from tests.conftest import cli_env, create_key, eventually
 
@@ -240,3 +241,20 @@ async def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
     watched.cancel()
     with pytest.raises(asyncio.CancelledError):
         await watched
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        {"scheme": "http", "server": ("127.0.0.1", 8000), "headers": [(b"host", b"api.example.com")]},
+        {"scheme": "https", "server": ("10.0.0.2", 443), "headers": [(b"host", b"images.example.com:8443")]},
+        {"scheme": "https", "server": ("10.0.0.2", 443), "headers": [], "root_path": "/qubax"},
+        {"scheme": "http", "server": ("10.0.0.2", 8080), "headers": [(b"accept", b"*/*")]},
+        {"scheme": "http", "server": ["10.0.0.2", 80], "headers": [], "app_root_path": "/a", "root_path": "/b"},
+        {"scheme": "http", "server": None, "headers": []},
+    ],
+)
+def test_base_url_is_starlettes(scope: dict[str, Any]) -> None:
+    full = {"type": "http", "path": "/v1/images/generations", "query_string": b"x=1", **scope}
+    assert base_url(full) == str(Request(full).base_url)
+    assert base_url(full) == base_url(full)  # remembered, unchanged

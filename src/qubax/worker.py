@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 LENGTH_BYTES = 4
-STOP_SECONDS = 10  # for a helper to finish what it was sent and exit once its input has ended
+STOP_SECONDS = 10
+READ_BYTES = 64 * 1024  # for a helper to finish what it was sent and exit once its input has ended
 
 
 class WorkerFailed(Exception):
@@ -79,20 +80,27 @@ class Worker:
 
     async def read_answers(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
-        while line := await process.stdout.readline():
-            answered = self.waiting.popleft()
-            if answered.done():  # its caller gave up; the work was still done
-                continue
-            if line == b"ok\n":
-                answered.set_result(None)
-            else:
-                answered.set_exception(WorkerFailed(line.decode(errors="replace").removeprefix("error: ").strip()))
+        # Whatever answers have arrived, read at once: a `readline()` per answer cost more than the answer.
+        rest = b""
+        while chunk := await process.stdout.read(READ_BYTES):
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                self.settle(line)
         # End of output: the helper is gone. Whatever it had not answered failed with it.
         self.process, self.starting = None, None
         while self.waiting:
             answered = self.waiting.popleft()
             if not answered.done():
                 answered.set_exception(WorkerFailed(f"the helper process {self.command[2]} stopped"))
+
+    def settle(self, line: bytes) -> None:
+        answered = self.waiting.popleft()
+        if answered.done():  # its caller gave up; the work was still done
+            return
+        if line == b"ok":
+            answered.set_result(None)
+        else:
+            answered.set_exception(WorkerFailed(line.decode(errors="replace").removeprefix("error: ").strip()))
 
     async def close(self) -> None:
         process = self.process

@@ -123,8 +123,9 @@ def run_payload(
 
     def gateways(starts: dict[str, Callable[[], AbstractContextManager[targets.Server]]], rounds: int) -> None:
         """Start the wanted gateways together and load their targets in turn, `rounds` times over."""
-        wanted = [(name, mode, label) for name, mode, label in GATEWAY_TARGETS if label in starts]
-        wanted = [(name, mode, label) for name, mode, label in wanted if name in args.targets]
+        wanted = [
+            (name, mode, label) for name, mode, label in GATEWAY_TARGETS if label in starts and name in args.targets
+        ]
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in wanted}
         servers: dict[str, targets.Server] = {}
         try:

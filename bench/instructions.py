@@ -21,7 +21,6 @@ import logging.config
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -119,20 +118,13 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="qubax-instructions-"))
     try:
         with targets.upstream("light", workdir) as up:
-            env = targets.clean_env(
-                {
-                    "QUBAX_DATA_DIR": str(workdir / "data"),
-                    "OPENAI_API_KEY": targets.UPSTREAM_KEY,
-                    "QUBAX_OPENAI_BASE_URL": f"{up.base}/v1",
-                }
-            )
+            env = targets.qubax_env(up.base, workdir / "data")
             os.environ.clear()
             os.environ.update(env)
             key = targets.create_key(env)
             uvloop.run(drive(args.requests, args.connections, key))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

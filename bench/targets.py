@@ -70,6 +70,16 @@ def floor(upstream_base: str, workdir: Path) -> Iterator[Server]:
         yield server
 
 
+def qubax_env(upstream_base: str, data_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Qubax's settings for a benchmark: its data folder, and `dall-e-3` routed to the fake upstream."""
+    settings = {
+        "QUBAX_DATA_DIR": str(data_dir),
+        "OPENAI_API_KEY": UPSTREAM_KEY,
+        "QUBAX_OPENAI_BASE_URL": f"{upstream_base}/v1",
+    }
+    return clean_env({**settings, **(extra or {})})
+
+
 def create_key(env: dict[str, str]) -> str:
     """A live key in the data folder `env` names, through the CLI."""
     created = subprocess.run(
@@ -85,15 +95,8 @@ def qubax(upstream_base: str, workdir: Path, images_dir: Path | None = None) -> 
     """`qubax serve` as shipped (its default log level, access log on), with a fresh data dir and a live key;
     url-mode images in a fresh folder under `images_dir` when given."""
     data_dir = Path(tempfile.mkdtemp(prefix="qubax-", dir=workdir))
-    settings = {
-        "QUBAX_DATA_DIR": str(data_dir),
-        "OPENAI_API_KEY": UPSTREAM_KEY,
-        "QUBAX_OPENAI_BASE_URL": f"{upstream_base}/v1",
-    }
     images = Path(tempfile.mkdtemp(prefix="qubax-images-", dir=images_dir)) if images_dir else None
-    if images is not None:
-        settings["QUBAX_STORAGE_URL"] = f"file://{images}"
-    env = clean_env(settings)
+    env = qubax_env(upstream_base, data_dir, {} if images is None else {"QUBAX_STORAGE_URL": f"file://{images}"})
     key = create_key(env)
     port = procs.free_port()
     cmd = [str(BIN / "qubax"), "serve", "--port", str(port)]

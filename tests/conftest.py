@@ -10,6 +10,7 @@ import pytest
 
 from qubax import auth, db
 from qubax.app import create_app
+from qubax.providers.registry import PROVIDERS
 from qubax.settings import Settings
 from tests.postgres import create_database, running_postgres
 from tests.redis import fresh_redis, running_redis
@@ -18,14 +19,15 @@ from tests.server import serve
 
 T = TypeVar("T")
 
-# Provider credentials from the developer's shell must never leak into tests.
-PROVIDER_ENV = ("BFL_API_KEY", "OPENAI_API_KEY", "TOGETHER_API_KEY", "FAL_KEY", "REPLICATE_API_TOKEN")
+# Provider credentials and proxies from the developer's shell must never reach tests.
+PROVIDER_ENV = {info.credential for info in PROVIDERS.values()}
+PROXY_ENV = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ws_proxy", "wss_proxy"}
 
 
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("QUBAX_") or name in PROVIDER_ENV:
+        if name.startswith("QUBAX_") or name in PROVIDER_ENV or name.lower() in PROXY_ENV:
             monkeypatch.delenv(name)
 
 

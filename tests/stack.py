@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 from qubax import db
 from qubax.app import create_app
-from qubax.providers.registry import PROVIDERS
 from qubax.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
@@ -44,6 +43,7 @@ def running_stack(
     settings: Settings,
     catalog: str | None = None,
     providers: tuple[str, ...] = ("bfl", "together", "openai"),
+    base_urls: dict[str, str] | None = None,
     **changes: Any,
 ) -> Iterator[Stack]:
     """A fake for every upstream, credentials set for `providers` only, then our app."""
@@ -60,9 +60,10 @@ def running_stack(
             "replicate": running.enter_context(serve(replicate.app)) + "/v1",
         }
         for name in providers:
-            setattr(settings, PROVIDERS[name].base_url_field, urls[name])
-            setattr(settings, PROVIDERS[name].key_field, SecretStr("test-key"))
-        for name, value in changes.items():  # after the fakes' URLs, so a test can point one elsewhere
+            settings.base_urls[name] = urls[name]
+            settings.credentials[name] = SecretStr("test-key")
+        settings.base_urls.update(base_urls or {})  # after the fakes' URLs, so a test can point one elsewhere
+        for name, value in changes.items():
             setattr(settings, name, value)
         live, test = create_key(settings), create_key(settings, test=True)
         url = running.enter_context(serve(create_app(settings)))

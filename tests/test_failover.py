@@ -177,6 +177,6 @@ def test_a_client_that_disconnects_cancels_the_upstream_work(stack: Stack) -> No
 
 def test_an_unreachable_route_moves_on(settings: Settings) -> None:
     # Port 9 (discard) is closed on loopback: the connection is refused before anything is sent.
-    with running_stack(settings, bfl_base_url="http://127.0.0.1:9") as stack:
+    with running_stack(settings, base_urls={"bfl": "http://127.0.0.1:9"}) as stack:
         assert generate(stack).route == "together"  # type: ignore[attr-defined]
         assert attempts(stack)[0] == ("bfl", 1, 0, "upstream_error")

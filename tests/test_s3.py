@@ -14,9 +14,10 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from qubax import db, s3
-from qubax.app import create_app, open_storage
+from qubax.app import create_app
 from qubax.errors import Forbidden, Gone, NotFound, ServiceUnavailable, UpstreamError
 from qubax.s3 import S3Storage
+from qubax.services import open_storage
 from qubax.settings import Settings
 from qubax.storage import SWEEP_GRACE_SECONDS, LocalStorage, SignedUrls
 from tests.conftest import create_key, eventually
@@ -24,7 +25,7 @@ from tests.postgres import free_port
 from tests.s3 import create_bucket, running_moto, s3_environment
 from tests.server import serve
 from tests.stack import rows, running_stack
-from tests.test_images import png_size
+from tests.test_generation import png_size
 
 PNG = b"\x89PNG\r\n\x1a\nnot really a png, but storage does not look"
 SECRET = b"s" * 32

@@ -156,7 +156,7 @@ def test_deadline_is_504(settings: Settings) -> None:
     settings.request_timeout_seconds = 0.5
     bfl = FakeBFL(pending_polls=10_000)
     with serve(bfl.app) as bfl_url:
-        settings.bfl_base_url, settings.bfl_api_key = bfl_url, SecretStr("test-key")
+        settings.base_urls["bfl"], settings.credentials["bfl"] = bfl_url, SecretStr("test-key")
         key = create_key(settings)
         with serve(create_app(settings)) as url, pytest.raises(openai.APIStatusError) as caught:
             client(url, key, retries=2).images.generate(model="flux-1.1-pro", prompt="p")

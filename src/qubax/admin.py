@@ -6,20 +6,21 @@ and Prometheus' `/metrics`.
 
 import secrets
 from datetime import UTC, date, datetime
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from qubax import db
+from qubax.bodies import LimitedRoute
+from qubax.docs import openapi_schema
 from qubax.errors import AuthenticationError, InvalidRequest, NotFound
-from qubax.images import Services
-from qubax.routes import ServicesDep, read_body, validation_error
+from qubax.protocol import ERROR_RESPONSES
+from qubax.services import Services, ServicesDep
 from qubax.settings import Settings
 
-M = TypeVar("M", bound=BaseModel)
 Limit = Annotated[StrictInt | None, Field(ge=0, le=db.MAX_LIMIT)]
 Budget = Annotated[float | None, Field(ge=0, le=db.MAX_BUDGET_USD)]
 
@@ -43,8 +44,17 @@ async def authorize(request: Request, services: ServicesDep) -> None:
         )
 
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(authorize)])
+ERRORS: dict[int | str, dict[str, Any]] = {status: ERROR_RESPONSES[status] for status in (400, 401, 404, 413, 500)}
+router = APIRouter(
+    prefix="/admin", dependencies=[Depends(authorize)], route_class=LimitedRoute, responses=ERRORS, tags=["Admin"]
+)
 metrics_router = APIRouter(dependencies=[Depends(authorize)], include_in_schema=False)
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def admin_openapi() -> dict[str, Any]:
+    """The admin API's own schema, for holders of the admin token only (the public one leaves it out)."""
+    return openapi_schema("Qubax Images admin API", "Keys and usage, for operators.", router, [])
 
 
 @metrics_router.get("/metrics")
@@ -108,9 +118,12 @@ class UsageList(BaseModel):
     data: list[Usage]
 
 
+NO_BODY = NewKey()  # an empty body: a key with every default
+NO_CHANGE = Limits()  # an empty body: no field set, nothing changes
+
+
 @router.post("/keys", status_code=201)
-async def create_key(request: Request, services: ServicesDep) -> CreatedKey:
-    body = await parse(request, NewKey)
+async def create_key(services: ServicesDep, body: NewKey = NO_BODY) -> CreatedKey:
     limits = db.chosen_limits(body.model_dump(include=set(Limits.model_fields)))
     async with services.sessions() as session:
         key, secret = await db.create_key(session, name=body.name, test=body.test, limits=limits)
@@ -130,8 +143,7 @@ async def retrieve_key(key_id: str, services: ServicesDep) -> Key:
 
 
 @router.patch("/keys/{key_id}")
-async def update_key(key_id: str, request: Request, services: ServicesDep) -> Key:
-    body = await parse(request, Limits)
+async def update_key(key_id: str, services: ServicesDep, body: Limits = NO_CHANGE) -> Key:
     async with services.sessions() as session:
         key = await find(session, key_id)
         key = await db.update_limits(session, key, db.chosen_limits(body.model_dump(include=body.model_fields_set)))
@@ -174,17 +186,6 @@ async def usage(services: ServicesDep, group_by: str = "key,model", since: str =
             for row in rows
         ]
     )
-
-
-async def parse(request: Request, model: type[M]) -> M:
-    """The JSON body as `model` (an empty body is `{}`); wrong input is a 400 said the way OpenAI says it."""
-    try:
-        return model.model_validate_json(await read_body(request) or b"{}")
-    except ValidationError as exc:
-        detail = exc.errors()[0]
-        if detail["type"] in ("json_invalid", "model_type"):
-            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json") from exc
-        raise validation_error(detail) from exc
 
 
 def parse_day(text: str, param: str) -> date | None:

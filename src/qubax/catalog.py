@@ -81,19 +81,22 @@ class CatalogModel:
         raise LookupError(f"no price for {self.id} {quality} {size}")  # pragma: no cover - table bug
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImageRequest:
-    """A generation request checked against its model: every field resolved to a concrete value."""
+    """The one internal request: a generation request checked against its model, every field resolved
+    to a concrete value. The route builds it, the quota and the ledger read it, and each adapter gets it
+    with `n` set to the images still missing."""
 
     model: CatalogModel
     prompt: str
     width: int
     height: int
     n: int
-    response_format: str
-    quality: str | None
-    style: str | None
+    response_format: str = "url"
+    quality: str | None = None
+    style: str | None = None
     output_format: str = "png"
+    # FLUX extensions: adapters pass them on where their upstream takes them and ignore them otherwise.
     seed: int | None = None
     safety_tolerance: int | None = None
 
@@ -227,9 +230,18 @@ class Catalog:
         check_range("seed", body.seed, 0, MAX_SEED)
         check_range("safety_tolerance", body.safety_tolerance, 0, 6)
         return ImageRequest(
-            model, body.prompt, width, height, n, response_format or "url", quality, style,
-            output_format or "png", body.seed, body.safety_tolerance,
-        )  # fmt: skip
+            model=model,
+            prompt=body.prompt,
+            width=width,
+            height=height,
+            n=n,
+            response_format=response_format or "url",
+            quality=quality,
+            style=style,
+            output_format=output_format or "png",
+            seed=body.seed,
+            safety_tolerance=body.safety_tolerance,
+        )
 
 
 def check_range(param: str, value: int | None, low: int, high: int) -> None:

@@ -25,6 +25,7 @@ request again: becomes `x-should-retry`) and `failover` (worth trying the *next 
 upstream may have accepted, and so billed, the work).
 """
 
+from collections.abc import Mapping
 from typing import Any
 
 from qubax.protocol import Error, ErrorResponse
@@ -175,3 +176,32 @@ class TaskFailed(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     code = "upstream_timeout"
+
+
+TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "int_from_float": "an integer"}
+# Where pydantic (through FastAPI) says the body as a whole is wrong: not JSON, or not a JSON object.
+NOT_AN_OBJECT = ("json_invalid", "model_type", "model_attributes_type", "dict_type")
+
+
+def invalid_input(detail: Mapping[str, Any]) -> InvalidRequest:
+    """One pydantic error (FastAPI's, with its `body`/`query`/`path` location first), said the way
+    OpenAI says it, naming the offending field."""
+    location = [str(part) for part in detail.get("loc", ())]
+    kind = detail.get("type", "")
+    if location[:1] == ["body"] and (kind in NOT_AN_OBJECT or (len(location) == 1 and kind == "missing")):
+        return InvalidRequest(
+            "We could not parse the JSON body of your request. The API expects a JSON object "
+            "(with Content-Type: application/json), but what was sent was not one.",
+            code="invalid_json",
+        )
+    field = ".".join(location[1:]) or None
+    if kind == "extra_forbidden":
+        return UnknownParameter(f"Unknown parameter: '{field}'.", param=field)
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
+    expected = TYPE_NAMES.get(kind)
+    if expected is not None:
+        got = type(detail.get("input")).__name__
+        message = f"Invalid type for '{field}': expected {expected}, but got {got}."
+        return InvalidRequest(message, param=field, code="invalid_type")
+    return InvalidRequest(f"Invalid value for '{field}': {detail.get('msg', 'invalid')}.", param=field)

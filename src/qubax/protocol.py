@@ -1,28 +1,30 @@
 """OpenAI wire types, named as OpenAI names them. Nothing here knows about providers or storage."""
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 
 class ImageGenerateRequest(BaseModel):
-    """Body of `POST /v1/images/generations`. `None` always means "use the model's default"."""
+    """Body of `POST /v1/images/generations`. `null` or absent always means "the model's default".
+
+    Values are checked against the model (`GET /v1/models`), so the schema states types, not ranges."""
 
     # Strict types: OpenAI answers 400 for `"n": "2"`, and so do we.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: StrictStr
-    prompt: StrictStr
-    n: StrictInt | None = None
-    size: StrictStr | None = None
-    response_format: StrictStr | None = None
-    quality: StrictStr | None = None
-    style: StrictStr | None = None
-    user: StrictStr | None = None
+    model: StrictStr = Field(description="A model id or alias, e.g. `flux-1.1-pro` or `dall-e-3`.")
+    prompt: StrictStr = Field(description="What to draw; at most 4000 characters.")
+    n: StrictInt | None = Field(None, description="How many images: 1 to the model's maximum (4 for FLUX).")
+    size: StrictStr | None = Field(None, description="`WIDTHxHEIGHT` among the model's sizes, or `auto`.")
+    response_format: StrictStr | None = Field(None, description="`url` (the default) or `b64_json`.")
+    quality: StrictStr | None = Field(None, description="`standard`, `hd` (dall-e-3) or `auto`.")
+    style: StrictStr | None = Field(None, description="`vivid` or `natural` (dall-e-3 only).")
+    user: StrictStr | None = Field(None, description="Accepted and ignored.")
     # FLUX extensions (not OpenAI's): OpenAI clients never send them and see no difference.
-    seed: StrictInt | None = None
-    output_format: StrictStr | None = None
-    safety_tolerance: StrictInt | None = None
+    seed: StrictInt | None = Field(None, description="FLUX extension: 0 to 4294967295, for repeatable images.")
+    output_format: StrictStr | None = Field(None, description="FLUX extension: `png` (default), `jpeg` or `webp`.")
+    safety_tolerance: StrictInt | None = Field(None, description="FLUX extension: 0 (strict) to 6 (permissive).")
 
 
 class Image(BaseModel):
@@ -57,3 +59,30 @@ class Error(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: Error
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok"]
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid input: malformed JSON, a wrong type, a missing or unknown field, a value the model does "
+    "not take, or a prompt the upstream's safety system refused (`content_policy_violation`).",
+    401: "No API key, or a wrong or revoked one.",
+    403: "The image link's signature is wrong.",
+    404: "No such model (or none of its upstreams is configured), image or key.",
+    410: "The image link has expired.",
+    413: "The request body is larger than 1 MiB.",
+    429: "The key's rate, images-per-day or concurrency limit (`rate_limit_exceeded`), or its monthly "
+    "budget (`insufficient_quota`); see `Retry-After`.",
+    500: "A bug on our side; the message names the request id.",
+    502: "Every upstream failed, or one failed after accepting the work; `x-should-retry` says whether "
+    "sending the request again may help.",
+    503: "Every upstream of the model is cooling down, or the image store or shared limits store is "
+    "unreachable; see `Retry-After`.",
+    504: "The upstream did not finish within the request deadline.",
+}
+# OpenAPI entries for each error status: every error has OpenAI's error object as its body.
+ERROR_RESPONSES: dict[int, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description} for status, description in ERROR_DESCRIPTIONS.items()
+}

@@ -1,4 +1,4 @@
-"""HTTP endpoints: parse, authenticate, call one service function, return."""
+"""The public HTTP API: each endpoint authenticates, calls one service function and returns."""
 
 import asyncio
 import functools
@@ -10,44 +10,43 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import ValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
 from starlette.types import Scope
 
-from qubax import auth, db, images
+from qubax import auth, db, generation
+from qubax.bodies import LimitedRoute
 from qubax.catalog import CatalogModel
-from qubax.errors import (
-    AuthenticationError,
-    ClientDisconnected,
-    InvalidRequest,
-    NotFound,
-    RequestTooLarge,
-    UnknownParameter,
+from qubax.errors import AuthenticationError, ClientDisconnected, NotFound
+from qubax.protocol import (
+    ERROR_RESPONSES,
+    HealthStatus,
+    ImageGenerateRequest,
+    ImagesResponse,
+    Model,
+    ModelList,
 )
-from qubax.images import Services
-from qubax.protocol import ImageGenerateRequest, Model, ModelList
-from qubax.providers import payload as payload_json
+from qubax.services import ServicesDep
 
 T = TypeVar("T")
-MAX_BODY_BYTES = 1024 * 1024
 IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)")
+GENERATIONS_PATH = "/v1/images/generations"
 
-router = APIRouter()
-
-
-async def get_services(request: Request) -> Services:  # async: FastAPI runs plain defs in a thread
-    services: Services = request.app.state.services
-    return services
+router = APIRouter(route_class=LimitedRoute)
+# auto_error off: a missing or malformed header gets OpenAI's 401, said below.
+bearer = HTTPBearer(auto_error=False, description="A Qubax API key, `qbx_live_…` or `qbx_test_…`.")
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entries of the error statuses an endpoint can answer (and 500, which any can)."""
+    return {status: ERROR_RESPONSES[status] for status in (*statuses, 500)}
 
 
-async def authenticate(request: Request, services: ServicesDep) -> db.KeyRecord:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+async def authenticate(
+    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> db.KeyRecord:
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token:
         raise AuthenticationError(
             "You didn't provide an API key. You need to provide your API key in an Authorization header "
             "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
@@ -73,15 +72,21 @@ async def authenticate(request: Request, services: ServicesDep) -> db.KeyRecord:
 CurrentKey = Annotated[db.KeyRecord, Depends(authenticate)]
 
 
-async def create_image(request: Request) -> Response:
-    """`POST /v1/images/generations`. A plain Starlette endpoint: FastAPI's dependency solving
-    measurably costs this, the hot path, and it needs nothing from it."""
-    services: Services = request.app.state.services
-    key = await authenticate(request, services)
-    body = parse_body(await read_body(request))
+@router.post(
+    GENERATIONS_PATH,
+    response_model=ImagesResponse,
+    responses=errors(400, 401, 404, 413, 429, 502, 503, 504),
+    summary="Create image",
+    tags=["Images"],
+)
+async def create_image(
+    body: ImageGenerateRequest, request: Request, key: CurrentKey, services: ServicesDep
+) -> Response:
+    """Creates images from a prompt, as OpenAI's `POST /v1/images/generations` does. Each image comes back
+    as a signed, expiring `url` or inline as `b64_json`; failed requests cost nothing."""
     # Only links need our public address; working it out from the request costs a little on every one.
     public_url = "" if body.response_format == "b64_json" else services.settings.public_url or base_url(request.scope)
-    result = await until_disconnect(request, images.generate(body, key, services, public_url.rstrip("/")))
+    result = await until_disconnect(request, generation.generate(body, key, services, public_url.rstrip("/")))
     log = {"model": body.model, "route": result.upstream, "images": len(result.response.data)}
     if services.settings.log_prompts:
         log["prompt"] = body.prompt
@@ -110,17 +115,12 @@ def known_base_url(scheme: str, host: bytes | None, server: tuple[str, int | Non
     return str(Request({**scope, "path": "/", "query_string": b""}).base_url)
 
 
-GENERATIONS_PATH = "/v1/images/generations"
-# Registered for the docs and for 405s on other methods; `Qubax.__call__` sends POSTs straight to it.
-router.add_route(GENERATIONS_PATH, create_image, methods=["POST"])
-
-
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await the work, cancelling it (and the upstream work it owns) if the client goes away first.
 
     The work runs in this task, and a watcher task cancels it. The watcher starts only once the work has
-    run WATCH_AFTER_SECONDS: a task per request cost ~4% of a light request's instructions (bench/README.md), and
-    the upstream work worth saving takes seconds."""
+    run WATCH_AFTER_SECONDS: the upstream work worth saving takes seconds, and most requests that end
+    sooner never need a task of their own."""
     task = asyncio.current_task()
     assert task is not None
     watcher: asyncio.Task[None] | None = None
@@ -154,68 +154,14 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 WATCH_AFTER_SECONDS = 0.1
 
 
-async def read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise RequestTooLarge(f"Request body is larger than the {MAX_BODY_BYTES} byte limit.")
-    # ASGI messages read directly: Starlette's `request.stream()` is an async generator, measurably dearer.
-    chunks, size, more = [], 0, True
-    while more:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected("The client closed the connection while sending the request.")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise RequestTooLarge(f"Request body is larger than the {MAX_BODY_BYTES} byte limit.")
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def parse_body(raw: bytes) -> ImageGenerateRequest:
-    try:
-        payload = payload_json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. The API expects a JSON object, "
-            "but what was sent was not valid JSON.",
-            code="invalid_json",
-        ) from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    try:
-        return ImageGenerateRequest.model_validate(payload)
-    except ValidationError as exc:
-        raise validation_error(exc.errors()[0]) from exc
-
-
-TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "int_from_float": "an integer"}
-
-
-def validation_error(detail: Any) -> InvalidRequest:
-    """One pydantic error, said the way OpenAI says it, naming the offending field."""
-    field = ".".join(str(part) for part in detail["loc"]) or None
-    kind = detail["type"]
-    if kind == "extra_forbidden":
-        return UnknownParameter(f"Unknown parameter: '{field}'.", param=field)
-    if kind == "missing":
-        return InvalidRequest(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
-    expected = TYPE_NAMES.get(kind)
-    if expected is not None:
-        got = type(detail.get("input")).__name__
-        message = f"Invalid type for '{field}': expected {expected}, but got {got}."
-        return InvalidRequest(message, param=field, code="invalid_type")
-    return InvalidRequest(f"Invalid value for '{field}': {detail['msg']}.", param=field)
-
-
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(401), summary="List models", tags=["Models"])
 async def list_models(key: CurrentKey, services: ServicesDep) -> ModelList:
+    """The models this server offers, aliases included."""
     models = services.catalog.models
     return ModelList(data=[model_card(model, name) for model in models for name in (model.id, *model.aliases)])
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=errors(401, 404), summary="Retrieve model", tags=["Models"])
 async def retrieve_model(model_id: str, key: CurrentKey, services: ServicesDep) -> Model:
     return model_card(services.catalog.find(model_id), model_id)
 
@@ -224,8 +170,19 @@ def model_card(model: CatalogModel, name: str) -> Model:
     return Model(id=name, created=model.created, owned_by=model.owned_by)
 
 
-@router.get("/images/{name}")
+IMAGE_CONTENT = {f"image/{ext}": {"schema": {"type": "string", "format": "binary"}} for ext in ("png", "jpeg", "webp")}
+
+
+@router.get(
+    "/images/{name}",
+    response_class=Response,
+    responses={200: {"description": "The image.", "content": IMAGE_CONTENT}, **errors(403, 404, 410)},
+    summary="Download image",
+    tags=["Images"],
+)
 async def serve_image(name: str, services: ServicesDep, expires: str = "", signature: str = "") -> Response:
+    """A stored image, through the signed link a generation returned (`img_….png?expires=…&signature=…`).
+    Needs no key: the signature is the permission, until `expires`."""
     match = IMAGE_NAME.fullmatch(name)
     if match is None:
         raise NotFound("Image not found.")
@@ -237,9 +194,10 @@ async def serve_image(name: str, services: ServicesDep, expires: str = "", signa
     return FileResponse(image, media_type=f"image/{match[2]}", headers=headers)
 
 
-@router.get("/healthz")
-async def healthz(services: ServicesDep) -> dict[str, str]:
+@router.get("/healthz", responses=errors(503), summary="Health check", tags=["Operations"])
+async def healthz(services: ServicesDep) -> HealthStatus:
+    """200 when the service, its database and (if configured) Redis are reachable."""
     async with services.engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
     await services.quotas.slots.check()  # a node that cannot reach the shared limits is not ready
-    return {"status": "ok"}
+    return HealthStatus(status="ok")

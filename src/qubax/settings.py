@@ -1,16 +1,13 @@
 """Configuration, read from the environment once, in `create_app` or the CLI, never at import."""
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-
-def credential(env_name: str) -> SecretStr | None:
-    """A provider credential read from the provider's own variable name (e.g. `BFL_API_KEY`)."""
-    return Field(default=None, validation_alias=AliasChoices(env_name))
+from pydantic import Field, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -35,17 +32,26 @@ class Settings(BaseSettings):
     access_log: bool = True
     log_prompts: bool = False  # prompts are the users' data: off the logs unless the operator asks
 
-    bfl_api_key: SecretStr | None = credential("BFL_API_KEY")
-    openai_api_key: SecretStr | None = credential("OPENAI_API_KEY")
-    together_api_key: SecretStr | None = credential("TOGETHER_API_KEY")
-    fal_key: SecretStr | None = credential("FAL_KEY")
-    replicate_api_token: SecretStr | None = credential("REPLICATE_API_TOKEN")
+    # Upstream HTTP: seconds to connect, seconds of silence before an upstream is given up, connections.
+    upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    upstream_read_timeout_seconds: float = Field(default=120.0, gt=0)
+    upstream_connections: int = Field(default=256, ge=1)
 
-    bfl_base_url: str = "https://api.bfl.ai"
-    openai_base_url: str = "https://api.openai.com/v1"
-    together_base_url: str = "https://api.together.xyz/v1"
-    fal_base_url: str = "https://queue.fal.run"
-    replicate_base_url: str = "https://api.replicate.com/v1"
+    # Per provider, by its registry name, from the provider's own variables (`ProviderVariables`):
+    # its credential (BFL_API_KEY=key1,key2) and its base URL (QUBAX_BFL_BASE_URL).
+    credentials: dict[str, SecretStr] = Field(default_factory=dict)
+    base_urls: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, ProviderVariables(settings_cls), env_settings, dotenv_settings, file_secret_settings
 
     @property
     def resolved_database_url(self) -> str:
@@ -54,3 +60,23 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+
+class ProviderVariables(PydanticBaseSettingsSource):
+    """Each registered provider's own variables, so that a new provider needs no field here."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads everything at once
+
+    def __call__(self) -> dict[str, Any]:
+        from qubax.providers.registry import PROVIDERS  # the registry's modules need settings' types
+
+        credentials = {
+            name: os.environ[info.credential] for name, info in PROVIDERS.items() if info.credential in os.environ
+        }
+        base_urls = {
+            name: os.environ[info.base_url_variable]
+            for name, info in PROVIDERS.items()
+            if os.environ.get(info.base_url_variable)
+        }
+        return {"credentials": credentials, "base_urls": base_urls}

@@ -1,10 +1,43 @@
 """Helpers every adapter test shares."""
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
-from qubax.client import Client
-from qubax.providers import GeneratedImage, Job, Provider, Upstream
+from qubax.catalog import Catalog, ImageRequest
+from qubax.providers import GeneratedImage, Provider, Upstream
+from qubax.providers.http import open_session
+
+
+@dataclass(frozen=True)
+class Job:
+    """Shorthand for adapter tests: the upstream's model name and what the request asks of it."""
+
+    model: str
+    prompt: str
+    width: int
+    height: int
+    n: int
+    quality: str | None = None
+    style: str | None = None
+    seed: int | None = None
+    safety_tolerance: int | None = None
+    output_format: str = "png"
+
+    def request(self) -> ImageRequest:
+        return ImageRequest(
+            model=Catalog().find("flux-1.1-pro"),  # adapters never look at our catalog entry
+            prompt=self.prompt,
+            width=self.width,
+            height=self.height,
+            n=self.n,
+            quality=self.quality,
+            style=self.style,
+            seed=self.seed,
+            safety_tolerance=self.safety_tolerance,
+            output_format=self.output_format,
+        )
 
 
 async def run_adapter(
@@ -12,5 +45,10 @@ async def run_adapter(
 ) -> list[GeneratedImage]:
     """One `generate` call through a fresh session, polling fast. The caller of an adapter owns the
     deadline; here it turns a poll loop that never ends into a failure."""
-    async with Client() as http, asyncio.timeout(10):
-        return await build(Upstream(http, base_url, key, poll_interval=0.01)).generate(job)
+    async with open_session() as http, asyncio.timeout(10):
+        return await build(Upstream(http, base_url, key, poll_interval=0.01)).generate(job.request(), job.model)
+
+
+def ask(adapter: Provider, job: Job) -> Coroutine[Any, Any, list[GeneratedImage]]:
+    """`adapter.generate` for a test's `Job`."""
+    return adapter.generate(job.request(), job.model)

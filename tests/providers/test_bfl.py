@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from qubax.client import Client
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, Job, Upstream
+from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.bfl import BFL
+from qubax.providers.http import open_session
 from tests.fakes.bfl import FakeBFL
-from tests.providers import run_adapter
+from tests.providers import Job, ask, run_adapter
 from tests.server import serve
 
 pytestmark = pytest.mark.anyio
@@ -257,13 +257,15 @@ async def test_one_failed_task_keeps_the_others_images(fake: FakeBFL) -> None:
 async def test_cancelling_stops_every_task_and_leaks_nothing(fake: FakeBFL) -> None:
     fake.pending_polls = 10_000
     before = asyncio.all_tasks()
-    async with Client() as http:
+    async with open_session() as http:
         bfl = BFL(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
-                await bfl.generate(pro(n=3))
+                await ask(bfl, pro(n=3))
         assert bfl.upstream.pool.slots.held == {}  # every slot given back
-        assert http.in_use == 0  # no connection is left checked out
+        assert (
+            http.session.connector is not None and not http.session.connector._acquired
+        )  # no connection left checked out
     assert asyncio.all_tasks() == before
     await asyncio.sleep(0.05)  # polls already on the wire when we cancelled may still land
     polls = len(fake.polls)

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from qubax.client import Client
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, Job, Upstream
+from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.fal import Fal
+from qubax.providers.http import open_session
 from tests.fakes.bfl import ULTRA_SIZES
 from tests.fakes.fal import PRO, SCHNELL, ULTRA, FakeFal
-from tests.providers import run_adapter
+from tests.providers import Job, ask, run_adapter
 from tests.server import serve
 
 pytestmark = pytest.mark.anyio
@@ -419,11 +419,11 @@ async def test_download_failure_is_a_billed_upstream_error(fake: FakeFal, status
 async def test_cancelling_takes_the_requests_out_of_the_queue_and_leaks_nothing(fake: FakeFal) -> None:
     fake.queued_polls = 10_000
     before = asyncio.all_tasks()
-    async with Client() as http:
+    async with open_session() as http:
         adapter = Fal(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
-                await adapter.generate(pro(n=6))
+                await ask(adapter, pro(n=6))
         assert adapter.upstream.pool.slots.held == {}  # every slot given back
     assert asyncio.all_tasks() == before
     assert sorted(fake.cancels) == sorted(request.id for request in fake.requests)
@@ -442,9 +442,9 @@ async def test_a_cancel_that_hangs_does_not_hold_up_the_cancellation(
     fake.queued_polls = 10_000
     fake.cancel_delay = 5.0
     monkeypatch.setattr("qubax.providers.http.CANCEL_TIMEOUT", 0.1)
-    async with Client() as http:
+    async with open_session() as http:
         adapter = Fal(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
-        task = asyncio.create_task(adapter.generate(pro()))
+        task = asyncio.create_task(ask(adapter, pro()))
         await asyncio.sleep(0.1)
         started = time.monotonic()
         task.cancel()
@@ -457,10 +457,10 @@ async def test_a_cancel_that_hangs_does_not_hold_up_the_cancellation(
 
 async def test_the_key_concurrency_cap_holds_for_the_life_of_each_request(fake: FakeFal) -> None:
     fake.queued_polls = 5
-    async with Client() as http, asyncio.timeout(10):
+    async with open_session() as http, asyncio.timeout(10):
         adapter = Fal(Upstream(http, fake.base_url, "test-key", poll_interval=0.01, concurrency=2))
         job = Job(ULTRA, "a lighthouse", 2048, 2048, 1)
-        results = await asyncio.gather(*(adapter.generate(job) for _ in range(3)))
+        results = await asyncio.gather(*(ask(adapter, job) for _ in range(3)))
 
     assert [len(images) for images in results] == [1, 1, 1]
     assert len(fake.submissions) == 3

@@ -4,11 +4,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from PIL import Image
 
-from qubax.client import Client
 from qubax.errors import ContentPolicyViolation, UpstreamError
-from qubax.providers import Job, Upstream
+from qubax.providers import Upstream
+from qubax.providers.http import Http, open_session
 from qubax.providers.openai import OpenAI
 from tests.fakes.openai import SAFETY_MESSAGE, FakeOpenAI
+from tests.providers import Job, ask
 from tests.server import serve
 
 
@@ -24,13 +25,13 @@ def server(fake: FakeOpenAI) -> Iterator[str]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[Client]:
-    async with Client() as client:
+async def http() -> AsyncIterator[Http]:
+    async with open_session() as client:
         yield client
 
 
 @pytest.fixture
-def openai(http: Client, server: str) -> OpenAI:
+def openai(http: Http, server: str) -> OpenAI:
     return OpenAI(Upstream(http, f"{server}/v1", "test-key", poll_interval=0.01))
 
 
@@ -46,7 +47,7 @@ def picture(data: bytes) -> tuple[str | None, tuple[int, int], tuple[int, int, i
 
 @pytest.mark.anyio
 async def test_one_image(openai: OpenAI, fake: FakeOpenAI) -> None:
-    [image] = await openai.generate(job())
+    [image] = await ask(openai, job())
 
     assert fake.requests == [
         {
@@ -65,7 +66,7 @@ async def test_one_image(openai: OpenAI, fake: FakeOpenAI) -> None:
 
 @pytest.mark.anyio
 async def test_unset_quality_and_style_are_not_sent(openai: OpenAI, fake: FakeOpenAI) -> None:
-    await openai.generate(job(quality=None, style=None, size="1024x1024"))
+    await ask(openai, job(quality=None, style=None, size="1024x1024"))
 
     assert fake.requests == [
         {
@@ -82,7 +83,7 @@ async def test_unset_quality_and_style_are_not_sent(openai: OpenAI, fake: FakeOp
 async def test_n_images_are_n_concurrent_calls(openai: OpenAI, fake: FakeOpenAI) -> None:
     fake.delay = 0.3
 
-    images = await openai.generate(job(n=3, size="1024x1792"))
+    images = await ask(openai, job(n=3, size="1024x1792"))
 
     assert [request["n"] for request in fake.requests] == [1, 1, 1]
     assert fake.peak == 3
@@ -95,7 +96,7 @@ async def test_n_images_are_n_concurrent_calls(openai: OpenAI, fake: FakeOpenAI)
 async def test_url_results_are_downloaded(openai: OpenAI, fake: FakeOpenAI) -> None:
     fake.return_urls = True
 
-    images = await openai.generate(job(n=2))
+    images = await ask(openai, job(n=2))
 
     assert sorted(fake.downloads) == ["/files/img-0", "/files/img-1"]
     assert sorted(image.data for image in images) == sorted(fake.files.values())
@@ -106,7 +107,7 @@ async def test_url_results_are_downloaded(openai: OpenAI, fake: FakeOpenAI) -> N
 async def test_jpeg_is_passed_through_as_is(openai: OpenAI, fake: FakeOpenAI) -> None:
     fake.image_format = "JPEG"
 
-    [image] = await openai.generate(job())
+    [image] = await ask(openai, job())
 
     assert image.data[:3] == b"\xff\xd8\xff"
     assert picture(image.data)[:2] == ("JPEG", (1792, 1024))
@@ -118,7 +119,7 @@ async def test_safety_refusal_is_a_content_policy_violation(openai: OpenAI, fake
     fake.moderate = code
 
     with pytest.raises(ContentPolicyViolation) as caught:
-        await openai.generate(job())
+        await ask(openai, job())
 
     assert (caught.value.code, caught.value.message) == ("content_policy_violation", SAFETY_MESSAGE)
 
@@ -128,7 +129,7 @@ async def test_retired_model_says_where_to_point_the_base_url(openai: OpenAI, fa
     fake.retired = True
 
     with pytest.raises(UpstreamError) as caught:
-        await openai.generate(job())
+        await ask(openai, job())
 
     assert caught.value.retryable is False
     assert caught.value.message == (
@@ -139,11 +140,11 @@ async def test_retired_model_says_where_to_point_the_base_url(openai: OpenAI, fa
 
 
 @pytest.mark.anyio
-async def test_plain_404_from_a_wrong_base_url_gets_the_same_advice(http: Client, server: str) -> None:
+async def test_plain_404_from_a_wrong_base_url_gets_the_same_advice(http: Http, server: str) -> None:
     openai = OpenAI(Upstream(http, server, "test-key"))  # missing /v1: Starlette's plain-text 404
 
     with pytest.raises(UpstreamError, match="point QUBAX_OPENAI_BASE_URL at a host that does") as caught:
-        await openai.generate(job())
+        await ask(openai, job())
 
     assert caught.value.retryable is False
 
@@ -153,7 +154,7 @@ async def test_insufficient_quota_is_not_retryable(openai: OpenAI, fake: FakeOpe
     fake.out_of_credit = True
 
     with pytest.raises(UpstreamError) as caught:
-        await openai.generate(job())
+        await ask(openai, job())
 
     assert caught.value.retryable is False
     assert caught.value.message.startswith("OpenAI account is out of credit (429): You exceeded your current quota")
@@ -173,18 +174,18 @@ async def test_status_mapping(openai: OpenAI, fake: FakeOpenAI, status: int, ret
     fake.fail_status = status
 
     with pytest.raises(UpstreamError) as caught:
-        await openai.generate(job())
+        await ask(openai, job())
 
     assert type(caught.value) is UpstreamError
     assert (caught.value.message, caught.value.retryable) == (message, retryable)
 
 
 @pytest.mark.anyio
-async def test_wrong_key_is_not_retryable(http: Client, server: str) -> None:
+async def test_wrong_key_is_not_retryable(http: Http, server: str) -> None:
     openai = OpenAI(Upstream(http, f"{server}/v1", "wrong-key"))
 
     with pytest.raises(UpstreamError) as caught:
-        await openai.generate(job())
+        await ask(openai, job())
 
     assert (
         caught.value.message == "OpenAI rejected the configured credential (401): Incorrect API key provided: test-***."
@@ -195,7 +196,7 @@ async def test_wrong_key_is_not_retryable(http: Client, server: str) -> None:
 @pytest.mark.anyio
 async def test_upstream_validation_message_is_kept(openai: OpenAI, fake: FakeOpenAI) -> None:
     with pytest.raises(UpstreamError) as caught:
-        await openai.generate(job(size="1024x768"))
+        await ask(openai, job(size="1024x768"))
 
     assert caught.value.message == "OpenAI refused the request (400): The size is not supported by this model."
     assert caught.value.retryable is False
@@ -206,7 +207,7 @@ async def test_html_body_is_an_upstream_error(openai: OpenAI, fake: FakeOpenAI) 
     fake.garbage = True
 
     with pytest.raises(UpstreamError, match="unreadable response"):
-        await openai.generate(job())
+        await ask(openai, job())
 
 
 @pytest.mark.anyio
@@ -214,7 +215,7 @@ async def test_html_error_page_from_a_proxy_is_retryable(openai: OpenAI, fake: F
     fake.garbage, fake.fail_status = True, 502
 
     with pytest.raises(UpstreamError) as caught:
-        await openai.generate(job())
+        await ask(openai, job())
 
     assert (caught.value.message, caught.value.retryable) == ("OpenAI failed (502).", True)
 
@@ -224,7 +225,7 @@ async def test_invalid_base64_is_an_upstream_error(openai: OpenAI, fake: FakeOpe
     fake.bad_base64 = True
 
     with pytest.raises(UpstreamError, match="not valid base64"):
-        await openai.generate(job())
+        await ask(openai, job())
 
 
 @pytest.mark.anyio
@@ -232,7 +233,7 @@ async def test_no_image_in_the_answer_is_an_error(openai: OpenAI, fake: FakeOpen
     fake.empty = True
 
     with pytest.raises(UpstreamError) as caught:
-        await openai.generate(job(n=2))
+        await ask(openai, job(n=2))
 
     assert caught.value.message == "OpenAI returned no image."
 
@@ -243,6 +244,6 @@ async def test_url_on_a_foreign_host_is_never_fetched(openai: OpenAI, fake: Fake
     fake.return_urls, fake.url_host = True, "localhost"
 
     with pytest.raises(UpstreamError, match="host we do not download from"):
-        await openai.generate(job())
+        await ask(openai, job())
 
     assert fake.downloads == []

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from qubax.client import Client
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, Job, Upstream
+from qubax.providers import GeneratedImage, Upstream
+from qubax.providers.http import open_session
 from qubax.providers.replicate import Replicate
 from tests.fakes.replicate import NSFW_ERROR, PRO, SCHNELL, ULTRA, FakeReplicate
-from tests.providers import run_adapter
+from tests.providers import Job, ask, run_adapter
 from tests.server import serve
 
 pytestmark = pytest.mark.anyio
@@ -344,11 +344,11 @@ async def test_download_failure_is_a_billed_upstream_error(fake: FakeReplicate, 
 async def test_cancelling_cancels_the_predictions_and_leaks_nothing(fake: FakeReplicate) -> None:
     fake.running_polls = 10_000
     before = asyncio.all_tasks()
-    async with Client() as http:
+    async with open_session() as http:
         replicate = Replicate(Upstream(http, f"{fake.base_url}/v1", "test-key", poll_interval=0.01))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
-                await replicate.generate(job(PRO, n=2))
+                await ask(replicate, job(PRO, n=2))
         assert replicate.upstream.pool.slots.held == {}  # every slot given back
     assert asyncio.all_tasks() == before
     assert sorted(fake.cancels) == sorted(prediction.id for prediction in fake.predictions)
@@ -362,9 +362,9 @@ async def test_cancelling_cancels_the_predictions_and_leaks_nothing(fake: FakeRe
 
 async def test_concurrency_cap_holds_for_each_prediction_until_it_ends(fake: FakeReplicate) -> None:
     fake.running_polls = 3
-    async with Client() as http, asyncio.timeout(10):
+    async with open_session() as http, asyncio.timeout(10):
         upstream = Upstream(http, f"{fake.base_url}/v1", "test-key", poll_interval=0.01, concurrency=2)
-        results = await asyncio.gather(*(Replicate(upstream).generate(job(PRO, n=2)) for _ in range(3)))
+        results = await asyncio.gather(*(ask(Replicate(upstream), job(PRO, n=2)) for _ in range(3)))
 
     assert [len(images) for images in results] == [2, 2, 2]
     assert len(fake.predictions) == 6

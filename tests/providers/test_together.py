@@ -2,14 +2,16 @@ import base64
 import io
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 from PIL import Image
 
-from qubax.client import Client, ConnectError
 from qubax.errors import ContentPolicyViolation, UpstreamError
-from qubax.providers import Job, Upstream
+from qubax.providers import Upstream
+from qubax.providers.http import Http, open_session
 from qubax.providers.together import Together
 from tests.fakes.together import FakeTogether
+from tests.providers import Job, ask
 from tests.server import serve
 
 SCHNELL = "black-forest-labs/FLUX.1-schnell"
@@ -27,13 +29,13 @@ def base_url(fake: FakeTogether) -> Iterator[str]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[Client]:
-    async with Client() as client:
+async def http() -> AsyncIterator[Http]:
+    async with open_session() as client:
         yield client
 
 
 @pytest.fixture
-def together(http: Client, base_url: str) -> Together:
+def together(http: Http, base_url: str) -> Together:
     return Together(Upstream(http, base_url, "test-key", poll_interval=0.01))
 
 
@@ -48,7 +50,7 @@ def picture(data: bytes) -> tuple[str | None, tuple[int, int], tuple[int, int, i
 
 @pytest.mark.anyio
 async def test_one_call_for_n_images(together: Together, fake: FakeTogether) -> None:
-    images = await together.generate(job(n=3))
+    images = await ask(together, job(n=3))
 
     assert fake.requests == [
         {
@@ -69,7 +71,7 @@ async def test_one_call_for_n_images(together: Together, fake: FakeTogether) -> 
 
 @pytest.mark.anyio
 async def test_steps_only_for_schnell(together: Together, fake: FakeTogether) -> None:
-    await together.generate(job(model="black-forest-labs/FLUX.1.1-pro"))
+    await ask(together, job(model="black-forest-labs/FLUX.1.1-pro"))
 
     assert "steps" not in fake.requests[0]
     assert fake.requests[0]["model"] == "black-forest-labs/FLUX.1.1-pro"
@@ -79,7 +81,7 @@ async def test_steps_only_for_schnell(together: Together, fake: FakeTogether) ->
 async def test_more_than_four_split_into_concurrent_calls(together: Together, fake: FakeTogether) -> None:
     fake.delay = 0.3
 
-    images = await together.generate(job(n=6))
+    images = await ask(together, job(n=6))
 
     assert sorted(request["n"] for request in fake.requests) == [2, 4]
     assert fake.peak == 2
@@ -91,7 +93,7 @@ async def test_more_than_four_split_into_concurrent_calls(together: Together, fa
 async def test_url_results_are_downloaded(together: Together, fake: FakeTogether) -> None:
     fake.return_urls = True
 
-    images = await together.generate(job(n=2))
+    images = await ask(together, job(n=2))
 
     assert sorted(fake.downloads) == ["/files/img-0", "/files/img-1"]
     assert sorted(image.data for image in images) == sorted(fake.files.values())
@@ -102,7 +104,7 @@ async def test_url_results_are_downloaded(together: Together, fake: FakeTogether
 async def test_jpeg_is_passed_through_as_is(together: Together, fake: FakeTogether) -> None:
     fake.format_override = "JPEG"
 
-    [image] = await together.generate(job())
+    [image] = await ask(together, job())
 
     assert image.data[:3] == b"\xff\xd8\xff"
     assert picture(image.data)[:2] == ("JPEG", (512, 768))
@@ -113,7 +115,7 @@ async def test_safety_checker_is_a_content_policy_violation(together: Together, 
     fake.moderate = True
 
     with pytest.raises(ContentPolicyViolation) as caught:
-        await together.generate(job())
+        await ask(together, job())
 
     assert caught.value.code == "content_policy_violation"
     assert caught.value.status_code == 400
@@ -136,18 +138,18 @@ async def test_status_mapping(
     fake.fail_status = status
 
     with pytest.raises(UpstreamError) as caught:
-        await together.generate(job())
+        await ask(together, job())
 
     assert type(caught.value) is UpstreamError
     assert (caught.value.message, caught.value.retryable) == (message, retryable)
 
 
 @pytest.mark.anyio
-async def test_wrong_key_is_not_retryable(http: Client, base_url: str) -> None:
+async def test_wrong_key_is_not_retryable(http: Http, base_url: str) -> None:
     together = Together(Upstream(http, base_url, "wrong-key", poll_interval=0.01))
 
     with pytest.raises(UpstreamError) as caught:
-        await together.generate(job())
+        await ask(together, job())
 
     assert caught.value.message == "Together rejected the configured credential (401): Invalid API key provided."
     assert caught.value.retryable is False
@@ -158,7 +160,7 @@ async def test_html_body_is_an_upstream_error(together: Together, fake: FakeToge
     fake.garbage = True
 
     with pytest.raises(UpstreamError, match="unreadable response") as caught:
-        await together.generate(job())
+        await ask(together, job())
 
     assert caught.value.retryable is False
 
@@ -168,7 +170,7 @@ async def test_html_error_page_from_a_proxy_is_retryable(together: Together, fak
     fake.garbage, fake.fail_status = True, 502
 
     with pytest.raises(UpstreamError) as caught:
-        await together.generate(job())
+        await ask(together, job())
 
     assert (caught.value.message, caught.value.retryable) == ("Together failed (502).", True)
 
@@ -178,7 +180,7 @@ async def test_invalid_base64_is_an_upstream_error(together: Together, fake: Fak
     fake.bad_base64 = True
 
     with pytest.raises(UpstreamError, match="not valid base64"):
-        await together.generate(job())
+        await ask(together, job())
 
 
 @pytest.mark.anyio
@@ -186,7 +188,7 @@ async def test_fewer_images_than_asked_is_an_error(together: Together, fake: Fak
     fake.drop = 1
 
     with pytest.raises(UpstreamError) as caught:
-        await together.generate(job(n=3))
+        await ask(together, job(n=3))
 
     assert caught.value.message == "Together returned 2 of the 3 images asked for."
 
@@ -197,7 +199,7 @@ async def test_url_on_a_foreign_host_is_never_fetched(together: Together, fake: 
     fake.return_urls, fake.url_host = True, "localhost"
 
     with pytest.raises(UpstreamError, match="host we do not download from"):
-        await together.generate(job())
+        await ask(together, job())
 
     assert fake.downloads == []
 
@@ -209,12 +211,13 @@ def test_fake_encodes_base64_png_by_default() -> None:
 
 
 @pytest.mark.anyio
-async def test_unreachable_host_is_retryable_and_keeps_its_cause(http: Client) -> None:
+async def test_unreachable_host_is_retryable_and_keeps_its_cause(http: Http) -> None:
     # Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
     together = Together(Upstream(http, "http://127.0.0.1:9/v1", "test-key"))
 
     with pytest.raises(UpstreamError) as caught:
-        await together.generate(job(n=6))
+        await ask(together, job(n=6))
 
-    assert (caught.value.message, caught.value.retryable) == ("Could not reach Together: ConnectionRefusedError.", True)
-    assert isinstance(caught.value.__cause__, ConnectError)
+    message = "Could not reach Together: ConnectionRefusedError (127.0.0.1:9)."
+    assert (caught.value.message, caught.value.retryable) == (message, True)
+    assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)

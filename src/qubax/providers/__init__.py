@@ -1,38 +1,23 @@
 """Provider adapters: one module per upstream, each a class with one async `generate` method.
 
-Adapters know their upstream's wire format and the two tiny types below, nothing about our
-HTTP API, keys, storage or database. Each translates its upstream's failures into `qubax.errors`.
+Adapters know their upstream's wire format and the checked `ImageRequest`, nothing about our HTTP
+API, keys, storage or database. Adding a provider is one module (its adapter and its `INFO`), one
+line in `registry.PROVIDERS`, one fake and one test file. Each translates its upstream's failures into `qubax.errors`.
 """
 
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
-from qubax.client import Client
+from qubax.catalog import ImageRequest
 from qubax.providers.pool import KeyPool
 from qubax.slots import Slots
 
-
-@dataclass(frozen=True)
-class Job:
-    """What to generate, in our terms; `model` is the upstream's own name for the model.
-
-    `seed`, `safety_tolerance` and `output_format` are FLUX extensions a client may send; adapters pass
-    them on where their upstream takes them and ignore them otherwise.
-    """
-
-    model: str
-    prompt: str
-    width: int
-    height: int
-    n: int
-    quality: str | None = None
-    style: str | None = None
-    seed: int | None = None
-    safety_tolerance: int | None = None
-    output_format: str | None = None
+if TYPE_CHECKING:  # the module imports this one
+    from qubax.providers.http import Http
 
 
 @dataclass(frozen=True)
@@ -44,22 +29,25 @@ class GeneratedImage:
 
 
 class Upstream:
-    """How to reach one provider: the shared HTTP client, where, and a pool of credentials."""
+    """How to reach one provider: the shared HTTP session, where, a pool of credentials, and the hosts
+    its results may be downloaded from (the configured base host, a proxy or a fake, among them)."""
 
     def __init__(
         self,
-        http: Client,
+        http: "Http",
         base_url: str,
         keys: str | Sequence[str],
         poll_interval: float = 0.5,
         concurrency: int | None = None,
         slots: Slots | None = None,
         name: str = "",
+        delivery_hosts: Sequence[str] = (),
     ) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
         self.pool = KeyPool([keys] if isinstance(keys, str) else keys, concurrency, slots, f"upstream:{name}")
         self.poll_interval = poll_interval
+        self.delivery_hosts = (*delivery_hosts, (urlsplit(base_url).hostname or "").lower())
 
     def lease(self) -> AbstractAsyncContextManager[str]:
         """A key with a free slot; hold it for the whole life of one upstream task or call."""
@@ -67,18 +55,25 @@ class Upstream:
 
 
 class Provider(Protocol):
-    async def generate(self, job: Job) -> list[GeneratedImage]: ...
+    async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+        """`request.n` images of the upstream's `model`, or an `UpstreamError` carrying those it made."""
+        ...
 
 
 @dataclass(frozen=True)
 class ProviderInfo:
-    """Registry entry: how to build the adapter and which settings configure it."""
+    """What a provider module declares about itself (its `INFO`); `registry.PROVIDERS` lists them."""
 
+    name: str  # in catalog routes, metrics and QUBAX_<NAME>_BASE_URL, e.g. "bfl"
     build: Callable[[Upstream], Provider]
-    credential: str  # the environment variable operators set, e.g. BFL_API_KEY (comma-separated for a pool)
-    key_field: str  # the Settings attribute holding it
-    base_url_field: str
+    credential: str  # the variable operators set, e.g. BFL_API_KEY (comma-separated for a pool)
+    base_url: str  # the default; QUBAX_<NAME>_BASE_URL overrides it
     concurrency: int | None = None  # active tasks each key may have at once (the upstream's own cap)
+    delivery_hosts: tuple[str, ...] = ()  # shell-style patterns of the hosts results are downloaded from
+
+    @property
+    def base_url_variable(self) -> str:
+        return f"QUBAX_{self.name.upper()}_BASE_URL"
 
 
 def aspect_ratio(width: int, height: int, choices: Sequence[str] | None = None) -> str:

@@ -2,10 +2,10 @@
 
 from typing import Any
 
+from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio
+from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
 from qubax.providers.http import (
-    base_host,
     billed,
     check_status,
     download,
@@ -28,27 +28,25 @@ MODERATED = ("Request Moderated", "Content Moderated")
 class BFL:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        # The configured base host (a proxy, or a fake in tests) is trusted like BFL's own.
-        self.delivery_hosts = (*DELIVERY_HOSTS, base_host(upstream.base_url))
 
-    async def generate(self, job: Job) -> list[GeneratedImage]:
+    async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         # BFL has no `n`: one task per image, all at once.
-        return await fan_out(self._one(job) for _ in range(job.n))
+        return await fan_out(self._one(request, model) for _ in range(request.n))
 
-    async def _one(self, job: Job) -> list[GeneratedImage]:
+    async def _one(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         # A task counts against the key's concurrency cap from submission until its result is in.
         async with self.upstream.lease() as key:
             headers = {"x-key": key, "accept": "application/json"}
-            polling_url = await self._submit(job, headers)
+            polling_url = await self._submit(request, model, headers)
             with billed():
                 sample = await poll(lambda: self._check(polling_url, headers), self.upstream.poll_interval)
         with billed():
             # Delivery URLs are pre-signed: download() sends no key.
-            return [GeneratedImage(await download(self.upstream.http, PROVIDER, sample, self.delivery_hosts))]
+            return [GeneratedImage(await download(self.upstream.http, PROVIDER, sample, self.upstream.delivery_hosts))]
 
-    async def _submit(self, job: Job, headers: dict[str, str]) -> str:
-        url = f"{self.upstream.base_url}/v1/{job.model}"
-        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(job))
+    async def _submit(self, request: ImageRequest, model: str, headers: dict[str, str]) -> str:
+        url = f"{self.upstream.base_url}/v1/{model}"
+        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(request, model))
         check_status(response, PROVIDER)
         task = read_json(response, PROVIDER)
         polling_url = task.get("polling_url")
@@ -86,15 +84,26 @@ class BFL:
         raise UpstreamError(f"{PROVIDER} reported an unknown task status: {str(status)[:80]!r}.")
 
 
-def body(job: Job) -> dict[str, Any]:
+def body(request: ImageRequest, model: str) -> dict[str, Any]:
     # PNG keeps the caller's PNG conversion lossless; BFL's default is JPEG.
-    payload: dict[str, Any] = {"prompt": job.prompt, "output_format": job.output_format or "png"}
-    if job.seed is not None:
-        payload["seed"] = job.seed
-    if job.safety_tolerance is not None:
-        payload["safety_tolerance"] = job.safety_tolerance
-    if job.model == ULTRA:
-        payload["aspect_ratio"] = aspect_ratio(job.width, job.height)
+    payload: dict[str, Any] = {"prompt": request.prompt, "output_format": request.output_format or "png"}
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if request.safety_tolerance is not None:
+        payload["safety_tolerance"] = request.safety_tolerance
+    if model == ULTRA:
+        payload["aspect_ratio"] = aspect_ratio(request.width, request.height)
     else:
-        payload |= {"width": job.width, "height": job.height}
+        payload |= {"width": request.width, "height": request.height}
     return payload
+
+
+# BFL allows 24 active tasks per key by default.
+INFO = ProviderInfo(
+    name="bfl",
+    build=BFL,
+    credential="BFL_API_KEY",
+    base_url="https://api.bfl.ai",
+    concurrency=24,
+    delivery_hosts=DELIVERY_HOSTS,
+)

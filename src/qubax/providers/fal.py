@@ -4,8 +4,9 @@ import asyncio
 import re
 from typing import Any
 
+from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio, http
+from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio, http
 
 PROVIDER = "fal.ai"
 ULTRA = "fal-ai/flux-pro/v1.1-ultra"  # takes an aspect ratio instead of an image size
@@ -20,26 +21,25 @@ DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,(.*)", re.DOTALL)  # what syn
 class Fal:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.media_hosts = (*MEDIA_HOSTS, http.base_host(upstream.base_url))  # a proxy or a fake: trusted
 
-    async def generate(self, job: Job) -> list[GeneratedImage]:
-        counts = [min(MAX_PER_REQUEST, job.n - start) for start in range(0, job.n, MAX_PER_REQUEST)]
-        return await http.fan_out(self._request(job, count) for count in counts)
+    async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+        counts = [min(MAX_PER_REQUEST, request.n - start) for start in range(0, request.n, MAX_PER_REQUEST)]
+        return await http.fan_out(self._request(request, model, count) for count in counts)
 
-    async def _request(self, job: Job, count: int) -> list[GeneratedImage]:
+    async def _request(self, request: ImageRequest, model: str, count: int) -> list[GeneratedImage]:
         # A request counts against the key's concurrency cap from submission until its result is in.
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Key {key}", "accept": "application/json"}
-            urls = await self._submit(job, count, headers)
+            urls = await self._submit(request, model, count, headers)
             with http.billed():
                 await self._wait(urls, headers)
                 output = await self._call("GET", urls["response_url"], headers)
         with http.billed():
             return await self._images(output, count)
 
-    async def _submit(self, job: Job, count: int, headers: dict[str, str]) -> dict[str, str]:
-        url = f"{self.upstream.base_url}/{job.model}"
-        queued = await self._call("POST", url, headers, json=body(job, count))
+    async def _submit(self, request: ImageRequest, model: str, count: int, headers: dict[str, str]) -> dict[str, str]:
+        url = f"{self.upstream.base_url}/{model}"
+        queued = await self._call("POST", url, headers, json=body(request, model, count))
         urls = {name: queued.get(name) for name in ("status_url", "response_url", "cancel_url")}
         if not queued.get("request_id") or not all(isinstance(url, str) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} accepted the request but returned no request_id or queue URLs.")
@@ -98,7 +98,7 @@ class Fal:
         if isinstance(url, str) and (inline := DATA_URI.fullmatch(url)):
             return [GeneratedImage(http.decode_b64(inline[1], PROVIDER))]
         # Media URLs are public: download() sends no key, and only to fal's media hosts.
-        return [GeneratedImage(await http.download(self.upstream.http, PROVIDER, url, self.media_hosts))]
+        return [GeneratedImage(await http.download(self.upstream.http, PROVIDER, url, self.upstream.delivery_hosts))]
 
 
 def moderated(response: http.Reply) -> bool:
@@ -111,19 +111,30 @@ def moderated(response: http.Reply) -> bool:
     return any(isinstance(item, dict) and item.get("type") == "content_policy_violation" for item in items)
 
 
-def body(job: Job, count: int) -> dict[str, Any]:
+def body(request: ImageRequest, model: str, count: int) -> dict[str, Any]:
     # fal takes jpeg or png only; PNG keeps the caller's conversion lossless (and stands in for webp).
-    image_format = "jpeg" if job.output_format == "jpeg" else "png"
-    payload: dict[str, Any] = {"prompt": job.prompt, "num_images": count, "output_format": image_format}
-    if job.seed is not None:
-        payload["seed"] = job.seed
-    if job.model == ULTRA:
-        payload["aspect_ratio"] = aspect_ratio(job.width, job.height, ULTRA_RATIOS)
+    image_format = "jpeg" if request.output_format == "jpeg" else "png"
+    payload: dict[str, Any] = {"prompt": request.prompt, "num_images": count, "output_format": image_format}
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if model == ULTRA:
+        payload["aspect_ratio"] = aspect_ratio(request.width, request.height, ULTRA_RATIOS)
     else:
-        payload["image_size"] = {"width": job.width, "height": job.height}
+        payload["image_size"] = {"width": request.width, "height": request.height}
         payload["enable_safety_checker"] = True
-    if job.model == SCHNELL:
+    if model == SCHNELL:
         payload["num_inference_steps"] = 4  # schnell is distilled for 4 steps
-    elif job.safety_tolerance is not None and "flux-pro" in job.model:
-        payload["safety_tolerance"] = str(min(max(job.safety_tolerance, 1), 6))  # fal wants "1" … "6"
+    elif request.safety_tolerance is not None and "flux-pro" in model:
+        payload["safety_tolerance"] = str(min(max(request.safety_tolerance, 1), 6))  # fal wants "1" … "6"
     return payload
+
+
+# The cap keeps bursts from becoming 429s.
+INFO = ProviderInfo(
+    name="fal",
+    build=Fal,
+    credential="FAL_KEY",
+    base_url="https://queue.fal.run",
+    concurrency=40,
+    delivery_hosts=MEDIA_HOSTS,
+)

@@ -5,15 +5,17 @@ import binascii
 import contextlib
 import fnmatch
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import aiohttp
 import orjson
 import pybase64
 
-from qubax.client import Client, ClientError, ConnectError, TooLarge
 from qubax.errors import TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, payload
 
@@ -25,7 +27,7 @@ CANCEL_TIMEOUT = 5.0  # seconds a best-effort cancel may take once our caller ha
 
 @dataclass(frozen=True)
 class Reply:
-    """An upstream's whole answer: status, headers and body (read in full, within the client's MAX_BODY_BYTES)."""
+    """An upstream's whole answer: status, headers and body (read in full, within MAX_BODY_BYTES)."""
 
     status_code: int
     headers: Mapping[str, str]
@@ -36,8 +38,58 @@ class Reply:
         return payload.loads(self.content)
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 10.0  # to open a connection (TCP, TLS, a proxy's tunnel)
+    # Of silence while an answer is awaited or read. Synchronous upstreams answer only once the image is
+    # made (Replicate holds a `Prefer: wait` request up to 60 s), so this must outlast a generation.
+    read: float = 120.0
+
+
+@dataclass(frozen=True)
+class Http:
+    """The one upstream HTTP session of an app, and the proxies the environment named when it opened."""
+
+    session: aiohttp.ClientSession
+    proxies: Mapping[str, str]  # scheme -> proxy URL, as urllib reads HTTP_PROXY / HTTPS_PROXY / NO_PROXY
+
+    def proxy(self, url: str) -> str | None:
+        """The proxy for this URL, or None when it goes direct (no proxy for its scheme, or NO_PROXY)."""
+        if not self.proxies:
+            return None
+        parts = urlsplit(url)
+        proxy = self.proxies.get(parts.scheme) if parts.scheme != "no" else None
+        # The standard library's own NO_PROXY matching (urllib uses it; typeshed leaves it out).
+        if proxy is None or urllib.request.proxy_bypass_environment(parts.netloc, self.proxies):  # type: ignore[attr-defined]
+            return None
+        return proxy
+
+
+@contextlib.asynccontextmanager
+async def open_session(timeouts: Timeouts = Timeouts(), connections: int = 256) -> AsyncIterator[Http]:
+    """The one upstream HTTP session of an app. Proxies come from HTTP_PROXY / HTTPS_PROXY / NO_PROXY and
+    trusted CAs from SSL_CERT_FILE / SSL_CERT_DIR, as read when the session opens. At most `connections`
+    at once (more wait for one, within the request's deadline); idle ones close after 15 s, before
+    servers close theirs. A GET, PUT or DELETE whose kept-alive connection turns out closed is sent
+    once more on a new one (aiohttp does this); a POST is not, as it may have arrived.
+
+    Not aiohttp's `trust_env`: besides proxies it sends ~/.netrc credentials to any host they name
+    (every download included), and looks both up in a thread on every request."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=timeouts.read)
+    connector = aiohttp.TCPConnector(limit=connections, ssl=ssl.create_default_context())
+    found = urllib.request.getproxies_environment()
+    proxies: dict[str, str] = {name: found[name] for name in ("http", "https", "no") if name in found}
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),  # upstreams authenticate by key; cookies would leak between keys
+        headers={"user-agent": "qubax"},
+    ) as session:
+        yield Http(session, proxies)
+
+
 async def send(
-    http: Client,
+    http: Http,
     provider: str,
     method: str,
     url: str,
@@ -51,17 +103,54 @@ async def send(
         headers = {**(headers or {}), "content-type": "application/json"}
     data = None if json is None else orjson.dumps(json)
     try:
-        response = await http.request(method, url, headers, data)
-    except ConnectError as exc:
-        # Nothing reached the upstream: another route can safely take the work.
-        raise UpstreamError(f"Could not reach {provider}: {exc}.", retryable=True) from exc
-    except TooLarge as exc:
-        raise UpstreamError(f"{provider} sent a response larger than we accept.") from exc
-    except ClientError as exc:
-        # The request may have arrived (and been billed): the client may retry, we do not re-route.
-        message = f"{provider} connection failed: {exc}."
+        request = http.session.request(
+            method, url, headers=headers, data=data, allow_redirects=False, proxy=http.proxy(url)
+        )
+        async with request as response:
+            return Reply(response.status, response.headers, await read_body(response))
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL, ValueError) as exc:
+        # Nothing reached the upstream (no connection, or a URL or header we could not send): another
+        # route can safely take the work.
+        raise UpstreamError(f"Could not reach {provider}: {describe(exc)}.", retryable=True) from exc
+    except aiohttp.SocketTimeoutError as exc:
+        # It has the request (and may bill it) but went silent: the client may retry, we do not re-route.
+        message = f"{provider} sent nothing for {http.session.timeout.sock_read:g} seconds."
         raise UpstreamError(message, retryable=True, failover=False) from exc
-    return Reply(response.status, response.headers, response.content)
+    except AnswerTooLarge as exc:
+        raise UpstreamError(f"{provider} sent a response larger than we accept.") from exc
+    except aiohttp.ClientError as exc:
+        # The request may have arrived (and been billed): the client may retry, we do not re-route.
+        message = f"{provider} connection failed: {describe(exc)}."
+        raise UpstreamError(message, retryable=True, failover=False) from exc
+
+
+MAX_BODY_BYTES = 64 * 1024 * 1024  # of any one answer, JSON or image
+
+
+class AnswerTooLarge(Exception):
+    pass
+
+
+async def read_body(response: aiohttp.ClientResponse) -> bytes:
+    """The whole body, up to MAX_BODY_BYTES after decompression."""
+    declared = response.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
+        raise AnswerTooLarge
+    if declared is not None and "content-encoding" not in response.headers:
+        return await response.read()  # one buffer, its size known and within the cap
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise AnswerTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):  # its own text repeats the address in a long phrase
+        return f"{type(exc.os_error).__name__} ({exc.host}:{exc.port})"
+    return str(exc) or type(exc).__name__
 
 
 def check_status(response: Reply, provider: str) -> None:
@@ -213,14 +302,14 @@ def may_send_key(url: str, provider_hosts: Iterable[str], base_url: str) -> bool
     return urlsplit(url).scheme == "https" and host_allowed(url, provider_hosts)
 
 
-async def cancel_quietly(http: Client, method: str, url: str, headers: Mapping[str, str]) -> None:
+async def cancel_quietly(http: Http, method: str, url: str, headers: Mapping[str, str]) -> None:
     """Best-effort cancel of upstream work nobody will collect, even while our own task is being
     cancelled: shielded, bounded, and its failures ignored."""
     with contextlib.suppress(Exception):
         await asyncio.shield(asyncio.wait_for(send(http, "upstream", method, url, headers=headers), CANCEL_TIMEOUT))
 
 
-async def download(http: Client, provider: str, url: Any, allowed_hosts: Iterable[str]) -> bytes:
+async def download(http: Http, provider: str, url: Any, allowed_hosts: Iterable[str]) -> bytes:
     """Fetch a result URL, but only from hosts the provider delivers from (no SSRF via upstream data)."""
     if not isinstance(url, str) or not host_allowed(url, allowed_hosts):
         raise UpstreamError(f"{provider} returned a result URL from a host we do not download from.")

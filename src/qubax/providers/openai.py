@@ -2,8 +2,9 @@
 
 from typing import Any
 
+from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, Job, Upstream
+from qubax.providers import GeneratedImage, ProviderInfo, Upstream
 from qubax.providers.http import (
     Reply,
     base_host,
@@ -28,18 +29,17 @@ class OpenAI:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.host = base_host(upstream.base_url)
-        self.delivery_hosts = (*DELIVERY_HOSTS, self.host)
 
-    async def generate(self, job: Job) -> list[GeneratedImage]:
+    async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         # dall-e-3 takes only n=1: one call per image, all at once.
-        return await fan_out(self._one(job) for _ in range(job.n))
+        return await fan_out(self._one(request, model) for _ in range(request.n))
 
-    async def _one(self, job: Job) -> list[GeneratedImage]:
+    async def _one(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         url = f"{self.upstream.base_url}/images/generations"
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Bearer {key}"}
-            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(job))
-        self._raise_for_error(response, job)
+            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(request, model))
+        self._raise_for_error(response, model)
         items = read_json(response, PROVIDER).get("data")
         item = items[0] if isinstance(items, list) and items else None
         if not isinstance(item, dict):
@@ -49,11 +49,11 @@ class OpenAI:
                 data = decode_b64(item["b64_json"], PROVIDER)
             else:
                 # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
-                data = await download(self.upstream.http, PROVIDER, item.get("url"), self.delivery_hosts)
+                data = await download(self.upstream.http, PROVIDER, item.get("url"), self.upstream.delivery_hosts)
         revised = item.get("revised_prompt")
         return [GeneratedImage(data, revised if isinstance(revised, str) else None)]
 
-    def _raise_for_error(self, response: Reply, job: Job) -> None:
+    def _raise_for_error(self, response: Reply, model: str) -> None:
         """OpenAI's quirks first (its error `code` says more than the status), then the common mapping."""
         if response.status_code < 300:
             return
@@ -64,7 +64,7 @@ class OpenAI:
         if response.status_code == 404 or code == "model_not_found":
             # OpenAI shut dall-e-3 down on 2026-05-12; only compatible hosts still serve it.
             raise UpstreamError(
-                f"The configured OpenAI-compatible host ({self.host}) does not serve {job.model}; "
+                f"The configured OpenAI-compatible host ({self.host}) does not serve {model}; "
                 f"point QUBAX_OPENAI_BASE_URL at a host that does. Upstream said: {detail or 'not found'}"
             )
         if code in NO_CREDIT_CODES:
@@ -75,19 +75,19 @@ class OpenAI:
         check_status(response, PROVIDER)
 
 
-def body(job: Job) -> dict[str, Any]:
+def body(request: ImageRequest, model: str) -> dict[str, Any]:
     # b64_json because OpenAI's result URLs expire after an hour and would need a second fetch anyway.
     payload: dict[str, Any] = {
-        "model": job.model,
-        "prompt": job.prompt,
+        "model": model,
+        "prompt": request.prompt,
         "n": 1,
-        "size": f"{job.width}x{job.height}",
+        "size": f"{request.width}x{request.height}",
         "response_format": "b64_json",
     }
-    if job.quality is not None:
-        payload["quality"] = job.quality
-    if job.style is not None:
-        payload["style"] = job.style
+    if request.quality is not None:
+        payload["quality"] = request.quality
+    if request.style is not None:
+        payload["style"] = request.style
     return payload
 
 
@@ -99,3 +99,14 @@ def error_code(response: Reply) -> str | None:
     error = body.get("error") if isinstance(body, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
     return code if isinstance(code, str) else None
+
+
+# The cap keeps bursts from becoming 429s.
+INFO = ProviderInfo(
+    name="openai",
+    build=OpenAI,
+    credential="OPENAI_API_KEY",
+    base_url="https://api.openai.com/v1",
+    concurrency=20,
+    delivery_hosts=DELIVERY_HOSTS,
+)

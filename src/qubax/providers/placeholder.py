@@ -2,14 +2,15 @@
 
 import asyncio
 
+from qubax.catalog import ImageRequest
 from qubax.imaging import render_placeholder
-from qubax.providers import GeneratedImage, Job
+from qubax.providers import GeneratedImage
 
 
 class Placeholder:
-    async def generate(self, job: Job) -> list[GeneratedImage]:
+    async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         images = []
-        for index in range(job.n):
-            data = await asyncio.to_thread(render_placeholder, job.prompt, job.width, job.height, index)
+        for index in range(request.n):
+            data = await asyncio.to_thread(render_placeholder, request.prompt, request.width, request.height, index)
             images.append(GeneratedImage(data))
         return images

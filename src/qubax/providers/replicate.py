@@ -3,10 +3,10 @@
 import asyncio
 from typing import Any
 
+from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, Job, Upstream, aspect_ratio
+from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
 from qubax.providers.http import (
-    base_host,
     billed,
     cancel_quietly,
     check_status,
@@ -31,18 +31,18 @@ FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}  # ours ->
 class Replicate:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        # The configured base host (a proxy, or a fake in tests) is trusted like Replicate's own.
-        self.delivery_hosts = (*DELIVERY_HOSTS, base_host(upstream.base_url))
 
-    async def generate(self, job: Job) -> list[GeneratedImage]:
-        per_call = MAX_SCHNELL_OUTPUTS if "schnell" in job.model else 1
-        return await fan_out(self._prediction(job, min(per_call, job.n - i)) for i in range(0, job.n, per_call))
+    async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+        per_call = MAX_SCHNELL_OUTPUTS if "schnell" in model else 1
+        return await fan_out(
+            self._prediction(request, model, min(per_call, request.n - i)) for i in range(0, request.n, per_call)
+        )
 
-    async def _prediction(self, job: Job, count: int) -> list[GeneratedImage]:
+    async def _prediction(self, request: ImageRequest, model: str, count: int) -> list[GeneratedImage]:
         # A prediction counts against the key's concurrency cap from creation until it is finished.
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Bearer {key}"}
-            prediction = await self._create(job, count, headers)
+            prediction = await self._create(request, model, count, headers)
             with billed():
                 outputs = await self._settle(prediction, headers)
         with billed():
@@ -54,10 +54,10 @@ class Replicate:
             raise error
         return images
 
-    async def _create(self, job: Job, count: int, headers: dict[str, str]) -> dict[str, Any]:
-        url = f"{self.upstream.base_url}/models/{job.model}/predictions"
+    async def _create(self, request: ImageRequest, model: str, count: int, headers: dict[str, str]) -> dict[str, Any]:
+        url = f"{self.upstream.base_url}/models/{model}/predictions"
         wait = headers | {"prefer": "wait"}  # Replicate holds the request (up to 60 s) until the prediction ends
-        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=wait, json=body(job, count))
+        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=wait, json=body(request, model, count))
         check_status(response, PROVIDER)
         return read_json(response, PROVIDER)
 
@@ -88,7 +88,7 @@ class Replicate:
         if output.startswith("data:"):
             header, _, payload = output.partition(",")
             return decode_b64(payload if header.endswith(";base64") else None, PROVIDER)
-        return await download(self.upstream.http, PROVIDER, output, self.delivery_hosts)
+        return await download(self.upstream.http, PROVIDER, output, self.upstream.delivery_hosts)
 
 
 def outcome(prediction: dict[str, Any]) -> list[str] | None:
@@ -112,21 +112,32 @@ def outcome(prediction: dict[str, Any]) -> list[str] | None:
     raise UpstreamError(f"{PROVIDER} reported an unknown prediction status: {str(status)[:80]!r}.")
 
 
-def body(job: Job, count: int) -> dict[str, Any]:
+def body(request: ImageRequest, model: str, count: int) -> dict[str, Any]:
     # PNG keeps the caller's PNG conversion lossless; Replicate's default is webp (jpg for ultra).
-    fmt = FORMATS.get(job.output_format or "png", "png")
-    payload: dict[str, Any] = {"prompt": job.prompt, "output_format": fmt}
-    if job.seed is not None:
-        payload["seed"] = job.seed
-    ratio = aspect_ratio(job.width, job.height)
-    if "schnell" in job.model:
-        megapixels = "0.25" if job.width * job.height <= 400_000 else "1"
+    fmt = FORMATS.get(request.output_format or "png", "png")
+    payload: dict[str, Any] = {"prompt": request.prompt, "output_format": fmt}
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    ratio = aspect_ratio(request.width, request.height)
+    if "schnell" in model:
+        megapixels = "0.25" if request.width * request.height <= 400_000 else "1"
         payload |= {"aspect_ratio": ratio, "megapixels": megapixels, "num_outputs": count}
         return {"input": payload | {"num_inference_steps": 4, "go_fast": True}}
-    if job.safety_tolerance is not None:
-        payload["safety_tolerance"] = min(max(job.safety_tolerance, 1), 6)  # Replicate takes 1-6
-    if "ultra" in job.model:
+    if request.safety_tolerance is not None:
+        payload["safety_tolerance"] = min(max(request.safety_tolerance, 1), 6)  # Replicate takes 1-6
+    if "ultra" in model:
         payload |= {"aspect_ratio": ratio, "output_format": "jpg" if fmt == "jpg" else "png"}
     else:
-        payload |= {"aspect_ratio": "custom", "width": job.width, "height": job.height}
+        payload |= {"aspect_ratio": "custom", "width": request.width, "height": request.height}
     return {"input": payload}
+
+
+# The cap keeps bursts from becoming 429s.
+INFO = ProviderInfo(
+    name="replicate",
+    build=Replicate,
+    credential="REPLICATE_API_TOKEN",
+    base_url="https://api.replicate.com/v1",
+    concurrency=50,
+    delivery_hosts=DELIVERY_HOSTS,
+)

@@ -2,10 +2,10 @@
 
 from typing import Any
 
+from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, Job, Upstream
+from qubax.providers import GeneratedImage, ProviderInfo, Upstream
 from qubax.providers.http import (
-    base_host,
     billed,
     check_status,
     decode_b64,
@@ -27,17 +27,18 @@ SAFETY_WORDS = ("nsfw", "safety")
 class Together:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.delivery_hosts = (*DELIVERY_HOSTS, base_host(upstream.base_url))
 
-    async def generate(self, job: Job) -> list[GeneratedImage]:
-        counts = [min(MAX_PER_CALL, job.n - start) for start in range(0, job.n, MAX_PER_CALL)]
-        return await fan_out(self._call(job, count) for count in counts)
+    async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+        counts = [min(MAX_PER_CALL, request.n - start) for start in range(0, request.n, MAX_PER_CALL)]
+        return await fan_out(self._call(request, model, count) for count in counts)
 
-    async def _call(self, job: Job, n: int) -> list[GeneratedImage]:
+    async def _call(self, request: ImageRequest, model: str, n: int) -> list[GeneratedImage]:
         url = f"{self.upstream.base_url}/images/generations"
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Bearer {key}"}
-            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(job, n))
+            response = await send(
+                self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(request, model, n)
+            )
         if response.status_code == 422 and any(word in error_detail(response).lower() for word in SAFETY_WORDS):
             raise ContentPolicyViolation()
         check_status(response, PROVIDER)
@@ -59,22 +60,33 @@ class Together:
         if item.get("b64_json") is not None:
             return decode_b64(item["b64_json"], PROVIDER)
         # Only reached when Together ignores response_format=base64; download() refuses foreign hosts.
-        return await download(self.upstream.http, PROVIDER, item.get("url"), self.delivery_hosts)
+        return await download(self.upstream.http, PROVIDER, item.get("url"), self.upstream.delivery_hosts)
 
 
-def body(job: Job, n: int) -> dict[str, Any]:
+def body(request: ImageRequest, model: str, n: int) -> dict[str, Any]:
     # Inline base64 because result URLs expire; PNG keeps the caller's PNG conversion lossless.
     payload: dict[str, Any] = {
-        "model": job.model,
-        "prompt": job.prompt,
-        "width": job.width,
-        "height": job.height,
+        "model": model,
+        "prompt": request.prompt,
+        "width": request.width,
+        "height": request.height,
         "n": n,
         "response_format": "base64",
-        "output_format": job.output_format or "png",
+        "output_format": request.output_format or "png",
     }
-    if job.seed is not None:
-        payload["seed"] = job.seed
-    if "schnell" in job.model.lower():
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if "schnell" in model.lower():
         payload["steps"] = 4  # schnell is distilled for 4 steps; Together's default of 20 only costs time
     return payload
+
+
+# The cap keeps bursts from becoming 429s.
+INFO = ProviderInfo(
+    name="together",
+    build=Together,
+    credential="TOGETHER_API_KEY",
+    base_url="https://api.together.xyz/v1",
+    concurrency=20,
+    delivery_hosts=DELIVERY_HOSTS,
+)

@@ -2,49 +2,26 @@
 stored or inlined, and a usage record out."""
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import pybase64
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from qubax import db
-from qubax.auth import KeyCache
-from qubax.breaker import Breakers
-from qubax.catalog import Catalog, ImageRequest, Route
-from qubax.client import Client
+from qubax.catalog import ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from qubax.imaging import convert, passes_through
-from qubax.ledger import AttemptRecord, GenerationRecord, Ledger
-from qubax.metrics import Metrics
+from qubax.ledger import AttemptRecord, GenerationRecord
 from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse
-from qubax.providers import GeneratedImage, Job, Provider
+from qubax.providers import GeneratedImage
 from qubax.providers.placeholder import Placeholder
 from qubax.providers.registry import PROVIDERS
-from qubax.quota import Quotas
-from qubax.settings import Settings
+from qubax.services import Services
 from qubax.storage import Storage
 
 TEST_UPSTREAM = "test"
 INLINE_BYTES = 256 * 1024  # checking and base64-ing this much takes well under a millisecond
-
-
-@dataclass
-class Services:
-    """The long-lived objects the lifespan builds; routes reach them through `app.state.services`."""
-
-    settings: Settings
-    engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
-    http: Client
-    storage: Storage
-    catalog: Catalog
-    providers: dict[str, Provider]
-    breakers: Breakers
-    ledger: Ledger
-    quotas: Quotas
-    metrics: Metrics
-    keys: KeyCache[db.KeyRecord] = field(default_factory=KeyCache)
 
 
 @dataclass(frozen=True)
@@ -90,7 +67,7 @@ async def collect(
     """Images from the model's routes in order: a route that fails in a way another route can fix
     hands over to the next one, which makes only the images still missing."""
     if key.test:  # test keys never reach an upstream
-        return await Placeholder().generate(job_for(request, request.model.id, request.n)), [TEST_UPSTREAM]
+        return await Placeholder().generate(request, request.model.id), [TEST_UPSTREAM]
     routes = [route for route in request.model.routes if route.provider in services.providers]
     if not routes:
         needed = " or ".join(dict.fromkeys(PROVIDERS[route.provider].credential for route in request.model.routes))
@@ -105,7 +82,7 @@ async def collect(
         if not services.breakers.allow(breaker_name(route)):
             continue
         missing = request.n - len(images)
-        made, failure = await attempt(services, route, job_for(request, route.upstream_model, missing), attempts)
+        made, failure = await attempt(services, route, dataclasses.replace(request, n=missing), attempts)
         images += made[:missing]
         if made:
             served.append(route.provider)
@@ -122,15 +99,16 @@ async def collect(
 
 
 async def attempt(
-    services: Services, route: Route, job: Job, attempts: list[AttemptRecord]
+    services: Services, route: Route, request: ImageRequest, attempts: list[AttemptRecord]
 ) -> tuple[list[GeneratedImage], UpstreamError | None]:
-    """One route's try: its images, and its failure when it fell short; refusals are raised."""
+    """One route's try at `request.n` images: its images, and its failure when it fell short;
+    refusals are raised."""
     name = breaker_name(route)
-    record = AttemptRecord(route.provider, route.upstream_model, job.n)
+    record = AttemptRecord(route.provider, route.upstream_model, request.n)
     attempts.append(record)
     started = time.monotonic()
     try:
-        images = await services.providers[route.provider].generate(job)
+        images = await services.providers[route.provider].generate(request, route.upstream_model)
     except UpstreamError as exc:
         services.breakers.failed(name)
         record.images, record.outcome, record.error = len(exc.images), exc.code or "upstream_error", exc.message
@@ -152,21 +130,6 @@ async def attempt(
 
 def breaker_name(route: Route) -> str:
     return f"{route.provider}:{route.upstream_model}"
-
-
-def job_for(request: ImageRequest, upstream_model: str, n: int) -> Job:
-    return Job(
-        upstream_model,
-        request.prompt,
-        request.width,
-        request.height,
-        n,
-        request.quality,
-        request.style,
-        request.seed,
-        request.safety_tolerance,
-        request.output_format,
-    )
 
 
 async def deliver(

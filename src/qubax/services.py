@@ -1,0 +1,137 @@
+"""The long-lived objects: built once per app by `open_services` (the app's lifespan), closed with it,
+and handed to routes through the `ServicesDep` dependency."""
+
+import asyncio
+import contextlib
+import gc
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from qubax import db, s3
+from qubax.auth import KeyCache
+from qubax.breaker import Breakers
+from qubax.catalog import Catalog
+from qubax.errors import QubaxError
+from qubax.ledger import Ledger
+from qubax.metrics import Metrics
+from qubax.providers import Provider
+from qubax.providers.http import Http, Timeouts, open_session
+from qubax.providers.registry import build_providers
+from qubax.quota import Quotas, limiter_storage
+from qubax.settings import Settings
+from qubax.slots import open_slots
+from qubax.storage import LocalStorage, Storage, signing_secret
+
+logger = logging.getLogger("qubax")
+GC_THRESHOLD = 20_000  # allocations between young-generation collections; the default is 700
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    http: Http
+    storage: Storage
+    catalog: Catalog
+    providers: dict[str, Provider]
+    breakers: Breakers
+    ledger: Ledger
+    quotas: Quotas
+    metrics: Metrics
+    keys: KeyCache[db.KeyRecord] = field(default_factory=KeyCache)
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) -> AsyncIterator[Services]:
+    async with contextlib.AsyncExitStack() as held:  # closed in reverse: the ledger before the engine
+        engine = db.connect(settings.resolved_database_url)
+        held.push_async_callback(engine.dispose)
+        await db.migrate(engine)
+        storage = await held.enter_async_context(open_storage(settings))
+        timeouts = Timeouts(settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
+        http = await held.enter_async_context(open_session(timeouts, settings.upstream_connections))
+        # A slot outlives no request: its hold lapses after the longest one could take.
+        slots = await held.enter_async_context(open_slots(settings.redis_url, settings.request_timeout_seconds + 60))
+        providers = build_providers(settings, http, dict(catalog.concurrency), slots)
+        breakers = Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds)
+        sessions = db.sessions(engine)
+        ledger = Ledger(engine)
+        held.push_async_callback(ledger.close)
+        quotas = Quotas(sessions, slots, limiter_storage(settings.redis_url))
+        sweeper = asyncio.create_task(sweep_forever(storage, settings.sweep_interval_seconds))
+        held.push_async_callback(stop, sweeper)
+        settle_garbage_collector()
+        yield Services(
+            settings=settings,
+            engine=engine,
+            sessions=sessions,
+            http=http,
+            storage=storage,
+            catalog=catalog,
+            providers=providers,
+            breakers=breakers,
+            ledger=ledger,
+            quotas=quotas,
+            metrics=metrics,
+        )
+
+
+async def get_services(request: Request) -> Services:  # async: FastAPI runs plain defs in a thread
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+@contextlib.asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
+    """Where `QUBAX_STORAGE_URL` says images live: `s3://bucket/prefix` (one client for the app's life),
+    `file:///path`, or by default the data folder."""
+    secret, ttl = signing_secret(settings), settings.image_ttl_seconds
+    url = urllib.parse.urlsplit(settings.storage_url or "")
+    if url.scheme == "s3" and url.netloc:
+        async with s3.connect() as client:
+            yield s3.S3Storage(client, url.netloc, url.path, secret, ttl, own_links=bool(settings.public_url))
+    elif url.scheme in ("", "file") and url.netloc in ("", "localhost"):
+        local = LocalStorage(Path(urllib.parse.unquote(url.path)) if url.path else settings.images_dir, secret, ttl)
+        try:
+            yield local
+        finally:
+            await local.close()
+    else:
+        raise ValueError("QUBAX_STORAGE_URL must be s3://bucket/prefix or file:///absolute/path.")
+
+
+async def sweep_forever(storage: Storage, interval: float) -> None:
+    while True:
+        try:
+            removed = await storage.sweep()
+            if removed:
+                logger.info("swept %d expired images", removed)
+        except (OSError, QubaxError):  # the disk or the bucket failed; the next round may do better
+            logger.exception("sweeping expired images failed")
+        await asyncio.sleep(interval)
+
+
+async def stop(task: "asyncio.Task[None]") -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def settle_garbage_collector() -> None:
+    """Move everything built at start (modules, the catalog, SQLAlchemy's mappers) out of the collector's
+    sight, and let it run less often: with ~100 MB of long-lived objects, full collections triggered
+    by per-request garbage cost ~15% of the light benchmark's CPU (bench/README.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])

@@ -10,7 +10,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from sqlalchemy import text
 from starlette.types import Scope
 
@@ -26,15 +26,13 @@ from qubax.protocol import (
     Model,
     ModelList,
 )
-from qubax.services import ServicesDep
+from qubax.services import Services, ServicesDep
 
 T = TypeVar("T")
 IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)")
 GENERATIONS_PATH = "/v1/images/generations"
 
 router = APIRouter(route_class=LimitedRoute)
-# auto_error off: a missing or malformed header gets OpenAI's 401, said below.
-bearer = HTTPBearer(auto_error=False, description="A Qubax API key, `qbx_live_…` or `qbx_test_…`.")
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -42,16 +40,23 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: ERROR_RESPONSES[status] for status in (*statuses, 500)}
 
 
-async def authenticate(
-    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> db.KeyRecord:
-    token = credentials.credentials.strip() if credentials is not None else ""
-    if not token:
-        raise AuthenticationError(
-            "You didn't provide an API key. You need to provide your API key in an Authorization header "
-            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-            code="missing_api_key",
-        )
+class ApiKeyAuth(HTTPBearer):
+    """The bearer scheme, as a FastAPI security dependency that also checks the key: the schema shows
+    bearer auth, and a request costs one dependency (each one costs FastAPI measurable work)."""
+
+    async def __call__(self, request: Request) -> db.KeyRecord:  # type: ignore[override]
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if not token:
+            raise AuthenticationError(
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                code="missing_api_key",
+            )
+        return await authenticate(request.app.state.services, token)
+
+
+async def authenticate(services: Services, token: str) -> db.KeyRecord:
     key = None
     if auth.looks_like_key(token):
         digest = auth.digest_key(token)
@@ -69,7 +74,10 @@ async def authenticate(
     return key
 
 
-CurrentKey = Annotated[db.KeyRecord, Depends(authenticate)]
+CurrentKey = Annotated[
+    db.KeyRecord,
+    Depends(ApiKeyAuth(scheme_name="HTTPBearer", description="A Qubax API key, `qbx_live_…` or `qbx_test_…`.")),
+]
 
 
 @router.post(
@@ -79,11 +87,10 @@ CurrentKey = Annotated[db.KeyRecord, Depends(authenticate)]
     summary="Create image",
     tags=["Images"],
 )
-async def create_image(
-    body: ImageGenerateRequest, request: Request, key: CurrentKey, services: ServicesDep
-) -> Response:
+async def create_image(body: ImageGenerateRequest, request: Request, key: CurrentKey) -> Response:
     """Creates images from a prompt, as OpenAI's `POST /v1/images/generations` does. Each image comes back
     as a signed, expiring `url` or inline as `b64_json`; failed requests cost nothing."""
+    services: Services = request.app.state.services
     # Only links need our public address; working it out from the request costs a little on every one.
     public_url = "" if body.response_format == "b64_json" else services.settings.public_url or base_url(request.scope)
     result = await until_disconnect(request, generation.generate(body, key, services, public_url.rstrip("/")))

@@ -3,7 +3,9 @@ transaction, a failed write fails only its own batch, and a SQLite file written 
 holds exactly what SQLAlchemy would have written."""
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,11 +15,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from qubax import db
 from qubax.ledger import (
     AttemptRecord,
+    EngineSink,
     GenerationRecord,
     Ledger,
     Row,
+    SqliteSink,
 )
 from qubax.settings import Settings
+from qubax.sqlite_writer import ROWS_PER_STATEMENT
 
 pytestmark = pytest.mark.anyio
 
@@ -72,6 +77,31 @@ async def test_a_record_is_committed_before_record_returns(engine: AsyncEngine) 
     await ledger.close()
 
 
+async def test_a_sqlite_file_is_written_by_its_own_process(engine: AsyncEngine, settings: Settings) -> None:
+    ledger = Ledger(engine)
+    expected = EngineSink if settings.database_url else SqliteSink
+    assert isinstance(ledger.sink, expected)
+    await ledger.close()
+
+
+async def test_the_writer_process_comes_back_after_it_died(engine: AsyncEngine, settings: Settings) -> None:
+    if settings.database_url:
+        pytest.skip("PostgreSQL is written through the engine")
+    ledger = Ledger(engine)
+    key = await key_id(engine)
+    await ledger.record(generation(key))
+    assert isinstance(ledger.sink, SqliteSink)
+    process = ledger.sink.worker.process
+    assert process is not None
+    process.kill()
+    assert ledger.sink.worker.reader is not None
+    await ledger.sink.worker.reader  # it has seen the helper go
+    await ledger.record(generation(key))  # through a new one
+    assert ledger.sink.worker.process is not None and ledger.sink.worker.process.pid != process.pid
+    assert await count(engine, db.Generation) == 2
+    await ledger.close()
+
+
 async def test_concurrent_records_share_transactions(engine: AsyncEngine) -> None:
     ledger = Ledger(engine)
     sink = ledger.sink = CountingSink(ledger.sink)
@@ -85,7 +115,7 @@ async def test_concurrent_records_share_transactions(engine: AsyncEngine) -> Non
 async def test_a_batch_larger_than_one_statement_is_written_whole(engine: AsyncEngine) -> None:
     ledger = Ledger(engine)
     key = await key_id(engine)
-    records = [generation(key) for _ in range(1007)]
+    records = [generation(key) for _ in range(ROWS_PER_STATEMENT * 2 + 7)]
     await ledger.write(records)
     assert await count(engine, db.Generation) == len(records)
     await ledger.close()
@@ -111,3 +141,31 @@ async def test_a_client_that_leaves_while_its_record_is_written_still_gets_it_wr
     await ledger.writer
     assert await count(engine, db.Generation) == 1
     await ledger.close()
+
+
+async def test_the_writer_process_writes_what_sqlalchemy_writes(engine: AsyncEngine, settings: Settings) -> None:
+    if settings.database_url:
+        pytest.skip("compares two ways of writing a SQLite file")
+    key = await key_id(engine)
+    path = str(engine.url.database)
+    first, second = generation(key), generation(key)
+    second.error, second.cost_micros = "a quote ' and a long cost", 2**40  # text and 64-bit integers survive
+    for sink, record in ((SqliteSink(path), first), (EngineSink(engine), second)):
+        ledger = Ledger(engine)
+        ledger.sink = sink
+        await ledger.record(record)
+        await ledger.close()
+    with sqlite3.connect(path) as connection:
+        rows = connection.execute("SELECT * FROM generations ORDER BY id").fetchall()
+        attempts = connection.execute("SELECT * FROM attempts ORDER BY id").fetchall()
+    assert [row[1:-1] for row in rows] == [
+        (key, "dall-e-3", "openai", 1, "1024x1024", 1, 40_000, 12, "ok", None),
+        (key, "dall-e-3", "openai", 1, "1024x1024", 1, 2**40, 12, "ok", "a quote ' and a long cost"),
+    ]
+    assert [attempt[2:-1] for attempt in attempts] == [("openai", "dall-e-3", 1, 1, 10, "ok", None)] * 2
+    # Both time stamps are stored the same way, so SQLAlchemy reads them back and compares them alike.
+    stamps = [row[-1] for row in rows]
+    assert len({len(stamp) for stamp in stamps}) == 1 and "+" not in stamps[0]
+    async with db.sessions(engine)() as session:
+        read = (await session.scalars(select(db.Generation.created_at).order_by(db.Generation.id))).all()
+    assert all(abs(stamp.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=1) for stamp in read)

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement, Label
 
-from qubax import auth
+from qubax import auth, sqlite_writer
 
 
 class Base(DeclarativeBase):
@@ -131,14 +131,10 @@ def connect(url: str) -> AsyncEngine:
     return engine
 
 
-# WAL lets readers (auth lookups, the CLI) run beside the writer, and with synchronous=NORMAL a commit
-# survives a crash of the process, though not of the machine, without an fsync per request.
-SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000")
-
-
 def tune_sqlite(connection: Any, record: Any) -> None:
+    """The same settings as the ledger's helper process (`sqlite_writer.PRAGMAS` says why)."""
     cursor = connection.cursor()
-    for pragma in SQLITE_PRAGMAS:
+    for pragma in sqlite_writer.PRAGMAS:
         cursor.execute(pragma)
     cursor.close()
 

@@ -1,18 +1,21 @@
 """The usage ledger's writer: every request waits until its record is committed, but records from
 concurrent requests share one transaction (group commit), so the database sees one write per batch
-instead of one per request. SQLite allows a single writer; PostgreSQL saves a round trip per row.
-Written through the app's engine: the driver's own async path (aiosqlite's thread, asyncpg)."""
+instead of one per request. SQLite allows a single writer; PostgreSQL saves a round trip per row."""
 
 import asyncio
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
+import orjson
 from sqlalchemy import insert
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from qubax.db import Attempt, Generation, now
+from qubax.db import Attempt, Base, Generation, now
+from qubax.worker import Worker
 
 
 @dataclass(slots=True)
@@ -56,7 +59,9 @@ class Ledger:
     def __init__(self, engine: AsyncEngine) -> None:
         self.pending: list[Entry] = []
         self.writer: asyncio.Task[None] | None = None
-        self.sink: Sink = EngineSink(engine)
+        path = engine.url.database
+        file = engine.url.get_backend_name() == "sqlite" and path not in (None, "", ":memory:")
+        self.sink: Sink = SqliteSink(str(path)) if file else EngineSink(engine)
 
     async def record(self, generation: GenerationRecord) -> None:
         """Return once the generation and its attempts are durable (raises if the write failed)."""
@@ -108,7 +113,7 @@ class Sink(Protocol):
 
 
 class EngineSink:
-    """Any database, through the app's engine."""
+    """Any database, through the app's engine (asyncpg for PostgreSQL)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -133,6 +138,45 @@ class EngineSink:
     async def close(self) -> None:
         if self.connection is not None:
             await self.connection.close()
+
+
+class SqliteSink:
+    """A SQLite file, written by a helper process (`worker.py` says why), one multi-row INSERT per
+    table and one transaction per batch."""
+
+    def __init__(self, path: str) -> None:
+        self.worker = Worker("qubax.sqlite_writer", path)
+
+    async def insert(self, generations: list[Row], attempts: list[Row]) -> None:
+        tables = ((Generation.__tablename__, generations), (Attempt.__tablename__, attempts))
+        # Each table's rows as value lists; the helper builds the statements, off this loop.
+        inserts = [[table, list(rows[0]), [list(row.values()) for row in rows]] for table, rows in tables if rows]
+        # A batch's rows share one time stamp (`Ledger.write`): converted once, not once a row.
+        stamps: dict[datetime, str] = {}
+
+        def value(value: Any) -> Any:
+            if isinstance(value, datetime):
+                if value not in stamps:
+                    stamps[value] = sqlite_value(value)
+                return stamps[value]
+            return sqlite_value(value)
+
+        await self.worker.call(orjson.dumps(inserts, default=value, option=orjson.OPT_PASSTHROUGH_DATETIME))
+
+    async def close(self) -> None:
+        await self.worker.close()
+
+
+SQLITE = sqlite_dialect()
+# How SQLAlchemy stores a date and time in SQLite (text), so both ways of writing agree.
+CREATED_AT = Base.metadata.tables[Generation.__tablename__].c.created_at.type
+SQLITE_DATETIME = CREATED_AT.dialect_impl(SQLITE).bind_processor(SQLITE)
+
+
+def sqlite_value(value: Any) -> Any:
+    if isinstance(value, datetime) and SQLITE_DATETIME is not None:
+        return SQLITE_DATETIME(value)
+    raise TypeError(f"no SQLite value for {type(value).__name__}")
 
 
 def generation_row(record: GenerationRecord, created_at: Any) -> Row:

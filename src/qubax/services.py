@@ -102,7 +102,11 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
         async with s3.connect() as client:
             yield s3.S3Storage(client, url.netloc, url.path, secret, ttl, own_links=bool(settings.public_url))
     elif url.scheme in ("", "file") and url.netloc in ("", "localhost"):
-        yield LocalStorage(Path(urllib.parse.unquote(url.path)) if url.path else settings.images_dir, secret, ttl)
+        local = LocalStorage(Path(urllib.parse.unquote(url.path)) if url.path else settings.images_dir, secret, ttl)
+        try:
+            yield local
+        finally:
+            await local.close()
     else:
         raise ValueError("QUBAX_STORAGE_URL must be s3://bucket/prefix or file:///absolute/path.")
 

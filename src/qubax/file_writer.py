@@ -1,0 +1,24 @@
+"""The helper process that writes small image files (`worker.py` says why a process), run as
+`python -m qubax.file_writer` by `storage.FileWriter`.
+
+Each frame is one file: the path's length (4 bytes, big-endian), the path (UTF-8), then the bytes.
+"""
+
+from qubax import worker
+
+PATH_LENGTH_BYTES = 4
+
+
+def frame(path: str, data: bytes) -> bytes:
+    name = path.encode()
+    return len(name).to_bytes(PATH_LENGTH_BYTES, "big") + name + data
+
+
+def write(payload: bytes) -> None:
+    end = PATH_LENGTH_BYTES + int.from_bytes(payload[:PATH_LENGTH_BYTES], "big")
+    with open(payload[PATH_LENGTH_BYTES:end].decode(), "wb") as file:
+        file.write(payload[end:])
+
+
+if __name__ == "__main__":
+    worker.run(write)

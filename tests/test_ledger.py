@@ -91,13 +91,13 @@ async def test_the_writer_process_comes_back_after_it_died(engine: AsyncEngine, 
     key = await key_id(engine)
     await ledger.record(generation(key))
     assert isinstance(ledger.sink, SqliteSink)
-    process = ledger.sink.worker.process
+    process = ledger.sink.writer.process
     assert process is not None
     process.kill()
-    assert ledger.sink.worker.reader is not None
-    await ledger.sink.worker.reader  # it has seen the helper go
+    assert ledger.sink.writer.reader is not None
+    await ledger.sink.writer.reader  # it has seen the helper go
     await ledger.record(generation(key))  # through a new one
-    assert ledger.sink.worker.process is not None and ledger.sink.worker.process.pid != process.pid
+    assert ledger.sink.writer.process is not None and ledger.sink.writer.process.pid != process.pid
     assert await count(engine, db.Generation) == 2
     await ledger.close()
 

@@ -1,10 +1,10 @@
-"""The helper process that writes small image files (`worker.py` says why a process), run as
+"""The helper process that writes small image files (`writers.py` says why a process), run as
 `python -m qubax.file_writer` by `storage.FileWriter`.
 
 Each frame is one file: the path's length (4 bytes, big-endian), the path (UTF-8), then the bytes.
 """
 
-from qubax import worker
+from qubax import writers
 
 PATH_LENGTH_BYTES = 4
 
@@ -21,4 +21,4 @@ def write(payload: bytes) -> None:
 
 
 if __name__ == "__main__":
-    worker.run(write)
+    writers.run(write)

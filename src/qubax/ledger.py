@@ -15,7 +15,7 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from qubax.db import Attempt, Base, Generation, now
-from qubax.worker import Worker
+from qubax.writers import WriterProcess
 
 
 @dataclass(slots=True)
@@ -141,11 +141,11 @@ class EngineSink:
 
 
 class SqliteSink:
-    """A SQLite file, written by a helper process (`worker.py` says why), one multi-row INSERT per
+    """A SQLite file, written by a helper process (`writers.py` says why), one multi-row INSERT per
     table and one transaction per batch."""
 
     def __init__(self, path: str) -> None:
-        self.worker = Worker("qubax.sqlite_writer", path)
+        self.writer = WriterProcess("qubax.sqlite_writer", path)
 
     async def insert(self, generations: list[Row], attempts: list[Row]) -> None:
         tables = ((Generation.__tablename__, generations), (Attempt.__tablename__, attempts))
@@ -161,10 +161,10 @@ class SqliteSink:
                 return stamps[value]
             return sqlite_value(value)
 
-        await self.worker.call(orjson.dumps(inserts, default=value, option=orjson.OPT_PASSTHROUGH_DATETIME))
+        await self.writer.call(orjson.dumps(inserts, default=value, option=orjson.OPT_PASSTHROUGH_DATETIME))
 
     async def close(self) -> None:
-        await self.worker.close()
+        await self.writer.close()
 
 
 SQLITE = sqlite_dialect()

@@ -1,4 +1,4 @@
-"""The usage ledger's helper process for a SQLite file (`worker.py` says why a process), run as
+"""The usage ledger's helper process for a SQLite file (`writers.py` says why a process), run as
 `python -m qubax.sqlite_writer PATH` by `ledger.SqliteSink`.
 
 Each frame is one batch: a JSON array of inserts, `[table, [column, ...], [[value, ...], ...]]`, all
@@ -10,7 +10,7 @@ import sqlite3
 import sys
 from typing import Any
 
-from qubax import worker
+from qubax import writers
 
 # WAL lets readers (auth lookups, the CLI) run beside the writer, and with synchronous=NORMAL a
 # commit survives a crash of the process, though not of the machine, without an fsync per request.
@@ -41,4 +41,4 @@ def statement(table: str, columns: list[str], rows: list[list[Any]]) -> tuple[st
 
 if __name__ == "__main__":
     database = open_database(sys.argv[1])
-    worker.run(lambda batch: write(database, batch))
+    writers.run(lambda batch: write(database, batch))

@@ -16,7 +16,7 @@ from typing import Protocol
 from qubax import file_writer
 from qubax.errors import Forbidden, Gone, NotFound
 from qubax.settings import Settings
-from qubax.worker import Worker, WorkerFailed
+from qubax.writers import WriteFailed, WriterProcess
 
 SECRET_BYTES = 32
 # The sweeper waits this long past the TTL, so an image never vanishes before its URL expires.
@@ -109,14 +109,14 @@ Write = tuple[str, bytes, "asyncio.Future[None]"]
 
 
 class FileWriter:
-    """Writes files off the event loop: small ones through a helper process (`worker.py` says why:
+    """Writes files off the event loop: small ones through a helper process (`writers.py` says why:
     url mode with 4.5 KB images ran ~1.6x as fast as through a thread on this VM's disk), big ones in
     one thread of its own, where the pipe's extra copies would cost more than the hand-over saves (url
     mode with 1.5 MB images: ~210 req/s through the thread, ~180 through a helper). The thread takes
     every write waiting when it wakes: one hand-over and one wake-up of the loop for all of them."""
 
     def __init__(self) -> None:
-        self.helper = Worker("qubax.file_writer")
+        self.helper = WriterProcess("qubax.file_writer")
         self.queue: queue.SimpleQueue[Write | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
 
@@ -124,7 +124,7 @@ class FileWriter:
         if len(data) <= HELPER_BYTES:
             try:
                 await self.helper.call(file_writer.frame(path, data))
-            except WorkerFailed as exc:
+            except WriteFailed as exc:
                 raise OSError(f"Writing {os.path.basename(path)} failed: {exc}") from exc
             return
         loop = asyncio.get_running_loop()

@@ -1,11 +1,11 @@
 """Helper processes for blocking writes: the usage ledger's SQLite batches (`sqlite_writer.py`) and
-small image files (`storage.FileWriter`).
+small image files (`file_writer.py`), each a `WriterProcess`.
 
 Why processes, not threads: a thread doing blocking writes shares the GIL with the event loop, and
 every system call it makes hands the GIL over and back; under load each hand-over is a forced switch
-that the event loop's thread pays for. Measured on the light benchmark (bench/README.md): usage
-batches from a thread cost ~25% of the throughput, from a process nothing measurable; url mode with
-image files from a thread ran at ~0.6x of the same with files from a process.
+that the event loop's thread pays for. Side by side with the driver's own async path (aiosqlite) and
+a thread per file write, the light benchmark loses about a quarter of its throughput, and url mode
+half (bench/README.md, "Helper processes or the simple version").
 
 The protocol is the same for every helper: the parent sends frames (a 4-byte big-endian length, then
 the payload); the helper handles them in order and answers each with one line, `ok` or
@@ -25,11 +25,11 @@ STOP_SECONDS = 10  # for a helper to finish what it was sent and exit once its i
 READ_BYTES = 64 * 1024  # of answers, read at once
 
 
-class WorkerFailed(Exception):
+class WriteFailed(Exception):
     """The helper refused a frame (its message says why), or it is gone."""
 
 
-class Worker:
+class WriterProcess:
     """The parent's side: one helper process (`python -m <module> <args>`), started by the first call and
     again after it died. Calls may overlap; answers come back in the order the frames went out."""
 
@@ -41,7 +41,7 @@ class Worker:
         self.reader: asyncio.Task[None] | None = None
 
     async def call(self, payload: bytes) -> None:
-        """Send one frame and wait for its answer; raises `WorkerFailed`."""
+        """Send one frame and wait for its answer; raises `WriteFailed`."""
         process = await self.started()
         assert process.stdin is not None
         answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -91,7 +91,7 @@ class Worker:
         while self.waiting:
             answered = self.waiting.popleft()
             if not answered.done():
-                answered.set_exception(WorkerFailed(f"the helper process {self.command[2]} stopped"))
+                answered.set_exception(WriteFailed(f"the helper process {self.command[2]} stopped"))
 
     def settle(self, line: bytes) -> None:
         answered = self.waiting.popleft()
@@ -100,7 +100,7 @@ class Worker:
         if line == b"ok":
             answered.set_result(None)
         else:
-            answered.set_exception(WorkerFailed(line.decode(errors="replace").removeprefix("error: ").strip()))
+            answered.set_exception(WriteFailed(line.decode(errors="replace").removeprefix("error: ").strip()))
 
     async def close(self) -> None:
         process = self.process

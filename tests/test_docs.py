@@ -1,6 +1,7 @@
 """The API's documentation: /openapi.json says what the API really does, /docs works offline, the admin
 API's schema is for the admin token only."""
 
+import shutil
 from typing import Any
 
 import httpx
@@ -113,3 +114,38 @@ def test_admin_api_is_documented_only_for_the_admin_token(settings: Settings) ->
     assert {"/admin/keys", "/admin/keys/{key_id}", "/admin/keys/{key_id}/revoke", "/admin/usage"} == set(paths)
     assert "422" not in paths["/admin/keys"]["post"]["responses"]
     assert "400" in paths["/admin/keys"]["post"]["responses"]
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; scripts/test does)")
+def test_docs_render_in_a_browser_that_reaches_nothing_else(base_url: str) -> None:
+    """Swagger UI, in a real browser whose every request to another host is refused: the page still
+    shows the API's operations, so it works on a machine without internet."""
+    from playwright.sync_api import Route, sync_playwright
+
+    outside: list[str] = []
+
+    def only_ours(route: Route) -> None:
+        if route.request.url.startswith(base_url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.route("**/*", only_ours)
+            page.goto(f"{base_url}/docs")
+            page.wait_for_selector(".opblock-summary-path", timeout=20_000)
+            paths = page.locator(".opblock-summary-path").all_inner_texts()
+            authorize = page.locator("button.authorize").count()
+        finally:
+            browser.close()
+    assert "/v1/images/generations" in [path.replace("\u200b", "") for path in paths]
+    assert len(paths) == 5
+    assert authorize == 1  # the bearer scheme is there to fill in
+    assert outside == []

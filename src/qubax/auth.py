@@ -66,7 +66,7 @@ class KeyCache(Generic[T]):
     async def fetch(self, digest: str, load: Callable[[], Awaitable[T | None]]) -> T | None:
         """The key (or None) for `digest`, from the cache or from `load()`. Requests that miss together
         share one load: when a busy key's entry expires, every request in flight misses at once, and
-        each running its own query cost ~2% of the light benchmark."""
+        each running its own query was measurably dearer (bench/README.md)."""
         found, key = self.get(digest)
         if found:
             return key

@@ -66,8 +66,8 @@ class ApiKey(Base):
 
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
-    """An API key as requests see it: a plain copy of its row. Requests read a key ~10 times, and each
-    read through SQLAlchemy's instrumented attributes cost ~2.5% of a light request (bench/README.md)."""
+    """An API key as requests see it: a plain copy of its row. Requests read a key many times, and reads
+    through SQLAlchemy's instrumented attributes are measurably dearer on the hot path (bench/README.md)."""
 
     id: str
     digest: str

@@ -21,7 +21,7 @@ from qubax.writers import WriterProcess
 @dataclass(slots=True)
 class AttemptRecord:
     """One try of one route; a row of `attempts`. Plain slots, not an ORM object: building ORM
-    instances cost ~20 µs a request on the hot path (bench/README.md)."""
+    instances is measurably dearer on the hot path (bench/README.md)."""
 
     upstream: str
     upstream_model: str
@@ -117,8 +117,8 @@ class EngineSink:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        # The writer keeps one connection: checking one out of the pool and resetting it on return cost
-        # ~30% of a small batch's CPU.
+        # The writer keeps one connection: checking one out of the pool and resetting it on return was
+        # a large share of a small batch's CPU (bench/README.md).
         self.connection: AsyncConnection | None = None
 
     async def insert(self, generations: list[Row], attempts: list[Row]) -> None:

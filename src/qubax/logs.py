@@ -49,7 +49,7 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     """`TEXT_FORMAT`, with each second's date and time worked out once instead of once a line: glibc's
-    `localtime` looks at /etc/localtime on every call, ~5% of a light request's CPU (bench/README.md)."""
+    `localtime` looks at /etc/localtime on every call, measurably dear on the hot path (bench/README.md)."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -184,7 +184,7 @@ INFO = logging.getLevelName(logging.INFO)
 def sole_handler() -> StreamHandler | None:
     """Qubax's own handler, when it is all that would see an access record (as `qubax serve` sets logging
     up): the line is then formatted as that handler would, without a `LogRecord` and the trip through
-    `logging`, which cost ~4% of a light request's CPU (bench/README.md). Any other handler or a filter
+    `logging`, which is measurably dearer on the hot path (bench/README.md). Any other handler or a filter
     anywhere on the way gets records, as usual."""
     found = None
     logger: logging.Logger | None = ACCESS

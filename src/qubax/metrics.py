@@ -30,7 +30,7 @@ Labels = tuple[str, ...]
 class Family:
     """One metric's series, counted in a plain dict; turned into Prometheus' shape only when scraped.
     prometheus_client's own counters take a lock on every update (here every update and every scrape
-    runs on the event loop), and the seven updates a request made cost ~0.02 ms of the light benchmark's ~0.5."""
+    runs on the event loop), and a request's updates were a measurable cost (bench/README.md)."""
 
     name: str
     help: str

@@ -98,7 +98,7 @@ class Quotas:
 
 class Hold:
     """`Quotas.hold()`'s block. A class rather than `contextlib.asynccontextmanager`, whose generator
-    machinery cost ~3% of a light request's CPU on the hot path (bench/README.md)."""
+    machinery is measurably dearer on the hot path (bench/README.md)."""
 
     def __init__(self, quotas: Quotas, key: db.KeyRecord, request: ImageRequest) -> None:
         self.quotas, self.key, self.request = quotas, key, request

@@ -130,8 +130,8 @@ async def stop(task: "asyncio.Task[None]") -> None:
 
 def settle_garbage_collector() -> None:
     """Move everything built at start (modules, the catalog, SQLAlchemy's mappers) out of the collector's
-    sight, and let it run less often: with ~100 MB of long-lived objects, full collections triggered
-    by per-request garbage cost ~15% of the light benchmark's CPU (bench/README.md)."""
+    sight, and let it run less often: with so many long-lived objects, full collections triggered
+    by per-request garbage were a large share of the CPU (bench/README.md)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])

@@ -109,11 +109,10 @@ Write = tuple[str, bytes, "asyncio.Future[None]"]
 
 
 class FileWriter:
-    """Writes files off the event loop: small ones through a helper process (`writers.py` says why:
-    url mode with 4.5 KB images ran ~1.6x as fast as through a thread on this VM's disk), big ones in
-    one thread of its own, where the pipe's extra copies would cost more than the hand-over saves (url
-    mode with 1.5 MB images: ~210 req/s through the thread, ~180 through a helper). The thread takes
-    every write waiting when it wakes: one hand-over and one wake-up of the loop for all of them."""
+    """Writes files off the event loop: small ones through a helper process (`writers.py` says why),
+    big ones in one thread of its own, where the pipe's extra copies would cost more than the hand-over
+    saves (bench/README.md). The thread takes every write waiting when it wakes: one hand-over and one
+    wake-up of the loop for all of them."""
 
     def __init__(self) -> None:
         self.helper = WriterProcess("qubax.file_writer")
@@ -162,9 +161,8 @@ SYNC_DATA = getattr(os, "fdatasync", os.fsync)  # macOS has only fsync
 
 def write_file(path: str, data: bytes) -> OSError | None:
     """Write a big image, on disk before its link goes out, and then out of the page cache: it is read
-    once or twice at most. Kept cached, images in url mode cost this VM's kernel 3-4 ms of CPU per
-    1.5 MB file as the cache grew, against ~0.4 ms synced and dropped (bench/README.md); the sync waits
-    ~1 ms, in this thread."""
+    once or twice at most. Kept cached, each file cost the kernel ever more CPU as the cache grew, far
+    more than synced and dropped (bench/README.md); the sync waits in this thread."""
     try:
         with open(path, "wb") as file:
             file.write(data)
@@ -197,7 +195,7 @@ class LocalStorage(SignedUrls):
 
     async def put(self, data: bytes, ext: str = "png") -> str:
         image_id = new_image_id()
-        # A string, not `self.path()`: building a `Path` was ~3% of a url-mode request (bench/README.md).
+        # A string, not `self.path()`: building a `Path` is measurably dearer (bench/README.md).
         await self.writer.write(f"{self.folder}/{image_id}.{ext}", data)
         return image_id
 

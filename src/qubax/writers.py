@@ -4,13 +4,13 @@ small image files (`file_writer.py`), each a `WriterProcess`.
 Why processes, not threads: a thread doing blocking writes shares the GIL with the event loop, and
 every system call it makes hands the GIL over and back; under load each hand-over is a forced switch
 that the event loop's thread pays for. Side by side with the driver's own async path (aiosqlite) and
-a thread per file write, the light benchmark loses about a quarter of its throughput, and url mode
-half (bench/README.md, "Helper processes or the simple version").
+a thread per file write, the light benchmark and url mode lose much of their throughput
+(bench/README.md, "Helper processes or the simple version").
 
 The protocol is the same for every helper: the parent sends frames (a 4-byte big-endian length, then
 the payload); the helper handles them in order and answers each with one line, `ok` or
 `error: <message>`. It ends when its input does: when the parent closes it, or dies. Standard
-library only, so a helper starts in a few tens of milliseconds.
+library only, so a helper starts quickly.
 """
 
 import asyncio
@@ -80,7 +80,7 @@ class WriterProcess:
 
     async def read_answers(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
-        # Whatever answers have arrived, read at once: a `readline()` each was ~1% of a url-mode request.
+        # Whatever answers have arrived, read at once: a `readline()` each is measurably dearer (bench/README.md).
         rest = b""
         while chunk := await process.stdout.read(READ_BYTES):
             *lines, rest = (rest + chunk).split(b"\n")

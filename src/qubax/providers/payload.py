@@ -1,11 +1,11 @@
 """Parsing upstream JSON that carries whole images as base64 strings.
 
-json.loads spends most of a large answer's parse time on the one multi-megabyte `b64_json` string
-(~40% of a gateway request's CPU with a 1.5 MB image). A base64 string holds no escapes, so its
+json.loads spends most of a large answer's parse time on the one multi-megabyte `b64_json` string,
+a large share of a gateway request's CPU (bench/README.md). A base64 string holds no escapes, so its
 JSON value is its raw bytes: cut those out, parse the small rest, and put them back. Anything
 unexpected falls back to a plain parse.
 
-Plain parses go through orjson (~5x json.loads on a small answer); what orjson refuses, json.loads
+Plain parses go through orjson (faster than json.loads); what orjson refuses, json.loads
 gets a second look at (NaN, lone surrogates), so the result is always exactly what json.loads gives.
 """
 

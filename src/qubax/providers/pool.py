@@ -39,7 +39,7 @@ class KeyPool:
 
 class Lease:
     """`KeyPool.lease()`'s block. A class rather than `contextlib.asynccontextmanager`, whose generator
-    machinery cost ~3% of a light request's CPU on the hot path (bench/README.md)."""
+    machinery is measurably dearer on the hot path (bench/README.md)."""
 
     def __init__(self, pool: KeyPool) -> None:
         self.pool = pool

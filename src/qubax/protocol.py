@@ -10,8 +10,12 @@ class ImageGenerateRequest(BaseModel):
 
     Values are checked against the model (`GET /v1/models`), so the schema states types, not ranges."""
 
-    # Strict types: OpenAI answers 400 for `"n": "2"`, and so do we.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Strict types: OpenAI answers 400 for `"n": "2"`, and so do we. The example is what /docs offers to send.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"model": "flux-1.1-pro", "prompt": "a cat in space", "size": "1024x1024"}]},
+    )
 
     model: StrictStr = Field(description="A model id or alias, e.g. `flux-1.1-pro` or `dall-e-3`.")
     prompt: StrictStr = Field(description="What to draw; at most 4000 characters.")

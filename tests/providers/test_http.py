@@ -8,8 +8,6 @@ asyncio when a test needs to decide exactly what goes on the wire (and when it d
 import asyncio
 import contextlib
 import gzip
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +17,6 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-import uvicorn
 
 from qubax.errors import UpstreamError
 from qubax.providers import Upstream, http
@@ -144,26 +141,8 @@ class KeptAlive:
 @contextlib.contextmanager
 def serve_tls(app: Any, certfile: Path, keyfile: Path) -> Iterator[int]:
     """`tests.server.serve`, over TLS: yield the port while the app serves HTTPS on 127.0.0.1."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", ssl_certfile=str(certfile), ssl_keyfile=str(keyfile)
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test TLS server did not start")
-        time.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve(app, ssl_certfile=str(certfile), ssl_keyfile=str(keyfile)) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,17 @@ def test_unconfigured_model_says_which_credential_enables_it(base_url: str, live
         (b'{"model": "flux-1.1-pro"}', "prompt", "missing_required_parameter"),
         (b'{"model": "flux-1.1-pro", "prompt": "p", "n": 1.5}', "n", "invalid_type"),
         (b'{"model": "flux-1.1-pro", "prompt": "p", "n": null, "size": null}', None, None),
+        # Hostile input is a 400, never a 500: a lone UTF-16 surrogate, deep nesting, NaN, a huge integer.
+        (b'{"model": "flux-1.1-pro", "prompt": "\\ud800"}', None, "invalid_json"),
+        (b'{"model": "flux-1.1-pro", "prompt": "p", "user": "\\udfff x"}', None, "invalid_json"),
+        (
+            b'{"model": "flux-1.1-pro", "prompt": "p", "user": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            "user",
+            "invalid_type",
+        ),
+        (b"[" * 5000 + b"]" * 5000, None, "invalid_json"),
+        (b'{"model": "flux-1.1-pro", "prompt": "p", "seed": NaN}', None, "invalid_json"),
+        (b'{"model": "flux-1.1-pro", "prompt": "p", "seed": 18446744073709551617}', "seed", "invalid_value"),
     ],
 )
 def test_raw_bodies(base_url: str, test_key: str, body: bytes, param: str | None, code: str | None) -> None:
@@ -117,7 +128,8 @@ def test_raw_bodies(base_url: str, test_key: str, body: bytes, param: str | None
     if code is None:
         assert response.status_code == 200
     else:
-        assert_openai_error(response, 400, code, param)
+        error = assert_openai_error(response, 400, code, param)
+        assert param != "seed" or "out of range" in error["message"]
 
 
 def test_huge_body_is_413(base_url: str, test_key: str) -> None:

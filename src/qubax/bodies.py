@@ -8,6 +8,7 @@ through the app's exception handlers, so it gets OpenAI's error body like every 
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import orjson
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
@@ -21,11 +22,17 @@ NOT_JSON = object()  # what `json()` gives for a body that is not JSON
 class LimitedRequest(Request):
     async def json(self) -> Any:
         """The parsed body, or NOT_JSON: FastAPI parses a body before it runs the route's dependencies, and
-        a body that is not JSON must fail validation, after authentication, not before it."""
-        try:
-            return await super().json()
-        except ValueError:  # not JSON, or bytes that are no text
-            return NOT_JSON
+        a body that is not JSON must fail validation, after authentication, not before it.
+
+        orjson, which is strict where the standard library is lax: a lone UTF-16 surrogate (which no
+        later encoding accepts), NaN, or nesting past 1,024 levels (a RecursionError in `json`) is not
+        JSON here. Integers past 64 bits become floats, which the integer fields refuse as out of range."""
+        if not hasattr(self, "_json"):
+            try:
+                self._json = orjson.loads(await self.body())
+            except orjson.JSONDecodeError:
+                self._json = NOT_JSON
+        return self._json
 
     async def body(self) -> bytes:
         if not hasattr(self, "_body"):

@@ -199,6 +199,10 @@ def invalid_input(detail: Mapping[str, Any]) -> InvalidRequest:
         return UnknownParameter(f"Unknown parameter: '{field}'.", param=field)
     if kind == "missing":
         return InvalidRequest(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
+    given = detail.get("input")
+    if kind in ("int_type", "int_from_float") and isinstance(given, float) and abs(given) >= 2**63:
+        # An integer too large for 64 bits, which the JSON parser hands over as a float.
+        return InvalidRequest(f"Invalid value for '{field}': the number is out of range.", param=field)
     expected = TYPE_NAMES.get(kind)
     if expected is not None:
         got = type(detail.get("input")).__name__

@@ -292,3 +292,28 @@ def test_flush_writes_what_waits() -> None:
         assert stream.getvalue() == "waiting\n"
 
     asyncio.run(log_and_flush())
+
+
+FORGED = '/x\n2026-12-01 10:00:00,000 INFO qubax.access: 1.2.3.4:5 "GET /admin" 200 \x1b[31mred\x9b\u2028'
+
+
+def test_control_characters_in_a_path_cannot_forge_lines_or_colour_a_terminal(
+    own_handler: tuple[StreamHandler, io.StringIO], settings: Settings
+) -> None:
+    handler, stream = own_handler
+    for formatter in (TextFormatter(), JsonFormatter()):
+        handler.setFormatter(formatter)
+        stream.seek(0), stream.truncate()
+        with alone(handler):
+            log_access({**SCOPE, "path": FORGED, "qubax.log": {"prompt": "two\nlines\x1b[0m"}}, 404, 0.0, "req_1")
+        written = stream.getvalue()
+        assert written.count("\n") == 1 and written.endswith("\n"), written
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", written), written
+    assert "\\x0a2026-12-01" in json.loads(written)["path"] and "\\x1b[31m" in json.loads(written)["message"]
+    # End to end: a percent-encoded line break in a URL, without a key, gives one escaped line.
+    handler.setFormatter(TextFormatter())
+    stream.seek(0), stream.truncate()
+    with serve(create_app(settings)) as url, alone(handler):
+        httpx.get(f"{url}/x%0a2026-12-01%20INFO%20forged%1b%5b31m")
+    lines = [line for line in stream.getvalue().splitlines() if "qubax.access" in line]
+    assert len(lines) == 1 and "/x\\x0a2026-12-01 INFO forged\\x1b[31m" in lines[0], stream.getvalue()

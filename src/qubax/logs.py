@@ -5,6 +5,7 @@ logs unless `QUBAX_LOG_PROMPTS` is set."""
 import asyncio
 import logging
 import logging.config
+import re
 import sys
 import time
 import traceback
@@ -155,7 +156,8 @@ def log_access(scope: MutableMapping[str, Any], status: int, started: float, req
     client = scope.get("client")
     peer = f"{client[0]}:{client[1]}" if client else None
     extra = scope.get("qubax.log", {})
-    line = f'{peer} "{scope["method"]} {scope["path"]}" {status} {duration:.1f}ms {request_id}' + "".join(
+    path, method = escaped(scope["path"]), escaped(scope["method"])
+    line = f'{peer} "{method} {path}" {status} {duration:.1f}ms {request_id}' + "".join(
         [f" {name}={text(value)}" for name, value in extra.items()]
     )
     handler, created = sole_handler(), time.time()
@@ -165,8 +167,8 @@ def log_access(scope: MutableMapping[str, Any], status: int, started: float, req
     fields = {
         "request_id": request_id,
         "client": peer,
-        "method": scope["method"],
-        "path": scope["path"],
+        "method": method,
+        "path": path,
         "status": status,
         "duration_ms": round(duration, 1),
         **extra,
@@ -209,5 +211,19 @@ QUOTED = frozenset(' "=')
 
 def text(value: Any) -> str:
     """A field's value on a text line: quoted when it has spaces or quotes (a prompt)."""
-    plain = str(value)
+    plain = escaped(str(value))
     return plain if QUOTED.isdisjoint(plain) else orjson.dumps(plain).decode()
+
+
+# C0 and C1 controls, DEL and Unicode's line breaks: what a client could use to forge a log line or send
+# a terminal escape sequence through a field it chooses (the path is percent-decoded before we see it).
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escaped(field: str) -> str:
+    """A client-chosen field with its control characters written as `\\xNN` / `\\uNNNN`."""
+    if CONTROLS.search(field) is None:
+        return field
+    return CONTROLS.sub(
+        lambda found: f"\\x{ord(found[0]):02x}" if ord(found[0]) < 0x100 else f"\\u{ord(found[0]):04x}", field
+    )

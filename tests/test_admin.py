@@ -3,12 +3,13 @@
 import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from qubax import db
 from qubax.app import create_app
@@ -17,7 +18,7 @@ from tests.conftest import create_key
 from tests.server import serve
 from tests.stack import client
 
-TOKEN = "adm_0123456789abcdefghijklmnop"
+TOKEN = "adm_0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 @pytest.fixture
@@ -283,3 +284,17 @@ def test_a_large_monthly_budget_is_kept_exactly(admin: httpx.Client) -> None:
     created = admin.post("/keys", json={"name": "big", "monthly_budget_usd": 25000.5}).json()
     assert created["monthly_budget_usd"] == 25000.5
     assert admin.get(f"/keys/{created['id']}").json()["monthly_budget_usd"] == 25000.5
+
+
+def test_a_budget_below_a_micro_dollar_is_a_budget_not_no_limit(admin: httpx.Client) -> None:
+    key = new_key(admin, monthly_budget_usd=0.0000001)
+    assert key["monthly_budget_usd"] == 0.000001  # the least budget stored, not 0 ("no limit")
+    patched = admin.patch(f"/keys/{key['id']}", json={"monthly_budget_usd": 1e-9}).json()
+    assert patched["monthly_budget_usd"] == 0.000001
+
+
+def test_a_short_admin_token_stops_the_start_and_an_empty_one_leaves_the_api_off(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        Settings(data_dir=tmp_path, admin_token="adm_guessable")  # type: ignore[arg-type]
+    assert Settings(data_dir=tmp_path, admin_token="").admin_token is None  # type: ignore[arg-type]
+    assert Settings(data_dir=tmp_path, admin_token="a" * 32).admin_token is not None  # type: ignore[arg-type]

@@ -141,8 +141,18 @@ def test_key_cache_remembers_hits_and_misses_for_its_ttl(monkeypatch: pytest.Mon
     assert cache.get("d2") == (True, None)
     now[0] += 1.5
     assert cache.get("d1") == (False, None)
-    cache.put("d3", "key-3")  # full: starts over rather than growing
-    assert cache.entries == {"d3": (101.5, "key-3")}
+    cache.put("d3", "key-3")  # full: the least recently used entry (d1; d2 was read after it) goes
+    assert dict(cache.entries) == {"d2": (100.0, None), "d3": (101.5, "key-3")}
+
+
+def test_a_flood_of_unknown_keys_does_not_push_out_a_busy_one() -> None:
+    cache: auth.KeyCache[str] = auth.KeyCache(ttl=60.0, size=100)
+    cache.put("busy", "key")
+    for flood in range(1_000):
+        cache.put(f"unknown-{flood}", None)
+        if flood % 50 == 0:
+            assert cache.get("busy") == (True, "key")  # a key in use is read far more often than 1 in 100
+    assert cache.get("busy") == (True, "key") and len(cache.entries) == 100
 
 
 @pytest.mark.anyio

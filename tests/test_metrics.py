@@ -16,7 +16,7 @@ from tests.conftest import eventually
 from tests.server import serve
 from tests.stack import Stack, running_stack
 
-ADMIN_TOKEN = "admin-secret-token"
+ADMIN_TOKEN = "admin-secret-token-0123456789abcdef"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 

@@ -19,15 +19,17 @@ from qubax.docs import openapi_schema
 from qubax.errors import AuthenticationError, InvalidRequest, NotFound
 from qubax.protocol import ERROR_RESPONSES
 from qubax.services import Services, ServicesDep
-from qubax.settings import Settings
+from qubax.settings import ADMIN_TOKEN_CHARS, Settings
 
 Limit = Annotated[StrictInt | None, Field(ge=0, le=db.MAX_LIMIT)]
 Budget = Annotated[float | None, Field(ge=0, le=db.MAX_BUDGET_USD)]
 
 
 def enabled(settings: Settings) -> bool:
-    """The admin API exists only when an admin token is set; an empty one would let anybody in."""
-    return bool(settings.admin_token and settings.admin_token.get_secret_value())
+    """The admin API exists only when an admin token is set; an empty one would let anybody in, a short
+    one could be guessed (Settings refuses one at start)."""
+    token = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    return len(token) >= ADMIN_TOKEN_CHARS
 
 
 async def authorize(request: Request, services: ServicesDep) -> None:

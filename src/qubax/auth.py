@@ -4,6 +4,7 @@ import asyncio
 import hashlib
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -60,7 +61,8 @@ class KeyCache(Generic[T]):
     def __init__(self, ttl: float = 1.0, size: int = 10_000) -> None:
         self.ttl = ttl
         self.size = size
-        self.entries: dict[str, tuple[float, T | None]] = {}
+        # Least recently used first: a flood of unknown keys pushes out old entries, not the busy ones.
+        self.entries: OrderedDict[str, tuple[float, T | None]] = OrderedDict()
         self.loading: dict[str, asyncio.Future[T | None]] = {}
 
     async def fetch(self, digest: str, load: Callable[[], Awaitable[T | None]]) -> T | None:
@@ -90,12 +92,14 @@ class KeyCache(Generic[T]):
         entry = self.entries.get(digest)
         if entry is None or time.monotonic() - entry[0] > self.ttl:
             return False, None
+        self.entries.move_to_end(digest)
         return True, entry[1]
 
     def put(self, digest: str, key: T | None) -> None:
-        if len(self.entries) >= self.size:
-            self.entries.clear()  # crude, but bounded: a flood of random keys cannot grow memory
         self.entries[digest] = (time.monotonic(), key)
+        self.entries.move_to_end(digest)
+        if len(self.entries) > self.size:  # bounded: a flood of random keys cannot grow memory
+            self.entries.popitem(last=False)
 
     def forget(self, digest: str) -> None:
         """Drop a key that just changed, so this node's next lookup reads it afresh."""

@@ -179,7 +179,8 @@ def chosen_limits(options: Mapping[str, Any]) -> dict[str, int | None]:
     chosen = {name: options[name] for name in LIMITS if name in options}
     if "monthly_budget_usd" in options:
         budget = options["monthly_budget_usd"]
-        chosen["monthly_budget_micros"] = None if budget is None else to_micros(budget)
+        # A positive budget never rounds to 0, which would mean no limit: the least is one micro-USD.
+        chosen["monthly_budget_micros"] = None if budget is None else max(to_micros(budget), 1 if budget > 0 else 0)
     return {name: value or None for name, value in chosen.items()}
 
 

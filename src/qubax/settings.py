@@ -5,9 +5,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ADMIN_TOKEN_CHARS = 32
 
 
 class Settings(BaseSettings):
@@ -17,7 +19,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None  # shared limits for several nodes; without it, limits hold per process
     storage_url: str | None = None  # file:///path or s3://bucket/prefix; default: images/ in the data folder
-    admin_token: SecretStr | None = None  # enables /admin and /metrics
+    admin_token: SecretStr | None = None  # enables /admin and /metrics; at least ADMIN_TOKEN_CHARS long
     public_url: str | None = None
     # Signs image URLs; every node behind one public address must share it. Default: a file in data_dir.
     signing_secret: SecretStr | None = Field(default=None, min_length=32)
@@ -41,6 +43,17 @@ class Settings(BaseSettings):
     # its credential (BFL_API_KEY=key1,key2) and its base URL (QUBAX_BFL_BASE_URL).
     credentials: dict[str, SecretStr] = Field(default_factory=dict)
     base_urls: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def long_admin_token(cls, value: Any) -> Any:
+        """An empty token leaves the admin API off; a short one could be guessed, so it stops the start."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text in (None, ""):
+            return None
+        if len(str(text)) < ADMIN_TOKEN_CHARS:
+            raise ValueError(f"must be at least {ADMIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)")
+        return value
 
     @classmethod
     def settings_customise_sources(

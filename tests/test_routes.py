@@ -49,6 +49,9 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None,
         ({"size": "1792x1024"}, "invalid_size", "size", "between 256 and 1440 and a multiple of 32"),
         ({"size": "1000x1000"}, "invalid_size", "size", "multiple of 32"),
         ({"size": "big"}, "invalid_value", "size", "WIDTHxHEIGHT"),
+        ({"size": "01024x01024"}, "invalid_value", "size", "WIDTHxHEIGHT"),  # sizes are written one way only
+        ({"size": "1024x1024\n"}, "invalid_value", "size", "WIDTHxHEIGHT"),
+        ({"size": "\uff11\uff10\uff12\uff14x1024"}, "invalid_value", "size", "WIDTHxHEIGHT"),  # fullwidth digits
         ({"model": "dall-e-3", "size": "256x256"}, "invalid_size", "size", "1024x1024, 1792x1024, 1024x1792"),
         ({"model": "flux-1.1-pro-ultra", "size": "1024x1024"}, "invalid_size", "size", "2752x1536"),
         ({"response_format": "jpeg"}, "invalid_value", "response_format", "'url', 'b64_json'"),

@@ -12,7 +12,7 @@ MAX_PROMPT_CHARS = 4000
 RESPONSE_FORMATS = ("url", "b64_json")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MAX_SEED = 2**32 - 1
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # ASCII digits, no leading zeros, nothing else
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def check_range(param: str, value: int | None, low: int, high: int) -> None:
 
 def parse_size(model: CatalogModel, size: str | None) -> tuple[int, int]:
     text = model.default_size if size in (None, "auto") else size
-    match = _SIZE.match(text or "")
+    match = _SIZE.fullmatch(text or "")
     if match is None:
         raise InvalidRequest(
             f"Invalid size '{text}': expected WIDTHxHEIGHT, e.g. '{model.default_size}'.", param="size"

@@ -10,6 +10,7 @@ import contextlib
 import io
 import random
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,6 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -26,7 +26,6 @@ from starlette.routing import Route
 from qubax import db
 from qubax.settings import Settings
 from tests.fakes.replicate import NSFW_ERROR
-from tests.server import serve
 from tests.stack import Stack, rows, running_stack
 
 pytestmark = pytest.mark.slow  # ~50 full stacks, a few of them waiting out a deadline
@@ -162,8 +161,9 @@ class Files:
     hits: list[str]  # paths fetched
 
 
-@pytest.fixture
-def files() -> Iterator[Files]:
+def serve_broken(fake: Any, base_url: str) -> Files:
+    """The broken files, served from the fake upstream's own origin: besides a provider's delivery hosts
+    over https, the only place Qubax downloads results from."""
     hits: list[str] = []
 
     async def file(request: Request) -> Response:
@@ -171,8 +171,9 @@ def files() -> Iterator[Files]:
         data, media_type = BROKEN[request.path_params["name"]]
         return Response(data, media_type=media_type)
 
-    with serve(Starlette(routes=[Route("/{name}", file)])) as url:
-        yield Files(url, hits)
+    fake.app.router.routes.insert(0, Route("/broken/{name}", file))
+    parts = urllib.parse.urlsplit(base_url)
+    return Files(f"{parts.scheme}://{parts.netloc}/broken", hits)
 
 
 @contextlib.contextmanager
@@ -246,15 +247,16 @@ def test_moderation_ends_the_request_at_once(settings: Settings, first: str) -> 
 @pytest.mark.parametrize("served", SERVED)
 @pytest.mark.parametrize("first", UPSTREAMS)
 def test_bytes_that_are_not_a_whole_image_are_502_and_never_resubmitted(
-    settings: Settings, files: Files, first: str, served: str
+    settings: Settings, first: str, served: str
 ) -> None:
     with pair(settings, first) as (stack, x, y):
+        files = serve_broken(x, stack.settings.base_urls[first])
         turn(x, UPSTREAMS[first].hand_over(f"{files.url}/{served}"))
         error = refused(stack)
         assert (error.status_code, error.code) == (502, "upstream_error")
         assert error.response.headers["x-should-retry"] == "false"
         assert "not a readable image" in error.message
-        assert files.hits == [f"/{served}"]  # the upstream's result really was downloaded
+        assert files.hits == [f"/broken/{served}"]  # the upstream's result really was downloaded
         assert UPSTREAMS[first].asked(x) == [1]
         assert UPSTREAMS[SECOND[first]].asked(y) == []  # accepted (and billed) upstream: no second try
         # The upstream did deliver bytes; they failed to decode afterwards, so the client pays nothing.

@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlsplit
 
 from qubax.catalog import ImageRequest
 from qubax.providers.pool import KeyPool
@@ -30,7 +29,7 @@ class GeneratedImage:
 
 class Upstream:
     """How to reach one provider: the shared HTTP session, where, a pool of credentials, and the hosts
-    its results may be downloaded from (the configured base host, a proxy or a fake, among them)."""
+    its results may be downloaded from (besides the base URL's own origin: `http.trusted`)."""
 
     def __init__(
         self,
@@ -47,7 +46,7 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.pool = KeyPool([keys] if isinstance(keys, str) else keys, concurrency, slots, f"upstream:{name}")
         self.poll_interval = poll_interval
-        self.delivery_hosts = (*delivery_hosts, (urlsplit(base_url).hostname or "").lower())
+        self.delivery_hosts = tuple(delivery_hosts)
 
     def lease(self) -> AbstractAsyncContextManager[str]:
         """A key with a free slot; hold it for the whole life of one upstream task or call."""

@@ -10,10 +10,10 @@ from qubax.providers.http import (
     check_status,
     download,
     fan_out,
-    may_send_key,
     poll,
     read_json,
     send,
+    trusted,
 )
 
 PROVIDER = "Black Forest Labs"
@@ -42,7 +42,7 @@ class BFL:
                 sample = await poll(lambda: self._check(polling_url, headers), self.upstream.poll_interval)
         with billed():
             # Delivery URLs are pre-signed: download() sends no key.
-            return [GeneratedImage(await download(self.upstream.http, PROVIDER, sample, self.upstream.delivery_hosts))]
+            return [GeneratedImage(await download(self.upstream, PROVIDER, sample))]
 
     async def _submit(self, request: ImageRequest, model: str, headers: dict[str, str]) -> str:
         url = f"{self.upstream.base_url}/v1/{model}"
@@ -53,7 +53,7 @@ class BFL:
         if not task.get("id") or not isinstance(polling_url, str):
             # Without an id there is no task of ours to be billed for: another route may take the work.
             raise UpstreamError(f"{PROVIDER} answered the submission without a task id or polling_url.", failover=True)
-        if not may_send_key(polling_url, KEY_HOSTS, self.upstream.base_url):
+        if not trusted(polling_url, KEY_HOSTS, self.upstream.base_url):
             raise UpstreamError(f"{PROVIDER} returned a polling URL on a host we do not send the key to.")
         return polling_url
 

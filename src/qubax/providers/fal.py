@@ -43,7 +43,7 @@ class Fal:
         urls = {name: queued.get(name) for name in ("status_url", "response_url", "cancel_url")}
         if not queued.get("request_id") or not all(isinstance(url, str) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} accepted the request but returned no request_id or queue URLs.")
-        if not all(http.may_send_key(str(url), KEY_HOSTS, self.upstream.base_url) for url in urls.values()):
+        if not all(http.trusted(str(url), KEY_HOSTS, self.upstream.base_url) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} returned a queue URL on a host we do not send the key to.")
         return {name: str(url) for name, url in urls.items()}
 
@@ -98,7 +98,7 @@ class Fal:
         if isinstance(url, str) and (inline := DATA_URI.fullmatch(url)):
             return [GeneratedImage(http.decode_b64(inline[1], PROVIDER))]
         # Media URLs are public: download() sends no key, and only to fal's media hosts.
-        return [GeneratedImage(await http.download(self.upstream.http, PROVIDER, url, self.upstream.delivery_hosts))]
+        return [GeneratedImage(await http.download(self.upstream, PROVIDER, url))]
 
 
 def moderated(response: http.Reply) -> bool:

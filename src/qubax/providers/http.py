@@ -17,7 +17,7 @@ import orjson
 import pybase64
 
 from qubax.errors import TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, payload
+from qubax.providers import GeneratedImage, Upstream, payload
 
 T = TypeVar("T")
 # A task that is already running (and billed) deserves more than one bad poll before we give up on it.
@@ -281,25 +281,36 @@ def decode_b64(text: Any, provider: str) -> bytes:
     return data
 
 
-def host_allowed(url: str, patterns: Iterable[str]) -> bool:
-    """True when the URL's host matches one of the shell-style host patterns (`delivery.*.bfl.ai`)."""
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL, the port spelled out; None for anything else."""
     parts = urlsplit(url)
+    try:
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # a port that is no number
+        return None
     host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or not host:
+    return (parts.scheme, host, port) if port is not None and host else None
+
+
+def trusted(url: str, patterns: Iterable[str], base_url: str) -> bool:
+    """Whether a URL an upstream handed us may get our key, or be downloaded: the configured base URL's
+    own origin (scheme, host and port alike: the provider, a proxy, or a fake in tests), or https on the
+    standard port to a host matching one of the provider's shell-style patterns (`delivery.*.bfl.ai`).
+    Never plain http, nor another port of a trusted host."""
+    found = origin(url)
+    if found is None:
         return False
-    return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in patterns)
+    if found == origin(base_url):
+        return True
+    scheme, host, port = found
+    return scheme == "https" and port == 443 and any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in patterns)
 
 
 def base_host(base_url: str) -> str:
     return (urlsplit(base_url).hostname or "").lower()
-
-
-def may_send_key(url: str, provider_hosts: Iterable[str], base_url: str) -> bool:
-    """Our key goes to the provider's own hosts over https, or to the configured base host (a proxy,
-    or a fake in tests) however the operator wrote it; never anywhere else."""
-    if host_allowed(url, (base_host(base_url),)):
-        return True
-    return urlsplit(url).scheme == "https" and host_allowed(url, provider_hosts)
 
 
 async def cancel_quietly(http: Http, method: str, url: str, headers: Mapping[str, str]) -> None:
@@ -309,12 +320,12 @@ async def cancel_quietly(http: Http, method: str, url: str, headers: Mapping[str
         await asyncio.shield(asyncio.wait_for(send(http, "upstream", method, url, headers=headers), CANCEL_TIMEOUT))
 
 
-async def download(http: Http, provider: str, url: Any, allowed_hosts: Iterable[str]) -> bytes:
-    """Fetch a result URL, but only from hosts the provider delivers from (no SSRF via upstream data)."""
-    if not isinstance(url, str) or not host_allowed(url, allowed_hosts):
+async def download(upstream: Upstream, provider: str, url: Any) -> bytes:
+    """Fetch a result URL, but only from where the provider delivers from (no SSRF via upstream data)."""
+    if not isinstance(url, str) or not trusted(url, upstream.delivery_hosts, upstream.base_url):
         raise UpstreamError(f"{provider} returned a result URL from a host we do not download from.")
     try:
-        response = await send(http, provider, "GET", url, headers={"user-agent": "qubax"})
+        response = await send(upstream.http, provider, "GET", url, headers={"user-agent": "qubax"})
     except UpstreamError as exc:
         exc.message = f"Downloading the image from {provider} failed: {exc.message}"
         raise

@@ -49,7 +49,7 @@ class OpenAI:
                 data = decode_b64(item["b64_json"], PROVIDER)
             else:
                 # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
-                data = await download(self.upstream.http, PROVIDER, item.get("url"), self.upstream.delivery_hosts)
+                data = await download(self.upstream, PROVIDER, item.get("url"))
         revised = item.get("revised_prompt")
         return [GeneratedImage(data, revised if isinstance(revised, str) else None)]
 

@@ -13,10 +13,10 @@ from qubax.providers.http import (
     decode_b64,
     download,
     fan_out,
-    may_send_key,
     poll,
     read_json,
     send,
+    trusted,
 )
 
 PROVIDER = "Replicate"
@@ -67,7 +67,7 @@ class Replicate:
             return done
         urls = prediction["urls"] if isinstance(prediction.get("urls"), dict) else {}
         get_url, cancel_url = urls.get("get"), urls.get("cancel")
-        if not isinstance(get_url, str) or not may_send_key(get_url, KEY_HOSTS, self.upstream.base_url):
+        if not isinstance(get_url, str) or not trusted(get_url, KEY_HOSTS, self.upstream.base_url):
             raise UpstreamError(f"{PROVIDER} returned no prediction URL on a host we send the key to.")
         try:
             return await poll(lambda: self._check(get_url, headers), self.upstream.poll_interval)
@@ -81,14 +81,14 @@ class Replicate:
         return outcome(read_json(response, PROVIDER))
 
     async def _cancel(self, url: Any, headers: dict[str, str]) -> None:
-        if isinstance(url, str) and may_send_key(url, KEY_HOSTS, self.upstream.base_url):
+        if isinstance(url, str) and trusted(url, KEY_HOSTS, self.upstream.base_url):
             await cancel_quietly(self.upstream.http, "POST", url, headers)
 
     async def _fetch(self, output: str) -> bytes:
         if output.startswith("data:"):
             header, _, payload = output.partition(",")
             return decode_b64(payload if header.endswith(";base64") else None, PROVIDER)
-        return await download(self.upstream.http, PROVIDER, output, self.upstream.delivery_hosts)
+        return await download(self.upstream, PROVIDER, output)
 
 
 def outcome(prediction: dict[str, Any]) -> list[str] | None:

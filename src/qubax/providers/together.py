@@ -60,7 +60,7 @@ class Together:
         if item.get("b64_json") is not None:
             return decode_b64(item["b64_json"], PROVIDER)
         # Only reached when Together ignores response_format=base64; download() refuses foreign hosts.
-        return await download(self.upstream.http, PROVIDER, item.get("url"), self.upstream.delivery_hosts)
+        return await download(self.upstream, PROVIDER, item.get("url"))
 
 
 def body(request: ImageRequest, model: str, n: int) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Signed, expiring image URLs: LocalStorage on its own, then through the real app over HTTP."""
 
+import asyncio
 import os
 import stat
 import time
@@ -236,3 +237,29 @@ def test_sweeper_deletes_expired_images(tmp_path: Path) -> None:
         while path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not path.exists()
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.local_storage_only
+def test_the_data_folder_and_what_it_holds_are_the_service_users_alone(
+    settings: Settings, base_url: str, test_key: str
+) -> None:
+    body = {"model": "flux-1-schnell", "prompt": "a private cat", "response_format": "url"}
+    answer = httpx.post(f"{base_url}/v1/images/generations", json=body, headers={"authorization": f"Bearer {test_key}"})
+    assert answer.status_code == 200
+    [image] = list(settings.images_dir.glob("img_*"))
+    modes = {
+        path.name: stat.S_IMODE(path.stat().st_mode)
+        for path in (settings.data_dir, settings.data_dir / "qubax.db", settings.images_dir, image)
+    }
+    assert modes == {"data": 0o700, "qubax.db": 0o600, "images": 0o700, image.name: 0o600}
+
+    async def put_big() -> str:  # over the helper process's size: written by the writer thread
+        storage = LocalStorage(settings.images_dir, b"s" * 32, 60)
+        try:
+            return await storage.put(b"x" * (300 * 1024))
+        finally:
+            await storage.close()
+
+    big = settings.images_dir / f"{asyncio.run(put_big())}.png"
+    assert stat.S_IMODE(big.stat().st_mode) == 0o600

@@ -1,5 +1,6 @@
 """The database: two tables (API keys, generations) and the handful of queries we run on them."""
 
+import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -125,7 +126,10 @@ def connect(url: str) -> AsyncEngine:
         return create_async_engine(url)
     path = url.split(":///", 1)[-1]
     if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Keys' digests and everyone's usage: readable by the service's user only. SQLite gives its
+        # -wal and -shm files the database file's permissions.
+        Path(path).parent.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE))
     engine = create_async_engine(url)
     event.listen(engine.sync_engine, "connect", tune_sqlite)
     return engine
@@ -158,6 +162,8 @@ def _upgrade(connection: Connection) -> None:
 def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
+
+PRIVATE_FOLDER, PRIVATE_FILE = 0o700, 0o600  # what the data folder and its files are created with
 
 LIMITS = ("rpm", "images_per_day", "max_concurrent", "monthly_budget_micros")
 MAX_LIMIT = 2**31 - 1  # the count limits are 32-bit integers on PostgreSQL

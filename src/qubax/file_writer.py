@@ -4,6 +4,8 @@
 Each frame is one file: the path's length (4 bytes, big-endian), the path (UTF-8), then the bytes.
 """
 
+import os
+
 from qubax import writers
 
 PATH_LENGTH_BYTES = 4
@@ -16,7 +18,9 @@ def frame(path: str, data: bytes) -> bytes:
 
 def write(payload: bytes) -> None:
     end = PATH_LENGTH_BYTES + int.from_bytes(payload[:PATH_LENGTH_BYTES], "big")
-    with open(payload[PATH_LENGTH_BYTES:end].decode(), "wb") as file:
+    # Readable by the service's user only, like the rest of the data folder.
+    path = payload[PATH_LENGTH_BYTES:end].decode()
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
         file.write(payload[end:])
 
 

@@ -56,7 +56,7 @@ def load_secret(data_dir: Path) -> bytes:
     """The URL-signing secret, created once per data folder and readable only by its owner."""
     path = data_dir / "signing.key"
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Write aside, then link into place: a reader never sees a half-written (weak) secret, and of
         # two nodes starting at once the second simply adopts the first one's secret.
         fd, temporary = tempfile.mkstemp(dir=data_dir, prefix=".signing-")  # created with mode 0600
@@ -164,7 +164,7 @@ def write_file(path: str, data: bytes) -> OSError | None:
     once or twice at most. Kept cached, each file cost the kernel ever more CPU as the cache grew, far
     more than synced and dropped (bench/README.md); the sync waits in this thread."""
     try:
-        with open(path, "wb") as file:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
             file.write(data)
             file.flush()
             SYNC_DATA(file.fileno())
@@ -191,7 +191,7 @@ class LocalStorage(SignedUrls):
         self.root = root
         self.folder = str(root)
         self.writer = FileWriter()
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     async def put(self, data: bytes, ext: str = "png") -> str:
         image_id = new_image_id()

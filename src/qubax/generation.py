@@ -49,6 +49,7 @@ async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, 
             data = await deliver(request, images, services.storage, public_url)
     except TimeoutError as exc:
         error = UpstreamTimeout("The upstream did not finish within the request deadline.")
+        count_timeout(services, attempts)
         await finish(services, generation, started, error)
         raise error from exc
     except BaseException as exc:  # CancelledError too: the client went away, and that is recorded
@@ -126,6 +127,15 @@ async def attempt(
     services.breakers.succeeded(name)
     record.images = len(images)
     return images, None
+
+
+def count_timeout(services: Services, attempts: list[AttemptRecord]) -> None:
+    """The deadline passed while a route was still at work: a failure of that route, for its record and
+    its breaker. A route that hangs must open its breaker as one that fails does, or every request
+    waits out the deadline on it."""
+    if attempts and attempts[-1].outcome == "cancelled":
+        attempts[-1].outcome = "upstream_timeout"
+        services.breakers.failed(f"{attempts[-1].upstream}:{attempts[-1].upstream_model}")
 
 
 def breaker_name(route: Route) -> str:

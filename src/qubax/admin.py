@@ -17,7 +17,7 @@ from qubax import db
 from qubax.bodies import LimitedRoute
 from qubax.docs import openapi_schema
 from qubax.errors import AuthenticationError, InvalidRequest, NotFound
-from qubax.protocol import ERROR_RESPONSES
+from qubax.protocol import error_responses
 from qubax.services import Services, ServicesDep
 from qubax.settings import ADMIN_TOKEN_CHARS, Settings
 
@@ -46,9 +46,12 @@ async def authorize(request: Request, services: ServicesDep) -> None:
         )
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {status: ERROR_RESPONSES[status] for status in (400, 401, 404, 413, 500)}
 router = APIRouter(
-    prefix="/admin", dependencies=[Depends(authorize)], route_class=LimitedRoute, responses=ERRORS, tags=["Admin"]
+    prefix="/admin",
+    dependencies=[Depends(authorize)],
+    route_class=LimitedRoute,
+    responses=error_responses(400, 401, 404, 413),
+    tags=["Admin"],
 )
 metrics_router = APIRouter(dependencies=[Depends(authorize)], include_in_schema=False)
 

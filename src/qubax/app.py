@@ -95,10 +95,6 @@ async def render_http_exception(request: Request, exc: Exception) -> JSONRespons
     assert isinstance(exc, HTTPException)
     if exc.status_code == 413:
         return await render_error(request, RequestTooLarge(str(exc.detail)))
-    if exc.status_code == 400:  # FastAPI could not decode the body (bytes that are no text, say)
-        return await render_validation_error(
-            request, RequestValidationError([{"loc": ("body",), "type": "json_invalid"}])
-        )
     message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
     body = ErrorResponse(error=Error(message=message, type="invalid_request_error", param=None, code=None))
     return error_response(exc.status_code, body, dict(exc.headers or {}))

@@ -205,7 +205,7 @@ def invalid_input(detail: Mapping[str, Any]) -> InvalidRequest:
         return InvalidRequest(f"Invalid value for '{field}': the number is out of range.", param=field)
     expected = TYPE_NAMES.get(kind)
     if expected is not None:
-        got = type(detail.get("input")).__name__
+        got = type(given).__name__
         message = f"Invalid type for '{field}': expected {expected}, but got {got}."
         return InvalidRequest(message, param=field, code="invalid_type")
     return InvalidRequest(f"Invalid value for '{field}': {detail.get('msg', 'invalid')}.", param=field)

@@ -134,8 +134,9 @@ def count_timeout(services: Services, attempts: list[AttemptRecord]) -> None:
     its breaker. A route that hangs must open its breaker as one that fails does, or every request
     waits out the deadline on it."""
     if attempts and attempts[-1].outcome == "cancelled":
-        attempts[-1].outcome = "upstream_timeout"
-        services.breakers.failed(f"{attempts[-1].upstream}:{attempts[-1].upstream_model}")
+        record = attempts[-1]
+        record.outcome = "upstream_timeout"
+        services.breakers.failed(breaker_name(Route(record.upstream, record.upstream_model)))
 
 
 def breaker_name(route: Route) -> str:

@@ -90,3 +90,8 @@ ERROR_DESCRIPTIONS = {
 ERROR_RESPONSES: dict[int, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description} for status, description in ERROR_DESCRIPTIONS.items()
 }
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entries of the error statuses an endpoint can answer (and 500, which any can)."""
+    return {status: ERROR_RESPONSES[status] for status in (*statuses, 500)}

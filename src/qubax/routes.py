@@ -5,7 +5,7 @@ import functools
 import re
 import time
 from collections.abc import Awaitable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -19,12 +19,12 @@ from qubax.bodies import LimitedRoute
 from qubax.catalog import CatalogModel
 from qubax.errors import AuthenticationError, ClientDisconnected, NotFound
 from qubax.protocol import (
-    ERROR_RESPONSES,
     HealthStatus,
     ImageGenerateRequest,
     ImagesResponse,
     Model,
     ModelList,
+    error_responses,
 )
 from qubax.services import Services, ServicesDep
 
@@ -33,11 +33,6 @@ IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)")
 GENERATIONS_PATH = "/v1/images/generations"
 
 router = APIRouter(route_class=LimitedRoute)
-
-
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI entries of the error statuses an endpoint can answer (and 500, which any can)."""
-    return {status: ERROR_RESPONSES[status] for status in (*statuses, 500)}
 
 
 class ApiKeyAuth(HTTPBearer):
@@ -83,7 +78,7 @@ CurrentKey = Annotated[
 @router.post(
     GENERATIONS_PATH,
     response_model=ImagesResponse,
-    responses=errors(400, 401, 404, 413, 429, 502, 503, 504),
+    responses=error_responses(400, 401, 404, 413, 429, 502, 503, 504),
     summary="Create image",
     tags=["Images"],
 )
@@ -161,14 +156,16 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 WATCH_AFTER_SECONDS = 0.1
 
 
-@router.get("/v1/models", responses=errors(401), summary="List models", tags=["Models"])
+@router.get("/v1/models", responses=error_responses(401), summary="List models", tags=["Models"])
 async def list_models(key: CurrentKey, services: ServicesDep) -> ModelList:
     """The models this server offers, aliases included."""
     models = services.catalog.models
     return ModelList(data=[model_card(model, name) for model in models for name in (model.id, *model.aliases)])
 
 
-@router.get("/v1/models/{model_id:path}", responses=errors(401, 404), summary="Retrieve model", tags=["Models"])
+@router.get(
+    "/v1/models/{model_id:path}", responses=error_responses(401, 404), summary="Retrieve model", tags=["Models"]
+)
 async def retrieve_model(model_id: str, key: CurrentKey, services: ServicesDep) -> Model:
     return model_card(services.catalog.find(model_id), model_id)
 
@@ -183,7 +180,7 @@ IMAGE_CONTENT = {f"image/{ext}": {"schema": {"type": "string", "format": "binary
 @router.get(
     "/images/{name}",
     response_class=Response,
-    responses={200: {"description": "The image.", "content": IMAGE_CONTENT}, **errors(403, 404, 410)},
+    responses={200: {"description": "The image.", "content": IMAGE_CONTENT}, **error_responses(403, 404, 410)},
     summary="Download image",
     tags=["Images"],
 )
@@ -201,7 +198,7 @@ async def serve_image(name: str, services: ServicesDep, expires: str = "", signa
     return FileResponse(image, media_type=f"image/{match[2]}", headers=headers)
 
 
-@router.get("/healthz", responses=errors(503), summary="Health check", tags=["Operations"])
+@router.get("/healthz", responses=error_responses(503), summary="Health check", tags=["Operations"])
 async def healthz(services: ServicesDep) -> HealthStatus:
     """200 when the service, its database and (if configured) Redis are reachable."""
     async with services.engine.connect() as connection:

@@ -90,6 +90,12 @@ UPSTREAMS = {
         asked=lambda fake: [body["n"] for body in fake.requests],
     ),
 }
+# Submissions to the asynchronous upstreams left unanswered for longer than the test's submission timeout.
+STALLED_SUBMISSION: dict[str, Knobs] = {
+    "bfl": {"submit_delay": 3.0},
+    "fal": {"submit_delay": 3.0},
+    "replicate": {"create_delay": 3.0},
+}
 # The healthy second route for each first one: a cycle, so every upstream is also a failover target.
 SECOND = {"bfl": "fal", "fal": "replicate", "replicate": "together", "together": "bfl"}
 
@@ -123,7 +129,7 @@ FAIL_ONE_OF_THREE: dict[str, Callable[[Any], None]] = {
 # Faults that leave nothing billed: the whole request moves to the second route. Each names its knobs
 # and what the first route's attempt records as its error.
 FAILOVER_FAULTS: dict[str, tuple[Callable[[Upstream], Knobs], Callable[[Upstream], str]]] = {
-    "429": (lambda up: up.refuse(429), lambda up: f"{up.name} is rate limiting us (429)"),
+    "429": (lambda up: up.refuse(429), lambda up: f"{up.name} is over its rate limit (429)"),
     "500": (lambda up: up.refuse(500), lambda up: f"{up.name} failed (500)"),
     "503": (lambda up: up.refuse(503), lambda up: f"{up.name} failed (503)"),
     "out of credit": (lambda up: up.refuse(up.out_of_credit), lambda up: f"({up.out_of_credit})"),
@@ -275,6 +281,21 @@ def test_a_hanging_route_opens_its_breaker_and_the_next_route_serves(settings: S
         assert UPSTREAMS[first].asked(x) == [1, 1]
         assert UPSTREAMS[SECOND[first]].asked(y) == [1]
         assert [a[3] for a in attempts(stack)] == ["upstream_timeout", "upstream_timeout", "ok"]
+
+
+@pytest.mark.parametrize("first", STALLED_SUBMISSION)
+def test_an_unanswered_submission_fails_over_and_opens_the_breaker(settings: Settings, first: str) -> None:
+    second = SECOND[first]
+    with pair(settings, first, upstream_submit_timeout_seconds=0.5, breaker_failures=2) as (stack, x, y):
+        turn(x, STALLED_SUBMISSION[first])
+        # Had the submission not been given up at its timeout, the first route would have answered (3 s).
+        assert [generate(stack, n=1)[0] for _ in range(3)] == [second] * 3
+        assert UPSTREAMS[first].asked(x) == [1, 1]  # the breaker opened: the third request skipped it
+        assert UPSTREAMS[second].asked(y) == [1, 1, 1]
+        outcomes = [(a[0], a[3]) for a in attempts(stack)]
+        timed_out, served = (first, "upstream_timeout"), (second, "ok")
+        assert outcomes == [timed_out, served, timed_out, served, served]
+        assert charged(stack) == [("ok", 1, PRICE)] * 3
 
 
 @pytest.mark.parametrize("first", UPSTREAMS)

@@ -20,7 +20,12 @@
         ├── TaskFailed              502 upstream_error       (the upstream says the task failed: not billed)
         └── UpstreamTimeout         504 upstream_timeout
 
-An `UpstreamError` says two things about what to do next: `retryable` (worth the *client* sending the
+An `UpstreamError` speaks to two readers. Its `message` is for the client, in our own words: what
+failed and whether a retry can help, never the upstream's text, which may echo the operator's key or
+describe the operator's account. Its `detail` is for the operator: the upstream's own words and what we
+make of them, masked (`qubax.masking`) before it is logged or stored in the attempts record.
+
+It also says two things about what to do next: `retryable` (worth the *client* sending the
 request again: becomes `x-should-retry`) and `failover` (worth trying the *next route* now; false once the
 upstream may have accepted, and so billed, the work).
 """
@@ -155,8 +160,11 @@ class UpstreamError(QubaxError):
     type = "upstream_error"
     code = "upstream_error"
 
-    def __init__(self, message: str, *, retryable: bool = False, failover: bool | None = None) -> None:
+    def __init__(
+        self, message: str, *, detail: str = "", retryable: bool = False, failover: bool | None = None
+    ) -> None:
         super().__init__(message)
+        self.detail = detail
         self.retryable = retryable
         self.failover = retryable if failover is None else failover
         self.images: list[Any] = []  # what a fan-out produced before this failure, to keep
@@ -169,8 +177,8 @@ class UpstreamError(QubaxError):
 class TaskFailed(UpstreamError):
     """The upstream reports the task failed, so it was not billed: another route may take it."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, failover=True)
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message, detail=detail, failover=True)
 
 
 class UpstreamTimeout(UpstreamError):

@@ -3,6 +3,7 @@ stored or inlined, and a usage record out."""
 
 import asyncio
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from qubax.providers.registry import PROVIDERS
 from qubax.services import Services
 from qubax.storage import Storage
 
+logger = logging.getLogger("qubax")
 TEST_UPSTREAM = "test"
 INLINE_BYTES = 256 * 1024  # checking and base64-ing this much beats a thread hop (bench/README.md)
 
@@ -112,7 +114,9 @@ async def attempt(
         images = await services.providers[route.provider].generate(request, route.upstream_model)
     except UpstreamError as exc:
         services.breakers.failed(name)
-        record.images, record.outcome, record.error = len(exc.images), exc.code or "upstream_error", exc.message
+        record.images, record.outcome = len(exc.images), exc.code or "upstream_error"
+        record.error = services.mask(f"{exc.message} Detail: {exc.detail}" if exc.detail else exc.message)
+        logger.warning("%s on %s: %s", record.outcome, name, record.error)
         return exc.images, exc
     except QubaxError as exc:  # a refusal such as moderation: the route works, the prompt does not
         services.breakers.succeeded(name)
@@ -189,7 +193,9 @@ async def finish(
     generation.latency_ms = int((time.monotonic() - started) * 1000)
     if error is not None:
         generation.images, generation.cost_micros = 0, 0
-        generation.error = str(error)[:1000] or type(error).__name__
+        # Our own words for our errors; anything else (a crash) may quote foreign text.
+        text = error.message if isinstance(error, QubaxError) else services.mask(str(error))
+        generation.error = text[:1000] or type(error).__name__
         if isinstance(error, QubaxError):
             generation.outcome = error.code or "error"
         else:

@@ -20,6 +20,7 @@ from qubax.breaker import Breakers
 from qubax.catalog import Catalog
 from qubax.errors import QubaxError
 from qubax.ledger import Ledger
+from qubax.masking import Mask, configured_secrets
 from qubax.metrics import Metrics
 from qubax.providers import Provider
 from qubax.providers.http import Http, Timeouts, open_session
@@ -46,6 +47,7 @@ class Services:
     ledger: Ledger
     quotas: Quotas
     metrics: Metrics
+    mask: Mask  # for foreign text (an upstream's words) before it is logged or stored
     keys: KeyCache[db.KeyRecord] = field(default_factory=KeyCache)
 
 
@@ -56,7 +58,11 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
         held.push_async_callback(engine.dispose)
         await db.migrate(engine)
         storage = await held.enter_async_context(open_storage(settings))
-        timeouts = Timeouts(settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
+        timeouts = Timeouts(
+            settings.upstream_connect_timeout_seconds,
+            settings.upstream_read_timeout_seconds,
+            settings.upstream_submit_timeout_seconds,
+        )
         http = await held.enter_async_context(open_session(timeouts, settings.upstream_connections))
         # A slot outlives no request: its hold lapses after the longest one could take.
         slots = await held.enter_async_context(open_slots(settings.redis_url, settings.request_timeout_seconds + 60))
@@ -81,6 +87,7 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
             ledger=ledger,
             quotas=quotas,
             metrics=metrics,
+            mask=Mask(configured_secrets(settings)),
         )
 
 

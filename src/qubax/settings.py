@@ -34,9 +34,11 @@ class Settings(BaseSettings):
     access_log: bool = True
     log_prompts: bool = False  # prompts are the users' data: off the logs unless the operator asks
 
-    # Upstream HTTP: seconds to connect, seconds of silence before an upstream is given up, connections.
+    # Upstream HTTP: seconds to connect, seconds of silence before an upstream is given up, seconds an
+    # asynchronous upstream has to accept a submission before the next route gets it, connections.
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     upstream_read_timeout_seconds: float = Field(default=120.0, gt=0)
+    upstream_submit_timeout_seconds: float = Field(default=30.0, gt=0)
     upstream_connections: int = Field(default=256, ge=1)
 
     # Per provider, by its registry name, from the provider's own variables (`ProviderVariables`):

@@ -7,6 +7,7 @@ from the incoming request, so they point at wherever `serve()` put the app.
 Faults are injected by setting attributes on the instance; everything it saw is recorded for asserts.
 """
 
+import asyncio
 import io
 import uuid
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class FakeBFL:
     statuses_for: dict[int, list[str]] = field(default_factory=dict)
     error_details: dict[str, Any] | None = None  # `details` sent with status Error
     submit_status: int | None = None  # answer every submit with this HTTP status and a `detail`
+    submit_delay: float = 0.0  # seconds before a submit is answered
     submit_response: dict[str, Any] | None = None  # replace the submit response body
     submit_html: bool = False  # answer submits with an HTML page (status: submit_status or 200)
     polling_url_override: str | None = None
@@ -107,6 +109,7 @@ class FakeBFL:
             return JSONResponse({"detail": ERROR_DETAILS[401]}, 401)
         body = await request.json()
         self.submissions.append(body)
+        await asyncio.sleep(self.submit_delay)
         if self.submit_html:
             return HTMLResponse("<html><body>Bad gateway</body></html>", self.submit_status or 200)
         if self.submit_status is not None:

@@ -79,6 +79,7 @@ class FakeFal:
     queued_polls: int = 1
     running_polls: int = 1
     submit_status: int | None = None  # answer every submit with this HTTP status and a `detail`
+    submit_delay: float = 0.0  # seconds before a submit is answered
     submit_garbage: bool = False  # answer submits with an HTML page (a proxy error, say)
     submit_response: dict[str, Any] | None = None  # replace the submit response body
     moderate_on_submit: bool = False  # 422 content_policy_violation
@@ -138,6 +139,7 @@ class FakeFal:
         body = await request.json()
         self.submissions.append(body)
         self.models.append(model)
+        await asyncio.sleep(self.submit_delay)
         if self.submit_status is not None:
             return JSONResponse({"detail": ERROR_DETAILS.get(self.submit_status, "error")}, self.submit_status)
         if self.submit_garbage:

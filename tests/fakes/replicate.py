@@ -12,8 +12,10 @@ inputs are refused (Replicate ignores them), so a misspelt field fails a test in
 Faults are injected by setting attributes on the instance; everything it saw is recorded for asserts.
 """
 
+import asyncio
 import base64
 import io
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +65,7 @@ DETAILS = {
     503: "Service unavailable",
 }
 TERMINAL = ("succeeded", "failed", "canceled", "aborted")
+PREFER_WAIT = re.compile(r"wait(=([1-9]|[1-5][0-9]|60))?")  # `wait` holds up to 60 s; `wait=N`, 1-60
 
 
 @dataclass
@@ -88,6 +91,7 @@ class FakeReplicate:
     final_status: str | None = None  # end with this status instead (canceled, aborted, or nonsense)
     drop: int = 0  # the NSFW filter drops this many outputs (all of them: `failed` with NSFW_ERROR)
     create_status: int | None = None  # answer every create with this status and an RFC 7807 body
+    create_delay: float = 0.0  # seconds before a create is answered
     create_garbage: bool = False  # answer creates with an HTML page (a proxy error, say)
     poll_garbage: bool = False
     poll_status: int | None = None  # answer every poll with this status and an RFC 7807 body
@@ -132,6 +136,7 @@ class FakeReplicate:
         body = await request.json()
         self.creates.append(body)
         self.create_headers.append(dict(request.headers))
+        await asyncio.sleep(self.create_delay)
         if self.create_status is not None:
             return problem(self.create_status)
         if self.create_garbage:
@@ -142,7 +147,7 @@ class FakeReplicate:
         self.predictions.append(prediction)
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
-        waited = request.headers.get("prefer", "").startswith("wait")
+        waited = PREFER_WAIT.fullmatch(request.headers.get("prefer", "")) is not None
         if waited and self.fast:
             self.finish(prediction, request)
         headers = {"preference-applied": "wait"} if waited else {}

@@ -107,7 +107,7 @@ async def test_error_status_is_a_final_upstream_error_with_details(fake: FakeBFL
 
     error = await failure(fake)
 
-    assert "GPU fell over" in error.message
+    assert "GPU fell over" in error.detail
     assert error.retryable is False
     assert len(fake.polls) == 2
 
@@ -157,8 +157,8 @@ async def test_garbage_poll_response_is_an_upstream_error(fake: FakeBFL) -> None
         (401, False, "credential"),
         (402, False, "Insufficient credits"),
         (429, True, "active tasks"),
-        (500, True, "failed (500)"),
-        (503, True, "failed (503)"),
+        (500, True, "Internal Server Error"),
+        (503, True, "Service Unavailable"),
     ],
 )
 async def test_submit_errors_map_to_upstream_errors(fake: FakeBFL, status: int, retryable: bool, says: str) -> None:
@@ -167,7 +167,7 @@ async def test_submit_errors_map_to_upstream_errors(fake: FakeBFL, status: int, 
     error = await failure(fake, pro(n=2))
 
     assert f"({status})" in error.message
-    assert says in error.message
+    assert says in error.detail
     assert error.retryable is retryable
     assert fake.polls == []
 
@@ -184,7 +184,7 @@ async def test_validation_error_422_carries_the_message(fake: FakeBFL) -> None:
     error = await failure(fake, pro(width=1000))  # not a multiple of 32
 
     assert "(422)" in error.message
-    assert "multiple of 32" in error.message
+    assert "multiple of 32" in error.detail
     assert error.retryable is False
     assert fake.tasks == []
 

@@ -236,7 +236,7 @@ async def test_a_plain_validation_error_is_not_moderation(fake: FakeFal) -> None
     error = await failure(fake, Job(SCHNELL, "", 512, 512, 1))  # fal requires a prompt
 
     assert "(422)" in error.message
-    assert "prompt" in error.message
+    assert "prompt" in error.detail
     assert not isinstance(error, ContentPolicyViolation)
     assert error.retryable is False
 
@@ -288,7 +288,7 @@ async def test_an_exhausted_balance_fails_over_but_is_not_retried(fake: FakeFal)
     error = await failure(fake)
 
     assert "(403)" in error.message
-    assert "Exhausted balance" in error.message
+    assert "Exhausted balance" in error.detail
     assert error.failover is True
     assert error.retryable is False
     assert fake.polls == []
@@ -320,7 +320,7 @@ async def test_completed_with_an_error_is_a_failed_task(fake: FakeFal) -> None:
     error = await failure(fake)
 
     assert isinstance(error, TaskFailed) and error.failover
-    assert "Runner disconnected" in error.message
+    assert "Runner disconnected" in error.detail
     assert fake.results == []
 
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import trustme
 
-from qubax.errors import UpstreamError
+from qubax.errors import UpstreamError, UpstreamTimeout
 from qubax.providers import Upstream, http
 from qubax.providers.http import Timeouts, open_session, send
 from qubax.providers.together import Together
@@ -233,7 +233,8 @@ async def test_https_without_our_ca_is_refused_before_anything_is_sent(fake: Fak
         with pytest.raises(UpstreamError) as caught:
             await ask(together, JOB)
 
-    assert caught.value.message.startswith("Could not reach Together:")
+    assert caught.value.message == "Could not reach Together."
+    assert caught.value.detail.startswith("Could not reach Together: SSLCertVerificationError")
     assert (caught.value.retryable, caught.value.failover) == (True, True)
     assert fake.requests == []
 
@@ -305,6 +306,40 @@ async def test_silent_upstream_times_out_and_gives_its_slot_back() -> None:
             assert silent.requests[-1].path == GENERATIONS
 
 
+async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each request one byte of body every 0.1 s, never silent for long, never done."""
+    if await read_request(reader) is None:
+        return
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n")
+    with contextlib.suppress(ConnectionError):  # until the client gives up
+        while True:
+            writer.write(b" ")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.anyio
+async def test_a_submission_must_be_answered_within_its_own_timeout_all_told() -> None:
+    async with (
+        asyncio.timeout(10),
+        listening(trickle) as url,
+        open_session(Timeouts(connect=5, read=5, submit=0.5)) as session,
+    ):
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout) as caught:
+            await send(session, "x", "POST", f"{url}/v1/flux", json={"prompt": "a fox"}, submission=True)
+        took = time.monotonic() - started
+        # Anything else only has to keep talking: the same trickle is still being read past the limit.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1):
+                await send(session, "x", "GET", f"{url}/v1/get_result")
+
+    assert took < 1  # well under the 5 s read timeout the trickle never trips
+    assert caught.value.message == "x did not accept the work within 0.5 seconds."
+    # Nothing was accepted, so another route may take the work; the breaker counts it as a failure.
+    assert (caught.value.retryable, caught.value.failover, caught.value.code) == (True, True, "upstream_timeout")
+
+
 @pytest.mark.anyio
 async def test_nothing_listening_is_retryable_and_may_fail_over() -> None:
     async with asyncio.timeout(10), open_session(Timeouts(connect=5, read=5)) as session:
@@ -312,7 +347,8 @@ async def test_nothing_listening_is_retryable_and_may_fail_over() -> None:
         with pytest.raises(UpstreamError) as caught:
             await ask(Together(upstream), JOB)
 
-    assert caught.value.message == "Could not reach Together: ConnectionRefusedError (127.0.0.1:9)."
+    assert caught.value.message == "Could not reach Together."  # the client is not told where we connect
+    assert caught.value.detail == "Could not reach Together: ConnectionRefusedError (127.0.0.1:9)."
     assert (caught.value.retryable, caught.value.failover) == (True, True)
     assert held(upstream) == 0
 
@@ -343,7 +379,8 @@ async def test_post_on_a_dropped_kept_alive_connection_is_not_sent_again() -> No
             await send(session, "x", "POST", f"{url}/b", json={"prompt": "a fox"})
 
     # It may have arrived (it did), so it may be billed: neither resent nor re-routed, but the client may retry.
-    assert caught.value.message == "x connection failed: Server disconnected."
+    assert caught.value.message == "x connection failed."
+    assert caught.value.detail == "x connection failed: Server disconnected."
     assert (caught.value.retryable, caught.value.failover) == (True, False)
     assert server.requests == [(1, "GET"), (1, "POST")]
     assert server.connections == 1

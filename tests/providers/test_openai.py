@@ -132,10 +132,11 @@ async def test_retired_model_says_where_to_point_the_base_url(openai: OpenAI, fa
         await ask(openai, job())
 
     assert caught.value.retryable is False
-    assert caught.value.message == (
-        "The configured OpenAI-compatible host (127.0.0.1) does not serve dall-e-3; "
+    assert caught.value.message == "The upstream for this model does not serve dall-e-3."
+    assert caught.value.detail == (
+        "the configured OpenAI-compatible host (127.0.0.1) does not serve it; "
         "point QUBAX_OPENAI_BASE_URL at a host that does. "
-        "Upstream said: The model `dall-e-3` does not exist or you do not have access to it."
+        "It said: The model `dall-e-3` does not exist or you do not have access to it."
     )
 
 
@@ -143,9 +144,10 @@ async def test_retired_model_says_where_to_point_the_base_url(openai: OpenAI, fa
 async def test_plain_404_from_a_wrong_base_url_gets_the_same_advice(http: Http, server: str) -> None:
     openai = OpenAI(Upstream(http, server, "test-key"))  # missing /v1: Starlette's plain-text 404
 
-    with pytest.raises(UpstreamError, match="point QUBAX_OPENAI_BASE_URL at a host that does") as caught:
+    with pytest.raises(UpstreamError) as caught:
         await ask(openai, job())
 
+    assert "point QUBAX_OPENAI_BASE_URL at a host that does" in caught.value.detail
     assert caught.value.retryable is False
 
 
@@ -157,27 +159,30 @@ async def test_insufficient_quota_is_not_retryable(openai: OpenAI, fake: FakeOpe
         await ask(openai, job())
 
     assert caught.value.retryable is False
-    assert caught.value.message.startswith("OpenAI account is out of credit (429): You exceeded your current quota")
+    assert caught.value.message == "OpenAI could not serve the request (429)."
+    assert caught.value.detail.startswith("the account is out of credit: You exceeded your current quota")
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("status", "retryable", "message"),
+    ("status", "retryable", "message", "detail"),
     [
-        (402, False, "OpenAI account is out of credit (402): fake failure 402"),
-        (429, True, "OpenAI is rate limiting us (429): fake failure 429"),
-        (500, True, "OpenAI failed (500): fake failure 500"),
-        (503, True, "OpenAI failed (503): fake failure 503"),
+        (402, False, "OpenAI could not serve the request (402).", "the account is out of credit: fake failure 402"),
+        (429, True, "OpenAI is over its rate limit (429).", "rate limited: fake failure 429"),
+        (500, True, "OpenAI failed (500).", "fake failure 500"),
+        (503, True, "OpenAI failed (503).", "fake failure 503"),
     ],
 )
-async def test_status_mapping(openai: OpenAI, fake: FakeOpenAI, status: int, retryable: bool, message: str) -> None:
+async def test_status_mapping(
+    openai: OpenAI, fake: FakeOpenAI, status: int, retryable: bool, message: str, detail: str
+) -> None:
     fake.fail_status = status
 
     with pytest.raises(UpstreamError) as caught:
         await ask(openai, job())
 
     assert type(caught.value) is UpstreamError
-    assert (caught.value.message, caught.value.retryable) == (message, retryable)
+    assert (caught.value.message, caught.value.detail, caught.value.retryable) == (message, detail, retryable)
 
 
 @pytest.mark.anyio
@@ -187,18 +192,18 @@ async def test_wrong_key_is_not_retryable(http: Http, server: str) -> None:
     with pytest.raises(UpstreamError) as caught:
         await ask(openai, job())
 
-    assert (
-        caught.value.message == "OpenAI rejected the configured credential (401): Incorrect API key provided: test-***."
-    )
+    assert caught.value.message == "OpenAI could not serve the request (401)."
+    assert caught.value.detail == "the configured credential was rejected: Incorrect API key provided: test-***."
     assert caught.value.retryable is False
 
 
 @pytest.mark.anyio
-async def test_upstream_validation_message_is_kept(openai: OpenAI, fake: FakeOpenAI) -> None:
+async def test_upstream_validation_message_is_kept_for_the_operator(openai: OpenAI, fake: FakeOpenAI) -> None:
     with pytest.raises(UpstreamError) as caught:
         await ask(openai, job(size="1024x768"))
 
-    assert caught.value.message == "OpenAI refused the request (400): The size is not supported by this model."
+    assert caught.value.message == "OpenAI refused the request (400)."
+    assert caught.value.detail == "The size is not supported by this model."
     assert caught.value.retryable is False
 
 

@@ -149,7 +149,7 @@ async def test_prefer_wait_answered_at_once_needs_no_polling(fake: FakeReplicate
 
     images = await generate(fake, job(PRO))
 
-    assert fake.create_headers[0]["prefer"] == "wait"
+    assert fake.create_headers[0]["prefer"] == "wait=15"  # half the default submission timeout
     assert fake.create_headers[0]["authorization"] == "Bearer test-key"
     assert fake.predictions[0].history == ["succeeded"]
     assert fake.polls == []
@@ -198,7 +198,7 @@ async def test_failed_for_another_reason_is_a_task_failure(fake: FakeReplicate) 
     error = await failure(fake)
 
     assert isinstance(error, TaskFailed)
-    assert "CUDA out of memory" in error.message
+    assert "CUDA out of memory" in error.detail
     assert error.failover is True
     assert error.retryable is False
 
@@ -248,7 +248,7 @@ async def test_credential_and_credit_errors_fail_over_without_retry(
     error = await failure(fake, job(PRO, n=2))
 
     assert f"({status})" in error.message
-    assert says in error.message
+    assert says in error.detail
     assert (error.failover, error.retryable) == (True, False)
     assert fake.polls == []
 
@@ -261,13 +261,14 @@ async def test_wrong_key_fails_over_without_retry(fake: FakeReplicate) -> None:
     assert fake.creates == []
 
 
-@pytest.mark.parametrize(("status", "says"), [(429, "Request was throttled"), (500, "failed (500)")])
+@pytest.mark.parametrize(("status", "says"), [(429, "Request was throttled"), (500, "Internal server error")])
 async def test_throttling_and_server_errors_are_retryable(fake: FakeReplicate, status: int, says: str) -> None:
     fake.create_status = status
 
     error = await failure(fake)
 
-    assert says in error.message
+    assert f"({status})" in error.message
+    assert says in error.detail
     assert (error.failover, error.retryable) == (True, True)
 
 
@@ -275,7 +276,7 @@ async def test_validation_error_carries_replicates_detail(fake: FakeReplicate) -
     error = await failure(fake, job(PRO, width=1000))  # not a multiple of 32
 
     assert "(422)" in error.message
-    assert "multiple of 32" in error.message
+    assert "multiple of 32" in error.detail
     assert error.retryable is False
     assert fake.predictions == []
 

@@ -123,17 +123,17 @@ async def test_safety_checker_is_a_content_policy_violation(together: Together, 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("status", "retryable", "message"),
+    ("status", "retryable", "message", "detail"),
     [
-        (402, False, "Together account is out of credit (402): fake failure 402"),
-        (422, False, "Together refused the request (422): fake failure 422"),
-        (429, True, "Together is rate limiting us (429): fake failure 429"),
-        (500, True, "Together failed (500): fake failure 500"),
-        (503, True, "Together failed (503): fake failure 503"),
+        (402, False, "Together could not serve the request (402).", "the account is out of credit: fake failure 402"),
+        (422, False, "Together refused the request (422).", "fake failure 422"),
+        (429, True, "Together is over its rate limit (429).", "rate limited: fake failure 429"),
+        (500, True, "Together failed (500).", "fake failure 500"),
+        (503, True, "Together failed (503).", "fake failure 503"),
     ],
 )
 async def test_status_mapping(
-    together: Together, fake: FakeTogether, status: int, retryable: bool, message: str
+    together: Together, fake: FakeTogether, status: int, retryable: bool, message: str, detail: str
 ) -> None:
     fake.fail_status = status
 
@@ -141,7 +141,7 @@ async def test_status_mapping(
         await ask(together, job())
 
     assert type(caught.value) is UpstreamError
-    assert (caught.value.message, caught.value.retryable) == (message, retryable)
+    assert (caught.value.message, caught.value.detail, caught.value.retryable) == (message, detail, retryable)
 
 
 @pytest.mark.anyio
@@ -151,7 +151,8 @@ async def test_wrong_key_is_not_retryable(http: Http, base_url: str) -> None:
     with pytest.raises(UpstreamError) as caught:
         await ask(together, job())
 
-    assert caught.value.message == "Together rejected the configured credential (401): Invalid API key provided."
+    assert caught.value.message == "Together could not serve the request (401)."
+    assert caught.value.detail == "the configured credential was rejected: Invalid API key provided."
     assert caught.value.retryable is False
 
 
@@ -218,6 +219,10 @@ async def test_unreachable_host_is_retryable_and_keeps_its_cause(http: Http) -> 
     with pytest.raises(UpstreamError) as caught:
         await ask(together, job(n=6))
 
-    message = "Could not reach Together: ConnectionRefusedError (127.0.0.1:9)."
-    assert (caught.value.message, caught.value.retryable) == (message, True)
+    detail = "Could not reach Together: ConnectionRefusedError (127.0.0.1:9)."
+    assert (caught.value.message, caught.value.detail, caught.value.retryable) == (
+        "Could not reach Together.",
+        detail,
+        True,
+    )
     assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)

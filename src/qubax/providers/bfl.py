@@ -6,6 +6,7 @@ from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
 from qubax.providers.http import (
+    DETAIL_CHARS,
     billed,
     check_status,
     download,
@@ -46,7 +47,8 @@ class BFL:
 
     async def _submit(self, request: ImageRequest, model: str, headers: dict[str, str]) -> str:
         url = f"{self.upstream.base_url}/v1/{model}"
-        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(request, model))
+        payload = body(request, model)
+        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=payload, submission=True)
         check_status(response, PROVIDER)
         task = read_json(response, PROVIDER)
         polling_url = task.get("polling_url")
@@ -76,12 +78,12 @@ class BFL:
         if status in MODERATED:
             raise ContentPolicyViolation()
         if status == "Error":
-            details = result.get("details")
-            reason = f": {str(details)[:200]}" if details else "."
-            raise TaskFailed(f"{PROVIDER} failed to generate the image{reason}")
+            detail = str(result.get("details") or "(no details)")[:DETAIL_CHARS]
+            raise TaskFailed(f"{PROVIDER} failed to generate the image.", detail=detail)
         if status == "Task not found":
             raise UpstreamError(f"{PROVIDER} no longer knows the task (Task not found).")
-        raise UpstreamError(f"{PROVIDER} reported an unknown task status: {str(status)[:80]!r}.")
+        detail = f"status {str(status)[:80]!r}"
+        raise UpstreamError(f"{PROVIDER} reported an unknown task status.", detail=detail)
 
 
 def body(request: ImageRequest, model: str) -> dict[str, Any]:

@@ -39,7 +39,7 @@ class Fal:
 
     async def _submit(self, request: ImageRequest, model: str, count: int, headers: dict[str, str]) -> dict[str, str]:
         url = f"{self.upstream.base_url}/{model}"
-        queued = await self._call("POST", url, headers, json=body(request, model, count))
+        queued = await self._call("POST", url, headers, json=body(request, model, count), submission=True)
         urls = {name: queued.get(name) for name in ("status_url", "response_url", "cancel_url")}
         if not queued.get("request_id") or not all(isinstance(url, str) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} accepted the request but returned no request_id or queue URLs.")
@@ -48,6 +48,7 @@ class Fal:
         return {name: str(url) for name, url in urls.items()}
 
     async def _call(self, method: str, url: str, headers: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+        """`kwargs` go to `http.send`."""
         response = await http.send(self.upstream.http, PROVIDER, method, url, headers=headers, **kwargs)
         # fal's content checker refuses on submit, and the response URL repeats the model's own errors.
         if moderated(response):
@@ -70,9 +71,10 @@ class Fal:
         if state in ("IN_QUEUE", "IN_PROGRESS"):
             return None
         if state != "COMPLETED":
-            raise UpstreamError(f"{PROVIDER} reported an unknown request status: {str(state)[:80]!r}.")
+            detail = f"status {str(state)[:80]!r}"
+            raise UpstreamError(f"{PROVIDER} reported an unknown request status.", detail=detail)
         if error := status.get("error") or status.get("error_type"):
-            raise TaskFailed(f"{PROVIDER} failed to generate the images: {str(error)[:200]}")
+            raise TaskFailed(f"{PROVIDER} failed to generate the images.", detail=str(error)[: http.DETAIL_CHARS])
         return True
 
     async def _images(self, output: dict[str, Any], count: int) -> list[GeneratedImage]:

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import pybase64
 
-from qubax.errors import TaskFailed, UpstreamError
+from qubax.errors import TaskFailed, UpstreamError, UpstreamTimeout
 from qubax.providers import GeneratedImage, Upstream, payload
 
 T = TypeVar("T")
@@ -41,9 +41,12 @@ class Reply:
 @dataclass(frozen=True)
 class Timeouts:
     connect: float = 10.0  # to open a connection (TCP, TLS, a proxy's tunnel)
-    # Of silence while an answer is awaited or read. Synchronous upstreams answer only once the image is
-    # made (Replicate holds a `Prefer: wait` request up to 60 s), so this must outlast a generation.
+    # Of silence while an answer is awaited or read. Synchronous upstreams (Together, OpenAI) answer
+    # only once the image is made, so this must outlast a generation.
     read: float = 120.0
+    # For an asynchronous upstream (BFL, fal, Replicate) to accept a submission, all told. They answer
+    # with a task id at once; one that does not is failing, and another route should have the work.
+    submit: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Http:
 
     session: aiohttp.ClientSession
     proxies: Mapping[str, str]  # scheme -> proxy URL, as urllib reads HTTP_PROXY / HTTPS_PROXY / NO_PROXY
+    timeouts: Timeouts = Timeouts()
 
     def proxy(self, url: str) -> str | None:
         """The proxy for this URL, or None when it goes direct (no proxy for its scheme, or NO_PROXY)."""
@@ -85,7 +89,7 @@ async def open_session(timeouts: Timeouts = Timeouts(), connections: int = 256) 
         cookie_jar=aiohttp.DummyCookieJar(),  # upstreams authenticate by key; cookies would leak between keys
         headers={"user-agent": "qubax"},
     ) as session:
-        yield Http(session, proxies)
+        yield Http(session, proxies, timeouts)
 
 
 async def send(
@@ -96,35 +100,46 @@ async def send(
     *,
     headers: Mapping[str, str] | None = None,
     json: Any = None,
+    submission: bool = False,
 ) -> Reply:
     """Send one request and read the whole answer, turning transport failures into our errors.
-    Redirects are never followed: adapters vet every host they send a key or a download to."""
+    Redirects are never followed: adapters vet every host they send a key or a download to.
+
+    A `submission` (work handed to an asynchronous upstream) must be answered within `timeouts.submit`;
+    past it the upstream is taken not to have accepted the work, and another route may take it. (Should
+    it have accepted it after all, that task is lost to us: we never learned its id.)"""
     if json is not None:
         headers = {**(headers or {}), "content-type": "application/json"}
     data = None if json is None else orjson.dumps(json)
     try:
-        request = http.session.request(
-            method, url, headers=headers, data=data, allow_redirects=False, proxy=http.proxy(url)
-        )
-        async with request as response:
-            return Reply(response.status, response.headers, await read_body(response))
+        async with asyncio.timeout(http.timeouts.submit if submission else None):
+            request = http.session.request(
+                method, url, headers=headers, data=data, allow_redirects=False, proxy=http.proxy(url)
+            )
+            async with request as response:
+                return Reply(response.status, response.headers, await read_body(response))
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL, ValueError) as exc:
         # Nothing reached the upstream (no connection, or a URL or header we could not send): another
         # route can safely take the work.
-        raise UpstreamError(f"Could not reach {provider}: {describe(exc)}.", retryable=True) from exc
+        detail = f"Could not reach {provider}: {describe(exc)}."
+        raise UpstreamError(f"Could not reach {provider}.", detail=detail, retryable=True) from exc
     except aiohttp.SocketTimeoutError as exc:
         # It has the request (and may bill it) but went silent: the client may retry, we do not re-route.
         message = f"{provider} sent nothing for {http.session.timeout.sock_read:g} seconds."
         raise UpstreamError(message, retryable=True, failover=False) from exc
+    except TimeoutError as exc:  # only a submission's own limit: aiohttp's timeouts are caught above
+        message = f"{provider} did not accept the work within {http.timeouts.submit:g} seconds."
+        raise UpstreamTimeout(message, retryable=True, failover=True) from exc
     except AnswerTooLarge as exc:
         raise UpstreamError(f"{provider} sent a response larger than we accept.") from exc
     except aiohttp.ClientError as exc:
         # The request may have arrived (and been billed): the client may retry, we do not re-route.
-        message = f"{provider} connection failed: {describe(exc)}."
-        raise UpstreamError(message, retryable=True, failover=False) from exc
+        detail = f"{provider} connection failed: {describe(exc)}."
+        raise UpstreamError(f"{provider} connection failed.", detail=detail, retryable=True, failover=False) from exc
 
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # of any one answer, JSON or image
+DETAIL_CHARS = 500  # of an upstream's own error text kept for the operator
 
 
 class AnswerTooLarge(Exception):
@@ -154,25 +169,25 @@ def describe(exc: BaseException) -> str:
 
 
 def check_status(response: Reply, provider: str) -> None:
-    """Raise the error a non-2xx upstream answer means; adapters handle provider quirks first."""
+    """Raise the error a non-2xx upstream answer means; adapters handle provider quirks first. The client
+    learns the status and whether a retry can help; the state of the operator's account with the
+    provider, and the upstream's own words, go to the error's `detail`."""
     status = response.status_code
     if status < 300:
         return
-    detail = error_detail(response)
     if status in (401, 403):
-        message = f"{provider} rejected the configured credential ({status})"
+        message, diagnosis = "could not serve the request", "the configured credential was rejected: "
     elif status == 402:
-        message = f"{provider} account is out of credit ({status})"
+        message, diagnosis = "could not serve the request", "the account is out of credit: "
     elif status == 429:
-        message = f"{provider} is rate limiting us ({status})"
-    elif status >= 500:
-        message = f"{provider} failed ({status})"
+        message, diagnosis = "is over its rate limit", "rate limited: "
     else:
-        message = f"{provider} refused the request ({status})"
+        message, diagnosis = ("failed" if status >= 500 else "refused the request"), ""
     retryable = status == 429 or status >= 500
     # A refused credential or an empty account is this route's problem: another route may still serve.
     failover = retryable or status in (401, 402, 403)
-    raise UpstreamError(f"{message}: {detail}" if detail else f"{message}.", retryable=retryable, failover=failover)
+    detail = diagnosis + (error_detail(response) or "(no message)")
+    raise UpstreamError(f"{provider} {message} ({status}).", detail=detail, retryable=retryable, failover=failover)
 
 
 def error_detail(response: Reply) -> str:
@@ -192,7 +207,7 @@ def error_detail(response: Reply) -> str:
     if isinstance(found, list) and found and isinstance(found[0], dict):  # FastAPI-style validation errors
         field = ".".join(str(part) for part in found[0].get("loc", [])[1:])
         found = f"{field}: {found[0].get('msg')}" if field else found[0].get("msg", found[0])
-    return str(found)[:300]
+    return str(found)[:DETAIL_CHARS]
 
 
 def read_json(response: Reply, provider: str) -> dict[str, Any]:
@@ -328,6 +343,7 @@ async def download(upstream: Upstream, provider: str, url: Any) -> bytes:
         response = await send(upstream.http, provider, "GET", url, headers={"user-agent": "qubax"})
     except UpstreamError as exc:
         exc.message = f"Downloading the image from {provider} failed: {exc.message}"
+        exc.detail = exc.detail and f"Downloading the image from {provider} failed: {exc.detail}"
         raise
     if response.status_code != 200:
         # 403/404/410 mean the signed URL expired or never existed: asking again cannot help.

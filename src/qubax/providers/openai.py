@@ -60,17 +60,20 @@ class OpenAI:
         code, detail = error_code(response), error_detail(response)
         # Until 2023 OpenAI sent the safety-system message with `code: null`.
         if code in MODERATION_CODES or (response.status_code == 400 and "safety system" in detail.lower()):
-            raise ContentPolicyViolation(detail or None)
+            raise ContentPolicyViolation()
         if response.status_code == 404 or code == "model_not_found":
             # OpenAI shut dall-e-3 down on 2026-05-12; only compatible hosts still serve it.
             raise UpstreamError(
-                f"The configured OpenAI-compatible host ({self.host}) does not serve {model}; "
-                f"point QUBAX_OPENAI_BASE_URL at a host that does. Upstream said: {detail or 'not found'}"
+                f"The upstream for this model does not serve {model}.",
+                detail=f"the configured OpenAI-compatible host ({self.host}) does not serve it; point "
+                f"QUBAX_OPENAI_BASE_URL at a host that does. It said: {detail or 'not found'}",
             )
         if code in NO_CREDIT_CODES:
             # OpenAI says "out of credit" with 429, which must not be retried like a rate limit.
             raise UpstreamError(
-                f"{PROVIDER} account is out of credit ({response.status_code}): {detail}", failover=True
+                f"{PROVIDER} could not serve the request ({response.status_code}).",
+                detail=f"the account is out of credit: {detail}",
+                failover=True,
             )
         check_status(response, PROVIDER)
 

@@ -7,6 +7,7 @@ from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
 from qubax.providers.http import (
+    DETAIL_CHARS,
     billed,
     cancel_quietly,
     check_status,
@@ -56,8 +57,13 @@ class Replicate:
 
     async def _create(self, request: ImageRequest, model: str, count: int, headers: dict[str, str]) -> dict[str, Any]:
         url = f"{self.upstream.base_url}/models/{model}/predictions"
-        wait = headers | {"prefer": "wait"}  # Replicate holds the request (up to 60 s) until the prediction ends
-        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=wait, json=body(request, model, count))
+        # Replicate holds the request up to `wait` seconds (1-60) for the prediction to end, which saves
+        # polling; the whole submission must still fit in its timeout.
+        wait = max(1, min(60, int(self.upstream.http.timeouts.submit / 2)))
+        http, payload = self.upstream.http, body(request, model, count)
+        response = await send(
+            http, PROVIDER, "POST", url, headers=headers | {"prefer": f"wait={wait}"}, json=payload, submission=True
+        )
         check_status(response, PROVIDER)
         return read_json(response, PROVIDER)
 
@@ -102,14 +108,15 @@ def outcome(prediction: dict[str, Any]) -> list[str] | None:
         if not isinstance(outputs, list) or not all(isinstance(item, str) for item in outputs):
             raise UpstreamError(f"{PROVIDER} reported the prediction succeeded but gave no output URIs.")
         return outputs
-    error = str(prediction.get("error") or "")[:200]
+    error = str(prediction.get("error") or "")[:DETAIL_CHARS]
     if status == "failed" and any(word in error.lower() for word in MODERATED_WORDS):
         raise ContentPolicyViolation()
     if status == "failed":
-        raise TaskFailed(f"{PROVIDER} failed to generate the image" + (f": {error}" if error else "."))
+        raise TaskFailed(f"{PROVIDER} failed to generate the image.", detail=error or "(no error given)")
     if status in ("canceled", "aborted"):
         raise TaskFailed(f"{PROVIDER} reports the prediction {status}.")
-    raise UpstreamError(f"{PROVIDER} reported an unknown prediction status: {str(status)[:80]!r}.")
+    detail = f"status {str(status)[:80]!r}"
+    raise UpstreamError(f"{PROVIDER} reported an unknown prediction status.", detail=detail)
 
 
 def body(request: ImageRequest, model: str, count: int) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def serve(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     from qubax.app import create_app
+    from qubax.connection import GuardedConnection
 
     settings = Settings()
     if workers > 1 and not settings.redis_url:
@@ -64,7 +65,13 @@ def serve(host: str, port: int, workers: int) -> None:
     logger.info("data folder: %s", settings.data_dir)
     logger.info("upstreams configured: %s", ", ".join(configured) or "none (test keys only)")
     # Qubax writes the access log itself (with the request id, never a query string): uvicorn's is off.
-    options: dict[str, Any] = {"host": host, "port": port, "log_config": log_config, "access_log": False}
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": log_config,
+        "access_log": False,
+        "http": GuardedConnection,  # the connection limits (README "Running on the internet")
+    }
     if workers == 1:
         uvicorn.run(create_app(settings), **options)
         return

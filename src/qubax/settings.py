@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     upstream_submit_timeout_seconds: float = Field(default=30.0, gt=0)
     upstream_connections: int = Field(default=256, ge=1)
 
+    # Each client connection under `qubax serve` (`connection.GuardedConnection`): the request head's and
+    # the URL's size, seconds to send a head and a body, connections open at once per server process.
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    max_url_bytes: int = Field(default=8 * 1024, ge=256)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=1024, ge=1)
+
     # Per provider, by its registry name, from the provider's own variables (`ProviderVariables`):
     # its credential (BFL_API_KEY=key1,key2) and its base URL (QUBAX_BFL_BASE_URL).
     credentials: dict[str, SecretStr] = Field(default_factory=dict)

@@ -13,6 +13,7 @@ from pydantic import SecretStr, ValidationError
 
 from qubax import db
 from qubax.app import create_app
+from qubax.quota import ADMIN_FAILURES
 from qubax.settings import Settings
 from tests.conftest import create_key
 from tests.server import serve
@@ -83,6 +84,28 @@ def test_wrong_tokens_and_api_keys_are_refused(base_url: str, settings: Settings
         assert "admin token" in body["message"]
         assert TOKEN not in response.text and live not in response.text
     error(httpx.post(f"{base_url}/admin/keys", json={}, headers={"authorization": f"Bearer {live}"}), 401)
+
+
+def test_an_address_that_keeps_failing_is_held_off_even_with_the_right_token(
+    base_url: str, admin: httpx.Client
+) -> None:
+    for _ in range(ADMIN_FAILURES.amount):
+        error(httpx.get(f"{base_url}/admin/keys", headers={"authorization": "Bearer guess"}), 401)
+
+    for response in (
+        httpx.get(f"{base_url}/admin/keys", headers={"authorization": "Bearer guess"}),
+        admin.get("/keys"),
+    ):
+        body = error(response, 429)
+        assert body["code"] == "rate_limit_exceeded" and "failed admin attempts" in body["message"]
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+    # API keys are not held off by somebody guessing the admin token.
+    assert httpx.get(f"{base_url}/v1/models", headers={"authorization": "Bearer nope"}).status_code == 401
+
+
+def test_the_right_token_counts_no_failure(admin: httpx.Client) -> None:
+    for _ in range(ADMIN_FAILURES.amount + 5):
+        assert admin.get("/keys").status_code == 200
 
 
 # keys

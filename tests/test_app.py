@@ -8,7 +8,9 @@ import pytest
 from sqlalchemy import select
 
 from qubax import db, generation
+from qubax.app import create_app
 from qubax.settings import Settings
+from tests.server import serve
 
 
 async def explode(*args: object) -> bytes:
@@ -71,3 +73,26 @@ def test_access_logs_never_show_image_signatures() -> None:
     )
     assert hide_query(record)
     assert record.getMessage() == '127.0.0.1:5 - "GET /images/img_a.png HTTP/1.1" 200'
+
+
+def test_pinned_hosts_refuse_requests_naming_any_other(settings: Settings, test_key: str) -> None:
+    settings.allowed_hosts = "api.example.com, *.qubax.test"
+    with serve(create_app(settings)) as url:
+        for host in ("api.example.com", "API.example.com:8443", "eu.qubax.test"):
+            assert httpx.get(f"{url}/healthz", headers={"host": host}).status_code == 200
+        for host in ("127.0.0.1", "evil.example", "qubax.test", "api.example.com:port", "api.example.com.evil"):
+            response = httpx.get(f"{url}/healthz", headers={"host": host})
+            assert response.status_code == 400
+            assert response.json()["error"] == {
+                "message": "The Host header names a host this server does not answer for.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_host",
+            }
+            assert response.headers["x-request-id"].startswith("req_")
+        # The image URLs we hand out name the allowed host the client used.
+        client = openai.OpenAI(
+            api_key=test_key, base_url=url + "/v1", default_headers={"host": "eu.qubax.test"}, max_retries=0
+        )
+        image = client.images.generate(model="flux-1-schnell", prompt="p", size="256x256").data[0]
+        assert image.url is not None and image.url.startswith("http://eu.qubax.test/images/")

@@ -33,13 +33,17 @@ def enabled(settings: Settings) -> bool:
 
 
 async def authorize(request: Request, services: ServicesDep) -> None:
-    """Only the admin token passes: API keys, valid or not, never reach an admin route."""
+    """Only the admin token passes: API keys, valid or not, never reach an admin route. An address that
+    sent wrong tokens too often is refused for a while, even with the right one."""
+    client = request.client.host if request.client else ""
+    await services.quotas.check_admin_failures(client)
     admin_token = services.settings.admin_token
     expected = admin_token.get_secret_value().encode() if admin_token else b""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     # Bytes: compare_digest refuses str with non-ASCII characters, which a header may carry.
     given = token.strip().encode() if scheme.lower() == "bearer" else b""
     if not expected or not secrets.compare_digest(given, expected):
+        await services.quotas.count_admin_failure(client)
         raise AuthenticationError(
             "This endpoint needs the admin token (QUBAX_ADMIN_TOKEN) in an Authorization header "
             "using Bearer auth; API keys are not accepted here."
@@ -50,7 +54,7 @@ router = APIRouter(
     prefix="/admin",
     dependencies=[Depends(authorize)],
     route_class=LimitedRoute,
-    responses=error_responses(400, 401, 404, 413),
+    responses=error_responses(400, 401, 404, 413, 429),
     tags=["Admin"],
 )
 metrics_router = APIRouter(dependencies=[Depends(authorize)], include_in_schema=False)

@@ -1,15 +1,18 @@
 """`create_app(settings)`: wires everything; the lifespan owns the long-lived objects (`services.py`)."""
 
 import contextlib
+import fnmatch
 import logging
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -61,7 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(QubaxError, render_error)
     app.add_exception_handler(RequestValidationError, render_validation_error)
     app.add_exception_handler(HTTPException, render_http_exception)
-    app.add_middleware(RequestLog, metrics=metrics, access_log=settings.access_log)
+    if settings.allowed_hosts:
+        patterns = [host.strip().lower() for host in settings.allowed_hosts.split(",") if host.strip()]
+        app.add_middleware(AllowedHosts, patterns=patterns)
+    app.add_middleware(RequestLog, metrics=metrics, access_log=settings.access_log)  # outermost: sees all
     return app
 
 
@@ -135,6 +141,31 @@ class RequestLog:
             self.metrics.count_response(scope["method"], scope["path"], status or 499)
             if self.access_log:
                 log_access(scope, status or 499, began, request_id)  # no status sent: the client left
+
+
+class AllowedHosts:
+    """Refuses requests whose Host header names none of the operator's hosts (`QUBAX_ALLOWED_HOSTS`):
+    without `QUBAX_PUBLIC_URL`, that header is the host of the image URLs we hand out."""
+
+    def __init__(self, app: ASGIApp, patterns: list[str]) -> None:
+        self.app = app
+        self.patterns = patterns
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.allows(Headers(scope=scope).get("host", "")):
+            message = "The Host header names a host this server does not answer for."
+            refusal = InvalidRequest(message, code="invalid_host")
+            await error_response(refusal.status_code, refusal.to_body())(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def allows(self, host: str) -> bool:
+        parts = urllib.parse.urlsplit(f"//{host}")
+        try:
+            parts.port  # noqa: B018 (read for its check: a port that is no number raises)
+        except ValueError:
+            return False
+        return any(fnmatch.fnmatchcase(parts.hostname or "", pattern) for pattern in self.patterns)
 
 
 def crash_response(request_id: str) -> JSONResponse:

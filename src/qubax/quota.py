@@ -18,6 +18,9 @@ from qubax.catalog import ImageRequest
 from qubax.errors import QuotaExceeded, RateLimited
 from qubax.slots import Slots, unreachable
 
+# Wrong admin tokens one address may send a minute: the token is long, but guessing should not be free.
+ADMIN_FAILURES = RateLimitItemPerMinute(10)
+
 
 def limiter_storage(redis_url: str | None) -> Storage:
     if redis_url is None:
@@ -31,6 +34,25 @@ class Quotas:
         self.sessions = sessions
         self.slots = slots
         self.window = MovingWindowRateLimiter(storage)
+
+    async def check_admin_failures(self, client: str) -> None:
+        """Refuse (429) a client that failed the admin token too often lately, whatever it sends now."""
+        try:
+            allowed = await self.window.test(ADMIN_FAILURES, client, "admin")
+            stats = None if allowed else await self.window.get_window_stats(ADMIN_FAILURES, client, "admin")
+        except StorageError as exc:
+            raise unreachable(exc) from exc
+        if stats is not None:
+            raise RateLimited(
+                f"Too many failed admin attempts from this address: at most {ADMIN_FAILURES.amount} a minute.",
+                retry_after=max(1.0, stats.reset_time - time.time()),
+            )
+
+    async def count_admin_failure(self, client: str) -> None:
+        try:
+            await self.window.hit(ADMIN_FAILURES, client, "admin")
+        except StorageError as exc:
+            raise unreachable(exc) from exc
 
     def hold(self, key: db.KeyRecord, request: ImageRequest) -> "Hold":
         """Admit one request, or raise a 429; the block gets the rate headers to send back. The request's

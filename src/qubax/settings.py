@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     storage_url: str | None = None  # file:///path or s3://bucket/prefix; default: images/ in the data folder
     admin_token: SecretStr | None = None  # enables /admin and /metrics; at least ADMIN_TOKEN_CHARS long
     public_url: str | None = None
+    # Host names (or `*.example.com` patterns), comma-separated, that requests may name in their Host
+    # header; others are refused. Unset: any (without public_url, it is the host of image URLs).
+    allowed_hosts: str | None = None
     # Signs image URLs; every node behind one public address must share it. Default: a file in data_dir.
     signing_secret: SecretStr | None = Field(default=None, min_length=32)
     image_ttl_seconds: int = Field(default=3600, gt=0)

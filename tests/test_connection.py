@@ -1,6 +1,7 @@
 """Connection limits of `qubax serve`, checked over raw sockets against a running server process."""
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -78,6 +79,11 @@ def status(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
 
+def error_code(response: bytes) -> str:
+    """The OpenAI error body's code, which even the server's own refusals carry."""
+    return str(json.loads(response.partition(b"\r\n\r\n")[2])["error"]["code"])
+
+
 def closed_within(sock: socket.socket, seconds: float) -> float:
     """Seconds until the server closed the connection, reading (and ignoring) what it said first."""
     started = time.monotonic()
@@ -91,7 +97,7 @@ def test_a_head_over_the_limit_is_431_and_the_connection_closed(port: int) -> No
         sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: qubax\r\n" + b"x-filler: " + b"a" * 5000 + b"\r\n\r\n")
         response = answer(sock)  # returns only because the server closed the connection
 
-    assert status(response) == 431
+    assert (status(response), error_code(response)) == (431, "headers_too_large")
 
 
 def test_a_huge_head_is_refused_without_being_read(port: int) -> None:
@@ -110,7 +116,7 @@ def test_a_url_over_the_limit_is_414(port: int) -> None:
         sock.sendall(b"GET /healthz?" + b"a" * 2000 + b" HTTP/1.1\r\nhost: qubax\r\n\r\n")
         response = answer(sock)
 
-    assert status(response) == 414
+    assert (status(response), error_code(response)) == (414, "url_too_long")
 
 
 def test_a_head_sent_a_byte_at_a_time_is_cut_off_at_the_header_timeout(port: int) -> None:

@@ -17,6 +17,7 @@ control, the ASGI cycle) stays uvicorn's.
 
 import asyncio
 import functools
+import json
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -46,25 +47,27 @@ def configured_limits() -> ConnectionLimits:
     )
 
 
-def refusal(status: int, reason: str) -> bytes:
-    return f"HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".encode()
+def refusal(status: int, reason: str, message: str, code: str) -> bytes:
+    """A whole response, written before any app sees the request: still OpenAI's error body."""
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    body = json.dumps({"error": error}).encode()
+    head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+    return head.encode() + b"connection: close\r\n\r\n" + body
 
 
-TOO_LARGE = refusal(431, "Request Header Fields Too Large")
-URL_TOO_LONG = refusal(414, "URI Too Long")
-TIMED_OUT = refusal(408, "Request Timeout")
+TOO_LARGE = refusal(431, "Request Header Fields Too Large", "The request's headers are too large.", "headers_too_large")
+URL_TOO_LONG = refusal(414, "URI Too Long", "The request's URL is too long.", "url_too_long")
+TIMED_OUT = refusal(408, "Request Timeout", "The request was not received in time.", "request_timeout")
 
 
 class GuardedConnection(HttpToolsProtocol):
-    limits: ConnectionLimits | None = None  # None: `configured_limits()`
-
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.guard = self.limits or configured_limits()
+        self.guard = configured_limits()
         self.refused = False
         self.in_head = False  # between a request's first byte and the end of its head
         self.head_bytes = 0  # of the head, as the parser reports its parts
         self.head_chunks = 0  # bytes received while the head was incomplete
-        self.heard = False  # any byte of the current request
+        self.heard = False  # any byte on this connection yet
         self.timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         if len(self.connections) > self.guard.max_connections:

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from qubax import db
 from qubax.app import create_app
+from qubax.catalog import MODELS
 from qubax.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
@@ -211,3 +212,28 @@ def test_aliases_from_the_operator_catalog(settings: Settings) -> None:
         assert len(response.data) == 1
         [row] = generations(stack.settings)
         assert row.model == "flux-1.1-pro"
+
+
+FLUX_ROUTES = [(model.id, route.provider) for model in MODELS if model.id.startswith("flux") for route in model.routes]
+
+
+@pytest.mark.slow  # a stack per route
+@pytest.mark.parametrize(("model", "provider"), FLUX_ROUTES)
+def test_every_output_format_through_every_flux_route(settings: Settings, model: str, provider: str) -> None:
+    """Each upstream is asked only for formats it makes (the fakes refuse the others, as the real ones
+    do); the rest is converted on our side."""
+    catalog = f'[models."{model}"]\nroutes = [{{ provider = "{provider}" }}]\n'
+    size = next(m.default_size for m in MODELS if m.id == model)
+    with running_stack(settings, catalog=catalog, providers=(provider,)) as stack:
+        for output_format, pillow in (("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")):
+            raw = stack.live.images.with_raw_response.generate(
+                model=model,
+                prompt="p",
+                size=size,
+                response_format="b64_json",
+                extra_body={"output_format": output_format},
+            )
+            assert raw.headers["x-qubax-route"] == provider
+            image = Image.open(io.BytesIO(base64.b64decode(raw.parse().data[0].b64_json or "")))
+            assert image.format == pillow
+            assert f"{image.size[0]}x{image.size[1]}" == size

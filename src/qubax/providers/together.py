@@ -72,7 +72,8 @@ def body(request: ImageRequest, model: str, n: int) -> dict[str, Any]:
         "height": request.height,
         "n": n,
         "response_format": "base64",
-        "output_format": request.output_format or "png",
+        # Together makes only jpeg and png; anything else is converted from png (lossless) on our side.
+        "output_format": "jpeg" if request.output_format == "jpeg" else "png",
     }
     if request.seed is not None:
         payload["seed"] = request.seed

@@ -63,9 +63,12 @@ def test_without_an_admin_token_the_admin_api_does_not_exist(settings: Settings)
             ("POST", "/admin/keys"),
             ("PUT", "/admin/keys"),
             ("GET", "/admin/usage"),
+            ("GET", "/metrics"),
         ]:
             response = httpx.request(method, url + path, headers={"authorization": f"Bearer {TOKEN}"})
-            assert error(response, 404)["type"] == "invalid_request_error"
+            body = error(response, 404)
+            assert body["type"] == "invalid_request_error"
+            assert "turns them on by setting QUBAX_ADMIN_TOKEN" in body["message"]
 
 
 def test_an_empty_admin_token_does_not_enable_it(settings: Settings) -> None:

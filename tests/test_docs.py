@@ -89,6 +89,7 @@ def test_every_public_endpoint_is_in_the_schema(schema: dict[str, Any]) -> None:
         "/v1/models/{model_id}",
         "/images/{name}",
         "/healthz",
+        "/",
     }
 
 
@@ -146,6 +147,6 @@ def test_docs_render_in_a_browser_that_reaches_nothing_else(base_url: str) -> No
         finally:
             browser.close()
     assert "/v1/images/generations" in [path.replace("\u200b", "") for path in paths]
-    assert len(paths) == 5
+    assert len(paths) == 6
     assert authorize == 1  # the bearer scheme is there to fill in
     assert outside == []

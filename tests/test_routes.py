@@ -48,13 +48,18 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None,
         ({"n": True}, "invalid_type", "n", "expected an integer"),
         ({"size": "1792x1024"}, "invalid_size", "size", "between 256 and 1440 and a multiple of 32"),
         ({"size": "1000x1000"}, "invalid_size", "size", "multiple of 32"),
-        ({"size": "big"}, "invalid_value", "size", "WIDTHxHEIGHT"),
-        ({"size": "01024x01024"}, "invalid_value", "size", "WIDTHxHEIGHT"),  # sizes are written one way only
-        ({"size": "1024x1024\n"}, "invalid_value", "size", "WIDTHxHEIGHT"),
-        ({"size": "\uff11\uff10\uff12\uff14x1024"}, "invalid_value", "size", "WIDTHxHEIGHT"),  # fullwidth digits
+        ({"size": "big"}, "invalid_size", "size", "WIDTHxHEIGHT"),  # one code for every size error
+        ({"size": "01024x01024"}, "invalid_size", "size", "WIDTHxHEIGHT"),  # sizes are written one way only
+        ({"size": "1024x1024\n"}, "invalid_size", "size", "WIDTHxHEIGHT"),
+        ({"size": "\uff11\uff10\uff12\uff14x1024"}, "invalid_size", "size", "WIDTHxHEIGHT"),  # fullwidth digits
         ({"model": "dall-e-3", "size": "256x256"}, "invalid_size", "size", "1024x1024, 1792x1024, 1024x1792"),
         ({"model": "flux-1.1-pro-ultra", "size": "1024x1024"}, "invalid_size", "size", "2752x1536"),
-        ({"response_format": "jpeg"}, "invalid_value", "response_format", "'url', 'b64_json'"),
+        (
+            {"response_format": "gif"},
+            "invalid_value",
+            "response_format",
+            "Invalid value for 'response_format': 'gif'. Supported values for flux-1.1-pro are: 'url', 'b64_json'.",
+        ),
         ({"quality": "hd"}, "invalid_value", "quality", "'auto', 'standard'"),
         ({"model": "dall-e-3", "quality": "low"}, "invalid_value", "quality", "'hd'"),
         ({"style": "vivid"}, "invalid_value", "style", "omit the parameter"),
@@ -62,11 +67,13 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None,
         ({"prompt": "x" * 4001}, "string_above_max_length", "prompt", "4000"),
         ({"prompt": "   "}, "invalid_value", "prompt", "non-empty"),
         ({"prompt": 42}, "invalid_type", "prompt", "expected a string"),
+        ({"extra_body": {"prompt": None}}, "invalid_type", "prompt", "expected a string, but got null."),
+        ({"extra_body": {"n": [1]}}, "invalid_type", "n", "expected an integer, but got an array."),
         ({"extra_body": {"steps": 3}}, "unknown_parameter", "steps", "Unknown parameter: 'steps'"),
         ({"extra_body": {"seed": -1}}, "invalid_value", "seed", "between 0 and 4294967295"),
         ({"extra_body": {"seed": "7"}}, "invalid_type", "seed", "expected an integer"),
         ({"extra_body": {"safety_tolerance": 7}}, "invalid_value", "safety_tolerance", "between 0 and 6"),
-        ({"extra_body": {"output_format": "gif"}}, "invalid_value", "output_format", "'png', 'jpeg', 'webp'"),
+        ({"extra_body": {"output_format": "gif"}}, "invalid_value", "output_format", "'output_format': 'gif'"),
     ],
 )
 def test_invalid_input_is_a_400_naming_the_field(
@@ -89,6 +96,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     error = generate_error(client, model="flux-9-mega")
     assert isinstance(error, openai.NotFoundError)
     assert (error.code, error.param) == ("model_not_found", "model")
+    assert "GET /v1/models lists the models" in error.message
 
 
 def test_unconfigured_model_says_which_credential_enables_it(base_url: str, live_key: str) -> None:
@@ -154,6 +162,10 @@ def test_authentication(base_url: str, settings: Settings) -> None:
     body = {"model": "flux-1.1-pro", "prompt": "p"}
     error = assert_openai_error(httpx.post(url, json=body), 401, "missing_api_key", None)
     assert "didn't provide an API key" in error["message"]
+    live = "qbx_live_" + "B" * 43
+    response = httpx.post(url, json=body, headers={"authorization": live})  # the `Bearer ` prefix forgotten
+    error = assert_openai_error(response, 401, "missing_api_key", None)
+    assert "must read `Bearer YOUR_KEY`" in error["message"] and live not in error["message"]
     wrong = "qbx_live_" + "A" * 43
     error = assert_openai_error(
         httpx.post(url, json=body, headers={"authorization": f"Bearer {wrong}"}), 401, "invalid_api_key", None
@@ -273,3 +285,12 @@ def test_base_url_is_starlettes(scope: dict[str, Any]) -> None:
     full = {"type": "http", "path": "/v1/images/generations", "query_string": b"x=1", **scope}
     assert base_url(full) == str(Request(full).base_url)
     assert base_url(full) == base_url(full)  # remembered, unchanged
+
+
+def test_the_root_says_what_this_server_is(base_url: str) -> None:
+    response = httpx.get(base_url + "/")
+    assert response.status_code == 200
+    info = response.json()
+    assert info["api_base"] == "/v1" and info["docs"] == "/docs"
+    assert httpx.get(base_url + info["docs"]).status_code == 200
+    assert httpx.get(base_url + info["openapi"]).json()["paths"]["/v1/images/generations"]

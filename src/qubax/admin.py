@@ -58,6 +58,17 @@ router = APIRouter(
     tags=["Admin"],
 )
 metrics_router = APIRouter(dependencies=[Depends(authorize)], include_in_schema=False)
+# Without an admin token these routes do not exist; they say how to turn them on instead of a bare 404.
+off_router = APIRouter(include_in_schema=False)
+
+
+@off_router.api_route("/metrics", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@off_router.api_route("/admin/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def switched_off() -> None:
+    raise NotFound(
+        "The admin API and /metrics are off on this server: the operator turns them on by setting "
+        f"QUBAX_ADMIN_TOKEN (at least {ADMIN_TOKEN_CHARS} characters, e.g. `openssl rand -hex 32`)."
+    )
 
 
 @router.get("/openapi.json", include_in_schema=False)

@@ -60,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if admin.enabled(settings):  # without an admin token, the admin API does not exist: /admin/... is a 404
         app.include_router(admin.router)
         app.include_router(admin.metrics_router)
+    else:
+        app.include_router(admin.off_router)
     docs.add_docs(app, routes.router)
     app.add_exception_handler(QubaxError, render_error)
     app.add_exception_handler(RequestValidationError, render_validation_error)

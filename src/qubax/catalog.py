@@ -205,7 +205,10 @@ class Catalog:
         for model in self.models:
             if model_id == model.id or model_id in model.aliases:
                 return model
-        raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.")
+        raise ModelNotFound(
+            f"The model `{model_id}` does not exist or you do not have access to it. "
+            "GET /v1/models lists the models this server offers."
+        )
 
     def check(self, body: ImageGenerateRequest) -> ImageRequest:
         """Resolve defaults and enforce the model's limits; raise `InvalidRequest` naming the field."""
@@ -254,7 +257,9 @@ def parse_size(model: CatalogModel, size: str | None) -> tuple[int, int]:
     match = _SIZE.fullmatch(text or "")
     if match is None:
         raise InvalidRequest(
-            f"Invalid size '{text}': expected WIDTHxHEIGHT, e.g. '{model.default_size}'.", param="size"
+            f"Invalid size '{text}': expected WIDTHxHEIGHT, e.g. '{model.default_size}'.",
+            param="size",
+            code="invalid_size",
         )
     width, height = int(match[1]), int(match[2])
     if not model.sizes.allows(width, height):
@@ -274,6 +279,6 @@ def pick_option(
     if value not in allowed:
         supported = ", ".join(f"'{v}'" for v in allowed) if allowed else "none (omit the parameter)"
         raise InvalidRequest(
-            f"Invalid value for {model_id}: '{value}'. Supported values are: {supported}.", param=param
+            f"Invalid value for '{param}': '{value}'. Supported values for {model_id} are: {supported}.", param=param
         )
     return default if value == "auto" else value

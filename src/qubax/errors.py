@@ -187,6 +187,16 @@ class UpstreamTimeout(UpstreamError):
 
 
 TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "int_from_float": "an integer"}
+# What the client sent, in JSON's words: callers never wrote a Python type.
+JSON_TYPE_NAMES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
 # Where pydantic (through FastAPI) says the body as a whole is wrong: not JSON, or not a JSON object.
 NOT_AN_OBJECT = ("json_invalid", "model_type", "model_attributes_type", "dict_type")
 
@@ -213,7 +223,7 @@ def invalid_input(detail: Mapping[str, Any]) -> InvalidRequest:
         return InvalidRequest(f"Invalid value for '{field}': the number is out of range.", param=field)
     expected = TYPE_NAMES.get(kind)
     if expected is not None:
-        got = type(given).__name__
+        got = JSON_TYPE_NAMES.get(type(given), type(given).__name__)
         message = f"Invalid type for '{field}': expected {expected}, but got {got}."
         return InvalidRequest(message, param=field, code="invalid_type")
     return InvalidRequest(f"Invalid value for '{field}': {detail.get('msg', 'invalid')}.", param=field)

@@ -69,6 +69,16 @@ class HealthStatus(BaseModel):
     status: Literal["ok"]
 
 
+class ServerInfo(BaseModel):
+    """What `GET /` says: what this server is, and where to read on."""
+
+    name: str
+    description: str
+    api_base: str  # the base URL an OpenAI client needs, relative to this server
+    docs: str
+    openapi: str
+
+
 ERROR_DESCRIPTIONS = {
     400: "Invalid input: malformed JSON, a wrong type, a missing or unknown field, a value the model does "
     "not take, or a prompt the upstream's safety system refused (`content_policy_violation`).",

@@ -24,6 +24,7 @@ from qubax.protocol import (
     ImagesResponse,
     Model,
     ModelList,
+    ServerInfo,
     error_responses,
 )
 from qubax.services import Services, ServicesDep
@@ -40,8 +41,15 @@ class ApiKeyAuth(HTTPBearer):
     bearer auth, and a request costs one dependency (each one costs FastAPI measurable work)."""
 
     async def __call__(self, request: Request) -> db.KeyRecord:  # type: ignore[override]
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
+        if not token and header.strip():
+            raise AuthenticationError(
+                "The Authorization header must read `Bearer YOUR_KEY`: what was sent is not a Bearer "
+                "credential (is the `Bearer ` prefix missing?).",
+                code="missing_api_key",
+            )
         if not token:
             raise AuthenticationError(
                 "You didn't provide an API key. You need to provide your API key in an Authorization header "
@@ -196,6 +204,18 @@ async def serve_image(name: str, services: ServicesDep, expires: str = "", signa
     if isinstance(image, bytes):  # read from a bucket
         return Response(image, media_type=f"image/{match[2]}", headers=headers)
     return FileResponse(image, media_type=f"image/{match[2]}", headers=headers)
+
+
+@router.get("/", summary="What this server is", tags=["Operations"])
+async def index() -> ServerInfo:
+    """Where a person who opened the server's address in a browser, or an unconfigured client, starts."""
+    return ServerInfo(
+        name="Qubax Images",
+        description="An OpenAI-compatible Images API: point an OpenAI client's base URL at /v1.",
+        api_base="/v1",
+        docs="/docs",
+        openapi="/openapi.json",
+    )
 
 
 @router.get("/healthz", responses=error_responses(503), summary="Health check", tags=["Operations"])

@@ -47,16 +47,21 @@ def serve(host: str, port: int, workers: int) -> None:
     """Start the API server."""
     import uvicorn
 
+    from qubax import startup
     from qubax.app import create_app
     from qubax.connection import GuardedConnection
 
-    settings = Settings()
-    if workers > 1 and not settings.redis_url:
-        raise click.UsageError(
-            "--workers above 1 needs QUBAX_REDIS_URL: without Redis each process would count the limits "
-            "(requests per minute, concurrency, upstream caps) on its own."
-        )
-    open_catalog(settings)  # a broken catalog file stops here, with its error, before anything starts
+    try:
+        settings = startup.read_settings()
+        if workers > 1 and not settings.redis_url:
+            raise click.UsageError(
+                "--workers above 1 needs QUBAX_REDIS_URL: without Redis each process would count the limits "
+                "(requests per minute, concurrency, upstream caps) on its own."
+            )
+        open_catalog(settings)  # a broken catalog file stops here, with its error, before anything starts
+        asyncio.run(startup.check(settings))  # migrates the database too: once, before any worker starts
+    except startup.StartupError as exc:
+        raise click.ClickException(str(exc)) from None
     # One logging set-up for Qubax and uvicorn (each worker applies it too): with QUBAX_LOG_FORMAT=json
     # every line is JSON.
     log_config = logs.config(settings.log_format)
@@ -75,13 +80,7 @@ def serve(host: str, port: int, workers: int) -> None:
     if workers == 1:
         uvicorn.run(create_app(settings), **options)
         return
-    asyncio.run(migrate_once(settings))  # here, not in several workers at once
     uvicorn.run("qubax.app:create_app", factory=True, workers=workers, **options)
-
-
-async def migrate_once(settings: Settings) -> None:
-    async with open_engine(settings):
-        pass  # opening it migrated it
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,63 @@
+"""Configuration mistakes at `qubax serve`: a line or two naming the variable, a non-zero exit, no traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_readme import free_port
+
+QUBAX = str(Path(sys.executable).parent / "qubax")
+
+
+def serve(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBAX_")}
+    env |= {"QUBAX_DATA_DIR": str(tmp_path / "data"), **variables}
+    command = [QUBAX, "serve", "--port", str(free_port())]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize(
+    ("variables", "says"),
+    [
+        (
+            {"QUBAX_REQUEST_TIMEOUT_SECONDS": "abc"},
+            "QUBAX_REQUEST_TIMEOUT_SECONDS='abc': Input should be a valid number",
+        ),
+        ({"QUBAX_LOG_FORMAT": "xml"}, "QUBAX_LOG_FORMAT='xml': Input should be 'text' or 'json'"),
+        ({"QUBAX_SIGNING_SECRET": "short-secret"}, "QUBAX_SIGNING_SECRET: must be at least 32 characters"),
+        ({"QUBAX_ADMIN_TOKEN": "tiny"}, "QUBAX_ADMIN_TOKEN: must be at least 32 characters"),
+        ({"QUBAX_DATABASE_URL": "mysql://user:pw@localhost/qubax"}, "QUBAX_DATABASE_URL: cannot open 'mysql' URLs"),
+        ({"QUBAX_DATABASE_URL": "postgresql://u@localhost/q"}, "Use postgresql+asyncpg://"),
+        (
+            {"QUBAX_DATABASE_URL": "postgresql+asyncpg://qubax:hunter2-secret@127.0.0.1:9/qubax"},
+            "QUBAX_DATABASE_URL: cannot use the database at 127.0.0.1:9",
+        ),
+        ({"QUBAX_REDIS_URL": "redis://127.0.0.1:9/0"}, "QUBAX_REDIS_URL: cannot reach Redis (Error 111 connecting"),
+        ({"QUBAX_STORAGE_URL": "ftp://x"}, "QUBAX_STORAGE_URL='ftp://x': QUBAX_STORAGE_URL must be s3://"),
+    ],
+)
+def test_a_mistake_stops_the_start_with_a_line_that_names_it(
+    tmp_path: Path, variables: dict[str, str], says: str
+) -> None:
+    done = serve(tmp_path, **variables)
+
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0
+    assert 1 <= len(lines) <= 2, done.stderr
+    assert says in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert "hunter2" not in done.stderr  # a password in a URL is never repeated
+
+
+def test_a_data_folder_that_cannot_be_written_stops_the_start(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # refused even to root, unlike a permission bit
+
+    done = serve(tmp_path, QUBAX_DATA_DIR=str(blocker / "data"))
+
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert f"QUBAX_DATA_DIR='{blocker / 'data'}': cannot write there (Not a directory)" in lines[0]

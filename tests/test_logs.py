@@ -134,6 +134,8 @@ def test_serve_writes_json_lines(tmp_path: Path) -> None:
     assert generation["path"] == "/v1/images/generations" and generation["status"] == 200
     assert any(line["logger"].startswith("uvicorn") for line in lines)
     assert any(line["message"].startswith("data folder: ") for line in lines)
+    warning = next(line for line in lines if line["message"].startswith("no upstream configured"))
+    assert warning["level"] == "warning" and "TOGETHER_API_KEY (flux-1.1-pro, flux-1-schnell)" in warning["message"]
     assert PROMPT not in text
 
 

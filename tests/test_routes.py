@@ -1,17 +1,25 @@
 """Every client-facing error, as the official SDK and a raw HTTP client see it."""
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from pydantic import SecretStr
 from starlette.requests import Request
 
+from qubax.app import create_app
+from qubax.catalog import MODELS
 from qubax.errors import ClientDisconnected
 from qubax.routes import WATCH_AFTER_SECONDS, base_url, until_disconnect
 from qubax.settings import Settings
 from tests.conftest import cli_env, create_key, eventually
+from tests.server import serve
 
 
 @pytest.fixture
@@ -294,3 +302,26 @@ def test_the_root_says_what_this_server_is(base_url: str) -> None:
     assert info["api_base"] == "/v1" and info["docs"] == "/docs"
     assert httpx.get(base_url + info["docs"]).status_code == 200
     assert httpx.get(base_url + info["openapi"]).json()["paths"]["/v1/images/generations"]
+
+
+def test_a_live_key_is_listed_the_models_it_can_use(settings: Settings, live_key: str, test_key: str) -> None:
+    settings.credentials["together"] = SecretStr("together-key")  # serves flux-1.1-pro and flux-1-schnell
+    with serve(create_app(settings)) as url:
+        live = openai.OpenAI(api_key=live_key, base_url=url + "/v1", max_retries=0)
+        test = openai.OpenAI(api_key=test_key, base_url=url + "/v1", max_retries=0)
+        assert [model.id for model in live.models.list()] == ["flux-1.1-pro", "flux-1-schnell"]
+        assert [model.id for model in test.models.list()] == [model.id for model in MODELS]
+        assert live.models.retrieve("flux-1-schnell").id == "flux-1-schnell"
+        with pytest.raises(openai.NotFoundError) as caught:
+            live.models.retrieve("dall-e-3")
+        assert "OPENAI_API_KEY" in caught.value.message
+        assert test.models.retrieve("dall-e-3").id == "dall-e-3"
+
+
+def test_keys_create_says_when_no_upstream_is_configured(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBAX_")} | {"QUBAX_DATA_DIR": str(tmp_path)}
+    qubax = str(Path(sys.executable).parent / "qubax")
+    live = subprocess.run([qubax, "keys", "create"], env=env, capture_output=True, text=True, check=True)
+    test = subprocess.run([qubax, "keys", "create", "--test"], env=env, capture_output=True, text=True, check=True)
+    assert "no upstream is configured" in live.stderr and "BFL_API_KEY (flux-1.1-pro" in live.stderr
+    assert "no upstream" not in test.stderr

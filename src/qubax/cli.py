@@ -68,7 +68,10 @@ def serve(host: str, port: int, workers: int) -> None:
     logging.config.dictConfig(log_config)
     configured = [name for name in PROVIDERS if credentials(settings, name)]
     logger.info("data folder: %s", settings.data_dir)
-    logger.info("upstreams configured: %s", ", ".join(configured) or "none (test keys only)")
+    if configured:
+        logger.info("upstreams configured: %s", ", ".join(configured))
+    else:
+        logger.warning("no upstream configured: live keys can use no model. %s", enabling(open_catalog(settings)))
     # Qubax writes the access log itself (with the request id, never a query string): uvicorn's is off.
     options: dict[str, Any] = {
         "host": host,
@@ -154,7 +157,23 @@ def create_key(name: str, test: bool, **options: Any) -> None:
     stored, secret = with_session(lambda s: db.create_key(s, name=name, test=test, limits=limits))
     click.echo(f"Created {'test' if test else 'live'} key {stored.id} ({describe_limits(stored)}).", err=True)
     click.echo("Store it now: it is not shown again.", err=True)
+    settings = Settings()
+    if not test and not any(credentials(settings, name) for name in PROVIDERS):
+        click.echo(
+            f"Note: no upstream is configured, so this key can use no model yet. {enabling(open_catalog(settings))}",
+            err=True,
+        )
     click.echo(secret)
+
+
+def enabling(catalog: Catalog) -> str:
+    """Which variable enables which models: what to tell an operator who set none."""
+    models: dict[str, list[str]] = {}
+    for model in catalog.models:
+        for route in model.routes:
+            models.setdefault(PROVIDERS[route.provider].credential, []).append(model.id)
+    listed = "; ".join(f"{variable} ({', '.join(dict.fromkeys(ids))})" for variable, ids in models.items())
+    return f"Set one of: {listed}."
 
 
 @keys.command("update")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pybase64
 
 from qubax import db
-from qubax.catalog import ImageRequest, Route
+from qubax.catalog import CatalogModel, ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from qubax.imaging import convert, passes_through
 from qubax.ledger import AttemptRecord, GenerationRecord
@@ -71,13 +71,9 @@ async def collect(
     hands over to the next one, which makes only the images still missing."""
     if key.test:  # test keys never reach an upstream
         return await Placeholder().generate(request, request.model.id), [TEST_UPSTREAM]
-    routes = [route for route in request.model.routes if route.provider in services.providers]
+    routes = usable_routes(request.model, services)
     if not routes:
-        needed = " or ".join(dict.fromkeys(PROVIDERS[route.provider].credential for route in request.model.routes))
-        raise ModelNotFound(
-            f"The model `{request.model.id}` is not available on this server: "
-            f"the operator must set {needed} to enable it."
-        )
+        raise not_served(request.model)
     images: list[GeneratedImage] = []
     served: list[str] = []
     failure: UpstreamError | None = None
@@ -131,6 +127,18 @@ async def attempt(
     services.breakers.succeeded(name)
     record.images = len(images)
     return images, None
+
+
+def usable_routes(model: CatalogModel, services: Services) -> list[Route]:
+    """The model's routes whose provider has a credential on this server."""
+    return [route for route in model.routes if route.provider in services.providers]
+
+
+def not_served(model: CatalogModel) -> ModelNotFound:
+    needed = " or ".join(dict.fromkeys(PROVIDERS[route.provider].credential for route in model.routes))
+    return ModelNotFound(
+        f"The model `{model.id}` is not available on this server: the operator must set {needed} to enable it."
+    )
 
 
 def count_timeout(services: Services, attempts: list[AttemptRecord]) -> None:

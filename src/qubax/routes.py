@@ -166,8 +166,9 @@ WATCH_AFTER_SECONDS = 0.1
 
 @router.get("/v1/models", responses=error_responses(401), summary="List models", tags=["Models"])
 async def list_models(key: CurrentKey, services: ServicesDep) -> ModelList:
-    """The models this server offers, aliases included."""
-    models = services.catalog.models
+    """The models this key can use, aliases included: for a live key those with an upstream configured,
+    for a test key all of them."""
+    models = [model for model in services.catalog.models if key.test or generation.usable_routes(model, services)]
     return ModelList(data=[model_card(model, name) for model in models for name in (model.id, *model.aliases)])
 
 
@@ -175,7 +176,10 @@ async def list_models(key: CurrentKey, services: ServicesDep) -> ModelList:
     "/v1/models/{model_id:path}", responses=error_responses(401, 404), summary="Retrieve model", tags=["Models"]
 )
 async def retrieve_model(model_id: str, key: CurrentKey, services: ServicesDep) -> Model:
-    return model_card(services.catalog.find(model_id), model_id)
+    model = services.catalog.find(model_id)
+    if not key.test and not generation.usable_routes(model, services):
+        raise generation.not_served(model)
+    return model_card(model, model_id)
 
 
 def model_card(model: CatalogModel, name: str) -> Model:

@@ -10,6 +10,7 @@ import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -141,10 +142,18 @@ def chosen_limits(options: dict[str, Any]) -> dict[str, int | None]:
 
 
 def describe_limits(key: db.ApiKey) -> str:
-    parts = [f"{name.replace('_', ' ')} {getattr(key, name)}" for name in db.LIMITS[:3] if getattr(key, name)]
-    if key.monthly_budget_micros:
-        parts.append(f"monthly budget ${db.to_usd(key.monthly_budget_micros):.2f}")
+    parts = [f"{limit_name(name)} {limit_value(name, getattr(key, name))}" for name in db.LIMITS if getattr(key, name)]
     return ", ".join(parts) or "no limits"
+
+
+def limit_name(name: str) -> str:
+    return "monthly budget" if name == "monthly_budget_micros" else name.replace("_", " ")
+
+
+def limit_value(name: str, value: int | None) -> str:
+    if not value:
+        return "none"
+    return f"${db.to_usd(value):.2f}" if name == "monthly_budget_micros" else str(value)
 
 
 @keys.command("create")
@@ -182,14 +191,24 @@ def enabling(catalog: Catalog) -> str:
 def update_key(key_or_id: str, **options: Any) -> None:
     """Change a key's limits (0 removes one); running servers apply it within a second or two."""
 
-    async def update(session: AsyncSession) -> db.ApiKey | None:
-        key = await find(session, key_or_id)
-        return key if key is None else await db.update_limits(session, key, chosen_limits(options))
+    chosen = chosen_limits(options)
 
-    key = with_session(update)
+    async def update(session: AsyncSession) -> tuple[db.ApiKey | None, dict[str, int | None]]:
+        key = await find(session, key_or_id)
+        if key is None:
+            return None, {}
+        before = {name: getattr(key, name) for name in chosen}
+        return await db.update_limits(session, key, chosen), before
+
+    key, before = with_session(update)
     if key is None:
         raise click.ClickException("No such key.")
-    click.echo(f"Updated {key.id}: {describe_limits(key)}.")
+    changes = [
+        f"{limit_name(name)} {limit_value(name, old)} → {limit_value(name, getattr(key, name))}"
+        for name, old in before.items()
+        if (old or None) != (getattr(key, name) or None)
+    ]
+    click.echo(f"Updated {key.id}: {', '.join(changes)}." if changes else f"Nothing changed for {key.id}.")
 
 
 async def find(session: AsyncSession, key_or_id: str) -> db.ApiKey | None:
@@ -219,32 +238,41 @@ def list_keys() -> None:
 @click.argument("key_or_id")
 def revoke_key(key_or_id: str) -> None:
     """Revoke a key, given the full key or its id."""
-    if auth.looks_like_key(key_or_id):
-        key = with_session(lambda s: db.revoke_key(s, digest=auth.digest_key(key_or_id)))
-    else:
-        key = with_session(lambda s: db.revoke_key(s, key_id=key_or_id))
+
+    async def revoke(session: AsyncSession) -> tuple[db.ApiKey | None, datetime | None]:
+        key = await find(session, key_or_id)
+        if key is None or key.revoked_at is not None:
+            return key, None if key is None else key.revoked_at
+        return await db.revoke_key(session, key_id=key.id), None
+
+    key, earlier = with_session(revoke)
     if key is None:
         raise click.ClickException("No such key.")
-    click.echo(f"Revoked {key.id} ({key.prefix}…).")
+    if earlier is not None:
+        click.echo(f"{key.id} ({key.prefix}…) was already revoked, on {earlier:%Y-%m-%d %H:%M} UTC.")
+    else:
+        click.echo(f"Revoked {key.id} ({key.prefix}…).")
 
 
 @main.command()
 def models() -> None:
-    """List the catalog: sizes, n, price, aliases and each model's routes in failover order."""
+    """List the catalog: each model's default size, images per request, price per image, aliases and
+    routes in failover order (* marks the routes whose credential is set)."""
     settings = Settings()
     catalog = open_catalog(settings)
+    configured = {name for name in PROVIDERS if credentials(settings, name)}
     rows = []
     for model in catalog.models:
-        routes = []
-        for route in model.routes:
-            info = PROVIDERS[route.provider]
-            state = "configured" if credentials(settings, route.provider) else f"set {info.credential}"
-            routes.append(f"{route.provider}:{route.upstream_model} ({state})")
-        price = min(p.usd for p in model.prices)
+        routes = ", ".join(route.provider + ("*" if route.provider in configured else "") for route in model.routes)
+        prices = sorted({p.usd for p in model.prices})
+        price = f"${prices[0]}" if len(prices) == 1 else f"from ${prices[0]}"  # by quality or size
         n_range = "1" if model.max_n == 1 else f"1-{model.max_n}"
         name = model.id + (f" ({', '.join(model.aliases)})" if model.aliases else "")
-        rows.append((name, model.default_size, n_range, f"${price}", ", ".join(routes)))
-    print_table(("MODEL", "DEFAULT SIZE", "N", "FROM", "ROUTES (IN ORDER)"), rows)
+        rows.append((name, model.default_size, n_range, price, routes))
+    print_table(("MODEL (ALIASES)", "DEFAULT SIZE", "N", "PER IMAGE", "ROUTES (* CONFIGURED)"), rows)
+    missing = [f"{info.credential} ({name})" for name, info in PROVIDERS.items() if name not in configured]
+    if missing:
+        click.echo(f"\nTo enable a route, set its credential: {', '.join(missing)}.")
 
 
 def open_catalog(settings: Settings) -> Catalog:
@@ -277,9 +305,13 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 @click.option("-n", "n", default=1, show_default=True, type=int)
 @click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True)
-@click.option("--api-key", envvar="QUBAX_API_KEY", required=True, help="Or set QUBAX_API_KEY.")
-def generate(prompt: str, model: str, size: str | None, n: int, out: Path, base_url: str, api_key: str) -> None:
+@click.option("--api-key", envvar="QUBAX_API_KEY", help="Or set QUBAX_API_KEY.")
+def generate(prompt: str, model: str, size: str | None, n: int, out: Path, base_url: str, api_key: str | None) -> None:
     """Generate images on a running server and save them as PNG files."""
+    if not api_key:
+        raise click.UsageError(
+            "No API key: pass --api-key or set QUBAX_API_KEY (`qubax keys create --test` makes one to try)."
+        )
     body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n, "response_format": "b64_json"}
     if size:
         body["size"] = size
@@ -303,6 +335,9 @@ async def post_with_progress(url: str, body: dict[str, Any], api_key: str) -> ht
         spinner = spin(request)
         try:
             return await request
+        except httpx.ConnectError as exc:
+            hint = "Is the server running? Start it with `qubax serve` (or pass --base-url)."
+            raise click.ClickException(f"Could not reach {url}: {exc}. {hint}") from exc
         except httpx.HTTPError as exc:
             raise click.ClickException(f"Could not reach {url}: {exc}") from exc
         finally:

@@ -132,7 +132,13 @@ def test_serve_writes_json_lines(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
     generation = next(line for line in lines if line.get("request_id") == request_id)
     assert generation["path"] == "/v1/images/generations" and generation["status"] == 200
-    assert any(line["logger"].startswith("uvicorn") for line in lines)
+    assert any(line["logger"] == "uvicorn" for line in lines)
+    assert not any(line["logger"] == "uvicorn.error" for line in lines)  # server lines are no errors
+    # SIGTERM: the log says the shutdown finished (uvicorn ends the process as soon as it has).
+    assert [line["message"] for line in lines[-2:]] == [
+        "Application shutdown complete.",
+        f"Finished server process [{server.pid}]",
+    ]
     assert any(line["message"].startswith("data folder: ") for line in lines)
     warning = next(line for line in lines if line["message"].startswith("no upstream configured"))
     assert warning["level"] == "warning" and "TOGETHER_API_KEY (flux-1.1-pro, flux-1-schnell)" in warning["message"]
@@ -259,28 +265,41 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-def test_lines_logged_in_one_turn_of_the_loop_are_written_together() -> None:
+def test_access_lines_logged_in_one_turn_of_the_loop_are_written_together() -> None:
     stream = CountingStream()
     handler = StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
 
     async def log_a_turn() -> None:
         for number in range(3):
-            handler.handle(line_record(f"line {number}"))
+            handler.write_line(f"line {number}")
         assert stream.getvalue() == ""  # not yet: at the end of this turn
         await asyncio.sleep(0)
         assert stream.getvalue() == "line 0\nline 1\nline 2\n" and stream.writes == 1
-        handler.handle(line_record("next turn"))
-        threading.Thread(target=handler.handle, args=(line_record("from a thread"),)).start()
+        handler.write_line("next turn")
+        threading.Thread(target=handler.write_line, args=("from a thread",)).start()
         await asyncio.sleep(0.2)
         # The thread's line went out at once, after the line that waited for this loop: order holds.
         assert stream.getvalue().endswith("next turn\nfrom a thread\n")
-        handler.handle(line_record("last"))
+        handler.write_line("last")
 
     asyncio.run(log_a_turn())
     assert stream.getvalue().endswith("last\n")  # the loop ran its callbacks before it closed
-    handler.handle(line_record("no loop"))  # outside any loop: at once
+    handler.write_line("no loop")  # outside any loop: at once
     assert stream.getvalue().endswith("last\nno loop\n")
+
+
+def test_any_other_record_goes_out_at_once_with_what_waits_before_it() -> None:
+    stream = CountingStream()
+    handler = StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+
+    async def log() -> None:
+        handler.write_line("an access line")
+        handler.handle(line_record("Finished server process"))  # the process may end before the next turn
+        assert stream.getvalue() == "an access line\nFinished server process\n"
+
+    asyncio.run(log())
 
 
 def test_flush_writes_what_waits() -> None:
@@ -289,7 +308,7 @@ def test_flush_writes_what_waits() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
 
     async def log_and_flush() -> None:
-        handler.handle(line_record("waiting"))
+        handler.write_line("waiting")
         handler.flush()  # as logging.shutdown() does at exit
         assert stream.getvalue() == "waiting\n"
 

@@ -74,9 +74,11 @@ def milliseconds(created: float) -> int:
 
 
 class StreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """`logging.StreamHandler`, but lines logged on an event loop are written together once per turn of
-    the loop instead of with a write (and a flush) each. Lines from elsewhere, and whatever waits when
-    `flush()` is called, go out at once, in order."""
+    """`logging.StreamHandler`, but access lines (`write_line`) logged on an event loop are written
+    together once per turn of the loop instead of with a write (and a flush) each. Every other record,
+    and whatever waits when one comes or `flush()` is called, goes out at once, in order: a process can
+    end before its loop turns again (uvicorn re-raises SIGTERM once it has shut down), and its last
+    words must not be lost."""
 
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
@@ -85,7 +87,8 @@ class StreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:  # called holding self.lock
         try:
-            self.add(self.format(record) + self.terminator)
+            self.waiting.append(self.format(record) + self.terminator)
+            self.write_waiting()
         except Exception:
             self.handleError(record)
 
@@ -137,15 +140,33 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
 def config(log_format: str, level: str = "INFO") -> dict[str, Any]:
     """A `logging.config.dictConfig` for Qubax and uvicorn both (uvicorn's own access log stays off)."""
     formatter = {"()": JsonFormatter if log_format == "json" else TextFormatter}
-    handler = {"class": "qubax.logs.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+    handler = {
+        "class": "qubax.logs.StreamHandler",
+        "formatter": "default",
+        "stream": "ext://sys.stderr",
+        "filters": ["uvicorn"],
+    }
     loggers = {name: {"handlers": ["default"], "level": level, "propagate": False} for name in ("qubax", "uvicorn")}
     return {
         "version": 1,
         "disable_existing_loggers": False,
+        "filters": {"uvicorn": {"()": "qubax.logs.uvicorn_name"}},
         "formatters": {"default": formatter},
         "handlers": {"default": handler},
         "loggers": loggers,
     }
+
+
+def uvicorn_name() -> Any:
+    """A filter that shows uvicorn's server lines ("Started server process", "Shutting down") as
+    `uvicorn`: it logs them as `uvicorn.error`, which reads as an error to whoever watches the log."""
+
+    def rename(record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error":
+            record.name = "uvicorn"
+        return True
+
+    return rename
 
 
 def log_access(scope: MutableMapping[str, Any], status: int, started: float, request_id: str) -> None:

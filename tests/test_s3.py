@@ -3,6 +3,9 @@ moto's S3 server on loopback (whatever --storage says)."""
 
 import contextlib
 import datetime
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -257,11 +260,13 @@ def test_an_unreachable_store_is_an_openai_error_and_nothing_is_charged(
     s3_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with running_stack(s3_settings, providers=("bfl",)) as stack:
+        started = time.monotonic()
         with pytest.raises(openai.APIStatusError) as caught:
             stack.live.images.generate(model="flux-1.1-pro", prompt="a cat", size="256x256")
-        assert httpx.get(stack.url + "/healthz").status_code == 200  # the failing startup sweep did no harm
+        assert time.monotonic() - started < 10  # our own retry and timeout settings bound it, not botocore's
+        health = httpx.get(stack.url + "/healthz")
+        assert health.status_code == 503 and "image store is unavailable" in health.json()["error"]["message"]
     error = caught.value
     assert (error.status_code, error.code, error.type) == (503, "upstream_unavailable", "service_unavailable_error")
     assert "image store" in error.message
@@ -269,3 +274,18 @@ def test_an_unreachable_store_is_an_openai_error_and_nothing_is_charged(
     [generation] = rows(s3_settings, db.Generation)
     assert (generation.outcome, generation.images, generation.cost_micros) == ("upstream_unavailable", 0, 0)
     assert [(a.upstream, a.outcome) for a in rows(s3_settings, db.Attempt)] == [("bfl", "ok")]
+
+
+def test_qubax_serve_will_not_start_on_an_unreachable_store(s3_settings: Settings, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBAX_")}
+    env |= {
+        "QUBAX_DATA_DIR": str(tmp_path / "data"),
+        "QUBAX_STORAGE_URL": s3_settings.storage_url or "",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+    }
+    qubax = str(Path(sys.executable).parent / "qubax")
+    done = subprocess.run([qubax, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"Error: QUBAX_STORAGE_URL='{s3_settings.storage_url}': cannot use the image store")
+    assert "Could not connect to the endpoint URL" in lines[0]

@@ -224,8 +224,9 @@ async def index() -> ServerInfo:
 
 @router.get("/healthz", responses=error_responses(503), summary="Health check", tags=["Operations"])
 async def healthz(services: ServicesDep) -> HealthStatus:
-    """200 when the service, its database and (if configured) Redis are reachable."""
+    """200 when the service, its database, its image store and (if configured) Redis are reachable."""
     async with services.engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
     await services.quotas.slots.check()  # a node that cannot reach the shared limits is not ready
+    await services.storage.ready()  # nor one that cannot keep images
     return HealthStatus(status="ok")

@@ -22,15 +22,22 @@ if TYPE_CHECKING:  # the stubs are a development dependency
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import ObjectIdentifierTypeDef
 
-logger = logging.getLogger("qubax")
+logger = logging.getLogger("qubax.s3")
 RETRY_AFTER_SECONDS = 5  # what we tell clients when the bucket is unreachable or overloaded
+# A bucket that does not answer must cost a request seconds, not minutes: botocore's defaults (60 s to
+# connect, 60 s per read, retries with backoff) would hold it far longer.
+CONFIG = AioConfig(
+    signature_version="s3v4",  # everywhere: botocore still presigns us-east-1 with SigV2, which R2 refuses
+    connect_timeout=5,
+    read_timeout=30,
+    retries={"mode": "standard", "max_attempts": 2},
+)
 
 
 @contextlib.asynccontextmanager
 async def connect() -> AsyncIterator["S3Client"]:
     """The one S3 client the app uses for its whole life."""
-    # SigV4 everywhere: botocore still presigns us-east-1 URLs with the deprecated SigV2, which R2 refuses.
-    async with get_session().create_client("s3", config=AioConfig(signature_version="s3v4")) as client:
+    async with get_session().create_client("s3", config=CONFIG) as client:
         yield client
 
 
@@ -76,6 +83,10 @@ class S3Storage(SignedUrls):
                 raise NotFound("Image not found.") from exc
             async with response["Body"] as body:  # images are a few MB at most: one read
                 return await body.read()
+
+    async def ready(self) -> None:
+        with translated("reach the bucket"):
+            await self.client.head_bucket(Bucket=self.bucket)
 
     async def sweep(self) -> int:
         """Delete objects older than the TTL (their URLs have all expired); returns how many."""

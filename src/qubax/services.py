@@ -124,8 +124,8 @@ async def sweep_forever(storage: Storage, interval: float) -> None:
             removed = await storage.sweep()
             if removed:
                 logger.info("swept %d expired images", removed)
-        except (OSError, QubaxError):  # the disk or the bucket failed; the next round may do better
-            logger.exception("sweeping expired images failed")
+        except (OSError, QubaxError) as exc:  # the disk or the bucket failed; the next round may do better
+            logger.warning("sweeping expired images failed: %s", exc)
         await asyncio.sleep(interval)
 
 

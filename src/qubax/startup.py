@@ -5,6 +5,7 @@ The same checks leave the database migrated, once, before any worker starts."""
 
 import asyncio
 import contextlib
+import logging
 import tempfile
 import urllib.parse
 from typing import Any
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from qubax import db
+from qubax.errors import QubaxError
 from qubax.masking import Mask, configured_secrets
 from qubax.services import open_storage
 from qubax.settings import Settings
@@ -48,11 +50,7 @@ async def check(settings: Settings) -> None:
     mask = Mask(configured_secrets(settings))
     check_data_dir(settings)
     await check_database(settings, mask)
-    try:
-        async with asyncio.timeout(CHECK_SECONDS), open_storage(settings):
-            pass
-    except ValueError as exc:
-        raise StartupError(f"QUBAX_STORAGE_URL={settings.storage_url!r}: {exc}") from None
+    await check_storage(settings, mask)
     if settings.redis_url:
         try:
             async with asyncio.timeout(CHECK_SECONDS), open_slots(settings.redis_url, 60):
@@ -60,6 +58,24 @@ async def check(settings: Settings) -> None:
         except (RuntimeError, OSError, TimeoutError) as exc:
             reason = mask(str(exc.__cause__ or exc) or "no answer").rstrip(".")
             raise StartupError(f"QUBAX_REDIS_URL: cannot reach Redis ({reason}). Is it running there?") from None
+
+
+async def check_storage(settings: Settings, mask: Mask) -> None:
+    quiet = logging.getLogger("qubax.s3")
+    quiet.disabled = True  # it would log the failure too; the error below says it in one line
+    try:
+        async with asyncio.timeout(CHECK_SECONDS), open_storage(settings) as storage:
+            await storage.ready()
+    except ValueError as exc:
+        raise StartupError(f"QUBAX_STORAGE_URL={settings.storage_url!r}: {exc}") from None
+    except (QubaxError, TimeoutError) as exc:
+        reason = mask(str(exc.__cause__ or exc) or "no answer")
+        raise StartupError(
+            f"QUBAX_STORAGE_URL={settings.storage_url!r}: cannot use the image store ({reason}). Check the "
+            "bucket's name, AWS_ENDPOINT_URL and the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE)."
+        ) from None
+    finally:
+        quiet.disabled = False
 
 
 def check_data_dir(settings: Settings) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qubax import file_writer
-from qubax.errors import Forbidden, Gone, NotFound
+from qubax.errors import Forbidden, Gone, NotFound, ServiceUnavailable
 from qubax.settings import Settings
 from qubax.writers import WriteFailed, WriterProcess
 
@@ -41,6 +41,10 @@ class Storage(Protocol):
 
     async def sweep(self) -> int:
         """Delete the images whose URLs have all expired; returns how many."""
+        ...
+
+    async def ready(self) -> None:
+        """Raise `ServiceUnavailable` when the store cannot be used now (for /healthz and the start)."""
         ...
 
 
@@ -219,6 +223,10 @@ class LocalStorage(SignedUrls):
     async def sweep(self) -> int:
         """Delete images older than the TTL (their URLs have all expired); returns how many."""
         return await asyncio.to_thread(self._sweep)
+
+    async def ready(self) -> None:
+        if not os.access(self.folder, os.W_OK | os.X_OK):
+            raise ServiceUnavailable(f"The image folder {self.folder} is not writable.", retry_after=5)
 
     def _sweep(self) -> int:
         cutoff = time.time() - self.ttl_seconds - SWEEP_GRACE_SECONDS

@@ -90,6 +90,8 @@ def test_pinned_hosts_refuse_requests_naming_any_other(settings: Settings, test_
                 "code": "invalid_host",
             }
             assert response.headers["x-request-id"].startswith("req_")
+        if settings.storage_url:
+            return  # S3 hands out its own presigned URLs
         # The image URLs we hand out name the allowed host the client used.
         client = openai.OpenAI(
             api_key=test_key, base_url=url + "/v1", default_headers={"host": "eu.qubax.test"}, max_retries=0

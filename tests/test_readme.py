@@ -77,3 +77,21 @@ def test_serve_command_on_a_clean_clone(tmp_path: Path) -> None:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+    # The one-node install serves SQLite and local disk without the clients for PostgreSQL, Redis and S3
+    # (the extras), and a URL that needs one says which extra to install.
+    python = str(clone / ".venv" / "bin" / "python")
+    for module in ("asyncpg", "redis", "aiobotocore", "botocore"):
+        found = subprocess.run([python, "-c", f"import {module}"], capture_output=True)
+        assert found.returncode != 0, f"{module} is in the base install"
+    qubax = str(clone / ".venv" / "bin" / "qubax")
+    for variable, value, extra in [
+        ("QUBAX_DATABASE_URL", "postgresql+asyncpg://u@127.0.0.1:9/q", "postgres"),
+        ("QUBAX_REDIS_URL", "redis://127.0.0.1:9/0", "redis"),
+        ("QUBAX_STORAGE_URL", "s3://bucket/images", "s3"),
+    ]:
+        done = subprocess.run([qubax, "serve"], env={**env, variable: value}, capture_output=True, text=True)
+        assert done.returncode == 1
+        assert done.stderr.strip() == (
+            f"Error: {variable} needs the {extra} client, which is not installed: pip install 'qubax[{extra}]' "
+            f"(./qubax installs it by itself when {variable} is set)."
+        )

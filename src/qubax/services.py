@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from qubax import db, s3
+from qubax import db
 from qubax.auth import KeyCache
 from qubax.breaker import Breakers
 from qubax.catalog import Catalog
@@ -106,6 +106,8 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
     secret, ttl = signing_secret(settings), settings.image_ttl_seconds
     url = urllib.parse.urlsplit(settings.storage_url or "")
     if url.scheme == "s3" and url.netloc:
+        from qubax import s3  # the `s3` extra: only when asked for
+
         async with s3.connect() as client:
             yield s3.S3Storage(client, url.netloc, url.path, secret, ttl, own_links=bool(settings.public_url))
     elif url.scheme in ("", "file") and url.netloc in ("", "localhost"):

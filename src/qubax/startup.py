@@ -45,19 +45,42 @@ def describe(error: Any) -> str:
     return f"QUBAX_{field.upper()}{given}: {message}."
 
 
+# A service's client module: the extra that installs it, and the variable that asks for the service.
+EXTRAS = {
+    "asyncpg": ("postgres", "QUBAX_DATABASE_URL"),
+    "redis": ("redis", "QUBAX_REDIS_URL"),
+    "aiobotocore": ("s3", "QUBAX_STORAGE_URL"),
+    "botocore": ("s3", "QUBAX_STORAGE_URL"),
+}
+
+
 async def check(settings: Settings) -> None:
     """Every service the configuration names, reachable and usable; raise `StartupError` otherwise."""
     mask = Mask(configured_secrets(settings))
     check_data_dir(settings)
-    await check_database(settings, mask)
-    await check_storage(settings, mask)
-    if settings.redis_url:
-        try:
-            async with asyncio.timeout(CHECK_SECONDS), open_slots(settings.redis_url, 60):
-                pass
-        except (RuntimeError, OSError, TimeoutError) as exc:
-            reason = mask(str(exc.__cause__ or exc) or "no answer").rstrip(".")
-            raise StartupError(f"QUBAX_REDIS_URL: cannot reach Redis ({reason}). Is it running there?") from None
+    try:
+        await check_database(settings, mask)
+        await check_storage(settings, mask)
+        await check_redis(settings, mask)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXTRAS:
+            raise
+        extra, variable = EXTRAS[(exc.name or "").split(".")[0]]
+        raise StartupError(
+            f"{variable} needs the {extra} client, which is not installed: pip install 'qubax[{extra}]' "
+            f"(./qubax installs it by itself when {variable} is set)."
+        ) from None
+
+
+async def check_redis(settings: Settings, mask: Mask) -> None:
+    if not settings.redis_url:
+        return
+    try:
+        async with asyncio.timeout(CHECK_SECONDS), open_slots(settings.redis_url, 60):
+            pass
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        reason = mask(str(exc.__cause__ or exc) or "no answer").rstrip(".")
+        raise StartupError(f"QUBAX_REDIS_URL: cannot reach Redis ({reason}). Is it running there?") from None
 
 
 async def check_storage(settings: Settings, mask: Mask) -> None:
@@ -100,7 +123,14 @@ async def check_database(settings: Settings, mask: Mask) -> None:
     where = f"{parts.hostname}:{parts.port or 5432}" if parts.hostname else url.split("///", 1)[-1]
     try:
         engine = db.connect(url)
-    except (ArgumentError, NoSuchModuleError, ModuleNotFoundError, SQLAlchemyError) as exc:
+    except ModuleNotFoundError as exc:
+        if (exc.name or "") in EXTRAS:
+            raise  # a client of ours that is not installed: `check` says which extra brings it
+        raise StartupError(
+            f"QUBAX_DATABASE_URL: cannot open {parts.scheme or url!r} URLs ({mask(str(exc))}). "
+            "Use postgresql+asyncpg://USER:PASSWORD@HOST/DATABASE, or leave it unset for SQLite."
+        ) from None
+    except (ArgumentError, NoSuchModuleError, SQLAlchemyError) as exc:
         raise StartupError(
             f"QUBAX_DATABASE_URL: cannot open {parts.scheme or url!r} URLs ({mask(str(exc))}). "
             "Use postgresql+asyncpg://USER:PASSWORD@HOST/DATABASE, or leave it unset for SQLite."

@@ -4,7 +4,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from qubax.providers.pool import KeyPool
-from qubax.slots import LocalSlots, RedisSlots, Slots, connect_redis
+from qubax.shared_slots import RedisSlots, connect_redis
+from qubax.slots import LocalSlots, Slots
 from tests.redis import fresh_redis
 
 pytestmark = pytest.mark.anyio

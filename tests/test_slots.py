@@ -5,7 +5,8 @@ import pytest
 from redis.asyncio import Redis
 
 from qubax.errors import LimitsUnavailable
-from qubax.slots import LocalSlots, RedisSlots, Slots, connect_redis
+from qubax.shared_slots import RedisSlots, connect_redis
+from qubax.slots import LocalSlots, Slots
 from tests.redis import fresh_redis
 
 pytestmark = pytest.mark.anyio

@@ -94,7 +94,7 @@ def test_update_changes_limits_on_a_running_server(stack: Stack) -> None:
     sdk = client(stack.url, key)
     generate(sdk)
     result = qubax(stack.settings, "keys", "update", key, "--rpm", "1", "--monthly-budget-usd", "12.5")
-    assert result.stdout.strip().endswith(": rpm 1, monthly budget $12.50.")
+    assert result.stdout.strip().endswith(": rpm none → 1, monthly budget none → $12.50.")
 
     def limited() -> None:
         try:
@@ -105,7 +105,10 @@ def test_update_changes_limits_on_a_running_server(stack: Stack) -> None:
         raise AssertionError("the new limit is not applied yet")
 
     eventually(limited)  # the key cache lets the change in within a second
-    assert "no limits" in qubax(stack.settings, "keys", "update", key, "--rpm", "0", "--monthly-budget-usd", "0").stdout
+    assert (
+        "rpm 1 → none, monthly budget $12.50 → none."
+        in qubax(stack.settings, "keys", "update", key, "--rpm", "0", "--monthly-budget-usd", "0").stdout
+    )
 
 
 def test_update_of_an_unknown_key_fails(settings: Settings) -> None:

@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from qubax.catalog import MODELS, Catalog, Fixed, Grid, Route
+from qubax.catalog import Catalog, Fixed, Grid, Route
 from qubax.catalog_file import CatalogError, load_catalog
 from qubax.errors import ModelNotFound
+from qubax.models import MODELS
 
 PROVIDERS = {"bfl", "fal", "replicate", "together", "openai"}
 DEFAULTS = {"bfl": 24, "fal": 40}

@@ -14,8 +14,8 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from qubax import db
-from qubax.catalog import MODELS
 from qubax.cli import main
+from qubax.models import MODELS
 from qubax.settings import Settings
 from tests.conftest import cli_env
 

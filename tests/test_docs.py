@@ -38,11 +38,14 @@ def test_generations_are_documented_with_their_body_answer_and_errors(schema: di
     operation = schema["paths"]["/v1/images/generations"]["post"]
     body = resolve(schema, operation["requestBody"]["content"]["application/json"]["schema"])
     assert {"model", "prompt", "n", "size", "response_format", "quality", "style", "user"} <= set(body["properties"])
-    assert {"seed", "output_format", "safety_tolerance"} <= set(body["properties"])  # the FLUX extensions
+    gpt = {"output_format", "output_compression", "background", "moderation", "stream", "partial_images"}
+    assert gpt <= set(body["properties"])  # the GPT image models' parameters
+    assert {"seed", "safety_tolerance"} <= set(body["properties"])  # the FLUX extensions
     assert set(body["required"]) == {"model", "prompt"}
     assert body["additionalProperties"] is False  # unknown fields are a 400
     answer = resolve(schema, operation["responses"]["200"]["content"]["application/json"]["schema"])
-    assert set(answer["properties"]) == {"created", "data"}
+    assert set(answer["properties"]) == {"created", "data", "background", "output_format", "quality", "size", "usage"}
+    assert set(answer["required"]) == {"created", "data"}
     image = resolve(schema, answer["properties"]["data"]["items"])
     assert set(image["properties"]) == {"url", "b64_json", "revised_prompt"}
     for status in ERROR_STATUSES:

@@ -14,8 +14,8 @@ from pydantic import SecretStr
 from starlette.requests import Request
 
 from qubax.app import create_app
-from qubax.catalog import MODELS
 from qubax.errors import ClientDisconnected
+from qubax.models import MODELS
 from qubax.routes import WATCH_AFTER_SECONDS, base_url, until_disconnect
 from qubax.settings import Settings
 from tests.conftest import cli_env, create_key, eventually
@@ -82,6 +82,38 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None,
         ({"extra_body": {"seed": "7"}}, "invalid_type", "seed", "expected an integer"),
         ({"extra_body": {"safety_tolerance": 7}}, "invalid_value", "safety_tolerance", "between 0 and 6"),
         ({"extra_body": {"output_format": "gif"}}, "invalid_value", "output_format", "'output_format': 'gif'"),
+        # The GPT image models' parameters, refused where they cannot apply.
+        ({"background": "transparent"}, "invalid_value", "background", "for flux-1.1-pro are: none"),
+        ({"output_compression": 50}, "invalid_value", "output_compression", "flux-1.1-pro does not take"),
+        ({"moderation": "low"}, "invalid_value", "moderation", "for flux-1.1-pro are: none"),
+        (
+            {"model": "gpt-image-1.5", "background": "transparent", "output_format": "jpeg"},
+            "invalid_value",
+            "background",
+            "needs output_format png or webp; got jpeg",
+        ),
+        (
+            {"model": "gpt-image-1.5", "output_compression": 50},
+            "invalid_value",
+            "output_compression",
+            "jpeg and webp output, not png",
+        ),
+        (
+            {"model": "gpt-image-1.5", "output_compression": 101, "output_format": "webp"},
+            "invalid_value",
+            "output_compression",
+            "between 0 and 100",
+        ),
+        ({"model": "gpt-image-1.5", "moderation": "high"}, "invalid_value", "moderation", "'auto', 'low'"),
+        ({"model": "gpt-image-1.5", "quality": "hd"}, "invalid_value", "quality", "'low', 'medium', 'high'"),
+        ({"model": "gpt-image-1.5", "n": 11}, "invalid_value", "n", "between 1 and 10"),
+        ({"model": "gpt-image-1.5", "size": "1792x1024"}, "invalid_size", "size", "1024x1024, 1536x1024, 1024x1536"),
+        ({"model": "gpt-image-2", "size": "1000x1000"}, "invalid_size", "size", "multiples of 16"),
+        ({"model": "gpt-image-2", "size": "3840x1024"}, "invalid_size", "size", "within 1:3 and 3:1"),
+        ({"model": "gpt-image-2", "size": "4096x2304"}, "invalid_size", "size", "at most 3840"),
+        ({"model": "gpt-image-1.5", "prompt": "x" * 32001}, "string_above_max_length", "prompt", "32000"),
+        ({"stream": True}, "invalid_value", "stream", "not available on this server yet"),
+        ({"extra_body": {"partial_images": 4}}, "invalid_value", "partial_images", "between 0 and 3"),
     ],
 )
 def test_invalid_input_is_a_400_naming_the_field(
@@ -325,3 +357,21 @@ def test_keys_create_says_when_no_upstream_is_configured(tmp_path: Path) -> None
     test = subprocess.run([qubax, "keys", "create", "--test"], env=env, capture_output=True, text=True, check=True)
     assert "no upstream is configured" in live.stderr and "BFL_API_KEY (flux-1.1-pro" in live.stderr
     assert "no upstream" not in test.stderr
+
+
+def test_gpt_image_models_answer_base64_with_their_settings(client: openai.OpenAI) -> None:
+    response = client.images.generate(
+        model="gpt-image-1.5", prompt="x" * 5000, size="1536x1024", quality="high", background="transparent", n=2
+    )  # prompts past 4000 characters are these models' to take
+    assert [item.url for item in response.data] == [None, None] and all(item.b64_json for item in response.data)
+    assert (response.size, response.quality, response.background, response.output_format) == (
+        "1536x1024",
+        "high",
+        "transparent",
+        "png",
+    )
+    assert response.usage is None  # test keys reach no upstream, so there is no token count
+    plain = client.images.generate(model="gpt-image-2", prompt="a fox", size="2048x1152", output_format="webp")
+    assert (plain.size, plain.output_format, plain.quality, plain.background) == ("2048x1152", "webp", None, None)
+    linked = client.images.generate(model="gpt-image-1-mini", prompt="a fox", response_format="url")
+    assert linked.data[0].url is not None  # our extension: a link when asked for one

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from qubax import db
 from qubax.app import create_app
-from qubax.catalog import MODELS
+from qubax.models import MODELS
 from qubax.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
@@ -237,3 +237,34 @@ def test_every_output_format_through_every_flux_route(settings: Settings, model:
             image = Image.open(io.BytesIO(base64.b64decode(raw.parse().data[0].b64_json or "")))
             assert image.format == pillow
             assert f"{image.size[0]}x{image.size[1]}" == size
+
+
+def test_a_gpt_image_model_is_billed_by_its_token_count(stack: Stack) -> None:
+    raw = stack.live.images.with_raw_response.generate(
+        model="gpt-image-1.5",
+        prompt="a red barn",
+        n=2,
+        size="1536x1024",
+        quality="high",
+        background="transparent",
+        output_format="webp",
+    )
+    assert raw.headers["x-qubax-route"] == "openai"
+    response = raw.parse()
+    images = [Image.open(io.BytesIO(base64.b64decode(item.b64_json or ""))) for item in response.data]
+    assert [(image.format, image.size) for image in images] == [("WEBP", (1536, 1024))] * 2
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (3, 2 * 6240)
+    assert (response.quality, response.background, response.size) == ("high", "transparent", "1536x1024")
+    [sent] = stack.openai.requests  # both images in one call, without response_format
+    assert sent["n"] == 2 and "response_format" not in sent and sent["background"] == "transparent"
+    [row] = generations(stack.settings)
+    # 3 text tokens at $5 and 12,480 image tokens at $32 per million: $0.39936, not the $0.40 estimate.
+    assert (row.model, row.images, row.outcome, row.cost_micros) == ("gpt-image-1.5", 2, "ok", 3 * 5 + 12_480 * 32)
+
+
+def test_a_gpt_image_model_without_a_token_count_is_billed_its_estimate(stack: Stack) -> None:
+    stack.openai.drop_usage = True
+    stack.live.images.generate(model="gpt-image-1-mini", prompt="a red barn", quality="medium")
+    [row] = generations(stack.settings)
+    assert row.cost_micros == 11_000  # OpenAI's published $0.011 for a medium 1024x1024 image

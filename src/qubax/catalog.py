@@ -4,9 +4,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from qubax.errors import InvalidRequest, ModelNotFound
-from qubax.protocol import ImageGenerateRequest
+from qubax.protocol import ImageGenerateRequest, Usage
 
 MAX_PROMPT_CHARS = 4000
 RESPONSE_FORMATS = ("url", "b64_json")
@@ -50,6 +51,52 @@ class Fixed:
 
 
 @dataclass(frozen=True)
+class Free:
+    """Any width and height that are multiples of `step`, within the bounds on side, aspect ratio and
+    pixels (gpt-image-2)."""
+
+    step: int
+    max_side: int
+    max_ratio: int
+    min_pixels: int
+    max_pixels: int
+
+    def allows(self, width: int, height: int) -> bool:
+        return (
+            width % self.step == 0
+            and height % self.step == 0
+            and max(width, height) <= self.max_side
+            and max(width, height) <= self.max_ratio * min(width, height)
+            and self.min_pixels <= width * height <= self.max_pixels
+        )
+
+    def describe(self) -> str:
+        return (
+            f"width and height must be multiples of {self.step}, at most {self.max_side}, with an aspect ratio "
+            f"within 1:{self.max_ratio} and {self.max_ratio}:1 and {self.min_pixels:,} to {self.max_pixels:,} pixels"
+        )
+
+
+@dataclass(frozen=True)
+class TokenPrices:
+    """USD per million tokens, for models the upstream bills by token (GPT image models): what an image
+    costs is known only from the upstream's `usage`."""
+
+    text_input: Decimal
+    image_input: Decimal
+    image_output: Decimal
+
+    def cost(self, usage: Usage) -> Decimal:
+        details = usage.input_tokens_details
+        spent = (
+            details.text_tokens * self.text_input
+            + details.image_tokens * self.image_input
+            + usage.output_tokens * self.image_output
+        )
+        return spent / 1_000_000
+
+
+@dataclass(frozen=True)
 class Price:
     """Price of one image; the first entry whose quality and size match (None = any) applies."""
 
@@ -63,16 +110,23 @@ class CatalogModel:
     id: str
     owned_by: str
     created: int
-    sizes: Grid | Fixed
+    sizes: Grid | Fixed | Free
     default_size: str
     max_n: int
-    prices: tuple[Price, ...]
+    prices: tuple[Price, ...]  # per image; for token-billed models, the estimate budgets are checked with
     routes: tuple[Route, ...]
     qualities: tuple[str, ...] = ("auto", "standard")
     default_quality: str | None = None
     styles: tuple[str, ...] = ()
     default_style: str | None = None
     aliases: tuple[str, ...] = ()
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    default_response_format: str = "url"
+    # GPT image models' own parameters; a model with none of them refuses each one.
+    backgrounds: tuple[str, ...] = ()
+    moderations: tuple[str, ...] = ()
+    compression: bool = False  # takes output_compression
+    token_prices: TokenPrices | None = None  # billed by the upstream's token count, not per image
 
     def price(self, quality: str | None, size: str) -> Decimal:
         for entry in self.prices:
@@ -96,6 +150,10 @@ class ImageRequest:
     quality: str | None = None
     style: str | None = None
     output_format: str = "png"
+    # GPT image models': None where the model takes no such parameter, or the client left it out.
+    output_compression: int | None = None
+    background: str | None = None
+    moderation: str | None = None
     # FLUX extensions: adapters pass them on where their upstream takes them and ignore them otherwise.
     seed: int | None = None
     safety_tolerance: int | None = None
@@ -106,99 +164,24 @@ class ImageRequest:
 
     @property
     def cost_per_image(self) -> Decimal:
+        """The price of one image, or for a token-billed model the estimate its budget is checked with."""
         return self.model.price(self.quality, self.size)
 
-    def cost_micros(self, images: int, test: bool) -> int:
-        """What `images` of this request cost, in millionths of a US dollar; test keys pay nothing."""
-        return 0 if test else int(self.cost_per_image * 1_000_000) * images
-
-
-FLUX_GRID = Grid(256, 1440, 32)
-ULTRA_SIZES = Fixed(
-    (
-        "3136x1344",
-        "2752x1536",
-        "2496x1664",
-        "2368x1792",
-        "2048x2048",
-        "1792x2368",
-        "1664x2496",
-        "1536x2752",
-        "1344x3136",
-    )
-)
-
-MODELS: tuple[CatalogModel, ...] = (
-    CatalogModel(
-        id="flux-1.1-pro",
-        owned_by="black-forest-labs",
-        created=1727827200,
-        sizes=FLUX_GRID,
-        default_size="1024x768",
-        max_n=4,
-        prices=(Price(Decimal("0.04")),),
-        routes=(
-            Route("bfl", "flux-pro-1.1"),
-            Route("fal", "fal-ai/flux-pro/v1.1"),
-            Route("replicate", "black-forest-labs/flux-1.1-pro"),
-            Route("together", "black-forest-labs/FLUX.1.1-pro"),
-        ),
-    ),
-    CatalogModel(
-        id="flux-1.1-pro-ultra",
-        owned_by="black-forest-labs",
-        created=1730851200,
-        sizes=ULTRA_SIZES,
-        default_size="2752x1536",
-        max_n=4,
-        prices=(Price(Decimal("0.06")),),
-        routes=(
-            Route("bfl", "flux-pro-1.1-ultra"),
-            Route("fal", "fal-ai/flux-pro/v1.1-ultra"),
-            Route("replicate", "black-forest-labs/flux-1.1-pro-ultra"),
-        ),
-    ),
-    CatalogModel(
-        id="flux-1-schnell",
-        owned_by="black-forest-labs",
-        created=1722470400,
-        sizes=FLUX_GRID,
-        default_size="1024x1024",
-        max_n=4,
-        prices=(Price(Decimal("0.003")),),
-        routes=(
-            Route("together", "black-forest-labs/FLUX.1-schnell"),
-            Route("fal", "fal-ai/flux/schnell"),
-            Route("replicate", "black-forest-labs/flux-schnell"),
-        ),
-    ),
-    CatalogModel(
-        id="dall-e-3",
-        owned_by="openai",
-        created=1698785189,
-        sizes=Fixed(("1024x1024", "1792x1024", "1024x1792")),
-        default_size="1024x1024",
-        max_n=1,
-        prices=(
-            Price(Decimal("0.04"), "standard", "1024x1024"),
-            Price(Decimal("0.08"), "standard"),
-            Price(Decimal("0.08"), "hd", "1024x1024"),
-            Price(Decimal("0.12"), "hd"),
-        ),
-        routes=(Route("openai", "dall-e-3"),),
-        qualities=("auto", "standard", "hd"),
-        default_quality="standard",
-        styles=("vivid", "natural"),
-        default_style="vivid",
-    ),
-)
+    def cost_micros(self, images: int, test: bool, usage: Usage | None = None) -> int:
+        """What `images` of this request cost, in millionths of a US dollar: by the upstream's token count
+        for a token-billed model, else per image; test keys pay nothing."""
+        if test:
+            return 0
+        if self.model.token_prices is not None and usage is not None:
+            return int(self.model.token_prices.cost(usage) * 1_000_000)
+        return int(self.cost_per_image * 1_000_000) * images
 
 
 @dataclass(frozen=True)
 class Catalog:
     """The models this server offers (built-ins plus the operator's file) and per-provider settings."""
 
-    models: tuple[CatalogModel, ...] = MODELS
+    models: tuple[CatalogModel, ...]
     concurrency: Mapping[str, int] = field(default_factory=dict)  # per-key active-task caps by provider
 
     def find(self, model_id: str) -> CatalogModel:
@@ -215,24 +198,34 @@ class Catalog:
         model = self.find(body.model)
         if not body.prompt.strip():
             raise InvalidRequest("prompt must be a non-empty string.", param="prompt")
-        if len(body.prompt) > MAX_PROMPT_CHARS:
+        if len(body.prompt) > model.max_prompt_chars:
             raise InvalidRequest(
-                f"prompt is {len(body.prompt)} characters long; the maximum is {MAX_PROMPT_CHARS}.",
+                f"prompt is {len(body.prompt)} characters long; the maximum for {model.id} is "
+                f"{model.max_prompt_chars}.",
                 param="prompt",
                 code="string_above_max_length",
             )
+        if body.stream:
+            raise InvalidRequest(
+                "Streamed answers (stream: true) are not available on this server yet; send stream: false.",
+                param="stream",
+            )
+        check_range("partial_images", body.partial_images, 0, 3)
         n = 1 if body.n is None else body.n
         if not 1 <= n <= model.max_n:
             only = "n=1 only" if model.max_n == 1 else f"n between 1 and {model.max_n}"
             raise InvalidRequest(f"{model.id} supports {only}; got n={n}.", param="n")
         width, height = parse_size(model, body.size)
-        response_format = pick_option(model.id, "response_format", body.response_format, RESPONSE_FORMATS, "url")
+        response_format = pick_option(
+            model.id, "response_format", body.response_format, RESPONSE_FORMATS, model.default_response_format
+        )
         quality = pick_option(model.id, "quality", body.quality, model.qualities, model.default_quality)
         style = pick_option(model.id, "style", body.style, model.styles, model.default_style)
-        output_format = pick_option(model.id, "output_format", body.output_format, OUTPUT_FORMATS, "png")
+        output_format = pick_option(model.id, "output_format", body.output_format, OUTPUT_FORMATS, "png") or "png"
         check_range("seed", body.seed, 0, MAX_SEED)
         check_range("safety_tolerance", body.safety_tolerance, 0, 6)
         return ImageRequest(
+            **gpt_options(model, body, output_format),
             model=model,
             prompt=body.prompt,
             width=width,
@@ -241,10 +234,33 @@ class Catalog:
             response_format=response_format or "url",
             quality=quality,
             style=style,
-            output_format=output_format or "png",
+            output_format=output_format,
             seed=body.seed,
             safety_tolerance=body.safety_tolerance,
         )
+
+
+def gpt_options(model: CatalogModel, body: ImageGenerateRequest, output_format: str) -> dict[str, Any]:
+    """`background`, `moderation` and `output_compression`, checked; None where left out (or `auto`)."""
+    background = pick_option(model.id, "background", body.background, model.backgrounds, None)
+    if background == "transparent" and output_format not in ("png", "webp"):
+        raise InvalidRequest(
+            f"A transparent background needs output_format png or webp; got {output_format}.", param="background"
+        )
+    compression = body.output_compression
+    if compression is not None:
+        if not model.compression:
+            raise InvalidRequest(f"{model.id} does not take output_compression.", param="output_compression")
+        if output_format == "png":
+            raise InvalidRequest(
+                "output_compression applies to jpeg and webp output, not png.", param="output_compression"
+            )
+        check_range("output_compression", compression, 0, 100)
+    return {
+        "background": background,
+        "moderation": pick_option(model.id, "moderation", body.moderation, model.moderations, None),
+        "output_compression": compression,
+    }
 
 
 def check_range(param: str, value: int | None, low: int, high: int) -> None:

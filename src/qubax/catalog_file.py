@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from qubax.catalog import MODELS, Catalog, CatalogModel, Fixed, Grid, Price, Route
+from qubax.catalog import Catalog, CatalogModel, Fixed, Grid, Price, Route
+from qubax.models import MODELS
 
 
 class CatalogError(ValueError):

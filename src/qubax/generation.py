@@ -3,9 +3,12 @@ stored or inlined, and a usage record out."""
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pybase64
 
@@ -14,7 +17,7 @@ from qubax.catalog import CatalogModel, ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from qubax.imaging import convert, passes_through
 from qubax.ledger import AttemptRecord, GenerationRecord
-from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse
+from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse, Usage
 from qubax.providers import GeneratedImage
 from qubax.providers.placeholder import Placeholder
 from qubax.providers.registry import PROVIDERS
@@ -57,11 +60,45 @@ async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, 
     except BaseException as exc:  # CancelledError too: the client went away, and that is recorded
         await finish(services, generation, started, exc)
         raise
+    usage = total_usage(image.usage for image in images)
     generation.upstream = "+".join(served)
     generation.images = len(data)
-    generation.cost_micros = request.cost_micros(len(data), key.test)
+    generation.cost_micros = request.cost_micros(len(data), key.test, usage)
     await finish(services, generation, started, None)
-    return Generated(ImagesResponse(created=int(time.time()), data=data), generation.upstream)
+    extra = gpt_fields(request, images, usage) if request.model.token_prices else {}
+    return Generated(ImagesResponse(created=int(time.time()), data=data, **extra), generation.upstream)
+
+
+def total_usage(usages: Iterable[Usage | None]) -> Usage | None:
+    """The token counts of every upstream call together; None when no call reported one."""
+    counted = [usage.model_dump() for usage in usages if usage is not None]
+    if not counted:
+        return None
+    return Usage.model_validate(functools.reduce(add_counts, counted))
+
+
+def add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two token counts (nested dicts of integers) added up; a part one of them lacks is left out."""
+    return {
+        name: add_counts(value, b[name]) if isinstance(value, dict) else value + b[name]
+        for name, value in a.items()
+        if b.get(name) is not None and value is not None
+    }
+
+
+def gpt_fields(request: ImageRequest, images: list[GeneratedImage], usage: Usage | None) -> dict[str, Any]:
+    """What OpenAI's answer for a GPT image model carries besides the images: each setting only where
+    its value is a concrete one (the SDK's strict mode refuses `auto`), the token count where known."""
+    settings = images[0].settings if images else {}
+    background = settings.get("background") or request.background
+    quality = settings.get("quality") or request.quality
+    return {
+        "background": background if background in ("transparent", "opaque") else None,
+        "quality": quality if quality in ("low", "medium", "high") else None,
+        "output_format": request.output_format,
+        "size": request.size,
+        "usage": usage,
+    }
 
 
 async def collect(

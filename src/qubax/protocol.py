@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 
 class ImageGenerateRequest(BaseModel):
@@ -17,17 +17,30 @@ class ImageGenerateRequest(BaseModel):
         json_schema_extra={"examples": [{"model": "flux-1.1-pro", "prompt": "a cat in space", "size": "1024x1024"}]},
     )
 
-    model: StrictStr = Field(description="A model id or alias, e.g. `flux-1.1-pro` or `dall-e-3`.")
-    prompt: StrictStr = Field(description="What to draw; at most 4000 characters.")
+    model: StrictStr = Field(description="A model id or alias, e.g. `flux-1.1-pro`, `gpt-image-1.5` or `dall-e-3`.")
+    prompt: StrictStr = Field(description="What to draw; at most 4000 characters (32000 for GPT image models).")
     n: StrictInt | None = Field(None, description="How many images: 1 to the model's maximum (4 for FLUX).")
     size: StrictStr | None = Field(None, description="`WIDTHxHEIGHT` among the model's sizes, or `auto`.")
-    response_format: StrictStr | None = Field(None, description="`url` (the default) or `b64_json`.")
-    quality: StrictStr | None = Field(None, description="`standard`, `hd` (dall-e-3) or `auto`.")
+    response_format: StrictStr | None = Field(
+        None, description="`url` or `b64_json`; the default is `url`, and `b64_json` for GPT image models."
+    )
+    quality: StrictStr | None = Field(
+        None, description="`standard` or `hd` (dall-e-3), `low`, `medium` or `high` (GPT image models), or `auto`."
+    )
     style: StrictStr | None = Field(None, description="`vivid` or `natural` (dall-e-3 only).")
+    output_format: StrictStr | None = Field(None, description="`png` (the default), `jpeg` or `webp`.")
+    output_compression: StrictInt | None = Field(
+        None, description="0 to 100, for `jpeg` and `webp` output (GPT image models)."
+    )
+    background: StrictStr | None = Field(
+        None, description="`transparent` (with png or webp), `opaque` or `auto` (GPT image models)."
+    )
+    moderation: StrictStr | None = Field(None, description="`low` or `auto` (GPT image models).")
+    stream: StrictBool | None = Field(None, description="Streamed answers are not available yet: `false` only.")
+    partial_images: StrictInt | None = Field(None, description="0 to 3; only used when streaming.")
     user: StrictStr | None = Field(None, description="Accepted and ignored.")
     # FLUX extensions (not OpenAI's): OpenAI clients never send them and see no difference.
     seed: StrictInt | None = Field(None, description="FLUX extension: 0 to 4294967295, for repeatable images.")
-    output_format: StrictStr | None = Field(None, description="FLUX extension: `png` (default), `jpeg` or `webp`.")
     safety_tolerance: StrictInt | None = Field(None, description="FLUX extension: 0 (strict) to 6 (permissive).")
 
 
@@ -37,9 +50,35 @@ class Image(BaseModel):
     revised_prompt: str | None = None
 
 
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class OutputTokensDetails(BaseModel):
+    image_tokens: int
+    text_tokens: int
+
+
+class Usage(BaseModel):
+    """The upstream's token count for a GPT image model's images (OpenAI's `ImageGenUsage`)."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens_details: OutputTokensDetails | None = None
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[Image]
+    # GPT image models only, as OpenAI answers for them; each only when its value is a concrete one.
+    background: str | None = None
+    output_format: str | None = None
+    quality: str | None = None
+    size: str | None = None
+    usage: Usage | None = None
 
 
 class Model(BaseModel):

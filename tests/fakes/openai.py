@@ -1,8 +1,14 @@
-"""A fake OpenAI Images API serving dall-e-3, written from OpenAI's public API reference.
+"""A fake OpenAI Images API serving dall-e-3 and the GPT image models, written from OpenAI's public API
+reference.
 
 `POST /v1/images/generations` with `Authorization: Bearer <key>`; dall-e-3 takes only `n=1` and the
 sizes 1024x1024, 1792x1024, 1024x1792; answers `{"created", "data": [{"b64_json"|"url", "revised_prompt"}]}`
 and errors as `{"error": {"message", "type", "param", "code"}}`. Result URLs are served under `/files/`.
+
+The GPT image models (gpt-image-1.5, gpt-image-1-mini, gpt-image-2, gpt-image-1) take `n` 1-10, `quality`
+low/medium/high/auto, `background`, `moderation`, `output_format`, `output_compression`, refuse
+`response_format` and `style` as unknown parameters, and answer base64 images with the resolved
+`background`, `quality`, `size`, `output_format` and a `usage` token count.
 """
 
 import time
@@ -14,6 +20,11 @@ from starlette.responses import JSONResponse, Response
 from tests.fakes import ImagesFake
 
 SIZES = ("1024x1024", "1792x1024", "1024x1792")
+GPT_MODELS = ("gpt-image-1.5", "gpt-image-1-mini", "gpt-image-2", "gpt-image-1")
+GPT_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# Image tokens OpenAI documents for one output image, at 1024x1024 and at the larger standard sizes.
+OUTPUT_TOKENS = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
 SAFETY_MESSAGE = (
     "Your request was rejected as a result of our safety system. "
     "Your prompt may contain text that is not allowed by our safety system."
@@ -28,6 +39,7 @@ class FakeOpenAI(ImagesFake):
         self.out_of_credit = False  # 429 insufficient_quota
         self.image_format = "PNG"  # the Pillow format images are encoded in
         self.empty = False  # answer 200 with no images
+        self.drop_usage = False  # answer GPT image models without a `usage` token count
 
     def unauthorized(self) -> Response:
         return error(401, "Incorrect API key provided: test-***.", "invalid_api_key")
@@ -35,6 +47,8 @@ class FakeOpenAI(ImagesFake):
     def answer(self, request: Request, body: dict[str, Any]) -> Response:
         if refusal := self.refusal(body):
             return refusal
+        if body["model"] in GPT_MODELS:
+            return self.gpt_answer(body)
         if problem := invalid(body):
             return error(400, *problem)
         if self.moderate:
@@ -51,13 +65,85 @@ class FakeOpenAI(ImagesFake):
     def refusal(self, body: dict[str, Any]) -> Response | None:
         if self.fail_status is not None:
             return error(self.fail_status, f"fake failure {self.fail_status}", None, "server_error")
-        if self.retired or body.get("model") != "dall-e-3":
+        if body.get("model") not in ("dall-e-3", *GPT_MODELS) or (self.retired and body.get("model") == "dall-e-3"):
             model = body.get("model")
             return error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found")
         if self.out_of_credit:
             message = "You exceeded your current quota, please check your plan and billing details."
             return error(429, message, "insufficient_quota", "insufficient_quota")
         return None
+
+    def gpt_answer(self, body: dict[str, Any]) -> Response:
+        if problem := gpt_invalid(body):
+            return error(400, *problem)
+        if self.moderate:
+            return error(400, SAFETY_MESSAGE, self.moderate)
+        size = body.get("size", "auto")
+        width, height = (1024, 1024) if size == "auto" else (int(side) for side in size.split("x"))
+        output_format = body.get("output_format", "png")
+        n = 0 if self.empty else body.get("n", 1)
+        images = [self.encode(self.image(width, height, FORMATS[output_format])) for _ in range(n)]
+        quality = body.get("quality", "auto").replace("auto", "medium")
+        square, larger = OUTPUT_TOKENS[quality]
+        per_image = square if width == height else larger
+        text = len(body["prompt"].split())
+        usage = {
+            "input_tokens": text,
+            "output_tokens": per_image * n,
+            "total_tokens": text + per_image * n,
+            "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+        }
+        answer = {
+            "created": int(time.time()),
+            "data": [{"b64_json": image} for image in images],
+            "background": body.get("background", "auto").replace("auto", "opaque"),
+            "output_format": output_format,
+            "quality": quality,
+            "size": f"{width}x{height}",
+            "usage": usage,
+        }
+        if self.drop_usage:
+            del answer["usage"]
+        return JSONResponse(answer)
+
+
+def gpt_invalid(body: dict[str, Any]) -> tuple[str, str] | None:
+    """(message, code) for what OpenAI rejects in a GPT image model's request."""
+    for unknown in ("response_format", "style"):
+        if unknown in body:
+            return f"Unknown parameter: '{unknown}'.", "unknown_parameter"
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt or len(prompt) > 32000:
+        return "Invalid 'prompt': must be a string of 1 to 32000 characters.", "invalid_value"
+    if not 1 <= body.get("n", 1) <= 10:
+        return "Invalid 'n': must be between 1 and 10.", "invalid_value"
+    if not gpt_size_ok(body["model"], body.get("size", "auto")):
+        return "The size is not supported by this model.", "invalid_size"
+    for field, allowed in (
+        ("quality", ("auto", "low", "medium", "high")),
+        ("background", ("auto", "opaque", "transparent")),
+        ("moderation", ("auto", "low")),
+        ("output_format", tuple(FORMATS)),
+    ):
+        if body.get(field, "auto" if "auto" in allowed else allowed[0]) not in allowed:
+            return f"Invalid value: '{body[field]}'. Supported values are: {allowed}.", "invalid_value"
+    output_format = body.get("output_format", "png")
+    if body.get("background") == "transparent" and output_format == "jpeg":
+        return "Transparent background is not supported for jpeg output.", "invalid_value"
+    if "output_compression" in body and (output_format == "png" or not 0 <= body["output_compression"] <= 100):
+        return "output_compression must be 0-100 and needs jpeg or webp output.", "invalid_value"
+    return None
+
+
+def gpt_size_ok(model: str, size: str) -> bool:
+    if size in GPT_SIZES:
+        return True
+    if model != "gpt-image-2":
+        return False
+    width, height = (int(side) for side in size.split("x"))
+    long, short = max(width, height), min(width, height)
+    multiples = width % 16 == 0 and height % 16 == 0
+    return multiples and long <= 3840 and long <= 3 * short and 655_360 <= width * height <= 8_294_400
 
 
 def invalid(body: dict[str, Any]) -> tuple[str, str] | None:

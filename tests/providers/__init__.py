@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qubax.catalog import Catalog, ImageRequest
+from qubax.models import MODELS
 from qubax.providers import GeneratedImage, Provider, Upstream
 from qubax.providers.http import open_session
 
@@ -24,10 +25,13 @@ class Job:
     seed: int | None = None
     safety_tolerance: int | None = None
     output_format: str = "png"
+    background: str | None = None
+    moderation: str | None = None
+    output_compression: int | None = None
 
     def request(self) -> ImageRequest:
         return ImageRequest(
-            model=Catalog().find("flux-1.1-pro"),  # adapters never look at our catalog entry
+            model=Catalog(MODELS).find("flux-1.1-pro"),  # adapters never look at our catalog entry
             prompt=self.prompt,
             width=self.width,
             height=self.height,
@@ -37,6 +41,9 @@ class Job:
             seed=self.seed,
             safety_tolerance=self.safety_tolerance,
             output_format=self.output_format,
+            background=self.background,
+            moderation=self.moderation,
+            output_compression=self.output_compression,
         )
 
 

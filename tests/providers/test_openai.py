@@ -1,10 +1,12 @@
 import io
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import openai as openai_sdk
 import pytest
 from PIL import Image
 
-from qubax.errors import ContentPolicyViolation, UpstreamError
+from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import Upstream
 from qubax.providers.http import Http, open_session
 from qubax.providers.openai import OpenAI
@@ -252,3 +254,75 @@ async def test_url_on_a_foreign_host_is_never_fetched(openai: OpenAI, fake: Fake
         await ask(openai, job())
 
     assert fake.downloads == []
+
+
+# --- GPT image models ------------------------------------------------------------------------------------
+
+
+def gpt(n: int = 2, size: str = "1536x1024", **options: Any) -> Job:
+    width, height = (int(side) for side in size.split("x"))
+    return Job("gpt-image-1.5", "a red barn at dawn", width, height, n, **options)
+
+
+@pytest.mark.anyio
+async def test_a_gpt_image_model_gets_all_n_in_one_call_with_its_parameters(openai: OpenAI, fake: FakeOpenAI) -> None:
+    job = gpt(quality="high", output_format="webp", background="transparent", moderation="low", output_compression=80)
+    images = await ask(openai, job)
+
+    assert fake.requests == [
+        {
+            "model": "gpt-image-1.5",
+            "prompt": "a red barn at dawn",
+            "n": 2,
+            "size": "1536x1024",
+            "output_format": "webp",
+            "quality": "high",
+            "background": "transparent",
+            "moderation": "low",
+            "output_compression": 80,
+        }
+    ]  # no response_format: OpenAI refuses it for these models
+    assert [picture(image.data)[:2] for image in images] == [("WEBP", (1536, 1024))] * 2
+    first, second = images
+    assert first.usage is not None and first.usage.output_tokens == 2 * 6240
+    assert first.usage.input_tokens_details.text_tokens == 5
+    assert second.usage is None  # one count for the call, on its first image
+    assert first.settings == second.settings == {"quality": "high", "background": "transparent"}
+
+
+@pytest.mark.anyio
+async def test_what_a_gpt_image_model_resolves_from_auto_is_kept(openai: OpenAI, fake: FakeOpenAI) -> None:
+    [image] = await ask(openai, gpt(n=1, size="1024x1024", quality="auto"))
+
+    assert image.settings == {"quality": "medium", "background": "opaque"}
+    assert image.usage is not None and image.usage.output_tokens == 1056
+
+
+@pytest.mark.anyio
+async def test_a_gpt_image_answer_short_of_images_keeps_what_it_made(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.empty = True
+
+    with pytest.raises(TaskFailed, match="returned no image"):
+        await ask(openai, gpt())
+
+
+def test_the_fake_answers_gpt_image_models_as_the_official_sdk_expects(server: str) -> None:
+    """The official client, validating strictly, against the fake: the fake cannot drift from the protocol."""
+    client = openai_sdk.OpenAI(
+        api_key="test-key", base_url=f"{server}/v1", max_retries=0, _strict_response_validation=True
+    )
+    response = client.images.generate(model="gpt-image-2", prompt="a fox", size="2048x1152", quality="low", n=2)
+    assert len(response.data) == 2 and response.data[0].b64_json
+    assert (response.size, response.quality, response.background, response.output_format) == (
+        "2048x1152",
+        "low",
+        "opaque",
+        "png",
+    )
+    assert response.usage is not None and response.usage.input_tokens_details.text_tokens == 2
+    with pytest.raises(openai_sdk.BadRequestError) as refused:
+        client.images.generate(model="gpt-image-1.5", prompt="a fox", response_format="url")
+    assert refused.value.code == "unknown_parameter"
+    with pytest.raises(openai_sdk.BadRequestError) as refused:
+        client.images.generate(model="gpt-image-1.5", prompt="a fox", size="2048x1152")
+    assert refused.value.code == "invalid_size"

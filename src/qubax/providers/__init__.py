@@ -6,12 +6,13 @@ line in `registry.PROVIDERS`, one fake and one test file. Each translates its up
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from qubax.catalog import ImageRequest
+from qubax.protocol import Usage
 from qubax.providers.pool import KeyPool
 from qubax.slots import Slots
 
@@ -25,6 +26,10 @@ class GeneratedImage:
 
     data: bytes
     revised_prompt: str | None = None
+    # GPT image models: the upstream's token count for the call that made this image and its siblings
+    # (on the first of them only), and what it made of settings asked as `auto` (`quality`, `background`).
+    usage: Usage | None = None
+    settings: Mapping[str, str] = field(default_factory=dict)
 
 
 class Upstream:

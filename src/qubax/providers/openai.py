@@ -1,9 +1,14 @@
-"""Any OpenAI-compatible Images API serving dall-e-3: one synchronous call per image."""
+"""Any OpenAI-compatible Images API: dall-e-3 (one synchronous call per image) and the GPT image models
+(one call for all `n`, billed by the token count the answer carries)."""
 
+import dataclasses
 from typing import Any
+
+from pydantic import ValidationError
 
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.protocol import Usage
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream
 from qubax.providers.http import (
     Reply,
@@ -22,6 +27,7 @@ PROVIDER = "OpenAI"
 # Where OpenAI served dall-e-3 result URLs from; the configured base host (a proxy, a fake) is trusted too.
 DELIVERY_HOSTS = ("oaidalleapiprodscus.blob.core.windows.net",)
 MODERATION_CODES = ("content_policy_violation", "moderation_blocked")
+GPT_IMAGE = ("gpt-image", "chatgpt-image")  # the names of OpenAI's token-billed image models start so
 NO_CREDIT_CODES = ("insufficient_quota", "billing_hard_limit_reached")
 
 
@@ -31,27 +37,42 @@ class OpenAI:
         self.host = base_host(upstream.base_url)
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+        if model.startswith(GPT_IMAGE):
+            return await self._call(model, gpt_body(request, model), request.n)
         # dall-e-3 takes only n=1: one call per image, all at once.
-        return await fan_out(self._one(request, model) for _ in range(request.n))
+        return await fan_out(self._call(model, body(request, model), 1) for _ in range(request.n))
 
-    async def _one(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+    async def _call(self, model: str, payload: dict[str, Any], n: int) -> list[GeneratedImage]:
         url = f"{self.upstream.base_url}/images/generations"
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Bearer {key}"}
-            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(request, model))
+            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=payload)
         self._raise_for_error(response, model)
-        items = read_json(response, PROVIDER).get("data")
-        item = items[0] if isinstance(items, list) and items else None
-        if not isinstance(item, dict):
+        answer = read_json(response, PROVIDER)
+        items = answer.get("data")
+        items = [item for item in items if isinstance(item, dict)][:n] if isinstance(items, list) else []
+        if not items:
             raise TaskFailed(f"{PROVIDER} returned no image.")
         with billed():
-            if item.get("b64_json") is not None:
-                data = decode_b64(item["b64_json"], PROVIDER)
-            else:
-                # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
-                data = await download(self.upstream, PROVIDER, item.get("url"))
+            images = [await self._image(item) for item in items]
+        settings = {name: answer[name] for name in ("quality", "background") if isinstance(answer.get(name), str)}
+        images = [dataclasses.replace(image, settings=settings) for image in images]
+        images[0] = dataclasses.replace(images[0], usage=read_usage(answer.get("usage")))
+        if len(images) < n:
+            # What was made is kept (and billed); the rest can be made elsewhere.
+            error = TaskFailed(f"{PROVIDER} returned {len(images)} of the {n} images asked for.")
+            error.images = images
+            raise error
+        return images
+
+    async def _image(self, item: dict[str, Any]) -> GeneratedImage:
+        if item.get("b64_json") is not None:
+            data = decode_b64(item["b64_json"], PROVIDER)
+        else:
+            # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
+            data = await download(self.upstream, PROVIDER, item.get("url"))
         revised = item.get("revised_prompt")
-        return [GeneratedImage(data, revised if isinstance(revised, str) else None)]
+        return GeneratedImage(data, revised if isinstance(revised, str) else None)
 
     def _raise_for_error(self, response: Reply, model: str) -> None:
         """OpenAI's quirks first (its error `code` says more than the status), then the common mapping."""
@@ -92,6 +113,33 @@ def body(request: ImageRequest, model: str) -> dict[str, Any]:
     if request.style is not None:
         payload["style"] = request.style
     return payload
+
+
+def gpt_body(request: ImageRequest, model: str) -> dict[str, Any]:
+    """A GPT image model's request. No `response_format`: OpenAI refuses it for these models, which
+    always answer base64."""
+    payload: dict[str, Any] = {
+        "model": model,
+        "prompt": request.prompt,
+        "n": request.n,
+        "size": request.size,
+        "output_format": request.output_format,
+    }
+    optional = {
+        "quality": request.quality,
+        "background": request.background,
+        "moderation": request.moderation,
+        "output_compression": request.output_compression,
+    }
+    return payload | {name: value for name, value in optional.items() if value is not None}
+
+
+def read_usage(found: Any) -> Usage | None:
+    """The answer's token count, or None when it has none we can read (then the estimate is billed)."""
+    try:
+        return Usage.model_validate(found) if found is not None else None
+    except ValidationError:
+        return None
 
 
 def error_code(response: Reply) -> str | None:

@@ -1,0 +1,157 @@
+"""The models Qubax serves out of the box; the operator's catalog file (`catalog_file`) changes and adds."""
+
+from decimal import Decimal
+
+from qubax.catalog import CatalogModel, Fixed, Free, Grid, Price, Route, TokenPrices
+
+GPT_SIZES = Fixed(("1024x1024", "1536x1024", "1024x1536"))
+
+
+def gpt_image(
+    model_id: str,
+    created: int,
+    tokens: TokenPrices,
+    square: tuple[float, float, float],
+    other: tuple[float, float, float],
+    sizes: Fixed | Free = GPT_SIZES,
+) -> CatalogModel:
+    """One of OpenAI's GPT image models, with per-image estimates (low, medium, high) for 1024x1024 and
+    for the other sizes."""
+    prices = [
+        Price(Decimal(str(usd)), quality, size)
+        for quality, square_usd, other_usd in zip(
+            ("low", "medium", "high", "auto"), (*square, square[2]), (*other, other[2]), strict=True
+        )
+        for usd, size in ((square_usd, "1024x1024"), (other_usd, None))
+    ]
+    return CatalogModel(
+        id=model_id,
+        owned_by="openai",
+        created=created,
+        sizes=sizes,
+        default_size="1024x1024",
+        max_n=10,
+        prices=tuple(prices),
+        routes=(Route("openai", model_id),),
+        qualities=("auto", "low", "medium", "high"),
+        default_quality="auto",
+        max_prompt_chars=32000,
+        default_response_format="b64_json",
+        backgrounds=("auto", "opaque", "transparent"),
+        moderations=("auto", "low"),
+        compression=True,
+        token_prices=tokens,
+    )
+
+
+FLUX_GRID = Grid(256, 1440, 32)
+ULTRA_SIZES = Fixed(
+    (
+        "3136x1344",
+        "2752x1536",
+        "2496x1664",
+        "2368x1792",
+        "2048x2048",
+        "1792x2368",
+        "1664x2496",
+        "1536x2752",
+        "1344x3136",
+    )
+)
+
+MODELS: tuple[CatalogModel, ...] = (
+    CatalogModel(
+        id="flux-1.1-pro",
+        owned_by="black-forest-labs",
+        created=1727827200,
+        sizes=FLUX_GRID,
+        default_size="1024x768",
+        max_n=4,
+        prices=(Price(Decimal("0.04")),),
+        routes=(
+            Route("bfl", "flux-pro-1.1"),
+            Route("fal", "fal-ai/flux-pro/v1.1"),
+            Route("replicate", "black-forest-labs/flux-1.1-pro"),
+            Route("together", "black-forest-labs/FLUX.1.1-pro"),
+        ),
+    ),
+    CatalogModel(
+        id="flux-1.1-pro-ultra",
+        owned_by="black-forest-labs",
+        created=1730851200,
+        sizes=ULTRA_SIZES,
+        default_size="2752x1536",
+        max_n=4,
+        prices=(Price(Decimal("0.06")),),
+        routes=(
+            Route("bfl", "flux-pro-1.1-ultra"),
+            Route("fal", "fal-ai/flux-pro/v1.1-ultra"),
+            Route("replicate", "black-forest-labs/flux-1.1-pro-ultra"),
+        ),
+    ),
+    CatalogModel(
+        id="flux-1-schnell",
+        owned_by="black-forest-labs",
+        created=1722470400,
+        sizes=FLUX_GRID,
+        default_size="1024x1024",
+        max_n=4,
+        prices=(Price(Decimal("0.003")),),
+        routes=(
+            Route("together", "black-forest-labs/FLUX.1-schnell"),
+            Route("fal", "fal-ai/flux/schnell"),
+            Route("replicate", "black-forest-labs/flux-schnell"),
+        ),
+    ),
+    CatalogModel(
+        id="dall-e-3",
+        owned_by="openai",
+        created=1698785189,
+        sizes=Fixed(("1024x1024", "1792x1024", "1024x1792")),
+        default_size="1024x1024",
+        max_n=1,
+        prices=(
+            Price(Decimal("0.04"), "standard", "1024x1024"),
+            Price(Decimal("0.08"), "standard"),
+            Price(Decimal("0.08"), "hd", "1024x1024"),
+            Price(Decimal("0.12"), "hd"),
+        ),
+        routes=(Route("openai", "dall-e-3"),),
+        qualities=("auto", "standard", "hd"),
+        default_quality="standard",
+        styles=("vivid", "natural"),
+        default_style="vivid",
+    ),
+    # OpenAI bills these by token (rates from its pricing page, 2026-12); the per-image prices are its
+    # published estimates for 1024x1024 and for the other sizes, `auto` counted as `high`.
+    gpt_image(
+        "gpt-image-1.5",
+        1765843200,
+        TokenPrices(Decimal(5), Decimal(8), Decimal(32)),
+        (0.009, 0.034, 0.133),
+        (0.013, 0.05, 0.2),
+    ),
+    gpt_image(
+        "gpt-image-1-mini",
+        1759708800,
+        TokenPrices(Decimal(2), Decimal("2.5"), Decimal(8)),
+        (0.005, 0.011, 0.036),
+        (0.006, 0.015, 0.052),
+    ),
+    gpt_image(
+        "gpt-image-2",
+        1776729600,
+        TokenPrices(Decimal(5), Decimal(8), Decimal(30)),
+        (0.009, 0.032, 0.125),
+        (0.013, 0.048, 0.19),
+        sizes=Free(step=16, max_side=3840, max_ratio=3, min_pixels=655_360, max_pixels=8_294_400),
+    ),
+    # OpenAI's own API shut gpt-image-1 down on 2026-10-23; compatible hosts may still serve it.
+    gpt_image(
+        "gpt-image-1",
+        1745539200,
+        TokenPrices(Decimal(5), Decimal(10), Decimal(40)),
+        (0.011, 0.042, 0.167),
+        (0.016, 0.063, 0.25),
+    ),
+)

@@ -268,3 +268,32 @@ def test_a_gpt_image_model_without_a_token_count_is_billed_its_estimate(stack: S
     stack.live.images.generate(model="gpt-image-1-mini", prompt="a red barn", quality="medium")
     [row] = generations(stack.settings)
     assert row.cost_micros == 11_000  # OpenAI's published $0.011 for a medium 1024x1024 image
+
+
+@pytest.mark.parametrize(
+    ("size", "made", "quality", "asked"),
+    [("1792x1024", "1536x1024", "hd", "high"), ("1024x1024", "1024x1024", "standard", "medium")],
+)
+def test_dall_e_3_is_made_by_gpt_image_where_the_host_no_longer_serves_it(
+    stack: Stack, size: str, made: str, quality: str, asked: str
+) -> None:
+    stack.openai.retired = True  # 404 model_not_found for dall-e-3, as OpenAI has answered since 2026-05-12
+    raw = stack.live.images.with_raw_response.generate(
+        model="dall-e-3", prompt="a red barn", size=size, quality=quality, style="natural"
+    )
+    assert raw.headers["x-qubax-route"] == "openai:gpt-image-1.5"
+    image = raw.parse().data[0]
+    assert image.url is not None  # dall-e-3's default answer, whatever made it
+    width, height = (int(side) for side in size.split("x"))
+    assert png(httpx.get(image.url).content).size == (width, height)  # fitted to the size asked
+    refused, sent = stack.openai.requests
+    assert refused["model"] == "dall-e-3"
+    assert (sent["model"], sent["size"], sent["quality"]) == ("gpt-image-1.5", made, asked)
+    assert "style" not in sent and "response_format" not in sent
+    [row] = generations(stack.settings)
+    tokens = 6240 if made != "1024x1024" else 1056 if asked == "medium" else 4160
+    assert (row.upstream, row.outcome, row.cost_micros) == ("openai:gpt-image-1.5", "ok", 3 * 5 + tokens * 32)
+    assert [(a.upstream_model, a.outcome) for a in attempts(stack.settings)] == [
+        ("dall-e-3", "upstream_error"),
+        ("gpt-image-1.5", "ok"),
+    ]

@@ -193,6 +193,11 @@ class Catalog:
             "GET /v1/models lists the models this server offers."
         )
 
+    def token_prices(self, model_id: str) -> "TokenPrices | None":
+        """The token rates of the model an upstream call ran, when the catalog knows it by that name."""
+        found = next((model for model in self.models if model.id == model_id), None)
+        return found.token_prices if found else None
+
     def check(self, body: ImageGenerateRequest) -> ImageRequest:
         """Resolve defaults and enforce the model's limits; raise `InvalidRequest` naming the field."""
         model = self.find(body.model)

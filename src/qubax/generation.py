@@ -13,7 +13,7 @@ from typing import Any
 import pybase64
 
 from qubax import db
-from qubax.catalog import CatalogModel, ImageRequest, Route
+from qubax.catalog import Catalog, CatalogModel, ImageRequest, Route
 from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from qubax.imaging import convert, passes_through
 from qubax.ledger import AttemptRecord, GenerationRecord
@@ -60,13 +60,25 @@ async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, 
     except BaseException as exc:  # CancelledError too: the client went away, and that is recorded
         await finish(services, generation, started, exc)
         raise
-    usage = total_usage(image.usage for image in images)
     generation.upstream = "+".join(served)
     generation.images = len(data)
-    generation.cost_micros = request.cost_micros(len(data), key.test, usage)
+    generation.cost_micros = 0 if key.test else cost_micros(request, images, services.catalog)
     await finish(services, generation, started, None)
+    usage = total_usage(image.tokens.usage if image.tokens else None for image in images)
     extra = gpt_fields(request, images, usage) if request.model.token_prices else {}
     return Generated(ImagesResponse(created=int(time.time()), data=data, **extra), generation.upstream)
+
+
+def cost_micros(request: ImageRequest, images: list[GeneratedImage], catalog: Catalog) -> int:
+    """What the images cost, in millionths of a US dollar: an upstream call that reported its token count
+    at the rates of the model it ran (which may be another than the one asked for, on a catalog route),
+    every other image at the requested model's price per image."""
+    counted = [image.tokens for image in images if image.tokens is not None]
+    rates = [catalog.token_prices(tokens.model) or request.model.token_prices for tokens in counted]
+    if not counted or None in rates:
+        return request.cost_micros(len(images), test=False, usage=total_usage(t.usage for t in counted))
+    spent = sum(prices.cost(tokens.usage) for prices, tokens in zip(rates, counted, strict=True) if prices)
+    return int(spent * 1_000_000)
 
 
 def total_usage(usages: Iterable[Usage | None]) -> Usage | None:
@@ -121,7 +133,7 @@ async def collect(
         made, failure = await attempt(services, route, dataclasses.replace(request, n=missing), attempts)
         images += made[:missing]
         if made:
-            served.append(route.provider)
+            served.append(route_label(route, request.model))
         if len(images) == request.n:
             return images, served
         if failure is not None and not failure.failover:
@@ -164,6 +176,13 @@ async def attempt(
     services.breakers.succeeded(name)
     record.images = len(images)
     return images, None
+
+
+def route_label(route: Route, model: CatalogModel) -> str:
+    """How `x-qubax-route` and the ledger name a route: its provider, and the upstream model too for a
+    later route on a provider an earlier one already names (dall-e-3 made by gpt-image-1.5, say)."""
+    first = next(other for other in model.routes if other.provider == route.provider)
+    return route.provider if first == route else f"{route.provider}:{route.upstream_model}"
 
 
 def usable_routes(model: CatalogModel, services: Services) -> list[Route]:

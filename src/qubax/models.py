@@ -116,7 +116,10 @@ MODELS: tuple[CatalogModel, ...] = (
             Price(Decimal("0.08"), "hd", "1024x1024"),
             Price(Decimal("0.12"), "hd"),
         ),
-        routes=(Route("openai", "dall-e-3"),),
+        # OpenAI's own API retired dall-e-3 on 2026-05-12: where the host answers that it does not serve
+        # it, the same credential makes the image with gpt-image-1.5 (nearest size, then fitted; standard
+        # quality as medium, hd as high; no style), billed at that model's token rates.
+        routes=(Route("openai", "dall-e-3"), Route("openai", "gpt-image-1.5")),
         qualities=("auto", "standard", "hd"),
         default_quality="standard",
         styles=("vivid", "natural"),

@@ -284,9 +284,10 @@ async def test_a_gpt_image_model_gets_all_n_in_one_call_with_its_parameters(open
     ]  # no response_format: OpenAI refuses it for these models
     assert [picture(image.data)[:2] for image in images] == [("WEBP", (1536, 1024))] * 2
     first, second = images
-    assert first.usage is not None and first.usage.output_tokens == 2 * 6240
-    assert first.usage.input_tokens_details.text_tokens == 5
-    assert second.usage is None  # one count for the call, on its first image
+    assert first.tokens is not None and first.tokens.model == "gpt-image-1.5"
+    assert first.tokens.usage.output_tokens == 2 * 6240
+    assert first.tokens.usage.input_tokens_details.text_tokens == 5
+    assert second.tokens is None  # one count for the call, on its first image
     assert first.settings == second.settings == {"quality": "high", "background": "transparent"}
 
 
@@ -295,7 +296,7 @@ async def test_what_a_gpt_image_model_resolves_from_auto_is_kept(openai: OpenAI,
     [image] = await ask(openai, gpt(n=1, size="1024x1024", quality="auto"))
 
     assert image.settings == {"quality": "medium", "background": "opaque"}
-    assert image.usage is not None and image.usage.output_tokens == 1056
+    assert image.tokens is not None and image.tokens.usage.output_tokens == 1056
 
 
 @pytest.mark.anyio

@@ -28,8 +28,16 @@ class GeneratedImage:
     revised_prompt: str | None = None
     # GPT image models: the upstream's token count for the call that made this image and its siblings
     # (on the first of them only), and what it made of settings asked as `auto` (`quality`, `background`).
-    usage: Usage | None = None
+    tokens: "Tokens | None" = None
     settings: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What one upstream call spent: its token count, and the upstream model whose rates price it."""
+
+    model: str
+    usage: Usage
 
 
 class Upstream:

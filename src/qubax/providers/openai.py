@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.protocol import Usage
-from qubax.providers import GeneratedImage, ProviderInfo, Upstream
+from qubax.providers import GeneratedImage, ProviderInfo, Tokens, Upstream, aspect_ratio
 from qubax.providers.http import (
     Reply,
     base_host,
@@ -28,6 +28,8 @@ PROVIDER = "OpenAI"
 DELIVERY_HOSTS = ("oaidalleapiprodscus.blob.core.windows.net",)
 MODERATION_CODES = ("content_policy_violation", "moderation_blocked")
 GPT_IMAGE = ("gpt-image", "chatgpt-image")  # the names of OpenAI's token-billed image models start so
+GPT_SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}  # by aspect ratio
+DALL_E_QUALITIES = {"standard": "medium", "hd": "high"}
 NO_CREDIT_CODES = ("insufficient_quota", "billing_hard_limit_reached")
 
 
@@ -57,7 +59,8 @@ class OpenAI:
             images = [await self._image(item) for item in items]
         settings = {name: answer[name] for name in ("quality", "background") if isinstance(answer.get(name), str)}
         images = [dataclasses.replace(image, settings=settings) for image in images]
-        images[0] = dataclasses.replace(images[0], usage=read_usage(answer.get("usage")))
+        usage = read_usage(answer.get("usage"))
+        images[0] = dataclasses.replace(images[0], tokens=Tokens(model, usage) if usage else None)
         if len(images) < n:
             # What was made is kept (and billed); the rest can be made elsewhere.
             error = TaskFailed(f"{PROVIDER} returned {len(images)} of the {n} images asked for.")
@@ -84,10 +87,12 @@ class OpenAI:
             raise ContentPolicyViolation()
         if response.status_code == 404 or code == "model_not_found":
             # OpenAI shut dall-e-3 down on 2026-05-12; only compatible hosts still serve it.
+            # Nothing was made: the next route (another host, or another model: the catalog's) may serve.
             raise UpstreamError(
                 f"The upstream for this model does not serve {model}.",
                 detail=f"the configured OpenAI-compatible host ({self.host}) does not serve it; point "
                 f"QUBAX_OPENAI_BASE_URL at a host that does. It said: {detail or 'not found'}",
+                failover=True,
             )
         if code in NO_CREDIT_CODES:
             # OpenAI says "out of credit" with 429, which must not be retried like a rate limit.
@@ -117,16 +122,21 @@ def body(request: ImageRequest, model: str) -> dict[str, Any]:
 
 def gpt_body(request: ImageRequest, model: str) -> dict[str, Any]:
     """A GPT image model's request. No `response_format`: OpenAI refuses it for these models, which
-    always answer base64."""
+    always answer base64. A request for another model (a catalog route that serves dall-e-3 with a GPT
+    image model) is made at the nearest size the model takes, fitted afterwards, with its quality
+    translated and its style left out."""
+    size = request.size
+    if size not in GPT_SIZES.values() and not model.startswith("gpt-image-2"):
+        size = GPT_SIZES[aspect_ratio(request.width, request.height, tuple(GPT_SIZES))]
     payload: dict[str, Any] = {
         "model": model,
         "prompt": request.prompt,
         "n": request.n,
-        "size": request.size,
+        "size": size,
         "output_format": request.output_format,
     }
     optional = {
-        "quality": request.quality,
+        "quality": DALL_E_QUALITIES.get(request.quality or "", request.quality),
         "background": request.background,
         "moderation": request.moderation,
         "output_compression": request.output_compression,

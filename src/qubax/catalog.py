@@ -167,14 +167,10 @@ class ImageRequest:
         """The price of one image, or for a token-billed model the estimate its budget is checked with."""
         return self.model.price(self.quality, self.size)
 
-    def cost_micros(self, images: int, test: bool, usage: Usage | None = None) -> int:
-        """What `images` of this request cost, in millionths of a US dollar: by the upstream's token count
-        for a token-billed model, else per image; test keys pay nothing."""
-        if test:
-            return 0
-        if self.model.token_prices is not None and usage is not None:
-            return int(self.model.token_prices.cost(usage) * 1_000_000)
-        return int(self.cost_per_image * 1_000_000) * images
+    def cost_micros(self, images: int, test: bool) -> int:
+        """What `images` of this request cost at the price per image (for a token-billed model, the
+        estimate), in millionths of a US dollar; test keys pay nothing."""
+        return 0 if test else int(self.cost_per_image * 1_000_000) * images
 
 
 @dataclass(frozen=True)

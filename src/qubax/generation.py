@@ -70,13 +70,14 @@ async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, 
 
 
 def cost_micros(request: ImageRequest, images: list[GeneratedImage], catalog: Catalog) -> int:
-    """What the images cost, in millionths of a US dollar: an upstream call that reported its token count
-    at the rates of the model it ran (which may be another than the one asked for, on a catalog route),
-    every other image at the requested model's price per image."""
+    """What the images cost, in millionths of a US dollar. Upstream calls that reported a token count (one
+    for all the images of a call) cost that count at the rates of the model they ran, which may be
+    another than the one asked for (a catalog route); without counts, or rates for them, the images
+    cost the requested model's price per image."""
     counted = [image.tokens for image in images if image.tokens is not None]
     rates = [catalog.token_prices(tokens.model) or request.model.token_prices for tokens in counted]
     if not counted or None in rates:
-        return request.cost_micros(len(images), test=False, usage=total_usage(t.usage for t in counted))
+        return request.cost_micros(len(images), test=False)
     spent = sum(prices.cost(tokens.usage) for prices, tokens in zip(rates, counted, strict=True) if prices)
     return int(spent * 1_000_000)
 

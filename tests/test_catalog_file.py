@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from qubax.catalog import Catalog, Fixed, Grid, Route
+from qubax.catalog import Catalog, Fixed, Grid, Route, TokenPrices
 from qubax.catalog_file import CatalogError, load_catalog
 from qubax.errors import ModelNotFound
 from qubax.models import MODELS
@@ -42,7 +42,7 @@ def test_reorder_routes_change_price_and_add_aliases(tmp_path: Path) -> None:
     assert model.routes == (Route("fal", "fal-ai/flux-pro/v1.1"), Route("bfl", "flux-pro-1.1-beta"))
     assert model.price(None, "1024x768") == Decimal("0.05")
     assert catalog.concurrency == {"bfl": 6, "fal": 40}
-    assert catalog.find("dall-e-3").routes == (Route("openai", "dall-e-3"),)
+    assert catalog.find("dall-e-3").routes == (Route("openai", "dall-e-3"), Route("openai", "gpt-image-1.5"))
 
 
 def test_a_new_model_starts_from_an_existing_one(tmp_path: Path) -> None:
@@ -69,6 +69,13 @@ def test_a_new_model_starts_from_an_existing_one(tmp_path: Path) -> None:
         catalog.find("flux-9")
 
 
+def test_a_token_billed_model_gets_new_rates(tmp_path: Path) -> None:
+    text = '[models."gpt-image-1.5"]\ntoken_prices = { text_input = 4, image_input = 7.5, image_output = 30 }\n'
+    model = load(tmp_path, text).find("gpt-image-1.5")
+    assert model.token_prices == TokenPrices(Decimal(4), Decimal("7.5"), Decimal(30))
+    assert model.prices == load_catalog(None, PROVIDERS, DEFAULTS).find("gpt-image-1.5").prices  # estimates kept
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -90,6 +97,10 @@ def test_a_new_model_starts_from_an_existing_one(tmp_path: Path) -> None:
         ('[models."dall-e-3"]\naliases = ["flux-1-schnell"]\n', "'flux-1-schnell' is used by both"),
         ("[providers.midjourney]\nconcurrency = 3\n", "providers: unknown provider 'midjourney'"),
         ("[providers.bfl]\nconcurrency = 0\n", "providers.bfl.concurrency"),
+        (
+            '[models."gpt-image-2"]\ntoken_prices = { text_input = 5 }\n',
+            "models.gpt-image-2.token_prices.image_input: Field required",
+        ),
     ],
 )
 def test_mistakes_are_reported_with_where_and_why(tmp_path: Path, text: str, message: str) -> None:

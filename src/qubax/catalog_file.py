@@ -13,6 +13,9 @@ change prices and upstream model names, cap provider concurrency. Checked once, 
     like = "flux-1-schnell"
     price = 0.025
     routes = [{ provider = "fal", model = "fal-ai/flux/dev" }]
+
+    [models."gpt-image-1.5"]               # a token-billed model's rates, USD per million tokens
+    token_prices = { text_input = 5, image_input = 8, image_output = 32 }
 """
 
 import dataclasses
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from qubax.catalog import Catalog, CatalogModel, Fixed, Grid, Price, Route
+from qubax.catalog import Catalog, CatalogModel, Fixed, Grid, Price, Route, TokenPrices
 from qubax.models import MODELS
 
 
@@ -43,11 +46,19 @@ class GridEntry(BaseModel):
     step: int = Field(ge=1, le=1024)
 
 
+class TokenPricesEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text_input: Decimal = Field(ge=0)
+    image_input: Decimal = Field(ge=0)
+    image_output: Decimal = Field(ge=0)
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     like: str | None = None
     owned_by: str | None = None
     price: Decimal | None = Field(default=None, ge=0)
+    token_prices: TokenPricesEntry | None = None
     aliases: list[str] | None = None
     routes: list[RouteEntry] | None = None
     sizes: list[str] | GridEntry | None = None
@@ -112,6 +123,8 @@ def build_model(model_id: str, entry: ModelEntry, models: dict[str, CatalogModel
         changes["owned_by"] = entry.owned_by
     if entry.price is not None:
         changes["prices"] = (Price(entry.price),)
+    if entry.token_prices is not None:
+        changes["token_prices"] = TokenPrices(**entry.token_prices.model_dump())
     if entry.aliases is not None:
         changes["aliases"] = tuple(entry.aliases)
     if entry.max_n is not None:

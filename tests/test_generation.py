@@ -97,6 +97,15 @@ async def test_async_client(base_url: str, test_key: str) -> None:
     assert [png_size(base64.b64decode(i.b64_json or "")) for i in response.data] == [(1344, 3136)] * 2
     models = [model.id async for model in client.models.list()]
     assert models == [m.id for m in MODELS]
+    gpt = await client.images.generate(
+        model="gpt-image-2", prompt="mountains", size="2048x1152", quality="low", output_format="webp"
+    )
+    assert (gpt.size, gpt.quality, gpt.output_format) == ("2048x1152", "low", "webp")
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.images.generate(
+            model="gpt-image-2", prompt="mountains", background="transparent", output_format="jpeg"
+        )
+    assert refused.value.param == "background"
     await client.close()
 
 

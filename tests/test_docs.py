@@ -88,6 +88,7 @@ def test_images_are_documented_as_images(schema: dict[str, Any]) -> None:
 def test_every_public_endpoint_is_in_the_schema(schema: dict[str, Any]) -> None:
     assert set(schema["paths"]) == {
         "/v1/images/generations",
+        "/v1/images/edits",
         "/v1/models",
         "/v1/models/{model_id}",
         "/images/{name}",
@@ -150,6 +151,6 @@ def test_docs_render_in_a_browser_that_reaches_nothing_else(base_url: str) -> No
         finally:
             browser.close()
     assert "/v1/images/generations" in [path.replace("\u200b", "") for path in paths]
-    assert len(paths) == 6
+    assert len(paths) == 7
     assert authorize == 1  # the bearer scheme is there to fill in
     assert outside == []

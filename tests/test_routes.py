@@ -1,6 +1,8 @@
 """Every client-facing error, as the official SDK and a raw HTTP client see it."""
 
 import asyncio
+import base64
+import io
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from PIL import Image
 from pydantic import SecretStr
 from starlette.requests import Request
 
@@ -375,3 +378,82 @@ def test_gpt_image_models_answer_base64_with_their_settings(client: openai.OpenA
     assert (plain.size, plain.output_format, plain.quality, plain.background) == ("2048x1152", "webp", None, None)
     linked = client.images.generate(model="gpt-image-1-mini", prompt="a fox", response_format="url")
     assert linked.data[0].url is not None  # our extension: a link when asked for one
+
+
+# --- edits ------------------------------------------------------------------------------------------------
+
+
+def picture(width: int, height: int, kind: str = "PNG", mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height), (200, 30, 30, 0)[: len(mode)]).save(out, kind)
+    return out.getvalue()
+
+
+def test_an_edit_of_one_image_and_of_several_with_a_mask(client: openai.OpenAI) -> None:
+    one = client.images.edit(model="gpt-image-1.5", image=("a.png", picture(96, 64)), prompt="make it blue")
+    [made] = one.data
+    assert Image.open(io.BytesIO(base64.b64decode(made.b64_json or ""))).size == (1024, 1024)
+    several = client.images.edit(
+        model="gpt-image-2",
+        image=[("a.png", picture(64, 64)), ("b.jpg", picture(48, 32, "JPEG")), ("c.webp", picture(20, 20, "WEBP"))],
+        mask=("mask.png", picture(64, 64, mode="RGBA")),
+        prompt="put them together",
+        n=2,
+        size="2048x1152",
+        input_fidelity="high",
+        output_format="webp",
+    )
+    assert len(several.data) == 2 and (several.size, several.output_format) == ("2048x1152", "webp")
+
+
+def test_an_edit_of_sixteen_images_through_the_async_client(base_url: str, test_key: str) -> None:
+    async def edit() -> openai.types.ImagesResponse:
+        async with openai.AsyncOpenAI(api_key=test_key, base_url=base_url + "/v1", max_retries=0) as client:
+            images = [(f"{i}.png", picture(32, 32)) for i in range(16)]
+            return await client.images.edit(model="gpt-image-1-mini", image=images, prompt="a grid", quality="low")
+
+    assert asyncio.run(edit()).quality == "low"
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "param", "says"),
+    [
+        ({"model": "flux-1.1-pro"}, "invalid_value", "model", "flux-1.1-pro does not edit images; models that do:"),
+        ({"model": "dall-e-3"}, "invalid_value", "model", "dall-e-3 does not edit images"),
+        ({"image": ("notes.txt", b"hello")}, "invalid_value", "image", "'notes.txt' is not a PNG, JPEG or WebP"),
+        ({"image": [(f"{i}.png", b"x") for i in range(17)]}, "invalid_value", "image", "At most 16 images"),
+        ({"mask": ("m.png", picture(32, 32, mode="RGBA"))}, "invalid_value", "mask", "must be the size of the first"),
+        ({"mask": ("m.jpg", picture(64, 64, "JPEG"))}, "invalid_value", "mask", "must be a PNG image; got jpeg"),
+        ({"model": "gpt-image-1-mini", "input_fidelity": "high"}, "invalid_value", "input_fidelity", "none (omit"),
+        ({"size": "1792x1024"}, "invalid_size", "size", "1024x1024, 1536x1024, 1024x1536"),
+        ({"background": "transparent", "output_format": "jpeg"}, "invalid_value", "background", "png or webp"),
+        ({"extra_body": {"moderation": "low"}}, "unknown_parameter", "moderation", "Unknown parameter"),
+    ],
+)
+def test_bad_edits_are_400s_naming_the_field(
+    client: openai.OpenAI, change: dict[str, Any], code: str, param: str, says: str
+) -> None:
+    request: dict[str, Any] = {"model": "gpt-image-1.5", "image": ("a.png", picture(64, 64)), "prompt": "x"} | change
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(**request)
+    assert (caught.value.code, caught.value.param) == (code, param)
+    assert says in caught.value.message
+
+
+def test_an_edit_without_an_image_names_it(base_url: str, test_key: str) -> None:
+    headers = {"authorization": f"Bearer {test_key}"}
+    response = httpx.post(
+        f"{base_url}/v1/images/edits", data={"prompt": "x"}, files={"other": ("a", b"a")}, headers=headers
+    )
+    assert_openai_error(response, 400, "unknown_parameter", "other")
+    response = httpx.post(f"{base_url}/v1/images/edits", data={"prompt": "x"}, headers=headers)
+    assert_openai_error(response, 400, "missing_required_parameter", "image")
+
+
+def test_an_upload_over_the_limit_is_413_before_it_is_read_whole(settings: Settings, test_key: str) -> None:
+    settings.max_upload_bytes = 1024 * 1024
+    with serve(create_app(settings)) as url:
+        client = openai.OpenAI(api_key=test_key, base_url=url + "/v1", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.images.edit(model="gpt-image-1.5", image=("big.png", b"\x89PNG" + b"0" * 2_000_000), prompt="x")
+    assert (caught.value.status_code, caught.value.code) == (413, "request_too_large")

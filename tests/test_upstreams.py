@@ -2,6 +2,7 @@
 
 import base64
 import io
+import random
 import threading
 from collections.abc import Iterator
 
@@ -294,6 +295,47 @@ def test_dall_e_3_is_made_by_gpt_image_where_the_host_no_longer_serves_it(
     tokens = 6240 if made != "1024x1024" else 1056 if asked == "medium" else 4160
     assert (row.upstream, row.outcome, row.cost_micros) == ("openai:gpt-image-1.5", "ok", 3 * 5 + tokens * 32)
     assert [(a.upstream_model, a.outcome) for a in attempts(stack.settings)] == [
-        ("dall-e-3", "upstream_error"),
+        ("dall-e-3", "upstream_model_not_found"),
         ("gpt-image-1.5", "ok"),
     ]
+
+
+def test_an_edit_reaches_the_upstream_as_multipart_and_is_billed_by_tokens(stack: Stack) -> None:
+    def picture(width: int, height: int, kind: str = "PNG", mode: str = "RGB") -> bytes:
+        out = io.BytesIO()
+        Image.new(mode, (width, height)).save(out, kind)
+        return out.getvalue()
+
+    noise = Image.frombytes("RGB", (700, 700), random.Random(1).randbytes(700 * 700 * 3))
+    out = io.BytesIO()
+    noise.save(out, "PNG")
+    big = out.getvalue()  # 1.4 MB: past the megabyte after which uploads wait on disk, not in memory
+    assert len(big) > 1024 * 1024
+    raw = stack.live.images.with_raw_response.edit(
+        model="gpt-image-1.5",
+        image=[("a.png", big), ("b.webp", picture(40, 40, "WEBP"))],
+        mask=("m.png", picture(700, 700, mode="RGBA")),
+        prompt="a red barn",
+        quality="low",
+        input_fidelity="high",
+    )
+    assert raw.headers["x-qubax-route"] == "openai"
+    response = raw.parse()
+    assert response.usage is not None and response.usage.output_tokens == 272
+    [edit] = stack.openai.edits
+    assert edit["images"] == [("a.png", "PNG", (700, 700)), ("b.webp", "WEBP", (40, 40))]
+    assert edit["mask"] == ("m.png", "PNG", (700, 700))
+    assert edit["fields"]["input_fidelity"] == "high" and "response_format" not in edit["fields"]
+    [row] = generations(stack.settings)
+    assert (row.model, row.images, row.outcome, row.cost_micros) == ("gpt-image-1.5", 1, "ok", 3 * 5 + 272 * 32)
+
+
+def test_the_gpt_image_route_stands_in_for_dall_e_3_only_when_the_host_does_not_serve_it(stack: Stack) -> None:
+    stack.openai.fail_status = 503  # a failing host, not one without dall-e-3
+    with pytest.raises(openai.InternalServerError):
+        stack.live.images.generate(model="dall-e-3", prompt="a red barn")
+    assert [body["model"] for body in stack.openai.requests] == ["dall-e-3"]
+    stack.openai.fail_status, stack.openai.retired = None, True
+    for _ in range(6):  # past the breaker's five failures: "not served" is no failure of the route
+        stack.live.images.generate(model="dall-e-3", prompt="a red barn")
+    assert [body["model"] for body in stack.openai.requests[1:]] == ["dall-e-3", "gpt-image-1.5"] * 6

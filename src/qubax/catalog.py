@@ -1,5 +1,6 @@
 """The model catalog: one declarative table of what we serve, its limits, prices and upstream routes."""
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -7,12 +8,14 @@ from decimal import Decimal
 from typing import Any
 
 from qubax.errors import InvalidRequest, ModelNotFound
-from qubax.protocol import ImageGenerateRequest, Usage
+from qubax.protocol import ImageEditRequest, ImageGenerateRequest, Usage
+from qubax.uploads import InputImage
 
 MAX_PROMPT_CHARS = 4000
 RESPONSE_FORMATS = ("url", "b64_json")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MAX_SEED = 2**32 - 1
+DEFAULT_EDIT_MODEL = "gpt-image-1.5"  # as OpenAI's own default
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # ASCII digits, no leading zeros, nothing else
 
 
@@ -22,6 +25,9 @@ class Route:
 
     provider: str
     upstream_model: str
+    # Taken only when the route before it failed with this error code (a stand-in for one case), not
+    # for every failure that moves a request on.
+    only_after: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,8 @@ class CatalogModel:
     moderations: tuple[str, ...] = ()
     compression: bool = False  # takes output_compression
     token_prices: TokenPrices | None = None  # billed by the upstream's token count, not per image
+    edits: bool = False  # takes `POST /v1/images/edits` (with a mask)
+    input_fidelities: tuple[str, ...] = ()
 
     def price(self, quality: str | None, size: str) -> Decimal:
         for entry in self.prices:
@@ -154,6 +162,10 @@ class ImageRequest:
     output_compression: int | None = None
     background: str | None = None
     moderation: str | None = None
+    # Edits: the uploaded images (none for a generation), the mask, and how closely to keep to them.
+    images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    input_fidelity: str | None = None
     # FLUX extensions: adapters pass them on where their upstream takes them and ignore them otherwise.
     seed: int | None = None
     safety_tolerance: int | None = None
@@ -193,6 +205,17 @@ class Catalog:
         """The token rates of the model an upstream call ran, when the catalog knows it by that name."""
         found = next((model for model in self.models if model.id == model_id), None)
         return found.token_prices if found else None
+
+    def check_edit(self, form: ImageEditRequest) -> ImageRequest:
+        """`check` for an edit's fields, with a model that edits; the uploads are checked apart."""
+        model = self.find(form.model or DEFAULT_EDIT_MODEL)
+        if not model.edits:
+            editors = ", ".join(m.id for m in self.models if m.edits)
+            raise InvalidRequest(f"{model.id} does not edit images; models that do: {editors}.", param="model")
+        fields = form.model_dump(exclude={"image", "image_list", "mask", "input_fidelity"})
+        request = self.check(ImageGenerateRequest.model_validate(fields | {"model": model.id}))
+        fidelity = pick_option(model.id, "input_fidelity", form.input_fidelity, model.input_fidelities, None)
+        return dataclasses.replace(request, input_fidelity=fidelity)
 
     def check(self, body: ImageGenerateRequest) -> ImageRequest:
         """Resolve defaults and enforce the model's limits; raise `InvalidRequest` naming the field."""

@@ -181,6 +181,10 @@ class TaskFailed(UpstreamError):
         super().__init__(message, detail=detail, failover=True)
 
 
+# An upstream that answers it does not serve the model asked of it: nothing was made.
+MODEL_NOT_SERVED = "upstream_model_not_found"
+
+
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     code = "upstream_timeout"

@@ -14,15 +14,23 @@ import pybase64
 
 from qubax import db
 from qubax.catalog import Catalog, CatalogModel, ImageRequest, Route
-from qubax.errors import ModelNotFound, QubaxError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from qubax.errors import (
+    MODEL_NOT_SERVED,
+    ModelNotFound,
+    QubaxError,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from qubax.imaging import convert, passes_through
 from qubax.ledger import AttemptRecord, GenerationRecord
-from qubax.protocol import Image, ImageGenerateRequest, ImagesResponse, Usage
+from qubax.protocol import Image, ImageEditRequest, ImageGenerateRequest, ImagesResponse, Usage
 from qubax.providers import GeneratedImage
 from qubax.providers.placeholder import Placeholder
 from qubax.providers.registry import PROVIDERS
 from qubax.services import Services
 from qubax.storage import Storage
+from qubax.uploads import read_uploads
 
 logger = logging.getLogger("qubax")
 TEST_UPSTREAM = "test"
@@ -38,6 +46,17 @@ class Generated:
 
 async def generate(body: ImageGenerateRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
     request = services.catalog.check(body)
+    async with services.quotas.hold(key, request) as rate_headers:
+        generated = await produce(request, key, services, public_url)
+    return Generated(generated.response, generated.upstream, rate_headers)
+
+
+async def edit(form: ImageEditRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
+    """`generate` for `POST /v1/images/edits`: the fields checked first, then the uploads, then the same
+    way through the routes."""
+    request = services.catalog.check_edit(form)
+    images, mask = await read_uploads(form.images, form.mask)
+    request = dataclasses.replace(request, images=images, mask=mask)
     async with services.quotas.hold(key, request) as rate_headers:
         generated = await produce(request, key, services, public_url)
     return Generated(generated.response, generated.upstream, rate_headers)
@@ -128,6 +147,8 @@ async def collect(
     served: list[str] = []
     failure: UpstreamError | None = None
     for route in routes:
+        if route.only_after and (failure is None or failure.code != route.only_after):
+            continue
         if not services.breakers.allow(breaker_name(route)):
             continue
         missing = request.n - len(images)
@@ -159,7 +180,12 @@ async def attempt(
     try:
         images = await services.providers[route.provider].generate(request, route.upstream_model)
     except UpstreamError as exc:
-        services.breakers.failed(name)
+        if exc.code == MODEL_NOT_SERVED:
+            # A lasting answer about the model, not a failing route: it must not take the route out of
+            # rotation, or the stand-in route that follows it (`Route.only_after`) would never be reached.
+            services.breakers.release(name)
+        else:
+            services.breakers.failed(name)
         record.images, record.outcome = len(exc.images), exc.code or "upstream_error"
         record.error = services.mask(f"{exc.message} Detail: {exc.detail}" if exc.detail else exc.message)
         logger.warning("%s on %s: %s", record.outcome, name, record.error)

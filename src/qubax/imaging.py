@@ -91,12 +91,19 @@ def encode(image: Image.Image, output_format: str = "png") -> bytes:
     return out.getvalue()
 
 
-def render_placeholder(prompt: str, width: int, height: int, index: int) -> bytes:
-    """A deterministic stand-in image for test keys: colours from the prompt, clearly labelled."""
+def render_placeholder(prompt: str, width: int, height: int, index: int, base: bytes | None = None) -> bytes:
+    """A deterministic stand-in image for test keys: colours from the prompt (or, for an edit, the
+    `base` image fitted to the size), clearly labelled."""
     seed = hashlib.sha256(f"{index}:{prompt}".encode()).digest()
     start, end = tuple(seed[0:3]), tuple(seed[3:6])
-    gradient = Image.linear_gradient("L").resize((width, height))
-    image = Image.composite(Image.new("RGB", (width, height), end), Image.new("RGB", (width, height), start), gradient)
+    if base is not None:
+        with Image.open(io.BytesIO(base)) as given:
+            image = ImageOps.fit(given.convert("RGB"), (width, height))
+    else:
+        gradient = Image.linear_gradient("L").resize((width, height))
+        image = Image.composite(
+            Image.new("RGB", (width, height), end), Image.new("RGB", (width, height), start), gradient
+        )
     draw = ImageDraw.Draw(image)
     step = max(16, min(width, height) // 8)
     for x in range(0, width + height, step * 2):  # diagonal stripes: unmistakably not a real picture

@@ -3,6 +3,7 @@
 from decimal import Decimal
 
 from qubax.catalog import CatalogModel, Fixed, Free, Grid, Price, Route, TokenPrices
+from qubax.errors import MODEL_NOT_SERVED
 
 GPT_SIZES = Fixed(("1024x1024", "1536x1024", "1024x1536"))
 
@@ -14,6 +15,7 @@ def gpt_image(
     square: tuple[float, float, float],
     other: tuple[float, float, float],
     sizes: Fixed | Free = GPT_SIZES,
+    fidelities: tuple[str, ...] = ("low", "high"),
 ) -> CatalogModel:
     """One of OpenAI's GPT image models, with per-image estimates (low, medium, high) for 1024x1024 and
     for the other sizes."""
@@ -41,6 +43,8 @@ def gpt_image(
         moderations=("auto", "low"),
         compression=True,
         token_prices=tokens,
+        edits=True,
+        input_fidelities=fidelities,
     )
 
 
@@ -119,7 +123,7 @@ MODELS: tuple[CatalogModel, ...] = (
         # OpenAI's own API retired dall-e-3 on 2026-05-12: where the host answers that it does not serve
         # it, the same credential makes the image with gpt-image-1.5 (nearest size, then fitted; standard
         # quality as medium, hd as high; no style), billed at that model's token rates.
-        routes=(Route("openai", "dall-e-3"), Route("openai", "gpt-image-1.5")),
+        routes=(Route("openai", "dall-e-3"), Route("openai", "gpt-image-1.5", only_after=MODEL_NOT_SERVED)),
         qualities=("auto", "standard", "hd"),
         default_quality="standard",
         styles=("vivid", "natural"),
@@ -140,6 +144,7 @@ MODELS: tuple[CatalogModel, ...] = (
         TokenPrices(Decimal(2), Decimal("2.5"), Decimal(8)),
         (0.005, 0.011, 0.036),
         (0.006, 0.015, 0.052),
+        fidelities=(),  # input_fidelity is not for the mini model
     ),
     gpt_image(
         "gpt-image-2",

@@ -2,6 +2,7 @@
 
 from typing import Any, Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 
@@ -42,6 +43,38 @@ class ImageGenerateRequest(BaseModel):
     # FLUX extensions (not OpenAI's): OpenAI clients never send them and see no difference.
     seed: StrictInt | None = Field(None, description="FLUX extension: 0 to 4294967295, for repeatable images.")
     safety_tolerance: StrictInt | None = Field(None, description="FLUX extension: 0 (strict) to 6 (permissive).")
+
+
+class ImageEditRequest(BaseModel):
+    """Body of `POST /v1/images/edits`: multipart/form-data as the official SDK sends it (one file as
+    `image`, a list as repeated `image[]`; scalars as text parts, left out rather than null)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    image: list[UploadFile] | None = Field(None, description="The image(s) to edit: PNG, JPEG or WebP.")
+    image_list: list[UploadFile] | None = Field(None, alias="image[]", description="The same, as the SDK sends a list.")
+    mask: UploadFile | None = Field(
+        None, description="A PNG the size of the first image; its transparent areas are the ones edited."
+    )
+    prompt: str = Field(description="What to change; at most 32000 characters.")
+    model: str | None = Field(None, description="A model that edits images; the default is `gpt-image-1.5`.")
+    n: int | None = None
+    size: str | None = None
+    response_format: str | None = None
+    quality: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    background: str | None = None
+    input_fidelity: str | None = Field(None, description="`low` (the default) or `high`.")
+    stream: bool | None = None
+    partial_images: int | None = None
+    user: str | None = None
+    seed: int | None = None
+    safety_tolerance: int | None = None
+
+    @property
+    def images(self) -> list[UploadFile]:
+        return [*(self.image or ()), *(self.image_list or ())]
 
 
 class Image(BaseModel):

@@ -8,18 +8,19 @@ from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPBearer
 from sqlalchemy import text
 from starlette.types import Scope
 
 from qubax import auth, db, generation
-from qubax.bodies import LimitedRoute
+from qubax.bodies import LimitedRoute, UploadRoute
 from qubax.catalog import CatalogModel
 from qubax.errors import AuthenticationError, ClientDisconnected, NotFound
 from qubax.protocol import (
     HealthStatus,
+    ImageEditRequest,
     ImageGenerateRequest,
     ImagesResponse,
     Model,
@@ -32,6 +33,7 @@ from qubax.services import Services, ServicesDep
 T = TypeVar("T")
 IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)")
 GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
 
 router = APIRouter(route_class=LimitedRoute)
 
@@ -97,9 +99,39 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
     # Only links need our public address; working it out from the request costs a little on every one.
     public_url = "" if body.response_format == "b64_json" else services.settings.public_url or base_url(request.scope)
     result = await until_disconnect(request, generation.generate(body, key, services, public_url.rstrip("/")))
-    log = {"model": body.model, "route": result.upstream, "images": len(result.response.data)}
+    return answer(request, key, result, body.model, body.prompt)
+
+
+async def create_image_edit(
+    form: Annotated[ImageEditRequest, Form(media_type="multipart/form-data")], request: Request, key: CurrentKey
+) -> Response:
+    """Edits images (inpainting with a mask, or combining several), as OpenAI's `POST /v1/images/edits`
+    does: multipart/form-data with up to 16 images (`image`, or `image[]` as the SDK sends a list), each a
+    PNG, JPEG or WebP of at most 50 MB, and an optional PNG `mask` the size of the first image."""
+    services: Services = request.app.state.services
+    public_url = services.settings.public_url or base_url(request.scope)
+    result = await until_disconnect(request, generation.edit(form, key, services, public_url.rstrip("/")))
+    return answer(request, key, result, form.model or "", form.prompt)
+
+
+# An ordinary route, with a route class of its own: uploads have their own size limit.
+router.add_api_route(
+    EDITS_PATH,
+    create_image_edit,
+    methods=["POST"],
+    response_model=ImagesResponse,
+    responses=error_responses(400, 401, 404, 413, 429, 502, 503, 504),
+    summary="Create image edit",
+    tags=["Images"],
+    route_class_override=UploadRoute,
+)
+
+
+def answer(request: Request, key: db.KeyRecord, result: generation.Generated, model: str, prompt: str) -> Response:
+    services: Services = request.app.state.services
+    log = {"model": model, "route": result.upstream, "images": len(result.response.data)}
     if services.settings.log_prompts:
-        log["prompt"] = body.prompt
+        log["prompt"] = prompt
     request.scope["qubax.log"] = log  # for the access line
     headers = {"x-qubax-route": result.upstream, **result.headers}
     if key.test:

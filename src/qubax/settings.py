@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     header_timeout_seconds: float = Field(default=10.0, gt=0)
     body_timeout_seconds: float = Field(default=60.0, gt=0)
     max_connections: int = Field(default=1024, ge=1)
+    max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1024 * 1024)  # one edit's images, all told
 
     # Per provider, by its registry name, from the provider's own variables (`ProviderVariables`):
     # its credential (BFL_API_KEY=key1,key2) and its base URL (QUBAX_BFL_BASE_URL).

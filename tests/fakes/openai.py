@@ -14,8 +14,10 @@ low/medium/high/auto, `background`, `moderation`, `output_format`, `output_compr
 import time
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from tests.fakes import ImagesFake
 
@@ -40,6 +42,8 @@ class FakeOpenAI(ImagesFake):
         self.image_format = "PNG"  # the Pillow format images are encoded in
         self.empty = False  # answer 200 with no images
         self.drop_usage = False  # answer GPT image models without a `usage` token count
+        self.edits: list[dict[str, Any]] = []  # every edit: its text fields, and (filename, format, size) per file
+        self.app.router.routes.append(Route("/v1/images/edits", self.edit, methods=["POST"]))
 
     def unauthorized(self) -> Response:
         return error(401, "Incorrect API key provided: test-***.", "invalid_api_key")
@@ -105,6 +109,45 @@ class FakeOpenAI(ImagesFake):
         if self.drop_usage:
             del answer["usage"]
         return JSONResponse(answer)
+
+    async def edit(self, request: Request) -> Response:
+        """`POST /v1/images/edits`, multipart: `image` or repeated `image[]` (1-16 PNG, JPEG or WebP
+        files), an optional PNG `mask` the size of the first, and the GPT image models' fields as text."""
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return self.unauthorized()
+        form = await request.form()
+        files = [*form.getlist("image"), *form.getlist("image[]")]
+        fields = {name: value for name, value in form.multi_items() if isinstance(value, str)}
+        seen = {"images": [described(file) for file in files if not isinstance(file, str)], "fields": fields}
+        mask = form.get("mask")
+        seen["mask"] = described(mask) if mask is not None and not isinstance(mask, str) else None
+        self.edits.append(seen)
+        body: dict[str, Any] = {
+            name: int(value) if name in ("n", "output_compression") else value for name, value in fields.items()
+        }
+        if body.get("model") not in GPT_MODELS:
+            return error(
+                400, f"Invalid value: '{body.get('model')}'. Value must be one of {GPT_MODELS}.", "invalid_value"
+            )
+        if "moderation" in body:
+            return error(400, "Unknown parameter: 'moderation'.", "unknown_parameter")
+        images = seen["images"]
+        if not 1 <= len(images) <= 16 or any(kind not in FORMATS.values() for _, kind, _ in images):
+            return error(400, "Invalid 'image': 1 to 16 PNG, JPEG or WebP images.", "invalid_value")
+        if seen["mask"] is not None and (seen["mask"][1] != "PNG" or seen["mask"][2] != images[0][2]):
+            return error(400, "Invalid 'mask': a PNG the size of the first image.", "invalid_value")
+        answer = self.gpt_answer(body)
+        return answer
+
+
+def described(upload: Any) -> tuple[str, str | None, tuple[int, int] | None]:
+    """(filename, Pillow format, size) of an uploaded file; format and size None when it is no image."""
+    upload.file.seek(0)
+    try:
+        with Image.open(upload.file) as image:
+            return upload.filename, image.format, image.size
+    except (UnidentifiedImageError, OSError):
+        return upload.filename, None, None
 
 
 def gpt_invalid(body: dict[str, Any]) -> tuple[str, str] | None:

@@ -1,4 +1,6 @@
+import dataclasses
 import io
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -10,6 +12,7 @@ from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import Upstream
 from qubax.providers.http import Http, open_session
 from qubax.providers.openai import OpenAI
+from qubax.uploads import InputImage
 from tests.fakes.openai import SAFETY_MESSAGE, FakeOpenAI
 from tests.providers import Job, ask
 from tests.server import serve
@@ -327,3 +330,39 @@ def test_the_fake_answers_gpt_image_models_as_the_official_sdk_expects(server: s
     with pytest.raises(openai_sdk.BadRequestError) as refused:
         client.images.generate(model="gpt-image-1.5", prompt="a fox", size="2048x1152")
     assert refused.value.code == "invalid_size"
+
+
+# --- edits ---------------------------------------------------------------------------------------------------
+
+
+def upload(width: int, height: int, kind: str = "PNG", name: str = "a.png") -> InputImage:
+    """An uploaded image as the app keeps it: an open temporary file."""
+    file = tempfile.TemporaryFile()  # noqa: SIM115 (open for the test's life, as the app keeps an upload)
+    Image.new("RGBA" if kind == "PNG" else "RGB", (width, height)).save(file, kind)
+    return InputImage(file, name, kind.lower(), width, height)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_an_edit_sends_its_images_and_mask_as_multipart(openai: OpenAI, fake: FakeOpenAI) -> None:
+    images = (upload(64, 64), upload(32, 48, "JPEG", "b.jpg"))
+    job = dataclasses.replace(gpt(n=1, size="1024x1024").request(), images=images, mask=upload(64, 64, name="m.png"))
+    job = dataclasses.replace(job, input_fidelity="high")
+
+    [image] = await openai.generate(job, "gpt-image-1.5")
+    # The same uploads again, as a second route would send them: read from their start, still open.
+    await openai.generate(job, "gpt-image-1.5")
+
+    first, again = fake.edits
+    assert first["images"] == [("a.png", "PNG", (64, 64)), ("b.jpg", "JPEG", (32, 48))]
+    assert first["mask"] == ("m.png", "PNG", (64, 64))
+    assert first["fields"] == {
+        "model": "gpt-image-1.5",
+        "prompt": "a red barn at dawn",
+        "n": "1",
+        "size": "1024x1024",
+        "output_format": "png",
+        "input_fidelity": "high",
+    }
+    assert again == first
+    assert picture(image.data)[:2] == ("PNG", (1024, 1024))
+    assert image.tokens is not None and image.tokens.model == "gpt-image-1.5"

@@ -100,6 +100,7 @@ async def send(
     *,
     headers: Mapping[str, str] | None = None,
     json: Any = None,
+    form: aiohttp.FormData | None = None,
     submission: bool = False,
 ) -> Reply:
     """Send one request and read the whole answer, turning transport failures into our errors.
@@ -110,7 +111,7 @@ async def send(
     it have accepted it after all, that task is lost to us: we never learned its id.)"""
     if json is not None:
         headers = {**(headers or {}), "content-type": "application/json"}
-    data = None if json is None else orjson.dumps(json)
+    data = form if json is None else orjson.dumps(json)  # a form streams its files as it is sent
     try:
         async with asyncio.timeout(http.timeouts.submit if submission else None):
             request = http.session.request(

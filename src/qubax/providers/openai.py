@@ -4,10 +4,11 @@
 import dataclasses
 from typing import Any
 
+import aiohttp
 from pydantic import ValidationError
 
 from qubax.catalog import ImageRequest
-from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.errors import MODEL_NOT_SERVED, ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.protocol import Usage
 from qubax.providers import GeneratedImage, ProviderInfo, Tokens, Upstream, aspect_ratio
 from qubax.providers.http import (
@@ -39,16 +40,25 @@ class OpenAI:
         self.host = base_host(upstream.base_url)
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+        if request.images:
+            return await self._call(model, gpt_body(request, model), request.n, edit=request)
         if model.startswith(GPT_IMAGE):
             return await self._call(model, gpt_body(request, model), request.n)
         # dall-e-3 takes only n=1: one call per image, all at once.
         return await fan_out(self._call(model, body(request, model), 1) for _ in range(request.n))
 
-    async def _call(self, model: str, payload: dict[str, Any], n: int) -> list[GeneratedImage]:
-        url = f"{self.upstream.base_url}/images/generations"
+    async def _call(
+        self, model: str, payload: dict[str, Any], n: int, edit: ImageRequest | None = None
+    ) -> list[GeneratedImage]:
+        """One upstream call: a generation, or with `edit` an edit of its images (multipart)."""
+        url = f"{self.upstream.base_url}/images/{'edits' if edit else 'generations'}"
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Bearer {key}"}
-            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=payload)
+            if edit is None:
+                response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=payload)
+            else:
+                form = edit_form(edit, payload)
+                response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, form=form)
         self._raise_for_error(response, model)
         answer = read_json(response, PROVIDER)
         items = answer.get("data")
@@ -88,12 +98,14 @@ class OpenAI:
         if response.status_code == 404 or code == "model_not_found":
             # OpenAI shut dall-e-3 down on 2026-05-12; only compatible hosts still serve it.
             # Nothing was made: the next route (another host, or another model: the catalog's) may serve.
-            raise UpstreamError(
+            error = UpstreamError(
                 f"The upstream for this model does not serve {model}.",
                 detail=f"the configured OpenAI-compatible host ({self.host}) does not serve it; point "
                 f"QUBAX_OPENAI_BASE_URL at a host that does. It said: {detail or 'not found'}",
                 failover=True,
             )
+            error.code = MODEL_NOT_SERVED
+            raise error
         if code in NO_CREDIT_CODES:
             # OpenAI says "out of credit" with 429, which must not be retried like a rate limit.
             raise UpstreamError(
@@ -142,6 +154,20 @@ def gpt_body(request: ImageRequest, model: str) -> dict[str, Any]:
         "output_compression": request.output_compression,
     }
     return payload | {name: value for name, value in optional.items() if value is not None}
+
+
+def edit_form(request: ImageRequest, payload: dict[str, Any]) -> aiohttp.FormData:
+    """An edit as OpenAI takes it: the fields as text parts, each image as an `image[]` file part (read
+    from where the upload was kept, from its start, on a handle of its own), the mask as `mask`."""
+    form = aiohttp.FormData()
+    fields = payload | ({"input_fidelity": request.input_fidelity} if request.input_fidelity else {})
+    fields.pop("moderation", None)  # not an edit parameter
+    for name, value in fields.items():
+        form.add_field(name, str(value))
+    uploads = [("image[]", image) for image in request.images] + ([("mask", request.mask)] if request.mask else [])
+    for name, image in uploads:
+        form.add_field(name, image.reopen(), filename=image.filename, content_type=image.content_type)
+    return form
 
 
 def read_usage(found: Any) -> Usage | None:

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from qubax import db
+from qubax import auth, db
 from qubax.bodies import LimitedRoute
 from qubax.docs import openapi_schema
 from qubax.errors import AuthenticationError, InvalidRequest, NotFound
@@ -39,9 +39,8 @@ async def authorize(request: Request, services: ServicesDep) -> None:
     await services.quotas.check_admin_failures(client)
     admin_token = services.settings.admin_token
     expected = admin_token.get_secret_value().encode() if admin_token else b""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     # Bytes: compare_digest refuses str with non-ASCII characters, which a header may carry.
-    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    given = auth.bearer_token(request.headers.get("authorization", "")).encode()
     if not expected or not secrets.compare_digest(given, expected):
         await services.quotas.count_admin_failure(client)
         raise AuthenticationError(

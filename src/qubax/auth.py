@@ -39,6 +39,12 @@ def display_prefix(key: str) -> str:
     return key[: len(head) + DISPLAY_CHARS]
 
 
+def bearer_token(header: str) -> str:
+    """The credential of an `Authorization: Bearer …` header; empty for any other scheme or none."""
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def looks_like_key(text: str) -> bool:
     return text.startswith((LIVE_PREFIX, TEST_PREFIX))
 

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import pybase64
@@ -45,10 +46,7 @@ class Generated:
 
 
 async def generate(body: ImageGenerateRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
-    request = services.catalog.check(body)
-    async with services.quotas.hold(key, request) as rate_headers:
-        generated = await produce(request, key, services, public_url)
-    return Generated(generated.response, generated.upstream, rate_headers)
+    return await admit(services.catalog.check(body), key, services, public_url)
 
 
 async def edit(form: ImageEditRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
@@ -56,7 +54,11 @@ async def edit(form: ImageEditRequest, key: db.KeyRecord, services: Services, pu
     way through the routes."""
     request = services.catalog.check_edit(form)
     images, mask = await read_uploads(form.images, form.mask)
-    request = dataclasses.replace(request, images=images, mask=mask)
+    return await admit(dataclasses.replace(request, images=images, mask=mask), key, services, public_url)
+
+
+async def admit(request: ImageRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
+    """A checked request through the key's limits, then made; the answer carries the limits' headers."""
     async with services.quotas.hold(key, request) as rate_headers:
         generated = await produce(request, key, services, public_url)
     return Generated(generated.response, generated.upstream, rate_headers)
@@ -83,8 +85,7 @@ async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, 
     generation.images = len(data)
     generation.cost_micros = 0 if key.test else cost_micros(request, images, services.catalog)
     await finish(services, generation, started, None)
-    usage = total_usage(image.tokens.usage if image.tokens else None for image in images)
-    extra = gpt_fields(request, images, usage) if request.model.token_prices else {}
+    extra = gpt_fields(request, images) if request.model.token_prices else {}
     return Generated(ImagesResponse(created=int(time.time()), data=data, **extra), generation.upstream)
 
 
@@ -94,11 +95,13 @@ def cost_micros(request: ImageRequest, images: list[GeneratedImage], catalog: Ca
     another than the one asked for (a catalog route); without counts, or rates for them, the images
     cost the requested model's price per image."""
     counted = [image.tokens for image in images if image.tokens is not None]
-    rates = [catalog.token_prices(tokens.model) or request.model.token_prices for tokens in counted]
-    if not counted or None in rates:
-        return request.cost_micros(len(images), test=False)
-    spent = sum(prices.cost(tokens.usage) for prices, tokens in zip(rates, counted, strict=True) if prices)
-    return int(spent * 1_000_000)
+    spent = Decimal(0)
+    for tokens in counted:
+        prices = catalog.token_prices(tokens.model) or request.model.token_prices
+        if prices is None:  # a count nothing can price: the price per image instead
+            return request.cost_micros(len(images), test=False)
+        spent += prices.cost(tokens.usage)
+    return int(spent * 1_000_000) if counted else request.cost_micros(len(images), test=False)
 
 
 def total_usage(usages: Iterable[Usage | None]) -> Usage | None:
@@ -118,7 +121,7 @@ def add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def gpt_fields(request: ImageRequest, images: list[GeneratedImage], usage: Usage | None) -> dict[str, Any]:
+def gpt_fields(request: ImageRequest, images: list[GeneratedImage]) -> dict[str, Any]:
     """What OpenAI's answer for a GPT image model carries besides the images: each setting only where
     its value is a concrete one (the SDK's strict mode refuses `auto`), the token count where known."""
     settings = images[0].settings if images else {}
@@ -129,7 +132,7 @@ def gpt_fields(request: ImageRequest, images: list[GeneratedImage], usage: Usage
         "quality": quality if quality in ("low", "medium", "high") else None,
         "output_format": request.output_format,
         "size": request.size,
-        "usage": usage,
+        "usage": total_usage(image.tokens.usage if image.tokens else None for image in images),
     }
 
 

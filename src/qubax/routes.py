@@ -44,8 +44,7 @@ class ApiKeyAuth(HTTPBearer):
 
     async def __call__(self, request: Request) -> db.KeyRecord:  # type: ignore[override]
         header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else ""
+        token = auth.bearer_token(header)
         if not token and header.strip():
             raise AuthenticationError(
                 "The Authorization header must read `Bearer YOUR_KEY`: what was sent is not a Bearer "

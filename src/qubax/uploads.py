@@ -45,14 +45,20 @@ async def read_uploads(
     """The images and the mask, each checked: a real PNG, JPEG or WebP within the size limits, at most
     MAX_IMAGES of them, and a mask that is a PNG the size of the first image. Raises `InvalidRequest`
     naming `image` or `mask`."""
+    return await asyncio.to_thread(check_uploads, images, mask)  # file reads: off the event loop, in one hop
+
+
+def check_uploads(
+    images: list[UploadFile], mask: UploadFile | None
+) -> tuple[tuple[InputImage, ...], InputImage | None]:
     if not images:
         raise InvalidRequest("Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
     if len(images) > MAX_IMAGES:
         raise InvalidRequest(f"At most {MAX_IMAGES} images can be edited at once; got {len(images)}.", param="image")
-    checked = tuple([await asyncio.to_thread(inspect, upload, "image", MAX_IMAGE_BYTES) for upload in images])
+    checked = tuple(inspect(upload, "image", MAX_IMAGE_BYTES) for upload in images)
     if mask is None:
         return checked, None
-    found = await asyncio.to_thread(inspect, mask, "mask", MAX_MASK_BYTES)
+    found = inspect(mask, "mask", MAX_MASK_BYTES)
     if found.format != "png":
         raise InvalidRequest(f"The mask must be a PNG image; got {found.format}.", param="mask")
     first = checked[0]

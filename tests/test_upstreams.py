@@ -5,6 +5,7 @@ import io
 import random
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -26,6 +27,12 @@ from tests.stack import Stack, client, rows, running_stack
 def stack(settings: Settings) -> Iterator[Stack]:
     with running_stack(settings) as stack:
         yield stack
+
+
+def picture(width: int, height: int, kind: str = "PNG", mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height)).save(out, kind)
+    return out.getvalue()
 
 
 def png(data: bytes) -> Image.Image:
@@ -227,13 +234,16 @@ def test_every_output_format_through_every_flux_route(settings: Settings, model:
     size = next(m.default_size for m in MODELS if m.id == model)
     with running_stack(settings, catalog=catalog, providers=(provider,)) as stack:
         for output_format, pillow in (("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")):
-            raw = stack.live.images.with_raw_response.generate(
-                model=model,
-                prompt="p",
-                size=size,
-                response_format="b64_json",
-                extra_body={"output_format": output_format},
-            )
+            common: dict[str, Any] = {"model": model, "prompt": "p", "size": size, "response_format": "b64_json"}
+            if next(m for m in MODELS if m.id == model).generates:
+                raw = stack.live.images.with_raw_response.generate(
+                    **common, extra_body={"output_format": output_format}
+                )
+            else:  # Fill paints into an image
+                photo, mask = picture(300, 200), picture(300, 200, mode="RGBA")
+                raw = stack.live.images.with_raw_response.edit(
+                    **common, image=("a.png", photo), mask=("m.png", mask), output_format=output_format
+                )
             assert raw.headers["x-qubax-route"] == provider
             image = Image.open(io.BytesIO(base64.b64decode(raw.parse().data[0].b64_json or "")))
             assert image.format == pillow
@@ -301,11 +311,6 @@ def test_dall_e_3_is_made_by_gpt_image_where_the_host_no_longer_serves_it(
 
 
 def test_an_edit_reaches_the_upstream_as_multipart_and_is_billed_by_tokens(stack: Stack) -> None:
-    def picture(width: int, height: int, kind: str = "PNG", mode: str = "RGB") -> bytes:
-        out = io.BytesIO()
-        Image.new(mode, (width, height)).save(out, kind)
-        return out.getvalue()
-
     noise = Image.frombytes("RGB", (700, 700), random.Random(1).randbytes(700 * 700 * 3))
     out = io.BytesIO()
     noise.save(out, "PNG")

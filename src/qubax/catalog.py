@@ -28,6 +28,9 @@ class Route:
     # Taken only when the route before it failed with this error code (a stand-in for one case), not
     # for every failure that moves a request on.
     only_after: str | None = None
+    # The most input images this upstream takes in one edit, where fewer than the model's: a request with
+    # more passes the route by.
+    max_images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,17 @@ class Grid:
 
     def describe(self) -> str:
         return f"width and height must each be between {self.low} and {self.high} and a multiple of {self.step}"
+
+    def near(self, width: int, height: int, pixels: int = 1024 * 1024) -> tuple[int, int]:
+        """The size on the grid of about `pixels` pixels nearest to the aspect ratio of width:height
+        (kept within 21:9 and 9:21, FLUX's range)."""
+        ratio = min(max(width / height, 9 / 21), 21 / 9)
+        w, h = (pixels * ratio) ** 0.5, (pixels / ratio) ** 0.5
+        shrink = min(1.0, self.high / max(w, h))
+        return self.snap(w * shrink), self.snap(h * shrink)
+
+    def snap(self, side: float) -> int:
+        return min(self.high, max(self.low, round(side / self.step) * self.step))
 
 
 @dataclass(frozen=True)
@@ -133,8 +147,12 @@ class CatalogModel:
     moderations: tuple[str, ...] = ()
     compression: bool = False  # takes output_compression
     token_prices: TokenPrices | None = None  # billed by the upstream's token count, not per image
-    edits: bool = False  # takes `POST /v1/images/edits` (with a mask)
+    edits: bool = False  # takes `POST /v1/images/edits`
     input_fidelities: tuple[str, ...] = ()
+    generates: bool = True  # takes `POST /v1/images/generations` (not so a model that only fills in)
+    max_images: int = 16  # input images of one edit
+    mask: str = "optional"  # "optional", "none" (refused), or "required" (a mask or a transparent first image)
+    size_from_input: bool = False  # an edit without a size takes the first image's aspect ratio
 
     def price(self, quality: str | None, size: str) -> Decimal:
         for entry in self.prices:
@@ -213,13 +231,41 @@ class Catalog:
             editors = ", ".join(m.id for m in self.models if m.edits)
             raise InvalidRequest(f"{model.id} does not edit images; models that do: {editors}.", param="model")
         fields = form.model_dump(exclude={"image", "image_list", "mask", "input_fidelity"})
-        request = self.check(ImageGenerateRequest.model_validate(fields | {"model": model.id}))
+        request = self.check(ImageGenerateRequest.model_validate(fields | {"model": model.id}), edit=True)
         fidelity = pick_option(model.id, "input_fidelity", form.input_fidelity, model.input_fidelities, None)
         return dataclasses.replace(request, input_fidelity=fidelity)
 
-    def check(self, body: ImageGenerateRequest) -> ImageRequest:
+    def check_inputs(
+        self, request: ImageRequest, size: str | None, images: tuple[InputImage, ...], mask: InputImage | None
+    ) -> ImageRequest:
+        """An edit's checked uploads against what its model takes, and added to the request; without a
+        size asked, a model that follows its input makes the first image's aspect ratio."""
+        model = request.model
+        if len(images) > model.max_images:
+            most = f"{model.max_images} image" + ("s" if model.max_images > 1 else "")
+            raise InvalidRequest(f"{model.id} takes at most {most} to edit; got {len(images)}.", param="image")
+        if mask is not None and model.mask == "none":
+            raise InvalidRequest(
+                f"{model.id} does not take a mask: it edits the whole image as the prompt says.", param="mask"
+            )
+        if mask is None and model.mask == "required" and not images[0].alpha:
+            raise InvalidRequest(
+                f"{model.id} needs a mask, or a first image whose transparent areas show where to paint.",
+                param="mask",
+                code="missing_required_parameter",
+            )
+        changes: dict[str, Any] = {"images": images, "mask": mask}
+        if model.size_from_input and size in (None, "auto") and isinstance(model.sizes, Grid):
+            changes["width"], changes["height"] = model.sizes.near(images[0].width, images[0].height)
+        return dataclasses.replace(request, **changes)
+
+    def check(self, body: ImageGenerateRequest, edit: bool = False) -> ImageRequest:
         """Resolve defaults and enforce the model's limits; raise `InvalidRequest` naming the field."""
         model = self.find(body.model)
+        if not (edit or model.generates):
+            raise InvalidRequest(
+                f"{model.id} only edits images: send an image and a mask to POST /v1/images/edits.", param="model"
+            )
         if not body.prompt.strip():
             raise InvalidRequest("prompt must be a non-empty string.", param="prompt")
         if len(body.prompt) > model.max_prompt_chars:

@@ -17,6 +17,7 @@ from qubax import db
 from qubax.catalog import Catalog, CatalogModel, ImageRequest, Route
 from qubax.errors import (
     MODEL_NOT_SERVED,
+    InvalidRequest,
     ModelNotFound,
     QubaxError,
     ServiceUnavailable,
@@ -54,7 +55,8 @@ async def edit(form: ImageEditRequest, key: db.KeyRecord, services: Services, pu
     way through the routes."""
     request = services.catalog.check_edit(form)
     images, mask = await read_uploads(form.images, form.mask)
-    return await admit(dataclasses.replace(request, images=images, mask=mask), key, services, public_url)
+    request = services.catalog.check_inputs(request, form.size, images, mask)
+    return await admit(request, key, services, public_url)
 
 
 async def admit(request: ImageRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
@@ -146,6 +148,13 @@ async def collect(
     routes = usable_routes(request.model, services)
     if not routes:
         raise not_served(request.model)
+    routes = [route for route in routes if len(request.images) <= (route.max_images or len(request.images))]
+    if not routes:
+        raise InvalidRequest(
+            f"The upstreams of {request.model.id} on this server take fewer images in one edit than "
+            f"{len(request.images)}.",
+            param="image",
+        )
     images: list[GeneratedImage] = []
     served: list[str] = []
     failure: UpstreamError | None = None

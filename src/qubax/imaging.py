@@ -80,6 +80,14 @@ def intact_png_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def fill_mask(data: bytes) -> bytes:
+    """OpenAI's mask (paint where the image is transparent) as FLUX Fill takes one: a greyscale PNG,
+    white where to paint, black where to keep."""
+    with Image.open(io.BytesIO(data)) as image:
+        alpha = image.convert("RGBA").getchannel("A")
+    return encode(ImageOps.invert(alpha))
+
+
 def encode(image: Image.Image, output_format: str = "png") -> bytes:
     out = io.BytesIO()
     if output_format == "png":

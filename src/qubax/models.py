@@ -49,6 +49,30 @@ def gpt_image(
 
 
 FLUX_GRID = Grid(256, 1440, 32)
+
+
+def kontext(model_id: str, created: int, usd: Decimal, tier: str) -> CatalogModel:
+    """FLUX.1 Kontext [pro] or [max]: text to image, or an edit of up to 4 images (no mask), made at the
+    size's aspect ratio (about a megapixel) and fitted to the size."""
+    fal = "fal-ai/flux-pro/kontext" + ("/max" if tier == "max" else "")
+    return CatalogModel(
+        id=model_id,
+        owned_by="black-forest-labs",
+        created=created,
+        sizes=FLUX_GRID,
+        default_size="1024x1024",
+        max_n=4,
+        prices=(Price(usd),),
+        routes=(
+            Route("bfl", model_id),
+            Route("fal", fal),
+            Route("replicate", f"black-forest-labs/{model_id}", max_images=1),
+        ),
+        edits=True,
+        max_images=4,
+        mask="none",
+        size_from_input=True,
+    )
 ULTRA_SIZES = Fixed(
     (
         "3136x1344",
@@ -106,6 +130,27 @@ MODELS: tuple[CatalogModel, ...] = (
             Route("fal", "fal-ai/flux/schnell"),
             Route("replicate", "black-forest-labs/flux-schnell"),
         ),
+    ),
+    kontext("flux-kontext-pro", 1748476800, Decimal("0.04"), "pro"),
+    kontext("flux-kontext-max", 1748476800, Decimal("0.08"), "max"),
+    CatalogModel(
+        id="flux-1-fill-pro",
+        owned_by="black-forest-labs",
+        created=1732147200,
+        sizes=FLUX_GRID,
+        default_size="1024x1024",
+        max_n=4,
+        prices=(Price(Decimal("0.05")),),
+        routes=(
+            Route("bfl", "flux-pro-1.0-fill"),
+            Route("fal", "fal-ai/flux-pro/v1/fill"),
+            Route("replicate", "black-forest-labs/flux-fill-pro"),
+        ),
+        edits=True,
+        generates=False,
+        max_images=1,
+        mask="required",
+        size_from_input=True,
     ),
     CatalogModel(
         id="dall-e-3",

@@ -6,10 +6,12 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import pybase64
 from fastapi import UploadFile
 from PIL import Image, UnidentifiedImageError
 
 from qubax.errors import InvalidRequest
+from qubax.imaging import MAX_PIXELS, fill_mask
 
 MAX_IMAGES = 16
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # each, as OpenAI takes them
@@ -26,10 +28,17 @@ class InputImage:
     format: str  # png, jpeg or webp, from the bytes: the part's own Content-Type is the client's guess
     width: int
     height: int
+    alpha: bool = False  # it has transparent areas (an alpha channel or a transparent colour)
 
     @property
     def content_type(self) -> str:
         return f"image/{self.format}"
+
+    def read(self) -> bytes:
+        """The whole file (blocking: from a worker thread)."""
+        self.file.flush()
+        self.file.seek(0)
+        return self.file.read()
 
     def reopen(self) -> BinaryIO:
         """A second handle on the file, at its start, for a sender that closes what it has sent (aiohttp
@@ -37,6 +46,35 @@ class InputImage:
         self.file.flush()  # what the parser wrote may still sit in the handle's buffer
         self.file.seek(0)
         return os.fdopen(os.dup(self.file.fileno()), "rb")  # a spooled file still in memory moves to disk
+
+
+@dataclass(frozen=True)
+class EncodedInputs:
+    """An edit's uploads as JSON upstreams take them: each image base64-encoded with its media type,
+    and for a model that fills in, the mask in FLUX Fill's sense (white where to paint) as a PNG."""
+
+    images: tuple[tuple[str, str], ...]  # (media type, base64)
+    mask: str | None = None
+
+    def data_uris(self) -> list[str]:
+        return [f"data:{media_type};base64,{text}" for media_type, text in self.images]
+
+    def mask_uri(self) -> str | None:
+        return f"data:image/png;base64,{self.mask}" if self.mask is not None else None
+
+
+async def encode_inputs(images: tuple[InputImage, ...], mask: InputImage | None, fill: bool) -> EncodedInputs:
+    """The uploads encoded once per upstream call; with `fill`, the mask (or else the first image's
+    transparent areas) made into a Fill mask."""
+    return await asyncio.to_thread(encode_now, images, mask, fill)
+
+
+def encode_now(images: tuple[InputImage, ...], mask: InputImage | None, fill: bool) -> EncodedInputs:
+    encoded = tuple((image.content_type, pybase64.b64encode_as_string(image.read())) for image in images)
+    if not fill or not images:
+        return EncodedInputs(encoded)
+    painted = fill_mask((mask or images[0]).read())
+    return EncodedInputs(encoded, pybase64.b64encode_as_string(painted))
 
 
 async def read_uploads(
@@ -77,12 +115,20 @@ def inspect(upload: UploadFile, param: str, limit: int) -> InputImage:
     if upload.size is not None and upload.size > limit:
         raise InvalidRequest(f"{param} {name!r} is larger than {limit // (1024 * 1024)} MB.", param=param)
     upload.file.seek(0)
+    alpha = False
     try:
         with Image.open(upload.file) as image:
             kind, (width, height) = FORMATS.get(image.format or ""), image.size
+            alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    except Image.DecompressionBombError:
+        raise InvalidRequest(f"{param} {name!r} has too many pixels to process.", param=param) from None
     except (UnidentifiedImageError, OSError, ValueError):
         kind = None
     upload.file.seek(0)
     if kind is None:
         raise InvalidRequest(f"{param} {name!r} is not a PNG, JPEG or WebP image.", param=param)
-    return InputImage(upload.file, name, kind, width, height)
+    if width * height > MAX_PIXELS:
+        raise InvalidRequest(
+            f"{param} {name!r} is {width}x{height}: more than {MAX_PIXELS // 1_000_000} million pixels.", param=param
+        )
+    return InputImage(upload.file, name, kind, width, height, alpha)

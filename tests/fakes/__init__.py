@@ -13,6 +13,23 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 
+def decode_image(text: Any) -> Image.Image | None:
+    """A base64 image, as the FLUX upstreams take inputs; None when it is not one."""
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(str(text), validate=True)))
+        image.load()
+    except (ValueError, OSError):
+        return None
+    return image
+
+
+def decode_data_uri(uri: Any) -> Image.Image | None:
+    """A `data:image/...;base64,` URI's image (what we send where a URL is taken); None otherwise."""
+    if not isinstance(uri, str) or not uri.startswith("data:image/") or ";base64," not in uri:
+        return None
+    return decode_image(uri.split(",", 1)[1])
+
+
 class ImagesFake:
     """A synchronous `POST /v1/images/generations` endpoint whose result URLs it serves under `/files/`.
 

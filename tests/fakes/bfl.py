@@ -1,6 +1,7 @@
 """A fake Black Forest Labs API (api.bfl.ai), written from BFL's public OpenAPI spec and docs.
 
-Submit with `POST /v1/flux-pro-1.1` or `/v1/flux-pro-1.1-ultra`, poll the returned `polling_url`
+Submit with `POST /v1/flux-pro-1.1`, `/v1/flux-pro-1.1-ultra`, `/v1/flux-kontext-pro` or `-max` (up to four
+base64 `input_image`s) or `/v1/flux-pro-1.0-fill` (a base64 `image` and `mask`), poll the returned `polling_url`
 (`GET /v1/get_result?id=`), then download `result.sample` (`/delivery/<id>.<ext>`). URLs are built
 from the incoming request, so they point at wherever `serve()` put the app.
 
@@ -19,15 +20,26 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from tests.fakes import decode_image
+
 PRO = "flux-pro-1.1"
 ULTRA = "flux-pro-1.1-ultra"
-COMMON_FIELDS = {"prompt", "image_prompt", "prompt_upsampling", "seed", "safety_tolerance", "output_format"}
-COMMON_FIELDS |= {"webhook_url", "webhook_secret"}
+KONTEXT_PRO = "flux-kontext-pro"
+KONTEXT_MAX = "flux-kontext-max"
+FILL = "flux-pro-1.0-fill"
+BASE_FIELDS = {"prompt", "prompt_upsampling", "seed", "safety_tolerance", "output_format", "webhook_url"}
+BASE_FIELDS |= {"webhook_secret"}
+COMMON_FIELDS = BASE_FIELDS | {"image_prompt"}
+KONTEXT_INPUTS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+KONTEXT_FIELDS = BASE_FIELDS | {"aspect_ratio", *KONTEXT_INPUTS}
 FIELDS = {
     PRO: COMMON_FIELDS | {"width", "height"},
     ULTRA: COMMON_FIELDS | {"aspect_ratio", "raw", "image_prompt_strength"},
+    KONTEXT_PRO: KONTEXT_FIELDS,
+    KONTEXT_MAX: KONTEXT_FIELDS,
+    FILL: BASE_FIELDS | {"image", "mask", "steps", "guidance"},
 }
-COST = {PRO: 4, ULTRA: 6}  # credits; 1 credit = $0.01
+COST = {PRO: 4, ULTRA: 6, KONTEXT_PRO: 4, KONTEXT_MAX: 8, FILL: 5}  # credits; 1 credit = $0.01
 # Observed output sizes of FLUX1.1 [pro] Ultra (~4 MP) per aspect ratio.
 ULTRA_SIZES = {
     "21:9": (3136, 1344),
@@ -118,10 +130,7 @@ class FakeBFL:
         if problems:
             return JSONResponse({"detail": problems}, 422)
         output_format = body.get("output_format") or "jpeg"
-        if model == ULTRA:
-            size = ultra_size(body.get("aspect_ratio") or "16:9")
-        else:
-            size = (body.get("width", 1024), body.get("height", 768))
+        size = output_size(model, body)
         task = Task(uuid.uuid4().hex, model, body, size, self.image_format or FORMATS[output_format])
         self.tasks.append(task)
         base = str(request.base_url).rstrip("/")
@@ -197,6 +206,39 @@ def validate(model: str, body: Any) -> list[dict[str, Any]]:
     if body.get("output_format") not in (None, *FORMATS):
         msg = "Input should be 'jpeg', 'png' or 'webp'"
         problems.append({"loc": ["body", "output_format"], "msg": msg, "type": "enum"})
+    return problems + image_problems(model, body)
+
+
+def output_size(model: str, body: dict[str, Any]) -> tuple[int, int]:
+    """Ultra makes ~4 MP at its aspect ratio, Kontext ~1 MP at its (1:1 by default, or the input's),
+    Fill its image's size, the others width x height."""
+    if model == ULTRA:
+        return ultra_size(body.get("aspect_ratio") or "16:9")
+    if model == FILL:
+        return decode_image(body["image"]).size  # type: ignore[union-attr]  # validated
+    if model in (KONTEXT_PRO, KONTEXT_MAX):
+        ratio = parse_ratio(body["aspect_ratio"]) if "aspect_ratio" in body else None
+        if ratio is None and "input_image" in body:
+            first = decode_image(body["input_image"])
+            ratio = first.width / first.height if first else None
+        width = round((1_048_576 * (ratio or 1.0)) ** 0.5 / 16) * 16
+        return width, round(width / (ratio or 1.0) / 16) * 16
+    return body.get("width", 1024), body.get("height", 768)
+
+
+def image_problems(model: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Kontext's input images and Fill's image and mask must be base64 images; Fill's mask its image's size."""
+    names = [name for name in (*KONTEXT_INPUTS, "image", "mask") if body.get(name) is not None]
+    if model == FILL and "image" not in names:
+        names.append("image")
+    problems, sizes = [], {}
+    for name in names:
+        if (image := decode_image(body.get(name))) is not None:
+            sizes[name] = image.size
+        else:
+            problems.append({"loc": ["body", name], "msg": "Invalid image: expected base64", "type": "value_error"})
+    if "mask" in sizes and "image" in sizes and sizes["mask"] != sizes["image"]:
+        problems.append({"loc": ["body", "mask"], "msg": "Mask must match the image size", "type": "value_error"})
     return problems
 
 

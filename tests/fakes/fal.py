@@ -22,18 +22,29 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from tests.fakes import decode_data_uri
 from tests.fakes.bfl import ULTRA_SIZES
 
 PRO = "fal-ai/flux-pro/v1.1"
 ULTRA = "fal-ai/flux-pro/v1.1-ultra"
 SCHNELL = "fal-ai/flux/schnell"
-COMMON_FIELDS = {"prompt", "seed", "num_images", "output_format", "sync_mode", "enable_safety_checker"}
+KONTEXT = ("fal-ai/flux-pro/kontext", "fal-ai/flux-pro/kontext/max")
+FILL = "fal-ai/flux-pro/v1/fill"
+BASE_FIELDS = {"prompt", "seed", "num_images", "output_format", "sync_mode"}
+COMMON_FIELDS = BASE_FIELDS | {"enable_safety_checker"}
+KONTEXT_FIELDS = BASE_FIELDS | {"aspect_ratio", "safety_tolerance", "enhance_prompt", "guidance_scale"}
 # Real fal ignores fields a model does not take; the fake refuses them, so that a misdirected one shows.
 FIELDS = {
     PRO: COMMON_FIELDS | {"image_size", "safety_tolerance", "enhance_prompt"},
     ULTRA: COMMON_FIELDS | {"aspect_ratio", "safety_tolerance", "enhance_prompt", "raw", "image_url"},
     SCHNELL: COMMON_FIELDS | {"image_size", "num_inference_steps", "acceleration", "guidance_scale"},
+    FILL: BASE_FIELDS | {"image_url", "mask_url", "safety_tolerance", "enhance_prompt"},
 }
+for app in KONTEXT:  # one way in per number of input images
+    FIELDS |= {app: KONTEXT_FIELDS | {"image_url"}, f"{app}/multi": KONTEXT_FIELDS | {"image_urls"}}
+    FIELDS[f"{app}/text-to-image"] = KONTEXT_FIELDS
+REQUIRED_IMAGES = {"image_url": (FILL, *KONTEXT), "image_urls": tuple(f"{app}/multi" for app in KONTEXT)}
+REQUIRED_IMAGES["mask_url"] = (FILL,)
 PRESETS = {
     "square_hd": (1024, 1024),
     "square": (512, 512),
@@ -290,6 +301,18 @@ def validate(model: str, body: Any) -> list[dict[str, Any]]:
         problems.append(problem("seed", "Input should be a valid integer", "int_type"))
     if not isinstance(body.get("enable_safety_checker", True), bool):
         problems.append(problem("enable_safety_checker", "Input should be a valid boolean", "bool_type"))
+    return problems + image_problems(model, body)
+
+
+def image_problems(model: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Input images are URLs; the fake reaches none but data URIs, and requires those its model needs."""
+    problems = []
+    for name, models in REQUIRED_IMAGES.items():
+        if model in models and name not in body:
+            problems.append(problem(name, "Field required", "missing"))
+    uris = [body.get(name) for name in ("image_url", "mask_url") if name in body] + list(body.get("image_urls", []))
+    if any(decode_data_uri(uri) is None for uri in uris):
+        problems.append(problem("image_url", "Failed to download the file", "file_download_error"))
     return problems
 
 
@@ -306,8 +329,17 @@ def valid_size(size: Any) -> bool:
 
 
 def output_size(model: str, body: dict[str, Any]) -> tuple[int, int]:
-    """Ultra renders ~4 MP for its aspect ratio; the others render image_size (default landscape_4_3)."""
+    """Ultra renders ~4 MP for its aspect ratio, Kontext ~1 MP for its (default: the first input's, or
+    1:1), Fill its image's size; the others render image_size (default landscape_4_3)."""
     if model == ULTRA:
         return ULTRA_SIZES[body.get("aspect_ratio", "16:9")]
+    if model == FILL:
+        return decode_data_uri(body["image_url"]).size  # type: ignore[union-attr]  # validated
+    if model.startswith(KONTEXT[0]):
+        first = decode_data_uri(body.get("image_url") or (body.get("image_urls") or [None])[0])
+        w, h = (int(part) for part in body["aspect_ratio"].split(":")) if "aspect_ratio" in body else (1, 1)
+        ratio = w / h if "aspect_ratio" in body or first is None else first.width / first.height
+        width = round((1_048_576 * ratio) ** 0.5 / 16) * 16
+        return width, round(width / ratio / 16) * 16
     size = body.get("image_size", "landscape_4_3")
     return PRESETS[size] if isinstance(size, str) else (size["width"], size["height"])

@@ -26,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from tests.fakes import decode_data_uri
+
 PRO = "black-forest-labs/flux-1.1-pro"
 ULTRA = "black-forest-labs/flux-1.1-pro-ultra"
 SCHNELL = "black-forest-labs/flux-schnell"
@@ -38,8 +40,15 @@ FIELDS = {
     SCHNELL: COMMON
     | {"megapixels", "num_outputs", "num_inference_steps", "output_quality", "disable_safety_checker", "go_fast"},
 }
+KONTEXT = ("black-forest-labs/flux-kontext-pro", "black-forest-labs/flux-kontext-max")
+FILL = "black-forest-labs/flux-fill-pro"
+KONTEXT_FIELDS = COMMON | {"input_image", "safety_tolerance", "prompt_upsampling"}
+FIELDS |= {name: KONTEXT_FIELDS for name in KONTEXT}
+FIELDS[FILL] = {"prompt", "seed", "output_format", "image", "mask", "steps", "guidance", "outpaint"}
+FIELDS[FILL] |= {"safety_tolerance", "prompt_upsampling"}
 OUTPUT_FORMATS = {PRO: ("webp", "jpg", "png"), ULTRA: ("jpg", "png"), SCHNELL: ("webp", "jpg", "png")}
-DEFAULT_FORMAT = {PRO: "webp", ULTRA: "jpg", SCHNELL: "webp"}
+OUTPUT_FORMATS |= {name: ("jpg", "png") for name in (*KONTEXT, FILL)}
+DEFAULT_FORMAT = {PRO: "webp", ULTRA: "jpg", SCHNELL: "webp", FILL: "jpg"} | {name: "png" for name in KONTEXT}
 PILLOW = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 # flux-schnell's fixed sizes at megapixels=1 (cog-flux ASPECT_RATIOS); "0.25" halves each side.
 SCHNELL_SIZES = {
@@ -263,8 +272,9 @@ def validate(model: str, body: Any) -> list[str]:
     errors = [f"input.{name}: Additional property is not allowed" for name in given if name not in FIELDS[model]]
     if not isinstance(given.get("prompt"), str) or not given["prompt"]:
         errors.append("input: prompt is required")
-    ratio = given.get("aspect_ratio", "1:1")
-    if ratio not in (PRO_RATIOS if model == PRO else RATIOS):
+    errors += image_errors(model, given)
+    ratio = given.get("aspect_ratio", "match_input_image" if model in KONTEXT else "1:1")
+    if ratio not in (PRO_RATIOS if model == PRO else ("match_input_image", *RATIOS) if model in KONTEXT else RATIOS):
         errors.append(f"input.aspect_ratio: {ratio!r} is not one of the allowed values")
     if model == PRO and ratio == "custom":
         for side in ("width", "height"):
@@ -284,9 +294,27 @@ def validate(model: str, body: Any) -> list[str]:
     return errors
 
 
+def image_errors(model: str, given: dict[str, Any]) -> list[str]:
+    """File inputs are URLs; the fake reaches none but data URIs. Fill needs its image; Kontext takes
+    safety_tolerance above 2 only without an input image."""
+    errors = [f"input.{name}: is required" for name in ("image",) if model == FILL and name not in given]
+    for name in ("input_image", "image", "mask"):
+        if name in given and decode_data_uri(given[name]) is None:
+            errors.append(f"input.{name}: could not read the file")
+    if model in KONTEXT and "input_image" in given and given.get("safety_tolerance", 2) > 2:
+        errors.append("input.safety_tolerance: 2 is the maximum when input images are used")
+    return errors
+
+
 def output_size(model: str, given: dict[str, Any]) -> tuple[int, int]:
-    """The size the model really produces: pro honours width/height; ultra ~4 MP; schnell fixed sizes."""
-    ratio = given.get("aspect_ratio", "1:1")
+    """The size the model really produces: pro honours width/height; ultra ~4 MP; schnell fixed sizes;
+    Fill its image's size; Kontext ~1 MP at its aspect ratio (default: the input image's)."""
+    if model == FILL:
+        return decode_data_uri(given["image"]).size  # type: ignore[union-attr]  # validated
+    ratio = given.get("aspect_ratio", "match_input_image" if model in KONTEXT else "1:1")
+    if ratio == "match_input_image":
+        first = decode_data_uri(given.get("input_image"))
+        ratio = f"{first.width}:{first.height}" if first else "1:1"
     if model == PRO and ratio == "custom":
         return given["width"], given["height"]
     if model == SCHNELL:

@@ -16,9 +16,13 @@ from qubax.providers.http import (
     send,
     trusted,
 )
+from qubax.uploads import EncodedInputs, encode_inputs
 
 PROVIDER = "Black Forest Labs"
 ULTRA = "flux-pro-1.1-ultra"  # takes an aspect ratio instead of width/height
+KONTEXT = ("flux-kontext-pro", "flux-kontext-max")  # so do these; they take up to 4 input images
+FILL = "flux-pro-1.0-fill"  # paints into its one image where the mask is white, at the image's size
+INPUT_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
 # BFL answers with a polling URL on whichever cluster took the task; only its own hosts get the key.
 KEY_HOSTS = ("bfl.ai", "*.bfl.ai")
 # Signed result URLs: current delivery hosts and the older Azure blob store.
@@ -31,23 +35,24 @@ class BFL:
         self.upstream = upstream
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+        inputs = await encode_inputs(request.images, request.mask, fill=model == FILL) if request.images else None
+        payload = body(request, model, inputs)
         # BFL has no `n`: one task per image, all at once.
-        return await fan_out(self._one(request, model) for _ in range(request.n))
+        return await fan_out(self._one(payload, model) for _ in range(request.n))
 
-    async def _one(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+    async def _one(self, payload: dict[str, Any], model: str) -> list[GeneratedImage]:
         # A task counts against the key's concurrency cap from submission until its result is in.
         async with self.upstream.lease() as key:
             headers = {"x-key": key, "accept": "application/json"}
-            polling_url = await self._submit(request, model, headers)
+            polling_url = await self._submit(payload, model, headers)
             with billed():
                 sample = await poll(lambda: self._check(polling_url, headers), self.upstream.poll_interval)
         with billed():
             # Delivery URLs are pre-signed: download() sends no key.
             return [GeneratedImage(await download(self.upstream, PROVIDER, sample))]
 
-    async def _submit(self, request: ImageRequest, model: str, headers: dict[str, str]) -> str:
+    async def _submit(self, payload: dict[str, Any], model: str, headers: dict[str, str]) -> str:
         url = f"{self.upstream.base_url}/v1/{model}"
-        payload = body(request, model)
         response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=payload, submission=True)
         check_status(response, PROVIDER)
         task = read_json(response, PROVIDER)
@@ -86,18 +91,23 @@ class BFL:
         raise UpstreamError(f"{PROVIDER} reported an unknown task status.", detail=detail)
 
 
-def body(request: ImageRequest, model: str) -> dict[str, Any]:
+def body(request: ImageRequest, model: str, inputs: EncodedInputs | None = None) -> dict[str, Any]:
     # PNG keeps the caller's PNG conversion lossless; BFL's default is JPEG.
     payload: dict[str, Any] = {"prompt": request.prompt, "output_format": request.output_format or "png"}
     if request.seed is not None:
         payload["seed"] = request.seed
     if request.safety_tolerance is not None:
         payload["safety_tolerance"] = request.safety_tolerance
-    if model == ULTRA:
+    if model == ULTRA or model in KONTEXT:
         payload["aspect_ratio"] = aspect_ratio(request.width, request.height)
-    else:
+    elif model != FILL:  # Fill makes its image's size
         payload |= {"width": request.width, "height": request.height}
-    return payload
+    if inputs is None:
+        return payload
+    encoded = [text for _, text in inputs.images]
+    if model == FILL:
+        return payload | {"image": encoded[0], "mask": inputs.mask}
+    return payload | dict(zip(INPUT_FIELDS, encoded, strict=False))
 
 
 # BFL allows 24 active tasks per key by default.

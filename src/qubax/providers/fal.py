@@ -7,11 +7,15 @@ from typing import Any
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio, http
+from qubax.uploads import EncodedInputs, encode_inputs
 
 PROVIDER = "fal.ai"
 ULTRA = "fal-ai/flux-pro/v1.1-ultra"  # takes an aspect ratio instead of an image size
 ULTRA_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")  # fal's list: no 5:4, 4:5
 SCHNELL = "fal-ai/flux/schnell"
+# Kontext is one app per way in: `<model>` edits one image, `<model>/multi` several, `<model>/text-to-image` none.
+KONTEXT = "/kontext"
+FILL = "fal-ai/flux-pro/v1/fill"  # image_url and mask_url (white where to paint)
 MAX_PER_REQUEST = 4  # fal takes num_images from 1 to 4
 KEY_HOSTS = ("fal.run", "*.fal.run", "*.fal.ai")  # the queue URLs submit returns get the key only here
 MEDIA_HOSTS = ("fal.media", "*.fal.media", "*.fal.run", "*.fal.ai")
@@ -23,23 +27,27 @@ class Fal:
         self.upstream = upstream
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+        inputs = await encode_inputs(request.images, request.mask, fill=model == FILL) if request.images else None
         counts = [min(MAX_PER_REQUEST, request.n - start) for start in range(0, request.n, MAX_PER_REQUEST)]
-        return await http.fan_out(self._request(request, model, count) for count in counts)
+        endpoint = app_for(model, len(request.images))
+        return await http.fan_out(
+            self._request(endpoint, body(request, model, count, inputs), count) for count in counts
+        )
 
-    async def _request(self, request: ImageRequest, model: str, count: int) -> list[GeneratedImage]:
+    async def _request(self, endpoint: str, payload: dict[str, Any], count: int) -> list[GeneratedImage]:
         # A request counts against the key's concurrency cap from submission until its result is in.
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Key {key}", "accept": "application/json"}
-            urls = await self._submit(request, model, count, headers)
+            urls = await self._submit(endpoint, payload, headers)
             with http.billed():
                 await self._wait(urls, headers)
                 output = await self._call("GET", urls["response_url"], headers)
         with http.billed():
             return await self._images(output, count)
 
-    async def _submit(self, request: ImageRequest, model: str, count: int, headers: dict[str, str]) -> dict[str, str]:
-        url = f"{self.upstream.base_url}/{model}"
-        queued = await self._call("POST", url, headers, json=body(request, model, count), submission=True)
+    async def _submit(self, endpoint: str, payload: dict[str, Any], headers: dict[str, str]) -> dict[str, str]:
+        url = f"{self.upstream.base_url}/{endpoint}"
+        queued = await self._call("POST", url, headers, json=payload, submission=True)
         urls = {name: queued.get(name) for name in ("status_url", "response_url", "cancel_url")}
         if not queued.get("request_id") or not all(isinstance(url, str) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} accepted the request but returned no request_id or queue URLs.")
@@ -113,22 +121,35 @@ def moderated(response: http.Reply) -> bool:
     return any(isinstance(item, dict) and item.get("type") == "content_policy_violation" for item in items)
 
 
-def body(request: ImageRequest, model: str, count: int) -> dict[str, Any]:
+def app_for(model: str, images: int) -> str:
+    """The fal app that takes this many input images for the route's model."""
+    if model.endswith(KONTEXT) or model.endswith(f"{KONTEXT}/max"):
+        return model if images == 1 else f"{model}/{'multi' if images else 'text-to-image'}"
+    return model
+
+
+def body(request: ImageRequest, model: str, count: int, inputs: EncodedInputs | None = None) -> dict[str, Any]:
     # fal takes jpeg or png only; PNG keeps the caller's conversion lossless (and stands in for webp).
     image_format = "jpeg" if request.output_format == "jpeg" else "png"
     payload: dict[str, Any] = {"prompt": request.prompt, "num_images": count, "output_format": image_format}
     if request.seed is not None:
         payload["seed"] = request.seed
-    if model == ULTRA:
+    if model == ULTRA or KONTEXT in model:
         payload["aspect_ratio"] = aspect_ratio(request.width, request.height, ULTRA_RATIOS)
-    else:
+    elif model != FILL:  # Fill makes its image's size
         payload["image_size"] = {"width": request.width, "height": request.height}
         payload["enable_safety_checker"] = True
     if model == SCHNELL:
         payload["num_inference_steps"] = 4  # schnell is distilled for 4 steps
     elif request.safety_tolerance is not None and "flux-pro" in model:
         payload["safety_tolerance"] = str(min(max(request.safety_tolerance, 1), 6))  # fal wants "1" … "6"
-    return payload
+    if inputs is None:
+        return payload
+    # Data URIs: fal takes them wherever it takes a URL, and nothing is left behind in its storage.
+    uris = inputs.data_uris()
+    if model == FILL:
+        return payload | {"image_url": uris[0], "mask_url": inputs.mask_uri()}
+    return payload | ({"image_url": uris[0]} if len(uris) == 1 else {"image_urls": uris})
 
 
 # The cap keeps bursts from becoming 429s.

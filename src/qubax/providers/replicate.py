@@ -19,6 +19,7 @@ from qubax.providers.http import (
     send,
     trusted,
 )
+from qubax.uploads import EncodedInputs, encode_inputs
 
 PROVIDER = "Replicate"
 MAX_SCHNELL_OUTPUTS = 4  # flux-schnell's num_outputs is 1-4; pro and ultra make one image per prediction
@@ -26,6 +27,7 @@ KEY_HOSTS = ("api.replicate.com", "*.replicate.com")  # where urls.get and urls.
 DELIVERY_HOSTS = ("replicate.delivery", "*.replicate.delivery")
 RUNNING = ("starting", "processing")
 MODERATED_WORDS = ("nsfw", "flagged", "sensitive")  # "flagged as sensitive (E005)", "… contained NSFW content"
+KONTEXT_MAX_SAFETY = 2  # Replicate's Kontext takes no higher safety_tolerance with an input image
 FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}  # ours -> Replicate's names
 
 
@@ -34,16 +36,16 @@ class Replicate:
         self.upstream = upstream
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
+        inputs = await encode_inputs(request.images, request.mask, fill="fill" in model) if request.images else None
         per_call = MAX_SCHNELL_OUTPUTS if "schnell" in model else 1
-        return await fan_out(
-            self._prediction(request, model, min(per_call, request.n - i)) for i in range(0, request.n, per_call)
-        )
+        counts = [min(per_call, request.n - i) for i in range(0, request.n, per_call)]
+        return await fan_out(self._prediction(body(request, model, count, inputs), model, count) for count in counts)
 
-    async def _prediction(self, request: ImageRequest, model: str, count: int) -> list[GeneratedImage]:
+    async def _prediction(self, payload: dict[str, Any], model: str, count: int) -> list[GeneratedImage]:
         # A prediction counts against the key's concurrency cap from creation until it is finished.
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Bearer {key}"}
-            prediction = await self._create(request, model, count, headers)
+            prediction = await self._create(payload, model, headers)
             with billed():
                 outputs = await self._settle(prediction, headers)
         with billed():
@@ -55,12 +57,12 @@ class Replicate:
             raise error
         return images
 
-    async def _create(self, request: ImageRequest, model: str, count: int, headers: dict[str, str]) -> dict[str, Any]:
+    async def _create(self, payload: dict[str, Any], model: str, headers: dict[str, str]) -> dict[str, Any]:
         url = f"{self.upstream.base_url}/models/{model}/predictions"
         # Replicate holds the request up to `wait` seconds (1-60) for the prediction to end, which saves
         # polling; the whole submission must still fit in its timeout.
         wait = max(1, min(60, int(self.upstream.http.timeouts.submit / 2)))
-        http, payload = self.upstream.http, body(request, model, count)
+        http = self.upstream.http
         response = await send(
             http, PROVIDER, "POST", url, headers=headers | {"prefer": f"wait={wait}"}, json=payload, submission=True
         )
@@ -119,7 +121,7 @@ def outcome(prediction: dict[str, Any]) -> list[str] | None:
     raise UpstreamError(f"{PROVIDER} reported an unknown prediction status.", detail=detail)
 
 
-def body(request: ImageRequest, model: str, count: int) -> dict[str, Any]:
+def body(request: ImageRequest, model: str, count: int, inputs: EncodedInputs | None = None) -> dict[str, Any]:
     # PNG keeps the caller's PNG conversion lossless; Replicate's default is webp (jpg for ultra).
     fmt = FORMATS.get(request.output_format or "png", "png")
     payload: dict[str, Any] = {"prompt": request.prompt, "output_format": fmt}
@@ -132,11 +134,24 @@ def body(request: ImageRequest, model: str, count: int) -> dict[str, Any]:
         return {"input": payload | {"num_inference_steps": 4, "go_fast": True}}
     if request.safety_tolerance is not None:
         payload["safety_tolerance"] = min(max(request.safety_tolerance, 1), 6)  # Replicate takes 1-6
-    if "ultra" in model:
-        payload |= {"aspect_ratio": ratio, "output_format": "jpg" if fmt == "jpg" else "png"}
-    else:
-        payload |= {"aspect_ratio": "custom", "width": request.width, "height": request.height}
+    if "ultra" in model or "kontext" in model or "fill" in model:
+        payload["output_format"] = "jpg" if fmt == "jpg" else "png"  # these make jpg or png only
+    if "fill" in model:  # Fill makes its image's size
+        return {"input": payload | fill_inputs(inputs)}
+    if "ultra" not in model and "kontext" not in model:
+        return {"input": payload | {"aspect_ratio": "custom", "width": request.width, "height": request.height}}
+    payload["aspect_ratio"] = ratio
+    if "kontext" in model and inputs is not None:
+        payload["input_image"] = inputs.data_uris()[0]  # one image: the catalog route says so
+        if "safety_tolerance" in payload:
+            payload["safety_tolerance"] = min(payload["safety_tolerance"], KONTEXT_MAX_SAFETY)
     return {"input": payload}
+
+
+def fill_inputs(inputs: EncodedInputs | None) -> dict[str, Any]:
+    if inputs is None:
+        raise UpstreamError(f"{PROVIDER}'s Fill needs an image and a mask.")
+    return {"image": inputs.data_uris()[0], "mask": inputs.mask_uri()}
 
 
 # The cap keeps bursts from becoming 429s.

@@ -406,6 +406,33 @@ def test_an_edit_of_one_image_and_of_several_with_a_mask(client: openai.OpenAI) 
     assert len(several.data) == 2 and (several.size, several.output_format) == ("2048x1152", "webp")
 
 
+def test_flux_edits_for_test_keys_take_the_first_image_aspect_ratio(client: openai.OpenAI) -> None:
+    kontext = client.images.edit(model="flux-kontext-pro", image=("a.png", picture(300, 200)), prompt="at night")
+    [made] = kontext.data
+    assert made.url is not None and made.b64_json is None  # FLUX models answer links by default
+    assert Image.open(io.BytesIO(httpx.get(made.url).content)).size == (1248, 832)
+    mask = Image.new("RGBA", (200, 400), (0, 0, 0, 0))
+    out = io.BytesIO()
+    mask.save(out, "PNG")
+    fill = client.images.edit(
+        model="flux-1-fill-pro",
+        image=("a.jpg", picture(200, 400, "JPEG")),
+        mask=("m.png", out.getvalue()),
+        prompt="a door",
+        size="512x512",
+        n=2,
+        response_format="b64_json",
+    )
+    assert [Image.open(io.BytesIO(base64.b64decode(d.b64_json or ""))).size for d in fill.data] == [(512, 512)] * 2
+
+
+def test_fill_only_edits(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(model="flux-1-fill-pro", prompt="a door")
+    assert caught.value.param == "model"
+    assert "only edits images: send an image and a mask to POST /v1/images/edits" in caught.value.message
+
+
 def test_an_edit_of_sixteen_images_through_the_async_client(base_url: str, test_key: str) -> None:
     async def edit() -> openai.types.ImagesResponse:
         async with openai.AsyncOpenAI(api_key=test_key, base_url=base_url + "/v1", max_retries=0) as client:
@@ -413,6 +440,11 @@ def test_an_edit_of_sixteen_images_through_the_async_client(base_url: str, test_
             return await client.images.edit(model="gpt-image-1-mini", image=images, prompt="a grid", quality="low")
 
     assert asyncio.run(edit()).quality == "low"
+
+
+KONTEXT_MASK = ("invalid_value", "mask", "flux-kontext-pro does not take a mask")
+FIVE = ("invalid_value", "image", "flux-kontext-max takes at most 4 images to edit; got 5")
+TWO_FILLS = ("invalid_value", "image", "flux-1-fill-pro takes at most 1 image to edit; got 2")
 
 
 @pytest.mark.parametrize(
@@ -428,6 +460,12 @@ def test_an_edit_of_sixteen_images_through_the_async_client(base_url: str, test_
         ({"size": "1792x1024"}, "invalid_size", "size", "1024x1024, 1536x1024, 1024x1536"),
         ({"background": "transparent", "output_format": "jpeg"}, "invalid_value", "background", "png or webp"),
         ({"extra_body": {"moderation": "low"}}, "unknown_parameter", "moderation", "Unknown parameter"),
+        ({"model": "flux-kontext-pro", "mask": ("m.png", picture(64, 64, mode="RGBA"))}, *KONTEXT_MASK),
+        ({"model": "flux-kontext-max", "image": [(f"{i}.png", picture(8, 8)) for i in range(5)]}, *FIVE),
+        ({"model": "flux-kontext-pro", "input_fidelity": "high"}, "invalid_value", "input_fidelity", "none (omit"),
+        ({"model": "flux-kontext-pro", "quality": "high"}, "invalid_value", "quality", "'auto', 'standard'"),
+        ({"model": "flux-1-fill-pro"}, "missing_required_parameter", "mask", "needs a mask, or a first image whose"),
+        ({"model": "flux-1-fill-pro", "image": [("a.png", picture(8, 8))] * 2}, *TWO_FILLS),
     ],
 )
 def test_bad_edits_are_400s_naming_the_field(

@@ -9,6 +9,9 @@ change prices and upstream model names, cap provider concurrency. Checked once, 
     aliases = ["flux-pro"]
     routes = [{ provider = "fal" }, { provider = "bfl" }]   # order = failover order
 
+    [models."flux-kontext-pro"]            # max_images: the most input images a route takes in one edit
+    routes = [{ provider = "replicate", max_images = 1 }, { provider = "bfl" }]
+
     [models."flux-dev"]                    # a new model: start from one we have, then change it
     like = "flux-1-schnell"
     price = 0.025
@@ -37,6 +40,7 @@ class RouteEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: str
     model: str | None = None  # the upstream's name; defaults to the built-in one for that provider
+    max_images: int | None = Field(default=None, ge=1, le=16)  # input images one edit may have; default: built-in
 
 
 class GridEntry(BaseModel):
@@ -161,10 +165,10 @@ def build_sizes(model_id: str, sizes: list[str] | GridEntry) -> Grid | Fixed:
 def build_route(model_id: str, index: int, entry: RouteEntry, base: CatalogModel, providers: set[str]) -> Route:
     known_provider(entry.provider, providers, f"models.{model_id}.routes.{index}.provider")
     if entry.model is not None:
-        return Route(entry.provider, entry.model)
+        return Route(entry.provider, entry.model, max_images=entry.max_images)
     for route in base.routes:
         if route.provider == entry.provider:
-            return Route(route.provider, route.upstream_model)
+            return Route(route.provider, route.upstream_model, max_images=entry.max_images or route.max_images)
     raise CatalogError(
         f"models.{model_id}.routes.{index}: {entry.provider} has no built-in name for this model; set `model`"
     )

@@ -49,6 +49,9 @@ def gpt_image(
 
 
 FLUX_GRID = Grid(256, 1440, 32)
+# Kontext and Fill are asked for an aspect ratio or make their image's size, and then fitted: any size
+# on a finer grid.
+EDIT_GRID = Grid(256, 1440, 16)
 
 
 def kontext(model_id: str, created: int, usd: Decimal, tier: str) -> CatalogModel:
@@ -59,7 +62,7 @@ def kontext(model_id: str, created: int, usd: Decimal, tier: str) -> CatalogMode
         id=model_id,
         owned_by="black-forest-labs",
         created=created,
-        sizes=FLUX_GRID,
+        sizes=EDIT_GRID,
         default_size="1024x1024",
         max_n=4,
         prices=(Price(usd),),
@@ -137,7 +140,7 @@ MODELS: tuple[CatalogModel, ...] = (
         id="flux-1-fill-pro",
         owned_by="black-forest-labs",
         created=1732147200,
-        sizes=FLUX_GRID,
+        sizes=EDIT_GRID,
         default_size="1024x1024",
         max_n=4,
         prices=(Price(Decimal("0.05")),),

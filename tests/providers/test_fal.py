@@ -1,11 +1,14 @@
 """The fal.ai adapter against a fake fal queue served over real loopback HTTP."""
 
 import asyncio
+import base64
+import dataclasses
 import io
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import fal_client
 import pytest
 from PIL import Image
 
@@ -13,6 +16,7 @@ from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.fal import Fal
 from qubax.providers.http import open_session
+from qubax.uploads import InputImage
 from tests.fakes.bfl import ULTRA_SIZES
 from tests.fakes.fal import PRO, SCHNELL, ULTRA, FakeFal
 from tests.providers import Job, ask, run_adapter
@@ -465,3 +469,59 @@ async def test_the_key_concurrency_cap_holds_for_the_life_of_each_request(fake: 
     assert [len(images) for images in results] == [1, 1, 1]
     assert len(fake.submissions) == 3
     assert fake.peak == 2
+
+
+# --- Kontext and Fill, and the official client ------------------------------------------------------------
+
+
+def data_uri(width: int, height: int, mode: str = "RGB") -> str:
+    out = io.BytesIO()
+    Image.new(mode, (width, height)).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+async def test_the_official_client_drives_the_fake_kontext_and_fill(
+    fake: FakeFal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fal's own client (`fal-client`) against the fake: the queue as the real one runs it."""
+    monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", fake.base_url + "/")
+    client = fal_client.AsyncClient(key="test-key")
+    kontext = await client.subscribe(
+        "fal-ai/flux-pro/kontext",
+        arguments={"prompt": "at night", "image_url": data_uri(300, 200), "num_images": 2, "aspect_ratio": "3:2"},
+        interval=0.01,
+    )
+    assert [(image["width"], image["height"]) for image in kontext["images"]] == [(1248, 832)] * 2
+    multi = await client.subscribe(
+        "fal-ai/flux-pro/kontext/max/multi",
+        arguments={"prompt": "together", "image_urls": [data_uri(64, 64), data_uri(32, 64)]},
+        interval=0.01,
+    )
+    assert len(multi["images"]) == 1
+    fill = await client.subscribe(
+        "fal-ai/flux-pro/v1/fill",
+        arguments={"prompt": "a door", "image_url": data_uri(256, 128), "mask_url": data_uri(256, 128, "L")},
+        interval=0.01,
+    )
+    assert (fill["images"][0]["width"], fill["images"][0]["height"]) == (256, 128)
+    with pytest.raises(fal_client.client.FalClientHTTPError) as caught:
+        await client.subscribe("fal-ai/flux-pro/v1/fill", arguments={"prompt": "no image"}, interval=0.01)
+    assert caught.value.status_code == 422
+
+
+async def test_kontext_goes_to_the_app_for_its_number_of_images(fake: FakeFal) -> None:
+    async with open_session() as http:
+        fal = Fal(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
+        request = pro().request()
+        for count, app in ((0, "kontext/text-to-image"), (1, "kontext"), (2, "kontext/multi")):
+            images = tuple(upload(64 + i, 64) for i in range(count))
+            await fal.generate(dataclasses.replace(request, images=images), "fal-ai/flux-pro/kontext")
+            assert fake.models[-1] == f"fal-ai/flux-pro/{app}"
+    assert "image_url" in fake.submissions[1] and len(fake.submissions[2]["image_urls"]) == 2
+
+
+def upload(width: int, height: int, mode: str = "RGB") -> InputImage:
+    out = io.BytesIO()
+    Image.new(mode, (width, height)).save(out, "PNG")
+    out.seek(0)
+    return InputImage(out, "a.png", "png", width, height, alpha=mode == "RGBA")

@@ -1,17 +1,22 @@
 """The Replicate adapter against a fake Replicate API served over real loopback HTTP."""
 
 import asyncio
+import base64
+import dataclasses
 import io
 from collections.abc import Iterator
 
+import httpx
 import pytest
+import replicate
 from PIL import Image
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.http import open_session
 from qubax.providers.replicate import Replicate
-from tests.fakes.replicate import NSFW_ERROR, PRO, SCHNELL, ULTRA, FakeReplicate
+from qubax.uploads import InputImage
+from tests.fakes.replicate import FILL, KONTEXT, NSFW_ERROR, PRO, SCHNELL, ULTRA, FakeReplicate
 from tests.providers import Job, ask, run_adapter
 from tests.server import serve
 
@@ -370,3 +375,56 @@ async def test_concurrency_cap_holds_for_each_prediction_until_it_ends(fake: Fak
     assert [len(images) for images in results] == [2, 2, 2]
     assert len(fake.predictions) == 6
     assert fake.peak == 2
+
+
+# --- Kontext and Fill, and the official client ------------------------------------------------------------
+
+
+def data_uri(width: int, height: int, mode: str = "RGB") -> str:
+    out = io.BytesIO()
+    Image.new(mode, (width, height)).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+async def test_the_official_client_drives_the_fake_kontext_and_fill(fake: FakeReplicate) -> None:
+    """Replicate's own client (`replicate`) against the fake: create, wait, poll, as the real API runs."""
+    client = replicate.Client(api_token="test-key", base_url=fake.base_url)
+    kontext = await client.async_run(
+        KONTEXT[0], input={"prompt": "at night", "input_image": data_uri(300, 200)}, use_file_output=False
+    )
+    assert isinstance(kontext, str) and kontext.endswith(".png")  # one URI; png is Kontext's default
+    assert fake.predictions[-1].input["input_image"].startswith("data:image/png")
+    fill = await client.async_run(
+        FILL,
+        input={"prompt": "a door", "image": data_uri(256, 128), "mask": data_uri(256, 128, "L")},
+        use_file_output=False,
+    )
+    assert isinstance(fill, str) and fill.endswith(".jpg")  # Fill's default is jpg
+    async with httpx.AsyncClient() as http:
+        downloaded = await http.get(fill)
+    assert Image.open(io.BytesIO(downloaded.content)).size == (256, 128)
+    with pytest.raises(replicate.exceptions.ReplicateError) as caught:
+        await client.async_run(KONTEXT[1], input={"prompt": "p", "input_image": data_uri(8, 8), "safety_tolerance": 5})
+    assert "safety_tolerance" in str(caught.value)
+
+
+async def test_kontext_and_fill_inputs_as_replicate_takes_them(fake: FakeReplicate) -> None:
+    async with open_session() as http:
+        adapter = Replicate(Upstream(http, f"{fake.base_url}/v1", "test-key", poll_interval=0.01))
+        request = dataclasses.replace(Job(PRO, "p", 1024, 768, 1, safety_tolerance=5).request(), images=(upload(),))
+        [made] = await adapter.generate(request, KONTEXT[0])
+        sent = fake.predictions[-1].input
+        assert (sent["aspect_ratio"], sent["safety_tolerance"], sent["output_format"]) == ("4:3", 2, "png")
+        mask = upload(mode="RGBA")
+        [filled] = await adapter.generate(dataclasses.replace(request, mask=mask), FILL)
+        sent = fake.predictions[-1].input
+        assert set(sent) == {"prompt", "output_format", "safety_tolerance", "image", "mask"}
+    assert Image.open(io.BytesIO(filled.data)).size == (64, 48)
+    assert Image.open(io.BytesIO(made.data)).size == (1184, 896)
+
+
+def upload(mode: str = "RGB") -> InputImage:
+    out = io.BytesIO()
+    Image.new(mode, (64, 48)).save(out, "PNG")
+    out.seek(0)
+    return InputImage(out, "a.png", "png", 64, 48, alpha=mode == "RGBA")

@@ -1,0 +1,160 @@
+"""FLUX Kontext and Fill edits end to end: the official SDK → our app → each fake upstream over loopback."""
+
+import asyncio
+import base64
+import io
+from typing import Any
+
+import openai
+import pytest
+from PIL import Image
+
+from qubax.models import MODELS
+from qubax.settings import Settings
+from tests.fakes import decode_data_uri, decode_image
+from tests.stack import Stack, running_stack
+from tests.test_upstreams import generations, picture
+
+FLUX_EDITORS = [model for model in MODELS if model.edits and model.id.startswith("flux")]
+FLUX_EDIT_ROUTES = [(model.id, route.provider) for model in FLUX_EDITORS for route in model.routes]
+
+
+def half_transparent(width: int, height: int) -> bytes:
+    """An OpenAI mask: its left half transparent (paint there), its right half opaque (keep)."""
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    out = io.BytesIO()
+    mask.save(out, "PNG")
+    return out.getvalue()
+
+
+def sent(stack: Stack, provider: str) -> tuple[list[Image.Image], Image.Image | None]:
+    """The input images and the mask the last call to `provider` carried, decoded."""
+    if provider == "bfl":
+        body = stack.bfl.submissions[-1]
+        names = ("image", "input_image", "input_image_2", "input_image_3", "input_image_4")
+        images = [decode_image(body[name]) for name in names if name in body]
+        mask = decode_image(body["mask"]) if "mask" in body else None
+    elif provider == "fal":
+        body = stack.fal.submissions[-1]
+        uris = [body["image_url"]] if "image_url" in body else body.get("image_urls", [])
+        images = [decode_data_uri(uri) for uri in uris]
+        mask = decode_data_uri(body["mask_url"]) if "mask_url" in body else None
+    else:
+        body = stack.replicate.creates[-1]["input"]
+        images = [decode_data_uri(body[name]) for name in ("image", "input_image") if name in body]
+        mask = decode_data_uri(body["mask"]) if "mask" in body else None
+    assert all(image is not None for image in images)
+    return [image for image in images if image is not None], mask
+
+
+@pytest.mark.slow  # a stack per route
+@pytest.mark.parametrize(("model", "provider"), FLUX_EDIT_ROUTES)
+def test_a_flux_edit_through_every_route(settings: Settings, model: str, provider: str) -> None:
+    """The image (and for Fill the mask, turned into white-where-to-paint) reaches the upstream; the
+    answer takes the first image's aspect ratio at about a megapixel, and costs the model's price."""
+    catalog = f'[models."{model}"]\nroutes = [{{ provider = "{provider}" }}]\n'
+    fill = model == "flux-1-fill-pro"
+    with running_stack(settings, catalog=catalog, providers=(provider,)) as stack:
+        extra: dict[str, Any] = {"mask": ("m.png", half_transparent(300, 200))} if fill else {}
+        raw = stack.live.images.with_raw_response.edit(
+            model=model, image=("a.png", picture(300, 200)), prompt="make it night", response_format="b64_json", **extra
+        )
+        assert raw.headers["x-qubax-route"] == provider
+        [made] = raw.parse().data
+        assert Image.open(io.BytesIO(base64.b64decode(made.b64_json or ""))).size == (1248, 832)
+        images, mask = sent(stack, provider)
+        assert [image.size for image in images] == [(300, 200)]
+        if fill:
+            assert mask is not None and mask.size == (300, 200)
+            assert mask.convert("L").getpixel((10, 10)) == 255 and mask.convert("L").getpixel((290, 10)) == 0
+        else:
+            assert mask is None
+        [row] = generations(stack.settings)
+        price = next(m for m in MODELS if m.id == model).prices[0].usd
+        assert (row.outcome, row.cost_micros) == ("ok", int(price * 1_000_000))
+
+
+@pytest.mark.parametrize("provider", ["bfl", "fal"])
+def test_kontext_edits_several_images_where_the_upstream_takes_them(settings: Settings, provider: str) -> None:
+    catalog = f'[models."flux-kontext-max"]\nroutes = [{{ provider = "{provider}" }}]\n'
+    with running_stack(settings, catalog=catalog, providers=(provider,)) as stack:
+        response = stack.live.images.edit(
+            model="flux-kontext-max",
+            image=[("a.png", picture(64, 64)), ("b.jpg", picture(80, 40, "JPEG")), ("c.webp", picture(30, 60, "WEBP"))],
+            prompt="put them in one room",
+            size="1024x768",
+            n=2,
+            response_format="url",
+        )
+        assert len(response.data) == 2
+        images, _ = sent(stack, provider)
+        assert [image.size for image in images] == [(64, 64), (80, 40), (30, 60)]
+        if provider == "fal":
+            assert stack.fal.models[-1] == "fal-ai/flux-pro/kontext/max/multi"
+            assert stack.fal.submissions[-1]["aspect_ratio"] == "4:3"
+        else:
+            assert stack.bfl.submissions[-1]["aspect_ratio"] == "4:3"
+
+
+def test_kontext_without_an_image_draws_from_the_prompt(settings: Settings) -> None:
+    catalog = '[models."flux-kontext-pro"]\nroutes = [{ provider = "fal" }]\n'
+    with running_stack(settings, catalog=catalog, providers=("fal",)) as stack:
+        response = stack.live.images.generate(
+            model="flux-kontext-pro", prompt="a teapot", size="1280x720", response_format="b64_json"
+        )
+        assert len(response.data) == 1
+        assert stack.fal.models == ["fal-ai/flux-pro/kontext/text-to-image"]
+        assert stack.fal.submissions[0]["aspect_ratio"] == "16:9"
+
+
+def test_a_route_that_takes_one_image_is_passed_by_for_several(settings: Settings) -> None:
+    """Replicate's Kontext takes one input image: with two, BFL (after it) serves; with Replicate alone,
+    the request is refused naming `image`."""
+    catalog = '[models."flux-kontext-pro"]\nroutes = [{ provider = "replicate" }, { provider = "bfl" }]\n'
+    two = [("a.png", picture(64, 64)), ("b.png", picture(64, 64))]
+    with running_stack(settings, catalog=catalog, providers=("replicate", "bfl")) as stack:
+        raw = stack.live.images.with_raw_response.edit(model="flux-kontext-pro", image=two, prompt="p")
+        assert raw.headers["x-qubax-route"] == "bfl" and stack.replicate.creates == []
+    alone = '[models."flux-kontext-pro"]\nroutes = [{ provider = "replicate" }]\n'
+    with running_stack(settings, catalog=alone, providers=("replicate",)) as stack:
+        with pytest.raises(openai.BadRequestError) as caught:
+            stack.live.images.edit(model="flux-kontext-pro", image=two, prompt="p")
+        assert caught.value.param == "image" and stack.replicate.creates == []
+
+
+def test_a_failing_fill_route_hands_over_to_the_next(settings: Settings) -> None:
+    with running_stack(settings, providers=("bfl", "fal", "replicate")) as stack:
+        stack.bfl.submit_status = 500
+        raw = stack.live.images.with_raw_response.edit(
+            model="flux-1-fill-pro",
+            image=("a.png", picture(256, 256)),
+            mask=("m.png", half_transparent(256, 256)),
+            prompt="a window",
+            size="512x512",
+        )
+        assert raw.headers["x-qubax-route"] == "fal"
+        assert len(raw.parse().data) == 1
+        _, mask = sent(stack, "fal")
+        assert mask is not None and mask.convert("L").getpixel((5, 5)) == 255
+
+
+def test_fill_takes_the_transparent_areas_of_its_image_as_the_mask(settings: Settings) -> None:
+    with running_stack(settings, providers=("bfl",)) as stack:
+        stack.live.images.edit(model="flux-1-fill-pro", image=("a.png", half_transparent(256, 128)), prompt="sky")
+        _, mask = sent(stack, "bfl")
+        assert mask is not None and mask.convert("L").getpixel((5, 5)) == 255
+        assert mask.convert("L").getpixel((250, 5)) == 0
+
+
+def test_flux_edits_through_the_async_client(settings: Settings) -> None:
+    async def edit(stack: Stack) -> int:
+        async with openai.AsyncOpenAI(api_key=stack.live_key, base_url=stack.url + "/v1", max_retries=0) as client:
+            response = await client.images.edit(
+                model="flux-kontext-pro", image=("a.png", picture(100, 100)), prompt="p", n=3
+            )
+            return len(response.data)
+
+    with running_stack(settings, providers=("bfl",)) as stack:
+        assert asyncio.run(edit(stack)) == 3
+        assert len(stack.bfl.submissions) == 3

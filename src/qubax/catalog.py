@@ -2,7 +2,7 @@
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -187,6 +187,11 @@ class ImageRequest:
     # FLUX extensions: adapters pass them on where their upstream takes them and ignore them otherwise.
     seed: int | None = None
     safety_tolerance: int | None = None
+    # Streamed answers: how many partial images the client wants of each image, and where an adapter
+    # whose upstream makes them hands each one (its index, base64) as it arrives.
+    stream: bool = False
+    partial_images: int = 0
+    on_partial: Callable[[int, str], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> str:
@@ -275,19 +280,20 @@ class Catalog:
                 param="prompt",
                 code="string_above_max_length",
             )
-        if body.stream:
-            raise InvalidRequest(
-                "Streamed answers (stream: true) are not available on this server yet; send stream: false.",
-                param="stream",
-            )
         check_range("partial_images", body.partial_images, 0, 3)
+        if body.stream and body.response_format == "url":
+            raise InvalidRequest(
+                "A streamed answer carries its images as base64 (b64_json): leave response_format out.",
+                param="response_format",
+            )
         n = 1 if body.n is None else body.n
         if not 1 <= n <= model.max_n:
             only = "n=1 only" if model.max_n == 1 else f"n between 1 and {model.max_n}"
             raise InvalidRequest(f"{model.id} supports {only}; got n={n}.", param="n")
         width, height = parse_size(model, body.size)
+        default_format = "b64_json" if body.stream else model.default_response_format
         response_format = pick_option(
-            model.id, "response_format", body.response_format, RESPONSE_FORMATS, model.default_response_format
+            model.id, "response_format", body.response_format, RESPONSE_FORMATS, default_format
         )
         quality = pick_option(model.id, "quality", body.quality, model.qualities, model.default_quality)
         style = pick_option(model.id, "style", body.style, model.styles, model.default_style)
@@ -307,6 +313,8 @@ class Catalog:
             output_format=output_format,
             seed=body.seed,
             safety_tolerance=body.safety_tolerance,
+            stream=bool(body.stream),
+            partial_images=body.partial_images or 0,
         )
 
 

@@ -2,11 +2,12 @@
 stored or inlined, and a usage record out."""
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -51,12 +52,15 @@ async def generate(body: ImageGenerateRequest, key: db.KeyRecord, services: Serv
 
 
 async def edit(form: ImageEditRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
-    """`generate` for `POST /v1/images/edits`: the fields checked first, then the uploads, then the same
-    way through the routes."""
+    """`generate` for `POST /v1/images/edits`: checked, then the same way through the routes."""
+    return await admit(await check_edit(form, services), key, services, public_url)
+
+
+async def check_edit(form: ImageEditRequest, services: Services) -> ImageRequest:
+    """An edit's fields checked first, then its uploads."""
     request = services.catalog.check_edit(form)
     images, mask = await read_uploads(form.images, form.mask)
-    request = services.catalog.check_inputs(request, form.size, images, mask)
-    return await admit(request, key, services, public_url)
+    return services.catalog.check_inputs(request, form.size, images, mask)
 
 
 async def admit(request: ImageRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
@@ -68,27 +72,46 @@ async def admit(request: ImageRequest, key: db.KeyRecord, services: Services, pu
 
 async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
     """The images for a checked, admitted request, with its generation and attempts recorded."""
+    async with recording(request, key, services) as generation:
+        images, served = await collect(request, key, services, generation.attempts)
+        data = await deliver(request, images, services.storage, public_url)
+        count_delivered(generation, request, key, images, served, services.catalog)
+    extra = gpt_fields(request, images) if request.model.token_prices else {}
+    return Generated(ImagesResponse(created=int(time.time()), data=data, **extra), generation.upstream)
+
+
+@contextlib.asynccontextmanager
+async def recording(request: ImageRequest, key: db.KeyRecord, services: Services) -> AsyncIterator[GenerationRecord]:
+    """The usage record of one request's work, which runs inside, within the request's deadline: it is
+    written when the work ends, whichever way (the client leaving too), before the exit returns."""
     generation = GenerationRecord(db.new_id("gen"), key.id, request.model.id, request.n, request.size)
-    attempts = generation.attempts
     started = time.monotonic()
     try:
         async with asyncio.timeout(services.settings.request_timeout_seconds):
-            images, served = await collect(request, key, services, attempts)
-            data = await deliver(request, images, services.storage, public_url)
+            yield generation
     except TimeoutError as exc:
         error = UpstreamTimeout("The upstream did not finish within the request deadline.")
-        count_timeout(services, attempts)
+        count_timeout(services, generation.attempts)
         await finish(services, generation, started, error)
         raise error from exc
     except BaseException as exc:  # CancelledError too: the client went away, and that is recorded
         await finish(services, generation, started, exc)
         raise
-    generation.upstream = "+".join(served)
-    generation.images = len(data)
-    generation.cost_micros = 0 if key.test else cost_micros(request, images, services.catalog)
     await finish(services, generation, started, None)
-    extra = gpt_fields(request, images) if request.model.token_prices else {}
-    return Generated(ImagesResponse(created=int(time.time()), data=data, **extra), generation.upstream)
+
+
+def count_delivered(
+    generation: GenerationRecord,
+    request: ImageRequest,
+    key: db.KeyRecord,
+    images: list[GeneratedImage],
+    served: list[str],
+    catalog: Catalog,
+) -> None:
+    """The images delivered so far, what made them and what they cost (test keys: nothing)."""
+    generation.upstream = "+".join(dict.fromkeys(served))
+    generation.images = len(images)
+    generation.cost_micros = 0 if key.test else cost_micros(request, images, catalog)
 
 
 def cost_micros(request: ImageRequest, images: list[GeneratedImage], catalog: Catalog) -> int:
@@ -292,10 +315,10 @@ async def finish(
     started: float,
     error: BaseException | None,
 ) -> None:
-    """Record the generation and every attempt; only delivered images of live keys cost anything."""
+    """Record the generation and every attempt. Only delivered images of live keys cost anything: a
+    failed request has none, unless a streamed answer had sent some before it failed."""
     generation.latency_ms = int((time.monotonic() - started) * 1000)
     if error is not None:
-        generation.images, generation.cost_micros = 0, 0
         # Our own words for our errors; anything else (a crash) may quote foreign text.
         text = error.message if isinstance(error, QubaxError) else services.mask(str(error))
         generation.error = text[:1000] or type(error).__name__

@@ -76,6 +76,8 @@ def kontext(model_id: str, created: int, usd: Decimal, tier: str) -> CatalogMode
         mask="none",
         size_from_input=True,
     )
+
+
 ULTRA_SIZES = Fixed(
     (
         "3136x1344",

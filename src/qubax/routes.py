@@ -11,12 +11,13 @@ import orjson
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPBearer
+from fastapi.sse import EventSourceResponse
 from sqlalchemy import text
 from starlette.types import Scope
 
-from qubax import auth, db, generation
+from qubax import auth, db, generation, streaming
 from qubax.bodies import LimitedRoute, UploadRoute
-from qubax.catalog import CatalogModel
+from qubax.catalog import CatalogModel, ImageRequest
 from qubax.errors import AuthenticationError, ClientDisconnected, NotFound
 from qubax.protocol import (
     HealthStatus,
@@ -95,6 +96,8 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
     """Creates images from a prompt, as OpenAI's `POST /v1/images/generations` does. Each image comes back
     as a signed, expiring `url` or inline as `b64_json`; failed requests cost nothing."""
     services: Services = request.app.state.services
+    if body.stream:
+        return await stream_answer(request, key, services.catalog.check(body), body.prompt)
     # Only links need our public address; working it out from the request costs a little on every one.
     public_url = "" if body.response_format == "b64_json" else services.settings.public_url or base_url(request.scope)
     result = await until_disconnect(request, generation.generate(body, key, services, public_url.rstrip("/")))
@@ -108,6 +111,8 @@ async def create_image_edit(
     does: multipart/form-data with up to 16 images (`image`, or `image[]` as the SDK sends a list), each a
     PNG, JPEG or WebP of at most 50 MB, and an optional PNG `mask` the size of the first image."""
     services: Services = request.app.state.services
+    if form.stream:
+        return await stream_answer(request, key, await generation.check_edit(form, services), form.prompt)
     public_url = services.settings.public_url or base_url(request.scope)
     result = await until_disconnect(request, generation.edit(form, key, services, public_url.rstrip("/")))
     return answer(request, key, result, form.model or "", form.prompt)
@@ -124,6 +129,18 @@ router.add_api_route(
     tags=["Images"],
     route_class_override=UploadRoute,
 )
+
+
+async def stream_answer(request: Request, key: db.KeyRecord, checked: ImageRequest, prompt: str) -> Response:
+    """`stream: true`: the events of `streaming`, once the request is admitted."""
+    services: Services = request.app.state.services
+    headers, events = await streaming.open_stream(checked, key, services)
+    log = {"model": checked.model.id, "route": "stream", "images": checked.n}
+    request.scope["qubax.log"] = log | ({"prompt": prompt} if services.settings.log_prompts else {})
+    headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}  # no proxy may hold events back
+    if key.test:
+        headers["x-qubax-test"] = "true"
+    return EventSourceResponse(events, headers=headers)
 
 
 def answer(request: Request, key: db.KeyRecord, result: generation.Generated, model: str, prompt: str) -> Response:

@@ -8,15 +8,20 @@ and errors as `{"error": {"message", "type", "param", "code"}}`. Result URLs are
 The GPT image models (gpt-image-1.5, gpt-image-1-mini, gpt-image-2, gpt-image-1) take `n` 1-10, `quality`
 low/medium/high/auto, `background`, `moderation`, `output_format`, `output_compression`, refuse
 `response_format` and `style` as unknown parameters, and answer base64 images with the resolved
-`background`, `quality`, `size`, `output_format` and a `usage` token count.
+`background`, `quality`, `size`, `output_format` and a `usage` token count. With `stream: true` they answer
+`text/event-stream`: `partial_images` `image_generation.partial_image` events (`image_edit.*` for edits),
+then an `image_generation.completed` event with the image and its `usage`.
 """
 
+import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.fakes import ImagesFake
@@ -43,6 +48,9 @@ class FakeOpenAI(ImagesFake):
         self.empty = False  # answer 200 with no images
         self.drop_usage = False  # answer GPT image models without a `usage` token count
         self.edits: list[dict[str, Any]] = []  # every edit: its text fields, and (filename, format, size) per file
+        self.stream_error_after: int | None = None  # a streamed answer sends an error event after this many partials
+        self.event_delay = 0.0  # seconds between streamed events
+        self.streams_closed = 0  # streamed answers that ended early: the client went away
         self.app.router.routes.append(Route("/v1/images/edits", self.edit, methods=["POST"]))
 
     def unauthorized(self) -> Response:
@@ -77,7 +85,7 @@ class FakeOpenAI(ImagesFake):
             return error(429, message, "insufficient_quota", "insufficient_quota")
         return None
 
-    def gpt_answer(self, body: dict[str, Any]) -> Response:
+    def gpt_answer(self, body: dict[str, Any], prefix: str = "image_generation") -> Response:
         if problem := gpt_invalid(body):
             return error(400, *problem)
         if self.moderate:
@@ -108,7 +116,33 @@ class FakeOpenAI(ImagesFake):
         }
         if self.drop_usage:
             del answer["usage"]
+        if body.get("stream") in (True, "true"):
+            return StreamingResponse(self.events(body, answer, prefix), media_type="text/event-stream")
         return JSONResponse(answer)
+
+    async def events(self, body: dict[str, Any], answer: dict[str, Any], prefix: str) -> AsyncIterator[bytes]:
+        """Each image's partial images (the image itself, as a stand-in), then the image."""
+        settings = {name: body.get(name, "auto") for name in ("quality", "background")}
+        settings |= {"size": answer["size"], "output_format": answer["output_format"], "created_at": int(time.time())}
+        try:
+            for item in answer["data"]:
+                for index in range(int(body.get("partial_images", 0))):
+                    if index == self.stream_error_after:
+                        error = {"message": "The image could not be finished.", "type": "server_error"}
+                        yield event("error", {"type": "error", "error": error | {"param": None, "code": None}})
+                        return
+                    partial = {
+                        "type": f"{prefix}.partial_image",
+                        "b64_json": item["b64_json"],
+                        "partial_image_index": index,
+                    }
+                    yield event(partial["type"], partial | settings | {"created_at": int(time.time())})
+                    await asyncio.sleep(self.event_delay)
+                done = {"type": f"{prefix}.completed", "b64_json": item["b64_json"], "usage": answer.get("usage")}
+                yield event(done["type"], done | settings)
+        except asyncio.CancelledError:
+            self.streams_closed += 1
+            raise
 
     async def edit(self, request: Request) -> Response:
         """`POST /v1/images/edits`, multipart: `image` or repeated `image[]` (1-16 PNG, JPEG or WebP
@@ -123,7 +157,8 @@ class FakeOpenAI(ImagesFake):
         seen["mask"] = described(mask) if mask is not None and not isinstance(mask, str) else None
         self.edits.append(seen)
         body: dict[str, Any] = {
-            name: int(value) if name in ("n", "output_compression") else value for name, value in fields.items()
+            name: int(value) if name in ("n", "output_compression", "partial_images") else value
+            for name, value in fields.items()
         }
         if body.get("model") not in GPT_MODELS:
             return error(
@@ -136,8 +171,11 @@ class FakeOpenAI(ImagesFake):
             return error(400, "Invalid 'image': 1 to 16 PNG, JPEG or WebP images.", "invalid_value")
         if seen["mask"] is not None and (seen["mask"][1] != "PNG" or seen["mask"][2] != images[0][2]):
             return error(400, "Invalid 'mask': a PNG the size of the first image.", "invalid_value")
-        answer = self.gpt_answer(body)
-        return answer
+        return self.gpt_answer(body, prefix="image_edit")
+
+
+def event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def described(upload: Any) -> tuple[str, str | None, tuple[int, int] | None]:

@@ -102,9 +102,13 @@ async def send(
     json: Any = None,
     form: aiohttp.FormData | None = None,
     submission: bool = False,
+    events: Callable[[Any], None] | None = None,
 ) -> Reply:
     """Send one request and read the whole answer, turning transport failures into our errors.
     Redirects are never followed: adapters vet every host they send a key or a download to.
+
+    With `events`, a successful `text/event-stream` answer is read event by event as it arrives: each
+    event's JSON data goes to `events`, and the last one is the Reply's content.
 
     A `submission` (work handed to an asynchronous upstream) must be answered within `timeouts.submit`;
     past it the upstream is taken not to have accepted the work, and another route may take it. (Should
@@ -118,6 +122,8 @@ async def send(
                 method, url, headers=headers, data=data, allow_redirects=False, proxy=http.proxy(url)
             )
             async with request as response:
+                if events is not None and response.status < 300 and response.content_type == "text/event-stream":
+                    return Reply(response.status, response.headers, await read_events(response, events))
                 return Reply(response.status, response.headers, await read_body(response))
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL, ValueError) as exc:
         # Nothing reached the upstream (no connection, or a URL or header we could not send): another
@@ -161,6 +167,29 @@ async def read_body(response: aiohttp.ClientResponse) -> bytes:
             raise AnswerTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_events(response: aiohttp.ClientResponse, events: Callable[[Any], None]) -> bytes:
+    """Server-sent events (aiohttp has no reader for them): blocks of lines ended by a blank line, each
+    `data:` line part of the event's data, which here is JSON. No block may pass MAX_BODY_BYTES. The
+    last event's data is returned."""
+    buffer, last = b"", b""
+    async for chunk in response.content.iter_any():
+        buffer = (buffer + chunk).replace(b"\r\n", b"\n")
+        while (end := buffer.find(b"\n\n")) != -1:
+            block, buffer = buffer[:end], buffer[end + 2 :]
+            lines = [line[5:].removeprefix(b" ") for line in block.split(b"\n") if line.startswith(b"data:")]
+            data = b"\n".join(lines)
+            if data and data != b"[DONE]":
+                try:
+                    event = payload.loads(data)
+                except ValueError:
+                    raise UpstreamError("The upstream sent an unreadable event.", failover=False) from None
+                events(event)
+                last = data
+        if len(buffer) > MAX_BODY_BYTES:
+            raise AnswerTooLarge
+    return last
 
 
 def describe(exc: BaseException) -> str:

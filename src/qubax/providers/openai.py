@@ -2,6 +2,7 @@
 (one call for all `n`, billed by the token count the answer carries)."""
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -12,6 +13,7 @@ from qubax.errors import MODEL_NOT_SERVED, ContentPolicyViolation, TaskFailed, U
 from qubax.protocol import Usage
 from qubax.providers import GeneratedImage, ProviderInfo, Tokens, Upstream, aspect_ratio
 from qubax.providers.http import (
+    DETAIL_CHARS,
     Reply,
     base_host,
     billed,
@@ -40,27 +42,28 @@ class OpenAI:
         self.host = base_host(upstream.base_url)
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
-        if request.images:
-            return await self._call(model, gpt_body(request, model), request.n, edit=request)
-        if model.startswith(GPT_IMAGE):
-            return await self._call(model, gpt_body(request, model), request.n)
+        if request.images or model.startswith(GPT_IMAGE):
+            payload = gpt_body(request, model)
+            if request.on_partial is not None and request.partial_images:  # relay the upstream's partial images
+                payload |= {"stream": True, "partial_images": request.partial_images}
+            return await self._call(model, payload, request)
         # dall-e-3 takes only n=1: one call per image, all at once.
-        return await fan_out(self._call(model, body(request, model), 1) for _ in range(request.n))
+        return await fan_out(self._call(model, body(request, model), request) for _ in range(request.n))
 
-    async def _call(
-        self, model: str, payload: dict[str, Any], n: int, edit: ImageRequest | None = None
-    ) -> list[GeneratedImage]:
-        """One upstream call: a generation, or with `edit` an edit of its images (multipart)."""
-        url = f"{self.upstream.base_url}/images/{'edits' if edit else 'generations'}"
+    async def _call(self, model: str, payload: dict[str, Any], request: ImageRequest) -> list[GeneratedImage]:
+        """One upstream call for `payload["n"]` images: a generation, or an edit of the request's images
+        (multipart); streamed when the payload asks for partial images."""
+        url = f"{self.upstream.base_url}/images/{'edits' if request.images else 'generations'}"
+        data: dict[str, Any] = {"form": edit_form(request, payload)} if request.images else {"json": payload}
+        events = relay(request) if payload.get("stream") else None
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Bearer {key}"}
-            if edit is None:
-                response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=payload)
-            else:
-                form = edit_form(edit, payload)
-                response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, form=form)
+            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, events=events, **data)
         self._raise_for_error(response, model)
         answer = read_json(response, PROVIDER)
+        if events is not None:
+            answer = completed(answer)
+        n = payload["n"]
         items = answer.get("data")
         items = [item for item in items if isinstance(item, dict)][:n] if isinstance(items, list) else []
         if not items:
@@ -163,11 +166,41 @@ def edit_form(request: ImageRequest, payload: dict[str, Any]) -> aiohttp.FormDat
     fields = payload | ({"input_fidelity": request.input_fidelity} if request.input_fidelity else {})
     fields.pop("moderation", None)  # not an edit parameter
     for name, value in fields.items():
-        form.add_field(name, str(value))
+        form.add_field(name, str(value).lower() if isinstance(value, bool) else str(value))
     uploads = [("image[]", image) for image in request.images] + ([("mask", request.mask)] if request.mask else [])
     for name, image in uploads:
         form.add_field(name, image.reopen(), filename=image.filename, content_type=image.content_type)
     return form
+
+
+def relay(request: ImageRequest) -> Callable[[Any], None]:
+    """What to do with each event of a streamed answer: pass partial images on, raise for an error."""
+
+    def on_event(event: Any) -> None:
+        if not isinstance(event, dict):
+            return
+        if event.get("error") or event.get("type") == "error":
+            error = event.get("error")
+            said = error.get("message") if isinstance(error, dict) else error
+            detail = str(said or "(no message)")[:DETAIL_CHARS]
+            raise UpstreamError(f"{PROVIDER} failed while streaming the image.", detail=detail, failover=False)
+        image, index, sink = event.get("b64_json"), event.get("partial_image_index"), request.on_partial
+        partial = str(event.get("type")).endswith(".partial_image")
+        if partial and isinstance(image, str) and isinstance(index, int) and sink is not None:
+            sink(index, image)
+
+    return on_event
+
+
+def completed(event: dict[str, Any]) -> dict[str, Any]:
+    """A streamed answer's last event, the finished image, in the shape of an unstreamed answer (which
+    a host that does not stream sends instead)."""
+    if "type" not in event and "data" in event:
+        return event
+    if not str(event.get("type")).endswith(".completed"):
+        raise TaskFailed(f"{PROVIDER} ended the stream without the finished image.")
+    settings = {name: event.get(name) for name in ("usage", "quality", "background")}
+    return {"data": [{"b64_json": event.get("b64_json")}], **settings}
 
 
 def read_usage(found: Any) -> Usage | None:

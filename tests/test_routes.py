@@ -115,8 +115,17 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None,
         ({"model": "gpt-image-2", "size": "3840x1024"}, "invalid_size", "size", "within 1:3 and 3:1"),
         ({"model": "gpt-image-2", "size": "4096x2304"}, "invalid_size", "size", "at most 3840"),
         ({"model": "gpt-image-1.5", "prompt": "x" * 32001}, "string_above_max_length", "prompt", "32000"),
-        ({"stream": True}, "invalid_value", "stream", "not available on this server yet"),
+        (
+            {"stream": True, "response_format": "url"},
+            "invalid_value",
+            "response_format",
+            "carries its images as base64",
+        ),
         ({"extra_body": {"partial_images": 4}}, "invalid_value", "partial_images", "between 0 and 3"),
+        ({"model": "gpt-image-1.5", "extra_body": {"seed": 1}}, "invalid_value", "seed", "a FLUX extension"),
+        ({"model": "dall-e-3", "extra_body": {"safety_tolerance": 2}}, "invalid_value", "safety_tolerance", "FLUX"),
+        ({"model": "flux-kontext-pro", "background": "opaque"}, "invalid_value", "background", "none (omit"),
+        ({"model": "flux-1-fill-pro"}, "invalid_value", "model", "only edits images"),
     ],
 )
 def test_invalid_input_is_a_400_naming_the_field(

@@ -153,6 +153,7 @@ class CatalogModel:
     max_images: int = 16  # input images of one edit
     mask: str = "optional"  # "optional", "none" (refused), or "required" (a mask or a transparent first image)
     size_from_input: bool = False  # an edit without a size takes the first image's aspect ratio
+    flux_extensions: bool = True  # takes `seed` and `safety_tolerance`
 
     def price(self, quality: str | None, size: str) -> Decimal:
         for entry in self.prices:
@@ -298,6 +299,9 @@ class Catalog:
         quality = pick_option(model.id, "quality", body.quality, model.qualities, model.default_quality)
         style = pick_option(model.id, "style", body.style, model.styles, model.default_style)
         output_format = pick_option(model.id, "output_format", body.output_format, OUTPUT_FORMATS, "png") or "png"
+        for name, value in (("seed", body.seed), ("safety_tolerance", body.safety_tolerance)):
+            if value is not None and not model.flux_extensions:
+                raise InvalidRequest(f"{name} is a FLUX extension; {model.id} does not take it.", param=name)
         check_range("seed", body.seed, 0, MAX_SEED)
         check_range("safety_tolerance", body.safety_tolerance, 0, 6)
         return ImageRequest(

@@ -45,6 +45,7 @@ def gpt_image(
         token_prices=tokens,
         edits=True,
         input_fidelities=fidelities,
+        flux_extensions=False,
     )
 
 
@@ -178,6 +179,7 @@ MODELS: tuple[CatalogModel, ...] = (
         default_quality="standard",
         styles=("vivid", "natural"),
         default_style="vivid",
+        flux_extensions=False,
     ),
     # OpenAI bills these by token (rates from its pricing page, 2026-12); the per-image prices are its
     # published estimates for 1024x1024 and for the other sizes, `auto` counted as `high`.

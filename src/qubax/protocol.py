@@ -37,8 +37,12 @@ class ImageGenerateRequest(BaseModel):
         None, description="`transparent` (with png or webp), `opaque` or `auto` (GPT image models)."
     )
     moderation: StrictStr | None = Field(None, description="`low` or `auto` (GPT image models).")
-    stream: StrictBool | None = Field(None, description="Streamed answers are not available yet: `false` only.")
-    partial_images: StrictInt | None = Field(None, description="0 to 3; only used when streaming.")
+    stream: StrictBool | None = Field(
+        None, description="`true`: answer with server-sent events, each image as soon as it is ready."
+    )
+    partial_images: StrictInt | None = Field(
+        None, description="0 to 3 partial images per image when streaming (GPT image models make them)."
+    )
     user: StrictStr | None = Field(None, description="Accepted and ignored.")
     # FLUX extensions (not OpenAI's): OpenAI clients never send them and see no difference.
     seed: StrictInt | None = Field(None, description="FLUX extension: 0 to 4294967295, for repeatable images.")
@@ -177,3 +181,16 @@ ERROR_RESPONSES: dict[int, dict[str, Any]] = {
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI entries of the error statuses an endpoint can answer (and 500, which any can)."""
     return {status: ERROR_RESPONSES[status] for status in (*statuses, 500)}
+
+
+STREAM_DESCRIPTION = (
+    "The images, as JSON (`ImagesResponse`), or with `stream: true` as server-sent events: "
+    "`image_generation.partial_image` (GPT image models, `partial_images` of them) and "
+    "`image_generation.completed` for each image (`image_edit.*` for edits), each event's `data` a JSON "
+    "object with `type`, `b64_json`, `created_at`, `size`, `quality`, `background`, `output_format`, and "
+    "`partial_image_index` or `usage`; a failure after the stream started is an event whose data is an "
+    'OpenAI error object (`{"error": {...}}`).'
+)
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": STREAM_DESCRIPTION, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+}

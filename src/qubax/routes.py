@@ -20,6 +20,7 @@ from qubax.bodies import LimitedRoute, UploadRoute
 from qubax.catalog import CatalogModel, ImageRequest
 from qubax.errors import AuthenticationError, ClientDisconnected, NotFound
 from qubax.protocol import (
+    STREAM_RESPONSE,
     HealthStatus,
     ImageEditRequest,
     ImageGenerateRequest,
@@ -88,7 +89,7 @@ CurrentKey = Annotated[
 @router.post(
     GENERATIONS_PATH,
     response_model=ImagesResponse,
-    responses=error_responses(400, 401, 404, 413, 429, 502, 503, 504),
+    responses=STREAM_RESPONSE | error_responses(400, 401, 404, 413, 429, 502, 503, 504),
     summary="Create image",
     tags=["Images"],
 )
@@ -124,7 +125,7 @@ router.add_api_route(
     create_image_edit,
     methods=["POST"],
     response_model=ImagesResponse,
-    responses=error_responses(400, 401, 404, 413, 429, 502, 503, 504),
+    responses=STREAM_RESPONSE | error_responses(400, 401, 404, 413, 429, 502, 503, 504),
     summary="Create image edit",
     tags=["Images"],
     route_class_override=UploadRoute,

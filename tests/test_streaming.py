@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -53,6 +54,22 @@ def test_the_async_client_iterates_a_stream(base_url: str, test_key: str) -> Non
             return [event.type + ":" + event.quality + ":" + event.output_format async for event in stream]
 
     assert asyncio.run(run()) == ["image_generation.completed:low:webp"] * 2
+
+
+def test_the_async_client_iterates_a_streamed_edit(base_url: str, test_key: str) -> None:
+    async def run() -> list[tuple[str, tuple[int, int]]]:
+        async with openai.AsyncOpenAI(api_key=test_key, base_url=base_url + "/v1", max_retries=0) as client:
+            stream = await client.images.edit(
+                model="flux-1-fill-pro",
+                image=("a.png", picture(64, 64, mode="RGBA")),  # transparent: the whole image is painted
+                prompt="a window",
+                size="512x512",
+                n=2,
+                stream=True,
+            )
+            return [(event.type, size_of(event.b64_json)) async for event in stream]
+
+    assert asyncio.run(run()) == [("image_edit.completed", (512, 512))] * 2
 
 
 @pytest.mark.parametrize(
@@ -124,17 +141,23 @@ def test_the_first_image_arrives_before_the_last_is_done(settings: Settings) -> 
         assert len(list(stream)) == 1
 
 
+def until_error(stream: Iterable[Any]) -> tuple[list[str], openai.APIError]:
+    """The types of the events a stream sent before the error event the SDK raises."""
+    types = []
+    with pytest.raises(openai.APIError) as caught:
+        for event in stream:
+            types.append(event.type)
+    return types, caught.value
+
+
 def test_a_failure_after_the_stream_started_is_an_error_event(settings: Settings) -> None:
     with running_stack(settings) as stack:
         stack.openai.stream_error_after = 1
         stream = stack.live.images.generate(model="gpt-image-1.5", prompt="p", partial_images=3, stream=True)
-        types = []
-        with pytest.raises(openai.APIError) as caught:
-            for event in stream:
-                types.append(event.type)
+        types, error = until_error(stream)
         assert types == ["image_generation.partial_image"]
-        assert caught.value.message == "OpenAI failed while streaming the image."
-        assert caught.value.body["type"] == "upstream_error"  # type: ignore[index]
+        assert error.message == "OpenAI failed while streaming the image."
+        assert error.body["type"] == "upstream_error"  # type: ignore[index]
         [row] = rows(stack.settings, db.Generation)
         assert (row.outcome, row.images, row.cost_micros) == ("upstream_error", 0, 0)
 
@@ -143,13 +166,9 @@ def test_a_failed_image_among_several_is_an_error_after_those_sent(settings: Set
     """With n=2, an image sent before its sibling failed was delivered, and is billed; nothing more."""
     with running_stack(settings, providers=("bfl",)) as stack:
         stack.bfl.statuses_for = {0: ["Ready"], 1: ["Pending"] * 5 + ["Error"]}
-        stream = stack.live.images.generate(model="flux-1.1-pro", prompt="p", n=2, stream=True)
-        types = []
-        with pytest.raises(openai.APIError) as caught:
-            for event in stream:
-                types.append(event.type)
+        types, error = until_error(stack.live.images.generate(model="flux-1.1-pro", prompt="p", n=2, stream=True))
         assert types == ["image_generation.completed"]
-        assert "failed to generate the image" in caught.value.message
+        assert "failed to generate the image" in error.message
         [row] = rows(stack.settings, db.Generation)
         assert (row.images, row.cost_micros) == (1, 40_000)
 

@@ -504,3 +504,26 @@ def test_an_upload_over_the_limit_is_413_before_it_is_read_whole(settings: Setti
         with pytest.raises(openai.APIStatusError) as caught:
             client.images.edit(model="gpt-image-1.5", image=("big.png", b"\x89PNG" + b"0" * 2_000_000), prompt="x")
     assert (caught.value.status_code, caught.value.code) == (413, "request_too_large")
+
+
+def test_an_image_over_the_per_image_limits_is_a_400_naming_it(
+    client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("qubax.uploads.MAX_IMAGE_BYTES", 1024)
+    big = ("big.png", picture(64, 64) + b"\0" * 2048)  # trailing bytes: still a PNG, now over 1 KiB
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(model="gpt-image-1.5", image=big, prompt="x")
+    assert caught.value.param == "image" and "'big.png' is larger than" in caught.value.message
+    monkeypatch.undo()
+    monkeypatch.setattr("qubax.uploads.MAX_PIXELS", 1000)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(model="gpt-image-1.5", image=("a.png", picture(64, 64)), prompt="x")
+    assert caught.value.param == "image" and "64x64: more than" in caught.value.message
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(client: openai.OpenAI) -> None:
+    out = io.BytesIO()
+    Image.new("1", (20000, 10000)).save(out, "PNG")  # 200 megapixels in a few kilobytes
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(model="flux-kontext-pro", image=("bomb.png", out.getvalue()), prompt="x")
+    assert caught.value.param == "image" and "too many pixels" in caught.value.message

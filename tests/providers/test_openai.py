@@ -366,3 +366,31 @@ async def test_an_edit_sends_its_images_and_mask_as_multipart(openai: OpenAI, fa
     assert again == first
     assert picture(image.data)[:2] == ("PNG", (1024, 1024))
     assert image.tokens is not None and image.tokens.model == "gpt-image-1.5"
+
+
+def test_the_fake_streams_as_the_official_sdk_reads_streams(server: str, fake: FakeOpenAI) -> None:
+    client = openai_sdk.OpenAI(api_key="test-key", base_url=f"{server}/v1", max_retries=0)
+    events = list(client.images.generate(model="gpt-image-1.5", prompt="a fox", stream=True, partial_images=2))
+    assert [event.type for event in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert events[-1].usage.output_tokens > 0 and events[1].partial_image_index == 1
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(image, "PNG")
+    edited = client.images.edit(
+        model="gpt-image-1.5", image=("a.png", image.getvalue()), prompt="blue", stream=True, partial_images=1
+    )
+    assert [event.type for event in edited] == ["image_edit.partial_image", "image_edit.completed"]
+    fake.stream_error_after = 0
+    with pytest.raises(openai_sdk.APIError, match="could not be finished"):
+        list(client.images.generate(model="gpt-image-1.5", prompt="a fox", stream=True, partial_images=1))
+
+
+@pytest.mark.anyio
+async def test_a_streamed_call_relays_partial_images(openai: OpenAI, fake: FakeOpenAI) -> None:
+    partials: list[tuple[int, int]] = []
+    request = dataclasses.replace(
+        gpt().request(), partial_images=3, on_partial=lambda i, b: partials.append((i, len(b)))
+    )
+    [image] = await openai.generate(request, "gpt-image-1.5")
+    assert [index for index, _ in partials] == [0, 1, 2] and all(size > 0 for _, size in partials)
+    assert image.tokens is not None and image.tokens.usage.output_tokens > 0
+    assert fake.requests[-1]["stream"] is True

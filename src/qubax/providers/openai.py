@@ -44,7 +44,8 @@ class OpenAI:
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         if request.images or model.startswith(GPT_IMAGE):
             payload = gpt_body(request, model)
-            if request.on_partial is not None and request.partial_images:  # relay the upstream's partial images
+            # The upstream's partial images are relayed from a call for one image: events carry no image index.
+            if request.on_partial is not None and request.partial_images and request.n == 1:
                 payload |= {"stream": True, "partial_images": request.partial_images}
             return await self._call(model, payload, request)
         # dall-e-3 takes only n=1: one call per image, all at once.

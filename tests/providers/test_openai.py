@@ -388,7 +388,7 @@ def test_the_fake_streams_as_the_official_sdk_reads_streams(server: str, fake: F
 async def test_a_streamed_call_relays_partial_images(openai: OpenAI, fake: FakeOpenAI) -> None:
     partials: list[tuple[int, int]] = []
     request = dataclasses.replace(
-        gpt().request(), partial_images=3, on_partial=lambda i, b: partials.append((i, len(b)))
+        gpt(n=1).request(), partial_images=3, on_partial=lambda i, b: partials.append((i, len(b)))
     )
     [image] = await openai.generate(request, "gpt-image-1.5")
     assert [index for index, _ in partials] == [0, 1, 2] and all(size > 0 for _, size in partials)

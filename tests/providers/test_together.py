@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+import together as together_sdk
 from PIL import Image
 
 from qubax.errors import ContentPolicyViolation, UpstreamError
@@ -226,3 +227,18 @@ async def test_unreachable_host_is_retryable_and_keeps_its_cause(http: Http) -> 
         True,
     )
     assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
+
+
+def test_the_official_client_drives_the_fake(base_url: str) -> None:
+    """Together's own client (`together`) against the fake: the fake cannot drift from the protocol."""
+    root = base_url.removesuffix("/v1")  # the client adds /v1 itself
+    client = together_sdk.Together(api_key="test-key", base_url=root, max_retries=0)
+    response = client.images.generate(
+        model="black-forest-labs/FLUX.1-schnell", prompt="a fox", width=512, height=256, n=2, steps=4
+    )
+    assert len(response.data) == 2
+    assert all(getattr(item, "url", None) or getattr(item, "b64_json", None) for item in response.data)
+    with pytest.raises(together_sdk.AuthenticationError):
+        together_sdk.Together(api_key="wrong", base_url=root, max_retries=0).images.generate(
+            model="black-forest-labs/FLUX.1-schnell", prompt="a fox"
+        )

@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     case,
@@ -119,6 +120,24 @@ class Attempt(Base):
     outcome: Mapped[str] = mapped_column(String(50))
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class IdempotentRequest(Base):
+    """A request sent with an `Idempotency-Key`: what it was (a digest), whether it is still at work,
+    and once it succeeded, its answer, replayed to the same request sent again."""
+
+    __tablename__ = "idempotent_requests"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # "running" or "done"
+    response_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    response_headers: Mapped[str | None] = mapped_column(Text, default=None)  # JSON
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)  # its worker is alive
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 def connect(url: str) -> AsyncEngine:

@@ -3,7 +3,8 @@
     QubaxError                      500 server_error
     ├── InvalidRequest              400 invalid_request_error  (code invalid_value unless given)
     │   ├── UnknownParameter        400 unknown_parameter
-    │   └── ContentPolicyViolation  400 content_policy_violation
+    │   ├── ContentPolicyViolation  400 content_policy_violation
+    │   └── IdempotencyKeyReused    400 idempotency_key_reused (the same Idempotency-Key, another request)
     ├── AuthenticationError         401 invalid_api_key
     ├── Forbidden                   403
     ├── NotFound                    404
@@ -11,6 +12,7 @@
     ├── Gone                        410
     ├── RequestTooLarge             413
     ├── TryLater                    (sends Retry-After)
+    │   ├── InProgress              409 idempotency_key_in_use (the first request is still at work)
     │   ├── RateLimited             429 rate_limit_exceeded  (a key's own limit)
     │   │   └── QuotaExceeded       429 insufficient_quota   (the key's monthly budget is spent)
     │   └── ServiceUnavailable      503 upstream_unavailable (every route of the model is cooling down)
@@ -77,6 +79,10 @@ class ContentPolicyViolation(InvalidRequest):
         )
 
 
+class IdempotencyKeyReused(InvalidRequest):
+    code = "idempotency_key_reused"
+
+
 class AuthenticationError(QubaxError):
     status_code = 401
     type = "invalid_request_error"
@@ -124,6 +130,12 @@ class TryLater(QubaxError):
     @property
     def headers(self) -> dict[str, str]:
         return {"retry-after": str(max(1, round(self.retry_after))), **self.extra_headers}
+
+
+class InProgress(TryLater):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "idempotency_key_in_use"
 
 
 class RateLimited(TryLater):

@@ -4,7 +4,7 @@ import asyncio
 import functools
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import orjson
@@ -15,7 +15,7 @@ from fastapi.sse import EventSourceResponse
 from sqlalchemy import text
 from starlette.types import Scope
 
-from qubax import auth, db, generation, streaming
+from qubax import auth, db, generation, idempotency, streaming
 from qubax.bodies import LimitedRoute, UploadRoute
 from qubax.catalog import CatalogModel, ImageRequest
 from qubax.errors import AuthenticationError, ClientDisconnected, NotFound
@@ -31,6 +31,7 @@ from qubax.protocol import (
     error_responses,
 )
 from qubax.services import Services, ServicesDep
+from qubax.uploads import digests
 
 T = TypeVar("T")
 IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)")
@@ -101,8 +102,15 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
         return await stream_answer(request, key, services.catalog.check(body), body.prompt)
     # Only links need our public address; working it out from the request costs a little on every one.
     public_url = "" if body.response_format == "b64_json" else services.settings.public_url or base_url(request.scope)
-    result = await until_disconnect(request, generation.generate(body, key, services, public_url.rstrip("/")))
-    return answer(request, key, result, body.model, body.prompt)
+
+    async def make() -> Response:
+        result = await generation.generate(body, key, services, public_url.rstrip("/"))
+        return answer(request, key, result, body.model, body.prompt)
+
+    if (token := request.headers.get(idempotency.HEADER)) is None:
+        return await until_disconnect(request, make())
+    fingerprint = idempotency.fingerprint(GENERATIONS_PATH, body.model_dump(exclude_none=True))
+    return await until_disconnect(request, once(request, key, token, fingerprint, make))
 
 
 async def create_image_edit(
@@ -115,8 +123,18 @@ async def create_image_edit(
     if form.stream:
         return await stream_answer(request, key, await generation.check_edit(form, services), form.prompt)
     public_url = services.settings.public_url or base_url(request.scope)
-    result = await until_disconnect(request, generation.edit(form, key, services, public_url.rstrip("/")))
-    return answer(request, key, result, form.model or "", form.prompt)
+
+    async def make() -> Response:
+        result = await generation.edit(form, key, services, public_url.rstrip("/"))
+        return answer(request, key, result, form.model or "", form.prompt)
+
+    if (token := request.headers.get(idempotency.HEADER)) is None:
+        return await until_disconnect(request, make())
+    fields = form.model_dump(exclude={"image", "image_list", "mask"}, exclude_none=True)
+    files = await digests([*form.images, *([form.mask] if form.mask else [])])
+    return await until_disconnect(
+        request, once(request, key, token, idempotency.fingerprint(EDITS_PATH, fields, files), make)
+    )
 
 
 # An ordinary route, with a route class of its own: uploads have their own size limit.
@@ -130,6 +148,15 @@ router.add_api_route(
     tags=["Images"],
     route_class_override=UploadRoute,
 )
+
+
+async def once(
+    request: Request, key: db.KeyRecord, token: str, fingerprint: str, make: Callable[[], Awaitable[Response]]
+) -> Response:
+    """`make()`'s answer under an `Idempotency-Key`: made once, replayed to the same request sent again."""
+    services: Services = request.app.state.services
+    public_url = (services.settings.public_url or base_url(request.scope)).rstrip("/")
+    return await idempotency.once(services, key.id, idempotency.check_key(token), fingerprint, make, public_url)
 
 
 async def stream_answer(request: Request, key: db.KeyRecord, checked: ImageRequest, prompt: str) -> Response:

@@ -9,12 +9,13 @@ import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from qubax import db
+from qubax import db, idempotency
 from qubax.auth import KeyCache
 from qubax.breaker import Breakers
 from qubax.catalog import Catalog
@@ -49,6 +50,9 @@ class Services:
     metrics: Metrics
     mask: Mask  # for foreign text (an upstream's words) before it is logged or stored
     keys: KeyCache[db.KeyRecord] = field(default_factory=KeyCache)
+    # Work that outlives its request (an idempotent request whose client left): held here, as the event
+    # loop keeps only weak references to tasks.
+    detached: set["asyncio.Task[Any]"] = field(default_factory=set)
 
 
 @contextlib.asynccontextmanager
@@ -72,7 +76,7 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
         ledger = Ledger(engine)
         held.push_async_callback(ledger.close)
         quotas = Quotas(sessions, slots, limiter_storage(settings.redis_url))
-        sweeper = asyncio.create_task(sweep_forever(storage, settings.sweep_interval_seconds))
+        sweeper = asyncio.create_task(sweep_forever(storage, sessions, settings.sweep_interval_seconds))
         held.push_async_callback(stop, sweeper)
         settle_garbage_collector()
         yield Services(
@@ -120,7 +124,8 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
         raise ValueError("QUBAX_STORAGE_URL must be s3://bucket/prefix or file:///absolute/path.")
 
 
-async def sweep_forever(storage: Storage, interval: float) -> None:
+async def sweep_forever(storage: Storage, sessions: async_sessionmaker[AsyncSession], interval: float) -> None:
+    """Remove expired images and forget expired idempotency keys, every `interval` seconds."""
     while True:
         try:
             removed = await storage.sweep()
@@ -128,6 +133,10 @@ async def sweep_forever(storage: Storage, interval: float) -> None:
                 logger.info("swept %d expired images", removed)
         except (OSError, QubaxError) as exc:  # the disk or the bucket failed; the next round may do better
             logger.warning("sweeping expired images failed: %s", exc)
+        try:
+            await idempotency.sweep(sessions)
+        except (OSError, SQLAlchemyError) as exc:
+            logger.warning("forgetting expired idempotency keys failed: %s", exc)
         await asyncio.sleep(interval)
 
 

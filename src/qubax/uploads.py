@@ -2,6 +2,7 @@
 them (a temporary file once past a megabyte), never read whole into memory here."""
 
 import asyncio
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -75,6 +76,20 @@ def encode_now(images: tuple[InputImage, ...], mask: InputImage | None, fill: bo
         return EncodedInputs(encoded)
     painted = fill_mask((mask or images[0]).read())
     return EncodedInputs(encoded, pybase64.b64encode_as_string(painted))
+
+
+async def digests(files: list[UploadFile]) -> list[bytes]:
+    """Each upload's SHA-256, read from where the framework kept it (in a worker thread)."""
+    return await asyncio.to_thread(lambda: [digest(file) for file in files])
+
+
+def digest(upload: UploadFile) -> bytes:
+    upload.file.seek(0)
+    found = hashlib.sha256()
+    while chunk := upload.file.read(1024 * 1024):
+        found.update(chunk)
+    upload.file.seek(0)
+    return found.digest()
 
 
 async def read_uploads(

@@ -1,0 +1,216 @@
+"""`Idempotency-Key`: a request sent again with the same key (a client's or an SDK's retry) gets the first
+one's answer, not new upstream work and a second charge.
+
+A request with a key claims it in the database (one row per API key and idempotency key, shared by every
+node) before any work. The first to claim it does the work, saying every few seconds that it is still at
+it; the answer of a success is stored with the row and replayed for 24 hours. A failure (which costs
+nothing) lets go of the key, so that a retry does the work anew. The work goes on when its client leaves (its
+retry will want the answer). A retry that finds the work still going waits for it, on whichever node it
+lands; one that finds it abandoned (its node died) takes it over.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import orjson
+from fastapi import Response
+from sqlalchemy import delete, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from qubax import db
+from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest
+from qubax.storage import Storage
+
+if TYPE_CHECKING:  # services imports this module, for the sweep
+    from qubax.services import Services
+
+HEADER = "idempotency-key"
+MAX_KEY_CHARS = 255
+LIFETIME = timedelta(hours=24)
+HEARTBEAT_SECONDS = 5.0  # how often the node at work says it still is
+STALE_AFTER = timedelta(seconds=4 * HEARTBEAT_SECONDS)  # silence after which another node takes over
+WAIT_SECONDS = 0.2  # between looks at a request another node is working on
+REPLAYED_HEADERS = ("content-type", "x-qubax-route", "x-qubax-test")
+IMAGE_LINK = re.compile(r"/(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)(?:\?|$)")
+
+
+def fingerprint(kind: str, fields: dict[str, object], files: list[bytes] | None = None) -> str:
+    """What makes two requests the same request: the endpoint, the fields sent, and the files' digests."""
+    digest = hashlib.sha256(kind.encode() + b"\0" + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS))
+    for file in files or ():
+        digest.update(b"\0" + file)
+    return digest.hexdigest()
+
+
+def check_key(token: str) -> str:
+    if not token or len(token) > MAX_KEY_CHARS:
+        raise InvalidRequest(
+            f"The Idempotency-Key header must be 1 to {MAX_KEY_CHARS} characters long.",
+            code="invalid_idempotency_key",
+        )
+    return token
+
+
+async def once(
+    services: "Services",
+    key_id: str,
+    token: str,
+    print_: str,
+    work: Callable[[], Awaitable[Response]],
+    public_url: str,
+) -> Response:
+    """`work`'s answer, made at most once at a time for this key and replayed once it succeeded."""
+    deadline = time.monotonic() + services.settings.request_timeout_seconds
+    while True:
+        if await claim(services, key_id, token, print_):
+            return await run(services, key_id, token, work)
+        row = await find(services, key_id, token)
+        if row is None:  # the first request failed and let go: this one does the work
+            continue
+        if row.fingerprint != print_:
+            raise IdempotencyKeyReused(
+                "This Idempotency-Key was already used with a different request; use a new key for a new request."
+            )
+        if row.status == "done":
+            return await replay(row, services.storage, public_url)
+        if await take_over(services, key_id, token):
+            return await run(services, key_id, token, work)
+        if time.monotonic() > deadline:
+            raise InProgress(
+                "The request with this Idempotency-Key is still at work; try again shortly.", retry_after=1
+            )
+        await asyncio.sleep(WAIT_SECONDS)
+
+
+async def claim(services: "Services", key_id: str, token: str, print_: str) -> bool:
+    """Whether this request now owns the key (an expired claim is cleared first)."""
+    now = db.now()
+    async with services.sessions() as session:
+        same = (db.IdempotentRequest.key_id == key_id) & (db.IdempotentRequest.idempotency_key == token)
+        await session.execute(delete(db.IdempotentRequest).where(same, db.IdempotentRequest.expires_at < now))
+        session.add(
+            db.IdempotentRequest(
+                key_id=key_id,
+                idempotency_key=token,
+                fingerprint=print_,
+                status="running",
+                created_at=now,
+                heartbeat_at=now,
+                expires_at=now + LIFETIME,
+            )
+        )
+        try:
+            await session.commit()
+        except IntegrityError:
+            return False
+    return True
+
+
+async def find(services: "Services", key_id: str, token: str) -> db.IdempotentRequest | None:
+    async with services.sessions() as session:
+        return await session.get(db.IdempotentRequest, (key_id, token))
+
+
+async def take_over(services: "Services", key_id: str, token: str) -> bool:
+    """Claim a request whose worker has gone silent (its node died); of several nodes trying, one wins."""
+    return await touch(services, key_id, token, stale=True)
+
+
+async def touch(services: "Services", key_id: str, token: str, stale: bool = False) -> bool:
+    """Say the work is still going; with `stale`, only where nobody has said so for STALE_AFTER."""
+    same = (db.IdempotentRequest.key_id == key_id) & (db.IdempotentRequest.idempotency_key == token)
+    if stale:
+        same &= db.IdempotentRequest.heartbeat_at < db.now() - STALE_AFTER
+    async with services.sessions() as session:
+        result = await session.execute(
+            update(db.IdempotentRequest)
+            .where(same, db.IdempotentRequest.status == "running")
+            .values(heartbeat_at=db.now())
+        )
+        await session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def run(services: "Services", key_id: str, token: str, work: Callable[[], Awaitable[Response]]) -> Response:
+    """Do the work as the key's owner. It goes on if the client leaves: its retry will want the answer."""
+    task = asyncio.create_task(own(services, key_id, token, work))
+    services.detached.add(task)
+    task.add_done_callback(services.detached.discard)
+    return await asyncio.shield(task)
+
+
+async def own(services: "Services", key_id: str, token: str, work: Callable[[], Awaitable[Response]]) -> Response:
+    """Store a success's answer; let go of the key otherwise."""
+    beating = asyncio.create_task(heartbeat(services, key_id, token))
+    try:
+        response = await work()
+    except BaseException:
+        await asyncio.shield(let_go(services, key_id, token))
+        raise
+    finally:
+        beating.cancel()
+    if response.status_code >= 300:
+        await let_go(services, key_id, token)
+        return response
+    headers = {name: value for name, value in response.headers.items() if name in REPLAYED_HEADERS}
+    async with services.sessions() as session:
+        await session.execute(
+            update(db.IdempotentRequest)
+            .where(db.IdempotentRequest.key_id == key_id, db.IdempotentRequest.idempotency_key == token)
+            .values(
+                status="done",
+                response_status=response.status_code,
+                response_headers=json.dumps(headers),
+                response_body=bytes(response.body),
+            )
+        )
+        await session.commit()
+    return response
+
+
+async def heartbeat(services: "Services", key_id: str, token: str) -> None:
+    while True:
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+        with contextlib.suppress(Exception):  # a missed beat only risks a takeover, never the work
+            await touch(services, key_id, token)
+
+
+async def let_go(services: "Services", key_id: str, token: str) -> None:
+    async with services.sessions() as session:
+        await session.execute(
+            delete(db.IdempotentRequest).where(
+                db.IdempotentRequest.key_id == key_id,
+                db.IdempotentRequest.idempotency_key == token,
+                db.IdempotentRequest.status == "running",
+            )
+        )
+        await session.commit()
+
+
+async def replay(row: db.IdempotentRequest, storage: Storage, public_url: str) -> Response:
+    """The stored answer, its image links signed anew (the first ones may have expired)."""
+    body = row.response_body or b""
+    if b'"url"' in body:
+        answer = orjson.loads(body)
+        for item in answer.get("data", []):
+            if isinstance(item.get("url"), str) and (link := IMAGE_LINK.search(item["url"])):
+                item["url"] = await storage.link(link[1], link[2], public_url)
+        body = orjson.dumps(answer)
+    headers = json.loads(row.response_headers or "{}") | {"x-qubax-idempotent-replayed": "true"}
+    return Response(body, status_code=row.response_status or 200, headers=headers)
+
+
+async def sweep(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """Forget the requests past their lifetime; returns how many."""
+    async with sessions() as session:
+        result = await session.execute(delete(db.IdempotentRequest).where(db.IdempotentRequest.expires_at < db.now()))
+        await session.commit()
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,174 @@
+"""`Idempotency-Key`: a request sent again gets the first answer, with one upstream call and one charge."""
+
+import asyncio
+import concurrent.futures
+from datetime import timedelta
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import select
+
+from qubax import db, idempotency
+from qubax.routes import GENERATIONS_PATH
+from qubax.settings import Settings
+from tests.stack import Stack, rows, running_stack
+from tests.test_upstreams import picture
+
+
+@pytest.fixture
+def stack(settings: Settings) -> "Stack":
+    with running_stack(settings, providers=("bfl",)) as stack:
+        yield stack  # type: ignore[misc]
+
+
+def charged(stack: Stack) -> list[tuple[str, int, int]]:
+    return [(row.outcome, row.images, row.cost_micros) for row in rows(stack.settings, db.Generation)]
+
+
+def test_the_same_request_twice_is_made_once_and_charged_once(stack: Stack) -> None:
+    headers = {"Idempotency-Key": "order-42"}
+    first = stack.live.images.with_raw_response.generate(
+        model="flux-1.1-pro", prompt="a fox", response_format="b64_json", extra_headers=headers
+    )
+    again = stack.live.images.with_raw_response.generate(
+        model="flux-1.1-pro", prompt="a fox", response_format="b64_json", extra_headers=headers
+    )
+    assert again.parse().data[0].b64_json == first.parse().data[0].b64_json
+    assert again.headers["x-qubax-idempotent-replayed"] == "true"
+    assert again.headers["x-qubax-route"] == first.headers["x-qubax-route"] == "bfl"
+    assert "x-qubax-idempotent-replayed" not in first.headers
+    assert len(stack.bfl.submissions) == 1
+    assert charged(stack) == [("ok", 1, 40_000)]
+
+
+def test_another_request_with_the_same_key_is_a_400(stack: Stack) -> None:
+    headers = {"Idempotency-Key": "order-43"}
+    stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", extra_headers=headers)
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.live.images.generate(model="flux-1.1-pro", prompt="a cat", extra_headers=headers)
+    assert caught.value.code == "idempotency_key_reused"
+    assert len(stack.bfl.submissions) == 1
+
+
+def test_a_key_longer_than_255_characters_is_a_400(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", extra_headers={"Idempotency-Key": "k" * 256})
+    assert caught.value.code == "invalid_idempotency_key"
+    assert stack.bfl.submissions == []
+
+
+def test_keys_are_per_api_key(stack: Stack, settings: Settings) -> None:
+    """Another API key's request under the same Idempotency-Key is its own request."""
+    from tests.conftest import create_key
+
+    other = openai.OpenAI(api_key=create_key(settings), base_url=stack.url + "/v1", max_retries=0)
+    headers = {"Idempotency-Key": "shared"}
+    stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", extra_headers=headers)
+    other.images.generate(model="flux-1.1-pro", prompt="a cat", extra_headers=headers)
+    assert len(stack.bfl.submissions) == 2
+
+
+def test_the_sdk_retrying_after_its_timeout_gets_the_first_outcome(stack: Stack) -> None:
+    """The client gives up on the first try; the work goes on, and the SDK's own retries (same headers)
+    wait for it or replay it: one upstream task, one charge."""
+    stack.bfl.pending_polls = 80  # about a second of work
+    client = openai.OpenAI(api_key=stack.live_key, base_url=stack.url + "/v1", timeout=0.3, max_retries=6)
+    response = client.images.generate(
+        model="flux-1.1-pro", prompt="a fox", response_format="b64_json", extra_headers={"Idempotency-Key": "slow"}
+    )
+    assert response.data[0].b64_json
+    assert len(stack.bfl.submissions) == 1
+    assert charged(stack) == [("ok", 1, 40_000)]
+
+
+def test_concurrent_copies_wait_for_the_first(stack: Stack) -> None:
+    stack.bfl.pending_polls = 30
+    headers = {"Idempotency-Key": "burst"}
+
+    def send() -> str:
+        response = stack.live.images.generate(
+            model="flux-1.1-pro", prompt="a fox", response_format="b64_json", extra_headers=headers
+        )
+        return response.data[0].b64_json or ""
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: send(), range(4)))
+    assert len(set(answers)) == 1 and answers[0]
+    assert len(stack.bfl.submissions) == 1
+    assert charged(stack) == [("ok", 1, 40_000)]
+
+
+def test_a_failure_lets_go_of_the_key_so_a_retry_does_the_work(stack: Stack) -> None:
+    headers = {"Idempotency-Key": "flaky"}
+    stack.bfl.submit_status = 503
+    with pytest.raises(openai.APIStatusError):
+        stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", extra_headers=headers)
+    stack.bfl.submit_status = None
+    assert stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", extra_headers=headers).data
+    assert [outcome for outcome, _, _ in charged(stack)] == ["upstream_error", "ok"]
+
+
+def test_a_replayed_link_is_signed_anew_and_works(stack: Stack) -> None:
+    headers = {"Idempotency-Key": "linked"}
+    stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", response_format="url", extra_headers=headers)
+    again = stack.live.images.generate(
+        model="flux-1.1-pro", prompt="a fox", response_format="url", extra_headers=headers
+    )
+    url = again.data[0].url or ""
+    assert "signature=" in url and httpx.get(url).status_code == 200
+
+
+def test_an_edit_sent_twice_is_made_once_and_another_file_is_another_request(stack: Stack) -> None:
+    headers = {"Idempotency-Key": "edit-1"}
+    mask = picture(64, 64, mode="RGBA")
+    for _ in range(2):
+        stack.live.images.edit(
+            model="flux-1-fill-pro",
+            image=("a.png", picture(64, 64)),
+            mask=("m.png", mask),
+            prompt="a door",
+            extra_headers=headers,
+        )
+    assert len(stack.bfl.submissions) == 1
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.live.images.edit(
+            model="flux-1-fill-pro",
+            image=("a.png", picture(64, 32)),
+            mask=("m.png", picture(64, 32, mode="RGBA")),
+            prompt="a door",
+            extra_headers=headers,
+        )
+    assert caught.value.code == "idempotency_key_reused"
+
+
+def test_work_abandoned_by_a_dead_node_is_taken_over(stack: Stack) -> None:
+    """A claim whose worker stopped saying it is alive (its node died) is taken over by the retry."""
+    body = {"model": "flux-1.1-pro", "prompt": "a fox"}
+    key_id = next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
+    fingerprint = idempotency.fingerprint(GENERATIONS_PATH, body)
+
+    async def abandon() -> None:
+        engine = db.connect(stack.settings.resolved_database_url)
+        async with db.sessions(engine)() as session:
+            silent = db.now() - idempotency.STALE_AFTER - timedelta(seconds=1)
+            session.add(
+                db.IdempotentRequest(
+                    key_id=key_id,
+                    idempotency_key="orphan",
+                    fingerprint=fingerprint,
+                    status="running",
+                    created_at=silent,
+                    heartbeat_at=silent,
+                    expires_at=silent + idempotency.LIFETIME,
+                )
+            )
+            await session.commit()
+            assert (await session.scalars(select(db.IdempotentRequest))).one().status == "running"
+        await engine.dispose()
+
+    asyncio.run(abandon())
+    response = stack.live.images.generate(**body, extra_headers={"Idempotency-Key": "orphan"})  # type: ignore[arg-type]
+    assert response.data and len(stack.bfl.submissions) == 1
+    [row] = rows(stack.settings, db.IdempotentRequest)
+    assert row.status == "done"

@@ -172,3 +172,11 @@ def test_work_abandoned_by_a_dead_node_is_taken_over(stack: Stack) -> None:
     assert response.data and len(stack.bfl.submissions) == 1
     [row] = rows(stack.settings, db.IdempotentRequest)
     assert row.status == "done"
+
+
+def test_a_streamed_request_with_a_key_is_refused_not_left_unprotected(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.live.images.generate(
+            model="flux-1.1-pro", prompt="a fox", stream=True, extra_headers={"Idempotency-Key": "s"}
+        )
+    assert caught.value.code == "invalid_idempotency_key" and stack.bfl.submissions == []

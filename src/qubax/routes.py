@@ -18,7 +18,7 @@ from starlette.types import Scope
 from qubax import auth, db, generation, idempotency, streaming
 from qubax.bodies import LimitedRoute, UploadRoute
 from qubax.catalog import CatalogModel, ImageRequest
-from qubax.errors import AuthenticationError, ClientDisconnected, NotFound
+from qubax.errors import AuthenticationError, ClientDisconnected, InvalidRequest, NotFound
 from qubax.protocol import (
     STREAM_RESPONSE,
     HealthStatus,
@@ -162,6 +162,11 @@ async def once(
 async def stream_answer(request: Request, key: db.KeyRecord, checked: ImageRequest, prompt: str) -> Response:
     """`stream: true`: the events of `streaming`, once the request is admitted."""
     services: Services = request.app.state.services
+    if idempotency.HEADER in request.headers:  # refused rather than ignored: a retry would pay again
+        raise InvalidRequest(
+            "Idempotency-Key is not available for streamed answers yet: send stream: false with it.",
+            code="invalid_idempotency_key",
+        )
     headers, events = await streaming.open_stream(checked, key, services)
     log = {"model": checked.model.id, "route": "stream", "images": checked.n}
     request.scope["qubax.log"] = log | ({"prompt": prompt} if services.settings.log_prompts else {})

@@ -190,7 +190,6 @@ class ImageRequest:
     safety_tolerance: int | None = None
     # Streamed answers: how many partial images the client wants of each image, and where an adapter
     # whose upstream makes them hands each one (its index, base64) as it arrives.
-    stream: bool = False
     partial_images: int = 0
     on_partial: Callable[[int, str], None] | None = field(default=None, compare=False, repr=False)
 
@@ -317,7 +316,6 @@ class Catalog:
             output_format=output_format,
             seed=body.seed,
             safety_tolerance=body.safety_tolerance,
-            stream=bool(body.stream),
             partial_images=body.partial_images or 0,
         )
 

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax import db
 from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest
-from qubax.storage import Storage
+from qubax.storage import IMAGE_NAME, Storage
 
 if TYPE_CHECKING:  # services imports this module, for the sweep
     from qubax.services import Services
@@ -39,7 +39,7 @@ HEARTBEAT_SECONDS = 5.0  # how often the node at work says it still is
 STALE_AFTER = timedelta(seconds=4 * HEARTBEAT_SECONDS)  # silence after which another node takes over
 WAIT_SECONDS = 0.2  # between looks at a request another node is working on
 REPLAYED_HEADERS = ("content-type", "x-qubax-route", "x-qubax-test")
-IMAGE_LINK = re.compile(r"/(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)(?:\?|$)")
+IMAGE_LINK = re.compile(rf"/{IMAGE_NAME.pattern}(?:\?|$)")  # one of our image links, wherever served
 
 
 def fingerprint(kind: str, fields: dict[str, object], files: list[bytes] | None = None) -> str:

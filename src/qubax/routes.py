@@ -2,7 +2,6 @@
 
 import asyncio
 import functools
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
@@ -31,10 +30,10 @@ from qubax.protocol import (
     error_responses,
 )
 from qubax.services import Services, ServicesDep
+from qubax.storage import IMAGE_NAME
 from qubax.uploads import digests
 
 T = TypeVar("T")
-IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)")
 GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
 

@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import os
 import queue
+import re
 import secrets
 import tempfile
 import threading
@@ -75,6 +76,10 @@ def load_secret(data_dir: Path) -> bytes:
     if len(secret) < SECRET_BYTES:
         raise RuntimeError(f"{path} holds a secret shorter than {SECRET_BYTES} bytes; delete it to make a new one.")
     return secret
+
+
+# An image's file name in our links, `/images/{id}.{ext}`: the id `new_image_id` makes, and the format.
+IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)")
 
 
 def new_image_id() -> str:

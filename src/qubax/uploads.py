@@ -35,18 +35,21 @@ class InputImage:
     def content_type(self) -> str:
         return f"image/{self.format}"
 
-    def read(self) -> bytes:
-        """The whole file (blocking: from a worker thread)."""
+    def rewind(self) -> BinaryIO:
+        """The file at its start, with what the parser wrote out of its buffer."""
         self.file.flush()
         self.file.seek(0)
-        return self.file.read()
+        return self.file
+
+    def read(self) -> bytes:
+        """The whole file (blocking: from a worker thread)."""
+        return self.rewind().read()
 
     def reopen(self) -> BinaryIO:
         """A second handle on the file, at its start, for a sender that closes what it has sent (aiohttp
         does): the upload stays open for the next route. Both handles share one position."""
-        self.file.flush()  # what the parser wrote may still sit in the handle's buffer
-        self.file.seek(0)
-        return os.fdopen(os.dup(self.file.fileno()), "rb")  # a spooled file still in memory moves to disk
+        # A spooled file still in memory moves to disk for its descriptor.
+        return os.fdopen(os.dup(self.rewind().fileno()), "rb")
 
 
 @dataclass(frozen=True)

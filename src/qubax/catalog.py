@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from qubax.errors import InvalidRequest, ModelNotFound
-from qubax.protocol import ImageEditRequest, ImageGenerateRequest, Usage
+from qubax.protocol import UPLOAD_FIELDS, ImageEditRequest, ImageGenerateRequest, Usage
 from qubax.uploads import InputImage
 
 MAX_PROMPT_CHARS = 4000
@@ -235,7 +235,7 @@ class Catalog:
         if not model.edits:
             editors = ", ".join(m.id for m in self.models if m.edits)
             raise InvalidRequest(f"{model.id} does not edit images; models that do: {editors}.", param="model")
-        fields = form.model_dump(exclude={"image", "image_list", "mask", "input_fidelity"})
+        fields = form.model_dump(exclude=UPLOAD_FIELDS | {"input_fidelity"})
         request = self.check(ImageGenerateRequest.model_validate(fields | {"model": model.id}), edit=True)
         fidelity = pick_option(model.id, "input_fidelity", form.input_fidelity, model.input_fidelities, None)
         return dataclasses.replace(request, input_fidelity=fidelity)

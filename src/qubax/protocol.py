@@ -49,6 +49,9 @@ class ImageGenerateRequest(BaseModel):
     safety_tolerance: StrictInt | None = Field(None, description="FLUX extension: 0 (strict) to 6 (permissive).")
 
 
+UPLOAD_FIELDS: set[str] = {"image", "image_list", "mask"}  # an edit's files, apart from its other fields
+
+
 class ImageEditRequest(BaseModel):
     """Body of `POST /v1/images/edits`: multipart/form-data as the official SDK sends it (one file as
     `image`, a list as repeated `image[]`; scalars as text parts, left out rather than null)."""

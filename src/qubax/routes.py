@@ -3,14 +3,15 @@
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, TypeVar
 
 import orjson
-from fastapi import APIRouter, Depends, Form, Request, Response
+from fastapi import APIRouter, Depends, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPBearer
 from fastapi.sse import EventSourceResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.types import Scope
 
@@ -20,6 +21,7 @@ from qubax.catalog import CatalogModel, ImageRequest
 from qubax.errors import AuthenticationError, ClientDisconnected, InvalidRequest, NotFound
 from qubax.protocol import (
     STREAM_RESPONSE,
+    UPLOAD_FIELDS,
     HealthStatus,
     ImageEditRequest,
     ImageGenerateRequest,
@@ -106,10 +108,7 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
         result = await generation.generate(body, key, services, public_url.rstrip("/"))
         return answer(request, key, result, body.model, body.prompt)
 
-    if (token := request.headers.get(idempotency.HEADER)) is None:
-        return await until_disconnect(request, make())
-    fingerprint = idempotency.fingerprint(GENERATIONS_PATH, body.model_dump(exclude_none=True))
-    return await until_disconnect(request, once(request, key, token, fingerprint, make))
+    return await respond(request, key, make, GENERATIONS_PATH, body)
 
 
 async def create_image_edit(
@@ -127,13 +126,7 @@ async def create_image_edit(
         result = await generation.edit(form, key, services, public_url.rstrip("/"))
         return answer(request, key, result, form.model or "", form.prompt)
 
-    if (token := request.headers.get(idempotency.HEADER)) is None:
-        return await until_disconnect(request, make())
-    fields = form.model_dump(exclude={"image", "image_list", "mask"}, exclude_none=True)
-    files = await digests([*form.images, *([form.mask] if form.mask else [])])
-    return await until_disconnect(
-        request, once(request, key, token, idempotency.fingerprint(EDITS_PATH, fields, files), make)
-    )
+    return await respond(request, key, make, EDITS_PATH, form, [*form.images, *filter(None, [form.mask])])
 
 
 # An ordinary route, with a route class of its own: uploads have their own size limit.
@@ -149,13 +142,24 @@ router.add_api_route(
 )
 
 
-async def once(
-    request: Request, key: db.KeyRecord, token: str, fingerprint: str, make: Callable[[], Awaitable[Response]]
+async def respond(
+    request: Request,
+    key: db.KeyRecord,
+    make: Callable[[], Awaitable[Response]],
+    path: str,
+    body: BaseModel,
+    uploads: Sequence[UploadFile] = (),
 ) -> Response:
-    """`make()`'s answer under an `Idempotency-Key`: made once, replayed to the same request sent again."""
+    """`make()`'s answer, cancelled if the client leaves. Under an `Idempotency-Key` it is made once for
+    this request (its fields and its files' digests) and replayed to the same request sent again."""
+    if (token := request.headers.get(idempotency.HEADER)) is None:
+        return await until_disconnect(request, make())
     services: Services = request.app.state.services
+    fields = body.model_dump(exclude=UPLOAD_FIELDS, exclude_none=True)
+    fingerprint = idempotency.fingerprint(path, fields, await digests(list(uploads)))
     public_url = (services.settings.public_url or base_url(request.scope)).rstrip("/")
-    return await idempotency.once(services, key.id, idempotency.check_key(token), fingerprint, make, public_url)
+    work = idempotency.once(services, key.id, idempotency.check_key(token), fingerprint, make, public_url)
+    return await until_disconnect(request, work)
 
 
 async def stream_answer(request: Request, key: db.KeyRecord, checked: ImageRequest, prompt: str) -> Response:

@@ -67,15 +67,15 @@ class EncodedInputs:
         return f"data:image/png;base64,{self.mask}" if self.mask is not None else None
 
 
-async def encode_inputs(images: tuple[InputImage, ...], mask: InputImage | None, fill: bool) -> EncodedInputs:
-    """The uploads encoded once per upstream call; with `fill`, the mask (or else the first image's
-    transparent areas) made into a Fill mask."""
-    return await asyncio.to_thread(encode_now, images, mask, fill)
+async def encode_inputs(images: tuple[InputImage, ...], mask: InputImage | None, fill: bool) -> EncodedInputs | None:
+    """The uploads encoded once per upstream call (None for a generation, which has none); with `fill`,
+    the mask (or else the first image's transparent areas) made into a Fill mask."""
+    return await asyncio.to_thread(encode_now, images, mask, fill) if images else None
 
 
 def encode_now(images: tuple[InputImage, ...], mask: InputImage | None, fill: bool) -> EncodedInputs:
     encoded = tuple((image.content_type, pybase64.b64encode_as_string(image.read())) for image in images)
-    if not fill or not images:
+    if not fill:
         return EncodedInputs(encoded)
     painted = fill_mask((mask or images[0]).read())
     return EncodedInputs(encoded, pybase64.b64encode_as_string(painted))

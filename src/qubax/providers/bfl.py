@@ -35,7 +35,7 @@ class BFL:
         self.upstream = upstream
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
-        inputs = await encode_inputs(request.images, request.mask, fill=model == FILL) if request.images else None
+        inputs = await encode_inputs(request.images, request.mask, fill=model == FILL)
         payload = body(request, model, inputs)
         # BFL has no `n`: one task per image, all at once.
         return await fan_out(self._one(payload, model) for _ in range(request.n))

@@ -27,7 +27,7 @@ class Fal:
         self.upstream = upstream
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
-        inputs = await encode_inputs(request.images, request.mask, fill=model == FILL) if request.images else None
+        inputs = await encode_inputs(request.images, request.mask, fill=model == FILL)
         counts = [min(MAX_PER_REQUEST, request.n - start) for start in range(0, request.n, MAX_PER_REQUEST)]
         endpoint = app_for(model, len(request.images))
         return await http.fan_out(

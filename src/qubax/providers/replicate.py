@@ -36,7 +36,7 @@ class Replicate:
         self.upstream = upstream
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
-        inputs = await encode_inputs(request.images, request.mask, fill="fill" in model) if request.images else None
+        inputs = await encode_inputs(request.images, request.mask, fill="fill" in model)
         per_call = MAX_SCHNELL_OUTPUTS if "schnell" in model else 1
         counts = [min(per_call, request.n - i) for i in range(0, request.n, per_call)]
         return await fan_out(self._prediction(body(request, model, count, inputs), model, count) for count in counts)

@@ -21,7 +21,7 @@ from tests.fakes.replicate import FakeReplicate
 from tests.fakes.together import FakeTogether
 from tests.server import serve
 
-Row = TypeVar("Row", db.Generation, db.Attempt)
+Row = TypeVar("Row", bound=db.Base)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import json
 from datetime import timedelta
 
 import httpx
@@ -9,7 +10,8 @@ import openai
 import pytest
 from sqlalchemy import select
 
-from qubax import db, idempotency
+from qubax import db, idempotency, journal
+from qubax.providers.pool import KeyPool
 from qubax.routes import GENERATIONS_PATH
 from qubax.settings import Settings
 from tests.stack import Stack, rows, running_stack
@@ -151,7 +153,7 @@ def test_work_abandoned_by_a_dead_node_is_taken_over(stack: Stack) -> None:
     async def abandon() -> None:
         engine = db.connect(stack.settings.resolved_database_url)
         async with db.sessions(engine)() as session:
-            silent = db.now() - idempotency.STALE_AFTER - timedelta(seconds=1)
+            silent = db.now() - timedelta(seconds=stack.settings.takeover_seconds + 1)
             session.add(
                 db.IdempotentRequest(
                     key_id=key_id,
@@ -180,3 +182,53 @@ def test_a_streamed_request_with_a_key_is_refused_not_left_unprotected(stack: St
             model="flux-1.1-pro", prompt="a fox", stream=True, extra_headers={"Idempotency-Key": "s"}
         )
     assert caught.value.code == "invalid_idempotency_key" and stack.bfl.submissions == []
+
+
+def test_a_takeover_waits_on_the_upstream_task_the_dead_node_started(stack: Stack) -> None:
+    """The dead node had noted its BFL task in the journal: the retry polls that task and submits nothing."""
+    body = {"model": "flux-1.1-pro", "prompt": "a fox", "response_format": "b64_json"}
+    key_id = next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
+    fingerprint = idempotency.fingerprint(GENERATIONS_PATH, body)
+    submitted = httpx.post(
+        f"{stack.settings.base_urls['bfl']}/v1/flux-pro-1.1",
+        headers={"x-key": "test-key"},
+        json={"prompt": "a fox", "width": 1024, "height": 1024, "output_format": "png"},
+    ).json()
+    key_name = KeyPool(["test-key"], scope="upstream:bfl").name_of("test-key")
+
+    async def die_while_waiting() -> None:
+        engine = db.connect(stack.settings.resolved_database_url)
+        async with db.sessions(engine)() as session:
+            silent = db.now() - timedelta(seconds=stack.settings.takeover_seconds + 1)
+            session.add(
+                db.IdempotentRequest(
+                    key_id=key_id,
+                    idempotency_key="died",
+                    fingerprint=fingerprint,
+                    status="running",
+                    created_at=silent,
+                    heartbeat_at=silent,
+                    expires_at=silent + idempotency.LIFETIME,
+                )
+            )
+            handle = {"polling_url": submitted["polling_url"], "key": key_name}
+            session.add(
+                db.UpstreamTask(
+                    owner=journal.request_owner(key_id, "died"),
+                    provider="bfl",
+                    upstream_model="flux-pro-1.1",
+                    images=1,
+                    handle=json.dumps(handle),
+                    created_at=silent,
+                )
+            )
+            await session.commit()
+        await engine.dispose()
+
+    asyncio.run(die_while_waiting())
+    response = stack.live.images.generate(**body, extra_headers={"Idempotency-Key": "died"})  # type: ignore[arg-type]
+    assert response.data[0].b64_json
+    assert len(stack.bfl.submissions) == 1  # the dead node's, and no other
+    assert stack.bfl.polls and set(stack.bfl.polls) == {submitted["id"]}
+    assert charged(stack) == [("ok", 1, 40_000)]
+    assert rows(stack.settings, db.UpstreamTask) == []  # forgotten once the request is done

@@ -1,4 +1,5 @@
-"""The database: two tables (API keys, generations) and the handful of queries we run on them."""
+"""The database: its tables (API keys, the usage ledger, idempotent requests, jobs) and the handful of
+queries we run on them that several modules share."""
 
 import os
 import secrets
@@ -140,6 +141,58 @@ class IdempotentRequest(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
+class ImageJob(Base):
+    """A generation or edit asked for with `Prefer: respond-async`: queued here, run by any node, kept
+    with its outcome for its key to read."""
+
+    __tablename__ = "image_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # sorts by creation: lists page by it
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    endpoint: Mapped[str] = mapped_column(String(64))  # the path it was sent to
+    model: Mapped[str] = mapped_column(String(100))
+    fields: Mapped[str] = mapped_column(Text)  # JSON: the request's fields (an edit's files are job_inputs)
+    public_url: Mapped[str] = mapped_column(Text)  # where its image links point
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued, in_progress, succeeded, failed, cancelled
+    # What it holds of the key's daily images and monthly budget until it ends (then the ledger has it).
+    reserved_images: Mapped[int] = mapped_column(Integer)
+    reserved_micros: Mapped[int] = mapped_column(BigInteger)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    result: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # the ImagesResponse, JSON
+    error: Mapped[str | None] = mapped_column(Text, default=None)  # the OpenAI error object, JSON
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)  # its runner lives
+
+
+class JobInput(Base):
+    """A file of an edit job (an image or the mask), kept until the job ends."""
+
+    __tablename__ = "job_inputs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("image_jobs.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    field: Mapped[str] = mapped_column(String(16))  # "image" or "mask"
+    filename: Mapped[str] = mapped_column(String(255))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class UpstreamTask(Base):
+    """Work an upstream accepted for a job or an idempotent request (its task id, its URLs), written
+    before anyone waits on it: if the node waiting dies, the node that takes over waits on the same task
+    instead of paying for a new one."""
+
+    __tablename__ = "upstream_tasks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(80), index=True)  # "job:<id>" or "idem:<digest>"
+    provider: Mapped[str] = mapped_column(String(50))
+    upstream_model: Mapped[str] = mapped_column(String(200))
+    images: Mapped[int] = mapped_column(Integer)  # how many the task makes
+    handle: Mapped[str] = mapped_column(Text)  # JSON, as the adapter wrote it
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
+
+
 def connect(url: str) -> AsyncEngine:
     if not url.startswith("sqlite"):
         return create_async_engine(url)
@@ -264,11 +317,23 @@ async def update_limits(session: AsyncSession, key: ApiKey, limits: dict[str, in
 
 async def charged(session: AsyncSession, key_id: str, day: datetime, month: datetime) -> tuple[int, int]:
     """The images a key has been charged for since `day`, and their cost in micro-USD since `month`
-    (which is not after `day`), in one query."""
+    (which is not after `day`), with what its pending jobs hold of each, in one query."""
     images_today = case((Generation.created_at >= day, Generation.images), else_=0)
-    query = select(func.coalesce(func.sum(images_today), 0), func.coalesce(func.sum(Generation.cost_micros), 0))
+    # Jobs not yet ended hold what they may still cost: a burst of them cannot overspend.
+    pending = (ImageJob.key_id == key_id) & ImageJob.status.in_(PENDING)
+    held_images = select(func.coalesce(func.sum(ImageJob.reserved_images), 0)).where(pending).scalar_subquery()
+    held_micros = select(func.coalesce(func.sum(ImageJob.reserved_micros), 0)).where(pending).scalar_subquery()
+    query = select(
+        func.coalesce(func.sum(images_today), 0),
+        func.coalesce(func.sum(Generation.cost_micros), 0),
+        held_images,
+        held_micros,
+    )
     row = (await session.execute(query.where(Generation.key_id == key_id, Generation.created_at >= month))).one()
-    return int(row[0]), int(row[1])
+    return int(row[0]) + int(row[2]), int(row[1]) + int(row[3])
+
+
+PENDING = ("queued", "in_progress")  # a job's statuses before it ends
 
 
 USAGE_GROUPS = ("key", "model", "day")

@@ -6,7 +6,8 @@ node) before any work. The first to claim it does the work, saying every few sec
 it; the answer of a success is stored with the row and replayed for 24 hours. A failure (which costs
 nothing) lets go of the key, so that a retry does the work anew. The work goes on when its client leaves (its
 retry will want the answer). A retry that finds the work still going waits for it, on whichever node it
-lands; one that finds it abandoned (its node died) takes it over.
+lands; one that finds it abandoned (its node died) takes it over, and waits on the upstream tasks the dead
+node had started (`journal`) rather than starting them again.
 """
 
 import asyncio
@@ -25,7 +26,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from qubax import db
+from qubax import db, journal
 from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest
 from qubax.storage import IMAGE_NAME, Storage
 
@@ -35,8 +36,6 @@ if TYPE_CHECKING:  # services imports this module, for the sweep
 HEADER = "idempotency-key"
 MAX_KEY_CHARS = 255
 LIFETIME = timedelta(hours=24)
-HEARTBEAT_SECONDS = 5.0  # how often the node at work says it still is
-STALE_AFTER = timedelta(seconds=4 * HEARTBEAT_SECONDS)  # silence after which another node takes over
 WAIT_SECONDS = 0.2  # between looks at a request another node is working on
 REPLAYED_HEADERS = ("content-type", "x-qubax-route", "x-qubax-test")
 IMAGE_LINK = re.compile(rf"/{IMAGE_NAME.pattern}(?:\?|$)")  # one of our image links, wherever served
@@ -125,10 +124,10 @@ async def take_over(services: "Services", key_id: str, token: str) -> bool:
 
 
 async def touch(services: "Services", key_id: str, token: str, stale: bool = False) -> bool:
-    """Say the work is still going; with `stale`, only where nobody has said so for STALE_AFTER."""
+    """Say the work is still going; with `stale`, only where nobody has said so for the takeover time."""
     same = (db.IdempotentRequest.key_id == key_id) & (db.IdempotentRequest.idempotency_key == token)
     if stale:
-        same &= db.IdempotentRequest.heartbeat_at < db.now() - STALE_AFTER
+        same &= db.IdempotentRequest.heartbeat_at < db.now() - timedelta(seconds=services.settings.takeover_seconds)
     async with services.sessions() as session:
         result = await session.execute(
             update(db.IdempotentRequest)
@@ -148,10 +147,13 @@ async def run(services: "Services", key_id: str, token: str, work: Callable[[], 
 
 
 async def own(services: "Services", key_id: str, token: str, work: Callable[[], Awaitable[Response]]) -> Response:
-    """Store a success's answer; let go of the key otherwise."""
+    """Store a success's answer; let go of the key otherwise. Upstream tasks the work starts are noted
+    in the journal, where a takeover finds them."""
     beating = asyncio.create_task(heartbeat(services, key_id, token))
+    owner = journal.request_owner(key_id, token)
     try:
-        response = await work()
+        async with journal.kept(services.sessions, owner):
+            response = await work()
     except BaseException:
         await asyncio.shield(let_go(services, key_id, token))
         raise
@@ -173,17 +175,19 @@ async def own(services: "Services", key_id: str, token: str, work: Callable[[], 
             )
         )
         await session.commit()
+    await journal.forget(services.sessions, owner)
     return response
 
 
 async def heartbeat(services: "Services", key_id: str, token: str) -> None:
     while True:
-        await asyncio.sleep(HEARTBEAT_SECONDS)
+        await asyncio.sleep(services.settings.takeover_seconds / 4)
         with contextlib.suppress(Exception):  # a missed beat only risks a takeover, never the work
             await touch(services, key_id, token)
 
 
 async def let_go(services: "Services", key_id: str, token: str) -> None:
+    await journal.forget(services.sessions, journal.request_owner(key_id, token))
     async with services.sessions() as session:
         await session.execute(
             delete(db.IdempotentRequest).where(

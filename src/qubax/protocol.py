@@ -144,6 +144,33 @@ class ErrorResponse(BaseModel):
     error: Error
 
 
+JobStatus = Literal["queued", "in_progress", "succeeded", "failed", "cancelled"]
+
+
+class ImageJob(BaseModel):
+    """A generation or edit sent with `Prefer: respond-async` (a Qubax extension): its state, and once it
+    ended, the answer the request would have had (`result`) or its error."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    status: JobStatus
+    created_at: int
+    completed_at: int | None
+    model: str
+    result: ImagesResponse | None = Field(description="What the request would have answered, once succeeded.")
+    error: Error | None = Field(description="OpenAI's error object, once failed or cancelled.")
+
+
+class ImageJobList(BaseModel):
+    """Jobs newest first, a page at a time, as OpenAI's lists are."""
+
+    object: Literal["list"] = "list"
+    data: list[ImageJob]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class HealthStatus(BaseModel):
     status: Literal["ok"]
 

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(default=300.0, gt=0)
     poll_interval_seconds: float = Field(default=0.5, gt=0)
     sweep_interval_seconds: float = Field(default=60.0, gt=0)
+    # Silence after which another node takes over a job or an idempotent request whose node died; the
+    # node at work says it is alive four times as often.
+    takeover_seconds: float = Field(default=20.0, gt=0)
     catalog: Path | None = None  # the operator's TOML catalog file
     breaker_failures: int = Field(default=5, ge=1)  # failures in a row that take a route out of rotation
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)

@@ -8,8 +8,9 @@ line in `registry.PROVIDERS`, one fake and one test file. Each translates its up
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qubax.catalog import ImageRequest
 from qubax.protocol import Usage
@@ -61,9 +62,29 @@ class Upstream:
         self.poll_interval = poll_interval
         self.delivery_hosts = tuple(delivery_hosts)
 
-    def lease(self) -> AbstractAsyncContextManager[str]:
-        """A key with a free slot; hold it for the whole life of one upstream task or call."""
-        return self.pool.lease()
+    def lease(self, name: str | None = None) -> AbstractAsyncContextManager[str]:
+        """A key with a free slot (the one `name` names, for a task it started); hold it for the whole
+        life of one upstream task or call."""
+        return self.pool.lease(name)
+
+    def key_name(self, key: str) -> str:
+        """The leased key's name, to note with a task in place of the key itself."""
+        return self.pool.name_of(key)
+
+
+class TaskJournal(Protocol):
+    """Where an adapter notes work its upstream accepted, before waiting on it, so that a node taking over
+    from one that died waits on that work instead of paying for it again (`qubax.journal`). An adapter
+    finds it in `journal`, set for a job or an idempotent request; plain requests have none."""
+
+    def take(self, provider: str, model: str, count: int) -> dict[str, Any] | None:
+        """A task noted earlier for `count` images of `model`, not yet taken up again."""
+        ...
+
+    async def record(self, provider: str, model: str, count: int, handle: dict[str, Any]) -> None: ...
+
+
+journal: ContextVar[TaskJournal | None] = ContextVar("qubax_task_journal", default=None)
 
 
 class Provider(Protocol):

@@ -7,18 +7,20 @@ from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
 from qubax.providers.http import (
     DETAIL_CHARS,
+    accepted,
     billed,
     check_status,
     download,
     fan_out,
     poll,
     read_json,
+    resumable,
     send,
     trusted,
 )
 from qubax.uploads import EncodedInputs, encode_inputs
 
-PROVIDER = "Black Forest Labs"
+NAME, PROVIDER = "bfl", "Black Forest Labs"
 ULTRA = "flux-pro-1.1-ultra"  # takes an aspect ratio instead of width/height
 KONTEXT = ("flux-kontext-pro", "flux-kontext-max")  # so do these; they take up to 4 input images
 FILL = "flux-pro-1.0-fill"  # paints into its one image where the mask is white, at the image's size
@@ -41,10 +43,14 @@ class BFL:
         return await fan_out(self._one(payload, model) for _ in range(request.n))
 
     async def _one(self, payload: dict[str, Any], model: str) -> list[GeneratedImage]:
+        task = resumable(NAME, model, 1)  # BFL cannot cancel a task: one a dead node started is waited on
         # A task counts against the key's concurrency cap from submission until its result is in.
-        async with self.upstream.lease() as key:
+        async with self.upstream.lease(task["key"] if task else None) as key:
             headers = {"x-key": key, "accept": "application/json"}
-            polling_url = await self._submit(payload, model, headers)
+            if task is None:
+                task = {"polling_url": await self._submit(payload, model, headers), "key": self.upstream.key_name(key)}
+                await accepted(NAME, model, 1, task)
+            polling_url = task["polling_url"]
             with billed():
                 sample = await poll(lambda: self._check(polling_url, headers), self.upstream.poll_interval)
         with billed():
@@ -112,7 +118,7 @@ def body(request: ImageRequest, model: str, inputs: EncodedInputs | None = None)
 
 # BFL allows 24 active tasks per key by default.
 INFO = ProviderInfo(
-    name="bfl",
+    name=NAME,
     build=BFL,
     credential="BFL_API_KEY",
     base_url="https://api.bfl.ai",

@@ -9,7 +9,7 @@ from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio, http
 from qubax.uploads import EncodedInputs, encode_inputs
 
-PROVIDER = "fal.ai"
+NAME, PROVIDER = "fal", "fal.ai"
 ULTRA = "fal-ai/flux-pro/v1.1-ultra"  # takes an aspect ratio instead of an image size
 ULTRA_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")  # fal's list: no 5:4, 4:5
 SCHNELL = "fal-ai/flux/schnell"
@@ -35,10 +35,13 @@ class Fal:
         )
 
     async def _request(self, endpoint: str, payload: dict[str, Any], count: int) -> list[GeneratedImage]:
+        urls = http.resumable(NAME, endpoint, count)  # queued by a node that died: waited on, not sent again
         # A request counts against the key's concurrency cap from submission until its result is in.
-        async with self.upstream.lease() as key:
+        async with self.upstream.lease(urls["key"] if urls else None) as key:
             headers = {"authorization": f"Key {key}", "accept": "application/json"}
-            urls = await self._submit(endpoint, payload, headers)
+            if urls is None:
+                urls = await self._submit(endpoint, payload, headers) | {"key": self.upstream.key_name(key)}
+                await http.accepted(NAME, endpoint, count, urls)
             with http.billed():
                 await self._wait(urls, headers)
                 output = await self._call("GET", urls["response_url"], headers)
@@ -64,7 +67,7 @@ class Fal:
         http.check_status(response, PROVIDER)  # a status URL answers 202 while queued or running
         return http.read_json(response, PROVIDER)
 
-    async def _wait(self, urls: dict[str, str], headers: dict[str, str]) -> None:
+    async def _wait(self, urls: dict[str, Any], headers: dict[str, str]) -> None:
         try:
             await http.poll(lambda: self._check(urls["status_url"], headers), self.upstream.poll_interval)
         except asyncio.CancelledError:
@@ -154,7 +157,7 @@ def body(request: ImageRequest, model: str, count: int, inputs: EncodedInputs | 
 
 # The cap keeps bursts from becoming 429s.
 INFO = ProviderInfo(
-    name="fal",
+    name=NAME,
     build=Fal,
     credential="FAL_KEY",
     base_url="https://queue.fal.run",

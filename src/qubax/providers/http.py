@@ -17,7 +17,7 @@ import orjson
 import pybase64
 
 from qubax.errors import TaskFailed, UpstreamError, UpstreamTimeout
-from qubax.providers import GeneratedImage, Upstream, payload
+from qubax.providers import GeneratedImage, Upstream, journal, payload
 
 T = TypeVar("T")
 # A task that is already running (and billed) deserves more than one bad poll before we give up on it.
@@ -280,6 +280,19 @@ async def poll(check: Callable[[], Awaitable[T | None]], interval: float) -> T:
         if result is not None:
             return result
         await asyncio.sleep(interval)
+
+
+def resumable(provider: str, model: str, count: int) -> dict[str, Any] | None:
+    """A task for this work that a node which died had started (`TaskJournal`): wait on it again."""
+    noted = journal.get()
+    return None if noted is None else noted.take(provider, model, count)
+
+
+async def accepted(provider: str, model: str, count: int, handle: dict[str, Any]) -> None:
+    """Note a task the upstream accepted, durably, before anyone waits on it."""
+    noted = journal.get()
+    if noted is not None:
+        await noted.record(provider, model, count, handle)
 
 
 async def fan_out(calls: Iterable[Awaitable[list[GeneratedImage]]]) -> list[GeneratedImage]:

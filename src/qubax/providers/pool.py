@@ -8,6 +8,7 @@ import hashlib
 import sys
 from collections.abc import Sequence
 
+from qubax.errors import UpstreamError
 from qubax.slots import LocalSlots, Slots
 
 # How often work waiting for a slot looks again: a release on this node wakes it at once, one on
@@ -32,22 +33,31 @@ class KeyPool:
     def keys(self) -> list[str]:
         return list(self.credentials.values())
 
-    def lease(self) -> "Lease":
-        """The least busy key, once one has a free slot; the slot is held until the block ends."""
-        return Lease(self)
+    def lease(self, name: str | None = None) -> "Lease":
+        """The least busy key (or the one `name` names), once it has a free slot; the slot is held until
+        the block ends."""
+        return Lease(self, name)
+
+    def name_of(self, key: str) -> str:
+        """How a key is named where a secret must not go (the database, the shared store): a digest."""
+        return next(name for name, credential in self.credentials.items() if credential == key)
 
 
 class Lease:
     """`KeyPool.lease()`'s block. A class rather than `contextlib.asynccontextmanager`, whose generator
     machinery is measurably dearer on the hot path (bench/README.md)."""
 
-    def __init__(self, pool: KeyPool) -> None:
+    def __init__(self, pool: KeyPool, name: str | None = None) -> None:
         self.pool = pool
+        self.name = name
         self.taken: tuple[str, str] | None = None
 
     async def __aenter__(self) -> str:
         pool = self.pool
-        names = list(pool.credentials)
+        names = list(pool.credentials) if self.name is None else [self.name]
+        if self.name is not None and self.name not in pool.credentials:
+            # Work started with a key the operator has since removed: nothing else may ask after it.
+            raise UpstreamError("The upstream key that started this task is no longer configured.")
         while (taken := await pool.slots.take(names, pool.limit)) is None:
             pool.released.clear()
             with contextlib.suppress(TimeoutError):

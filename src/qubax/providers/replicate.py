@@ -8,6 +8,7 @@ from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
 from qubax.providers.http import (
     DETAIL_CHARS,
+    accepted,
     billed,
     cancel_quietly,
     check_status,
@@ -16,12 +17,13 @@ from qubax.providers.http import (
     fan_out,
     poll,
     read_json,
+    resumable,
     send,
     trusted,
 )
 from qubax.uploads import EncodedInputs, encode_inputs
 
-PROVIDER = "Replicate"
+NAME, PROVIDER = "replicate", "Replicate"
 MAX_SCHNELL_OUTPUTS = 4  # flux-schnell's num_outputs is 1-4; pro and ultra make one image per prediction
 KEY_HOSTS = ("api.replicate.com", "*.replicate.com")  # where urls.get and urls.cancel may take the key
 DELIVERY_HOSTS = ("replicate.delivery", "*.replicate.delivery")
@@ -42,10 +44,15 @@ class Replicate:
         return await fan_out(self._prediction(body(request, model, count, inputs), model, count) for count in counts)
 
     async def _prediction(self, payload: dict[str, Any], model: str, count: int) -> list[GeneratedImage]:
+        prediction = resumable(NAME, model, count)  # created by a node that died: waited on, not made again
         # A prediction counts against the key's concurrency cap from creation until it is finished.
-        async with self.upstream.lease() as key:
+        async with self.upstream.lease(prediction["key"] if prediction else None) as key:
             headers = {"authorization": f"Bearer {key}"}
-            prediction = await self._create(payload, model, headers)
+            if prediction is None:
+                prediction = await self._create(payload, model, headers)
+                if prediction.get("status") in RUNNING and isinstance(prediction.get("urls"), dict):
+                    note = {"status": "starting", "urls": prediction["urls"], "key": self.upstream.key_name(key)}
+                    await accepted(NAME, model, count, note)
             with billed():
                 outputs = await self._settle(prediction, headers)
         with billed():
@@ -156,7 +163,7 @@ def fill_inputs(inputs: EncodedInputs | None) -> dict[str, Any]:
 
 # The cap keeps bursts from becoming 429s.
 INFO = ProviderInfo(
-    name="replicate",
+    name=NAME,
     build=Replicate,
     credential="REPLICATE_API_TOKEN",
     base_url="https://api.replicate.com/v1",

@@ -85,10 +85,22 @@ def test_images_are_documented_as_images(schema: dict[str, Any]) -> None:
     assert "security" not in operation  # the signature is the permission
 
 
+def test_jobs_are_documented(schema: dict[str, Any]) -> None:
+    accepted = schema["paths"]["/v1/images/generations"]["post"]["responses"]["202"]
+    assert accepted["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ImageJob"}
+    job = schema["components"]["schemas"]["ImageJob"]
+    assert set(job["required"]) == {"id", "status", "created_at", "completed_at", "model", "result", "error"}
+    listed = schema["paths"]["/v1/images/jobs"]["get"]
+    assert {parameter["name"] for parameter in listed["parameters"]} == {"limit", "after"}
+
+
 def test_every_public_endpoint_is_in_the_schema(schema: dict[str, Any]) -> None:
     assert set(schema["paths"]) == {
         "/v1/images/generations",
         "/v1/images/edits",
+        "/v1/images/jobs",
+        "/v1/images/jobs/{job_id}",
+        "/v1/images/jobs/{job_id}/cancel",
         "/v1/models",
         "/v1/models/{model_id}",
         "/images/{name}",
@@ -151,6 +163,6 @@ def test_docs_render_in_a_browser_that_reaches_nothing_else(base_url: str) -> No
         finally:
             browser.close()
     assert "/v1/images/generations" in [path.replace("\u200b", "") for path in paths]
-    assert len(paths) == 7
+    assert len(paths) == 10
     assert authorize == 1  # the bearer scheme is there to fill in
     assert outside == []

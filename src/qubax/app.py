@@ -1,5 +1,6 @@
 """`create_app(settings)`: wires everything; the lifespan owns the long-lived objects (`services.py`)."""
 
+import asyncio
 import contextlib
 import fnmatch
 import logging
@@ -16,7 +17,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qubax import admin, docs, routes
+from qubax import admin, docs, routes, runner
 from qubax.catalog_file import load_catalog
 from qubax.errors import InvalidRequest, QubaxError, RequestTooLarge, invalid_input
 from qubax.logs import log_access
@@ -40,7 +41,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logging.getLogger("uvicorn.access").addFilter(hide_query)
         async with open_services(settings, catalog, metrics) as services:
             app.state.services = services
-            yield
+            jobs = asyncio.create_task(runner.run_forever(services))
+            try:
+                yield
+            finally:  # before the services close: running jobs go back to the queue
+                jobs.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await jobs
 
     # FastAPI's built-in OpenTelemetry hooks look up global providers on every request; we do not use them.
     telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}

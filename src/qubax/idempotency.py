@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -28,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax import db, journal
 from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest
-from qubax.storage import IMAGE_NAME, Storage
+from qubax.storage import Storage, relink
 
 if TYPE_CHECKING:  # services imports this module, for the sweep
     from qubax.services import Services
@@ -38,7 +37,6 @@ MAX_KEY_CHARS = 255
 LIFETIME = timedelta(hours=24)
 WAIT_SECONDS = 0.2  # between looks at a request another node is working on
 REPLAYED_HEADERS = ("content-type", "x-qubax-route", "x-qubax-test")
-IMAGE_LINK = re.compile(rf"/{IMAGE_NAME.pattern}(?:\?|$)")  # one of our image links, wherever served
 
 
 def fingerprint(kind: str, fields: dict[str, object], files: list[bytes] | None = None) -> str:
@@ -204,9 +202,7 @@ async def replay(row: db.IdempotentRequest, storage: Storage, public_url: str) -
     body = row.response_body or b""
     if b'"url"' in body:
         answer = orjson.loads(body)
-        for item in answer.get("data", []):
-            if isinstance(item.get("url"), str) and (link := IMAGE_LINK.search(item["url"])):
-                item["url"] = await storage.link(link[1], link[2], public_url)
+        await relink(answer, storage, public_url)
         body = orjson.dumps(answer)
     headers = json.loads(row.response_headers or "{}") | {"x-qubax-idempotent-replayed": "true"}
     return Response(body, status_code=row.response_status or 200, headers=headers)

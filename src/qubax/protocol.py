@@ -224,3 +224,10 @@ STREAM_DESCRIPTION = (
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"description": STREAM_DESCRIPTION, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 }
+JOB_RESPONSE: dict[int | str, dict[str, Any]] = {
+    202: {
+        "model": ImageJob,
+        "description": "With the header `Prefer: respond-async`: the request queued as a job, at "
+        "`Location: /v1/images/jobs/{id}`, where its `result` appears once it succeeded.",
+    }
+}

@@ -2,9 +2,11 @@
 requests (`Slots`), both in-process, or in Redis so that every node shares them; images per day and
 monthly spend (from the usage ledger, so every node sees the same totals)."""
 
+import asyncio
 import contextlib
 import math
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 from limits import RateLimitItemPerMinute
@@ -20,6 +22,7 @@ from qubax.slots import Slots, unreachable
 
 # Wrong admin tokens one address may send a minute: the token is long, but guessing should not be free.
 ADMIN_FAILURES = RateLimitItemPerMinute(10)
+SLOT_WAIT_SECONDS = 0.25  # how often a job waiting for its key's concurrency looks again
 
 
 def limiter_storage(redis_url: str | None) -> Storage:
@@ -58,6 +61,20 @@ class Quotas:
         """Admit one request, or raise a 429; the block gets the rate headers to send back. The request's
         concurrency slot and its reservations are held until the block ends."""
         return Hold(self, key, request)
+
+    @contextlib.asynccontextmanager
+    async def running(self, key: db.KeyRecord) -> AsyncIterator[None]:
+        """A job's share of its key's concurrent requests: unlike a request, it waits its turn."""
+        if key.max_concurrent is None:
+            yield
+            return
+        # Polled: the slot may be freed on another node.
+        while (taken := await self.slots.take([f"key:{key.id}"], key.max_concurrent)) is None:  # noqa: ASYNC110
+            await asyncio.sleep(SLOT_WAIT_SECONDS)
+        try:
+            yield
+        finally:
+            await self.slots.give_back(*taken)
 
     async def count_request(self, key: db.KeyRecord) -> dict[str, str]:
         if key.rpm is None:

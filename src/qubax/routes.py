@@ -15,16 +15,19 @@ from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.types import Scope
 
-from qubax import auth, db, generation, idempotency, streaming
+from qubax import auth, db, generation, idempotency, jobs, streaming
 from qubax.bodies import LimitedRoute, UploadRoute
 from qubax.catalog import CatalogModel, ImageRequest
 from qubax.errors import AuthenticationError, ClientDisconnected, InvalidRequest, NotFound
 from qubax.protocol import (
+    JOB_RESPONSE,
     STREAM_RESPONSE,
     UPLOAD_FIELDS,
     HealthStatus,
     ImageEditRequest,
     ImageGenerateRequest,
+    ImageJob,
+    ImageJobList,
     ImagesResponse,
     Model,
     ModelList,
@@ -38,6 +41,7 @@ from qubax.uploads import digests
 T = TypeVar("T")
 GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
+JOBS_PATH = "/v1/images/jobs"
 
 router = APIRouter(route_class=LimitedRoute)
 
@@ -91,7 +95,7 @@ CurrentKey = Annotated[
 @router.post(
     GENERATIONS_PATH,
     response_model=ImagesResponse,
-    responses=STREAM_RESPONSE | error_responses(400, 401, 404, 413, 429, 502, 503, 504),
+    responses=STREAM_RESPONSE | JOB_RESPONSE | error_responses(400, 401, 404, 413, 429, 502, 503, 504),
     summary="Create image",
     tags=["Images"],
 )
@@ -101,6 +105,11 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
     services: Services = request.app.state.services
     if body.stream:
         return await stream_answer(request, key, services.catalog.check(body), body.prompt)
+    if jobs.wants_async(request.headers.get("prefer")):
+        checked = services.catalog.check(body)
+        return await respond(
+            request, key, lambda: accept_job(request, key, GENERATIONS_PATH, body, checked), GENERATIONS_PATH, body
+        )
     # Only links need our public address; working it out from the request costs a little on every one.
     public_url = "" if body.response_format == "b64_json" else services.settings.public_url or base_url(request.scope)
 
@@ -120,13 +129,19 @@ async def create_image_edit(
     services: Services = request.app.state.services
     if form.stream:
         return await stream_answer(request, key, await generation.check_edit(form, services), form.prompt)
+    uploads = [*form.images, *filter(None, [form.mask])]
+    if jobs.wants_async(request.headers.get("prefer")):
+        checked = await generation.check_edit(form, services)
+        return await respond(
+            request, key, lambda: accept_job(request, key, EDITS_PATH, form, checked), EDITS_PATH, form, uploads
+        )
     public_url = services.settings.public_url or base_url(request.scope)
 
     async def make() -> Response:
         result = await generation.edit(form, key, services, public_url.rstrip("/"))
         return answer(request, key, result, form.model or "", form.prompt)
 
-    return await respond(request, key, make, EDITS_PATH, form, [*form.images, *filter(None, [form.mask])])
+    return await respond(request, key, make, EDITS_PATH, form, uploads)
 
 
 # An ordinary route, with a route class of its own: uploads have their own size limit.
@@ -135,7 +150,7 @@ router.add_api_route(
     create_image_edit,
     methods=["POST"],
     response_model=ImagesResponse,
-    responses=STREAM_RESPONSE | error_responses(400, 401, 404, 413, 429, 502, 503, 504),
+    responses=STREAM_RESPONSE | JOB_RESPONSE | error_responses(400, 401, 404, 413, 429, 502, 503, 504),
     summary="Create image edit",
     tags=["Images"],
     route_class_override=UploadRoute,
@@ -157,14 +172,28 @@ async def respond(
     services: Services = request.app.state.services
     fields = body.model_dump(exclude=UPLOAD_FIELDS, exclude_none=True)
     fingerprint = idempotency.fingerprint(path, fields, await digests(list(uploads)))
-    public_url = (services.settings.public_url or base_url(request.scope)).rstrip("/")
-    work = idempotency.once(services, key.id, idempotency.check_key(token), fingerprint, make, public_url)
+    work = idempotency.once(services, key.id, idempotency.check_key(token), fingerprint, make, public_url(request))
     return await until_disconnect(request, work)
+
+
+async def accept_job(
+    request: Request, key: db.KeyRecord, path: str, body: ImageGenerateRequest | ImageEditRequest, checked: ImageRequest
+) -> Response:
+    """`Prefer: respond-async`: the request queued as a job, answered at once with `202 Accepted`."""
+    services: Services = request.app.state.services
+    job = await jobs.submit(services, key, path, body, checked, public_url(request))
+    headers = {"location": f"{JOBS_PATH}/{job.id}", "preference-applied": "respond-async"}
+    content = jobs.render(await jobs.describe(services, job, public_url(request)))
+    return Response(content, status_code=202, media_type="application/json", headers=headers)
 
 
 async def stream_answer(request: Request, key: db.KeyRecord, checked: ImageRequest, prompt: str) -> Response:
     """`stream: true`: the events of `streaming`, once the request is admitted."""
     services: Services = request.app.state.services
+    if jobs.wants_async(request.headers.get("prefer")):
+        raise InvalidRequest(
+            "A streamed answer cannot also be a job: send stream: false with Prefer: respond-async.", param="stream"
+        )
     if idempotency.HEADER in request.headers:  # refused rather than ignored: a retry would pay again
         raise InvalidRequest(
             "Idempotency-Key is not available for streamed answers yet: send stream: false with it.",
@@ -191,6 +220,12 @@ def answer(request: Request, key: db.KeyRecord, result: generation.Generated, mo
     # orjson writes megabytes of base64 far faster than pydantic's JSON serialiser (bench/README.md).
     content = orjson.dumps(result.response.model_dump(exclude_none=True))
     return Response(content, media_type="application/json", headers=headers)
+
+
+def public_url(request: Request) -> str:
+    """Where our image links point: the configured public address, or the one the client used."""
+    services: Services = request.app.state.services
+    return (services.settings.public_url or base_url(request.scope)).rstrip("/")
 
 
 def base_url(scope: Scope) -> str:
@@ -246,6 +281,53 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 WATCH_AFTER_SECONDS = 0.1
+
+
+@router.get(
+    JOBS_PATH + "/{job_id}",
+    response_model=ImageJob,
+    responses=error_responses(401, 404),
+    summary="Retrieve image job",
+    tags=["Jobs"],
+)
+async def retrieve_job(job_id: str, request: Request, key: CurrentKey, services: ServicesDep) -> Response:
+    """A job sent with `Prefer: respond-async`: its status, and once it ended, its `result` (what the
+    request would have answered, links signed anew) or its `error`. Only the key that made it sees it."""
+    job = await jobs.find(services, key, job_id)
+    return json_response(jobs.render(await jobs.describe(services, job, public_url(request))))
+
+
+@router.get(
+    JOBS_PATH,
+    response_model=ImageJobList,
+    responses=error_responses(400, 401),
+    summary="List image jobs",
+    tags=["Jobs"],
+)
+async def list_jobs(
+    request: Request, key: CurrentKey, services: ServicesDep, limit: int = 20, after: str | None = None
+) -> Response:
+    """This key's jobs, newest first: `limit` (1 to 100) at a time, from the one after the job id `after`."""
+    found, more = await jobs.page(services, key, limit, after)
+    return json_response(await jobs.render_page(services, found, more, public_url(request)))
+
+
+@router.post(
+    JOBS_PATH + "/{job_id}/cancel",
+    response_model=ImageJob,
+    responses=error_responses(401, 404),
+    summary="Cancel image job",
+    tags=["Jobs"],
+)
+async def cancel_job(job_id: str, request: Request, key: CurrentKey, services: ServicesDep) -> Response:
+    """Cancel a job: a queued one at once; a running one within a second or so, with the upstream work
+    it owns. A job that already ended is answered as it ended."""
+    job = await jobs.cancel(services, key, job_id)
+    return json_response(jobs.render(await jobs.describe(services, job, public_url(request))))
+
+
+def json_response(content: bytes) -> Response:
+    return Response(content, media_type="application/json")
 
 
 @router.get("/v1/models", responses=error_responses(401), summary="List models", tags=["Models"])

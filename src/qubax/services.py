@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from qubax import db, idempotency
+from qubax import db, idempotency, journal
 from qubax.auth import KeyCache
 from qubax.breaker import Breakers
 from qubax.catalog import Catalog
@@ -53,6 +53,7 @@ class Services:
     # Work that outlives its request (an idempotent request whose client left): held here, as the event
     # loop keeps only weak references to tasks.
     detached: set["asyncio.Task[Any]"] = field(default_factory=set)
+    job_posted: asyncio.Event = field(default_factory=asyncio.Event)  # wakes this node's job runner
 
 
 @contextlib.asynccontextmanager
@@ -125,7 +126,8 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
 
 
 async def sweep_forever(storage: Storage, sessions: async_sessionmaker[AsyncSession], interval: float) -> None:
-    """Remove expired images and forget expired idempotency keys, every `interval` seconds."""
+    """Remove expired images, and forget expired idempotency keys and abandoned upstream tasks, every
+    `interval` seconds."""
     while True:
         try:
             removed = await storage.sweep()
@@ -135,6 +137,7 @@ async def sweep_forever(storage: Storage, sessions: async_sessionmaker[AsyncSess
             logger.warning("sweeping expired images failed: %s", exc)
         try:
             await idempotency.sweep(sessions)
+            await journal.sweep(sessions)
         except (OSError, SQLAlchemyError) as exc:
             logger.warning("forgetting expired idempotency keys failed: %s", exc)
         await asyncio.sleep(interval)

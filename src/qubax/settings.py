@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     # Silence after which another node takes over a job or an idempotent request whose node died; the
     # node at work says it is alive four times as often.
     takeover_seconds: float = Field(default=20.0, gt=0)
+    job_concurrency: int = Field(default=8, ge=1)  # async jobs each node makes at once
+    job_poll_seconds: float = Field(default=1.0, gt=0)  # how often a node looks for jobs other nodes queued
     catalog: Path | None = None  # the operator's TOML catalog file
     breaker_failures: int = Field(default=5, ge=1)  # failures in a row that take a route out of rotation
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)

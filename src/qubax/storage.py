@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from qubax import file_writer
 from qubax.errors import Forbidden, Gone, NotFound, ServiceUnavailable
@@ -80,6 +80,17 @@ def load_secret(data_dir: Path) -> bytes:
 
 # An image's file name in our links, `/images/{id}.{ext}`: the id `new_image_id` makes, and the format.
 IMAGE_NAME = re.compile(r"(img_[A-Za-z0-9_-]{1,64})\.(png|jpeg|webp)")
+
+
+IMAGE_LINK = re.compile(rf"/{IMAGE_NAME.pattern}(?:\?|$)")  # one of our image links, wherever served
+
+
+async def relink(answer: dict[str, Any], storage: "Storage", public_url: str) -> None:
+    """Sign anew the image links of a stored ImagesResponse (as JSON) told again later: the first ones
+    may have expired."""
+    for item in answer.get("data", []):
+        if isinstance(item.get("url"), str) and (link := IMAGE_LINK.search(item["url"])):
+            item["url"] = await storage.link(link[1], link[2], public_url)
 
 
 def new_image_id() -> str:

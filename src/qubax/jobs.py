@@ -1,0 +1,189 @@
+"""Async jobs: a generation or edit sent with `Prefer: respond-async` (RFC 7240) is checked and admitted
+at once, answered `202` with a job, and made later by any node's runner (`runner`).
+
+A job holds, from submission until it ends, the images and the money it may cost against its key's
+daily and monthly limits (`db.charged` counts them), so a burst of jobs cannot overspend. Jobs are
+visible to the key that made them only: to any other they do not exist.
+"""
+
+import asyncio
+import io
+import re
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import orjson
+from fastapi import UploadFile
+from sqlalchemy import select, update
+
+from qubax import db
+from qubax.catalog import ImageRequest
+from qubax.errors import InvalidRequest, NotFound, QubaxError
+from qubax.generation import check_edit
+from qubax.protocol import Error, ImageEditRequest, ImageGenerateRequest, ImageJob, ImageJobList, ImagesResponse
+from qubax.services import Services
+from qubax.storage import relink
+
+PREFER_ASYNC = re.compile(r"(?:^|,)\s*respond-async\s*(?:[,;]|$)", re.IGNORECASE)
+ENDED = ("succeeded", "failed", "cancelled")
+MAX_PAGE = 100
+CANCEL_WAIT_SECONDS = 10.0  # how long a cancel waits for the running job to stop, before answering
+CANCELLED = Error(message="The job was cancelled.", type="invalid_request_error", param=None, code="cancelled")
+
+
+def wants_async(prefer: str | None) -> bool:
+    """Whether a `Prefer` header asks for `respond-async`."""
+    return prefer is not None and PREFER_ASYNC.search(prefer) is not None
+
+
+async def submit(
+    services: Services,
+    key: db.KeyRecord,
+    endpoint: str,
+    body: ImageGenerateRequest | ImageEditRequest,
+    request: ImageRequest,
+    public_url: str,
+) -> db.ImageJob:
+    """Queue a checked request as a job, once the key's limits admit it (they count it from now)."""
+    files = [("image", upload) for upload in body.images] if isinstance(body, ImageEditRequest) else []
+    if isinstance(body, ImageEditRequest) and body.mask is not None:
+        files.append(("mask", body.mask))
+    inputs = await asyncio.to_thread(lambda: [(field, upload.filename, read(upload)) for field, upload in files])
+    job = db.ImageJob(
+        id=db.new_id("job"),
+        key_id=key.id,
+        endpoint=endpoint,
+        model=request.model.id,
+        fields=orjson.dumps(body.model_dump(exclude={"image", "image_list", "mask"}, exclude_none=True)).decode(),
+        public_url=public_url,
+        status="queued",
+        reserved_images=request.n,
+        reserved_micros=request.cost_micros(request.n, key.test),
+        cancel_requested=False,
+        created_at=db.now(),
+    )
+    # The limits count the job while they admit it; its row holds its reservation once it is written.
+    async with services.quotas.hold(key, request), services.sessions() as session:
+        session.add(job)
+        await session.flush()  # the job before its inputs: the inputs refer to it
+        for position, (field, name, data) in enumerate(inputs):
+            session.add(db.JobInput(job_id=job.id, position=position, field=field, filename=name or "", data=data))
+        await session.commit()
+    services.job_posted.set()
+    return job
+
+
+def read(upload: UploadFile) -> bytes:
+    upload.file.seek(0)
+    data = upload.file.read()
+    upload.file.seek(0)
+    return data
+
+
+async def rebuild(services: Services, job: db.ImageJob) -> ImageRequest:
+    """The job's request, checked again as it was when it was submitted (the catalog may have changed)."""
+    fields = orjson.loads(job.fields)
+    if job.endpoint.endswith("/generations"):
+        return services.catalog.check(ImageGenerateRequest.model_validate(fields))
+    async with services.sessions() as session:
+        query = select(db.JobInput).where(db.JobInput.job_id == job.id).order_by(db.JobInput.position)
+        inputs = list(await session.scalars(query))
+    images = [upload(row) for row in inputs if row.field == "image"]
+    mask = next((upload(row) for row in inputs if row.field == "mask"), None)
+    return await check_edit(ImageEditRequest.model_validate(fields | {"image": images, "mask": mask}), services)
+
+
+def upload(row: db.JobInput) -> UploadFile:
+    return UploadFile(io.BytesIO(row.data), size=len(row.data), filename=row.filename)
+
+
+async def find(services: Services, key: db.KeyRecord, job_id: str) -> db.ImageJob:
+    async with services.sessions() as session:
+        job = await session.get(db.ImageJob, job_id)
+    if job is None or job.key_id != key.id:
+        raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
+    return job
+
+
+async def page(services: Services, key: db.KeyRecord, limit: int, after: str | None) -> tuple[list[db.ImageJob], bool]:
+    """The key's jobs newest first, from the one after `after`, and whether more follow."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}; got {limit}.", param="limit")
+    query = select(db.ImageJob).where(db.ImageJob.key_id == key.id)
+    if after is not None:
+        query = query.where(db.ImageJob.id < after)
+    async with services.sessions() as session:
+        jobs = list(await session.scalars(query.order_by(db.ImageJob.id.desc()).limit(limit + 1)))
+    return jobs[:limit], len(jobs) > limit
+
+
+async def cancel(services: Services, key: db.KeyRecord, job_id: str) -> db.ImageJob:
+    """Cancel a job: at once if it is still queued; if it runs, its runner stops it (and the upstream
+    work it owns) within a second or so, which this waits for. An ended job stays as it ended."""
+    await find(services, key, job_id)
+    same = db.ImageJob.id == job_id
+    async with services.sessions() as session:
+        await session.execute(
+            update(db.ImageJob)
+            .where(same, db.ImageJob.status == "queued")
+            .values(status="cancelled", completed_at=db.now(), error=CANCELLED.model_dump_json())
+        )
+        await session.execute(
+            update(db.ImageJob).where(same, db.ImageJob.status == "in_progress").values(cancel_requested=True)
+        )
+        await session.commit()
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    job = await find(services, key, job_id)
+    while job.status not in ENDED and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)  # its runner may be on another node: the database is all they share
+        job = await find(services, key, job_id)
+    return job
+
+
+async def describe(services: Services, job: db.ImageJob, public_url: str) -> ImageJob:
+    """The job as its key sees it; links in its result signed anew (the first ones may have expired)."""
+    result = None
+    if job.result is not None:
+        answer = orjson.loads(job.result)
+        await relink(answer, services.storage, public_url)
+        result = ImagesResponse.model_validate(answer)
+    return ImageJob(
+        id=job.id,
+        status=job.status,
+        created_at=unix(job.created_at),
+        completed_at=None if job.completed_at is None else unix(job.completed_at),
+        model=job.model,
+        result=result,
+        error=None if job.error is None else Error.model_validate_json(job.error),
+    )
+
+
+def render(job: ImageJob) -> bytes:
+    """The job as JSON: every field of the job (null where unset), its result as the request would
+    have answered it (without the fields that do not apply)."""
+    return orjson.dumps(shown(job))
+
+
+def shown(job: ImageJob) -> dict[str, object]:
+    body = job.model_dump()
+    if job.result is not None:
+        body["result"] = job.result.model_dump(exclude_none=True)
+    return body
+
+
+async def render_page(services: Services, jobs: Sequence[db.ImageJob], more: bool, public_url: str) -> bytes:
+    data = [await describe(services, job, public_url) for job in jobs]
+    page = ImageJobList(
+        data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=more
+    )
+    return orjson.dumps(page.model_dump() | {"data": [shown(job) for job in data]})
+
+
+def unix(moment: datetime) -> int:
+    # SQLite hands back the UTC time it stored without its zone.
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+
+
+def failure(error: QubaxError) -> str:
+    return error.to_body().error.model_dump_json()

@@ -1,0 +1,157 @@
+"""The job runner: every node runs one, for as long as the app runs. It takes queued jobs from the
+database, and jobs whose node went silent (it died), and makes them, a bounded number at a time.
+
+Taking a job is one conditional update (after `SELECT … FOR UPDATE SKIP LOCKED` on PostgreSQL), so of
+several nodes one wins each job. While a job runs, its runner says so every few seconds, and learns
+whether its key asked to cancel it. A node that stops cleanly puts its running jobs back in the queue
+(their upstream work was cancelled with them); one that dies leaves its upstream tasks in the journal,
+and the node that takes the job over waits on them.
+"""
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+import orjson
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from qubax import db, generation, jobs, journal
+from qubax.errors import AuthenticationError, QubaxError
+from qubax.services import Services
+
+logger = logging.getLogger("qubax")
+RUNNING = db.ImageJob.status == "in_progress"
+
+
+async def run_forever(services: Services) -> None:
+    running: set[asyncio.Task[None]] = set()
+
+    def ended(task: "asyncio.Task[None]") -> None:
+        running.discard(task)
+        services.job_posted.set()  # a place is free: look for more
+
+    try:
+        while True:
+            services.job_posted.clear()
+            job_id = await take(services) if len(running) < services.settings.job_concurrency else None
+            if job_id is not None:
+                task = asyncio.create_task(run(services, job_id))
+                running.add(task)
+                task.add_done_callback(ended)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(services.settings.job_poll_seconds):
+                    await services.job_posted.wait()
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+async def take(services: Services) -> str | None:
+    """The oldest job that is queued or abandoned, now this node's; None when there is none to take."""
+    silent = db.now() - timedelta(seconds=services.settings.takeover_seconds)
+    takeable = (db.ImageJob.status == "queued") | (RUNNING & (db.ImageJob.heartbeat_at < silent))
+    first = select(db.ImageJob.id).where(takeable).order_by(db.ImageJob.id).limit(1)
+    try:
+        async with services.sessions() as session:
+            job_id = await session.scalar(first.with_for_update(skip_locked=True))
+            if job_id is None:
+                return None
+            taken = await session.execute(
+                update(db.ImageJob)
+                .where(db.ImageJob.id == job_id, takeable)
+                .values(status="in_progress", heartbeat_at=db.now())
+            )
+            await session.commit()
+    except (OSError, SQLAlchemyError) as exc:  # the database is away: the next look may do better
+        logger.warning("taking a job failed: %s", exc)
+        return None
+    return job_id if taken.rowcount else None  # type: ignore[attr-defined]
+
+
+async def run(services: Services, job_id: str) -> None:
+    """Make one job and record how it ended."""
+    work = asyncio.create_task(make(services, job_id))
+    watcher = asyncio.create_task(watch(services, job_id, work))
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # this node is stopping: another run starts it afresh
+            await asyncio.shield(requeue(services, job_id))
+            raise
+        await end(services, job_id, "cancelled", error=jobs.CANCELLED.model_dump_json())
+    except QubaxError as exc:
+        await end(services, job_id, "failed", error=jobs.failure(exc))
+    except Exception:
+        logger.exception("job %s crashed", job_id)
+        await end(services, job_id, "failed", error=jobs.failure(QubaxError(f"The job {job_id} failed on our side.")))
+    else:
+        await end(services, job_id, "succeeded", result=result)
+    finally:
+        watcher.cancel()
+
+
+async def make(services: Services, job_id: str) -> bytes:
+    """The job's ImagesResponse (JSON), made as the request would have been, its upstream tasks journaled."""
+    async with services.sessions() as session:
+        job = await session.get(db.ImageJob, job_id)
+        row = None if job is None else await db.find_key_by(session, key_id=job.key_id)
+    if job is None or row is None:
+        raise QubaxError(f"The job {job_id} is gone.")
+    key = db.key_record(row)
+    if key.revoked_at is not None:
+        raise AuthenticationError("The API key that made this job has been revoked.")
+    request = await jobs.rebuild(services, job)
+    async with services.quotas.running(key), journal.kept(services.sessions, journal.job_owner(job_id)):
+        made = await generation.produce(request, key, services, job.public_url)
+    return orjson.dumps(made.response.model_dump(exclude_none=True))
+
+
+async def watch(services: Services, job_id: str, work: "asyncio.Task[bytes]") -> None:
+    """Say the job still runs, often; stop its work when its key asked to cancel it."""
+    beat = min(1.0, services.settings.takeover_seconds / 4)  # a cancel is seen within a second
+    while True:
+        await asyncio.sleep(beat)
+        try:
+            async with services.sessions() as session:
+                cancel = await session.scalar(
+                    update(db.ImageJob)
+                    .where(db.ImageJob.id == job_id, RUNNING)
+                    .values(heartbeat_at=db.now())
+                    .returning(db.ImageJob.cancel_requested)
+                )
+                await session.commit()
+        except (OSError, SQLAlchemyError) as exc:  # a missed beat only risks a takeover, never the work
+            logger.warning("job %s: heartbeat failed: %s", job_id, exc)
+            continue
+        if cancel:
+            work.cancel()
+            return
+
+
+async def end(
+    services: Services, job_id: str, status: str, result: bytes | None = None, error: str | None = None
+) -> None:
+    async with services.sessions() as session:
+        await session.execute(
+            update(db.ImageJob)
+            .where(db.ImageJob.id == job_id, RUNNING)
+            .values(status=status, result=result, error=error, completed_at=db.now(), heartbeat_at=None)
+        )
+        await session.execute(delete(db.JobInput).where(db.JobInput.job_id == job_id))
+        await session.commit()
+    await journal.forget(services.sessions, journal.job_owner(job_id))
+    logger.info("job %s %s", job_id, status)
+
+
+async def requeue(services: Services, job_id: str) -> None:
+    await journal.forget(services.sessions, journal.job_owner(job_id))
+    async with services.sessions() as session:
+        await session.execute(
+            update(db.ImageJob).where(db.ImageJob.id == job_id, RUNNING).values(status="queued", heartbeat_at=None)
+        )
+        await session.commit()

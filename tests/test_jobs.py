@@ -1,0 +1,292 @@
+"""Async jobs: `Prefer: respond-async` answers 202 with a job that any node's runner makes later."""
+
+import asyncio
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+
+from qubax import db, journal
+from qubax.app import create_app
+from qubax.providers.pool import KeyPool
+from qubax.settings import Settings
+from tests.conftest import create_key
+from tests.fakes.bfl import FakeBFL
+from tests.server import serve
+from tests.stack import Stack, client, rows, running_stack
+from tests.test_quota import limited_key
+
+ASYNC = {"Prefer": "respond-async"}
+FOX = {"model": "flux-1.1-pro", "prompt": "a fox", "response_format": "b64_json"}
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[Stack]:
+    with running_stack(settings, providers=("bfl", "fal")) as stack:
+        yield stack
+
+
+def submit(sdk: openai.OpenAI, **fields: Any) -> dict[str, Any]:
+    """A generation sent as a job with the SDK: the 202's job object."""
+    raw = sdk.images.with_raw_response.generate(**(FOX | fields), extra_headers=ASYNC)
+    assert raw.status_code == 202
+    job: dict[str, Any] = raw.http_response.json()
+    assert raw.headers["location"] == f"/v1/images/jobs/{job['id']}"
+    assert raw.headers["preference-applied"] == "respond-async"
+    return job
+
+
+def get(sdk: openai.OpenAI, path: str = "", **params: Any) -> httpx.Response:
+    """GET /v1/images/jobs…, as the key of `sdk` (the SDK has no jobs API of its own)."""
+    headers = {"authorization": f"Bearer {sdk.api_key}"}
+    return httpx.get(f"{sdk.base_url}images/jobs{path}", headers=headers, params=params)
+
+
+def cancel(sdk: openai.OpenAI, job_id: str) -> httpx.Response:
+    headers = {"authorization": f"Bearer {sdk.api_key}"}
+    return httpx.post(f"{sdk.base_url}images/jobs/{job_id}/cancel", headers=headers, timeout=30)
+
+
+def wait_for(sdk: openai.OpenAI, job_id: str, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = get(sdk, f"/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not end: {job}")
+
+
+def charged(stack: Stack) -> list[tuple[str, int, int]]:
+    return [(row.outcome, row.images, row.cost_micros) for row in rows(stack.settings, db.Generation)]
+
+
+def test_a_job_is_accepted_at_once_and_succeeds_with_what_the_request_would_answer(stack: Stack) -> None:
+    stack.bfl.pending_polls = 20
+    job = submit(stack.live)
+    assert set(job) == {"id", "object", "status", "created_at", "completed_at", "model", "result", "error"}
+    assert (job["object"], job["status"], job["model"], job["result"], job["error"]) == (
+        "image.job", "queued", "flux-1.1-pro", None, None
+    )  # fmt: skip
+    assert job["completed_at"] is None and abs(job["created_at"] - time.time()) < 60
+    done = wait_for(stack.live, job["id"])
+    assert done["status"] == "succeeded" and done["error"] is None and done["completed_at"] >= done["created_at"]
+    result = openai.types.ImagesResponse.model_validate(done["result"])
+    Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json or ""))).verify()
+    assert set(done["result"]) == {"created", "data"}  # as the synchronous answer: no nulls
+    assert len(stack.bfl.submissions) == 1
+    assert charged(stack) == [("ok", 1, 40_000)]
+    assert rows(stack.settings, db.JobInput) == []
+
+
+def test_a_job_s_links_are_signed_when_it_is_read(stack: Stack) -> None:
+    job = wait_for(stack.live, submit(stack.live, response_format="url")["id"])
+    url = job["result"]["data"][0]["url"]
+    assert httpx.get(url).status_code == 200
+    time.sleep(1.1)
+    assert get(stack.live, f"/{job['id']}").json()["result"]["data"][0]["url"] != url  # a later expiry
+
+
+def test_an_edit_job_keeps_its_files_until_it_ends(stack: Stack) -> None:
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(picture, "PNG")
+    raw = stack.live.images.with_raw_response.edit(
+        model="flux-kontext-pro",
+        image=("red.png", picture.getvalue(), "image/png"),
+        prompt="make it blue",
+        response_format="b64_json",
+        extra_headers=ASYNC,
+    )
+    assert raw.status_code == 202
+    job = wait_for(stack.live, raw.http_response.json()["id"])
+    assert job["status"] == "succeeded", job
+    [submission] = stack.bfl.submissions
+    assert submission["input_image"]  # the stored upload reached the upstream
+    assert rows(stack.settings, db.JobInput) == []
+
+
+def test_a_failed_job_carries_the_error_and_costs_nothing(stack: Stack) -> None:
+    stack.bfl.moderate = "Request Moderated"
+    job = wait_for(stack.live, submit(stack.live)["id"])
+    assert job["status"] == "failed" and job["result"] is None
+    assert job["error"]["code"] == "content_policy_violation"
+    assert set(job["error"]) == {"message", "type", "param", "code"}
+    assert [cost for _, _, cost in charged(stack)] == [0]
+
+
+def test_invalid_jobs_are_refused_at_submission(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", n=9, extra_headers=ASYNC)
+    assert caught.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", stream=True, extra_headers=ASYNC)
+    assert caught.value.param == "stream"
+    assert rows(stack.settings, db.ImageJob) == []
+
+
+def test_jobs_list_newest_first_a_page_at_a_time(stack: Stack) -> None:
+    made = [submit(stack.test)["id"] for _ in range(5)]
+    first = get(stack.test, limit=2).json()
+    assert first["object"] == "list" and first["has_more"] is True
+    assert [job["id"] for job in first["data"]] == made[::-1][:2]
+    assert (first["first_id"], first["last_id"]) == (made[4], made[3])
+    rest = get(stack.test, limit=10, after=first["last_id"]).json()
+    assert [job["id"] for job in rest["data"]] == made[::-1][2:] and rest["has_more"] is False
+    assert get(stack.test).json()["data"][0]["id"] == made[4]  # 20 by default
+    bad = get(stack.test, limit=0)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
+    assert get(stack.test, limit="many").status_code == 400
+
+
+def test_a_job_is_visible_to_its_own_key_only(stack: Stack) -> None:
+    job = submit(stack.test)
+    for response in (get(stack.live, f"/{job['id']}"), cancel(stack.live, job["id"])):
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+    assert get(stack.live).json()["data"] == []
+    assert get(stack.test, f"/{job['id']}").status_code == 200
+    assert get(stack.live, "/job_nonexistent").status_code == 404
+    assert httpx.get(f"{stack.url}/v1/images/jobs").status_code == 401
+
+
+def test_cancelling_a_running_job_cancels_its_upstream_work(stack: Stack) -> None:
+    stack.fal.running_polls = 10_000
+    job = submit(stack.live, model="flux-1-schnell", size="512x512")
+    deadline = time.monotonic() + 10
+    while not stack.fal.submissions and time.monotonic() < deadline:
+        time.sleep(0.02)
+    answer = cancel(stack.live, job["id"])
+    assert answer.status_code == 200
+    cancelled = answer.json()
+    assert cancelled["status"] == "cancelled" and cancelled["error"]["code"] == "cancelled"
+    assert len(stack.fal.cancels) == 1  # the upstream was told
+    assert charged(stack)[0][2] == 0
+    assert cancel(stack.live, job["id"]).json()["status"] == "cancelled"  # as it ended
+
+
+def test_cancelling_a_queued_job_ends_it_at_once(settings: Settings) -> None:
+    with running_stack(settings, providers=("bfl",), job_concurrency=1) as stack:
+        stack.bfl.pending_polls = 10_000
+        first, second = submit(stack.live), submit(stack.live)
+        assert cancel(stack.live, second["id"]).json()["status"] == "cancelled"
+        assert get(stack.live, f"/{first['id']}").json()["status"] == "in_progress"
+        assert cancel(stack.live, first["id"]).json()["status"] == "cancelled"
+        assert len(stack.bfl.submissions) == 1  # the queued one never reached the upstream
+
+
+def test_a_burst_of_jobs_cannot_overspend_the_budget(stack: Stack) -> None:
+    """$0.10 a month buys two $0.04 images: the third job is refused at submission, and so is a
+    request made while the two jobs still hold their share."""
+    stack.bfl.pending_polls = 200
+    sdk = limited_key(stack, "--monthly-budget-usd", "0.10")
+    jobs = [submit(sdk), submit(sdk)]
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.images.generate(**FOX, extra_headers=ASYNC)  # type: ignore[arg-type]
+    assert caught.value.code == "insufficient_quota"
+    with pytest.raises(openai.RateLimitError):
+        sdk.images.generate(**FOX)  # type: ignore[arg-type]
+    assert [wait_for(sdk, job["id"])["status"] for job in jobs] == ["succeeded"] * 2
+    assert sum(cost for _, _, cost in charged(stack)) == 80_000
+
+
+def test_daily_images_are_held_by_jobs_in_the_queue(stack: Stack) -> None:
+    stack.bfl.pending_polls = 200
+    sdk = limited_key(stack, "--images-per-day", "3")
+    submit(sdk, n=2)
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.images.generate(**FOX, n=2, extra_headers=ASYNC)  # type: ignore[arg-type]
+    assert caught.value.code == "rate_limit_exceeded"
+    submit(sdk)  # one more fits
+
+
+def test_the_same_idempotency_key_answers_the_same_job(stack: Stack) -> None:
+    headers = ASYNC | {"Idempotency-Key": "job-1"}
+    first = stack.live.images.with_raw_response.generate(**FOX, extra_headers=headers)  # type: ignore[arg-type]
+    again = stack.live.images.with_raw_response.generate(**FOX, extra_headers=headers)  # type: ignore[arg-type]
+    assert again.status_code == 202 and again.headers["x-qubax-idempotent-replayed"] == "true"
+    assert again.http_response.json()["id"] == first.http_response.json()["id"]
+    assert len(rows(stack.settings, db.ImageJob)) == 1
+
+
+def test_a_job_abandoned_by_a_dead_node_is_finished_on_its_upstream_task(stack: Stack) -> None:
+    """A node died while its job waited on a BFL task: the runner takes the job over once its heartbeat
+    is stale, and waits on the noted task instead of submitting again."""
+    submitted = httpx.post(
+        f"{stack.settings.base_urls['bfl']}/v1/flux-pro-1.1",
+        headers={"x-key": "test-key"},
+        json={"prompt": "a fox", "width": 1024, "height": 1024, "output_format": "png"},
+    ).json()
+    key_id = next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
+
+    async def die_while_waiting() -> None:
+        engine = db.connect(stack.settings.resolved_database_url)
+        async with db.sessions(engine)() as session:
+            silent = db.now() - timedelta(seconds=stack.settings.takeover_seconds + 1)
+            session.add(
+                db.ImageJob(
+                    id="job_orphan",
+                    key_id=key_id,
+                    endpoint="/v1/images/generations",
+                    model="flux-1.1-pro",
+                    fields=json.dumps(FOX),
+                    public_url=stack.url,
+                    status="in_progress",
+                    reserved_images=1,
+                    reserved_micros=40_000,
+                    cancel_requested=False,
+                    created_at=silent,
+                    heartbeat_at=silent,
+                )
+            )
+            key_name = KeyPool(["test-key"], scope="upstream:bfl").name_of("test-key")
+            handle = {"polling_url": submitted["polling_url"], "key": key_name}
+            session.add(
+                db.UpstreamTask(
+                    owner=journal.job_owner("job_orphan"),
+                    provider="bfl",
+                    upstream_model="flux-pro-1.1",
+                    images=1,
+                    handle=json.dumps(handle),
+                    created_at=silent,
+                )
+            )
+            await session.commit()
+        await engine.dispose()
+
+    asyncio.run(die_while_waiting())
+    job = wait_for(stack.live, "job_orphan")
+    assert job["status"] == "succeeded"
+    assert len(stack.bfl.submissions) == 1 and set(stack.bfl.polls) == {submitted["id"]}
+    assert charged(stack) == [("ok", 1, 40_000)]
+    assert rows(stack.settings, db.UpstreamTask) == []
+
+
+def test_jobs_survive_a_restart_of_the_only_node(settings: Settings) -> None:
+    """Stopped with one job in progress and one queued: both finish once the node is back."""
+    bfl = FakeBFL(pending_polls=10_000)
+    settings.job_concurrency = 1
+    with serve(bfl.app) as bfl_url:
+        settings.base_urls["bfl"], settings.credentials["bfl"] = bfl_url, SecretStr("test-key")
+        key = create_key(settings)
+        with serve(create_app(settings)) as url:
+            sdk = client(url, key)
+            ids = [submit(sdk)["id"] for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while not bfl.submissions and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert sorted(row.status for row in rows(settings, db.ImageJob)) == ["queued", "queued"]
+        bfl.pending_polls = 1
+        with serve(create_app(settings)) as url:
+            assert [wait_for(client(url, key), job_id)["status"] for job_id in ids] == ["succeeded"] * 2
+    generations = rows(settings, db.Generation)
+    assert [row.cost_micros for row in generations if row.outcome == "ok"] == [40_000, 40_000]
+    assert sum(row.cost_micros for row in generations) == 80_000

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from qubax import db
 from qubax.auth import digest_key
+from tests.fakes.bfl import FakeBFL
 from tests.fakes.openai import FakeOpenAI
 from tests.postgres import binaries, create_database, free_port, running_postgres
 from tests.redis import fresh_redis, running_redis
@@ -208,3 +209,56 @@ def test_two_nodes_share_one_upstream_cap(
         answers = statuses([sdk(a, key), sdk(b, key)], 8)
     assert answers == [200] * 8  # excess work waited for a slot; none was refused
     assert upstream[0].peak == 2  # one OpenAI key, capped at 2 active calls across both nodes
+
+
+def test_work_of_a_node_killed_while_it_waits_is_finished_by_another(
+    cluster_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Node A dies (SIGKILL) while it waits on two BFL tasks: an idempotent request's and a job's. The
+    request's retry on node B and B's job runner wait on those same tasks: no second submission, one
+    charge each, and both images delivered."""
+    bfl = FakeBFL(pending_polls=1_000_000)
+    with serve(bfl.app) as bfl_url:
+        env = {**cluster_env, "BFL_API_KEY": "test-key", "QUBAX_BFL_BASE_URL": bfl_url}
+        env |= {"QUBAX_TAKEOVER_SECONDS": "2", "QUBAX_POLL_INTERVAL_SECONDS": "0.05"}
+        key = new_key(env, tmp_path)
+        body = {"model": "flux-1.1-pro", "prompt": "a fox", "response_format": "b64_json"}
+        retry = {"authorization": f"Bearer {key}", "idempotency-key": "order-7"}
+        with node(env, tmp_path / "a") as (a, process), ThreadPoolExecutor(1) as pool:
+            cut_off = pool.submit(httpx.post, f"{a}/v1/images/generations", json=body, headers=retry, timeout=60)
+            job = sdk(a, key).images.with_raw_response.generate(**body, extra_headers={"Prefer": "respond-async"})
+            job_id = job.http_response.json()["id"]
+            deadline = time.monotonic() + 20
+            while len(set(bfl.polls)) < 2 and time.monotonic() < deadline:  # both tasks noted and waited on
+                time.sleep(0.05)
+            assert len(bfl.submissions) == 2
+            os.killpg(process.pid, signal.SIGKILL)
+            with pytest.raises(httpx.HTTPError):
+                cut_off.result()
+        bfl.pending_polls = 0  # the tasks are done now
+        with node(env, tmp_path / "b") as (b, _):
+            answer = httpx.post(f"{b}/v1/images/generations", json=body, headers=retry, timeout=60)
+            assert answer.status_code == 200 and answer.json()["data"][0]["b64_json"]
+            client = httpx.Client(base_url=b, headers={"authorization": f"Bearer {key}"})
+            deadline = time.monotonic() + 30
+            while (done := client.get(f"/v1/images/jobs/{job_id}").json())["status"] != "succeeded":
+                assert done["status"] in ("queued", "in_progress") and time.monotonic() < deadline, done
+                time.sleep(0.1)
+            assert done["result"]["data"][0]["b64_json"]
+    assert len(bfl.submissions) == 2  # nothing was submitted twice
+    assert charges(env["QUBAX_DATABASE_URL"], key) == [40_000, 40_000]
+
+
+def charges(database_url: str, key: str) -> list[int]:
+    """What each generation of the key cost, those that failed (at no cost) included."""
+
+    async def load() -> list[int]:
+        engine = db.connect(database_url)
+        async with db.sessions(engine)() as session:
+            key_id = await session.scalar(select(db.ApiKey.id).where(db.ApiKey.digest == digest_key(key)))
+            found = await session.scalars(select(db.Generation.cost_micros).where(db.Generation.key_id == key_id))
+            costs = [cost for cost in found if cost]
+        await engine.dispose()
+        return costs
+
+    return asyncio.run(load())

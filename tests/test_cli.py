@@ -5,6 +5,7 @@ import hashlib
 import inspect
 import io
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,35 @@ def test_generate_without_a_key_fails(tmp_path: Path) -> None:
     result = runner().invoke(main, ["generate", "p", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "--api-key or set QUBAX_API_KEY" in result.stderr
+
+
+def test_generate_async_waits_on_a_job(base_url: str, test_key: str, tmp_path: Path) -> None:
+    result = runner().invoke(
+        main,
+        ["generate", "p", "--async", "--api-key", test_key, "--out", str(tmp_path), "--base-url", base_url + "/v1"],
+    )
+    [path] = [Path(line) for line in ok(result).splitlines()]
+    assert png_size(path) == (1024, 768)  # flux-1.1-pro's default size
+    assert result.stderr.startswith("job job_")
+
+
+def test_jobs_list_show_and_cancel(base_url: str, test_key: str, settings: Settings, tmp_path: Path) -> None:
+    headers = {"authorization": f"Bearer {test_key}", "prefer": "respond-async"}
+    body = {"model": "flux-1.1-pro", "prompt": "p", "response_format": "b64_json"}
+    job_id = httpx.post(f"{base_url}/v1/images/generations", json=body, headers=headers).json()["id"]
+    env = cli_env(settings)
+    deadline = time.monotonic() + 10
+    while job_id + "  " not in (
+        listed := ok(runner().invoke(main, ["jobs", "list", "--status", "succeeded"], env=env))
+    ):
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.05)
+    assert listed.splitlines()[0].split() == ["ID", "KEY", "MODEL", "STATUS", "CREATED", "ENDED"]
+    assert ok(runner().invoke(main, ["jobs", "list", "--key", test_key], env=env)).count(job_id) == 1
+    assert job_id not in ok(runner().invoke(main, ["jobs", "list", "--status", "queued"], env=env))
+    shown = ok(runner().invoke(main, ["jobs", "show", job_id], env=env))
+    assert "status:   succeeded" in shown and "images:   1" in shown and "model:    flux-1.1-pro" in shown
+    assert ok(runner().invoke(main, ["jobs", "cancel", job_id], env=env)).strip() == f"{job_id}: succeeded."
+    missing = runner().invoke(main, ["jobs", "show", "job_nope"], env=env)
+    assert missing.exit_code == 1 and "No job job_nope." in missing.stderr
+    assert runner().invoke(main, ["jobs", "cancel", "job_nope"], env=env).exit_code == 1

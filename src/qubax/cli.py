@@ -1,26 +1,25 @@
 """The `qubax` command: run the server, manage keys, inspect models and usage, generate images."""
 
 import asyncio
-import base64
 import contextlib
-import itertools
 import logging
 import logging.config
-import secrets
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import httpx
+import orjson
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from qubax import auth, db, logs
 from qubax.catalog import Catalog
 from qubax.catalog_file import CatalogError, load_catalog
+from qubax.client import generate
+from qubax.errors import NotFound
+from qubax.jobs import STATUSES
+from qubax.jobs import stop as stop_job
 from qubax.providers.registry import PROVIDERS, credentials, default_concurrency
 from qubax.settings import Settings
 
@@ -298,61 +297,74 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
         click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-@main.command()
-@click.argument("prompt")
-@click.option("--model", default="flux-1.1-pro", show_default=True)
-@click.option("--size", default=None, help="WIDTHxHEIGHT; the model's default when omitted.")
-@click.option("-n", "n", default=1, show_default=True, type=int)
-@click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True)
-@click.option("--api-key", envvar="QUBAX_API_KEY", help="Or set QUBAX_API_KEY.")
-def generate(prompt: str, model: str, size: str | None, n: int, out: Path, base_url: str, api_key: str | None) -> None:
-    """Generate images on a running server and save them as PNG files."""
-    if not api_key:
-        raise click.UsageError(
-            "No API key: pass --api-key or set QUBAX_API_KEY (`qubax keys create --test` makes one to try)."
-        )
-    body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n, "response_format": "b64_json"}
-    if size:
-        body["size"] = size
-    response = asyncio.run(post_with_progress(f"{base_url.rstrip('/')}/images/generations", body, api_key))
-    payload = response.json() if response.headers.get("content-type", "").endswith("json") else {}
-    if response.status_code != 200:
-        message = payload.get("error", {}).get("message") if isinstance(payload, dict) else None
-        raise click.ClickException(f"{response.status_code}: {message or response.text[:200]}")
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)  # two runs in one second must not collide
-    for index, item in enumerate(payload["data"], start=1):
-        path = out / f"{model}-{stamp}-{index}.png"
-        path.write_bytes(base64.b64decode(item["b64_json"]))
-        click.echo(str(path))
+@main.group()
+def jobs() -> None:
+    """Async jobs of every key (`Prefer: respond-async`): list, show, cancel."""
 
 
-async def post_with_progress(url: str, body: dict[str, Any], api_key: str) -> httpx.Response:
-    headers = {"authorization": f"Bearer {api_key}"}
-    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=10.0)) as client:
-        request = asyncio.create_task(client.post(url, json=body, headers=headers))
-        spinner = spin(request)
-        try:
-            return await request
-        except httpx.ConnectError as exc:
-            hint = "Is the server running? Start it with `qubax serve` (or pass --base-url)."
-            raise click.ClickException(f"Could not reach {url}: {exc}. {hint}") from exc
-        except httpx.HTTPError as exc:
-            raise click.ClickException(f"Could not reach {url}: {exc}") from exc
-        finally:
-            await spinner
+@jobs.command("list")
+@click.option("--key", "key_or_id", default=None, help="Only this key's jobs: the key or its id.")
+@click.option("--status", type=click.Choice(STATUSES), default=None)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+def list_jobs(key_or_id: str | None, status: str | None, limit: int) -> None:
+    """The newest jobs first."""
+
+    async def load(session: AsyncSession) -> list[db.ImageJob]:
+        query = select(db.ImageJob).order_by(db.ImageJob.id.desc()).limit(limit)
+        if key_or_id is not None:
+            key = await find(session, key_or_id)
+            query = query.where(db.ImageJob.key_id == (key.id if key else None))
+        if status is not None:
+            query = query.where(db.ImageJob.status == status)
+        return list(await session.scalars(query))
+
+    rows = [
+        (job.id, job.key_id, job.model, job.status, f"{job.created_at:%Y-%m-%d %H:%M:%S}", ended_at(job))
+        for job in with_session(load)
+    ]
+    print_table(("ID", "KEY", "MODEL", "STATUS", "CREATED", "ENDED"), rows)
 
 
-async def spin(task: "asyncio.Task[Any]") -> None:
-    """A progress indicator on stderr, only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        return
-    started = time.monotonic()
-    for frame in itertools.cycle("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"):
-        if task.done():
-            break
-        sys.stderr.write(f"\r{frame} generating… {time.monotonic() - started:4.0f}s")
-        sys.stderr.flush()
-        await asyncio.sleep(0.1)
-    sys.stderr.write("\r" + " " * 30 + "\r")
+@jobs.command("show")
+@click.argument("job_id")
+def show_job(job_id: str) -> None:
+    """One job: its key, model, status, times, request fields, and its images or its error."""
+
+    async def load(session: AsyncSession) -> db.ImageJob | None:
+        return await session.get(db.ImageJob, job_id)
+
+    job = with_session(load)
+    if job is None:
+        raise click.ClickException(f"No job {job_id}.")
+    images = len(orjson.loads(job.result)["data"]) if job.result else None
+    error = orjson.loads(job.error)["message"] if job.error else None
+    for name, value in [
+        ("id", job.id), ("key", job.key_id), ("endpoint", job.endpoint), ("model", job.model), ("status", job.status),
+        ("created", f"{job.created_at:%Y-%m-%d %H:%M:%S}"), ("ended", ended_at(job)), ("request", job.fields),
+        ("images", images), ("error", error),
+    ]:  # fmt: skip
+        if value is not None:
+            click.echo(f"{name + ':':10}{value}")
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+def cancel_job(job_id: str) -> None:
+    """Cancel a job: a queued one at once, a running one (and its upstream work) by its node's runner."""
+
+    async def stop() -> db.ImageJob:
+        async with open_engine(Settings()) as engine:
+            return await stop_job(db.sessions(engine), job_id)
+
+    try:
+        job = asyncio.run(stop())
+    except NotFound as exc:
+        raise click.ClickException(f"No job {job_id}.") from exc
+    click.echo(f"{job.id}: {job.status}.")
+
+
+def ended_at(job: db.ImageJob) -> str:
+    return "" if job.completed_at is None else f"{job.completed_at:%Y-%m-%d %H:%M:%S}"
+
+
+main.add_command(generate)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import orjson
 from fastapi import UploadFile
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax import db
 from qubax.catalog import ImageRequest
@@ -27,6 +28,7 @@ from qubax.storage import relink
 
 PREFER_ASYNC = re.compile(r"(?:^|,)\s*respond-async\s*(?:[,;]|$)", re.IGNORECASE)
 ENDED = ("succeeded", "failed", "cancelled")
+STATUSES = (*db.PENDING, *ENDED)
 MAX_PAGE = 100
 CANCEL_WAIT_SECONDS = 10.0  # how long a cancel waits for the running job to stop, before answering
 CANCELLED = Error(message="The job was cancelled.", type="invalid_request_error", param=None, code="cancelled")
@@ -119,26 +121,33 @@ async def page(services: Services, key: db.KeyRecord, limit: int, after: str | N
 
 
 async def cancel(services: Services, key: db.KeyRecord, job_id: str) -> db.ImageJob:
-    """Cancel a job: at once if it is still queued; if it runs, its runner stops it (and the upstream
-    work it owns) within a second or so, which this waits for. An ended job stays as it ended."""
     await find(services, key, job_id)
+    return await stop(services.sessions, job_id)
+
+
+async def stop(sessions: async_sessionmaker[AsyncSession], job_id: str) -> db.ImageJob:
+    """Cancel a job: at once if it is still queued; if it runs, its runner (on any node) stops it, and
+    the upstream work it owns, within a second or so, which this waits for. An ended job stays as it
+    ended. Raises `NotFound` for no such job."""
     same = db.ImageJob.id == job_id
-    async with services.sessions() as session:
+    async with sessions() as session:
         await session.execute(
             update(db.ImageJob)
             .where(same, db.ImageJob.status == "queued")
             .values(status="cancelled", completed_at=db.now(), error=CANCELLED.model_dump_json())
         )
-        await session.execute(
-            update(db.ImageJob).where(same, db.ImageJob.status == "in_progress").values(cancel_requested=True)
-        )
+        running = same & (db.ImageJob.status == "in_progress")
+        await session.execute(update(db.ImageJob).where(running).values(cancel_requested=True))
         await session.commit()
     deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    job = await find(services, key, job_id)
-    while job.status not in ENDED and time.monotonic() < deadline:
+    while True:
+        async with sessions() as session:
+            job = await session.get(db.ImageJob, job_id)
+        if job is None:
+            raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
+        if job.status in ENDED or time.monotonic() > deadline:
+            return job
         await asyncio.sleep(0.1)  # its runner may be on another node: the database is all they share
-        job = await find(services, key, job_id)
-    return job
 
 
 async def describe(services: Services, job: db.ImageJob, public_url: str) -> ImageJob:

@@ -128,7 +128,14 @@ def test_admin_api_is_documented_only_for_the_admin_token(settings: Settings) ->
         admin = httpx.get(f"{url}/admin/openapi.json", headers={"authorization": f"Bearer {TOKEN}"})
     assert admin.status_code == 200
     paths = admin.json()["paths"]
-    assert {"/admin/keys", "/admin/keys/{key_id}", "/admin/keys/{key_id}/revoke", "/admin/usage"} == set(paths)
+    assert set(paths) == {
+        "/admin/keys",
+        "/admin/keys/{key_id}",
+        "/admin/keys/{key_id}/revoke",
+        "/admin/keys/{key_id}/webhook",
+        "/admin/webhooks",
+        "/admin/usage",
+    }
     assert "422" not in paths["/admin/keys"]["post"]["responses"]
     assert "400" in paths["/admin/keys"]["post"]["responses"]
 

@@ -1,4 +1,5 @@
-"""The operators' endpoints, behind the admin token: the admin API (`/admin/...`: keys and usage)
+"""The operators' endpoints, behind the admin token: the admin API (`/admin/...`: keys, their webhooks,
+webhook deliveries and usage)
 and Prometheus' `/metrics`.
 
 `create_app` includes these routers only when `QUBAX_ADMIN_TOKEN` is set; without it they are 404s.
@@ -11,9 +12,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from qubax import auth, db
+from qubax import auth, db, targets
 from qubax.bodies import LimitedRoute
 from qubax.docs import openapi_schema
 from qubax.errors import AuthenticationError, InvalidRequest, NotFound
@@ -73,7 +75,7 @@ async def switched_off() -> None:
 @router.get("/openapi.json", include_in_schema=False)
 async def admin_openapi() -> dict[str, Any]:
     """The admin API's own schema, for holders of the admin token only (the public one leaves it out)."""
-    return openapi_schema("Qubax Images admin API", "Keys and usage, for operators.", router, [])
+    return openapi_schema("Qubax Images admin API", "Keys, their webhooks, webhook deliveries and usage, for operators.", router, [])
 
 
 @metrics_router.get("/metrics")
@@ -137,6 +139,44 @@ class UsageList(BaseModel):
     data: list[Usage]
 
 
+class WebhookSettings(BaseModel):
+    """A key's webhooks: its default target (null for none; jobs may name their own) and whether to make
+    a new signing secret. A key's first target makes its first secret."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: StrictStr | None = None
+    rotate_secret: StrictBool = False
+
+
+class KeyWebhooks(BaseModel):
+    object: Literal["webhook_settings"] = "webhook_settings"
+    key_id: str
+    url: str | None
+    has_secret: bool
+    secret: str | None = Field(description="The signing secret, in the answer that made it only.")
+
+
+class Delivery(BaseModel):
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    id: str  # the `webhook-id` header
+    job_id: str
+    key_id: str
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: int
+    next_attempt_at: int | None  # while pending
+    delivered_at: int | None
+
+
+class DeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Delivery]
+
+
 NO_BODY = NewKey()  # an empty body: a key with every default
 NO_CHANGE = Limits()  # an empty body: no field set, nothing changes
 
@@ -177,6 +217,47 @@ async def revoke_key(key_id: str, services: ServicesDep) -> Key:
     if key is None:
         raise not_found(key_id)
     return changed(key, services)
+
+
+@router.put("/keys/{key_id}/webhook")
+async def set_webhooks(key_id: str, body: WebhookSettings, services: ServicesDep) -> KeyWebhooks:
+    """Where the key's jobs report by default, and its signing secret (shown here once, when made)."""
+    if body.url is not None:
+        await targets.check_target(body.url, services.settings.webhook_allowed_hosts)
+    async with services.sessions() as session:
+        key = await find(session, key_id)
+        secret = targets.configure(key, body.url, body.rotate_secret)
+        await session.commit()
+    return KeyWebhooks(key_id=key.id, url=key.webhook_url, has_secret=key.webhook_secret is not None, secret=secret)
+
+
+@router.get("/webhooks")
+async def list_deliveries(services: ServicesDep, limit: int = 50, status: str | None = None) -> DeliveryList:
+    """The newest webhook deliveries first, and how each went."""
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest(f"limit must be between 1 and 1000; got {limit}.", param="limit")
+    query = select(db.WebhookDelivery).order_by(db.WebhookDelivery.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(db.WebhookDelivery.status == status)
+    async with services.sessions() as session:
+        found = list(await session.scalars(query))
+    return DeliveryList(data=[delivery_of(row) for row in found])
+
+
+def delivery_of(row: db.WebhookDelivery) -> Delivery:
+    return Delivery(
+        id=row.id,
+        job_id=row.job_id,
+        key_id=row.key_id,
+        url=row.url,
+        status=row.status,
+        attempts=row.attempts,
+        last_status=row.last_status,
+        last_error=row.last_error,
+        created_at=unix(row.created_at),
+        next_attempt_at=unix(row.next_attempt_at) if row.status == "pending" else None,
+        delivered_at=None if row.delivered_at is None else unix(row.delivered_at),
+    )
 
 
 @router.get("/usage", response_model_exclude_none=True)

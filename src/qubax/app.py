@@ -17,7 +17,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qubax import admin, docs, routes, runner
+from qubax import admin, docs, routes, runner, webhooks
 from qubax.catalog_file import load_catalog
 from qubax.errors import InvalidRequest, QubaxError, RequestTooLarge, invalid_input
 from qubax.logs import log_access
@@ -41,13 +41,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logging.getLogger("uvicorn.access").addFilter(hide_query)
         async with open_services(settings, catalog, metrics) as services:
             app.state.services = services
-            jobs = asyncio.create_task(runner.run_forever(services))
+            background = [
+                asyncio.create_task(runner.run_forever(services)),
+                asyncio.create_task(webhooks.deliver_forever(services)),
+            ]
             try:
                 yield
             finally:  # before the services close: running jobs go back to the queue
-                jobs.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await jobs
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
 
     # FastAPI's built-in OpenTelemetry hooks look up global providers on every request; we do not use them.
     telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}

@@ -13,11 +13,11 @@ import orjson
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from qubax import auth, db, logs
+from qubax import auth, db, logs, targets
 from qubax.catalog import Catalog
 from qubax.catalog_file import CatalogError, load_catalog
 from qubax.client import generate
-from qubax.errors import NotFound
+from qubax.errors import InvalidRequest, NotFound
 from qubax.jobs import STATUSES
 from qubax.jobs import stop as stop_job
 from qubax.providers.registry import PROVIDERS, credentials, default_concurrency
@@ -214,6 +214,38 @@ async def find(session: AsyncSession, key_or_id: str) -> db.ApiKey | None:
     if auth.looks_like_key(key_or_id):
         return await db.find_key_by(session, digest=auth.digest_key(key_or_id))
     return await db.find_key_by(session, key_id=key_or_id)
+
+
+@keys.command("webhook")
+@click.argument("key_or_id")
+@click.option("--url", default=None, help="Where the key's jobs report by default (https, public).")
+@click.option("--no-url", is_flag=True, help="No default target: only jobs that name one report.")
+@click.option("--rotate-secret", is_flag=True, help="Make a new signing secret; the old one stops working.")
+def key_webhook(key_or_id: str, url: str | None, no_url: bool, rotate_secret: bool) -> None:
+    """Set a key's webhooks. Its signing secret is made with its first target (or --rotate-secret) and
+    shown once: give it to the key's owner, whose receiver checks our signatures with it."""
+    settings = Settings()
+
+    async def configure(session: AsyncSession) -> tuple[db.ApiKey | None, str | None]:
+        if url is not None:
+            await targets.check_target(url, settings.webhook_allowed_hosts)
+        key = await find(session, key_or_id)
+        if key is None:
+            return None, None
+        secret = targets.configure(key, None if no_url else url or key.webhook_url, rotate_secret)
+        await session.commit()
+        return key, secret
+
+    try:
+        key, secret = with_session(configure)
+    except InvalidRequest as exc:
+        raise click.ClickException(exc.message) from exc
+    if key is None:
+        raise click.ClickException("No such key.")
+    click.echo(f"{key.id}: webhooks to {key.webhook_url or '(only the targets jobs name)'}.")
+    if secret is not None:
+        click.echo("Signing secret (shown once):")
+        click.echo(secret)
 
 
 @keys.command("list")

@@ -65,6 +65,10 @@ class ApiKey(Base):
     images_per_day: Mapped[int | None] = mapped_column(Integer, default=None)
     max_concurrent: Mapped[int | None] = mapped_column(Integer, default=None)
     monthly_budget_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # Webhooks: where the key's jobs report when they name no target, and the secret that signs them
+    # (Standard Webhooks' `whsec_…`; kept, as a signer must, and shown only when made).
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +167,7 @@ class ImageJob(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)  # its runner lives
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)  # told when the job ends
 
 
 class JobInput(Base):
@@ -191,6 +196,24 @@ class UpstreamTask(Base):
     images: Mapped[int] = mapped_column(Integer)  # how many the task makes
     handle: Mapped[str] = mapped_column(Text)  # JSON, as the adapter wrote it
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
+
+
+class WebhookDelivery(Base):
+    """A job's end, to be told to its webhook: tried until its target answers 2xx, or the retries run out."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # `webhook-id`: the same on every try
+    job_id: Mapped[str] = mapped_column(ForeignKey("image_jobs.id"))
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending, delivered or failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)  # the target's HTTP status
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 def connect(url: str) -> AsyncEngine:

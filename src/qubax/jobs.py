@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import orjson
 from fastapi import UploadFile
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax import db
@@ -25,6 +25,7 @@ from qubax.generation import check_edit
 from qubax.protocol import Error, ImageEditRequest, ImageGenerateRequest, ImageJob, ImageJobList, ImagesResponse
 from qubax.services import Services
 from qubax.storage import relink
+from qubax.targets import check_target
 
 PREFER_ASYNC = re.compile(r"(?:^|,)\s*respond-async\s*(?:[,;]|$)", re.IGNORECASE)
 ENDED = ("succeeded", "failed", "cancelled")
@@ -48,6 +49,7 @@ async def submit(
     public_url: str,
 ) -> db.ImageJob:
     """Queue a checked request as a job, once the key's limits admit it (they count it from now)."""
+    webhook_url = await webhook_target(services, key, body.webhook_url)
     files = [("image", upload) for upload in body.images] if isinstance(body, ImageEditRequest) else []
     if isinstance(body, ImageEditRequest) and body.mask is not None:
         files.append(("mask", body.mask))
@@ -64,6 +66,7 @@ async def submit(
         reserved_micros=request.cost_micros(request.n, key.test),
         cancel_requested=False,
         created_at=db.now(),
+        webhook_url=webhook_url,
     )
     # The limits count the job while they admit it; its row holds its reservation once it is written.
     async with services.quotas.hold(key, request), services.sessions() as session:
@@ -74,6 +77,24 @@ async def submit(
         await session.commit()
     services.job_posted.set()
     return job
+
+
+async def webhook_target(services: Services, key: db.KeyRecord, asked: str | None) -> str | None:
+    """Where the job will report: the URL it names, or else its key's default; checked, and only for a
+    key with a signing secret (its receiver could not tell our webhooks from forgeries otherwise)."""
+    async with services.sessions() as session:
+        row = await session.get(db.ApiKey, key.id)
+    url = asked or (row.webhook_url if row is not None else None)
+    if url is None:
+        return None
+    if row is None or not row.webhook_secret:
+        raise InvalidRequest(
+            "This key has no webhook signing secret yet: the operator makes one (`qubax keys webhook KEY "
+            "--rotate-secret`, or the admin API) and gives it to you, to check our signatures with.",
+            param="webhook_url",
+            code="webhook_secret_missing",
+        )
+    return await check_target(url, services.settings.webhook_allowed_hosts)
 
 
 def read(upload: UploadFile) -> bytes:
@@ -129,15 +150,10 @@ async def stop(sessions: async_sessionmaker[AsyncSession], job_id: str) -> db.Im
     """Cancel a job: at once if it is still queued; if it runs, its runner (on any node) stops it, and
     the upstream work it owns, within a second or so, which this waits for. An ended job stays as it
     ended. Raises `NotFound` for no such job."""
-    same = db.ImageJob.id == job_id
     async with sessions() as session:
-        await session.execute(
-            update(db.ImageJob)
-            .where(same, db.ImageJob.status == "queued")
-            .values(status="cancelled", completed_at=db.now(), error=CANCELLED.model_dump_json())
-        )
-        running = same & (db.ImageJob.status == "in_progress")
-        await session.execute(update(db.ImageJob).where(running).values(cancel_requested=True))
+        if not await close(session, job_id, "cancelled", error=CANCELLED.model_dump_json(), was="queued"):
+            running = (db.ImageJob.id == job_id) & (db.ImageJob.status == "in_progress")
+            await session.execute(update(db.ImageJob).where(running).values(cancel_requested=True))
         await session.commit()
     deadline = time.monotonic() + CANCEL_WAIT_SECONDS
     while True:
@@ -148,6 +164,37 @@ async def stop(sessions: async_sessionmaker[AsyncSession], job_id: str) -> db.Im
         if job.status in ENDED or time.monotonic() > deadline:
             return job
         await asyncio.sleep(0.1)  # its runner may be on another node: the database is all they share
+
+
+async def close(
+    session: AsyncSession,
+    job_id: str,
+    status: str,
+    *,
+    result: bytes | None = None,
+    error: str | None = None,
+    was: str = "in_progress",
+) -> bool:
+    """End a job that is still `was`, in the caller's transaction: its outcome kept, its files dropped,
+    its webhook (if it has one) queued. False when the job was not `was` (it ended already)."""
+    ended = await session.execute(
+        update(db.ImageJob)
+        .where(db.ImageJob.id == job_id, db.ImageJob.status == was)
+        .values(status=status, result=result, error=error, completed_at=db.now(), heartbeat_at=None)
+        .returning(db.ImageJob.key_id, db.ImageJob.webhook_url)
+    )
+    row = ended.one_or_none()
+    if row is None:
+        return False
+    await session.execute(delete(db.JobInput).where(db.JobInput.job_id == job_id))
+    if row.webhook_url:
+        now = db.now()
+        delivery = db.WebhookDelivery(
+            id=db.new_id("msg"), job_id=job_id, key_id=row.key_id, url=row.webhook_url, status="pending",
+            attempts=0, created_at=now, next_attempt_at=now,
+        )  # fmt: skip
+        session.add(delivery)
+    return True
 
 
 async def describe(services: Services, job: db.ImageJob, public_url: str) -> ImageJob:

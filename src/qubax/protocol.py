@@ -47,6 +47,9 @@ class ImageGenerateRequest(BaseModel):
     # FLUX extensions (not OpenAI's): OpenAI clients never send them and see no difference.
     seed: StrictInt | None = Field(None, description="FLUX extension: 0 to 4294967295, for repeatable images.")
     safety_tolerance: StrictInt | None = Field(None, description="FLUX extension: 0 (strict) to 6 (permissive).")
+    webhook_url: StrictStr | None = Field(
+        None, description="Qubax extension, for jobs (`Prefer: respond-async`): told, signed, when the job ends."
+    )
 
 
 UPLOAD_FIELDS: set[str] = {"image", "image_list", "mask"}  # an edit's files, apart from its other fields
@@ -78,6 +81,7 @@ class ImageEditRequest(BaseModel):
     user: str | None = None
     seed: int | None = None
     safety_tolerance: int | None = None
+    webhook_url: str | None = None
 
     @property
     def images(self) -> list[UploadFile]:

@@ -103,9 +103,10 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
     """Creates images from a prompt, as OpenAI's `POST /v1/images/generations` does. Each image comes back
     as a signed, expiring `url` or inline as `b64_json`; failed requests cost nothing."""
     services: Services = request.app.state.services
+    as_job = wants_job(request, body)
     if body.stream:
         return await stream_answer(request, key, services.catalog.check(body), body.prompt)
-    if jobs.wants_async(request.headers.get("prefer")):
+    if as_job:
         checked = services.catalog.check(body)
         return await respond(
             request, key, lambda: accept_job(request, key, GENERATIONS_PATH, body, checked), GENERATIONS_PATH, body
@@ -127,10 +128,11 @@ async def create_image_edit(
     does: multipart/form-data with up to 16 images (`image`, or `image[]` as the SDK sends a list), each a
     PNG, JPEG or WebP of at most 50 MB, and an optional PNG `mask` the size of the first image."""
     services: Services = request.app.state.services
+    as_job = wants_job(request, form)
     if form.stream:
         return await stream_answer(request, key, await generation.check_edit(form, services), form.prompt)
     uploads = [*form.images, *filter(None, [form.mask])]
-    if jobs.wants_async(request.headers.get("prefer")):
+    if as_job:
         checked = await generation.check_edit(form, services)
         return await respond(
             request, key, lambda: accept_job(request, key, EDITS_PATH, form, checked), EDITS_PATH, form, uploads
@@ -174,6 +176,17 @@ async def respond(
     fingerprint = idempotency.fingerprint(path, fields, await digests(list(uploads)))
     work = idempotency.once(services, key.id, idempotency.check_key(token), fingerprint, make, public_url(request))
     return await until_disconnect(request, work)
+
+
+def wants_job(request: Request, body: ImageGenerateRequest | ImageEditRequest) -> bool:
+    """Whether the request asks to be a job (`Prefer: respond-async`); `webhook_url` is only for jobs."""
+    if jobs.wants_async(request.headers.get("prefer")):
+        return True
+    if body.webhook_url is not None:
+        raise InvalidRequest(
+            "webhook_url is for jobs: send it with the header Prefer: respond-async.", param="webhook_url"
+        )
+    return False
 
 
 async def accept_job(

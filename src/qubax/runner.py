@@ -9,15 +9,14 @@ and the node that takes the job over waits on them.
 """
 
 import asyncio
-import contextlib
 import logging
 from datetime import timedelta
 
 import orjson
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from qubax import db, generation, jobs, journal
+from qubax import db, generation, jobs, journal, loops
 from qubax.errors import AuthenticationError, QubaxError
 from qubax.services import Services
 
@@ -26,28 +25,14 @@ RUNNING = db.ImageJob.status == "in_progress"
 
 
 async def run_forever(services: Services) -> None:
-    running: set[asyncio.Task[None]] = set()
-
-    def ended(task: "asyncio.Task[None]") -> None:
-        running.discard(task)
-        services.job_posted.set()  # a place is free: look for more
-
-    try:
-        while True:
-            services.job_posted.clear()
-            job_id = await take(services) if len(running) < services.settings.job_concurrency else None
-            if job_id is not None:
-                task = asyncio.create_task(run(services, job_id))
-                running.add(task)
-                task.add_done_callback(ended)
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(services.settings.job_poll_seconds):
-                    await services.job_posted.wait()
-    finally:
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+    settings = services.settings
+    await loops.take_and_run(
+        lambda: take(services),
+        lambda job_id: run(services, job_id),
+        services.job_posted,
+        settings.job_concurrency,
+        settings.job_poll_seconds,
+    )
 
 
 async def take(services: Services) -> str | None:
@@ -134,16 +119,12 @@ async def watch(services: Services, job_id: str, work: "asyncio.Task[bytes]") ->
 
 
 async def end(
-    services: Services, job_id: str, status: str, result: bytes | None = None, error: str | None = None
+    services: Services, job_id: str, status: str, *, result: bytes | None = None, error: str | None = None
 ) -> None:
     async with services.sessions() as session:
-        await session.execute(
-            update(db.ImageJob)
-            .where(db.ImageJob.id == job_id, RUNNING)
-            .values(status=status, result=result, error=error, completed_at=db.now(), heartbeat_at=None)
-        )
-        await session.execute(delete(db.JobInput).where(db.JobInput.job_id == job_id))
+        await jobs.close(session, job_id, status, result=result, error=error)
         await session.commit()
+    services.webhook_posted.set()
     await journal.forget(services.sessions, journal.job_owner(job_id))
     logger.info("job %s %s", job_id, status)
 

@@ -54,6 +54,7 @@ class Services:
     # loop keeps only weak references to tasks.
     detached: set["asyncio.Task[Any]"] = field(default_factory=set)
     job_posted: asyncio.Event = field(default_factory=asyncio.Event)  # wakes this node's job runner
+    webhook_posted: asyncio.Event = field(default_factory=asyncio.Event)  # wakes its webhook deliverer
 
 
 @contextlib.asynccontextmanager

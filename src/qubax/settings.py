@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     takeover_seconds: float = Field(default=20.0, gt=0)
     job_concurrency: int = Field(default=8, ge=1)  # async jobs each node makes at once
     job_poll_seconds: float = Field(default=1.0, gt=0)  # how often a node looks for jobs other nodes queued
+    # Webhooks: hosts (or `*.example.com` patterns, comma-separated) that may be http, or resolve to
+    # private or loopback addresses (others must be public https); seconds a target has to answer; the
+    # pauses between tries of a failed delivery (the default spans 27 hours).
+    webhook_allowed_hosts: str | None = None
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_retry_seconds: list[float] = Field(default=[5, 300, 1800, 7200, 18000, 36000, 36000], min_length=1)
     catalog: Path | None = None  # the operator's TOML catalog file
     breaker_failures: int = Field(default=5, ge=1)  # failures in a row that take a route out of rotation
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)

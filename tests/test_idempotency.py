@@ -4,6 +4,7 @@ import asyncio
 import concurrent.futures
 import json
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import openai
@@ -176,12 +177,54 @@ def test_work_abandoned_by_a_dead_node_is_taken_over(stack: Stack) -> None:
     assert row.status == "done"
 
 
-def test_a_streamed_request_with_a_key_is_refused_not_left_unprotected(stack: Stack) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        stack.live.images.generate(
-            model="flux-1.1-pro", prompt="a fox", stream=True, extra_headers={"Idempotency-Key": "s"}
-        )
-    assert caught.value.code == "invalid_idempotency_key" and stack.bfl.submissions == []
+def streamed(stack: Stack, token: str) -> tuple[list[Any], dict[str, str]]:
+    """A streamed generation with the SDK: its events and the answer's headers."""
+    with stack.live.images.with_streaming_response.generate(
+        model="flux-1.1-pro", prompt="a fox", n=2, stream=True, extra_headers={"Idempotency-Key": token}
+    ) as response:
+        return list(response.parse()), dict(response.headers)
+
+
+def test_a_streamed_request_sent_twice_is_made_once(stack: Stack) -> None:
+    first, first_headers = streamed(stack, "stream-1")
+    again, again_headers = streamed(stack, "stream-1")
+    assert [event.type for event in first] == ["image_generation.completed"] * 2
+    assert [event.b64_json for event in again] == [event.b64_json for event in first]
+    assert again_headers["x-qubax-idempotent-replayed"] == "true" and "x-qubax-idempotent-replayed" not in first_headers
+    assert again_headers["content-type"].startswith("text/event-stream")
+    assert len(stack.bfl.submissions) == 2  # one task per image, once
+    assert charged(stack) == [("ok", 2, 80_000)]
+
+
+def test_a_stream_goes_on_when_its_client_leaves_and_its_retry_gets_it_all(stack: Stack) -> None:
+    stack.bfl.pending_polls = 100  # about a second of work
+    body = {"model": "flux-1.1-pro", "prompt": "a fox", "stream": True}
+    headers = {"authorization": f"Bearer {stack.live_key}", "idempotency-key": "left"}
+    with httpx.stream("POST", f"{stack.url}/v1/images/generations", json=body, headers=headers) as response:
+        assert response.status_code == 200  # admitted; the client leaves before any event
+    events, _ = streamed_once(stack, body, headers)
+    assert [event["type"] for event in events] == ["image_generation.completed"]
+    assert len(stack.bfl.submissions) == 1
+    assert charged(stack) == [("ok", 1, 40_000)]
+
+
+def streamed_once(stack: Stack, body: dict[str, Any], headers: dict[str, str]) -> tuple[list[Any], httpx.Response]:
+    response = httpx.post(f"{stack.url}/v1/images/generations", json=body, headers=headers, timeout=30)
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    return events, response
+
+
+def test_a_stream_that_delivered_nothing_lets_go_of_its_key(stack: Stack) -> None:
+    stack.bfl.moderate = "Request Moderated"
+    body = {"model": "flux-1.1-pro", "prompt": "a fox", "stream": True}
+    headers = {"authorization": f"Bearer {stack.live_key}", "idempotency-key": "refused"}
+    events, _ = streamed_once(stack, body, headers)
+    assert events[-1]["error"]["code"] == "content_policy_violation"
+    stack.bfl.moderate = None
+    events, response = streamed_once(stack, body, headers)
+    assert [event["type"] for event in events] == ["image_generation.completed"]
+    assert "x-qubax-idempotent-replayed" not in response.headers
+    assert len(stack.bfl.submissions) == 2
 
 
 def test_a_takeover_waits_on_the_upstream_task_the_dead_node_started(stack: Stack) -> None:

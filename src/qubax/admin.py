@@ -75,7 +75,9 @@ async def switched_off() -> None:
 @router.get("/openapi.json", include_in_schema=False)
 async def admin_openapi() -> dict[str, Any]:
     """The admin API's own schema, for holders of the admin token only (the public one leaves it out)."""
-    return openapi_schema("Qubax Images admin API", "Keys, their webhooks, webhook deliveries and usage, for operators.", router, [])
+    return openapi_schema(
+        "Qubax Images admin API", "Keys, their webhooks, webhook deliveries and usage, for operators.", router, []
+    )
 
 
 @metrics_router.get("/metrics")

@@ -15,12 +15,13 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import Response
+from fastapi.sse import KEEPALIVE_COMMENT
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -37,6 +38,7 @@ MAX_KEY_CHARS = 255
 LIFETIME = timedelta(hours=24)
 WAIT_SECONDS = 0.2  # between looks at a request another node is working on
 REPLAYED_HEADERS = ("content-type", "x-qubax-route", "x-qubax-test")
+COMPLETED = b".completed"  # in the event name of each image a stream delivered
 
 
 def fingerprint(kind: str, fields: dict[str, object], files: list[bytes] | None = None) -> str:
@@ -61,14 +63,15 @@ async def once(
     key_id: str,
     token: str,
     print_: str,
-    work: Callable[[], Awaitable[Response]],
+    owned: Callable[[], Awaitable[Response]],
     public_url: str,
 ) -> Response:
-    """`work`'s answer, made at most once at a time for this key and replayed once it succeeded."""
+    """The answer `owned()` gives once this request owns the key (`run` or `run_stream` it), made at most
+    once at a time for this key, and replayed once it succeeded."""
     deadline = time.monotonic() + services.settings.request_timeout_seconds
     while True:
         if await claim(services, key_id, token, print_):
-            return await run(services, key_id, token, work)
+            return await owned()
         row = await find(services, key_id, token)
         if row is None:  # the first request failed and let go: this one does the work
             continue
@@ -79,7 +82,7 @@ async def once(
         if row.status == "done":
             return await replay(row, services.storage, public_url)
         if await take_over(services, key_id, token):
-            return await run(services, key_id, token, work)
+            return await owned()
         if time.monotonic() > deadline:
             raise InProgress(
                 "The request with this Idempotency-Key is still at work; try again shortly.", retry_after=1
@@ -138,15 +141,88 @@ async def touch(services: "Services", key_id: str, token: str, stale: bool = Fal
 
 async def run(services: "Services", key_id: str, token: str, work: Callable[[], Awaitable[Response]]) -> Response:
     """Do the work as the key's owner. It goes on if the client leaves: its retry will want the answer."""
-    task = asyncio.create_task(own(services, key_id, token, work))
+    response: Response | None = await asyncio.shield(detach(services, own(services, key_id, token, work)))
+    assert response is not None  # this work always has an answer
+    return response
+
+
+async def run_stream(
+    services: "Services",
+    key_id: str,
+    token: str,
+    open_events: Callable[[], Awaitable[tuple[dict[str, str], AsyncIterator[bytes]]]],
+    answer: Callable[[dict[str, str], AsyncIterator[bytes]], Response],
+) -> Response:
+    """A streamed answer as the key's owner: the events are made by work that goes on if the client
+    leaves, sent to the client as they come, and kept, all together, as the answer to replay."""
+    opened: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+    sent = Relay()
+
+    async def work() -> Response | None:
+        try:
+            headers, events = await open_events()
+        except Exception as exc:  # refused before it started (limits): the client gets the error
+            opened.set_exception(exc)
+            return None
+        opened.set_result(headers)
+        kept = []
+        try:
+            async for event in events:
+                sent.put(event)
+                if event != KEEPALIVE_COMMENT:
+                    kept.append(event)
+        finally:
+            sent.close()
+        # With no image sent, nothing was charged: a retry may make them anew.
+        if not any(COMPLETED in event for event in kept):
+            return None
+        return Response(b"".join(kept), media_type="text/event-stream", headers=headers)
+
+    detach(services, own(services, key_id, token, work))
+    return answer(await asyncio.shield(opened), sent.events())
+
+
+class Relay:
+    """Events handed from the work that makes them to the client that reads them, at its own pace."""
+
+    def __init__(self) -> None:
+        self.events_so_far: list[bytes] = []
+        self.changed = asyncio.Event()
+        self.closed = False
+
+    def put(self, event: bytes) -> None:
+        self.events_so_far.append(event)
+        self.changed.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.changed.set()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        sent = 0
+        while True:
+            while sent < len(self.events_so_far):
+                sent += 1
+                yield self.events_so_far[sent - 1]
+            if self.closed:
+                return
+            self.changed.clear()
+            await self.changed.wait()
+
+
+def detach(services: "Services", work: Awaitable[Any]) -> "asyncio.Task[Any]":
+    """Run work that outlives its request, held where the event loop's weak references cannot lose it."""
+    task = asyncio.ensure_future(work)
     services.detached.add(task)
     task.add_done_callback(services.detached.discard)
-    return await asyncio.shield(task)
+    return task
 
 
-async def own(services: "Services", key_id: str, token: str, work: Callable[[], Awaitable[Response]]) -> Response:
-    """Store a success's answer; let go of the key otherwise. Upstream tasks the work starts are noted
-    in the journal, where a takeover finds them."""
+async def own(
+    services: "Services", key_id: str, token: str, work: Callable[[], Awaitable[Response | None]]
+) -> Response | None:
+    """Store a success's answer; let go of the key otherwise (a failure, or work that has nothing worth
+    keeping). Upstream tasks the work starts are noted in the journal, where a takeover finds them."""
     beating = asyncio.create_task(heartbeat(services, key_id, token))
     owner = journal.request_owner(key_id, token)
     try:
@@ -157,7 +233,7 @@ async def own(services: "Services", key_id: str, token: str, work: Callable[[], 
         raise
     finally:
         beating.cancel()
-    if response.status_code >= 300:
+    if response is None or response.status_code >= 300:
         await let_go(services, key_id, token)
         return response
     headers = {name: value for name, value in response.headers.items() if name in REPLAYED_HEADERS}

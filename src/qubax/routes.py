@@ -3,7 +3,7 @@
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Annotated, TypeVar
 
 import orjson
@@ -105,7 +105,7 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
     services: Services = request.app.state.services
     as_job = wants_job(request, body)
     if body.stream:
-        return await stream_answer(request, key, services.catalog.check(body), body.prompt)
+        return await stream_answer(request, key, services.catalog.check(body), GENERATIONS_PATH, body)
     if as_job:
         checked = services.catalog.check(body)
         return await respond(
@@ -129,9 +129,10 @@ async def create_image_edit(
     PNG, JPEG or WebP of at most 50 MB, and an optional PNG `mask` the size of the first image."""
     services: Services = request.app.state.services
     as_job = wants_job(request, form)
-    if form.stream:
-        return await stream_answer(request, key, await generation.check_edit(form, services), form.prompt)
     uploads = [*form.images, *filter(None, [form.mask])]
+    if form.stream:
+        checked = await generation.check_edit(form, services)
+        return await stream_answer(request, key, checked, EDITS_PATH, form, uploads)
     if as_job:
         checked = await generation.check_edit(form, services)
         return await respond(
@@ -172,10 +173,15 @@ async def respond(
     if (token := request.headers.get(idempotency.HEADER)) is None:
         return await until_disconnect(request, make())
     services: Services = request.app.state.services
-    fields = body.model_dump(exclude=UPLOAD_FIELDS, exclude_none=True)
-    fingerprint = idempotency.fingerprint(path, fields, await digests(list(uploads)))
-    work = idempotency.once(services, key.id, idempotency.check_key(token), fingerprint, make, public_url(request))
-    return await until_disconnect(request, work)
+    print_ = await fingerprint(path, body, uploads)
+    token = idempotency.check_key(token)
+
+    def owned() -> Awaitable[Response]:
+        return idempotency.run(services, key.id, token, make)
+
+    return await until_disconnect(
+        request, idempotency.once(services, key.id, token, print_, owned, public_url(request))
+    )
 
 
 def wants_job(request: Request, body: ImageGenerateRequest | ImageEditRequest) -> bool:
@@ -200,25 +206,48 @@ async def accept_job(
     return Response(content, status_code=202, media_type="application/json", headers=headers)
 
 
-async def stream_answer(request: Request, key: db.KeyRecord, checked: ImageRequest, prompt: str) -> Response:
-    """`stream: true`: the events of `streaming`, once the request is admitted."""
+async def stream_answer(
+    request: Request,
+    key: db.KeyRecord,
+    checked: ImageRequest,
+    path: str,
+    body: BaseModel,
+    uploads: Sequence[UploadFile] = (),
+) -> Response:
+    """`stream: true`: the events of `streaming`, once the request is admitted. Under an
+    `Idempotency-Key` they are made once, and the same request sent again gets them all at once."""
     services: Services = request.app.state.services
     if jobs.wants_async(request.headers.get("prefer")):
         raise InvalidRequest(
             "A streamed answer cannot also be a job: send stream: false with Prefer: respond-async.", param="stream"
         )
-    if idempotency.HEADER in request.headers:  # refused rather than ignored: a retry would pay again
-        raise InvalidRequest(
-            "Idempotency-Key is not available for streamed answers yet: send stream: false with it.",
-            code="invalid_idempotency_key",
-        )
-    headers, events = await streaming.open_stream(checked, key, services)
     log = {"model": checked.model.id, "route": "stream", "images": checked.n}
-    request.scope["qubax.log"] = log | ({"prompt": prompt} if services.settings.log_prompts else {})
-    headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}  # no proxy may hold events back
-    if key.test:
-        headers["x-qubax-test"] = "true"
-    return EventSourceResponse(events, headers=headers)
+    request.scope["qubax.log"] = log | ({"prompt": checked.prompt} if services.settings.log_prompts else {})
+
+    def events_answer(headers: dict[str, str], events: AsyncIterator[bytes]) -> Response:
+        headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}  # no proxy may hold events back
+        if key.test:
+            headers["x-qubax-test"] = "true"
+        return EventSourceResponse(events, headers=headers)
+
+    def open_events() -> Awaitable[tuple[dict[str, str], AsyncIterator[bytes]]]:
+        return streaming.open_stream(checked, key, services)
+
+    if (token := request.headers.get(idempotency.HEADER)) is None:
+        return events_answer(*await open_events())
+    print_ = await fingerprint(path, body, uploads)
+    token = idempotency.check_key(token)
+
+    def owned() -> Awaitable[Response]:
+        return idempotency.run_stream(services, key.id, token, open_events, events_answer)
+
+    return await idempotency.once(services, key.id, token, print_, owned, public_url(request))
+
+
+async def fingerprint(path: str, body: BaseModel, uploads: Sequence[UploadFile]) -> str:
+    """What makes two requests the same: the endpoint, the fields and the files' digests."""
+    fields = body.model_dump(exclude=UPLOAD_FIELDS, exclude_none=True)
+    return idempotency.fingerprint(path, fields, await digests(list(uploads)))
 
 
 def answer(request: Request, key: db.KeyRecord, result: generation.Generated, model: str, prompt: str) -> Response:

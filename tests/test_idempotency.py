@@ -1,21 +1,19 @@
 """`Idempotency-Key`: a request sent again gets the first answer, with one upstream call and one charge."""
 
-import asyncio
 import concurrent.futures
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from sqlalchemy import select
 
 from qubax import db, idempotency, journal
 from qubax.providers.pool import KeyPool
 from qubax.routes import GENERATIONS_PATH
 from qubax.settings import Settings
-from tests.stack import Stack, rows, running_stack
+from tests.stack import Stack, add, rows, running_stack
 from tests.test_upstreams import picture
 
 
@@ -151,26 +149,7 @@ def test_work_abandoned_by_a_dead_node_is_taken_over(stack: Stack) -> None:
     key_id = next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
     fingerprint = idempotency.fingerprint(GENERATIONS_PATH, body)
 
-    async def abandon() -> None:
-        engine = db.connect(stack.settings.resolved_database_url)
-        async with db.sessions(engine)() as session:
-            silent = db.now() - timedelta(seconds=stack.settings.takeover_seconds + 1)
-            session.add(
-                db.IdempotentRequest(
-                    key_id=key_id,
-                    idempotency_key="orphan",
-                    fingerprint=fingerprint,
-                    status="running",
-                    created_at=silent,
-                    heartbeat_at=silent,
-                    expires_at=silent + idempotency.LIFETIME,
-                )
-            )
-            await session.commit()
-            assert (await session.scalars(select(db.IdempotentRequest))).one().status == "running"
-        await engine.dispose()
-
-    asyncio.run(abandon())
+    add(stack.settings, abandoned(stack, key_id, "orphan", fingerprint))
     response = stack.live.images.generate(**body, extra_headers={"Idempotency-Key": "orphan"})  # type: ignore[arg-type]
     assert response.data and len(stack.bfl.submissions) == 1
     [row] = rows(stack.settings, db.IdempotentRequest)
@@ -232,46 +211,48 @@ def test_a_takeover_waits_on_the_upstream_task_the_dead_node_started(stack: Stac
     body = {"model": "flux-1.1-pro", "prompt": "a fox", "response_format": "b64_json"}
     key_id = next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
     fingerprint = idempotency.fingerprint(GENERATIONS_PATH, body)
+    task, task_id = bfl_task_of_a_dead_node(stack, journal.request_owner(key_id, "died"))
+    add(stack.settings, abandoned(stack, key_id, "died", fingerprint), task)
+    response = stack.live.images.generate(**body, extra_headers={"Idempotency-Key": "died"})  # type: ignore[arg-type]
+    assert response.data[0].b64_json
+    assert len(stack.bfl.submissions) == 1  # the dead node's, and no other
+    assert stack.bfl.polls and set(stack.bfl.polls) == {task_id}
+    assert charged(stack) == [("ok", 1, 40_000)]
+    assert rows(stack.settings, db.UpstreamTask) == []  # forgotten once the request is done
+
+
+def silent_since(stack: Stack) -> datetime:
+    """When a node that has since died was last heard of."""
+    return db.now() - timedelta(seconds=stack.settings.takeover_seconds + 1)
+
+
+def abandoned(stack: Stack, key_id: str, token: str, fingerprint: str) -> db.IdempotentRequest:
+    """An idempotent request whose node died at work on it."""
+    silent = silent_since(stack)
+    return db.IdempotentRequest(
+        key_id=key_id,
+        idempotency_key=token,
+        fingerprint=fingerprint,
+        status="running",
+        created_at=silent,
+        heartbeat_at=silent,
+        expires_at=silent + idempotency.LIFETIME,
+    )
+
+
+def bfl_task_of_a_dead_node(stack: Stack, owner: str) -> tuple[db.UpstreamTask, str]:
+    """A task submitted to the fake BFL by a node that died waiting on it, and its journal note."""
     submitted = httpx.post(
         f"{stack.settings.base_urls['bfl']}/v1/flux-pro-1.1",
         headers={"x-key": "test-key"},
         json={"prompt": "a fox", "width": 1024, "height": 1024, "output_format": "png"},
     ).json()
-    key_name = KeyPool(["test-key"], scope="upstream:bfl").name_of("test-key")
-
-    async def die_while_waiting() -> None:
-        engine = db.connect(stack.settings.resolved_database_url)
-        async with db.sessions(engine)() as session:
-            silent = db.now() - timedelta(seconds=stack.settings.takeover_seconds + 1)
-            session.add(
-                db.IdempotentRequest(
-                    key_id=key_id,
-                    idempotency_key="died",
-                    fingerprint=fingerprint,
-                    status="running",
-                    created_at=silent,
-                    heartbeat_at=silent,
-                    expires_at=silent + idempotency.LIFETIME,
-                )
-            )
-            handle = {"polling_url": submitted["polling_url"], "key": key_name}
-            session.add(
-                db.UpstreamTask(
-                    owner=journal.request_owner(key_id, "died"),
-                    provider="bfl",
-                    upstream_model="flux-pro-1.1",
-                    images=1,
-                    handle=json.dumps(handle),
-                    created_at=silent,
-                )
-            )
-            await session.commit()
-        await engine.dispose()
-
-    asyncio.run(die_while_waiting())
-    response = stack.live.images.generate(**body, extra_headers={"Idempotency-Key": "died"})  # type: ignore[arg-type]
-    assert response.data[0].b64_json
-    assert len(stack.bfl.submissions) == 1  # the dead node's, and no other
-    assert stack.bfl.polls and set(stack.bfl.polls) == {submitted["id"]}
-    assert charged(stack) == [("ok", 1, 40_000)]
-    assert rows(stack.settings, db.UpstreamTask) == []  # forgotten once the request is done
+    handle = {
+        "polling_url": submitted["polling_url"],
+        "key": KeyPool(["test-key"], scope="upstream:bfl").name_of("test-key"),
+    }
+    note = db.UpstreamTask(
+        owner=owner, provider="bfl", upstream_model="flux-pro-1.1", images=1, handle=json.dumps(handle),
+        created_at=silent_since(stack),
+    )  # fmt: skip
+    return note, submitted["id"]

@@ -1,12 +1,10 @@
 """Async jobs: `Prefer: respond-async` answers 202 with a job that any node's runner makes later."""
 
-import asyncio
 import base64
 import io
 import json
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -17,12 +15,12 @@ from pydantic import SecretStr
 
 from qubax import db, journal
 from qubax.app import create_app
-from qubax.providers.pool import KeyPool
 from qubax.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
 from tests.server import serve
-from tests.stack import Stack, client, rows, running_stack
+from tests.stack import Stack, add, client, rows, running_stack
+from tests.test_idempotency import bfl_task_of_a_dead_node, silent_since
 from tests.test_quota import limited_key
 
 ASYNC = {"Prefer": "respond-async"}
@@ -220,52 +218,18 @@ def test_the_same_idempotency_key_answers_the_same_job(stack: Stack) -> None:
 def test_a_job_abandoned_by_a_dead_node_is_finished_on_its_upstream_task(stack: Stack) -> None:
     """A node died while its job waited on a BFL task: the runner takes the job over once its heartbeat
     is stale, and waits on the noted task instead of submitting again."""
-    submitted = httpx.post(
-        f"{stack.settings.base_urls['bfl']}/v1/flux-pro-1.1",
-        headers={"x-key": "test-key"},
-        json={"prompt": "a fox", "width": 1024, "height": 1024, "output_format": "png"},
-    ).json()
     key_id = next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
-
-    async def die_while_waiting() -> None:
-        engine = db.connect(stack.settings.resolved_database_url)
-        async with db.sessions(engine)() as session:
-            silent = db.now() - timedelta(seconds=stack.settings.takeover_seconds + 1)
-            session.add(
-                db.ImageJob(
-                    id="job_orphan",
-                    key_id=key_id,
-                    endpoint="/v1/images/generations",
-                    model="flux-1.1-pro",
-                    fields=json.dumps(FOX),
-                    public_url=stack.url,
-                    status="in_progress",
-                    reserved_images=1,
-                    reserved_micros=40_000,
-                    cancel_requested=False,
-                    created_at=silent,
-                    heartbeat_at=silent,
-                )
-            )
-            key_name = KeyPool(["test-key"], scope="upstream:bfl").name_of("test-key")
-            handle = {"polling_url": submitted["polling_url"], "key": key_name}
-            session.add(
-                db.UpstreamTask(
-                    owner=journal.job_owner("job_orphan"),
-                    provider="bfl",
-                    upstream_model="flux-pro-1.1",
-                    images=1,
-                    handle=json.dumps(handle),
-                    created_at=silent,
-                )
-            )
-            await session.commit()
-        await engine.dispose()
-
-    asyncio.run(die_while_waiting())
+    task, task_id = bfl_task_of_a_dead_node(stack, journal.job_owner("job_orphan"))
+    silent = silent_since(stack)
+    job = db.ImageJob(
+        id="job_orphan", key_id=key_id, endpoint="/v1/images/generations", model="flux-1.1-pro",
+        fields=json.dumps(FOX), public_url=stack.url, status="in_progress", reserved_images=1,
+        reserved_micros=40_000, cancel_requested=False, created_at=silent, heartbeat_at=silent,
+    )  # fmt: skip
+    add(stack.settings, job, task)
     job = wait_for(stack.live, "job_orphan")
     assert job["status"] == "succeeded"
-    assert len(stack.bfl.submissions) == 1 and set(stack.bfl.polls) == {submitted["id"]}
+    assert len(stack.bfl.submissions) == 1 and set(stack.bfl.polls) == {task_id}
     assert charged(stack) == [("ok", 1, 40_000)]
     assert rows(stack.settings, db.UpstreamTask) == []
 

@@ -8,6 +8,10 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from sqlalchemy import Select, Update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 T = TypeVar("T")
 logger = logging.getLogger("qubax")
 
@@ -46,3 +50,23 @@ async def take_and_run(
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+
+
+async def claim(
+    sessions: async_sessionmaker[AsyncSession], candidates: "Select[T]", take: Callable[[T], Update]
+) -> T | None:
+    """The first row (or id) `candidates` selects that this node wins, or None. `take(found)` must update
+    it only while it still is a candidate: of several nodes, one wins each. PostgreSQL skips the rows
+    another node is taking (`SKIP LOCKED`); SQLite has one writer at a time anyway."""
+    try:
+        async with sessions() as session:
+            found = await session.scalar(candidates.limit(1).with_for_update(skip_locked=True))
+            if found is None:
+                return None
+            # What was read stays as read: the update is matched in the database only.
+            taken = await session.execute(take(found).execution_options(synchronize_session=False))
+            await session.commit()
+    except (OSError, SQLAlchemyError) as exc:  # the database is away: the next look may do better
+        logger.warning("taking work failed: %s", exc)
+        return None
+    return found if taken.rowcount else None  # type: ignore[attr-defined]

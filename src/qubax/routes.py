@@ -335,8 +335,7 @@ WATCH_AFTER_SECONDS = 0.1
 async def retrieve_job(job_id: str, request: Request, key: CurrentKey, services: ServicesDep) -> Response:
     """A job sent with `Prefer: respond-async`: its status, and once it ended, its `result` (what the
     request would have answered, links signed anew) or its `error`. Only the key that made it sees it."""
-    job = await jobs.find(services, key, job_id)
-    return json_response(jobs.render(await jobs.describe(services, job, public_url(request))))
+    return await job_answer(request, await jobs.find(services, key, job_id))
 
 
 @router.get(
@@ -364,7 +363,11 @@ async def list_jobs(
 async def cancel_job(job_id: str, request: Request, key: CurrentKey, services: ServicesDep) -> Response:
     """Cancel a job: a queued one at once; a running one within a second or so, with the upstream work
     it owns. A job that already ended is answered as it ended."""
-    job = await jobs.cancel(services, key, job_id)
+    return await job_answer(request, await jobs.cancel(services, key, job_id))
+
+
+async def job_answer(request: Request, job: db.ImageJob) -> Response:
+    services: Services = request.app.state.services
     return json_response(jobs.render(await jobs.describe(services, job, public_url(request))))
 
 

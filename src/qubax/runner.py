@@ -13,7 +13,7 @@ import logging
 from datetime import timedelta
 
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import Update, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from qubax import db, generation, jobs, journal, loops
@@ -39,22 +39,16 @@ async def take(services: Services) -> str | None:
     """The oldest job that is queued or abandoned, now this node's; None when there is none to take."""
     silent = db.now() - timedelta(seconds=services.settings.takeover_seconds)
     takeable = (db.ImageJob.status == "queued") | (RUNNING & (db.ImageJob.heartbeat_at < silent))
-    first = select(db.ImageJob.id).where(takeable).order_by(db.ImageJob.id).limit(1)
-    try:
-        async with services.sessions() as session:
-            job_id = await session.scalar(first.with_for_update(skip_locked=True))
-            if job_id is None:
-                return None
-            taken = await session.execute(
-                update(db.ImageJob)
-                .where(db.ImageJob.id == job_id, takeable)
-                .values(status="in_progress", heartbeat_at=db.now())
-            )
-            await session.commit()
-    except (OSError, SQLAlchemyError) as exc:  # the database is away: the next look may do better
-        logger.warning("taking a job failed: %s", exc)
-        return None
-    return job_id if taken.rowcount else None  # type: ignore[attr-defined]
+    candidates = select(db.ImageJob.id).where(takeable).order_by(db.ImageJob.id)
+
+    def take_one(job_id: str) -> Update:
+        return (
+            update(db.ImageJob)
+            .where(db.ImageJob.id == job_id, takeable)
+            .values(status="in_progress", heartbeat_at=db.now())
+        )
+
+    return await loops.claim(services.sessions, candidates, take_one)
 
 
 async def run(services: Services, job_id: str) -> None:

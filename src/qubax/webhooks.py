@@ -17,8 +17,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Update, select, update
 from standardwebhooks import Webhook
 
 from qubax import db, jobs, loops
@@ -55,24 +54,13 @@ async def take(services: Services) -> db.WebhookDelivery | None:
     """The most overdue delivery, now this node's for the length of one try."""
     now = db.now()
     due = (db.WebhookDelivery.status == "pending") & (db.WebhookDelivery.next_attempt_at <= now)
-    first = select(db.WebhookDelivery).where(due).order_by(db.WebhookDelivery.next_attempt_at).limit(1)
+    candidates = select(db.WebhookDelivery).where(due).order_by(db.WebhookDelivery.next_attempt_at)
     lease = now + timedelta(seconds=services.settings.webhook_timeout_seconds + 30)
-    try:
-        async with services.sessions() as session:
-            delivery = await session.scalar(first.with_for_update(skip_locked=True))
-            if delivery is None:
-                return None
-            taken = await session.execute(
-                update(db.WebhookDelivery)
-                .where(db.WebhookDelivery.id == delivery.id, due)
-                .values(next_attempt_at=lease)
-                .execution_options(synchronize_session=False)  # the row read above is ours to keep as read
-            )
-            await session.commit()
-    except (OSError, SQLAlchemyError) as exc:
-        logger.warning("taking a webhook delivery failed: %s", exc)
-        return None
-    return delivery if taken.rowcount else None  # type: ignore[attr-defined]
+
+    def take_one(delivery: db.WebhookDelivery) -> Update:
+        return update(db.WebhookDelivery).where(db.WebhookDelivery.id == delivery.id, due).values(next_attempt_at=lease)
+
+    return await loops.claim(services.sessions, candidates, take_one)
 
 
 async def attempt(services: Services, http: aiohttp.ClientSession, delivery: db.WebhookDelivery) -> None:

@@ -254,3 +254,13 @@ def test_jobs_survive_a_restart_of_the_only_node(settings: Settings) -> None:
     generations = rows(settings, db.Generation)
     assert [row.cost_micros for row in generations if row.outcome == "ok"] == [40_000, 40_000]
     assert sum(row.cost_micros for row in generations) == 80_000
+
+
+def test_jobs_of_a_key_with_a_concurrency_limit_queue_instead_of_failing(stack: Stack) -> None:
+    stack.bfl.pending_polls = 50
+    sdk = limited_key(stack, "--max-concurrent", "1")
+    jobs = [submit(sdk) for _ in range(3)]  # accepted while the first runs
+    assert [wait_for(sdk, job["id"])["status"] for job in jobs] == ["succeeded"] * 3
+    assert len(stack.bfl.submissions) == 3
+    runs = [task for i, task in enumerate(stack.bfl.polls) if i == 0 or stack.bfl.polls[i - 1] != task]
+    assert len(runs) == 3  # one task polled at a time: the jobs ran one after another

@@ -22,7 +22,15 @@ from qubax import db
 from qubax.catalog import ImageRequest
 from qubax.errors import InvalidRequest, NotFound, QubaxError
 from qubax.generation import check_edit
-from qubax.protocol import Error, ImageEditRequest, ImageGenerateRequest, ImageJob, ImageJobList, ImagesResponse
+from qubax.protocol import (
+    UPLOAD_FIELDS,
+    Error,
+    ImageEditRequest,
+    ImageGenerateRequest,
+    ImageJob,
+    ImageJobList,
+    ImagesResponse,
+)
 from qubax.services import Services
 from qubax.storage import relink
 from qubax.targets import check_target
@@ -59,7 +67,7 @@ async def submit(
         key_id=key.id,
         endpoint=endpoint,
         model=request.model.id,
-        fields=orjson.dumps(body.model_dump(exclude={"image", "image_list", "mask"}, exclude_none=True)).decode(),
+        fields=orjson.dumps(body.model_dump(exclude=UPLOAD_FIELDS, exclude_none=True)).decode(),
         public_url=public_url,
         status="queued",
         reserved_images=request.n,
@@ -69,7 +77,7 @@ async def submit(
         webhook_url=webhook_url,
     )
     # The limits count the job while they admit it; its row holds its reservation once it is written.
-    async with services.quotas.hold(key, request), services.sessions() as session:
+    async with services.quotas.hold(key, request, concurrent=False), services.sessions() as session:
         session.add(job)
         await session.flush()  # the job before its inputs: the inputs refer to it
         for position, (field, name, data) in enumerate(inputs):
@@ -105,7 +113,7 @@ def read(upload: UploadFile) -> bytes:
 
 
 async def rebuild(services: Services, job: db.ImageJob) -> ImageRequest:
-    """The job's request, checked again as it was when it was submitted (the catalog may have changed)."""
+    """The job's request as it was sent, checked again (the catalog may have changed since)."""
     fields = orjson.loads(job.fields)
     if job.endpoint.endswith("/generations"):
         return services.catalog.check(ImageGenerateRequest.model_validate(fields))

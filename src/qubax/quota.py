@@ -57,10 +57,11 @@ class Quotas:
         except StorageError as exc:
             raise unreachable(exc) from exc
 
-    def hold(self, key: db.KeyRecord, request: ImageRequest) -> "Hold":
+    def hold(self, key: db.KeyRecord, request: ImageRequest, concurrent: bool = True) -> "Hold":
         """Admit one request, or raise a 429; the block gets the rate headers to send back. The request's
-        concurrency slot and its reservations are held until the block ends."""
-        return Hold(self, key, request)
+        concurrency slot (unless not `concurrent`: a job takes one when it runs) and its reservations are
+        held until the block ends."""
+        return Hold(self, key, request, concurrent)
 
     @contextlib.asynccontextmanager
     async def running(self, key: db.KeyRecord) -> AsyncIterator[None]:
@@ -139,22 +140,23 @@ class Hold:
     """`Quotas.hold()`'s block. A class rather than `contextlib.asynccontextmanager`, whose generator
     machinery is measurably dearer on the hot path (bench/README.md)."""
 
-    def __init__(self, quotas: Quotas, key: db.KeyRecord, request: ImageRequest) -> None:
+    def __init__(self, quotas: Quotas, key: db.KeyRecord, request: ImageRequest, concurrent: bool = True) -> None:
         self.quotas, self.key, self.request = quotas, key, request
+        self.max_concurrent = key.max_concurrent if concurrent else None
         self.held: contextlib.AsyncExitStack | None = None  # only keys with limits beyond the rate hold anything
 
     async def __aenter__(self) -> dict[str, str]:
         quotas, key = self.quotas, self.key
         headers = await quotas.count_request(key)
-        if key.images_per_day is None and key.monthly_budget_micros is None and key.max_concurrent is None:
+        if key.images_per_day is None and key.monthly_budget_micros is None and self.max_concurrent is None:
             return headers
         self.held = held = contextlib.AsyncExitStack()
         try:
             await quotas.check_ledger(key, self.request, held)
-            if key.max_concurrent is not None:
-                taken = await quotas.slots.take([f"key:{key.id}"], key.max_concurrent)
+            if self.max_concurrent is not None:
+                taken = await quotas.slots.take([f"key:{key.id}"], self.max_concurrent)
                 if taken is None:
-                    raise RateLimited(f"This key allows {key.max_concurrent} concurrent requests.", retry_after=1)
+                    raise RateLimited(f"This key allows {self.max_concurrent} concurrent requests.", retry_after=1)
                 held.push_async_callback(quotas.slots.give_back, *taken)
         except BaseException:
             await held.aclose()

@@ -264,3 +264,20 @@ def test_jobs_of_a_key_with_a_concurrency_limit_queue_instead_of_failing(stack: 
     assert len(stack.bfl.submissions) == 3
     runs = [task for i, task in enumerate(stack.bfl.polls) if i == 0 or stack.bfl.polls[i - 1] != task]
     assert len(runs) == 3  # one task polled at a time: the jobs ran one after another
+
+
+def test_the_async_sdk_submits_a_job_and_its_idempotent_copy(stack: Stack) -> None:
+    async def twice() -> list[Any]:
+        async with openai.AsyncOpenAI(api_key=stack.live_key, base_url=stack.url + "/v1", max_retries=0) as sdk:
+            headers = ASYNC | {"Idempotency-Key": "async-sdk"}
+            return [
+                await sdk.images.with_raw_response.generate(**FOX, extra_headers=headers)  # type: ignore[arg-type]
+                for _ in range(2)
+            ]
+
+    first, again = asyncio.run(twice())
+    assert (first.status_code, again.status_code) == (202, 202)
+    job_id = first.http_response.json()["id"]
+    assert again.http_response.json()["id"] == job_id and again.headers["x-qubax-idempotent-replayed"] == "true"
+    assert wait_for(stack.live, job_id)["status"] == "succeeded"
+    assert len(stack.bfl.submissions) == 1

@@ -1,5 +1,6 @@
 """Async jobs: `Prefer: respond-async` answers 202 with a job that any node's runner makes later."""
 
+import asyncio
 import base64
 import io
 import json

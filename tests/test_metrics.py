@@ -112,12 +112,14 @@ def test_path_labels_stay_bounded(stack: Stack) -> None:
         httpx.get(f"{stack.url}/images/img_{i}abc.png?expires=1&signature=x")
         httpx.get(f"{stack.url}/v1/models/model-{i}", headers={"authorization": f"Bearer {stack.live_key}"})
         httpx.get(f"{stack.url}/no/such/path/{i}")
+        httpx.get(f"{stack.url}/v1/images/jobs/job_{i}", headers={"authorization": f"Bearer {stack.live_key}"})
     httpx.post(f"{stack.url}/v1/models", headers={"authorization": f"Bearer {stack.live_key}"})
 
     def bounded() -> None:
         samples = scrape(stack)
         name = "qubax_http_requests_total"
-        assert label_values(samples, name, "path") == {"/images", "/v1/models", "other"}
+        assert label_values(samples, name, "path") == {"/images", "/v1/models", "/v1/images/jobs", "other"}
+        assert value(samples, name, method="GET", path="/v1/images/jobs", status="404") == 5
         assert total(samples, name, method="GET", path="/images") == 5  # refused: bad signatures
         assert value(samples, name, method="GET", path="/v1/models", status="404") == 5
         assert value(samples, name, method="GET", path="other", status="404") == 5
@@ -165,3 +167,17 @@ def test_histogram_buckets_count_up_to_and_including_their_bound() -> None:
     assert value(samples, "qubax_upstream_duration_seconds_sum", upstream="bfl") == pytest.approx(400.12)
     labels = {"method": "POST", "path": "/v1/images/generations", "status": "200"}
     assert value(samples, "qubax_http_requests_total", **labels) == 1
+
+
+def test_jobs_and_webhook_tries_are_counted(stack: Stack) -> None:
+    raw = stack.live.images.with_raw_response.generate(
+        model="dall-e-3", prompt="p", extra_headers={"Prefer": "respond-async"}
+    )
+    job_id = raw.http_response.json()["id"]
+    headers = {"authorization": f"Bearer {stack.live_key}"}
+
+    def ended() -> None:
+        assert httpx.get(f"{stack.url}/v1/images/jobs/{job_id}", headers=headers).json()["status"] == "succeeded"
+        assert value(scrape(stack), "qubax_jobs_total", status="succeeded") == 1
+
+    eventually(ended)

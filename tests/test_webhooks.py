@@ -124,6 +124,9 @@ def test_a_receiver_that_fails_three_times_gets_the_delivery(stack: Stack, recei
     assert len({headers["webhook-id"] for headers, _ in hook.received}) == 1  # one message, tried four times
     [delivery] = deliveries(stack)
     assert (delivery["attempts"], delivery["last_status"], delivery["last_error"]) == (4, 200, None)
+    metrics = httpx.get(f"{stack.url}/metrics", headers={"authorization": f"Bearer {TOKEN}"}).text
+    assert 'qubax_webhook_tries_total{outcome="retry"} 3.0' in metrics
+    assert 'qubax_webhook_tries_total{outcome="delivered"} 1.0' in metrics
 
 
 def test_a_delivery_gives_up_when_the_retries_run_out(settings: Settings, receiver: tuple[Receiver, str]) -> None:

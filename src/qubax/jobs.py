@@ -150,7 +150,8 @@ async def page(services: Services, key: db.KeyRecord, limit: int, after: str | N
 
 
 async def cancel(services: Services, key: db.KeyRecord, job_id: str) -> db.ImageJob:
-    await find(services, key, job_id)
+    if (await find(services, key, job_id)).status == "queued":
+        services.metrics.jobs.inc(("cancelled",))  # no runner ends it
     return await stop(services.sessions, job_id)
 
 

@@ -18,8 +18,16 @@ from qubax.ledger import GenerationRecord
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Path labels are route templates, never raw paths: image names and model ids would be unbounded.
-PATHS = frozenset({"/v1/images/generations", "/v1/models", "/images", "/admin", "/healthz", "/metrics"})
-PREFIXES = (("/v1/models/", "/v1/models"), ("/images/", "/images"), ("/admin/", "/admin"))
+PATHS = frozenset(
+    {"/v1/images/generations", "/v1/images/edits", "/v1/images/jobs", "/v1/models", "/images", "/admin", "/healthz"}
+    | {"/metrics"}
+)
+PREFIXES = (
+    ("/v1/images/jobs/", "/v1/images/jobs"),
+    ("/v1/models/", "/v1/models"),
+    ("/images/", "/images"),
+    ("/admin/", "/admin"),
+)
 NO_ROUTE = "none"  # the route label of a generation that no route delivered
 
 
@@ -87,6 +95,12 @@ class Metrics(Collector):
         )
         self.upstream_errors = Family(
             "qubax_upstream_errors", "Tries of one route that did not end ok.", ("upstream", "code")
+        )
+        self.jobs = Family("qubax_jobs", "Jobs ended by this node, by how they ended.", ("status",))
+        self.webhook_tries = Family(
+            "qubax_webhook_tries",
+            "Tries of a webhook delivery: delivered, retry (to be tried again) or failed.",
+            ("outcome",),
         )
         self.registry = CollectorRegistry()
         self.registry.register(self)

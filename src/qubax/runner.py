@@ -119,6 +119,7 @@ async def end(
         await jobs.close(session, job_id, status, result=result, error=error)
         await session.commit()
     services.webhook_posted.set()
+    services.metrics.jobs.inc((status,))
     await journal.forget(services.sessions, journal.job_owner(job_id))
     logger.info("job %s %s", job_id, status)
 

@@ -90,6 +90,7 @@ async def attempt(services: Services, http: aiohttp.ClientSession, delivery: db.
             )
         )
         await session.commit()
+    services.metrics.webhook_tries.inc(("retry" if outcome == "pending" else outcome,))
     logger.info("webhook %s for job %s: try %d, %s", delivery.id, delivery.job_id, tries, error or "delivered")
 
 

@@ -57,6 +57,7 @@ def openapi_schema(title: str, description: str, router: APIRouter, tags: list[d
 
 TAGS = [
     {"name": "Images", "description": "OpenAI's Images API."},
+    {"name": "Jobs", "description": "Generations and edits sent with `Prefer: respond-async` (a Qubax extension)."},
     {"name": "Models", "description": "OpenAI's Models API."},
     {"name": "Operations", "description": "For load balancers and operators."},
 ]

@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax import db, journal
-from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest
+from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest, QubaxError
 from qubax.storage import Storage, relink
 
 if TYPE_CHECKING:  # services imports this module, for the sweep
@@ -178,7 +178,12 @@ async def run_stream(
             return None
         return Response(b"".join(kept), media_type="text/event-stream", headers=headers)
 
-    detach(services, own(services, key_id, token, work))
+    def ended(task: "asyncio.Task[Response | None]") -> None:
+        if not opened.done():  # it failed before the stream could start (the database, say)
+            failure = None if task.cancelled() else task.exception()
+            opened.set_exception(failure or QubaxError("The streamed request stopped before it started."))
+
+    detach(services, own(services, key_id, token, work)).add_done_callback(ended)
     return answer(await asyncio.shield(opened), sent.events())
 
 

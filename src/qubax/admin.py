@@ -65,9 +65,11 @@ off_router = APIRouter(include_in_schema=False)
 
 @off_router.api_route("/metrics", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 @off_router.api_route("/admin/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@off_router.api_route("/console", methods=["GET", "POST"])
+@off_router.api_route("/console/{path:path}", methods=["GET", "POST"])
 async def switched_off() -> None:
     raise NotFound(
-        "The admin API and /metrics are off on this server: the operator turns them on by setting "
+        "The admin API, the console and /metrics are off on this server: the operator turns them on by setting "
         f"QUBAX_ADMIN_TOKEN (at least {ADMIN_TOKEN_CHARS} characters, e.g. `openssl rand -hex 32`)."
     )
 

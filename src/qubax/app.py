@@ -17,7 +17,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qubax import admin, docs, routes, runner, webhooks
+from qubax import admin, console, docs, routes, runner, webhooks
 from qubax.catalog_file import load_catalog
 from qubax.errors import InvalidRequest, QubaxError, RequestTooLarge, invalid_input
 from qubax.logs import log_access
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if admin.enabled(settings):  # without an admin token, the admin API does not exist: /admin/... is a 404
         app.include_router(admin.router)
         app.include_router(admin.metrics_router)
+        console.add_console(app)
     else:
         app.include_router(admin.off_router)
     docs.add_docs(app, routes.router)

@@ -216,6 +216,17 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
+class ConsoleSession(Base):
+    """A signed-in operator console: the cookie's token is known by its digest only."""
+
+    __tablename__ = "console_sessions"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))  # sent back by every form that changes anything
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 def connect(url: str) -> AsyncEngine:
     if not url.startswith("sqlite"):
         return create_async_engine(url)
@@ -367,6 +378,7 @@ class UsageRow:
     requests: int
     images: int
     cost_micros: int
+    errors: int = 0  # requests that did not end ok
     # Set only when grouped by them.
     key_id: str | None = None
     key_name: str | None = None
@@ -379,9 +391,13 @@ async def usage(
     group_by: Sequence[str] = ("key", "model"),
     since: date | None = None,
     until: date | None = None,
+    *,
+    key_id: str | None = None,
+    model: str | None = None,
 ) -> list[UsageRow]:
-    """Requests, images and cost per group (any of `USAGE_GROUPS`, ordered as given) over the
-    generations from day `since` through day `until` (UTC, both included)."""
+    """Requests, images, cost and failed requests per group (any of `USAGE_GROUPS`, ordered as given)
+    over the generations from day `since` through day `until` (UTC, both included), of one key or one
+    model when given."""
     columns: list[Label[Any]] = []
     for group in group_by:
         if group == "key":
@@ -396,8 +412,13 @@ async def usage(
         func.count().label("requests"),
         func.coalesce(func.sum(Generation.images), 0).label("images"),
         func.coalesce(func.sum(Generation.cost_micros), 0).label("cost_micros"),
+        func.coalesce(func.sum(case((Generation.outcome != "ok", 1), else_=0)), 0).label("errors"),
         *columns,
     )
+    if key_id is not None:
+        query = query.where(Generation.key_id == key_id)
+    if model is not None:
+        query = query.where(Generation.model == model)
     if "key" in group_by:
         query = query.join(ApiKey, ApiKey.id == Generation.key_id)
     if since is not None:

@@ -44,6 +44,7 @@ class Generated:
     response: ImagesResponse
     upstream: str  # the route(s) that delivered, e.g. "bfl" or "bfl+fal"
     headers: dict[str, str] = field(default_factory=dict)  # the key's rate-limit state, when it has limits
+    cost_micros: int = 0  # what the images cost the key, as the ledger records it
 
 
 async def generate(body: ImageGenerateRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
@@ -66,7 +67,7 @@ async def admit(request: ImageRequest, key: db.KeyRecord, services: Services, pu
     """A checked request through the key's limits, then made; the answer carries the limits' headers."""
     async with services.quotas.hold(key, request) as rate_headers:
         generated = await produce(request, key, services, public_url)
-    return Generated(generated.response, generated.upstream, rate_headers)
+    return Generated(generated.response, generated.upstream, rate_headers, generated.cost_micros)
 
 
 async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
@@ -76,7 +77,8 @@ async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, 
         data = await deliver(request, images, services.storage, public_url)
         count_delivered(generation, request, key, images, served, services.catalog)
     extra = gpt_fields(request, images) if request.model.token_prices else {}
-    return Generated(ImagesResponse(created=int(time.time()), data=data, **extra), generation.upstream)
+    response = ImagesResponse(created=int(time.time()), data=data, **extra)
+    return Generated(response, generation.upstream, cost_micros=generation.cost_micros)
 
 
 class recording:  # lower case: used like a function, `async with recording(...) as generation:`

@@ -1,0 +1,124 @@
+"""Signing in and out, and the keys page: every key with its limits and this month's spend against its
+budget; create one (its secret shown once), change its limits, revoke it (after a confirmation)."""
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Form, Request, Response
+from fastapi.responses import RedirectResponse
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.datastructures import FormData
+
+from qubax import db
+from qubax.console import sessions
+from qubax.console.sessions import ActionSession, PageSession
+from qubax.console.web import page, router
+from qubax.errors import AuthenticationError, Forbidden, InvalidRequest, NotFound
+from qubax.services import Services, ServicesDep
+
+LIMIT_FIELDS = ("rpm", "images_per_day", "max_concurrent", "monthly_budget_usd")
+
+
+@router.get("/sign-in")
+async def sign_in_page(request: Request) -> Response:
+    return page(request, "sign_in.html", None, title="Sign in", failed=False)
+
+
+@router.post("/sign-in")
+async def sign_in(request: Request, services: ServicesDep, token: Annotated[str, Form()] = "") -> Response:
+    if not sessions.same_origin(request):
+        raise Forbidden("This request did not come from the console's own pages.", code="cross_origin")
+    try:
+        cookie = await sessions.sign_in(services, token, request.client.host if request.client else "")
+    except AuthenticationError:
+        answer = page(request, "sign_in.html", None, title="Sign in", failed=True)
+        answer.status_code = 401
+        return answer
+    redirect = RedirectResponse(f"{request.scope.get('root_path', '')}/console", status_code=303)
+    sessions.set_cookie(redirect, request, cookie)
+    return redirect
+
+
+@router.post("/sign-out")
+async def sign_out(request: Request, console: ActionSession, services: ServicesDep) -> Response:
+    await sessions.sign_out(services, console)
+    redirect = RedirectResponse(f"{request.scope.get('root_path', '')}/console/sign-in", status_code=303)
+    sessions.clear_cookie(redirect, request)
+    return redirect
+
+
+@router.get("/keys")
+async def keys_page(request: Request, console: PageSession, services: ServicesDep) -> Response:
+    return await show_keys(request, console, services)
+
+
+async def show_keys(
+    request: Request, console: db.ConsoleSession, services: Services, created: tuple[db.ApiKey, str] | None = None
+) -> Response:
+    month = datetime.now(UTC).date().replace(day=1)
+    async with services.sessions() as session:
+        keys = await db.list_keys(session)
+        spent = {row.key_id: row.cost_micros for row in await db.usage(session, ("key",), month)}
+    return page(request, "keys.html", console, title="Keys", keys=keys, spent=spent, created=created)
+
+
+@router.post("/keys")
+async def create_key(
+    request: Request,
+    console: ActionSession,
+    services: ServicesDep,
+    name: Annotated[str, Form(max_length=200)] = "",
+    kind: Annotated[str, Form()] = "test",
+) -> Response:
+    limits = limits_from(await request.form())
+    async with services.sessions() as session:
+        key, secret = await db.create_key(session, name=name, test=kind != "live", limits=limits)
+    return await show_keys(request, console, services, created=(key, secret))
+
+
+@router.get("/keys/{key_id}")
+async def key_page(key_id: str, request: Request, console: PageSession, services: ServicesDep) -> Response:
+    async with services.sessions() as session:
+        key = await find(session, key_id)
+    return page(request, "key.html", console, title=key.name or key.id, key=key)
+
+
+@router.post("/keys/{key_id}/limits")
+async def set_limits(key_id: str, request: Request, console: ActionSession, services: ServicesDep) -> Response:
+    limits = limits_from(await request.form())
+    async with services.sessions() as session:
+        key = await db.update_limits(session, await find(session, key_id), limits)
+    services.keys.forget(key.digest)
+    return RedirectResponse(f"{request.scope.get('root_path', '')}/console/keys/{key.id}", status_code=303)
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke(key_id: str, request: Request, console: ActionSession, services: ServicesDep) -> Response:
+    async with services.sessions() as session:
+        key = await db.revoke_key(session, key_id=key_id)
+    if key is None:
+        raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
+    services.keys.forget(key.digest)
+    return RedirectResponse(f"{request.scope.get('root_path', '')}/console/keys", status_code=303)
+
+
+def limits_from(form: FormData) -> dict[str, int | None]:
+    """The limits a form sets: blank or 0 is none; the budget is in dollars."""
+    options: dict[str, float | None] = {}
+    for name in LIMIT_FIELDS:
+        text = str(form.get(name) or "").strip()
+        try:
+            value = float(text) if text else None
+        except ValueError:
+            raise InvalidRequest(f"{name} must be a number; got {text!r}.", param=name) from None
+        if value is not None and not 0 <= value <= (db.MAX_BUDGET_USD if name.endswith("usd") else db.MAX_LIMIT):
+            raise InvalidRequest(f"{name} is out of range.", param=name)
+        options[name] = value if name.endswith("usd") or value is None else int(value)
+    return db.chosen_limits(options)
+
+
+async def find(session: AsyncSession, key_id: str) -> db.ApiKey:
+    key = await db.find_key_by(session, key_id=key_id)
+    if key is None:
+        raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
+    return key

@@ -1,0 +1,131 @@
+"""The overview page: today and the last 30 days at a glance, images and spend per day and model, how
+fast each route answers, and the state of every route now."""
+
+import statistics
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from fastapi import Request, Response
+from sqlalchemy import select
+
+from qubax import db
+from qubax.console.charts import stacked_bars
+from qubax.console.sessions import PageSession
+from qubax.console.web import page, router, usd
+from qubax.providers.registry import PROVIDERS
+from qubax.services import Services, ServicesDep
+
+DAYS = 30
+LATENCY_SAMPLES = 20_000  # the newest generations a day's percentiles are read from
+
+
+@dataclass
+class Totals:
+    requests: int = 0
+    images: int = 0
+    cost_micros: int = 0
+    errors: int = 0
+
+    def add(self, row: db.UsageRow) -> None:
+        self.requests += row.requests
+        self.images += row.images
+        self.cost_micros += row.cost_micros
+        self.errors += row.errors
+
+    @property
+    def error_rate(self) -> str:
+        return f"{self.errors / self.requests:.1%}" if self.requests else "none"
+
+
+@dataclass
+class RouteState:
+    model: str
+    provider: str
+    upstream_model: str
+    configured: bool
+    missing: str  # the variable to set, when not configured
+    breaker_open: bool
+    errors: int  # failed tries in the last hour
+    last_error: str
+
+
+@router.get("")
+async def overview(request: Request, console: PageSession, services: ServicesDep) -> Response:
+    today = datetime.now(UTC).date()
+    days = [today - timedelta(days=DAYS - 1 - i) for i in range(DAYS)]
+    async with services.sessions() as session:
+        rows = await db.usage(session, ("day", "model"), days[0], today)
+    day_totals, month_totals = Totals(), Totals()
+    images: dict[str, list[float]] = {}
+    spend: dict[str, list[float]] = {}
+    for row in rows:
+        assert row.day is not None and row.model is not None
+        month_totals.add(row)
+        if row.day == today:
+            day_totals.add(row)
+        index = days.index(row.day)
+        images.setdefault(row.model, [0.0] * DAYS)[index] += row.images
+        spend.setdefault(row.model, [0.0] * DAYS)[index] += db.to_usd(row.cost_micros)
+    return page(
+        request,
+        "overview.html",
+        console,
+        title="Overview",
+        today=day_totals,
+        month=month_totals,
+        images_chart=stacked_bars("Images per day, by model", days, images, lambda v: f"{v:,.0f}"),
+        spend_chart=stacked_bars("Spend per day, by model", days, spend, lambda v: usd(round(v * 1_000_000))),
+        latencies=await latencies(services),
+        routes=await route_states(services),
+    )
+
+
+async def latencies(services: Services) -> list[tuple[str, int, int, int, int]]:
+    """Per route, over the last day's successful generations: how many, and p50, p95, p99 in ms."""
+    since = db.now() - timedelta(days=1)
+    query = (
+        select(db.Generation.upstream, db.Generation.latency_ms)
+        .where(db.Generation.created_at >= since, db.Generation.outcome == "ok")
+        .order_by(db.Generation.created_at.desc())
+        .limit(LATENCY_SAMPLES)
+    )
+    by_route: dict[str, list[int]] = {}
+    async with services.sessions() as session:
+        for route, latency in await session.execute(query):
+            by_route.setdefault(route, []).append(latency)
+    found = []
+    for route, values in sorted(by_route.items()):
+        cuts = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+        found.append((route, len(values), round(cuts[49]), round(cuts[94]), round(cuts[98])))
+    return found
+
+
+async def route_states(services: Services) -> list[RouteState]:
+    """Every route of every model: configured or what to set, its breaker, its failures this last hour."""
+    since = db.now() - timedelta(hours=1)
+    query = (
+        select(db.Attempt.upstream, db.Attempt.upstream_model, db.Attempt.error)
+        .where(db.Attempt.created_at >= since, db.Attempt.outcome != "ok")
+        .order_by(db.Attempt.id)
+    )
+    failures: dict[tuple[str, str], list[str]] = {}
+    async with services.sessions() as session:
+        for upstream, upstream_model, error in await session.execute(query):
+            failures.setdefault((upstream, upstream_model), []).append(error or "")
+    states = []
+    for model in services.catalog.models:
+        for route in model.routes:
+            failed = failures.get((route.provider, route.upstream_model), [])
+            states.append(
+                RouteState(
+                    model=model.id,
+                    provider=route.provider,
+                    upstream_model=route.upstream_model,
+                    configured=route.provider in services.providers,
+                    missing=PROVIDERS[route.provider].credential,
+                    breaker_open=services.breakers.is_open(f"{route.provider}:{route.upstream_model}"),
+                    errors=len(failed),
+                    last_error=failed[-1] if failed else "",
+                )
+            )
+    return states

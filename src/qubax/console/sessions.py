@@ -1,0 +1,128 @@
+"""Who may use the console: an operator who signed in with the admin token, and holds the session cookie
+that got them. Sessions live in the database (any node knows them) and expire; the cookie carries a
+random token, stored only as its digest. Every request that changes anything carries the session's
+CSRF token and comes from the console's own origin."""
+
+import hashlib
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import Depends, Request, Response
+from sqlalchemy import delete
+
+from qubax import db
+from qubax.errors import AuthenticationError, Forbidden
+from qubax.services import Services
+
+COOKIE = "qubax_console"
+LIFETIME = timedelta(hours=8)
+PATH = "/console"
+
+
+class SignInNeeded(Exception):
+    """A page asked for without a session: answered with the way to the sign-in page."""
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def admin_token_matches(services: Services, given: str) -> bool:
+    expected = services.settings.admin_token
+    # Bytes: compare_digest refuses str with non-ASCII characters, which a form may carry.
+    return expected is not None and secrets.compare_digest(given.encode(), expected.get_secret_value().encode())
+
+
+async def sign_in(services: Services, given: str, client: str) -> str:
+    """A new session's cookie token, for the admin token; a refusal that says nothing more otherwise.
+    Wrong tokens count against the address as for the admin API."""
+    await services.quotas.check_admin_failures(client)
+    if not admin_token_matches(services, given):
+        await services.quotas.count_admin_failure(client)
+        raise AuthenticationError("Sign-in failed.")
+    token = secrets.token_urlsafe(32)
+    now = db.now()
+    async with services.sessions() as session:
+        await session.execute(delete(db.ConsoleSession).where(db.ConsoleSession.expires_at < now))
+        session.add(
+            db.ConsoleSession(
+                digest=digest(token), csrf_token=secrets.token_urlsafe(32), created_at=now, expires_at=now + LIFETIME
+            )
+        )
+        await session.commit()
+    return token
+
+
+async def sign_out(services: Services, console: db.ConsoleSession) -> None:
+    async with services.sessions() as session:
+        await session.execute(delete(db.ConsoleSession).where(db.ConsoleSession.digest == console.digest))
+        await session.commit()
+
+
+def set_cookie(response: Response, request: Request, token: str) -> None:
+    response.set_cookie(
+        COOKIE,
+        token,
+        max_age=int(LIFETIME.total_seconds()),
+        path=PATH,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+def clear_cookie(response: Response, request: Request) -> None:
+    response.delete_cookie(COOKIE, path=PATH, httponly=True, samesite="strict", secure=request.url.scheme == "https")
+
+
+async def find(request: Request) -> db.ConsoleSession | None:
+    token = request.cookies.get(COOKIE)
+    if not token:
+        return None
+    services: Services = request.app.state.services
+    async with services.sessions() as session:
+        found = await session.get(db.ConsoleSession, digest(token))
+    if found is None or aware(found.expires_at) < db.now():
+        return None
+    return found
+
+
+def aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite's are UTC, without the zone
+
+
+async def page_session(request: Request) -> db.ConsoleSession:
+    """For pages: the session, or the way to the sign-in page."""
+    found = await find(request)
+    if found is None:
+        raise SignInNeeded()
+    return found
+
+
+async def action_session(request: Request) -> db.ConsoleSession:
+    """For requests that change something: the session, from our own origin, with its CSRF token."""
+    if not same_origin(request):
+        raise Forbidden("This request did not come from the console's own pages.", code="cross_origin")
+    found = await find(request)
+    if found is None:
+        raise AuthenticationError("Sign in to the console first.", code="no_session")
+    form = await request.form()  # parsed once: the route's own Form fields read the same
+    sent = request.headers.get("x-csrf-token") or str(form.get("csrf_token") or "")
+    if not secrets.compare_digest(sent.encode(), found.csrf_token.encode()):
+        raise Forbidden("The form is stale or forged (its CSRF token does not match): reload the page.", code="csrf")
+    return found
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a state-changing request names our own origin (browsers send `Origin` with every POST)."""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if not origin:
+        return False
+    parts = urlsplit(origin)
+    return f"{parts.scheme}://{parts.netloc}" == f"{request.url.scheme}://{request.url.netloc}"
+
+
+PageSession = Annotated[db.ConsoleSession, Depends(page_session)]
+ActionSession = Annotated[db.ConsoleSession, Depends(action_session)]

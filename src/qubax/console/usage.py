@@ -1,0 +1,85 @@
+"""The usage page (filtered by key, model and days; a table, a chart and a CSV download) and the jobs
+page (recent jobs of every key, and webhook deliveries). The figures come from the queries the admin
+API and the CLI use."""
+
+import csv
+import io
+from datetime import UTC, date, datetime, timedelta
+
+from fastapi import Request, Response
+from sqlalchemy import select
+
+from qubax import db
+from qubax.console.charts import stacked_bars
+from qubax.console.sessions import PageSession
+from qubax.console.web import page, router
+from qubax.errors import InvalidRequest
+from qubax.services import Services, ServicesDep
+
+RECENT = 50
+
+
+@router.get("/usage")
+async def usage_page(
+    request: Request, console: PageSession, services: ServicesDep, key: str = "", model: str = "", since: str = "",
+    until: str = "",
+) -> Response:  # fmt: skip
+    first, last = days(since, until)
+    rows = await usage_rows(services, key, model, first, last)
+    async with services.sessions() as session:
+        keys = await db.list_keys(session)
+    span = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    images: dict[str, list[float]] = {}
+    for row in rows:
+        assert row.day is not None and row.model is not None
+        images.setdefault(row.model, [0.0] * len(span))[(row.day - first).days] += row.images
+    chart = stacked_bars("Images per day, by model", span, images, lambda v: f"{v:,.0f}") if len(span) <= 92 else None
+    chosen = {"key": key, "model": model, "since": first.isoformat(), "until": last.isoformat()}
+    models = [model.id for model in services.catalog.models]
+    return page(
+        request, "usage.html", console, title="Usage", rows=rows, keys=keys, models=models, chosen=chosen,
+        chart=chart, query=request.url.query,
+    )  # fmt: skip
+
+
+@router.get("/usage.csv")
+async def usage_csv(
+    console: PageSession, services: ServicesDep, key: str = "", model: str = "", since: str = "", until: str = ""
+) -> Response:
+    first, last = days(since, until)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["day", "key_id", "key_name", "model", "requests", "images", "cost_usd", "errors"])
+    for row in await usage_rows(services, key, model, first, last):
+        cost = f"{db.to_usd(row.cost_micros):.6f}"
+        writer.writerow([row.day, row.key_id, row.key_name, row.model, row.requests, row.images, cost, row.errors])
+    name = f"qubax-usage-{first}-{last}.csv"
+    headers = {"content-disposition": f'attachment; filename="{name}"'}
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
+
+
+async def usage_rows(services: Services, key: str, model: str, first: date, last: date) -> list[db.UsageRow]:
+    async with services.sessions() as session:
+        return await db.usage(session, ("day", "key", "model"), first, last, key_id=key or None, model=model or None)
+
+
+def days(since: str, until: str) -> tuple[date, date]:
+    """The days asked for; by default the last 30."""
+    today = datetime.now(UTC).date()
+    try:
+        last = date.fromisoformat(until) if until else today
+        first = date.fromisoformat(since) if since else last - timedelta(days=29)
+    except ValueError:
+        raise InvalidRequest("Days are written YYYY-MM-DD.", param="since") from None
+    if first > last:
+        raise InvalidRequest("'since' is after 'until'.", param="since")
+    return first, last
+
+
+@router.get("/jobs")
+async def jobs_page(request: Request, console: PageSession, services: ServicesDep) -> Response:
+    async with services.sessions() as session:
+        jobs = list(await session.scalars(select(db.ImageJob).order_by(db.ImageJob.id.desc()).limit(RECENT)))
+        query = select(db.WebhookDelivery).order_by(db.WebhookDelivery.id.desc()).limit(RECENT)
+        deliveries = list(await session.scalars(query))
+    return page(request, "jobs.html", console, title="Jobs and webhooks", jobs=jobs, deliveries=deliveries)

@@ -1,0 +1,172 @@
+"""The operator console over HTTP: who gets in, what protects its forms, and what its pages show.
+(`test_console_browser.py` drives it in a real browser.)"""
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from qubax import db
+from qubax.settings import Settings
+from tests.stack import Stack, rows, running_stack
+from tests.test_admin import TOKEN
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[Stack]:
+    settings.admin_token = SecretStr(TOKEN)
+    with running_stack(settings, providers=("bfl",)) as stack:
+        yield stack
+
+
+def browser(stack: Stack) -> httpx.Client:
+    """A client that behaves as a browser on the console's pages: it sends its own origin with forms."""
+    return httpx.Client(base_url=stack.url, headers={"origin": stack.url}, follow_redirects=False)
+
+
+def signed_in(stack: Stack) -> tuple[httpx.Client, str]:
+    """A browser signed in, and the CSRF token its pages carry."""
+    client = browser(stack)
+    answer = client.post("/console/sign-in", data={"token": TOKEN})
+    assert answer.status_code == 303 and answer.headers["location"] == "/console"
+    return client, csrf_of(client.get("/console").text)
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found is not None
+    return found[1]
+
+
+def test_pages_without_a_session_lead_to_sign_in(stack: Stack) -> None:
+    client = browser(stack)
+    for path in ("/console", "/console/keys", "/console/usage", "/console/playground", "/console/jobs"):
+        answer = client.get(path)
+        assert answer.status_code == 303 and answer.headers["location"] == "/console/sign-in", path
+    for path in ("/console/keys", "/console/sign-out", "/console/playground"):
+        answer = client.post(path, data={"csrf_token": "x"})
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == "no_session"
+    page = client.get("/console/sign-in")
+    assert page.status_code == 200 and 'name="token"' in page.text
+
+
+def test_sign_in_sets_a_strict_session_cookie_and_sign_out_ends_it(stack: Stack) -> None:
+    client = browser(stack)
+    answer = client.post("/console/sign-in", data={"token": TOKEN})
+    cookie = answer.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
+    assert "Max-Age=28800" in cookie and "Secure" not in cookie  # plain http here; Secure over https
+    [session] = rows(stack.settings, db.ConsoleSession)
+    assert session.digest not in cookie  # the cookie's token is stored as a digest only
+    assert client.get("/console").status_code == 200
+    csrf = csrf_of(client.get("/console").text)
+    out = client.post("/console/sign-out", data={"csrf_token": csrf})
+    assert out.status_code == 303 and 'qubax_console=""' in out.headers["set-cookie"]
+    assert rows(stack.settings, db.ConsoleSession) == []
+    assert client.get("/console").status_code == 303
+
+
+def test_wrong_tokens_and_api_keys_cannot_sign_in(stack: Stack) -> None:
+    client = browser(stack)
+    for token in ("wrong", stack.live_key, stack.test.api_key, ""):
+        answer = client.post("/console/sign-in", data={"token": token})
+        assert answer.status_code in (401, 422 if not token else 401)
+        assert "set-cookie" not in answer.headers
+    assert "Sign-in failed." in client.post("/console/sign-in", data={"token": "wrong"}).text
+    assert rows(stack.settings, db.ConsoleSession) == []
+
+
+def test_forms_need_the_csrf_token_and_our_own_origin(stack: Stack) -> None:
+    client, csrf = signed_in(stack)
+    without = client.post("/console/keys", data={"name": "x"})
+    assert without.status_code == 403 and without.json()["error"]["code"] == "csrf"
+    forged = client.post("/console/keys", data={"name": "x", "csrf_token": "forged"})
+    assert forged.status_code == 403
+    elsewhere = client.post(
+        "/console/keys", data={"name": "x", "csrf_token": csrf}, headers={"origin": "https://evil.example"}
+    )
+    assert elsewhere.status_code == 403 and elsewhere.json()["error"]["code"] == "cross_origin"
+    no_origin = httpx.post(f"{stack.url}/console/keys", data={"name": "x", "csrf_token": csrf}, cookies=client.cookies)
+    assert no_origin.status_code == 403
+    assert len(rows(stack.settings, db.ApiKey)) == 2  # none of them made a key
+    assert client.post("/console/keys", data={"name": "ok", "csrf_token": csrf}).status_code == 200
+    assert len(rows(stack.settings, db.ApiKey)) == 3
+
+
+def test_pages_carry_a_strict_content_security_policy_and_never_the_token(stack: Stack) -> None:
+    client, _ = signed_in(stack)
+    pages = ["/console", "/console/keys", "/console/usage", "/console/playground", "/console/jobs", "/console/sign-in"]
+    for path in pages:
+        answer = client.get(path)
+        assert answer.status_code == 200, path
+        policy = answer.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert "unsafe-inline" not in policy
+        assert TOKEN not in answer.text and "<script>" not in answer.text, path
+    assert TOKEN not in client.post("/console/sign-in", data={"token": TOKEN}).text
+
+
+def test_keys_are_created_limited_and_revoked(stack: Stack) -> None:
+    client, csrf = signed_in(stack)
+    form = {"csrf_token": csrf, "name": "mobile app", "kind": "live", "rpm": "60", "monthly_budget_usd": "12.5"}
+    created = client.post("/console/keys", data=form)
+    secret = re.search(r'id="new-secret">(qbx_live_[^<]+)<', created.text)
+    assert secret is not None
+    assert secret[1] not in client.get("/console/keys").text  # shown once
+    key = next(row for row in rows(stack.settings, db.ApiKey) if row.name == "mobile app")
+    assert (key.rpm, key.monthly_budget_micros, key.test) == (60, 12_500_000, False)
+    changed = client.post(
+        f"/console/keys/{key.id}/limits", data={"csrf_token": csrf, "monthly_budget_usd": "20", "rpm": ""}
+    )
+    assert changed.status_code == 303
+    key = next(row for row in rows(stack.settings, db.ApiKey) if row.name == "mobile app")
+    assert (key.rpm, key.monthly_budget_micros) == (None, 20_000_000)
+    assert "$0.00 of $20.00" in client.get("/console/keys").text
+    assert client.post(f"/console/keys/{key.id}/revoke", data={"csrf_token": csrf}).status_code == 303
+    assert httpx.get(f"{stack.url}/v1/models", headers={"authorization": f"Bearer {secret[1]}"}).status_code == 401
+
+
+def test_the_playground_makes_images_under_the_chosen_key(stack: Stack) -> None:
+    client, csrf = signed_in(stack)
+    test_key = next(row for row in rows(stack.settings, db.ApiKey) if row.test)
+    form = {"csrf_token": csrf, "key_id": test_key.id, "model": "flux-1.1-pro", "prompt": "a fox", "n": "2"}
+    page = client.post("/console/playground", data=form, timeout=30)
+    assert page.status_code == 200
+    assert page.text.count('src="data:image/png;base64,') == 2
+    assert 'data-figure="route">test<' in page.text
+    [generation] = rows(stack.settings, db.Generation)
+    assert (generation.key_id, generation.images, generation.cost_micros) == (test_key.id, 2, 0)
+    refused = client.post("/console/playground", data=form | {"n": "9"}, timeout=30)
+    assert 'role="alert"' in refused.text and "got n=9." in refused.text
+
+
+def test_usage_csv_matches_the_admin_api(stack: Stack) -> None:
+    stack.test.images.generate(model="flux-1.1-pro", prompt="a fox", n=2)
+    stack.live.images.generate(model="flux-1.1-pro", prompt="a fox")
+    client, _ = signed_in(stack)
+    download = client.get("/console/usage.csv")
+    assert download.headers["content-type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(download.text)))
+    admin = httpx.get(
+        f"{stack.url}/admin/usage", params={"group_by": "day,key,model"}, headers={"authorization": f"Bearer {TOKEN}"}
+    ).json()["data"]
+    assert [(r["key_id"], r["model"], int(r["images"]), float(r["cost_usd"])) for r in table] == [
+        (r["key_id"], r["model"], r["images"], r["cost_usd"]) for r in admin
+    ]
+    only_live = client.get("/console/usage.csv", params={"key": stack_live_id(stack)}).text
+    assert len(list(csv.DictReader(io.StringIO(only_live)))) == 1
+    assert "flux-1.1-pro" in client.get("/console").text
+
+
+def stack_live_id(stack: Stack) -> str:
+    return next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
+
+
+def test_the_console_is_off_without_an_admin_token(settings: Settings) -> None:
+    with running_stack(settings, providers=("bfl",)) as stack:
+        answer = httpx.get(f"{stack.url}/console")
+    assert answer.status_code == 404 and "QUBAX_ADMIN_TOKEN" in answer.json()["error"]["message"]

@@ -39,7 +39,7 @@ def stacked_bars(
                 f'<rect x="{x + 1:.1f}" y="{base:.1f}" width="{max(step - 2, 1):.1f}" height="{height:.1f}" '
                 f'fill="{colour}"><title>{escape(tip)}</title></rect>'
             )
-        if i % 7 == 0 or i == len(days) - 1:
+        if (len(days) - 1 - i) % 7 == 0:  # the last day, and every week back from it
             parts.append(
                 f'<text x="{x + step / 2:.1f}" y="{HEIGHT - 8}" class="tick" text-anchor="middle">{day:%b %d}</text>'
             )

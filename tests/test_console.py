@@ -1,19 +1,26 @@
 """The operator console over HTTP: who gets in, what protects its forms, and what its pages show.
 (`test_console_browser.py` drives it in a real browser.)"""
 
+import asyncio
 import csv
 import io
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 
 import httpx
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import update
+from starlette.requests import Request
+from starlette.responses import Response
 
 from qubax import db
+from qubax.console import sessions
 from qubax.settings import Settings
 from tests.stack import Stack, rows, running_stack
 from tests.test_admin import TOKEN
+from tests.test_upstreams import picture
 
 
 @pytest.fixture
@@ -170,3 +177,45 @@ def test_the_console_is_off_without_an_admin_token(settings: Settings) -> None:
     with running_stack(settings, providers=("bfl",)) as stack:
         answer = httpx.get(f"{stack.url}/console")
     assert answer.status_code == 404 and "QUBAX_ADMIN_TOKEN" in answer.json()["error"]["message"]
+
+
+def test_bad_limits_are_shown_on_the_form(stack: Stack) -> None:
+    client, csrf = signed_in(stack)
+    refused = client.post("/console/keys", data={"csrf_token": csrf, "name": "x", "rpm": "-3"})
+    assert refused.status_code == 400 and "Requests per minute must be between 0 and" in refused.text
+    key_id = stack_live_id(stack)
+    refused = client.post(f"/console/keys/{key_id}/limits", data={"csrf_token": csrf, "monthly_budget_usd": "lots"})
+    assert refused.status_code == 400 and "Monthly budget must be a number" in refused.text
+    assert len(rows(stack.settings, db.ApiKey)) == 2
+
+
+def test_an_expired_session_signs_out(stack: Stack) -> None:
+    client, _ = signed_in(stack)
+
+    async def expire() -> None:
+        engine = db.connect(stack.settings.resolved_database_url)
+        async with db.sessions(engine)() as session:
+            await session.execute(update(db.ConsoleSession).values(expires_at=db.now() - timedelta(seconds=1)))
+            await session.commit()
+        await engine.dispose()
+
+    asyncio.run(expire())
+    assert client.get("/console").headers["location"] == "/console/sign-in"
+
+
+def test_the_cookie_is_secure_over_https() -> None:
+    request = Request({"type": "http", "scheme": "https", "server": ("q.example", 443), "path": "/", "headers": []})
+    response = Response()
+    sessions.set_cookie(response, request, "token")
+    assert "Secure" in response.headers["set-cookie"]
+
+
+def test_an_edit_in_the_playground(stack: Stack) -> None:
+    client, csrf = signed_in(stack)
+    test_key = next(row for row in rows(stack.settings, db.ApiKey) if row.test)
+    form = {"csrf_token": csrf, "key_id": test_key.id, "model": "flux-kontext-pro", "prompt": "make it blue"}
+    files = {"image": ("red.png", picture(64, 48), "image/png")}
+    page = client.post("/console/playground", data=form, files=files, timeout=30)
+    assert page.status_code == 200 and page.text.count('src="data:image/png;base64,') == 1, page.text[-800:]
+    [generation] = rows(stack.settings, db.Generation)
+    assert (generation.model, generation.images) == ("flux-kontext-pro", 1)

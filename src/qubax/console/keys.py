@@ -16,7 +16,12 @@ from qubax.console.web import page, router
 from qubax.errors import AuthenticationError, Forbidden, InvalidRequest, NotFound
 from qubax.services import Services, ServicesDep
 
-LIMIT_FIELDS = ("rpm", "images_per_day", "max_concurrent", "monthly_budget_usd")
+LIMIT_FIELDS = {  # the form's fields, and what the form calls them
+    "rpm": "Requests per minute",
+    "images_per_day": "Images per day",
+    "max_concurrent": "Concurrent requests",
+    "monthly_budget_usd": "Monthly budget",
+}
 
 
 @router.get("/sign-in")
@@ -53,13 +58,19 @@ async def keys_page(request: Request, console: PageSession, services: ServicesDe
 
 
 async def show_keys(
-    request: Request, console: db.ConsoleSession, services: Services, created: tuple[db.ApiKey, str] | None = None
+    request: Request,
+    console: db.ConsoleSession,
+    services: Services,
+    created: tuple[db.ApiKey, str] | None = None,
+    error: str = "",
 ) -> Response:
     month = datetime.now(UTC).date().replace(day=1)
     async with services.sessions() as session:
         keys = await db.list_keys(session)
         spent = {row.key_id: row.cost_micros for row in await db.usage(session, ("key",), month)}
-    return page(request, "keys.html", console, title="Keys", keys=keys, spent=spent, created=created)
+    answer = page(request, "keys.html", console, title="Keys", keys=keys, spent=spent, created=created, error=error)
+    answer.status_code = 400 if error else 200
+    return answer
 
 
 @router.post("/keys")
@@ -70,7 +81,10 @@ async def create_key(
     name: Annotated[str, Form(max_length=200)] = "",
     kind: Annotated[str, Form()] = "test",
 ) -> Response:
-    limits = limits_from(await request.form())
+    try:
+        limits = limits_from(await request.form())
+    except InvalidRequest as exc:
+        return await show_keys(request, console, services, error=exc.message)
     async with services.sessions() as session:
         key, secret = await db.create_key(session, name=name, test=kind != "live", limits=limits)
     return await show_keys(request, console, services, created=(key, secret))
@@ -78,14 +92,25 @@ async def create_key(
 
 @router.get("/keys/{key_id}")
 async def key_page(key_id: str, request: Request, console: PageSession, services: ServicesDep) -> Response:
+    return await show_key(request, console, services, key_id)
+
+
+async def show_key(
+    request: Request, console: db.ConsoleSession, services: Services, key_id: str, error: str = ""
+) -> Response:
     async with services.sessions() as session:
         key = await find(session, key_id)
-    return page(request, "key.html", console, title=key.name or key.id, key=key)
+    answer = page(request, "key.html", console, title=key.name or key.id, key=key, error=error)
+    answer.status_code = 400 if error else 200
+    return answer
 
 
 @router.post("/keys/{key_id}/limits")
 async def set_limits(key_id: str, request: Request, console: ActionSession, services: ServicesDep) -> Response:
-    limits = limits_from(await request.form())
+    try:
+        limits = limits_from(await request.form())
+    except InvalidRequest as exc:
+        return await show_key(request, console, services, key_id, error=exc.message)
     async with services.sessions() as session:
         key = await db.update_limits(session, await find(session, key_id), limits)
     services.keys.forget(key.digest)
@@ -105,14 +130,15 @@ async def revoke(key_id: str, request: Request, console: ActionSession, services
 def limits_from(form: FormData) -> dict[str, int | None]:
     """The limits a form sets: blank or 0 is none; the budget is in dollars."""
     options: dict[str, float | None] = {}
-    for name in LIMIT_FIELDS:
+    for name, label in LIMIT_FIELDS.items():
         text = str(form.get(name) or "").strip()
         try:
             value = float(text) if text else None
         except ValueError:
-            raise InvalidRequest(f"{name} must be a number; got {text!r}.", param=name) from None
-        if value is not None and not 0 <= value <= (db.MAX_BUDGET_USD if name.endswith("usd") else db.MAX_LIMIT):
-            raise InvalidRequest(f"{name} is out of range.", param=name)
+            raise InvalidRequest(f"{label} must be a number; got {text!r}.", param=name) from None
+        most = db.MAX_BUDGET_USD if name.endswith("usd") else db.MAX_LIMIT
+        if value is not None and not 0 <= value <= most:
+            raise InvalidRequest(f"{label} must be between 0 and {most:,.0f}.", param=name)
         options[name] = value if name.endswith("usd") or value is None else int(value)
     return db.chosen_limits(options)
 

@@ -4,6 +4,7 @@
 import asyncio
 import csv
 import io
+import json
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -219,3 +220,18 @@ def test_an_edit_in_the_playground(stack: Stack) -> None:
     assert page.status_code == 200 and page.text.count('src="data:image/png;base64,') == 1, page.text[-800:]
     [generation] = rows(stack.settings, db.Generation)
     assert (generation.model, generation.images) == ("flux-kontext-pro", 1)
+
+
+def test_the_playground_streams_its_images_then_a_summary(stack: Stack) -> None:
+    client, csrf = signed_in(stack)
+    test_key = next(row for row in rows(stack.settings, db.ApiKey) if row.test)
+    form = {"key_id": test_key.id, "model": "flux-1.1-pro", "prompt": "a fox", "n": "2"}
+    answer = client.post("/console/playground/stream", data=form, headers={"x-csrf-token": csrf}, timeout=30)
+    assert answer.headers["content-type"].startswith("text/event-stream")
+    names = re.findall(r"^event: (.+)$", answer.text, re.MULTILINE)
+    assert names == ["image_generation.completed", "image_generation.completed", "qubax.summary"]
+    summary = json.loads(answer.text.rsplit("data: ", 1)[1])
+    assert summary["route"] == "test" and summary["cost"] == "$0.00"
+    refused = client.post("/console/playground/stream", data=form | {"n": "9"}, headers={"x-csrf-token": csrf})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "n"
+    assert client.post("/console/playground/stream", data=form).status_code == 403  # no CSRF token

@@ -102,10 +102,10 @@ def test_an_operator_s_round_in_the_console(server: tuple[str, dict[str, str]], 
             page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
             page.get_by_label("Images", exact=True).fill("2")
             page.get_by_role("button", name="Generate").click()
-            images = page.locator(".images img")
+            images = page.locator("#live .images img")  # shown by the page's script as they arrive
             expect(images).to_have_count(2)
+            expect(page.locator("#live [data-summary]")).to_contain_text("Made by test in")
             assert all(image.evaluate("i => i.complete && i.naturalWidth > 0") for image in images.all())
-            expect(page.locator("#result")).to_contain_text("Made by test")
             page.screenshot(path=SCREENSHOTS / "playground.png", full_page=True)
 
             # The overview's chart has today's images.

@@ -1,20 +1,48 @@
 """The playground: a prompt (and for a model that edits, an image) made into images under a key the
 operator picks (a test key by default), as the API would make them: through the key's limits, the
-routes and the ledger. It shows the images, the route that made them, the time and the cost."""
+routes and the ledger. It shows the images as they arrive (streamed to the page's script; without
+script, the form is answered when they are all made), the route that made them, the time and the cost."""
 
 import time
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import File, Form, Request, Response, UploadFile
+import orjson
+from fastapi import Form, Request, Response, UploadFile
+from fastapi.sse import EventSourceResponse, format_sse_event
+from pydantic import BaseModel, Field
+from sqlalchemy import select
 
-from qubax import db, generation
+from qubax import db, generation, streaming
+from qubax.catalog import ImageRequest
 from qubax.console.sessions import ActionSession, PageSession
-from qubax.console.web import page, router
+from qubax.console.web import page, router, usd
 from qubax.errors import NotFound, QubaxError
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest
 from qubax.services import Services, ServicesDep
 
 FORMATS = ("png", "jpeg", "webp")
+
+
+class Asked(BaseModel):
+    """The playground's form."""
+
+    key_id: str
+    model: str
+    prompt: str
+    size: str = ""
+    n: int = Field(1, ge=1, le=10)
+    output_format: str = "png"
+    image: UploadFile | None = None
+
+    def fields(self, stream: bool) -> dict[str, object]:
+        fields = {"model": self.model, "prompt": self.prompt, "n": self.n, "size": self.size or None}
+        return fields | {"output_format": self.output_format, "response_format": "b64_json", "stream": stream}
+
+    @property
+    def upload(self) -> UploadFile | None:
+        return self.image if self.image is not None and self.image.filename else None
 
 
 @router.get("/playground")
@@ -24,44 +52,73 @@ async def playground_page(request: Request, console: PageSession, services: Serv
 
 @router.post("/playground")
 async def make(
-    request: Request,
-    console: ActionSession,
-    services: ServicesDep,
-    key_id: Annotated[str, Form()],
-    model: Annotated[str, Form()],
-    prompt: Annotated[str, Form()],
-    size: Annotated[str, Form()] = "",
-    n: Annotated[int, Form(ge=1, le=10)] = 1,
-    output_format: Annotated[str, Form()] = "png",
-    image: Annotated[UploadFile | None, File()] = None,
+    request: Request, console: ActionSession, services: ServicesDep, asked: Annotated[Asked, Form()]
 ) -> Response:
-    asked = {
-        "key_id": key_id,
-        "model": model,
-        "prompt": prompt,
-        "size": size,
-        "n": str(n),
-        "output_format": output_format,
-    }
-    fields = {"model": model, "prompt": prompt, "n": n, "size": size or None, "output_format": output_format}
-    fields |= {"response_format": "b64_json"}
-    upload = image if image is not None and image.filename else None
+    shown = asked.model_dump(exclude={"image"}) | {"n": str(asked.n)}
     started = time.monotonic()
     try:
-        key = await key_record(services, key_id)
-        if upload is not None:
-            made = await generation.edit(
-                ImageEditRequest.model_validate(fields | {"image": [upload]}), key, services, ""
-            )
+        key = await key_record(services, asked.key_id)
+        if asked.upload is not None:
+            form = ImageEditRequest.model_validate(asked.fields(False) | {"image": [asked.upload]})
+            made = await generation.edit(form, key, services, "")
         else:
-            made = await generation.generate(ImageGenerateRequest.model_validate(fields), key, services, "")
+            made = await generation.generate(
+                ImageGenerateRequest.model_validate(asked.fields(False)), key, services, ""
+            )
     except QubaxError as exc:
-        return await show(request, console, services, asked, error=exc.message)
+        return await show(request, console, services, shown, error=exc.message)
     seconds = time.monotonic() - started
-    media = f"image/{output_format if output_format in FORMATS else 'png'}"
+    media = f"image/{asked.output_format if asked.output_format in FORMATS else 'png'}"
     images = [f"data:{media};base64,{item.b64_json}" for item in made.response.data if item.b64_json]
     result = {"images": images, "route": made.upstream, "seconds": f"{seconds:.1f}", "cost_micros": made.cost_micros}
-    return await show(request, console, services, asked, result=result)
+    return await show(request, console, services, shown, result=result)
+
+
+@router.post("/playground/stream")
+async def make_streamed(console: ActionSession, services: ServicesDep, asked: Annotated[Asked, Form()]) -> Response:
+    """The same, as OpenAI's streamed events, then a `qubax.summary` event: route, seconds, cost."""
+    key = await key_record(services, asked.key_id)
+    checked = await check(services, asked)
+    started, since = time.monotonic(), db.now()
+    headers, events = await streaming.open_stream(checked, key, services)
+    return EventSourceResponse(summarised(events, services, key, checked, started, since), headers=headers)
+
+
+async def check(services: Services, asked: Asked) -> ImageRequest:
+    if asked.upload is not None:
+        form = ImageEditRequest.model_validate(asked.fields(True) | {"image": [asked.upload]})
+        return await generation.check_edit(form, services)
+    return services.catalog.check(ImageGenerateRequest.model_validate(asked.fields(True)))
+
+
+async def summarised(
+    events: AsyncIterator[bytes],
+    services: Services,
+    key: db.KeyRecord,
+    request: ImageRequest,
+    started: float,
+    since: datetime,
+) -> AsyncIterator[bytes]:
+    """The stream's events, then what its usage record says (written before the last event was sent)."""
+    async for event in events:
+        yield event
+    query = (
+        select(db.Generation)
+        .where(
+            db.Generation.key_id == key.id, db.Generation.model == request.model.id, db.Generation.created_at >= since
+        )
+        .order_by(db.Generation.id.desc())
+        .limit(1)
+    )
+    async with services.sessions() as session:
+        record = await session.scalar(query)
+    if record is not None:
+        summary = {
+            "route": record.upstream,
+            "seconds": f"{time.monotonic() - started:.1f}",
+            "cost": usd(record.cost_micros),
+        }
+        yield format_sse_event(event="qubax.summary", data_str=orjson.dumps(summary).decode())
 
 
 async def show(

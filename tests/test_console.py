@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import httpx
+import openai
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import update
@@ -235,3 +236,23 @@ def test_the_playground_streams_its_images_then_a_summary(stack: Stack) -> None:
     refused = client.post("/console/playground/stream", data=form | {"n": "9"}, headers={"x-csrf-token": csrf})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "n"
     assert client.post("/console/playground/stream", data=form).status_code == 403  # no CSRF token
+
+
+def test_the_overview_shows_a_failing_route_and_its_breaker(settings: Settings) -> None:
+    settings.admin_token = SecretStr(TOKEN)
+    with running_stack(settings, providers=("bfl",), breaker_failures=1) as stack:
+        stack.bfl.submit_status = 500
+        with pytest.raises(openai.APIStatusError):
+            stack.live.images.generate(model="flux-1.1-pro", prompt="a fox")
+        client, _ = signed_in(stack)
+        page = client.get("/console").text
+    row = re.search(r"<tr>\s*<td>flux-1.1-pro</td>\s*<td>bfl.*?</tr>", page, re.DOTALL)
+    assert row is not None and "breaker open" in row[0] and "Black Forest Labs" in row[0]
+    assert "100.0%" in page  # today's error rate
+    assert "not configured" in page and "set FAL_KEY" in page
+
+
+def test_usage_with_bad_days_says_so_on_the_page(stack: Stack) -> None:
+    client, _ = signed_in(stack)
+    page = client.get("/console/usage", params={"since": "2026-13-01"})
+    assert page.status_code == 200 and "Days are written YYYY-MM-DD." in page.text

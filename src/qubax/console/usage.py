@@ -24,7 +24,11 @@ async def usage_page(
     request: Request, console: PageSession, services: ServicesDep, key: str = "", model: str = "", since: str = "",
     until: str = "",
 ) -> Response:  # fmt: skip
-    first, last = days(since, until)
+    error = ""
+    try:
+        first, last = days(since, until)
+    except InvalidRequest as exc:
+        error, (first, last) = exc.message, days("", "")
     rows = await usage_rows(services, key, model, first, last)
     async with services.sessions() as session:
         keys = await db.list_keys(session)
@@ -38,7 +42,7 @@ async def usage_page(
     models = [model.id for model in services.catalog.models]
     return page(
         request, "usage.html", console, title="Usage", rows=rows, keys=keys, models=models, chosen=chosen,
-        chart=chart, query=request.url.query,
+        chart=chart, query=request.url.query, error=error,
     )  # fmt: skip
 
 

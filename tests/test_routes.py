@@ -16,10 +16,11 @@ from PIL import Image
 from pydantic import SecretStr
 from starlette.requests import Request
 
+from qubax.access import base_url
 from qubax.app import create_app
 from qubax.errors import ClientDisconnected
 from qubax.models import MODELS
-from qubax.routes import WATCH_AFTER_SECONDS, base_url, until_disconnect
+from qubax.routes import WATCH_AFTER_SECONDS, until_disconnect
 from qubax.settings import Settings
 from tests.conftest import cli_env, create_key, eventually
 from tests.server import serve

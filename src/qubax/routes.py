@@ -1,24 +1,23 @@
 """The public HTTP API: each endpoint authenticates, calls one service function and returns."""
 
 import asyncio
-import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Annotated, TypeVar
 
 import orjson
-from fastapi import APIRouter, Depends, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
-from fastapi.security import HTTPBearer
 from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel
 from sqlalchemy import text
-from starlette.types import Scope
 
-from qubax import auth, db, generation, idempotency, jobs, streaming
+from qubax import db, generation, idempotency, job_routes, jobs, streaming
+from qubax.access import CurrentKey, base_url, public_url
 from qubax.bodies import LimitedRoute, UploadRoute
 from qubax.catalog import CatalogModel, ImageRequest
-from qubax.errors import AuthenticationError, ClientDisconnected, InvalidRequest, NotFound
+from qubax.errors import ClientDisconnected, InvalidRequest, NotFound
+from qubax.job_routes import accept_job, wants_job
 from qubax.protocol import (
     JOB_RESPONSE,
     STREAM_RESPONSE,
@@ -26,8 +25,6 @@ from qubax.protocol import (
     HealthStatus,
     ImageEditRequest,
     ImageGenerateRequest,
-    ImageJob,
-    ImageJobList,
     ImagesResponse,
     Model,
     ModelList,
@@ -41,55 +38,8 @@ from qubax.uploads import digests
 T = TypeVar("T")
 GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
-JOBS_PATH = "/v1/images/jobs"
 
 router = APIRouter(route_class=LimitedRoute)
-
-
-class ApiKeyAuth(HTTPBearer):
-    """The bearer scheme, as a FastAPI security dependency that also checks the key: the schema shows
-    bearer auth, and a request costs one dependency (each one costs FastAPI measurable work)."""
-
-    async def __call__(self, request: Request) -> db.KeyRecord:  # type: ignore[override]
-        header = request.headers.get("authorization", "")
-        token = auth.bearer_token(header)
-        if not token and header.strip():
-            raise AuthenticationError(
-                "The Authorization header must read `Bearer YOUR_KEY`: what was sent is not a Bearer "
-                "credential (is the `Bearer ` prefix missing?).",
-                code="missing_api_key",
-            )
-        if not token:
-            raise AuthenticationError(
-                "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                code="missing_api_key",
-            )
-        return await authenticate(request.app.state.services, token)
-
-
-async def authenticate(services: Services, token: str) -> db.KeyRecord:
-    key = None
-    if auth.looks_like_key(token):
-        digest = auth.digest_key(token)
-
-        async def find() -> db.KeyRecord | None:
-            async with services.sessions() as session:
-                row = await db.find_key(session, digest)
-                return None if row is None else db.key_record(row)
-
-        key = await services.keys.fetch(digest, find)
-    if key is None or not auth.matches(token, key.digest):
-        raise AuthenticationError(f"Incorrect API key provided: {auth.masked(token)}.")
-    if key.revoked_at is not None:
-        raise AuthenticationError(f"The API key {auth.masked(token)} has been revoked.")
-    return key
-
-
-CurrentKey = Annotated[
-    db.KeyRecord,
-    Depends(ApiKeyAuth(scheme_name="HTTPBearer", description="A Qubax API key, `qbx_live_…` or `qbx_test_…`.")),
-]
 
 
 @router.post(
@@ -184,28 +134,6 @@ async def respond(
     )
 
 
-def wants_job(request: Request, body: ImageGenerateRequest | ImageEditRequest) -> bool:
-    """Whether the request asks to be a job (`Prefer: respond-async`); `webhook_url` is only for jobs."""
-    if jobs.wants_async(request.headers.get("prefer")):
-        return True
-    if body.webhook_url is not None:
-        raise InvalidRequest(
-            "webhook_url is for jobs: send it with the header Prefer: respond-async.", param="webhook_url"
-        )
-    return False
-
-
-async def accept_job(
-    request: Request, key: db.KeyRecord, path: str, body: ImageGenerateRequest | ImageEditRequest, checked: ImageRequest
-) -> Response:
-    """`Prefer: respond-async`: the request queued as a job, answered at once with `202 Accepted`."""
-    services: Services = request.app.state.services
-    job = await jobs.submit(services, key, path, body, checked, public_url(request))
-    headers = {"location": f"{JOBS_PATH}/{job.id}", "preference-applied": "respond-async"}
-    content = jobs.render(await jobs.describe(services, job, public_url(request)))
-    return Response(content, status_code=202, media_type="application/json", headers=headers)
-
-
 async def stream_answer(
     request: Request,
     key: db.KeyRecord,
@@ -264,28 +192,6 @@ def answer(request: Request, key: db.KeyRecord, result: generation.Generated, mo
     return Response(content, media_type="application/json", headers=headers)
 
 
-def public_url(request: Request) -> str:
-    """Where our image links point: the configured public address, or the one the client used."""
-    services: Services = request.app.state.services
-    return (services.settings.public_url or base_url(request.scope)).rstrip("/")
-
-
-def base_url(scope: Scope) -> str:
-    """Starlette's `request.base_url`, remembered for each host the clients name: working it out anew
-    is measurably dearer (bench/README.md)."""
-    host = next((value for name, value in scope["headers"] if name == b"host"), None)
-    root_path = scope.get("app_root_path", scope.get("root_path", ""))
-    server = scope.get("server")
-    return known_base_url(scope.get("scheme", "http"), host, None if server is None else tuple(server), root_path)
-
-
-@functools.lru_cache(maxsize=256)  # bounded: the Host header is the client's to choose
-def known_base_url(scheme: str, host: bytes | None, server: tuple[str, int | None] | None, root_path: str) -> str:
-    headers = [(b"host", host)] if host is not None else []
-    scope = {"type": "http", "scheme": scheme, "server": server, "root_path": root_path, "headers": headers}
-    return str(Request({**scope, "path": "/", "query_string": b""}).base_url)
-
-
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await the work, cancelling it (and the upstream work it owns) if the client goes away first.
 
@@ -323,56 +229,6 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 WATCH_AFTER_SECONDS = 0.1
-
-
-@router.get(
-    JOBS_PATH + "/{job_id}",
-    response_model=ImageJob,
-    responses=error_responses(401, 404),
-    summary="Retrieve image job",
-    tags=["Jobs"],
-)
-async def retrieve_job(job_id: str, request: Request, key: CurrentKey, services: ServicesDep) -> Response:
-    """A job sent with `Prefer: respond-async`: its status, and once it ended, its `result` (what the
-    request would have answered, links signed anew) or its `error`. Only the key that made it sees it."""
-    return await job_answer(request, await jobs.find(services, key, job_id))
-
-
-@router.get(
-    JOBS_PATH,
-    response_model=ImageJobList,
-    responses=error_responses(400, 401),
-    summary="List image jobs",
-    tags=["Jobs"],
-)
-async def list_jobs(
-    request: Request, key: CurrentKey, services: ServicesDep, limit: int = 20, after: str | None = None
-) -> Response:
-    """This key's jobs, newest first: `limit` (1 to 100) at a time, from the one after the job id `after`."""
-    found, more = await jobs.page(services, key, limit, after)
-    return json_response(await jobs.render_page(services, found, more, public_url(request)))
-
-
-@router.post(
-    JOBS_PATH + "/{job_id}/cancel",
-    response_model=ImageJob,
-    responses=error_responses(401, 404),
-    summary="Cancel image job",
-    tags=["Jobs"],
-)
-async def cancel_job(job_id: str, request: Request, key: CurrentKey, services: ServicesDep) -> Response:
-    """Cancel a job: a queued one at once; a running one within a second or so, with the upstream work
-    it owns. A job that already ended is answered as it ended."""
-    return await job_answer(request, await jobs.cancel(services, key, job_id))
-
-
-async def job_answer(request: Request, job: db.ImageJob) -> Response:
-    services: Services = request.app.state.services
-    return json_response(jobs.render(await jobs.describe(services, job, public_url(request))))
-
-
-def json_response(content: bytes) -> Response:
-    return Response(content, media_type="application/json")
 
 
 @router.get("/v1/models", responses=error_responses(401), summary="List models", tags=["Models"])
@@ -441,3 +297,6 @@ async def healthz(services: ServicesDep) -> HealthStatus:
     await services.quotas.slots.check()  # a node that cannot reach the shared limits is not ready
     await services.storage.ready()  # nor one that cannot keep images
     return HealthStatus(status="ok")
+
+
+router.include_router(job_routes.router)  # the jobs API is part of the public API (and its schema)

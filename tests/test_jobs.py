@@ -6,6 +6,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import openai
 import pytest
 from PIL import Image
 from pydantic import SecretStr
+from sqlalchemy import update
 
 from qubax import db, journal
 from qubax.app import create_app
@@ -282,3 +284,25 @@ def test_the_async_sdk_submits_a_job_and_its_idempotent_copy(stack: Stack) -> No
     assert again.http_response.json()["id"] == job_id and again.headers["x-qubax-idempotent-replayed"] == "true"
     assert wait_for(stack.live, job_id)["status"] == "succeeded"
     assert len(stack.bfl.submissions) == 1
+
+
+def test_jobs_that_ended_long_ago_are_forgotten(stack: Stack) -> None:
+    old, recent = submit(stack.test)["id"], submit(stack.test)["id"]
+    for job_id in (old, recent):
+        wait_for(stack.test, job_id)
+    queued = submit(stack.test, n=2)["id"]
+
+    async def age_and_sweep() -> int:
+        engine = db.connect(stack.settings.resolved_database_url)
+        async with db.sessions(engine)() as session:
+            await session.execute(
+                update(db.ImageJob).where(db.ImageJob.id == old).values(completed_at=db.now() - timedelta(days=31))
+            )
+            await session.commit()
+            forgotten = await db.forget_jobs(session, db.now() - timedelta(days=30))
+        await engine.dispose()
+        return forgotten
+
+    assert asyncio.run(age_and_sweep()) == 1
+    assert get(stack.test, f"/{old}").status_code == 404
+    assert get(stack.test, f"/{recent}").status_code == 200 and get(stack.test, f"/{queued}").status_code == 200

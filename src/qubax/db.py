@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     case,
     cast,
+    delete,
     event,
     func,
     literal_column,
@@ -368,6 +369,16 @@ async def charged(session: AsyncSession, key_id: str, day: datetime, month: date
 
 
 PENDING = ("queued", "in_progress")  # a job's statuses before it ends
+
+
+async def forget_jobs(session: AsyncSession, ended_before: datetime) -> int:
+    """Delete the jobs that ended before a time, with their webhook deliveries; returns how many."""
+    old = select(ImageJob.id).where(ImageJob.status.not_in(PENDING), ImageJob.completed_at < ended_before)
+    await session.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id.in_(old)))
+    await session.execute(delete(JobInput).where(JobInput.job_id.in_(old)))
+    result = await session.execute(delete(ImageJob).where(ImageJob.id.in_(old)))
+    await session.commit()
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 USAGE_GROUPS = ("key", "model", "day")

@@ -8,6 +8,7 @@ import logging
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -78,7 +79,7 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
         ledger = Ledger(engine)
         held.push_async_callback(ledger.close)
         quotas = Quotas(sessions, slots, limiter_storage(settings.redis_url))
-        sweeper = asyncio.create_task(sweep_forever(storage, sessions, settings.sweep_interval_seconds))
+        sweeper = asyncio.create_task(sweep_forever(storage, sessions, settings))
         held.push_async_callback(stop, sweeper)
         settle_garbage_collector()
         yield Services(
@@ -126,9 +127,9 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
         raise ValueError("QUBAX_STORAGE_URL must be s3://bucket/prefix or file:///absolute/path.")
 
 
-async def sweep_forever(storage: Storage, sessions: async_sessionmaker[AsyncSession], interval: float) -> None:
-    """Remove expired images, and forget expired idempotency keys and abandoned upstream tasks, every
-    `interval` seconds."""
+async def sweep_forever(storage: Storage, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+    """Remove expired images, and forget expired idempotency keys, abandoned upstream tasks and old jobs,
+    every `QUBAX_SWEEP_INTERVAL_SECONDS`."""
     while True:
         try:
             removed = await storage.sweep()
@@ -139,9 +140,11 @@ async def sweep_forever(storage: Storage, sessions: async_sessionmaker[AsyncSess
         try:
             await idempotency.sweep(sessions)
             await journal.sweep(sessions)
+            async with sessions() as session:
+                await db.forget_jobs(session, db.now() - timedelta(days=settings.job_retention_days))
         except (OSError, SQLAlchemyError) as exc:
-            logger.warning("forgetting expired idempotency keys failed: %s", exc)
-        await asyncio.sleep(interval)
+            logger.warning("forgetting expired idempotency keys and jobs failed: %s", exc)
+        await asyncio.sleep(settings.sweep_interval_seconds)
 
 
 async def stop(task: "asyncio.Task[None]") -> None:

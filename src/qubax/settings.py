@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     takeover_seconds: float = Field(default=20.0, gt=0)
     job_concurrency: int = Field(default=8, ge=1)  # async jobs each node makes at once
     job_poll_seconds: float = Field(default=1.0, gt=0)  # how often a node looks for jobs other nodes queued
+    job_retention_days: float = Field(default=30.0, gt=0)  # how long an ended job (and its answer) is kept
     # Webhooks: hosts (or `*.example.com` patterns, comma-separated) that may be http, or resolve to
     # private or loopback addresses (others must be public https); seconds a target has to answer; the
     # pauses between tries of a failed delivery (the default spans 27 hours).

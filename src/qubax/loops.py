@@ -29,6 +29,9 @@ async def take_and_run(
     def ended(task: "asyncio.Task[None]") -> None:
         running.discard(task)
         posted.set()  # a place is free: look for more
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Its work stays due (a job still in progress, a delivery still pending): it is taken again.
+            logger.error("background work failed: %s", error, exc_info=error)
 
     try:
         while True:

@@ -437,7 +437,12 @@ async def usage(
     if until is not None:
         query = query.where(Generation.created_at < datetime.combine(until + timedelta(days=1), time(), UTC))
     query = query.group_by(*columns).order_by(*columns)
-    return [UsageRow(**row) for row in (await session.execute(query)).mappings()]
+    # PostgreSQL sums big integers as numerics (Decimal): the counts are whole numbers, made ints here.
+    counts = ("requests", "images", "cost_micros", "errors")
+    return [
+        UsageRow(**{**row, **{name: int(row[name]) for name in counts}})
+        for row in (await session.execute(query)).mappings()
+    ]
 
 
 def utc_day(session: AsyncSession) -> ColumnElement[date]:

@@ -62,10 +62,10 @@ class Upstream:
         self.poll_interval = poll_interval
         self.delivery_hosts = tuple(delivery_hosts)
 
-    def lease(self, name: str | None = None) -> AbstractAsyncContextManager[str]:
-        """A key with a free slot (the one `name` names, for a task it started); hold it for the whole
-        life of one upstream task or call."""
-        return self.pool.lease(name)
+    def lease(self, task: Mapping[str, Any] | None = None) -> AbstractAsyncContextManager[str]:
+        """A key with a free slot (for a `task` taken up again from the journal, the key that started it);
+        hold it for the whole life of one upstream task or call."""
+        return self.pool.lease(None if task is None else task["key"])
 
     def key_name(self, key: str) -> str:
         """The leased key's name, to note with a task in place of the key itself."""

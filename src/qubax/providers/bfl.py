@@ -45,11 +45,11 @@ class BFL:
     async def _one(self, payload: dict[str, Any], model: str) -> list[GeneratedImage]:
         task = resumable(NAME, model, 1)  # BFL cannot cancel a task: one a dead node started is waited on
         # A task counts against the key's concurrency cap from submission until its result is in.
-        async with self.upstream.lease(task["key"] if task else None) as key:
+        async with self.upstream.lease(task) as key:
             headers = {"x-key": key, "accept": "application/json"}
             if task is None:
-                task = {"polling_url": await self._submit(payload, model, headers), "key": self.upstream.key_name(key)}
-                await accepted(NAME, model, 1, task)
+                task = {"polling_url": await self._submit(payload, model, headers)}
+                await accepted(self.upstream, key, NAME, model, 1, task)
             polling_url = task["polling_url"]
             with billed():
                 sample = await poll(lambda: self._check(polling_url, headers), self.upstream.poll_interval)

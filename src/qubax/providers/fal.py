@@ -37,11 +37,11 @@ class Fal:
     async def _request(self, endpoint: str, payload: dict[str, Any], count: int) -> list[GeneratedImage]:
         urls = http.resumable(NAME, endpoint, count)  # queued by a node that died: waited on, not sent again
         # A request counts against the key's concurrency cap from submission until its result is in.
-        async with self.upstream.lease(urls["key"] if urls else None) as key:
+        async with self.upstream.lease(urls) as key:
             headers = {"authorization": f"Key {key}", "accept": "application/json"}
             if urls is None:
-                urls = await self._submit(endpoint, payload, headers) | {"key": self.upstream.key_name(key)}
-                await http.accepted(NAME, endpoint, count, urls)
+                urls = await self._submit(endpoint, payload, headers)
+                await http.accepted(self.upstream, key, NAME, endpoint, count, urls)
             with http.billed():
                 await self._wait(urls, headers)
                 output = await self._call("GET", urls["response_url"], headers)

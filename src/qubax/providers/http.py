@@ -288,11 +288,12 @@ def resumable(provider: str, model: str, count: int) -> dict[str, Any] | None:
     return None if noted is None else noted.take(provider, model, count)
 
 
-async def accepted(provider: str, model: str, count: int, handle: dict[str, Any]) -> None:
-    """Note a task the upstream accepted, durably, before anyone waits on it."""
+async def accepted(upstream: Upstream, key: str, provider: str, model: str, count: int, handle: dict[str, Any]) -> None:
+    """Note a task the upstream accepted under `key`, durably, before anyone waits on it; the note names
+    the key by its digest, which `Upstream.lease(task)` leases again."""
     noted = journal.get()
     if noted is not None:
-        await noted.record(provider, model, count, handle)
+        await noted.record(provider, model, count, handle | {"key": upstream.key_name(key)})
 
 
 async def fan_out(calls: Iterable[Awaitable[list[GeneratedImage]]]) -> list[GeneratedImage]:

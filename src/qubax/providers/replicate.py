@@ -46,13 +46,13 @@ class Replicate:
     async def _prediction(self, payload: dict[str, Any], model: str, count: int) -> list[GeneratedImage]:
         prediction = resumable(NAME, model, count)  # created by a node that died: waited on, not made again
         # A prediction counts against the key's concurrency cap from creation until it is finished.
-        async with self.upstream.lease(prediction["key"] if prediction else None) as key:
+        async with self.upstream.lease(prediction) as key:
             headers = {"authorization": f"Bearer {key}"}
             if prediction is None:
                 prediction = await self._create(payload, model, headers)
                 if prediction.get("status") in RUNNING and isinstance(prediction.get("urls"), dict):
-                    note = {"status": "starting", "urls": prediction["urls"], "key": self.upstream.key_name(key)}
-                    await accepted(NAME, model, count, note)
+                    note = {"status": "starting", "urls": prediction["urls"]}
+                    await accepted(self.upstream, key, NAME, model, count, note)
             with billed():
                 outputs = await self._settle(prediction, headers)
         with billed():

@@ -25,7 +25,7 @@ from qubax.metrics import Metrics
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers.registry import PROVIDERS, default_concurrency
 from qubax.services import open_services
-from qubax.settings import Settings
+from qubax.settings import Settings, host_patterns
 
 logger = logging.getLogger("qubax")
 
@@ -78,8 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, render_validation_error)
     app.add_exception_handler(HTTPException, render_http_exception)
     if settings.allowed_hosts:
-        patterns = [host.strip().lower() for host in settings.allowed_hosts.split(",") if host.strip()]
-        app.add_middleware(AllowedHosts, patterns=patterns)
+        app.add_middleware(AllowedHosts, patterns=host_patterns(settings.allowed_hosts))
     app.add_middleware(RequestLog, metrics=metrics, access_log=settings.access_log)  # outermost: sees all
     return app
 

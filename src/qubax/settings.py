@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         return self.data_dir / "images"
 
 
+def host_patterns(text: str | None) -> list[str]:
+    """A setting's comma-separated host names or shell-style patterns (`*.example.com`), lower case."""
+    return [name.strip().lower() for name in (text or "").split(",") if name.strip()]
+
+
 class ProviderVariables(PydanticBaseSettingsSource):
     """Each registered provider's own variables, so that a new provider needs no field here."""
 

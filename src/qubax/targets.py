@@ -5,6 +5,7 @@ host (`QUBAX_WEBHOOK_ALLOWED_HOSTS`)."""
 
 import asyncio
 import base64
+import contextlib
 import fnmatch
 import ipaddress
 import secrets
@@ -16,6 +17,7 @@ from aiohttp.resolver import DefaultResolver
 
 from qubax import db
 from qubax.errors import InvalidRequest
+from qubax.settings import host_patterns
 
 
 def new_secret() -> str:
@@ -25,8 +27,7 @@ def new_secret() -> str:
 
 def allowed(host: str, patterns: str | None) -> bool:
     """Whether the operator lets webhooks reach this host whatever it is (QUBAX_WEBHOOK_ALLOWED_HOSTS)."""
-    names = [name.strip().lower() for name in (patterns or "").split(",") if name.strip()]
-    return any(fnmatch.fnmatchcase(host.lower(), name) for name in names)
+    return any(fnmatch.fnmatchcase(host.lower(), name) for name in host_patterns(patterns))
 
 
 def public(address: str) -> bool:
@@ -57,6 +58,14 @@ async def check_target(url: str, patterns: str | None) -> str:
             param="webhook_url",
         )
     return url
+
+
+def check_literal(host: str, patterns: str | None) -> None:
+    """Refuse (OSError) a host written as an address that is not public: connections to an address go
+    past the resolver, which checks every name."""
+    with contextlib.suppress(ValueError):  # not an address: a name
+        if not allowed(host, patterns) and not public(host.strip("[]")):
+            raise OSError(f"{host} is not a public address")
 
 
 class PublicResolver(AbstractResolver):

@@ -22,7 +22,7 @@ from standardwebhooks import Webhook
 
 from qubax import db, jobs, loops
 from qubax.services import Services
-from qubax.targets import PublicResolver, allowed, public
+from qubax.targets import PublicResolver, check_literal
 
 logger = logging.getLogger("qubax")
 CONCURRENCY = 8  # deliveries each node sends at once
@@ -96,11 +96,7 @@ async def attempt(services: Services, http: aiohttp.ClientSession, delivery: db.
 
 async def send(services: Services, http: aiohttp.ClientSession, delivery: db.WebhookDelivery) -> int:
     """POST the job's end to its target; returns the target's HTTP status."""
-    host = urlsplit(delivery.url).hostname or ""
-    allowances = services.settings.webhook_allowed_hosts
-    with contextlib.suppress(ValueError):  # a name: the resolver checks it on connection
-        if not allowed(host, allowances) and not public(host.strip("[]")):
-            raise OSError(f"{host} is not a public address")
+    check_literal(urlsplit(delivery.url).hostname or "", services.settings.webhook_allowed_hosts)
     async with services.sessions() as session:
         job = await session.get(db.ImageJob, delivery.job_id)
         key = await session.get(db.ApiKey, delivery.key_id)

@@ -25,6 +25,7 @@ from fastapi.sse import KEEPALIVE_COMMENT
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
 from qubax import db, journal
 from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest, QubaxError
@@ -94,8 +95,8 @@ async def claim(services: "Services", key_id: str, token: str, print_: str) -> b
     """Whether this request now owns the key (an expired claim is cleared first)."""
     now = db.now()
     async with services.sessions() as session:
-        same = (db.IdempotentRequest.key_id == key_id) & (db.IdempotentRequest.idempotency_key == token)
-        await session.execute(delete(db.IdempotentRequest).where(same, db.IdempotentRequest.expires_at < now))
+        expired = row_of(key_id, token) & (db.IdempotentRequest.expires_at < now)
+        await session.execute(delete(db.IdempotentRequest).where(expired))
         session.add(
             db.IdempotentRequest(
                 key_id=key_id,
@@ -114,6 +115,11 @@ async def claim(services: "Services", key_id: str, token: str, print_: str) -> b
     return True
 
 
+def row_of(key_id: str, token: str) -> ColumnElement[bool]:
+    """The one row of an API key's Idempotency-Key."""
+    return (db.IdempotentRequest.key_id == key_id) & (db.IdempotentRequest.idempotency_key == token)
+
+
 async def find(services: "Services", key_id: str, token: str) -> db.IdempotentRequest | None:
     async with services.sessions() as session:
         return await session.get(db.IdempotentRequest, (key_id, token))
@@ -126,7 +132,7 @@ async def take_over(services: "Services", key_id: str, token: str) -> bool:
 
 async def touch(services: "Services", key_id: str, token: str, stale: bool = False) -> bool:
     """Say the work is still going; with `stale`, only where nobody has said so for the takeover time."""
-    same = (db.IdempotentRequest.key_id == key_id) & (db.IdempotentRequest.idempotency_key == token)
+    same = row_of(key_id, token)
     if stale:
         same &= db.IdempotentRequest.heartbeat_at < db.now() - timedelta(seconds=services.settings.takeover_seconds)
     async with services.sessions() as session:
@@ -245,7 +251,7 @@ async def own(
     async with services.sessions() as session:
         await session.execute(
             update(db.IdempotentRequest)
-            .where(db.IdempotentRequest.key_id == key_id, db.IdempotentRequest.idempotency_key == token)
+            .where(row_of(key_id, token))
             .values(
                 status="done",
                 response_status=response.status_code,
@@ -270,8 +276,7 @@ async def let_go(services: "Services", key_id: str, token: str) -> None:
     async with services.sessions() as session:
         await session.execute(
             delete(db.IdempotentRequest).where(
-                db.IdempotentRequest.key_id == key_id,
-                db.IdempotentRequest.idempotency_key == token,
+                row_of(key_id, token),
                 db.IdempotentRequest.status == "running",
             )
         )

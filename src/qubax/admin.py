@@ -6,7 +6,7 @@ and Prometheus' `/metrics`.
 """
 
 import secrets
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -38,17 +38,24 @@ async def authorize(request: Request, services: ServicesDep) -> None:
     """Only the admin token passes: API keys, valid or not, never reach an admin route. An address that
     sent wrong tokens too often is refused for a while, even with the right one."""
     client = request.client.host if request.client else ""
-    await services.quotas.check_admin_failures(client)
-    admin_token = services.settings.admin_token
-    expected = admin_token.get_secret_value().encode() if admin_token else b""
-    # Bytes: compare_digest refuses str with non-ASCII characters, which a header may carry.
-    given = auth.bearer_token(request.headers.get("authorization", "")).encode()
-    if not expected or not secrets.compare_digest(given, expected):
-        await services.quotas.count_admin_failure(client)
+    if not await is_admin_token(services, auth.bearer_token(request.headers.get("authorization", "")), client):
         raise AuthenticationError(
             "This endpoint needs the admin token (QUBAX_ADMIN_TOKEN) in an Authorization header "
             "using Bearer auth; API keys are not accepted here."
         )
+
+
+async def is_admin_token(services: Services, given: str, client: str) -> bool:
+    """Whether `given` is the admin token. Wrong ones count against the address they came from, which
+    is refused (429) for a while after too many, even with the right one."""
+    await services.quotas.check_admin_failures(client)
+    admin_token = services.settings.admin_token
+    expected = admin_token.get_secret_value().encode() if admin_token else b""
+    # Bytes: compare_digest refuses str with non-ASCII characters, which a header or a form may carry.
+    if expected and secrets.compare_digest(given.encode(), expected):
+        return True
+    await services.quotas.count_admin_failure(client)
+    return False
 
 
 router = APIRouter(
@@ -258,9 +265,9 @@ def delivery_of(row: db.WebhookDelivery) -> Delivery:
         attempts=row.attempts,
         last_status=row.last_status,
         last_error=row.last_error,
-        created_at=unix(row.created_at),
-        next_attempt_at=unix(row.next_attempt_at) if row.status == "pending" else None,
-        delivered_at=None if row.delivered_at is None else unix(row.delivered_at),
+        created_at=db.unix(row.created_at),
+        next_attempt_at=db.unix(row.next_attempt_at) if row.status == "pending" else None,
+        delivered_at=None if row.delivered_at is None else db.unix(row.delivered_at),
     )
 
 
@@ -325,15 +332,10 @@ def describe(key: db.ApiKey) -> Key:
         name=key.name,
         prefix=key.prefix,
         test=key.test,
-        created_at=unix(key.created_at),
-        revoked_at=None if key.revoked_at is None else unix(key.revoked_at),
+        created_at=db.unix(key.created_at),
+        revoked_at=None if key.revoked_at is None else db.unix(key.revoked_at),
         rpm=key.rpm,
         images_per_day=key.images_per_day,
         max_concurrent=key.max_concurrent,
         monthly_budget_usd=None if budget is None else db.to_usd(budget),
     )
-
-
-def unix(moment: datetime) -> int:
-    # SQLite hands back naive datetimes; they are UTC.
-    return int(moment.replace(tzinfo=moment.tzinfo or UTC).timestamp())

@@ -44,6 +44,17 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def utc(moment: datetime) -> datetime:
+    """A time read back from the database, with its zone: SQLite hands back the UTC time it stored
+    without one."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def unix(moment: datetime) -> int:
+    """A stored time as the API gives times: Unix seconds."""
+    return int(utc(moment).timestamp())
+
+
 def new_id(prefix: str) -> str:
     """A unique id that sorts by creation time (microseconds, then 40 random bits): new rows land at the
     end of the primary-key index instead of on a random page of it. With random ids, a batch of usage

@@ -32,9 +32,10 @@ async def accept_job(
     """`Prefer: respond-async`: the request queued as a job, answered at once with `202 Accepted`."""
     services: Services = request.app.state.services
     job = await jobs.submit(services, key, path, body, checked, public_url(request))
-    headers = {"location": f"{JOBS_PATH}/{job.id}", "preference-applied": "respond-async"}
-    content = jobs.render(await jobs.describe(services, job, public_url(request)))
-    return Response(content, status_code=202, media_type="application/json", headers=headers)
+    answer = await job_answer(request, job)
+    answer.status_code = 202
+    answer.headers.update({"location": f"{JOBS_PATH}/{job.id}", "preference-applied": "respond-async"})
+    return answer
 
 
 @router.get(

@@ -11,7 +11,6 @@ import io
 import re
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import orjson
 from fastapi import UploadFile
@@ -58,10 +57,9 @@ async def submit(
 ) -> db.ImageJob:
     """Queue a checked request as a job, once the key's limits admit it (they count it from now)."""
     webhook_url = await webhook_target(services, key, body.webhook_url)
-    files = [("image", upload) for upload in body.images] if isinstance(body, ImageEditRequest) else []
-    if isinstance(body, ImageEditRequest) and body.mask is not None:
-        files.append(("mask", body.mask))
-    inputs = await asyncio.to_thread(lambda: [(field, upload.filename, read(upload)) for field, upload in files])
+    # An edit's files, as checked: kept until the job runs, which may be on another node.
+    files = [("image", image) for image in request.images] + ([("mask", request.mask)] if request.mask else [])
+    inputs = await asyncio.to_thread(lambda: [(field, image.filename, image.read()) for field, image in files])
     job = db.ImageJob(
         id=db.new_id("job"),
         key_id=key.id,
@@ -105,13 +103,6 @@ async def webhook_target(services: Services, key: db.KeyRecord, asked: str | Non
     return await check_target(url, services.settings.webhook_allowed_hosts)
 
 
-def read(upload: UploadFile) -> bytes:
-    upload.file.seek(0)
-    data = upload.file.read()
-    upload.file.seek(0)
-    return data
-
-
 async def rebuild(services: Services, job: db.ImageJob) -> ImageRequest:
     """The job's request as it was sent, checked again (the catalog may have changed since)."""
     fields = orjson.loads(job.fields)
@@ -133,8 +124,12 @@ async def find(services: Services, key: db.KeyRecord, job_id: str) -> db.ImageJo
     async with services.sessions() as session:
         job = await session.get(db.ImageJob, job_id)
     if job is None or job.key_id != key.id:
-        raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
+        raise no_such_job(job_id)
     return job
+
+
+def no_such_job(job_id: str) -> NotFound:
+    return NotFound(f"No job found with id '{job_id}'.", param="job_id")
 
 
 async def page(services: Services, key: db.KeyRecord, limit: int, after: str | None) -> tuple[list[db.ImageJob], bool]:
@@ -169,7 +164,7 @@ async def stop(sessions: async_sessionmaker[AsyncSession], job_id: str) -> db.Im
         async with sessions() as session:
             job = await session.get(db.ImageJob, job_id)
         if job is None:
-            raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
+            raise no_such_job(job_id)
         if job.status in ENDED or time.monotonic() > deadline:
             return job
         await asyncio.sleep(0.1)  # its runner may be on another node: the database is all they share
@@ -216,8 +211,8 @@ async def describe(services: Services, job: db.ImageJob, public_url: str) -> Ima
     return ImageJob(
         id=job.id,
         status=job.status,
-        created_at=unix(job.created_at),
-        completed_at=None if job.completed_at is None else unix(job.completed_at),
+        created_at=db.unix(job.created_at),
+        completed_at=None if job.completed_at is None else db.unix(job.completed_at),
         model=job.model,
         result=result,
         error=None if job.error is None else Error.model_validate_json(job.error),
@@ -243,11 +238,6 @@ async def render_page(services: Services, jobs: Sequence[db.ImageJob], more: boo
         data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=more
     )
     return orjson.dumps(page.model_dump() | {"data": [shown(job) for job in data]})
-
-
-def unix(moment: datetime) -> int:
-    # SQLite hands back the UTC time it stored without its zone.
-    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
 
 
 def failure(error: QubaxError) -> str:

@@ -6,14 +6,14 @@ from typing import Annotated
 
 from fastapi import Form, Request, Response
 from fastapi.responses import RedirectResponse
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import FormData
 
 from qubax import db
+from qubax.admin import find, not_found
 from qubax.console import sessions
 from qubax.console.sessions import ActionSession, PageSession
 from qubax.console.web import page, router
-from qubax.errors import AuthenticationError, Forbidden, InvalidRequest, NotFound
+from qubax.errors import AuthenticationError, Forbidden, InvalidRequest
 from qubax.services import Services, ServicesDep
 
 LIMIT_FIELDS = {  # the form's fields, and what the form calls them
@@ -122,7 +122,7 @@ async def revoke(key_id: str, request: Request, console: ActionSession, services
     async with services.sessions() as session:
         key = await db.revoke_key(session, key_id=key_id)
     if key is None:
-        raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
+        raise not_found(key_id)
     services.keys.forget(key.digest)
     return RedirectResponse(f"{request.scope.get('root_path', '')}/console/keys", status_code=303)
 
@@ -141,10 +141,3 @@ def limits_from(form: FormData) -> dict[str, int | None]:
             raise InvalidRequest(f"{label} must be between 0 and {most:,.0f}.", param=name)
         options[name] = value if name.endswith("usd") or value is None else int(value)
     return db.chosen_limits(options)
-
-
-async def find(session: AsyncSession, key_id: str) -> db.ApiKey:
-    key = await db.find_key_by(session, key_id=key_id)
-    if key is None:
-        raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
-    return key

@@ -3,9 +3,8 @@ that got them. Sessions live in the database (any node knows them) and expire; t
 random token, stored only as its digest. Every request that changes anything carries the session's
 CSRF token and comes from the console's own origin."""
 
-import hashlib
 import secrets
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -13,6 +12,8 @@ from fastapi import Depends, Request, Response
 from sqlalchemy import delete
 
 from qubax import db
+from qubax.admin import is_admin_token
+from qubax.auth import digest_key
 from qubax.errors import AuthenticationError, Forbidden
 from qubax.services import Services
 
@@ -25,22 +26,10 @@ class SignInNeeded(Exception):
     """A page asked for without a session: answered with the way to the sign-in page."""
 
 
-def digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def admin_token_matches(services: Services, given: str) -> bool:
-    expected = services.settings.admin_token
-    # Bytes: compare_digest refuses str with non-ASCII characters, which a form may carry.
-    return expected is not None and secrets.compare_digest(given.encode(), expected.get_secret_value().encode())
-
-
 async def sign_in(services: Services, given: str, client: str) -> str:
     """A new session's cookie token, for the admin token; a refusal that says nothing more otherwise.
     Wrong tokens count against the address as for the admin API."""
-    await services.quotas.check_admin_failures(client)
-    if not admin_token_matches(services, given):
-        await services.quotas.count_admin_failure(client)
+    if not await is_admin_token(services, given, client):
         raise AuthenticationError("Sign-in failed.")
     token = secrets.token_urlsafe(32)
     now = db.now()
@@ -48,7 +37,10 @@ async def sign_in(services: Services, given: str, client: str) -> str:
         await session.execute(delete(db.ConsoleSession).where(db.ConsoleSession.expires_at < now))
         session.add(
             db.ConsoleSession(
-                digest=digest(token), csrf_token=secrets.token_urlsafe(32), created_at=now, expires_at=now + LIFETIME
+                digest=digest_key(token),
+                csrf_token=secrets.token_urlsafe(32),
+                created_at=now,
+                expires_at=now + LIFETIME,
             )
         )
         await session.commit()
@@ -83,14 +75,10 @@ async def find(request: Request) -> db.ConsoleSession | None:
         return None
     services: Services = request.app.state.services
     async with services.sessions() as session:
-        found = await session.get(db.ConsoleSession, digest(token))
-    if found is None or aware(found.expires_at) < db.now():
+        found = await session.get(db.ConsoleSession, digest_key(token))
+    if found is None or db.utc(found.expires_at) < db.now():
         return None
     return found
-
-
-def aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite's are UTC, without the zone
 
 
 async def page_session(request: Request) -> db.ConsoleSession:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import logging.config
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from qubax import logs
 from qubax.app import create_app
 from qubax.logs import ACCESS, TEXT_FORMAT, JsonFormatter, StreamHandler, TextFormatter, log_access, sole_handler
 from qubax.settings import Settings
@@ -228,6 +230,29 @@ def test_the_own_handler_gets_the_line_logging_would_write(
             assert direct_entry["logger"] == "qubax.access" and direct_entry["status"] == 201
             assert direct_entry["prompt"] == EXTRA["prompt"] and direct_entry["client"] == "10.0.0.1:5000"
     assert [record for record in caplog.records if record.name == "qubax.access"] == []  # nothing else listened
+
+
+def test_logging_as_serve_sets_it_up_takes_the_short_way() -> None:
+    """`logs.config` (what `qubax serve` applies) leaves the access line its short way, and uvicorn's
+    server lines are still shown as `uvicorn`."""
+    names = ("qubax", "uvicorn", "uvicorn.error")
+    saved = {name: logging.getLogger(name).__dict__.copy() for name in names}
+    try:
+        for log_format in ("text", "json"):
+            logging.config.dictConfig(logs.config(log_format))
+            (handler,) = [h for h in logging.getLogger("qubax").handlers if isinstance(h, StreamHandler)]
+            with alone(handler):
+                assert sole_handler() is handler
+            stream = io.StringIO()
+            handler.setStream(stream)
+            logging.getLogger("uvicorn.error").info("Started server process [1]")
+            assert "uvicorn:" in stream.getvalue() or '"logger":"uvicorn"' in stream.getvalue()
+            assert "uvicorn.error" not in stream.getvalue()
+    finally:
+        for name in names:
+            logger = logging.getLogger(name)
+            logger.__dict__.clear()
+            logger.__dict__.update(saved[name])
 
 
 def test_any_other_listener_gets_records(own_handler: tuple[StreamHandler, io.StringIO]) -> None:

@@ -144,9 +144,13 @@ def config(log_format: str, level: str = "INFO") -> dict[str, Any]:
         "class": "qubax.logs.StreamHandler",
         "formatter": "default",
         "stream": "ext://sys.stderr",
-        "filters": ["uvicorn"],
     }
-    loggers = {name: {"handlers": ["default"], "level": level, "propagate": False} for name in ("qubax", "uvicorn")}
+    loggers: dict[str, Any] = {
+        name: {"handlers": ["default"], "level": level, "propagate": False} for name in ("qubax", "uvicorn")
+    }
+    # On the logger that names them, not on the handler: a filter on the handler would send every
+    # access line the long way through `logging` (`sole_handler`).
+    loggers["uvicorn.error"] = {"filters": ["uvicorn"], "level": level}
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -199,7 +199,8 @@ async def collect(
         if not services.breakers.allow(breaker_name(route)):
             continue
         missing = request.n - len(images)
-        made, failure = await attempt(services, route, dataclasses.replace(request, n=missing), attempts)
+        asked = request if missing == request.n else dataclasses.replace(request, n=missing)
+        made, failure = await attempt(services, route, asked, attempts)
         images += made[:missing]
         if made:
             served.append(route_label(route, request.model))

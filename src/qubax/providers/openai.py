@@ -1,7 +1,6 @@
 """Any OpenAI-compatible Images API: dall-e-3 (one synchronous call per image) and the GPT image models
 (one call for all `n`, billed by the token count the answer carries)."""
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -69,12 +68,11 @@ class OpenAI:
         items = [item for item in items if isinstance(item, dict)][:n] if isinstance(items, list) else []
         if not items:
             raise TaskFailed(f"{PROVIDER} returned no image.")
-        with billed():
-            images = [await self._image(item) for item in items]
         settings = {name: answer[name] for name in ("quality", "background") if isinstance(answer.get(name), str)}
-        images = [dataclasses.replace(image, settings=settings) for image in images]
         usage = read_usage(answer.get("usage"))
-        images[0] = dataclasses.replace(images[0], tokens=Tokens(model, usage) if usage else None)
+        tokens = Tokens(model, usage) if usage else None  # the call's, counted once: on its first image
+        with billed():
+            images = [await self._image(item, settings, tokens if i == 0 else None) for i, item in enumerate(items)]
         if len(images) < n:
             # What was made is kept (and billed); the rest can be made elsewhere.
             error = TaskFailed(f"{PROVIDER} returned {len(images)} of the {n} images asked for.")
@@ -82,14 +80,14 @@ class OpenAI:
             raise error
         return images
 
-    async def _image(self, item: dict[str, Any]) -> GeneratedImage:
+    async def _image(self, item: dict[str, Any], settings: dict[str, str], tokens: Tokens | None) -> GeneratedImage:
         if item.get("b64_json") is not None:
             data = decode_b64(item["b64_json"], PROVIDER)
         else:
             # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
             data = await download(self.upstream, PROVIDER, item.get("url"))
         revised = item.get("revised_prompt")
-        return GeneratedImage(data, revised if isinstance(revised, str) else None)
+        return GeneratedImage(data, revised if isinstance(revised, str) else None, tokens, settings)
 
     def _raise_for_error(self, response: Reply, model: str) -> None:
         """OpenAI's quirks first (its error `code` says more than the status), then the common mapping."""

@@ -2,6 +2,7 @@
 schema shows bearer auth), and the address it used, which our image links point back to."""
 
 import functools
+import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -36,21 +37,26 @@ class ApiKeyAuth(HTTPBearer):
 
 
 async def authenticate(services: Services, token: str) -> db.KeyRecord:
-    key = None
-    if auth.looks_like_key(token):
-        digest = auth.digest_key(token)
+    if not auth.looks_like_key(token):
+        raise incorrect_key(token)
+    digest = auth.digest_key(token)
 
-        async def find() -> db.KeyRecord | None:
-            async with services.sessions() as session:
-                row = await db.find_key(session, digest)
-                return None if row is None else db.key_record(row)
+    async def find() -> db.KeyRecord | None:
+        async with services.sessions() as session:
+            row = await db.find_key(session, digest)
+            return None if row is None else db.key_record(row)
 
-        key = await services.keys.fetch(digest, find)
-    if key is None or not auth.matches(token, key.digest):
-        raise AuthenticationError(f"Incorrect API key provided: {auth.masked(token)}.")
+    key = await services.keys.fetch(digest, find)
+    # Found by its digest, so the stored digest is this one; compared again in constant time all the same.
+    if key is None or not secrets.compare_digest(key.digest, digest):
+        raise incorrect_key(token)
     if key.revoked_at is not None:
         raise AuthenticationError(f"The API key {auth.masked(token)} has been revoked.")
     return key
+
+
+def incorrect_key(token: str) -> AuthenticationError:
+    return AuthenticationError(f"Incorrect API key provided: {auth.masked(token)}.")
 
 
 CurrentKey = Annotated[

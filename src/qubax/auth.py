@@ -54,10 +54,6 @@ def masked(key: str) -> str:
     return key[: len(LIVE_PREFIX) + 3] + "***" if looks_like_key(key) else key[:3] + "***"
 
 
-def matches(key: str, stored_digest: str) -> bool:
-    return secrets.compare_digest(digest_key(key), stored_digest)
-
-
 class KeyCache(Generic[T]):
     """Recent key lookups by digest (misses too), so a busy key costs one query per `ttl` seconds.
 

@@ -137,7 +137,8 @@ def test_the_first_image_arrives_before_the_last_is_done(settings: Settings) -> 
         stream = stack.live.images.generate(model="flux-1.1-pro", prompt="p", n=2, stream=True)
         first = next(iter(stream))
         assert first.type == "image_generation.completed"
-        assert stack.bfl.tasks[1].polls < 40  # the second image was still being made
+        # The second image was still being made (its task may not even have reached BFL yet).
+        assert len(stack.bfl.tasks) < 2 or stack.bfl.tasks[1].polls < 40
         assert len(list(stream)) == 1
 
 

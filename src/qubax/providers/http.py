@@ -117,7 +117,8 @@ async def send(
         headers = {**(headers or {}), "content-type": "application/json"}
     data = form if json is None else orjson.dumps(json)  # a form streams its files as it is sent
     try:
-        async with asyncio.timeout(http.timeouts.submit if submission else None):
+        # Only a submission has a deadline of its own: an `asyncio.timeout(None)` costs as much as a real one.
+        async with asyncio.timeout(http.timeouts.submit) if submission else contextlib.nullcontext():
             request = http.session.request(
                 method, url, headers=headers, data=data, allow_redirects=False, proxy=http.proxy(url)
             )

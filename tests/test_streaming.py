@@ -31,10 +31,31 @@ def test_a_streamed_generation_sends_each_image_as_completed(client: openai.Open
     events = list(client.images.generate(model="flux-1-schnell", prompt="a fox", n=3, size="512x256", stream=True))
     assert [event.type for event in events] == ["image_generation.completed"] * 3
     assert all(size_of(event.b64_json) == (512, 256) for event in events)
-    assert len({event.b64_json for event in events}) == 1  # the same prompt and size: the same test picture
+    # Each image labelled by its place (#1, #2, #3), as an unstreamed answer's are.
+    unstreamed = client.images.generate(
+        model="flux-1-schnell", prompt="a fox", n=3, size="512x256", response_format="b64_json"
+    )
+    assert {event.b64_json for event in events} == {image.b64_json for image in unstreamed.data or []}
+    assert len({event.b64_json for event in events}) == 3
     first = events[0]
     assert (first.size, first.output_format, first.quality, first.background) == ("512x256", "png", "auto", "auto")
     assert first.usage.total_tokens == 0  # not billed by token
+
+
+def test_a_test_key_sends_the_partial_images_of_a_gpt_image_model(client: openai.OpenAI) -> None:
+    stream = client.images.generate(
+        model="gpt-image-1.5", prompt="a fox", size="1024x1536", output_format="jpeg", partial_images=3, stream=True
+    )
+    events = list(stream)
+    assert [(event.type, getattr(event, "partial_image_index", None)) for event in events] == [
+        ("image_generation.partial_image", 0),
+        ("image_generation.partial_image", 1),
+        ("image_generation.partial_image", 2),
+        ("image_generation.completed", None),
+    ]
+    pictures = [Image.open(io.BytesIO(base64.b64decode(event.b64_json))) for event in events]
+    assert [(picture.format, picture.size) for picture in pictures] == [("JPEG", (1024, 1536))] * 4
+    assert len({event.b64_json for event in events}) == 4  # coarse to fine, then the image
 
 
 def test_a_streamed_edit_sends_image_edit_events(client: openai.OpenAI) -> None:
@@ -104,6 +125,13 @@ def test_a_gpt_image_model_relays_the_upstream_partial_images(settings: Settings
         assert stack.openai.requests[-1]["stream"] is True and stack.openai.requests[-1]["partial_images"] == 2
         [row] = rows(stack.settings, db.Generation)
         assert (row.outcome, row.images, row.upstream) == ("ok", 1, "openai") and row.cost_micros > 0
+
+
+def test_no_more_partial_images_are_relayed_than_asked(settings: Settings) -> None:
+    with running_stack(settings) as stack:
+        stack.openai.extra_partials = 2
+        stream = stack.live.images.generate(model="gpt-image-1.5", prompt="a barn", partial_images=1, stream=True)
+        assert [event.type for event in stream] == ["image_generation.partial_image", "image_generation.completed"]
 
 
 def test_a_streamed_edit_relays_partial_images_from_the_edits_endpoint(settings: Settings) -> None:

@@ -192,6 +192,9 @@ class ImageRequest:
     # whose upstream makes them hands each one (its index, base64) as it arrives.
     partial_images: int = 0
     on_partial: Callable[[int, str], None] | None = field(default=None, compare=False, repr=False)
+    # Where the images asked for start among the client's: a streamed answer asks for each image apart,
+    # and the test renderer labels each image by its place (#1, #2, ...).
+    index: int = 0
 
     @property
     def size(self) -> str:

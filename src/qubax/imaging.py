@@ -80,12 +80,24 @@ def intact_png_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def fill_mask(data: bytes) -> bytes:
+def fill_mask(image: Image.Image) -> bytes:
     """OpenAI's mask (paint where the image is transparent) as FLUX Fill takes one: a greyscale PNG,
     white where to paint, black where to keep."""
+    with_alpha = image if image.mode in ("RGBA", "LA") else image.convert("RGBA")  # no copy when it has one
+    return encode(ImageOps.invert(with_alpha.getchannel("A")))
+
+
+def fitted(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The image cropped and scaled to width x height, in RGB; a JPEG decoded at the smallest of its
+    scales (1/2 to 1/8, its draft mode) that still covers that size, for a fraction of the work."""
+    image.draft("RGB", (width, height))
+    return ImageOps.fit(image.convert("RGB"), (width, height))
+
+
+def coarser(data: bytes, factor: int, output_format: str) -> bytes:
+    """The image in blocks of `factor` pixels, at its size: a test key's stand-in for a partial image."""
     with Image.open(io.BytesIO(data)) as image:
-        alpha = image.convert("RGBA").getchannel("A")
-    return encode(ImageOps.invert(alpha))
+        return encode(image.reduce(factor).resize(image.size, Image.Resampling.NEAREST), output_format)
 
 
 def encode(image: Image.Image, output_format: str = "png") -> bytes:
@@ -99,14 +111,15 @@ def encode(image: Image.Image, output_format: str = "png") -> bytes:
     return out.getvalue()
 
 
-def render_placeholder(prompt: str, width: int, height: int, index: int, base: bytes | None = None) -> bytes:
+def render_placeholder(
+    prompt: str, width: int, height: int, index: int, base: Image.Image | None = None
+) -> bytes:
     """A deterministic stand-in image for test keys: colours from the prompt (or, for an edit, the
-    `base` image fitted to the size), clearly labelled."""
+    `base` image, already `fitted` to the size), clearly labelled."""
     seed = hashlib.sha256(f"{index}:{prompt}".encode()).digest()
     start, end = tuple(seed[0:3]), tuple(seed[3:6])
     if base is not None:
-        with Image.open(io.BytesIO(base)) as given:
-            image = ImageOps.fit(given.convert("RGB"), (width, height))
+        image = base.copy()  # drawn on: the base serves every image of the request
     else:
         gradient = Image.linear_gradient("L").resize((width, height))
         image = Image.composite(

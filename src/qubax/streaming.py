@@ -1,9 +1,9 @@
 """Streamed answers (`stream: true`): OpenAI's server-sent events, each image sent as soon as it is ready.
 
 Each of the `n` images is made by a route call of its own, all at once, so that the first one ready is
-sent first. A GPT image model's partial images are relayed as the upstream sends them (`partial_images`
-of them, or fewer: the upstream may finish first); other models have none and send each image's
-`completed` event alone. Events carry no image index: with n > 1, the events of different images
+sent first. A GPT image model's partial images are relayed as the upstream sends them (at most
+`partial_images` of them, fewer when the upstream finishes first); other models have none and send
+each image's `completed` event alone. Events carry no image index: with n > 1, the events of different images
 interleave, and each image ends with its own `completed` event. The last `completed` event is sent only
 once the request's usage record is written; a failure after the answer started is an `error` event.
 """
@@ -11,9 +11,10 @@ once the request's usage record is written; a failure after the answer started i
 import asyncio
 import dataclasses
 import functools
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -93,9 +94,9 @@ async def make_each(request: ImageRequest, key: db.KeyRecord, services: Services
     served: list[str] = []
     last: list[bytes] = []
 
-    async def one() -> None:
-        on_partial = functools.partial(send_partial, emit, request)
-        single = dataclasses.replace(request, n=1, on_partial=on_partial)
+    async def one(index: int) -> None:
+        on_partial = functools.partial(send_partial, emit, request, itertools.count())
+        single = dataclasses.replace(request, n=1, index=index, on_partial=on_partial)
         images, routes = await collect(single, key, services, generation.attempts)
         text = await finish_off_loop(images[0].data, request, None)
         made.append(images[0])
@@ -109,15 +110,18 @@ async def make_each(request: ImageRequest, key: db.KeyRecord, services: Services
 
     try:
         async with asyncio.TaskGroup() as group:
-            for _ in range(request.n):
-                group.create_task(one())
+            for index in range(request.n):
+                group.create_task(one(index))
     except ExceptionGroup as failures:  # the first failure cancelled the other images
         raise failures.exceptions[0] from None
     return last[0]
 
 
-def send_partial(emit: Emit, request: ImageRequest, index: int, image: str) -> None:
-    emit(image_event(request, "partial_image", image, partial_image_index=index))
+def send_partial(emit: Emit, request: ImageRequest, sent: Iterator[int], index: int, image: str) -> None:
+    """One of an image's partial images, up to the `partial_images` asked for: an upstream may send
+    more, and a route taking over from one that failed starts its own again."""
+    if next(sent) < request.partial_images:
+        emit(image_event(request, "partial_image", image, partial_image_index=index))
 
 
 def image_event(request: ImageRequest, kind: str, image: str, **fields: Any) -> bytes:

@@ -50,6 +50,7 @@ class FakeOpenAI(ImagesFake):
         self.edits: list[dict[str, Any]] = []  # every edit: its text fields, and (filename, format, size) per file
         self.stream_error_after: int | None = None  # a streamed answer sends an error event after this many partials
         self.event_delay = 0.0  # seconds between streamed events
+        self.extra_partials = 0  # a streamed answer sends this many partial images more than asked
         self.streams_closed = 0  # streamed answers that ended early: the client went away
         self.app.router.routes.append(Route("/v1/images/edits", self.edit, methods=["POST"]))
 
@@ -126,7 +127,7 @@ class FakeOpenAI(ImagesFake):
         settings |= {"size": answer["size"], "output_format": answer["output_format"], "created_at": int(time.time())}
         try:
             for item in answer["data"]:
-                for index in range(int(body.get("partial_images", 0))):
+                for index in range(int(body.get("partial_images", 0)) + self.extra_partials):
                     if index == self.stream_error_after:
                         error = {"message": "The image could not be finished.", "type": "server_error"}
                         yield event("error", {"type": "error", "error": error | {"param": None, "code": None}})

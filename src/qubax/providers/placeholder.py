@@ -1,19 +1,35 @@
 """The built-in renderer that answers test keys: no upstream, no cost, deterministic output."""
 
 import asyncio
+import functools
+
+import pybase64
 
 from qubax.catalog import ImageRequest
-from qubax.imaging import render_placeholder
+from qubax.imaging import coarser, fitted, render_placeholder
 from qubax.providers import GeneratedImage
 
 
 class Placeholder:
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         # An edit: the first image, fitted, under the same test label.
-        base = await asyncio.to_thread(request.images[0].read) if request.images else None
+        fit = functools.partial(fitted, width=request.width, height=request.height)
+        base = await request.images[0].decode(fit) if request.images else None
         images = []
-        for index in range(request.n):
+        for index in range(request.index, request.index + request.n):
             size = (request.width, request.height)
             data = await asyncio.to_thread(render_placeholder, request.prompt, *size, index, base=base)
+            await send_partials(request, data)
             images.append(GeneratedImage(data))
         return images
+
+
+async def send_partials(request: ImageRequest, data: bytes) -> None:
+    """What a GPT image model's upstream sends a streamed answer before each image: the partial images
+    asked for, coarse to fine (the other models send none)."""
+    if request.on_partial is None or request.model.token_prices is None:
+        return
+    for step in range(request.partial_images):
+        factor = 2 ** (request.partial_images - step + 1)  # three partials: blocks of 16, 8 and 4 pixels
+        partial = await asyncio.to_thread(coarser, data, factor, request.output_format)
+        request.on_partial(step, pybase64.b64encode_as_string(partial))

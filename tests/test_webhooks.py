@@ -189,6 +189,20 @@ def test_targets_that_are_not_public_https_are_refused(settings: Settings, targe
         assert rows(stack.settings, db.ImageJob) == []
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "0", "http"])
+def test_a_target_with_an_impossible_port_is_refused(stack: Stack, port: str) -> None:
+    """A 400 naming webhook_url, not a 500, whether the host is allowed (127.0.0.1 here) or not."""
+    make_secret(stack)
+    for host in ("127.0.0.1", "example.com"):
+        target = f"https://{host}:{port}/hook"
+        with pytest.raises(openai.BadRequestError) as caught:
+            stack.live.images.generate(**FOX, extra_body={"webhook_url": target}, extra_headers=ASYNC)  # type: ignore[arg-type]
+        assert caught.value.param == "webhook_url" and "port" in caught.value.message.lower()
+        refused = admin(stack).put(f"/keys/{key_id(stack)}/webhook", json={"url": target})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"
+    assert rows(stack.settings, db.ImageJob) == []
+
+
 def test_the_resolver_refuses_names_of_private_addresses() -> None:
     """Checked again on every connection: a name that resolves to a private address later is refused."""
 

@@ -39,16 +39,22 @@ def public(address: str) -> bool:
 
 async def check_target(url: str, patterns: str | None) -> str:
     """A job's webhook target as given, or a 400 naming `webhook_url`."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a ValueError when out of range or not a number
+    except ValueError as exc:  # e.g. "Port out of range 0-65535"
+        raise InvalidRequest(f"webhook_url is not a valid URL: {exc}.", param="webhook_url") from None
     host = parts.hostname or ""
     if parts.scheme not in ("http", "https") or not host or len(url) > 2000:
         raise InvalidRequest("webhook_url must be an absolute https URL.", param="webhook_url")
+    if port == 0:
+        raise InvalidRequest("webhook_url's port must be between 1 and 65535.", param="webhook_url")
     if allowed(host, patterns):
         return url
     if parts.scheme != "https":
         raise InvalidRequest("webhook_url must be an https URL.", param="webhook_url")
     try:
-        found = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        found = await asyncio.get_running_loop().getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         raise InvalidRequest(f"webhook_url's host {host!r} does not resolve.", param="webhook_url") from None
     if not all(public(str(entry[4][0])) for entry in found):

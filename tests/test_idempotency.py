@@ -108,6 +108,32 @@ def test_a_failure_lets_go_of_the_key_so_a_retry_does_the_work(stack: Stack) -> 
     stack.bfl.submit_status = None
     assert stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", extra_headers=headers).data
     assert [outcome for outcome, _, _ in charged(stack)] == ["upstream_error", "ok"]
+    assert len(stack.bfl.submissions) == 2  # the failure might pass: the retry went upstream again
+
+
+@pytest.mark.parametrize(
+    ("refuse", "status", "code"),
+    [
+        ({"moderate": "Request Moderated"}, 400, "content_policy_violation"),
+        ({"submit_status": 400}, 502, "upstream_error"),  # the upstream refused the request itself
+    ],
+)
+def test_a_deterministic_refusal_is_kept_and_replayed(
+    stack: Stack, refuse: dict[str, Any], status: int, code: str
+) -> None:
+    """The same request would be refused again: its retry gets the refusal without an upstream call."""
+    for name, value in refuse.items():
+        setattr(stack.bfl, name, value)
+    body = {"model": "flux-1.1-pro", "prompt": "a fox"}
+    headers = {"authorization": f"Bearer {stack.live_key}", "idempotency-key": "refused-once"}
+    first = httpx.post(f"{stack.url}/v1/images/generations", json=body, headers=headers)
+    again = httpx.post(f"{stack.url}/v1/images/generations", json=body, headers=headers)
+    assert (first.status_code, first.json()["error"]["code"]) == (status, code)
+    assert (again.status_code, again.json()) == (first.status_code, first.json())
+    assert again.headers["x-qubax-idempotent-replayed"] == "true"
+    assert again.headers.get("x-should-retry") == first.headers.get("x-should-retry")
+    assert len(stack.bfl.submissions) == 1
+    assert [outcome for outcome, _, _ in charged(stack)] == [code]  # recorded once, charged nothing
 
 
 def test_a_replayed_link_is_signed_anew_and_works(stack: Stack) -> None:

@@ -30,6 +30,11 @@ make of them, masked (`qubax.masking`) before it is logged or stored in the atte
 It also says two things about what to do next: `retryable` (worth the *client* sending the
 request again: becomes `x-should-retry`) and `failover` (worth trying the *next route* now; false once the
 upstream may have accepted, and so billed, the work).
+
+Every error says whether it is `deterministic`: the same request sent again would be refused the same
+way, whatever the moment (our 400s, content policy included, and an upstream's 400 or 422 for the request
+itself). An `Idempotency-Key` keeps such a refusal and replays it, as it does a success; any other
+failure (an upstream unavailable or timing out, a limit, our own 5xx) may pass, and lets go of the key.
 """
 
 from collections.abc import Mapping
@@ -42,6 +47,7 @@ class QubaxError(Exception):
     status_code = 500
     type = "server_error"
     code: str | None = None
+    deterministic = False  # the same request would meet the same refusal (see the module docstring)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -62,6 +68,7 @@ class InvalidRequest(QubaxError):
     status_code = 400
     type = "invalid_request_error"
     code = "invalid_value"
+    deterministic = True
 
 
 class UnknownParameter(InvalidRequest):
@@ -173,12 +180,19 @@ class UpstreamError(QubaxError):
     code = "upstream_error"
 
     def __init__(
-        self, message: str, *, detail: str = "", retryable: bool = False, failover: bool | None = None
+        self,
+        message: str,
+        *,
+        detail: str = "",
+        retryable: bool = False,
+        failover: bool | None = None,
+        deterministic: bool = False,
     ) -> None:
         super().__init__(message)
         self.detail = detail
         self.retryable = retryable
         self.failover = retryable if failover is None else failover
+        self.deterministic = deterministic  # the upstream refused the request itself (its 400 or 422)
         self.images: list[Any] = []  # what a fan-out produced before this failure, to keep
 
     @property

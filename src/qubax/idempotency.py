@@ -3,8 +3,10 @@ one's answer, not new upstream work and a second charge.
 
 A request with a key claims it in the database (one row per API key and idempotency key, shared by every
 node) before any work. The first to claim it does the work, saying every few seconds that it is still at
-it; the answer of a success is stored with the row and replayed for 24 hours. A failure (which costs
-nothing) lets go of the key, so that a retry does the work anew. The work goes on when its client leaves (its
+it; the answer of a success is stored with the row and replayed for 24 hours, and so is a refusal that
+the same request would meet again (`QubaxError.deterministic`: content policy, an upstream's 400). Any
+other failure (which costs nothing) may pass: it lets go of the key, so that a retry does the work anew.
+The work goes on when its client leaves (its
 retry will want the answer). A retry that finds the work still going waits for it, on whichever node it
 lands; one that finds it abandoned (its node died) takes it over, and waits on the upstream tasks the dead
 node had started (`journal`) rather than starting them again.
@@ -38,7 +40,7 @@ HEADER = "idempotency-key"
 MAX_KEY_CHARS = 255
 LIFETIME = timedelta(hours=24)
 WAIT_SECONDS = 0.2  # between looks at a request another node is working on
-REPLAYED_HEADERS = ("content-type", "x-qubax-route", "x-qubax-test")
+REPLAYED_HEADERS = ("content-type", "x-qubax-route", "x-qubax-test", "x-should-retry")
 COMPLETED = b".completed"  # in the event name of each image a stream delivered
 
 
@@ -232,21 +234,38 @@ def detach(services: "Services", work: Awaitable[Any]) -> "asyncio.Task[Any]":
 async def own(
     services: "Services", key_id: str, token: str, work: Callable[[], Awaitable[Response | None]]
 ) -> Response | None:
-    """Store a success's answer; let go of the key otherwise (a failure, or work that has nothing worth
-    keeping). Upstream tasks the work starts are noted in the journal, where a takeover finds them."""
+    """Store a success's answer, or a deterministic refusal's; let go of the key otherwise (a failure
+    that may pass, or work that has nothing worth keeping). Upstream tasks the work starts are noted in
+    the journal, where a takeover finds them."""
     beating = asyncio.create_task(heartbeat(services, key_id, token))
     owner = journal.request_owner(key_id, token)
     try:
         async with journal.kept(services.sessions, owner):
             response = await work()
-    except BaseException:
-        await asyncio.shield(let_go(services, key_id, token))
+    except BaseException as exc:
+        if isinstance(exc, QubaxError) and exc.deterministic:
+            await asyncio.shield(keep(services, key_id, token, refusal(exc)))
+        else:
+            await asyncio.shield(let_go(services, key_id, token))
         raise
     finally:
         beating.cancel()
     if response is None or response.status_code >= 300:
         await let_go(services, key_id, token)
         return response
+    await keep(services, key_id, token, response)
+    return response
+
+
+def refusal(error: QubaxError) -> Response:
+    """The error's answer, as `app` renders it, to keep."""
+    body = error.to_body().model_dump_json().encode()
+    return Response(body, status_code=error.status_code, media_type="application/json", headers=error.headers)
+
+
+async def keep(services: "Services", key_id: str, token: str, response: Response) -> None:
+    """The answer stored for the key's lifetime, to replay; the work's journal is done with."""
+    owner = journal.request_owner(key_id, token)
     headers = {name: value for name, value in response.headers.items() if name in REPLAYED_HEADERS}
     async with services.sessions() as session:
         await session.execute(
@@ -261,7 +280,6 @@ async def own(
         )
         await session.commit()
     await journal.forget(services.sessions, owner)
-    return response
 
 
 async def heartbeat(services: "Services", key_id: str, token: str) -> None:

@@ -227,7 +227,13 @@ def check_status(response: Reply, provider: str) -> None:
     # A refused credential or an empty account is this route's problem: another route may still serve.
     failover = retryable or status in (401, 402, 403)
     detail = diagnosis + (error_detail(response) or "(no message)")
-    raise UpstreamError(f"{provider} {message} ({status}).", detail=detail, retryable=retryable, failover=failover)
+    raise UpstreamError(
+        f"{provider} {message} ({status}).",
+        detail=detail,
+        retryable=retryable,
+        failover=failover,
+        deterministic=status in (400, 422),  # the request itself: sent again, it is refused again
+    )
 
 
 def error_detail(response: Reply) -> str:

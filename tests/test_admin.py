@@ -289,6 +289,7 @@ def test_usage_by_day_within_a_range(admin: httpx.Client, settings: Settings) ->
     ]  # fmt: skip
     assert usage(group_by="") == [{"object": "usage", "requests": 5, "images": 9, "cost_usd": 0.212}]
     assert usage(since="2025-04-01") == []
+    assert usage(group_by="", since="1970-01-01", until="9999-12-30") == usage(group_by="")  # the widest range
 
 
 @pytest.mark.parametrize(
@@ -299,6 +300,8 @@ def test_usage_by_day_within_a_range(admin: httpx.Client, settings: Settings) ->
         ({"since": "2025-13-01"}, "since"),
         ({"until": "yesterday"}, "until"),
         ({"since": "2025-03-02", "until": "2025-03-01"}, "since"),
+        ({"since": "0001-01-01", "until": "9999-12-31"}, "since"),
+        ({"until": "9999-12-31"}, "until"),  # the day after it (where the range ends) does not exist
     ],
 )
 def test_usage_rejects_bad_parameters(admin: httpx.Client, params: dict[str, str], param: str) -> None:

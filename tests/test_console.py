@@ -255,4 +255,26 @@ def test_the_overview_shows_a_failing_route_and_its_breaker(settings: Settings) 
 def test_usage_with_bad_days_says_so_on_the_page(stack: Stack) -> None:
     client, _ = signed_in(stack)
     page = client.get("/console/usage", params={"since": "2026-13-01"})
-    assert page.status_code == 200 and "Days are written YYYY-MM-DD." in page.text
+    assert page.status_code == 400 and "Days are written YYYY-MM-DD." in page.text
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [({"since": "0001-01-01", "until": "9999-12-31"}, "since"), ({"until": "9999-12-31"}, "until")],
+)
+def test_usage_with_days_out_of_range_is_a_400(stack: Stack, params: dict[str, str], param: str) -> None:
+    """Not an OverflowError (the day after 9999-12-31): the page says which day, the CSV names it."""
+    client, _ = signed_in(stack)
+    page = client.get("/console/usage", params=params)
+    assert page.status_code == 400 and f"Invalid value for &#39;{param}&#39;" in page.text
+    download = client.get("/console/usage.csv", params=params)
+    assert download.status_code == 400 and download.json()["error"]["param"] == param
+
+
+def test_usage_over_the_widest_range_has_no_chart(stack: Stack) -> None:
+    stack.live.images.generate(model="flux-1.1-pro", prompt="a fox")
+    client, _ = signed_in(stack)
+    page = client.get("/console/usage", params={"since": "1970-01-01", "until": "9999-12-30"})
+    assert page.status_code == 200 and "flux-1.1-pro" in page.text and "Images per day" not in page.text
+    download = client.get("/console/usage.csv", params={"since": "1970-01-01", "until": "9999-12-30"})
+    assert download.status_code == 200 and len(list(csv.DictReader(io.StringIO(download.text)))) == 1

@@ -279,8 +279,7 @@ async def usage(services: ServicesDep, group_by: str = "key,model", since: str =
         choices = ", ".join(db.USAGE_GROUPS)
         raise InvalidRequest(f"Invalid value for 'group_by': {unknown[0]!r} is not one of {choices}.", param="group_by")
     first, last = parse_day(since, "since"), parse_day(until, "until")
-    if first and last and first > last:
-        raise InvalidRequest("Invalid value for 'since': it is after 'until'.", param="since")
+    check_order(first, last)
     async with services.sessions() as session:
         rows = await db.usage(session, list(dict.fromkeys(groups)), first, last)
     return UsageList(
@@ -299,13 +298,30 @@ async def usage(services: ServicesDep, group_by: str = "key,model", since: str =
     )
 
 
+# Usage is stamped in Unix time, so nothing is older than 1970; and a range ends before the next day
+# begins, which must exist (9999-12-31 has none: an OverflowError).
+FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(9999, 12, 30)
+
+
 def parse_day(text: str, param: str) -> date | None:
+    """A usage query's `since` or `until` (the admin API's and the console's), or a 400 naming it."""
     if not text:
         return None
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError:
-        raise InvalidRequest(f"Invalid value for '{param}': expected a day as YYYY-MM-DD.", param=param) from None
+        day = None
+    if day is None or not FIRST_DAY <= day <= LAST_DAY:
+        raise InvalidRequest(
+            f"Invalid value for '{param}': expected a day from {FIRST_DAY} to {LAST_DAY}. Days are written YYYY-MM-DD.",
+            param=param,
+        )
+    return day
+
+
+def check_order(first: date | None, last: date | None) -> None:
+    if first and last and first > last:
+        raise InvalidRequest("Invalid value for 'since': it is after 'until'.", param="since")
 
 
 async def find(session: AsyncSession, key_id: str) -> db.ApiKey:

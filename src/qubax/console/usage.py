@@ -7,9 +7,11 @@ import io
 from datetime import UTC, date, datetime, timedelta
 
 from fastapi import Request, Response
+from markupsafe import Markup
 from sqlalchemy import select
 
 from qubax import db
+from qubax.admin import check_order, parse_day
 from qubax.console.charts import stacked_bars
 from qubax.console.sessions import PageSession
 from qubax.console.web import page, router
@@ -32,18 +34,26 @@ async def usage_page(
     rows = await usage_rows(services, key, model, first, last)
     async with services.sessions() as session:
         keys = await db.list_keys(session)
+    chosen = {"key": key, "model": model, "since": first.isoformat(), "until": last.isoformat()}
+    models = [model.id for model in services.catalog.models]
+    shown = page(
+        request, "usage.html", console, title="Usage", rows=rows, keys=keys, models=models, chosen=chosen,
+        chart=chart(rows, first, last), query=request.url.query, error=error,
+    )  # fmt: skip
+    shown.status_code = 400 if error else 200
+    return shown
+
+
+def chart(rows: list[db.UsageRow], first: date, last: date) -> Markup | None:
+    """Images per day, by model: for ranges of up to about three months (a longer one has no chart)."""
+    if (last - first).days >= 92:
+        return None
     span = [first + timedelta(days=i) for i in range((last - first).days + 1)]
     images: dict[str, list[float]] = {}
     for row in rows:
         assert row.day is not None and row.model is not None
         images.setdefault(row.model, [0.0] * len(span))[(row.day - first).days] += row.images
-    chart = stacked_bars("Images per day, by model", span, images, lambda v: f"{v:,.0f}") if len(span) <= 92 else None
-    chosen = {"key": key, "model": model, "since": first.isoformat(), "until": last.isoformat()}
-    models = [model.id for model in services.catalog.models]
-    return page(
-        request, "usage.html", console, title="Usage", rows=rows, keys=keys, models=models, chosen=chosen,
-        chart=chart, query=request.url.query, error=error,
-    )  # fmt: skip
+    return stacked_bars("Images per day, by model", span, images, lambda v: f"{v:,.0f}")
 
 
 @router.get("/usage.csv")
@@ -68,15 +78,11 @@ async def usage_rows(services: Services, key: str, model: str, first: date, last
 
 
 def days(since: str, until: str) -> tuple[date, date]:
-    """The days asked for; by default the last 30."""
-    today = datetime.now(UTC).date()
-    try:
-        last = date.fromisoformat(until) if until else today
-        first = date.fromisoformat(since) if since else last - timedelta(days=29)
-    except ValueError:
-        raise InvalidRequest("Days are written YYYY-MM-DD.", param="since") from None
-    if first > last:
-        raise InvalidRequest("'since' is after 'until'.", param="since")
+    """The days asked for (checked as the admin API checks them); by default the last 30."""
+    asked_first, asked_last = parse_day(since, "since"), parse_day(until, "until")
+    last = asked_last or datetime.now(UTC).date()
+    first = asked_first or last - timedelta(days=29)
+    check_order(first, last)
     return first, last
 
 

@@ -1,6 +1,7 @@
 """Signed webhooks: a job's end told to its target (Standard Webhooks), retried until it answers 2xx."""
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from aiohttp.abc import AbstractResolver
 from click.testing import CliRunner
 from pydantic import SecretStr
 from standardwebhooks import Webhook
@@ -20,7 +22,7 @@ from starlette.routing import Route
 from qubax import db
 from qubax.cli import main
 from qubax.settings import Settings
-from qubax.targets import PublicResolver
+from qubax.targets import PublicResolver, check_literal, public
 from tests.conftest import cli_env
 from tests.server import serve
 from tests.stack import Stack, rows, running_stack
@@ -162,6 +164,19 @@ def test_a_cancelled_job_reports_too(settings: Settings, receiver: tuple[Receive
     }
 
 
+# IPv6 addresses that lead to a private IPv4 address: IPv4-compatible, NAT64 (the well-known prefix and
+# the local-use one), 6to4 and Teredo (its client, 127.0.0.1, is the last 32 bits inverted).
+IPV4_IN_IPV6 = [
+    "::127.0.0.1",
+    "64:ff9b::7f00:1",
+    "64:ff9b::a9fe:a9fe",
+    "64:ff9b:1::a00:1",
+    "2002:7f00:1::",
+    "2002:c0a8:1::1",
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",
+]
+
+
 @pytest.mark.parametrize(
     "target",
     [
@@ -172,6 +187,7 @@ def test_a_cancelled_job_reports_too(settings: Settings, receiver: tuple[Receive
         "https://169.254.169.254/latest/meta-data",
         "https://[::1]/hook",
         "https://[::ffff:127.0.0.1]/hook",
+        *(f"https://[{address}]/hook" for address in IPV4_IN_IPV6),
         "http://example.com/hook",
         "ftp://example.com/hook",
         "/relative",
@@ -216,6 +232,42 @@ def test_the_resolver_refuses_names_of_private_addresses() -> None:
     with pytest.raises(OSError, match="non-public"):
         asyncio.run(resolve(None))
     assert "127.0.0.1" in asyncio.run(resolve("localhost"))
+
+
+class OneAddress(AbstractResolver):
+    """Every name resolves to one address: what a name in DNS may come to point at."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        return [
+            {"hostname": host, "host": self.address, "port": port, "family": socket.AF_INET6, "proto": 0, "flags": 0}
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("address", IPV4_IN_IPV6)
+def test_connections_to_ipv6_forms_of_private_ipv4_addresses_are_refused(address: str) -> None:
+    """At delivery: a name that now resolves to such an address, and the address written in the URL."""
+
+    async def resolve() -> list[Any]:
+        resolver = PublicResolver(None)
+        resolver.resolver = OneAddress(address)  # type: ignore[assignment]
+        return await resolver.resolve("hooks.example.com", 443)
+
+    with pytest.raises(OSError, match="non-public"):
+        asyncio.run(resolve())
+    with pytest.raises(OSError, match="not a public address"):
+        check_literal(f"[{address}]", None)
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8", "2606:4700::1111"])
+def test_ipv6_forms_of_public_addresses_are_public(address: str) -> None:
+    assert public(address)
+    check_literal(f"[{address}]", None)
 
 
 def test_webhook_url_needs_a_job_and_a_secret(stack: Stack, receiver: tuple[Receiver, str]) -> None:

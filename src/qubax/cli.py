@@ -49,7 +49,7 @@ def serve(host: str, port: int, workers: int) -> None:
 
     from qubax import startup
     from qubax.app import create_app
-    from qubax.connection import GuardedConnection
+    from qubax.connection import GuardedConnection, connection_bound, raise_descriptor_limit
 
     try:
         settings = startup.read_settings()
@@ -72,6 +72,9 @@ def serve(host: str, port: int, workers: int) -> None:
         logger.info("upstreams configured: %s", ", ".join(configured))
     else:
         logger.warning("no upstream configured: live keys can use no model. %s", enabling(open_catalog(settings)))
+    descriptors = raise_descriptor_limit()  # before the workers start: they inherit it
+    connections = settings.max_connections or connection_bound(descriptors)
+    logger.info("client connections: %d at once per process (file-descriptor limit %d)", connections, descriptors)
     # Qubax writes the access log itself (with the request id, never a query string): uvicorn's is off.
     options: dict[str, Any] = {
         "host": host,
@@ -79,6 +82,8 @@ def serve(host: str, port: int, workers: int) -> None:
         "log_config": log_config,
         "access_log": False,
         "http": GuardedConnection,  # the connection limits (README "Running on the internet")
+        # Room in the accept queue for a burst of what the guard would take (the kernel caps it at somaxconn).
+        "backlog": max(2048, connections),
     }
     if workers == 1:
         uvicorn.run(create_app(settings), **options)

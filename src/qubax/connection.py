@@ -13,16 +13,25 @@ control, the ASGI cycle) stays uvicorn's.
     no complete body within `body_timeout`      408 if nothing was answered yet, connection closed
     response sent before the body was read      connection closed instead of reading the rest
     more than `max_connections` open            the new connection is closed at once
+
+`max_connections` is by default what the process's file-descriptor limit can hold (`connection_bound`).
 """
 
 import asyncio
 import functools
 import json
+import logging
+import resource
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qubax.settings import Settings
+
+logger = logging.getLogger("qubax")
+# Descriptors kept for everything but client connections and their upstream calls: the listening
+# socket, the database, Redis, image files, logs, the ledger writer's pipes.
+RESERVED_DESCRIPTORS = 256
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,28 @@ def configured_limits() -> ConnectionLimits:
         settings.max_url_bytes,
         settings.header_timeout_seconds,
         settings.body_timeout_seconds,
-        settings.max_connections,
+        settings.max_connections or connection_bound(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
     )
+
+
+def connection_bound(descriptors: int) -> int:
+    """Client connections a process with this many file descriptors can hold: each may be waiting on an
+    upstream connection of its own, so half of what is left once the reserve is set aside."""
+    return max(1, (descriptors - min(RESERVED_DESCRIPTORS, descriptors // 2)) // 2)
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's file-descriptor limit to the most it may have (its hard limit), as nginx's
+    `worker_rlimit_nofile` or systemd's `LimitNOFILE` would; the limit it has now. Children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # an unlimited hard limit, or macOS's OPEN_MAX
+        logger.warning("could not raise the file-descriptor limit from %d: %s", soft, exc)
+        return soft
+    return hard
 
 
 def refusal(status: int, reason: str, message: str, code: str) -> bytes:

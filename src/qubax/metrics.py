@@ -96,6 +96,14 @@ class Metrics(Collector):
         self.upstream_errors = Family(
             "qubax_upstream_errors", "Tries of one route that did not end ok.", ("upstream", "code")
         )
+        self.upstream_waits = Family(
+            "qubax_upstream_waits",
+            "Upstream calls that waited for capacity: a free connection, or a slot under a provider's cap.",
+            ("upstream", "resource"),
+        )
+        self.upstream_wait_duration = Family(
+            "qubax_upstream_wait_seconds", "How long those calls waited.", ("upstream", "resource"), DURATION_BUCKETS
+        )
         self.jobs = Family("qubax_jobs", "Jobs ended by this node, by how they ended.", ("status",))
         self.webhook_tries = Family(
             "qubax_webhook_tries",
@@ -127,6 +135,11 @@ class Metrics(Collector):
             self.upstream_duration.observe((attempt.upstream,), attempt.latency_ms / 1000)
             if attempt.outcome != "ok":
                 self.upstream_errors.inc((attempt.upstream, attempt.outcome))
+
+    def count_wait(self, upstream: str, resource: str, seconds: float) -> None:
+        """One wait for upstream capacity (`providers.pool.Waited`); `resource` is "connection" or "slot"."""
+        self.upstream_waits.inc((upstream, resource))
+        self.upstream_wait_duration.observe((upstream, resource), seconds)
 
     def exposition(self) -> bytes:
         """Everything, in Prometheus' text format."""

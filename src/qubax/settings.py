@@ -50,19 +50,21 @@ class Settings(BaseSettings):
     log_prompts: bool = False  # prompts are the users' data: off the logs unless the operator asks
 
     # Upstream HTTP: seconds to connect, seconds of silence before an upstream is given up, seconds an
-    # asynchronous upstream has to accept a submission before the next route gets it, connections.
+    # asynchronous upstream has to accept a submission before the next route gets it, connections
+    # (unset: as many as the configured providers' caps allow at once, `registry.connection_limit`).
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     upstream_read_timeout_seconds: float = Field(default=120.0, gt=0)
     upstream_submit_timeout_seconds: float = Field(default=30.0, gt=0)
-    upstream_connections: int = Field(default=256, ge=1)
+    upstream_connections: int | None = Field(default=None, ge=1)
 
     # Each client connection under `qubax serve` (`connection.GuardedConnection`): the request head's and
-    # the URL's size, seconds to send a head and a body, connections open at once per server process.
+    # the URL's size, seconds to send a head and a body, connections open at once per server process
+    # (unset: what its file-descriptor limit can hold, `connection.connection_bound`).
     max_header_bytes: int = Field(default=32 * 1024, ge=1024)
     max_url_bytes: int = Field(default=8 * 1024, ge=256)
     header_timeout_seconds: float = Field(default=10.0, gt=0)
     body_timeout_seconds: float = Field(default=60.0, gt=0)
-    max_connections: int = Field(default=1024, ge=1)
+    max_connections: int | None = Field(default=None, ge=1)
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1024 * 1024)  # one edit's images, all told
 
     # Per provider, by its registry name, from the provider's own variables (`ProviderVariables`):

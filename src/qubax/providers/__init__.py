@@ -58,7 +58,8 @@ class Upstream:
     ) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
-        self.pool = KeyPool([keys] if isinstance(keys, str) else keys, concurrency, slots, f"upstream:{name}")
+        keys = [keys] if isinstance(keys, str) else keys
+        self.pool = KeyPool(keys, concurrency, slots, f"upstream:{name}", http.waited)
         self.poll_interval = poll_interval
         self.delivery_hosts = tuple(delivery_hosts)
 

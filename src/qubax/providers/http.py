@@ -5,6 +5,7 @@ import binascii
 import contextlib
 import fnmatch
 import json
+import logging
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -18,10 +19,12 @@ import pybase64
 
 from qubax.errors import TaskFailed, UpstreamError, UpstreamTimeout
 from qubax.providers import GeneratedImage, Upstream, journal, payload
+from qubax.providers.pool import Waited, unwatched
 
 T = TypeVar("T")
 # A task that is already running (and billed) deserves more than one bad poll before we give up on it.
 POLL_RETRIES = 5
+logger = logging.getLogger("qubax")
 CANCEL_TIMEOUT = 5.0  # seconds a best-effort cancel may take once our caller has gone
 
 
@@ -56,6 +59,7 @@ class Http:
     session: aiohttp.ClientSession
     proxies: Mapping[str, str]  # scheme -> proxy URL, as urllib reads HTTP_PROXY / HTTPS_PROXY / NO_PROXY
     timeouts: Timeouts = Timeouts()
+    waited: Waited = unwatched  # told of each wait for a connection, and for a provider's slot (`KeyPool`)
 
     def proxy(self, url: str) -> str | None:
         """The proxy for this URL, or None when it goes direct (no proxy for its scheme, or NO_PROXY)."""
@@ -70,12 +74,15 @@ class Http:
 
 
 @contextlib.asynccontextmanager
-async def open_session(timeouts: Timeouts = Timeouts(), connections: int = 256) -> AsyncIterator[Http]:
+async def open_session(
+    timeouts: Timeouts = Timeouts(), connections: int = 0, waited: Waited = unwatched
+) -> AsyncIterator[Http]:
     """The one upstream HTTP session of an app. Proxies come from HTTP_PROXY / HTTPS_PROXY / NO_PROXY and
     trusted CAs from SSL_CERT_FILE / SSL_CERT_DIR, as read when the session opens. At most `connections`
-    at once (more wait for one, within the request's deadline); idle ones close after 15 s, before
-    servers close theirs. A GET, PUT or DELETE whose kept-alive connection turns out closed is sent
-    once more on a new one (aiohttp does this); a POST is not, as it may have arrived.
+    at once (0: no cap; more wait for one, within the request's deadline, and each wait is logged and
+    told to `waited`); idle ones close after 15 s, before servers close theirs. A GET, PUT or DELETE
+    whose kept-alive connection turns out closed is sent once more on a new one (aiohttp does this); a
+    POST is not, as it may have arrived.
 
     Not aiohttp's `trust_env`: besides proxies it sends ~/.netrc credentials to any host they name
     (every download included), and looks both up in a thread on every request."""
@@ -88,8 +95,28 @@ async def open_session(timeouts: Timeouts = Timeouts(), connections: int = 256) 
         timeout=timeout,
         cookie_jar=aiohttp.DummyCookieJar(),  # upstreams authenticate by key; cookies would leak between keys
         headers={"user-agent": "qubax"},
+        # Without a cap nothing ever queues: no tracing, which every request would pay for.
+        trace_configs=[queue_watch(connections, waited)] if connections else None,
     ) as session:
-        yield Http(session, proxies, timeouts)
+        yield Http(session, proxies, timeouts, waited)
+
+
+def queue_watch(connections: int, waited: Waited) -> aiohttp.TraceConfig:
+    """aiohttp's hooks around a request queued for a free connection: the wait is logged and counted."""
+
+    async def queued(session: aiohttp.ClientSession, context: Any, params: object) -> None:
+        context.queued = asyncio.get_running_loop().time()
+
+    async def dequeued(session: aiohttp.ClientSession, context: Any, params: object) -> None:
+        seconds = asyncio.get_running_loop().time() - context.queued
+        upstream = (context.trace_request_ctx or {}).get("upstream", "")
+        logger.info("%s: waited %.2f s for a connection (at most %d at once)", upstream, seconds, connections)
+        waited(upstream, "connection", seconds)
+
+    watch = aiohttp.TraceConfig()
+    watch.on_connection_queued_start.append(queued)
+    watch.on_connection_queued_end.append(dequeued)
+    return watch
 
 
 async def send(
@@ -120,7 +147,13 @@ async def send(
         # Only a submission has a deadline of its own: an `asyncio.timeout(None)` costs as much as a real one.
         async with asyncio.timeout(http.timeouts.submit) if submission else contextlib.nullcontext():
             request = http.session.request(
-                method, url, headers=headers, data=data, allow_redirects=False, proxy=http.proxy(url)
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                proxy=http.proxy(url),
+                trace_request_ctx={"upstream": provider},
             )
             async with request as response:
                 if events is not None and response.status < 300 and response.content_type == "text/event-stream":

@@ -5,8 +5,10 @@ The caps are counted in `Slots`: in this process, or in Redis so that every node
 import asyncio
 import contextlib
 import hashlib
+import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from qubax.errors import UpstreamError
 from qubax.slots import LocalSlots, Slots
@@ -14,11 +16,24 @@ from qubax.slots import LocalSlots, Slots
 # How often work waiting for a slot looks again: a release on this node wakes it at once, one on
 # another node is seen at the next look.
 RECHECK_SECONDS = 0.05
+logger = logging.getLogger("qubax")
+
+# Told of each wait for an upstream's capacity: (upstream, what was waited for: "slot" or "connection", seconds).
+Waited = Callable[[str, str, float], None]
+
+
+def unwatched(upstream: str, resource: str, seconds: float) -> None:
+    """The default `Waited`: nothing counted (the wait is logged all the same)."""
 
 
 class KeyPool:
     def __init__(
-        self, keys: Sequence[str], limit: int | None = None, slots: Slots | None = None, scope: str = ""
+        self,
+        keys: Sequence[str],
+        limit: int | None = None,
+        slots: Slots | None = None,
+        scope: str = "",
+        waited: Waited = unwatched,
     ) -> None:
         if not keys:
             raise ValueError("a key pool needs at least one key")
@@ -28,6 +43,7 @@ class KeyPool:
         # Uncapped pools only spread work over their keys: nothing worth sharing between nodes.
         self.slots = slots if slots is not None and limit is not None else LocalSlots()
         self.released = asyncio.Event()
+        self.scope, self.waited = scope, waited
 
     @property
     def keys(self) -> list[str]:
@@ -58,13 +74,25 @@ class Lease:
         if self.name is not None and self.name not in pool.credentials:
             # Work started with a key the operator has since removed: nothing else may ask after it.
             raise UpstreamError("The upstream key that started this task is no longer configured.")
-        while (taken := await pool.slots.take(names, pool.limit)) is None:
-            pool.released.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RECHECK_SECONDS):
-                    await pool.released.wait()
-        self.taken = taken
-        return pool.credentials[taken[0]]
+        taken = await pool.slots.take(names, pool.limit)
+        self.taken = taken or await self.wait(names)
+        return pool.credentials[self.taken[0]]
+
+    async def wait(self, names: list[str]) -> tuple[str, str]:
+        """Every key is at its cap: wait for a slot, and say so (a queue inside the node is otherwise silent)."""
+        pool, started = self.pool, time.monotonic()
+        upstream = pool.scope.removeprefix("upstream:")
+        try:
+            while (taken := await pool.slots.take(names, pool.limit)) is None:
+                pool.released.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RECHECK_SECONDS):
+                        await pool.released.wait()
+            return taken
+        finally:
+            seconds = time.monotonic() - started
+            logger.info("%s: waited %.2f s for a slot (each key's cap is %d at once)", upstream, seconds, pool.limit)
+            pool.waited(upstream, "slot", seconds)
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self.taken is not None

@@ -10,6 +10,7 @@ from fastapi.security import HTTPBearer
 from starlette.types import Scope
 
 from qubax import auth, db
+from qubax.bodies import UploadRoute
 from qubax.errors import AuthenticationError
 from qubax.services import Services
 
@@ -19,6 +20,9 @@ class ApiKeyAuth(HTTPBearer):
     bearer auth, and a request costs one dependency (each one costs FastAPI measurable work)."""
 
     async def __call__(self, request: Request) -> db.KeyRecord:  # type: ignore[override]
+        known: db.KeyRecord | None = request.scope.get(KEY_SCOPE)  # authenticated before the body was read
+        if known is not None:
+            return known
         header = request.headers.get("authorization", "")
         token = auth.bearer_token(header)
         if not token and header.strip():
@@ -59,10 +63,17 @@ def incorrect_key(token: str) -> AuthenticationError:
     return AuthenticationError(f"Incorrect API key provided: {auth.masked(token)}.")
 
 
-CurrentKey = Annotated[
-    db.KeyRecord,
-    Depends(ApiKeyAuth(scheme_name="HTTPBearer", description="A Qubax API key, `qbx_live_…` or `qbx_test_…`.")),
-]
+KEY_SCOPE = "qubax.key"
+api_key = ApiKeyAuth(scheme_name="HTTPBearer", description="A Qubax API key, `qbx_live_…` or `qbx_test_…`.")
+CurrentKey = Annotated[db.KeyRecord, Depends(api_key)]
+
+
+class AuthenticatedUploadRoute(UploadRoute):
+    """An upload route whose key is checked from the headers, before the body is read: a request
+    without a valid key is refused at once, and its upload never read."""
+
+    async def admit(self, request: Request) -> None:
+        request.scope[KEY_SCOPE] = await api_key(request)
 
 
 def public_url(request: Request) -> str:

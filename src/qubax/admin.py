@@ -65,9 +65,9 @@ router = APIRouter(
     responses=error_responses(400, 401, 404, 413, 429),
     tags=["Admin"],
 )
-metrics_router = APIRouter(dependencies=[Depends(authorize)], include_in_schema=False)
+metrics_router = APIRouter(dependencies=[Depends(authorize)], include_in_schema=False, route_class=LimitedRoute)
 # Without an admin token these routes do not exist; they say how to turn them on instead of a bare 404.
-off_router = APIRouter(include_in_schema=False)
+off_router = APIRouter(include_in_schema=False, route_class=LimitedRoute)
 
 
 @off_router.api_route("/metrics", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

@@ -83,6 +83,20 @@ class LimitedRoute(APIRoute):
 
 
 class UploadRoute(LimitedRoute):
-    """A route that takes uploads (multipart/form-data), up to the operator's limit."""
+    """A route that takes uploads (multipart/form-data), up to the operator's limit, read only once
+    `admit` has let the request in on its head alone: FastAPI reads a body before it runs the route's
+    dependencies, so a refusal among them (no key, no session) would come only after the whole upload."""
 
     request_class = UploadRequest
+
+    async def admit(self, request: Request) -> None:
+        """Raise to refuse a request before its body is read; this one admits any."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def admitted(request: Request) -> Response:
+            await self.admit(request)
+            return await handler(request)
+
+        return admitted

@@ -13,8 +13,8 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from qubax import db, generation, idempotency, job_routes, jobs, streaming
-from qubax.access import CurrentKey, base_url, public_url
-from qubax.bodies import LimitedRoute, UploadRoute
+from qubax.access import AuthenticatedUploadRoute, CurrentKey, base_url, public_url
+from qubax.bodies import LimitedRoute
 from qubax.catalog import CatalogModel, ImageRequest
 from qubax.errors import ClientDisconnected, InvalidRequest, NotFound
 from qubax.job_routes import accept_job, wants_job
@@ -97,7 +97,8 @@ async def create_image_edit(
     return await respond(request, key, make, EDITS_PATH, form, uploads)
 
 
-# An ordinary route, with a route class of its own: uploads have their own size limit.
+# An ordinary route, with a route class of its own: uploads have their own size limit, and the key is
+# checked before the upload is read.
 router.add_api_route(
     EDITS_PATH,
     create_image_edit,
@@ -106,7 +107,7 @@ router.add_api_route(
     responses=STREAM_RESPONSE | JOB_RESPONSE | error_responses(400, 401, 404, 413, 429, 502, 503, 504),
     summary="Create image edit",
     tags=["Images"],
-    route_class_override=UploadRoute,
+    route_class_override=AuthenticatedUploadRoute,
 )
 
 

@@ -15,9 +15,10 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from qubax import db, generation, streaming
+from qubax.bodies import UploadRequest, UploadRoute
 from qubax.catalog import ImageRequest
-from qubax.console.sessions import ActionSession, PageSession
-from qubax.console.web import page, router, usd
+from qubax.console.sessions import ActionSession, PageSession, signed_in
+from qubax.console.web import ConsoleRoute, page, router, usd
 from qubax.errors import NotFound, QubaxError
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest
 from qubax.services import Services, ServicesDep
@@ -50,7 +51,16 @@ async def playground_page(request: Request, console: PageSession, services: Serv
     return await show(request, console, services, {"n": "1", "output_format": "png"})
 
 
-@router.post("/playground")
+class PlaygroundRoute(ConsoleRoute, UploadRoute):
+    """The playground's form takes an upload: bounded like the API's, and read only once the console
+    session is known (its CSRF token comes with the form)."""
+
+    request_class = UploadRequest
+
+    async def admit(self, request: Request) -> None:
+        await signed_in(request)
+
+
 async def make(
     request: Request, console: ActionSession, services: ServicesDep, asked: Annotated[Asked, Form()]
 ) -> Response:
@@ -74,7 +84,6 @@ async def make(
     return await show(request, console, services, shown, result=result)
 
 
-@router.post("/playground/stream")
 async def make_streamed(console: ActionSession, services: ServicesDep, asked: Annotated[Asked, Form()]) -> Response:
     """The same, as OpenAI's streamed events, then a `qubax.summary` event: route, seconds, cost."""
     key = await key_record(services, asked.key_id)
@@ -82,6 +91,10 @@ async def make_streamed(console: ActionSession, services: ServicesDep, asked: An
     started, since = time.monotonic(), db.now()
     headers, events = await streaming.open_stream(checked, key, services)
     return EventSourceResponse(summarised(events, services, key, checked, started, since), headers=headers)
+
+
+router.add_api_route("/playground", make, methods=["POST"], route_class_override=PlaygroundRoute)
+router.add_api_route("/playground/stream", make_streamed, methods=["POST"], route_class_override=PlaygroundRoute)
 
 
 async def check(services: Services, asked: Asked) -> ImageRequest:

@@ -89,13 +89,20 @@ async def page_session(request: Request) -> db.ConsoleSession:
     return found
 
 
-async def action_session(request: Request) -> db.ConsoleSession:
-    """For requests that change something: the session, from our own origin, with its CSRF token."""
+async def signed_in(request: Request) -> db.ConsoleSession:
+    """For requests that change something, what their head alone shows (so an upload is read only
+    after it): the session, from our own origin."""
     if not same_origin(request):
         raise Forbidden("This request did not come from the console's own pages.", code="cross_origin")
     found = await find(request)
     if found is None:
         raise AuthenticationError("Sign in to the console first.", code="no_session")
+    return found
+
+
+async def action_session(request: Request) -> db.ConsoleSession:
+    """For requests that change something: the session, from our own origin, with its CSRF token."""
+    found = await signed_in(request)
     form = await request.form()  # parsed once: the route's own Form fields read the same
     sent = request.headers.get("x-csrf-token") or str(form.get("csrf_token") or "")
     if not secrets.compare_digest(sent.encode(), found.csrf_token.encode()):

@@ -7,10 +7,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.routing import APIRoute, APIRouter
+from fastapi.routing import APIRouter
 from fastapi.templating import Jinja2Templates
 
 from qubax import db
+from qubax.bodies import LimitedRequest, LimitedRoute
 
 SECURITY_HEADERS = {
     "content-security-policy": (
@@ -22,10 +23,19 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 HERE = importlib.resources.files("qubax.console")
+FORM_BYTES = 16 * 1024  # the largest body of a console form but the playground's (sign-in is open to all)
 
 
-class ConsoleRoute(APIRoute):
-    """A console route: its answers carry the security headers."""
+class FormRequest(LimitedRequest):
+    @property
+    def limit(self) -> int:
+        return FORM_BYTES
+
+
+class ConsoleRoute(LimitedRoute):
+    """A console route: its body is at most a form's, its answers carry the security headers."""
+
+    request_class: type[LimitedRequest] = FormRequest
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()

@@ -232,6 +232,32 @@ def test_a_stream_that_delivered_nothing_lets_go_of_its_key(stack: Stack) -> Non
     assert len(stack.bfl.submissions) == 2
 
 
+def test_a_request_recorded_by_a_node_that_died_before_keeping_it_is_charged_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash window: a node commits the request's usage record, then dies before it stores the
+    answer. The retry that takes the request over makes it again, and records nothing more."""
+    died: list[str] = []
+
+    async def dies_the_first_time(*args: Any) -> None:
+        if not died:
+            died.append("died")
+            raise RuntimeError("the node died")  # its heartbeat stopped before: the request is abandoned
+        await keep(*args)
+
+    keep = idempotency.keep
+    monkeypatch.setattr("qubax.idempotency.keep", dies_the_first_time)
+    with running_stack(settings, providers=("bfl",), takeover_seconds=1.0) as stack:
+        body = {"model": "flux-1.1-pro", "prompt": "a fox", "response_format": "b64_json"}
+        headers = {"authorization": f"Bearer {stack.live_key}", "idempotency-key": "crash-window"}
+        first = httpx.post(f"{stack.url}/v1/images/generations", json=body, headers=headers, timeout=30)
+        assert first.status_code == 500 and died
+        again = httpx.post(f"{stack.url}/v1/images/generations", json=body, headers=headers, timeout=30)
+        assert again.status_code == 200 and again.json()["data"][0]["b64_json"]
+        assert charged(stack) == [("ok", 1, 40_000)]  # one usage row, charged once
+        assert len(stack.bfl.submissions) == 1  # the takeover waited on the dead node's task
+
+
 def test_a_takeover_waits_on_the_upstream_task_the_dead_node_started(stack: Stack) -> None:
     """The dead node had noted its BFL task in the journal: the retry polls that task and submits nothing."""
     body = {"model": "flux-1.1-pro", "prompt": "a fox", "response_format": "b64_json"}

@@ -16,7 +16,7 @@ from PIL import Image
 from pydantic import SecretStr
 from sqlalchemy import update
 
-from qubax import db, journal
+from qubax import db, journal, runner
 from qubax.app import create_app
 from qubax.settings import Settings
 from tests.conftest import create_key
@@ -235,6 +235,29 @@ def test_a_job_abandoned_by_a_dead_node_is_finished_on_its_upstream_task(stack: 
     assert len(stack.bfl.submissions) == 1 and set(stack.bfl.polls) == {task_id}
     assert charged(stack) == [("ok", 1, 40_000)]
     assert rows(stack.settings, db.UpstreamTask) == []
+
+
+def test_a_job_recorded_by_a_node_that_died_before_ending_it_is_charged_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash window: a node commits the job's usage record, then dies before it marks the job done.
+    The node that takes the job over makes it again, and its usage record is the one already written."""
+    died: list[str] = []
+
+    async def dies_the_first_time(services: Any, job_id: str, status: str, **outcome: Any) -> None:
+        if not died:
+            died.append(job_id)
+            raise RuntimeError("the node died")  # its heartbeat stops with it: the job stays in progress
+        await end(services, job_id, status, **outcome)
+
+    end = runner.end
+    monkeypatch.setattr("qubax.runner.end", dies_the_first_time)
+    with running_stack(settings, providers=("bfl",), takeover_seconds=1.0, job_poll_seconds=0.1) as stack:
+        job_id = submit(stack.live)["id"]
+        assert wait_for(stack.live, job_id)["status"] == "succeeded"
+        assert died == [job_id]
+        assert charged(stack) == [("ok", 1, 40_000)]  # one usage row, charged once
+        assert len(stack.bfl.submissions) == 1  # the takeover waited on the dead node's task
 
 
 def test_jobs_survive_a_restart_of_the_only_node(settings: Settings) -> None:

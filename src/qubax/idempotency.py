@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
-from qubax import db, journal
+from qubax import db, journal, ledger
 from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest, QubaxError
 from qubax.storage import Storage, relink
 
@@ -42,6 +42,7 @@ LIFETIME = timedelta(hours=24)
 WAIT_SECONDS = 0.2  # between looks at a request another node is working on
 REPLAYED_HEADERS = ("content-type", "x-qubax-route", "x-qubax-test", "x-should-retry")
 COMPLETED = b".completed"  # in the event name of each image a stream delivered
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def fingerprint(kind: str, fields: dict[str, object], files: list[bytes] | None = None) -> str:
@@ -237,6 +238,9 @@ async def own(
     """Store a success's answer, or a deterministic refusal's; let go of the key otherwise (a failure
     that may pass, or work that has nothing worth keeping). Upstream tasks the work starts are noted in
     the journal, where a takeover finds them."""
+    claimed = await find(services, key_id, token)
+    if claimed is not None:  # this runs in a task of its own (`detach`): the setting stays with the work
+        ledger.charged_as.set(usage_id(claimed))
     beating = asyncio.create_task(heartbeat(services, key_id, token))
     owner = journal.request_owner(key_id, token)
     try:
@@ -255,6 +259,14 @@ async def own(
         return response
     await keep(services, key_id, token, response)
     return response
+
+
+def usage_id(row: db.IdempotentRequest) -> str:
+    """The id of the request's usage record, in `db.new_id`'s form: the same for a node taking the
+    request over, another for a request that claims the key afresh (after a failure, or a day)."""
+    micros = (db.utc(row.created_at) - EPOCH) // timedelta(microseconds=1)
+    digest = hashlib.sha256(f"{row.key_id}\0{row.idempotency_key}".encode()).hexdigest()
+    return f"gen_{micros:013x}{digest[:10]}"
 
 
 def refusal(error: QubaxError) -> Response:

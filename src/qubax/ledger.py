@@ -5,12 +5,14 @@ instead of one per request. SQLite allows a single writer; PostgreSQL saves a ro
 import asyncio
 import contextlib
 import dataclasses
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -53,6 +55,10 @@ class GenerationRecord:
 GENERATION_COLUMNS = [f.name for f in dataclasses.fields(GenerationRecord) if f.name != "attempts"]
 ATTEMPT_COLUMNS = [f.name for f in dataclasses.fields(AttemptRecord)]
 Entry = tuple[GenerationRecord, "asyncio.Future[None]"]
+# The id that charges for work with an identity of its own (a job, an idempotent request), set while it
+# runs. A node that takes such work over from one that died after recording it records the same id,
+# and a record whose id is taken is not written (`ON CONFLICT DO NOTHING`): the work is charged once.
+charged_as: ContextVar[str | None] = ContextVar("qubax_charged_as", default=None)
 
 
 class Ledger:
@@ -65,6 +71,9 @@ class Ledger:
 
     async def record(self, generation: GenerationRecord) -> None:
         """Return once the generation and its attempts are durable (raises if the write failed)."""
+        if generation.images and (fixed := charged_as.get()) is not None:
+            # Only a record that charges: a failed try must not keep a takeover's success unrecorded.
+            generation.id = fixed
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending.append((generation, done))
         if self.writer is None or self.writer.done():
@@ -120,13 +129,15 @@ class EngineSink:
         # The writer keeps one connection: checking one out of the pool and resetting it on return was
         # a large share of a small batch's CPU (bench/README.md).
         self.connection: AsyncConnection | None = None
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        self.new_generations = dialect.insert(Generation).on_conflict_do_nothing()  # `charged_as`
 
     async def insert(self, generations: list[Row], attempts: list[Row]) -> None:
         if self.connection is None:
             self.connection = await self.engine.connect()
         try:
             async with self.connection.begin():
-                await self.connection.execute(insert(Generation), generations)
+                await self.connection.execute(self.new_generations, generations)
                 if attempts:
                     await self.connection.execute(insert(Attempt), attempts)
         except Exception:

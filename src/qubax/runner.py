@@ -16,7 +16,7 @@ import orjson
 from sqlalchemy import Update, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from qubax import db, generation, jobs, journal, loops
+from qubax import db, generation, jobs, journal, ledger, loops
 from qubax.errors import AuthenticationError, QubaxError
 from qubax.services import Services
 
@@ -85,9 +85,15 @@ async def make(services: Services, job_id: str) -> bytes:
     if key.revoked_at is not None:
         raise AuthenticationError("The API key that made this job has been revoked.")
     request = await jobs.rebuild(services, job)
+    ledger.charged_as.set(usage_id(job_id))  # this runs in a task of its own (`run`)
     async with services.quotas.running(key), journal.kept(services.sessions, journal.job_owner(job_id)):
         made = await generation.produce(request, key, services, job.public_url)
     return orjson.dumps(made.response.model_dump(exclude_none=True))
+
+
+def usage_id(job_id: str) -> str:
+    """The id of the job's usage record: the same for every node that makes the job (`db.new_id`'s form)."""
+    return "gen_" + job_id.removeprefix("job_")
 
 
 async def watch(services: Services, job_id: str, work: "asyncio.Task[bytes]") -> None:

@@ -1,15 +1,22 @@
 """Configuration mistakes at `qubax serve`: a line or two naming the variable, a non-zero exit, no traceback."""
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr, ValidationError
 
+from qubax import admin
+from qubax.app import create_app
+from qubax.settings import Settings
+from tests.test_admin import TOKEN
 from tests.test_readme import free_port
 
 QUBAX = str(Path(sys.executable).parent / "qubax")
+SPACES = "".join(map(chr, range(0x2000, 0x200B)))  # eleven different Unicode spaces
 
 
 def serve(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
@@ -29,6 +36,8 @@ def serve(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
         ({"QUBAX_LOG_FORMAT": "xml"}, "QUBAX_LOG_FORMAT='xml': Input should be 'text' or 'json'"),
         ({"QUBAX_SIGNING_SECRET": "short-secret"}, "QUBAX_SIGNING_SECRET: must be at least 32 characters"),
         ({"QUBAX_ADMIN_TOKEN": "tiny"}, "QUBAX_ADMIN_TOKEN: must be at least 32 characters"),
+        ({"QUBAX_ADMIN_TOKEN": " " * 32}, "QUBAX_ADMIN_TOKEN: is blank or repetitive"),
+        ({"QUBAX_ADMIN_TOKEN": "a" * 32}, "QUBAX_ADMIN_TOKEN: is blank or repetitive"),
         ({"QUBAX_DATABASE_URL": "mysql://user:pw@localhost/qubax"}, "QUBAX_DATABASE_URL: cannot open 'mysql' URLs"),
         ({"QUBAX_DATABASE_URL": "postgresql://u@localhost/q"}, "Use postgresql+asyncpg://"),
         (
@@ -61,3 +70,18 @@ def test_a_data_folder_that_cannot_be_written_stops_the_start(tmp_path: Path) ->
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0 and len(lines) == 1, done.stderr
     assert f"QUBAX_DATA_DIR='{blocker / 'data'}': cannot write there (Not a directory)" in lines[0]
+
+
+@pytest.mark.parametrize("token", [" " * 32, "a" * 32, "ab" * 20, "0123456" * 6, SPACES * 3])
+def test_a_blank_or_repetitive_admin_token_is_refused(tmp_path: Path, token: str) -> None:
+    with pytest.raises(ValidationError, match="blank or repetitive"):
+        Settings(data_dir=tmp_path, admin_token=token)  # type: ignore[arg-type]
+    given = Settings(data_dir=tmp_path)
+    given.admin_token = SecretStr(token)  # not read from the environment: create_app checks it itself
+    with pytest.raises(ValueError, match="QUBAX_ADMIN_TOKEN: is blank or repetitive"):
+        create_app(given)
+
+
+@pytest.mark.parametrize("token", [secrets.token_hex(32), secrets.token_urlsafe(24), TOKEN])
+def test_a_random_admin_token_is_taken(tmp_path: Path, token: str) -> None:
+    assert admin.enabled(Settings(data_dir=tmp_path, admin_token=token))  # type: ignore[arg-type]

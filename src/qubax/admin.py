@@ -21,7 +21,7 @@ from qubax.docs import openapi_schema
 from qubax.errors import AuthenticationError, InvalidRequest, NotFound
 from qubax.protocol import error_responses
 from qubax.services import Services, ServicesDep
-from qubax.settings import ADMIN_TOKEN_CHARS, Settings
+from qubax.settings import ADMIN_TOKEN_CHARS, Settings, admin_token_problem
 
 Limit = Annotated[StrictInt | None, Field(ge=0, le=db.MAX_LIMIT)]
 Budget = Annotated[float | None, Field(ge=0, le=db.MAX_BUDGET_USD)]
@@ -29,9 +29,9 @@ Budget = Annotated[float | None, Field(ge=0, le=db.MAX_BUDGET_USD)]
 
 def enabled(settings: Settings) -> bool:
     """The admin API exists only when an admin token is set; an empty one would let anybody in, a short
-    one could be guessed (Settings refuses one at start)."""
+    or repetitive one could be guessed (Settings refuses one at start, and so does `create_app`)."""
     token = settings.admin_token.get_secret_value() if settings.admin_token else ""
-    return len(token) >= ADMIN_TOKEN_CHARS
+    return bool(token) and admin_token_problem(token) is None
 
 
 async def authorize(request: Request, services: ServicesDep) -> None:

@@ -25,14 +25,18 @@ from qubax.metrics import Metrics
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers.registry import PROVIDERS, default_concurrency
 from qubax.services import open_services
-from qubax.settings import Settings, host_patterns
+from qubax.settings import Settings, admin_token_problem, host_patterns
 
 logger = logging.getLogger("qubax")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app; raises `CatalogError` at once when the operator's catalog file is wrong."""
+    """The app; raises `CatalogError` at once when the operator's catalog file is wrong, `ValueError`
+    when its admin token could be guessed (one given here, not read by `Settings()`, which refuses it)."""
     settings = settings or Settings()
+    token = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if token and (problem := admin_token_problem(token)):
+        raise ValueError(f"QUBAX_ADMIN_TOKEN: {problem}.")
     catalog = load_catalog(settings.catalog, set(PROVIDERS), default_concurrency())
     metrics = Metrics()  # a registry per app, not the process-wide default: tests run many apps at once
 

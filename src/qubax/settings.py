@@ -10,6 +10,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ADMIN_TOKEN_CHARS = 32
+ADMIN_TOKEN_KINDS = 8  # different characters: fewer is a token made by hand (`a` x 32), not drawn at random
 
 
 class Settings(BaseSettings):
@@ -79,8 +80,8 @@ class Settings(BaseSettings):
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         if text in (None, ""):
             return None
-        if len(str(text)) < ADMIN_TOKEN_CHARS:
-            raise ValueError(f"must be at least {ADMIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)")
+        if problem := admin_token_problem(str(text)):
+            raise ValueError(problem)
         return value
 
     @classmethod
@@ -101,6 +102,18 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+
+def admin_token_problem(token: str) -> str | None:
+    """What makes `token` guessable, to follow `QUBAX_ADMIN_TOKEN: ` in a line; None when it is fit."""
+    if len(token) < ADMIN_TOKEN_CHARS:
+        return f"must be at least {ADMIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)"
+    if not token.strip() or len(set(token)) < ADMIN_TOKEN_KINDS:
+        return (
+            f"is blank or repetitive: it must have at least {ADMIN_TOKEN_KINDS} different characters, "
+            "drawn at random (e.g. `openssl rand -hex 32`)"
+        )
+    return None
 
 
 def host_patterns(text: str | None) -> list[str]:

@@ -82,6 +82,10 @@ def serve(host: str, port: int, workers: int) -> None:
         "log_config": log_config,
         "access_log": False,
         "http": GuardedConnection,  # the connection limits (README "Running on the internet")
+        # X-Forwarded-For/-Proto only from the proxies the operator names: uvicorn would take them from
+        # 127.0.0.1, so any local process (or a same-host proxy passing them on) could choose its address.
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": settings.forwarded_allow_ips or "",
         # Room in the accept queue for a burst of what the guard would take (the kernel caps it at somaxconn).
         "backlog": max(2048, connections),
     }

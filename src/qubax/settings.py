@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # Host names (or `*.example.com` patterns), comma-separated, that requests may name in their Host
     # header; others are refused. Unset: any (without public_url, it is the host of image URLs).
     allowed_hosts: str | None = None
+    # Addresses (or networks, comma-separated; `*` for any) of the proxies whose X-Forwarded-For and
+    # X-Forwarded-Proto `qubax serve` believes. Unset: nobody's, the client is the connection's peer.
+    forwarded_allow_ips: str | None = None
     # Signs image URLs; every node behind one public address must share it. Default: a file in data_dir.
     signing_secret: SecretStr | None = Field(default=None, min_length=32)
     image_ttl_seconds: int = Field(default=3600, gt=0)

@@ -2,13 +2,20 @@
 
 import asyncio
 import base64
+import concurrent.futures
+import functools
 import io
+import struct
+import threading
+import time
+import zlib
 from typing import Any
 
 import openai
 import pytest
 from PIL import Image
 
+from qubax.imaging import PNG_SIGNATURE, fill_mask
 from qubax.models import MODELS
 from qubax.settings import Settings
 from tests.fakes import decode_data_uri, decode_image
@@ -158,3 +165,77 @@ def test_flux_edits_through_the_async_client(settings: Settings) -> None:
     with running_stack(settings, providers=("bfl",)) as stack:
         assert asyncio.run(edit(stack)) == 3
         assert len(stack.bfl.submissions) == 3
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@functools.cache
+def zeros_png(width: int, height: int, depth: int = 16) -> bytes:
+    """A transparent RGBA PNG of `depth` bits a sample, made cheaply: its rows of zeros deflate in blocks
+    of 100 rows that a full flush makes alike, so one is compressed and repeated. 8000x8000 at 16 bits:
+    512 MB of samples in half a megabyte."""
+    rows = 100
+    assert height % rows == 0
+    block = bytes((1 + width * 4 * depth // 8) * rows)  # each row: its filter byte, then its samples
+    squeeze = zlib.compressobj(9)
+    first = squeeze.compress(block) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    again = squeeze.compress(block) + squeeze.flush(zlib.Z_FULL_FLUSH)  # without the zlib header
+    checksum = 1
+    for _ in range(height // rows):
+        checksum = zlib.adler32(block, checksum)
+    end = squeeze.flush()[:-4] + struct.pack(">I", checksum)  # the checksum of every block, not of three
+    header = struct.pack(">IIBBBBB", width, height, depth, 6, 0, 0, 0)
+    body = first + again * (height // rows - 1) + end
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def test_an_upload_that_would_decode_past_the_budget_is_refused_from_its_header(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An 8000x8000 PNG of 16-bit RGBA (half a megabyte, 512 MB of samples) is a 400 naming `image`,
+    never decoded: not for a Fill mask (live key), not for a test key's picture."""
+    decoded: list[tuple[int, int]] = []
+
+    def counted_fill_mask(image: Image.Image) -> bytes:
+        decoded.append(image.size)
+        return fill_mask(image)
+
+    monkeypatch.setattr("qubax.uploads.fill_mask", counted_fill_mask)
+    huge = ("huge.png", zeros_png(8000, 8000))
+    with running_stack(settings, providers=("bfl",)) as stack:
+        for sdk, model in ((stack.live, "flux-1-fill-pro"), (stack.test, "gpt-image-1.5")):
+            with pytest.raises(openai.BadRequestError) as caught:
+                sdk.images.edit(model=model, image=huge, prompt="sky")
+            assert caught.value.param == "image"
+            assert "'huge.png' (8000x8000) would take 488 MiB to decode" in caught.value.message
+        assert decoded == [] and stack.bfl.submissions == []
+        # At 8 bits a sample, a quarter of the size is within the default budget of 128 MiB.
+        stack.live.images.edit(model="flux-1-fill-pro", image=("half.png", zeros_png(4000, 4000, 8)), prompt="sky")
+        assert decoded == [(4000, 4000)] and len(stack.bfl.submissions) == 1
+
+
+def test_uploads_are_decoded_a_bounded_number_at_a_time(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `QUBAX_DECODE_CONCURRENCY=1`, four Fill edits at once decode their masks one after another."""
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def slow_fill_mask(image: Image.Image) -> bytes:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)  # long enough for the others to arrive, were they let in
+        with lock:
+            running[0] -= 1
+        return fill_mask(image)
+
+    monkeypatch.setattr("qubax.uploads.fill_mask", slow_fill_mask)
+    with running_stack(settings, providers=("bfl",), decode_concurrency=1) as stack:
+
+        def edit(_: int) -> int:
+            image = ("a.png", half_transparent(64, 64))
+            return len(stack.live.images.edit(model="flux-1-fill-pro", image=image, prompt="sky").data)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(edit, range(4))) == [1] * 4
+    assert most == [1]

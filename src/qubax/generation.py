@@ -59,7 +59,7 @@ async def edit(form: ImageEditRequest, key: db.KeyRecord, services: Services, pu
 async def check_edit(form: ImageEditRequest, services: Services) -> ImageRequest:
     """An edit's fields checked first, then its uploads."""
     request = services.catalog.check_edit(form)
-    images, mask = await read_uploads(form.images, form.mask)
+    images, mask = await read_uploads(form.images, form.mask, services.decoding)
     return services.catalog.check_inputs(request, form.size, images, mask)
 
 

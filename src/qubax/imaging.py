@@ -111,9 +111,7 @@ def encode(image: Image.Image, output_format: str = "png") -> bytes:
     return out.getvalue()
 
 
-def render_placeholder(
-    prompt: str, width: int, height: int, index: int, base: Image.Image | None = None
-) -> bytes:
+def render_placeholder(prompt: str, width: int, height: int, index: int, base: Image.Image | None = None) -> bytes:
     """A deterministic stand-in image for test keys: colours from the prompt (or, for an edit, the
     `base` image, already `fitted` to the size), clearly labelled."""
     seed = hashlib.sha256(f"{index}:{prompt}".encode()).digest()

@@ -31,6 +31,7 @@ from qubax.quota import Quotas, limiter_storage
 from qubax.settings import Settings
 from qubax.slots import open_slots
 from qubax.storage import LocalStorage, Storage, signing_secret
+from qubax.uploads import Decoding
 
 logger = logging.getLogger("qubax")
 GC_THRESHOLD = 20_000  # allocations between young-generation collections; the default is 700
@@ -50,6 +51,7 @@ class Services:
     quotas: Quotas
     metrics: Metrics
     mask: Mask  # for foreign text (an upstream's words) before it is logged or stored
+    decoding: Decoding  # the work one upload may cause, and how many are decoded at once
     keys: KeyCache[db.KeyRecord] = field(default_factory=KeyCache)
     # Work that outlives its request (an idempotent request whose client left): held here, as the event
     # loop keeps only weak references to tasks.
@@ -97,6 +99,7 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
             quotas=quotas,
             metrics=metrics,
             mask=Mask(configured_secrets(settings)),
+            decoding=Decoding(settings.max_decode_bytes, asyncio.Semaphore(settings.decode_concurrency)),
         )
 
 

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(default=60.0, gt=0)
     max_connections: int | None = Field(default=None, ge=1)
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1024 * 1024)  # one edit's images, all told
+    # Uploads decoded for their pixels (a Fill mask, a test key's picture): the most memory decoding one
+    # may take (width x height x 4 bytes, 8 for 16 bits a sample; an upload past it is refused from its
+    # header, whatever the route), and how many are decoded at once per process.
+    max_decode_bytes: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
+    decode_concurrency: int = Field(default=2, ge=1)
 
     # Per provider, by its registry name, from the provider's own variables (`ProviderVariables`):
     # its credential (BFL_API_KEY=key1,key2) and its base URL (QUBAX_BFL_BASE_URL).

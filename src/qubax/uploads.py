@@ -3,21 +3,24 @@ them (a temporary file once past a megabyte), never read whole into memory here.
 
 import asyncio
 import hashlib
+import io
 import os
-from dataclasses import dataclass
-from typing import BinaryIO
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO, TypeVar
 
 import pybase64
 from fastapi import UploadFile
 from PIL import Image, UnidentifiedImageError
 
 from qubax.errors import InvalidRequest
-from qubax.imaging import MAX_PIXELS, fill_mask
+from qubax.imaging import MAX_PIXELS, PNG_SIGNATURE, fill_mask
 
 MAX_IMAGES = 16
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # each, as OpenAI takes them
 MAX_MASK_BYTES = 4 * 1024 * 1024
 FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class InputImage:
     width: int
     height: int
     alpha: bool = False  # it has transparent areas (an alpha channel or a transparent colour)
+    param: str = "image"  # the field it came in: `image` or `mask`
+    # The app's bound on uploads decoded at once (`Decoding.gate`); an upload made alone has its own.
+    gate: asyncio.Semaphore = field(default_factory=asyncio.Semaphore, compare=False, repr=False)
 
     @property
     def content_type(self) -> str:
@@ -51,6 +57,16 @@ class InputImage:
         # A spooled file still in memory moves to disk for its descriptor.
         return os.fdopen(os.dup(self.rewind().fileno()), "rb")
 
+    async def decode(self, work: Callable[[Image.Image], T]) -> T:
+        """`work` done on the image (opened, its pixels not yet read), in a worker thread, while no more
+        than the app's bound of other uploads are being decoded: each may take `QUBAX_MAX_DECODE_BYTES`."""
+        async with self.gate:
+            return await asyncio.to_thread(self.decode_now, work)
+
+    def decode_now(self, work: Callable[[Image.Image], T]) -> T:
+        with Image.open(io.BytesIO(self.read())) as image:
+            return work(image)
+
 
 @dataclass(frozen=True)
 class EncodedInputs:
@@ -70,15 +86,17 @@ class EncodedInputs:
 async def encode_inputs(images: tuple[InputImage, ...], mask: InputImage | None, fill: bool) -> EncodedInputs | None:
     """The uploads encoded once per upstream call (None for a generation, which has none); with `fill`,
     the mask (or else the first image's transparent areas) made into a Fill mask."""
-    return await asyncio.to_thread(encode_now, images, mask, fill) if images else None
-
-
-def encode_now(images: tuple[InputImage, ...], mask: InputImage | None, fill: bool) -> EncodedInputs:
-    encoded = tuple((image.content_type, pybase64.b64encode_as_string(image.read())) for image in images)
+    if not images:
+        return None
+    encoded = await asyncio.to_thread(encode_now, images)
     if not fill:
         return EncodedInputs(encoded)
-    painted = fill_mask((mask or images[0]).read())
+    painted = await (mask or images[0]).decode(fill_mask)
     return EncodedInputs(encoded, pybase64.b64encode_as_string(painted))
+
+
+def encode_now(images: tuple[InputImage, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((image.content_type, pybase64.b64encode_as_string(image.read())) for image in images)
 
 
 async def digests(files: list[UploadFile]) -> list[bytes]:
@@ -95,26 +113,35 @@ def digest(upload: UploadFile) -> bytes:
     return found.digest()
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """The work uploads may cause: the most bytes of pixels one may decode to (`QUBAX_MAX_DECODE_BYTES`),
+    and the bound on how many are decoded at once (`QUBAX_DECODE_CONCURRENCY`), one for the app."""
+
+    budget: int
+    gate: asyncio.Semaphore
+
+
 async def read_uploads(
-    images: list[UploadFile], mask: UploadFile | None
+    images: list[UploadFile], mask: UploadFile | None, decoding: Decoding
 ) -> tuple[tuple[InputImage, ...], InputImage | None]:
-    """The images and the mask, each checked: a real PNG, JPEG or WebP within the size limits, at most
-    MAX_IMAGES of them, and a mask that is a PNG the size of the first image. Raises `InvalidRequest`
-    naming `image` or `mask`."""
-    return await asyncio.to_thread(check_uploads, images, mask)  # file reads: off the event loop, in one hop
+    """The images and the mask, each checked: a real PNG, JPEG or WebP within the size limits and the
+    decoding budget, at most MAX_IMAGES of them, and a mask that is a PNG the size of the first image.
+    Raises `InvalidRequest` naming `image` or `mask`."""
+    return await asyncio.to_thread(check_uploads, images, mask, decoding)  # file reads: off the loop, in one hop
 
 
 def check_uploads(
-    images: list[UploadFile], mask: UploadFile | None
+    images: list[UploadFile], mask: UploadFile | None, decoding: Decoding
 ) -> tuple[tuple[InputImage, ...], InputImage | None]:
     if not images:
         raise InvalidRequest("Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
     if len(images) > MAX_IMAGES:
         raise InvalidRequest(f"At most {MAX_IMAGES} images can be edited at once; got {len(images)}.", param="image")
-    checked = tuple(inspect(upload, "image", MAX_IMAGE_BYTES) for upload in images)
+    checked = tuple(inspect(upload, "image", MAX_IMAGE_BYTES, decoding) for upload in images)
     if mask is None:
         return checked, None
-    found = inspect(mask, "mask", MAX_MASK_BYTES)
+    found = inspect(mask, "mask", MAX_MASK_BYTES, decoding)
     if found.format != "png":
         raise InvalidRequest(f"The mask must be a PNG image; got {found.format}.", param="mask")
     first = checked[0]
@@ -127,11 +154,13 @@ def check_uploads(
     return checked, found
 
 
-def inspect(upload: UploadFile, param: str, limit: int) -> InputImage:
+def inspect(upload: UploadFile, param: str, limit: int, decoding: Decoding) -> InputImage:
     """What an uploaded file is, from its header alone (Pillow reads no pixels to open it)."""
     name = upload.filename or "upload"
     if upload.size is not None and upload.size > limit:
         raise InvalidRequest(f"{param} {name!r} is larger than {limit // (1024 * 1024)} MB.", param=param)
+    upload.file.seek(0)
+    header = upload.file.read(26)  # a PNG's signature and IHDR, to its bit depth
     upload.file.seek(0)
     alpha = False
     try:
@@ -149,4 +178,17 @@ def inspect(upload: UploadFile, param: str, limit: int) -> InputImage:
         raise InvalidRequest(
             f"{param} {name!r} is {width}x{height}: more than {MAX_PIXELS // 1_000_000} million pixels.", param=param
         )
-    return InputImage(upload.file, name, kind, width, height, alpha)
+    if (cost := decoded_bytes(width, height, header)) > decoding.budget:
+        raise InvalidRequest(
+            f"{param} {name!r} ({width}x{height}) would take {cost // 2**20} MiB to decode; this server decodes "
+            f"at most {decoding.budget // 2**20} MiB (QUBAX_MAX_DECODE_BYTES). Send a smaller image.",
+            param=param,
+        )
+    return InputImage(upload.file, name, kind, width, height, alpha, param, decoding.gate)
+
+
+def decoded_bytes(width: int, height: int, header: bytes) -> int:
+    """What decoding an image takes, judged from its header: 4 bytes a pixel (RGB or RGBA, as it is
+    decoded and converted to), 8 for a PNG of 16 bits a sample (as much again to inflate)."""
+    sixteen_bits = header.startswith(PNG_SIGNATURE) and header[24:25] == b"\x10"
+    return width * height * (8 if sixteen_bits else 4)

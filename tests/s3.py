@@ -1,6 +1,7 @@
 """S3 for the test suite: moto's standalone server, which speaks the S3 protocol over real HTTP."""
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 from tests.postgres import free_port
@@ -12,16 +13,45 @@ CREDENTIALS = {
 }
 
 
+class Moto:
+    """moto's server in this process; `stop` and `start` it again on the same port. Its buckets and
+    objects live in this process's memory, so they outlast a restart."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line for every request
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+        # `stop` leaves the socket listening, so connections would wait unanswered: close it, and the
+        # bucket's address refuses connections as a stopped server's does.
+        if self.server._server is not None:
+            self.server._server.server_close()
+
+
 @contextlib.contextmanager
 def running_moto() -> Iterator[str]:
     """Start moto's server on a free loopback port and yield its endpoint URL."""
-    from moto.server import ThreadedMotoServer
+    with moto_server() as server:
+        yield server.endpoint
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[Moto]:
+    server = Moto()
     server.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server
     finally:
         server.stop()
 

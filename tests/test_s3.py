@@ -268,11 +268,11 @@ def test_an_unreachable_store_is_an_openai_error_and_nothing_is_charged(
         health = httpx.get(stack.url + "/healthz")
         assert health.status_code == 503 and "image store is unavailable" in health.json()["error"]["message"]
     error = caught.value
-    assert (error.status_code, error.code, error.type) == (503, "upstream_unavailable", "service_unavailable_error")
+    assert (error.status_code, error.code, error.type) == (503, "storage_unavailable", "service_unavailable_error")
     assert "image store" in error.message
     assert error.response.headers["retry-after"] == "5"
     [generation] = rows(s3_settings, db.Generation)
-    assert (generation.outcome, generation.images, generation.cost_micros) == ("upstream_unavailable", 0, 0)
+    assert (generation.outcome, generation.images, generation.cost_micros) == ("storage_unavailable", 0, 0)
     assert [(a.upstream, a.outcome) for a in rows(s3_settings, db.Attempt)] == [("bfl", "ok")]
 
 

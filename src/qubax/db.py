@@ -3,6 +3,7 @@ queries we run on them that several modules share."""
 
 import os
 import secrets
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -29,12 +30,13 @@ from sqlalchemy import (
     literal_column,
     select,
 )
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement, Label
 
 from qubax import auth, sqlite_writer
+from qubax.errors import DatabaseUnavailable
 
 
 class Base(DeclarativeBase):
@@ -242,7 +244,10 @@ class ConsoleSession(Base):
 
 def connect(url: str) -> AsyncEngine:
     if not url.startswith("sqlite"):
-        return create_async_engine(url)
+        engine = create_async_engine(url)
+        event.listen(engine.sync_engine, "do_connect", connect_or_fail)
+        event.listen(engine.sync_engine, "handle_error", unavailable)
+        return engine
     path = url.split(":///", 1)[-1]
     if path and path != ":memory:":
         # Keys' digests and everyone's usage: readable by the service's user only. SQLite gives its
@@ -251,7 +256,41 @@ def connect(url: str) -> AsyncEngine:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE))
     engine = create_async_engine(url)
     event.listen(engine.sync_engine, "connect", tune_sqlite)
+    event.listen(engine.sync_engine, "handle_error", unavailable)
     return engine
+
+
+# PostgreSQL's SQLSTATE classes for a failing server rather than a failing statement: the connection
+# (08), resources such as the disk or connection slots (53), a shutdown or start under way (57P).
+POSTGRESQL_FAILURES = ("08", "53", "57P")
+SQLITE_FAILURES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_CANTOPEN}
+
+
+def connect_or_fail(dialect: Dialect, record: Any, args: Any, options: Any) -> Any:
+    """A new connection, made as SQLAlchemy would; the driver's network errors (refused, timed out),
+    which SQLAlchemy hands on untouched and without calling `unavailable`, become ours too."""
+    try:
+        return dialect.connect(*args, **options)
+    except OSError as exc:  # TimeoutError included
+        raise DatabaseUnavailable(UNAVAILABLE) from exc
+
+
+UNAVAILABLE = "The database is unavailable, so the server could not complete the request; try again shortly."
+
+
+def unavailable(context: ExceptionContext) -> None:
+    """SQLAlchemy's hook for every database error, on any session or connection: a database that cannot
+    be reached or written becomes ours, a 503 that says when to come back, instead of a crash (500)."""
+    error = context.original_exception
+    state = getattr(error, "sqlstate", None)
+    failing = (
+        context.is_disconnect
+        or isinstance(error, OSError)
+        or (isinstance(state, str) and state.startswith(POSTGRESQL_FAILURES))
+        or getattr(error, "sqlite_errorcode", 0) & 0xFF in SQLITE_FAILURES  # the primary code of an extended one
+    )
+    if failing:
+        raise DatabaseUnavailable(UNAVAILABLE) from error
 
 
 def tune_sqlite(connection: Any, record: Any) -> None:

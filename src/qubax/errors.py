@@ -16,7 +16,9 @@
     │   ├── RateLimited             429 rate_limit_exceeded  (a key's own limit)
     │   │   └── QuotaExceeded       429 insufficient_quota   (the key's monthly budget is spent)
     │   └── ServiceUnavailable      503 upstream_unavailable (every route of the model is cooling down)
-    │       └── LimitsUnavailable   503 limits_unavailable   (the shared limits store, Redis, is unreachable)
+    │       ├── LimitsUnavailable   503 limits_unavailable   (the shared limits store, Redis, is unreachable)
+    │       ├── DatabaseUnavailable 503 database_unavailable (the database cannot be reached or written)
+    │       └── StorageUnavailable  503 storage_unavailable  (the image store cannot be reached, or is full)
     ├── ClientDisconnected          499 (nobody reads it: the client is gone)
     └── UpstreamError               502 upstream_error
         ├── TaskFailed              502 upstream_error       (the upstream says the task failed: not billed)
@@ -170,6 +172,25 @@ class ServiceUnavailable(TryLater):
 
 class LimitsUnavailable(ServiceUnavailable):
     code = "limits_unavailable"
+
+
+# What we tell clients to wait when a part we depend on fails: a database restart or a bucket's hiccup
+# takes seconds, and a retry sooner only adds to the load on it.
+DEPENDENCY_RETRY_SECONDS = 5
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=DEPENDENCY_RETRY_SECONDS)
+
+
+class StorageUnavailable(ServiceUnavailable):
+    code = "storage_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=DEPENDENCY_RETRY_SECONDS)
 
 
 class UpstreamError(QubaxError):

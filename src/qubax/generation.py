@@ -347,5 +347,8 @@ async def finish(
         generation.outcome = "ok"
     try:
         await services.ledger.record(generation)
+    except QubaxError as exc:  # not recorded, so not charged: the client hears the failure, not the images
+        generation.outcome, generation.images, generation.cost_micros = exc.code or "error", 0, 0
+        raise
     finally:  # counted even when the write failed or the client left: the record says what happened
         services.metrics.observe(generation)

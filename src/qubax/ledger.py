@@ -5,6 +5,7 @@ instead of one per request. SQLite allows a single writer; PostgreSQL saves a ro
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,8 +17,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from qubax.db import Attempt, Base, Generation, now
-from qubax.writers import WriterProcess
+from qubax.db import UNAVAILABLE, Attempt, Base, Generation, now
+from qubax.errors import DatabaseUnavailable
+from qubax.writers import WriteFailed, WriterProcess
+
+logger = logging.getLogger("qubax")
 
 
 @dataclass(slots=True)
@@ -151,6 +155,17 @@ class EngineSink:
             await self.connection.close()
 
 
+# How the helper says the file cannot be written now: SQLite's own words (`sqlite3_errstr`) for a full
+# disk, an I/O error, a lock held too long and a file it cannot open, or its own end.
+SQLITE_UNAVAILABLE = (
+    "database or disk is full",
+    "disk I/O error",
+    "database is locked",
+    "unable to open database file",
+    "the helper process",
+)
+
+
 class SqliteSink:
     """A SQLite file, written by a helper process (`writers.py` says why), one multi-row INSERT per
     table and one transaction per batch."""
@@ -172,7 +187,14 @@ class SqliteSink:
                 return stamps[value]
             return sqlite_value(value)
 
-        await self.writer.call(orjson.dumps(inserts, default=value, option=orjson.OPT_PASSTHROUGH_DATETIME))
+        try:
+            await self.writer.call(orjson.dumps(inserts, default=value, option=orjson.OPT_PASSTHROUGH_DATETIME))
+        except WriteFailed as exc:
+            if not str(exc).startswith(SQLITE_UNAVAILABLE):
+                raise  # a bad batch: a bug, not the file
+            # The disk is full, say: these requests are not recorded, so not charged.
+            logger.warning("the usage ledger could not write %d records: %s", len(generations), exc)
+            raise DatabaseUnavailable(UNAVAILABLE) from exc
 
     async def close(self) -> None:
         await self.writer.close()

@@ -12,6 +12,8 @@ from sqlalchemy import Select, Update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from qubax.errors import DatabaseUnavailable
+
 T = TypeVar("T")
 logger = logging.getLogger("qubax")
 
@@ -69,7 +71,7 @@ async def claim(
             # What was read stays as read: the update is matched in the database only.
             taken = await session.execute(take(found).execution_options(synchronize_session=False))
             await session.commit()
-    except (OSError, SQLAlchemyError) as exc:  # the database is away: the next look may do better
+    except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:  # the database is away: the next look may do better
         logger.warning("taking work failed: %s", exc)
         return None
     return found if taken.rowcount else None  # type: ignore[attr-defined]

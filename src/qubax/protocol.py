@@ -202,8 +202,8 @@ ERROR_DESCRIPTIONS = {
     500: "A bug on our side; the message names the request id.",
     502: "Every upstream failed, or one failed after accepting the work; `x-should-retry` says whether "
     "sending the request again may help.",
-    503: "Every upstream of the model is cooling down, or the image store or shared limits store is "
-    "unreachable; see `Retry-After`.",
+    503: "Every upstream of the model is cooling down, or the database, the image store or the shared limits "
+    "store is unreachable or full (the `code` says which); see `Retry-After`.",
     504: "The upstream did not finish within the request deadline.",
 }
 # OpenAPI entries for each error status: every error has OpenAI's error object as its body.

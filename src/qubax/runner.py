@@ -17,7 +17,7 @@ from sqlalchemy import Update, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from qubax import db, generation, jobs, journal, ledger, loops
-from qubax.errors import AuthenticationError, QubaxError
+from qubax.errors import AuthenticationError, DatabaseUnavailable, QubaxError
 from qubax.services import Services
 
 logger = logging.getLogger("qubax")
@@ -110,7 +110,8 @@ async def watch(services: Services, job_id: str, work: "asyncio.Task[bytes]") ->
                     .returning(db.ImageJob.cancel_requested)
                 )
                 await session.commit()
-        except (OSError, SQLAlchemyError) as exc:  # a missed beat only risks a takeover, never the work
+        except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:
+            # A missed beat only risks a takeover, never the work.
             logger.warning("job %s: heartbeat failed: %s", job_id, exc)
             continue
         if cancel:

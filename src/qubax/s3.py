@@ -15,7 +15,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from qubax.errors import NotFound, QubaxError, ServiceUnavailable, UpstreamError
+from qubax.errors import NotFound, QubaxError, StorageUnavailable, UpstreamError
 from qubax.storage import SWEEP_GRACE_SECONDS, SignedUrls, new_image_id, swept
 
 if TYPE_CHECKING:  # the stubs are a development dependency
@@ -23,7 +23,6 @@ if TYPE_CHECKING:  # the stubs are a development dependency
     from types_aiobotocore_s3.type_defs import ObjectIdentifierTypeDef
 
 logger = logging.getLogger("qubax.s3")
-RETRY_AFTER_SECONDS = 5  # what we tell clients when the bucket is unreachable or overloaded
 # A bucket that does not answer must cost a request seconds, not minutes: botocore's defaults (60 s to
 # connect, 60 s per read, retries with backoff) would hold it far longer.
 CONFIG = AioConfig(
@@ -129,4 +128,4 @@ def storage_error(action: str, exc: ClientError | BotoCoreError) -> QubaxError:
     elif not isinstance(exc, BotoConnectionError | HTTPClientError):
         return UpstreamError(f"The image store could not {action} ({type(exc).__name__}).")
     message = f"The image store is unavailable, so the server could not {action}; try again shortly."
-    return ServiceUnavailable(message, retry_after=RETRY_AFTER_SECONDS)
+    return StorageUnavailable(message)

@@ -20,7 +20,7 @@ from qubax import db, idempotency, journal
 from qubax.auth import KeyCache
 from qubax.breaker import Breakers
 from qubax.catalog import Catalog
-from qubax.errors import QubaxError
+from qubax.errors import DatabaseUnavailable, QubaxError
 from qubax.ledger import Ledger
 from qubax.masking import Mask, configured_secrets
 from qubax.metrics import Metrics
@@ -157,7 +157,7 @@ async def sweep(storage: Storage, sessions: async_sessionmaker[AsyncSession], se
         if old_jobs is not None:  # a job goes after its images, or they would be kept for good
             async with sessions() as session:
                 await db.forget_jobs(session, ended_before)
-    except (OSError, SQLAlchemyError) as exc:
+    except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:
         logger.warning("forgetting expired idempotency keys and jobs failed: %s", exc)
 
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from qubax import db
-from qubax.errors import QubaxError
+from qubax.errors import DatabaseUnavailable, QubaxError
 from qubax.masking import Mask, configured_secrets
 from qubax.services import open_storage
 from qubax.settings import Settings
@@ -138,8 +138,9 @@ async def check_database(settings: Settings, mask: Mask) -> None:
     try:
         async with asyncio.timeout(CHECK_SECONDS):
             await db.migrate(engine)
-    except (OSError, TimeoutError, SQLAlchemyError) as exc:
-        reason = mask(f"{type(exc).__name__}: {exc}".splitlines()[0]) if str(exc) else type(exc).__name__
+    except (OSError, TimeoutError, SQLAlchemyError, DatabaseUnavailable) as exc:
+        cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) and exc.__cause__ else exc  # the driver's words
+        reason = mask(f"{type(cause).__name__}: {cause}".splitlines()[0]) if str(cause) else type(cause).__name__
         raise StartupError(
             f"QUBAX_DATABASE_URL: cannot use the database at {where} ({reason}). "
             "Is it running, and does the URL name the right host, port, user, password and database?"

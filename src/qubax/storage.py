@@ -4,6 +4,7 @@ expiring image URLs, which any node holding the secret can check."""
 import asyncio
 import contextlib
 import hmac
+import logging
 import os
 import queue
 import re
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qubax import file_writer
-from qubax.errors import Forbidden, Gone, NotFound, ServiceUnavailable
+from qubax.errors import Forbidden, Gone, NotFound, ServiceUnavailable, StorageUnavailable
 from qubax.settings import Settings
 from qubax.writers import WriteFailed, WriterProcess
 
+logger = logging.getLogger("qubax")
 SECRET_BYTES = 32
 # The sweeper waits this long past the TTL, so an image never vanishes before its URL expires.
 SWEEP_GRACE_SECONDS = 5
@@ -228,8 +230,14 @@ class LocalStorage(SignedUrls):
 
     async def put(self, data: bytes, ext: str = "png", job_id: str | None = None) -> str:
         image_id = new_image_id(job_id)
-        # A string, not `self.path()`: building a `Path` is measurably dearer (bench/README.md).
-        await self.writer.write(f"{self.folder}/{image_id}.{ext}", data)
+        try:
+            # A string, not `self.path()`: building a `Path` is measurably dearer (bench/README.md).
+            await self.writer.write(f"{self.folder}/{image_id}.{ext}", data)
+        except OSError as exc:  # the disk is full, say: the client hears why, not the folder's path
+            logger.warning("could not save an image in %s: %s", self.folder, exc)
+            raise StorageUnavailable(
+                "The server could not save the image: its image storage is full or not writable. Try again shortly."
+            ) from exc
         return image_id
 
     async def close(self) -> None:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from tests.test_edits import zeros_png
 
 EDITS = 4
@@ -73,7 +72,9 @@ def main() -> None:
             answers = list(pool.map(edit, range(EDITS)))
         took = time.monotonic() - started
         after = memory(server.pid)
-        print(f"{EDITS} edits at once of a {side}x{side} RGBA PNG, {depth} bits a sample ({len(image) / 2**20:.1f} MiB)")
+        print(
+            f"{EDITS} edits at once of a {side}x{side} RGBA PNG, {depth} bits a sample ({len(image) / 2**20:.1f} MiB)"
+        )
         print(f"answers {answers} in {took:.1f} s")
         print(f"server VmRSS before: {before['VmRSS']} MiB; VmHWM after: {after['VmHWM']} MiB")
     finally:

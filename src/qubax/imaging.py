@@ -91,7 +91,10 @@ def fitted(image: Image.Image, width: int, height: int) -> Image.Image:
     """The image cropped and scaled to width x height, in RGB; a JPEG decoded at the smallest of its
     scales (1/2 to 1/8, its draft mode) that still covers that size, for a fraction of the work."""
     image.draft("RGB", (width, height))
-    return ImageOps.fit(image.convert("RGB"), (width, height))
+    # RGB is scaled as it was decoded, with no converted copy at full size (RGBA still gets one: Pillow
+    # scales it premultiplied); other modes are converted first, as scaling needs.
+    source = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+    return ImageOps.fit(source, (width, height)).convert("RGB")
 
 
 def coarser(data: bytes, factor: int, output_format: str) -> bytes:

@@ -5,6 +5,7 @@ import base64
 import concurrent.futures
 import functools
 import io
+import random
 import struct
 import threading
 import time
@@ -239,3 +240,54 @@ def test_uploads_are_decoded_a_bounded_number_at_a_time(settings: Settings, monk
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             assert list(pool.map(edit, range(4))) == [1] * 4
     assert most == [1]
+
+
+def cut_short(data: bytes) -> bytes:
+    return data[: len(data) * 2 // 3]
+
+
+def noise(width: int, height: int, kind: str, mode: str = "RGB") -> bytes:
+    """An image that does not compress (its last third holds pixels), as PNG or JPEG."""
+    out = io.BytesIO()
+    Image.frombytes(mode, (width, height), random.Random(7).randbytes(width * height * len(mode))).save(out, kind)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "field", "data"),
+    [
+        ("flux-kontext-pro", "bfl", "image", cut_short(noise(64, 64, "PNG"))),
+        ("flux-kontext-pro", "bfl", "image", cut_short(noise(64, 64, "JPEG"))),
+        ("flux-1-fill-pro", "fal", "image", cut_short(noise(64, 64, "PNG", "RGBA"))),
+        ("flux-1-fill-pro", "fal", "mask", cut_short(noise(64, 64, "PNG", "RGBA"))),
+        ("gpt-image-1.5", "openai", "image", cut_short(noise(64, 64, "JPEG"))),
+        ("gpt-image-1.5", "openai", "mask", cut_short(noise(64, 64, "PNG", "RGBA"))),
+    ],
+)
+def test_a_truncated_upload_is_a_400_naming_it_on_every_edit_model(
+    settings: Settings, model: str, provider: str, field: str, data: bytes
+) -> None:
+    """A PNG or JPEG cut short opens (its header is whole), but is refused before any upstream is called,
+    whether a route would decode it (Fill) or send it on as it is; for test keys too."""
+    with running_stack(settings, providers=(provider,)) as stack:
+        for sdk in (stack.live, stack.test):
+            request: dict[str, Any] = {"image": ("a.png", noise(64, 64, "PNG", "RGBA"))} | {field: ("cut", data)}
+            with pytest.raises(openai.BadRequestError) as caught:
+                sdk.images.edit(model=model, prompt="sky", **request)
+            assert caught.value.param == field and "'cut' is cut short or damaged" in caught.value.message
+        assert (stack.bfl.submissions, stack.fal.submissions, stack.openai.edits) == ([], [], [])
+
+
+def test_an_image_whose_pixels_cannot_be_decoded_is_a_400_naming_it(settings: Settings) -> None:
+    """A PNG whose chunks are whole but whose pixel data is not a zlib stream: it is found out only where
+    it is decoded (for the Fill mask, for a test key's picture), and named there."""
+    data = half_transparent(64, 64)
+    start = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[start : start + 4])
+    damaged = data[:start] + chunk(b"IDAT", b"\x00" * length) + data[start + 12 + length :]
+    with running_stack(settings, providers=("bfl",)) as stack:
+        for sdk, model in ((stack.live, "flux-1-fill-pro"), (stack.test, "flux-kontext-pro")):
+            with pytest.raises(openai.BadRequestError) as caught:
+                sdk.images.edit(model=model, image=("bad.png", damaged), prompt="sky")
+            assert caught.value.param == "image" and "'bad.png' cannot be decoded" in caught.value.message
+        assert stack.bfl.submissions == []

@@ -64,8 +64,14 @@ class InputImage:
             return await asyncio.to_thread(self.decode_now, work)
 
     def decode_now(self, work: Callable[[Image.Image], T]) -> T:
-        with Image.open(io.BytesIO(self.read())) as image:
-            return work(image)
+        data = self.read()
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return work(image)
+        except (OSError, SyntaxError, ValueError) as exc:  # how Pillow says the pixels cannot be read
+            raise InvalidRequest(
+                f"{self.param} {self.filename!r} cannot be decoded: it is damaged ({exc}).", param=self.param
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,36 @@ def inspect(upload: UploadFile, param: str, limit: int, decoding: Decoding) -> I
             f"at most {decoding.budget // 2**20} MiB (QUBAX_MAX_DECODE_BYTES). Send a smaller image.",
             param=param,
         )
+    if not whole(upload.file, kind):
+        raise InvalidRequest(f"{param} {name!r} is cut short or damaged: not a whole {kind.upper()} file.", param=param)
     return InputImage(upload.file, name, kind, width, height, alpha, param, decoding.gate)
+
+
+def whole(file: BinaryIO, kind: str) -> bool:
+    """Whether a PNG or JPEG is all there, found without decoding it, reading it in blocks: a PNG's
+    chunks each as long as it says and matching its CRC, up to IEND (Pillow's `verify`); a JPEG's
+    end-of-image marker after the start of its scans. (A WebP cut short does not open.)"""
+    file.seek(0)
+    try:
+        with Image.open(file) as image:
+            if kind == "png":
+                image.verify()
+            return kind != "jpeg" or has_end_marker(file)  # Pillow stopped reading at the first scan
+    except (OSError, SyntaxError, ValueError):
+        return False
+    finally:
+        file.seek(0)
+
+
+def has_end_marker(file: BinaryIO) -> bool:
+    """Whether what is left of a JPEG holds its end marker, FF D9. No scan holds those two bytes (a scan's
+    FF is followed by 00 or a restart marker); a file cut short lacks them."""
+    last = b""
+    while block := file.read(1024 * 1024):
+        if b"\xff\xd9" in last + block:
+            return True
+        last = block[-1:]
+    return False
 
 
 def decoded_bytes(width: int, height: int, header: bytes) -> int:

@@ -178,6 +178,34 @@ def test_jobs_and_webhook_tries_are_counted(stack: Stack) -> None:
 
     def ended() -> None:
         assert httpx.get(f"{stack.url}/v1/images/jobs/{job_id}", headers=headers).json()["status"] == "succeeded"
-        assert value(scrape(stack), "qubax_jobs_total", status="succeeded") == 1
+        assert value(scrape(stack), "qubax_jobs_ended_total", status="succeeded") == 1
 
     eventually(ended)
+
+
+def test_queued_and_running_jobs_are_a_gauge(settings: Settings) -> None:
+    with running_stack(settings, admin_token=SecretStr(ADMIN_TOKEN), job_concurrency=1) as stack:
+        stack.bfl.pending_polls = 1_000_000  # the first job's task is not done until told
+        for _ in range(2):  # one runs (this node makes one job at a time), the other waits
+            stack.live.images.with_raw_response.generate(
+                model="flux-1.1-pro", prompt="p", size="256x256", extra_headers={"Prefer": "respond-async"}
+            )
+
+        def states() -> tuple[float, float]:
+            samples = scrape(stack)
+            assert {labels for name, labels in samples if name == "qubax_jobs"} == {
+                frozenset({("state", "queued")}),
+                frozenset({("state", "in_progress")}),
+            }  # both, even at 0
+            return value(samples, "qubax_jobs", state="queued"), value(samples, "qubax_jobs", state="in_progress")
+
+        def one_each() -> None:
+            assert states() == (1, 1)
+
+        def none() -> None:
+            assert states() == (0, 0)
+
+        eventually(one_each, seconds=10)
+        stack.bfl.pending_polls = 0
+        eventually(none, seconds=30)
+    assert len(stack.bfl.submissions) == 2  # both jobs were made

@@ -92,6 +92,7 @@ async def admin_openapi() -> dict[str, Any]:
 @metrics_router.get("/metrics")
 async def serve_metrics(services: ServicesDep) -> Response:
     """Prometheus' scrape target (`authorization: {type: Bearer, ...}` in the scrape job)."""
+    await services.metrics.read_jobs(services.sessions)
     return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -427,6 +427,13 @@ def ended_jobs(ended_before: datetime) -> Select[str]:
     return select(ImageJob.id).where(ImageJob.status.not_in(PENDING), ImageJob.completed_at < ended_before)
 
 
+async def count_jobs(session: AsyncSession) -> dict[str, int]:
+    """How many jobs wait in the queue and how many are being made, of every node."""
+    query = select(ImageJob.status, func.count()).where(ImageJob.status.in_(PENDING)).group_by(ImageJob.status)
+    found = {status: int(count) for status, count in await session.execute(query)}
+    return {status: found.get(status, 0) for status in PENDING}
+
+
 async def forget_jobs(session: AsyncSession, ended_before: datetime) -> int:
     """Delete the jobs that ended before a time, with their webhook deliveries; returns how many."""
     old = ended_jobs(ended_before)

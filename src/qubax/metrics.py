@@ -3,17 +3,22 @@ record, served at `GET /metrics` (in `admin.py`) to a scraper that holds the adm
 
 import bisect
 import itertools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax import db
+from qubax.errors import DatabaseUnavailable
 from qubax.ledger import GenerationRecord
 
+logger = logging.getLogger("qubax")
 # Image generation takes from a fraction of a second (test keys, fast models) to minutes (queues).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -104,7 +109,9 @@ class Metrics(Collector):
         self.upstream_wait_duration = Family(
             "qubax_upstream_wait_seconds", "How long those calls waited.", ("upstream", "resource"), DURATION_BUCKETS
         )
-        self.jobs = Family("qubax_jobs", "Jobs ended by this node, by how they ended.", ("status",))
+        # `qubax_jobs` is the gauge of jobs not yet ended (`read_jobs`); these are those this node ended.
+        self.jobs = Family("qubax_jobs_ended", "Jobs ended by this node, by how they ended.", ("status",))
+        self.job_states: dict[str, int] | None = None  # every node's jobs by status, as last read
         self.webhook_tries = Family(
             "qubax_webhook_tries",
             "Tries of a webhook delivery: delivered, retry (to be tried again) or failed.",
@@ -117,6 +124,22 @@ class Metrics(Collector):
         for family in vars(self).values():
             if isinstance(family, Family):
                 yield family.family()
+        if self.job_states is not None:
+            gauge = GaugeMetricFamily("qubax_jobs", "Jobs not yet ended, of every node, by status.", labels=("state",))
+            for state, count in self.job_states.items():
+                gauge.add_metric((state,), count)
+            yield gauge
+
+    async def read_jobs(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        """The `qubax_jobs` gauge's figures, read from the database as a scrape begins: queued jobs are
+        no node's yet, so no node could count them as they change. A database that cannot answer leaves
+        the gauge out of this scrape, rather than the whole scrape unanswered."""
+        try:
+            async with sessions() as session:
+                self.job_states = await db.count_jobs(session)
+        except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:
+            logger.warning("counting jobs for /metrics failed: %s", exc)
+            self.job_states = None
 
     def count_response(self, method: str, path: str, status: int) -> None:
         self.http_requests.inc((method if method in METHODS else "other", path_label(path), str(status)))

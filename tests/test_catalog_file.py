@@ -42,7 +42,7 @@ def test_reorder_routes_change_price_and_add_aliases(tmp_path: Path) -> None:
     assert model.routes == (Route("fal", "fal-ai/flux-pro/v1.1"), Route("bfl", "flux-pro-1.1-beta"))
     assert model.price(None, "1024x768") == Decimal("0.05")
     assert catalog.concurrency == {"bfl": 6, "fal": 40}
-    assert [route.upstream_model for route in catalog.find("dall-e-3").routes] == ["dall-e-3", "gpt-image-1.5"]
+    assert [route.upstream_model for route in catalog.find("dall-e-3").routes] == ["dall-e-3", "gpt-image-2"]
 
 
 def test_a_new_model_starts_from_an_existing_one(tmp_path: Path) -> None:

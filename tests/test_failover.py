@@ -131,7 +131,7 @@ def test_every_route_cooling_down_is_503_with_retry_after(settings: Settings) ->
         assert caught.value.status_code == 503
         assert caught.value.code == "upstream_unavailable"
         assert 1 <= int(caught.value.response.headers["retry-after"]) <= 30
-        assert len(stack.openai.requests) == 1  # the gpt-image-1.5 route stands in only for "not served"
+        assert len(stack.openai.requests) == 1  # the gpt-image-2 route stands in only for "not served"
 
 
 def test_concurrency_cap_holds_under_100_concurrent_requests(settings: Settings) -> None:

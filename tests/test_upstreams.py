@@ -282,32 +282,66 @@ def test_a_gpt_image_model_without_a_token_count_is_billed_its_estimate(stack: S
 
 
 @pytest.mark.parametrize(
-    ("size", "made", "quality", "asked"),
-    [("1792x1024", "1536x1024", "hd", "high"), ("1024x1024", "1024x1024", "standard", "medium")],
+    ("size", "quality", "asked"), [("1792x1024", "hd", "high"), ("1024x1024", "standard", "medium")]
 )
-def test_dall_e_3_is_made_by_gpt_image_where_the_host_no_longer_serves_it(
-    stack: Stack, size: str, made: str, quality: str, asked: str
+def test_dall_e_3_is_made_by_gpt_image_2_where_the_host_no_longer_serves_it(
+    stack: Stack, size: str, quality: str, asked: str
 ) -> None:
-    stack.openai.retired = True  # 404 model_not_found for dall-e-3, as OpenAI has answered since 2026-05-12
+    stack.openai.retired = True  # 404 model_not_found, as OpenAI's own API answers today
     raw = stack.live.images.with_raw_response.generate(
         model="dall-e-3", prompt="a red barn", size=size, quality=quality, style="natural"
     )
-    assert raw.headers["x-qubax-route"] == "openai:gpt-image-1.5"
+    assert raw.headers["x-qubax-route"] == "openai:gpt-image-2"
     image = raw.parse().data[0]
     assert image.url is not None  # dall-e-3's default answer, whatever made it
     width, height = (int(side) for side in size.split("x"))
-    assert png(httpx.get(image.url).content).size == (width, height)  # fitted to the size asked
+    assert png(httpx.get(image.url).content).size == (width, height)
     refused, sent = stack.openai.requests
     assert refused["model"] == "dall-e-3"
-    assert (sent["model"], sent["size"], sent["quality"]) == ("gpt-image-1.5", made, asked)
+    assert (sent["model"], sent["size"], sent["quality"]) == ("gpt-image-2", size, asked)  # gpt-image-2 takes it
     assert "style" not in sent and "response_format" not in sent
     [row] = generations(stack.settings)
-    tokens = 6240 if made != "1024x1024" else 1056 if asked == "medium" else 4160
-    assert (row.upstream, row.outcome, row.cost_micros) == ("openai:gpt-image-1.5", "ok", 3 * 5 + tokens * 32)
+    tokens = 6240 if size != "1024x1024" else 1056 if asked == "medium" else 4160
+    assert (row.upstream, row.outcome, row.cost_micros) == ("openai:gpt-image-2", "ok", 3 * 5 + tokens * 30)
     assert [(a.upstream_model, a.outcome) for a in attempts(stack.settings)] == [
         ("dall-e-3", "upstream_model_not_found"),
-        ("gpt-image-1.5", "ok"),
+        ("gpt-image-2", "ok"),
     ]
+
+
+@pytest.mark.parametrize("model", ["gpt-image-1.5", "gpt-image-1-mini", "gpt-image-1"])
+def test_gpt_image_models_openai_shut_down_are_made_by_gpt_image_2(stack: Stack, model: str) -> None:
+    """Not a 502: OpenAI answers each 404 model_not_found, and gpt-image-2 stands in (on the same key)."""
+    stack.openai.retired = True
+    raw = stack.live.images.with_raw_response.generate(model=model, prompt="a red barn", quality="low", n=2)
+    assert raw.headers["x-qubax-route"] == "openai:gpt-image-2"
+    answer = raw.parse()
+    assert len(answer.data) == 2 and answer.usage is not None and answer.usage.output_tokens == 2 * 272
+    assert [body["model"] for body in stack.openai.requests] == [model, "gpt-image-2"]
+    [row] = generations(stack.settings)
+    assert (row.upstream, row.outcome, row.images, row.cost_micros) == ("openai:gpt-image-2", "ok", 2, 3 * 5 + 544 * 30)
+    edited = stack.live.images.with_raw_response.edit(model=model, image=("a.png", picture(64, 64)), prompt="blue")
+    assert edited.headers["x-qubax-route"] == "openai:gpt-image-2"
+    assert [edit["fields"]["model"] for edit in stack.openai.edits] == [model, "gpt-image-2"]
+
+
+@pytest.mark.parametrize("model", ["gpt-image-1.5-2025-12-16", "chatgpt-image-latest", "dall-e-2"])
+def test_names_openai_shut_down_that_are_not_served_name_their_successor(stack: Stack, model: str) -> None:
+    for ask in (
+        lambda: stack.live.images.generate(model=model, prompt="a red barn"),
+        lambda: stack.live.images.edit(model=model, image=("a.png", picture(64, 64)), prompt="blue"),
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask()
+        assert caught.value.param == "model"
+        assert f"`{model}` has been shut down" in caught.value.message and "`gpt-image-2`" in caught.value.message
+    assert stack.openai.requests == [] and stack.openai.edits == []
+
+
+def test_a_host_that_still_serves_a_retired_model_makes_it(stack: Stack) -> None:
+    raw = stack.live.images.with_raw_response.generate(model="gpt-image-1-mini", prompt="a red barn", quality="low")
+    assert raw.headers["x-qubax-route"] == "openai"
+    assert [body["model"] for body in stack.openai.requests] == ["gpt-image-1-mini"]
 
 
 def test_an_edit_reaches_the_upstream_as_multipart_and_is_billed_by_tokens(stack: Stack) -> None:
@@ -343,4 +377,4 @@ def test_the_gpt_image_route_stands_in_for_dall_e_3_only_when_the_host_does_not_
     stack.openai.fail_status, stack.openai.retired = None, True
     for _ in range(6):  # past the breaker's five failures: "not served" is no failure of the route
         stack.live.images.generate(model="dall-e-3", prompt="a red barn")
-    assert [body["model"] for body in stack.openai.requests[1:]] == ["dall-e-3", "gpt-image-1.5"] * 6
+    assert [body["model"] for body in stack.openai.requests[1:]] == ["dall-e-3", "gpt-image-2"] * 6

@@ -217,6 +217,7 @@ class Catalog:
 
     models: tuple[CatalogModel, ...]
     concurrency: Mapping[str, int] = field(default_factory=dict)  # per-key active-task caps by provider
+    shut_down: Mapping[str, str] = field(default_factory=dict)  # names no longer served: their successors
 
     def find(self, model_id: str) -> CatalogModel:
         for model in self.models:
@@ -227,6 +228,16 @@ class Catalog:
             "GET /v1/models lists the models this server offers."
         )
 
+    def asked(self, model_id: str) -> CatalogModel:
+        """The model a request names; a name shut down upstream is a 400 that names its successor."""
+        successor = self.shut_down.get(model_id)
+        if successor is not None and not any(model_id in (model.id, *model.aliases) for model in self.models):
+            raise InvalidRequest(
+                f"The model `{model_id}` has been shut down upstream; use `{successor}`, its successor here.",
+                param="model",
+            )
+        return self.find(model_id)
+
     def token_prices(self, model_id: str) -> "TokenPrices | None":
         """The token rates of the model an upstream call ran, when the catalog knows it by that name."""
         found = next((model for model in self.models if model.id == model_id), None)
@@ -234,7 +245,7 @@ class Catalog:
 
     def check_edit(self, form: ImageEditRequest) -> ImageRequest:
         """`check` for an edit's fields, with a model that edits; the uploads are checked apart."""
-        model = self.find(form.model or DEFAULT_EDIT_MODEL)
+        model = self.asked(form.model or DEFAULT_EDIT_MODEL)
         if not model.edits:
             editors = ", ".join(m.id for m in self.models if m.edits)
             raise InvalidRequest(f"{model.id} does not edit images; models that do: {editors}.", param="model")
@@ -269,7 +280,7 @@ class Catalog:
 
     def check(self, body: ImageGenerateRequest, edit: bool = False) -> ImageRequest:
         """Resolve defaults and enforce the model's limits; raise `InvalidRequest` naming the field."""
-        model = self.find(body.model)
+        model = self.asked(body.model)
         if not (edit or model.generates):
             raise InvalidRequest(
                 f"{model.id} only edits images: send an image and a mask to POST /v1/images/edits.", param="model"

@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qubax.catalog import Catalog, CatalogModel, Fixed, Grid, Price, Route, TokenPrices
-from qubax.models import MODELS
+from qubax.models import MODELS, SHUT_DOWN
 
 
 class CatalogError(ValueError):
@@ -84,7 +84,7 @@ class CatalogFile(BaseModel):
 def load_catalog(path: Path | None, providers: set[str], defaults: dict[str, int]) -> Catalog:
     """The built-in catalog with the operator's file applied; `providers` are the names we can route to."""
     if path is None:
-        return Catalog(MODELS, dict(defaults))
+        return Catalog(MODELS, dict(defaults), SHUT_DOWN)
     try:
         parsed = CatalogFile.model_validate(tomllib.loads(path.read_text()))
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -111,7 +111,7 @@ def apply(parsed: CatalogFile, providers: set[str], defaults: dict[str, int]) ->
             if claimed.setdefault(name, model.id) != model.id:
                 raise CatalogError(f"the name {name!r} is used by both {claimed[name]!r} and {model.id!r}")
     concurrency = dict(defaults) | {name: entry.concurrency for name, entry in parsed.providers.items()}
-    return Catalog(tuple(models.values()), concurrency)
+    return Catalog(tuple(models.values()), concurrency, SHUT_DOWN)
 
 
 def build_model(model_id: str, entry: ModelEntry, models: dict[str, CatalogModel], providers: set[str]) -> CatalogModel:

@@ -6,6 +6,24 @@ from qubax.catalog import CatalogModel, Fixed, Free, Grid, Price, Route, TokenPr
 from qubax.errors import MODEL_NOT_SERVED
 
 GPT_SIZES = Fixed(("1024x1024", "1536x1024", "1024x1536"))
+# OpenAI's own API has shut these down: dall-e-3 on 2026-05-12, gpt-image-1 on 2026-10-23 (its
+# image-generation guide), and gpt-image-1.5 (with its snapshot gpt-image-1.5-2025-12-16),
+# gpt-image-1-mini and chatgpt-image-latest on 2026-12-01 (developers.openai.com/api/docs/deprecations);
+# it answers them 404 `model_not_found`. Where a host answers so, the same credential makes the image
+# with SUCCESSOR, billed at its token rates: gpt-image-2, active on OpenAI's model page
+# (developers.openai.com/api/docs/models/gpt-image-2, snapshot gpt-image-2-2026-04-21), whose sizes
+# include every size these models take. The deprecations page recommends gpt-image-2.6-sunburst or
+# gpt-image-2.6-flare ($5 text in, $8 image in, $30 image out per 1M tokens on their model pages); OpenAI
+# publishes no per-image estimates for them to budget with, so an operator who wants them adds them in
+# the catalog file.
+SUCCESSOR = "gpt-image-2"
+# Names OpenAI shut down that the catalog does not serve: a 400 naming the model to ask for instead.
+SHUT_DOWN = {name: SUCCESSOR for name in ("dall-e-2", "gpt-image-1.5-2025-12-16", "chatgpt-image-latest")}
+
+
+def retired(upstream_model: str) -> tuple[Route, ...]:
+    """The model's own route, for hosts that still serve it, then SUCCESSOR where the host does not."""
+    return (Route("openai", upstream_model), Route("openai", SUCCESSOR, only_after=MODEL_NOT_SERVED))
 
 
 def gpt_image(
@@ -16,9 +34,10 @@ def gpt_image(
     other: tuple[float, float, float],
     sizes: Fixed | Free = GPT_SIZES,
     fidelities: tuple[str, ...] = ("low", "high"),
+    routes: tuple[Route, ...] = (),
 ) -> CatalogModel:
     """One of OpenAI's GPT image models, with per-image estimates (low, medium, high) for 1024x1024 and
-    for the other sizes."""
+    for the other sizes; its routes are OpenAI's under its own name unless given."""
     prices = [
         Price(Decimal(str(usd)), quality, size)
         for quality, square_usd, other_usd in zip(
@@ -34,7 +53,7 @@ def gpt_image(
         default_size="1024x1024",
         max_n=10,
         prices=tuple(prices),
-        routes=(Route("openai", model_id),),
+        routes=routes or (Route("openai", model_id),),
         qualities=("auto", "low", "medium", "high"),
         default_quality="auto",
         max_prompt_chars=32000,
@@ -171,10 +190,9 @@ MODELS: tuple[CatalogModel, ...] = (
             Price(Decimal("0.08"), "hd", "1024x1024"),
             Price(Decimal("0.12"), "hd"),
         ),
-        # OpenAI's own API retired dall-e-3 on 2026-05-12: where the host answers that it does not serve
-        # it, the same credential makes the image with gpt-image-1.5 (nearest size, then fitted; standard
-        # quality as medium, hd as high; no style), billed at that model's token rates.
-        routes=(Route("openai", "dall-e-3"), Route("openai", "gpt-image-1.5", only_after=MODEL_NOT_SERVED)),
+        # Made by SUCCESSOR where the host does not serve it (at the size asked: gpt-image-2 takes all
+        # three; standard quality as medium, hd as high; no style).
+        routes=retired("dall-e-3"),
         qualities=("auto", "standard", "hd"),
         default_quality="standard",
         styles=("vivid", "natural"),
@@ -189,6 +207,7 @@ MODELS: tuple[CatalogModel, ...] = (
         TokenPrices(Decimal(5), Decimal(8), Decimal(32)),
         (0.009, 0.034, 0.133),
         (0.013, 0.05, 0.2),
+        routes=retired("gpt-image-1.5"),
     ),
     gpt_image(
         "gpt-image-1-mini",
@@ -197,6 +216,7 @@ MODELS: tuple[CatalogModel, ...] = (
         (0.005, 0.011, 0.036),
         (0.006, 0.015, 0.052),
         fidelities=(),  # input_fidelity is not for the mini model
+        routes=retired("gpt-image-1-mini"),
     ),
     gpt_image(
         "gpt-image-2",
@@ -206,12 +226,12 @@ MODELS: tuple[CatalogModel, ...] = (
         (0.013, 0.048, 0.19),
         sizes=Free(step=16, max_side=3840, max_ratio=3, min_pixels=655_360, max_pixels=8_294_400),
     ),
-    # OpenAI's own API shut gpt-image-1 down on 2026-10-23; compatible hosts may still serve it.
     gpt_image(
         "gpt-image-1",
         1745539200,
         TokenPrices(Decimal(5), Decimal(10), Decimal(40)),
         (0.011, 0.042, 0.167),
         (0.016, 0.063, 0.25),
+        routes=retired("gpt-image-1"),
     ),
 )

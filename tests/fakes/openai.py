@@ -11,6 +11,9 @@ low/medium/high/auto, `background`, `moderation`, `output_format`, `output_compr
 `background`, `quality`, `size`, `output_format` and a `usage` token count. With `stream: true` they answer
 `text/event-stream`: `partial_images` `image_generation.partial_image` events (`image_edit.*` for edits),
 then an `image_generation.completed` event with the image and its `usage`.
+
+By default it is a compatible host that still serves the models OpenAI has shut down; with `retired` set
+it answers them 404 `model_not_found`, as OpenAI's own API does.
 """
 
 import asyncio
@@ -29,6 +32,16 @@ from tests.fakes import ImagesFake
 SIZES = ("1024x1024", "1792x1024", "1024x1792")
 GPT_MODELS = ("gpt-image-1.5", "gpt-image-1-mini", "gpt-image-2", "gpt-image-1")
 GPT_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
+# What OpenAI's own API has shut down and answers 404 model_not_found (its deprecations page): dall-e-3 on
+# 2026-05-12, gpt-image-1 on 2026-10-23, the rest on 2026-12-01.
+RETIRED = (
+    "dall-e-3",
+    "gpt-image-1",
+    "gpt-image-1.5",
+    "gpt-image-1.5-2025-12-16",
+    "gpt-image-1-mini",
+    "chatgpt-image-latest",
+)
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # Image tokens OpenAI documents for one output image, at 1024x1024 and at the larger standard sizes.
 OUTPUT_TOKENS = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
@@ -42,7 +55,7 @@ class FakeOpenAI(ImagesFake):
     def __init__(self, api_key: str = "test-key") -> None:
         super().__init__(api_key)
         self.moderate: str | None = None  # error code for a 400 safety refusal, e.g. content_policy_violation
-        self.retired = False  # 404 model_not_found, as OpenAI has answered for dall-e-3 since 2026-05-12
+        self.retired = False  # answer RETIRED models 404 model_not_found, as OpenAI's own API does today
         self.out_of_credit = False  # 429 insufficient_quota
         self.image_format = "PNG"  # the Pillow format images are encoded in
         self.empty = False  # answer 200 with no images
@@ -78,13 +91,15 @@ class FakeOpenAI(ImagesFake):
     def refusal(self, body: dict[str, Any]) -> Response | None:
         if self.fail_status is not None:
             return error(self.fail_status, f"fake failure {self.fail_status}", None, "server_error")
-        if body.get("model") not in ("dall-e-3", *GPT_MODELS) or (self.retired and body.get("model") == "dall-e-3"):
-            model = body.get("model")
-            return error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found")
+        if body.get("model") not in ("dall-e-3", *GPT_MODELS) or self.shut_down(body):
+            return not_found(body.get("model"))
         if self.out_of_credit:
             message = "You exceeded your current quota, please check your plan and billing details."
             return error(429, message, "insufficient_quota", "insufficient_quota")
         return None
+
+    def shut_down(self, body: dict[str, Any]) -> bool:
+        return self.retired and body.get("model") in RETIRED
 
     def gpt_answer(self, body: dict[str, Any], prefix: str = "image_generation") -> Response:
         if problem := gpt_invalid(body):
@@ -161,6 +176,8 @@ class FakeOpenAI(ImagesFake):
             name: int(value) if name in ("n", "output_compression", "partial_images") else value
             for name, value in fields.items()
         }
+        if self.shut_down(body):
+            return not_found(body.get("model"))
         if body.get("model") not in GPT_MODELS:
             return error(
                 400, f"Invalid value: '{body.get('model')}'. Value must be one of {GPT_MODELS}.", "invalid_value"
@@ -243,6 +260,10 @@ def invalid(body: dict[str, Any]) -> tuple[str, str] | None:
     if body.get("response_format", "url") not in ("url", "b64_json"):
         return "Invalid value for response_format.", "invalid_value"
     return None
+
+
+def not_found(model: Any) -> JSONResponse:
+    return error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found")
 
 
 def error(status: int, message: str, code: str | None, kind: str = "invalid_request_error") -> JSONResponse:

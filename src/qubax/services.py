@@ -26,7 +26,7 @@ from qubax.masking import Mask, configured_secrets
 from qubax.metrics import Metrics
 from qubax.providers import Provider
 from qubax.providers.http import Http, Timeouts, open_session
-from qubax.providers.registry import build_providers, connection_limit
+from qubax.providers.registry import build_providers
 from qubax.quota import Quotas, limiter_storage
 from qubax.settings import Settings
 from qubax.slots import open_slots
@@ -72,8 +72,8 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
             settings.upstream_read_timeout_seconds,
             settings.upstream_submit_timeout_seconds,
         )
-        connections = connection_limit(settings, catalog.concurrency)
-        logger.info("upstream connections: %s at once", connections or "any number")
+        # No cap of the pool's own unless the operator sets one: the providers' caps (slots) bound the calls.
+        connections = settings.upstream_connections or 0
         http = await held.enter_async_context(open_session(timeouts, connections, metrics.count_wait))
         # A slot outlives no request: its hold lapses after the longest one could take.
         slots = await held.enter_async_context(open_slots(settings.redis_url, settings.request_timeout_seconds + 60))

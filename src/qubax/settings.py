@@ -55,7 +55,7 @@ class Settings(BaseSettings):
 
     # Upstream HTTP: seconds to connect, seconds of silence before an upstream is given up, seconds an
     # asynchronous upstream has to accept a submission before the next route gets it, connections
-    # (unset: as many as the configured providers' caps allow at once, `registry.connection_limit`).
+    # (unset: no cap of the pool's own; each provider's concurrency cap bounds its calls).
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     upstream_read_timeout_seconds: float = Field(default=120.0, gt=0)
     upstream_submit_timeout_seconds: float = Field(default=30.0, gt=0)

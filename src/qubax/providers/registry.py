@@ -1,7 +1,5 @@
 """Every provider we can route to; adding one means one module (with its `INFO`) and one line here."""
 
-from collections.abc import Mapping
-
 from qubax.providers import Provider, ProviderInfo, Upstream, bfl, fal, openai, replicate, together
 from qubax.providers.http import Http
 from qubax.settings import Settings
@@ -30,22 +28,6 @@ def credentials(settings: Settings, name: str) -> list[str]:
 
 def base_url(settings: Settings, name: str) -> str:
     return settings.base_urls.get(name) or PROVIDERS[name].base_url
-
-
-def connection_limit(settings: Settings, concurrency: Mapping[str, int]) -> int:
-    """How many upstream connections may be open at once: the operator's `QUBAX_UPSTREAM_CONNECTIONS`,
-    or else the configured providers' caps added up (each key's cap times its keys), so that no request
-    a provider would take waits for a connection. 0 (no cap) when a configured provider has no cap, or
-    none is configured."""
-    if settings.upstream_connections is not None:
-        return settings.upstream_connections
-    total = 0
-    for name in PROVIDERS:
-        keys, cap = credentials(settings, name), concurrency.get(name)
-        if keys and cap is None:
-            return 0
-        total += len(keys) * (cap or 0)
-    return total
 
 
 def build_providers(settings: Settings, http: Http, concurrency: dict[str, int], slots: Slots) -> dict[str, Provider]:

@@ -118,6 +118,74 @@ def test_an_edit_job_keeps_its_files_until_it_ends(stack: Stack) -> None:
     assert rows(stack.settings, db.JobInput) == []
 
 
+def red_png() -> bytes:
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(picture, "PNG")
+    return picture.getvalue()
+
+
+def stored(settings: Settings, name: str) -> bytes | None:
+    """A file kept in the image storage (local or S3, as the stack has it); None when it is gone."""
+
+    async def read() -> bytes | None:
+        async with open_storage(settings) as storage:
+            try:
+                with await storage.open_file(name) as file:
+                    return await asyncio.to_thread(file.read)
+            except NotFound:
+                return None
+
+    return asyncio.run(read())
+
+
+def test_an_edit_job_s_files_live_in_the_image_storage_until_it_ends(stack: Stack) -> None:
+    """The job's rows name its files and hold none of their bytes; the files are in the image storage
+    while the job waits, and gone when it ends."""
+    stack.bfl.pending_polls = 10_000
+    raw = stack.live.images.with_raw_response.edit(
+        model="flux-kontext-pro", image=("red.png", red_png(), "image/png"), prompt="blue", extra_headers=ASYNC
+    )
+    job_id = raw.http_response.json()["id"]
+    deadline = time.monotonic() + 10
+    while not stack.bfl.submissions and time.monotonic() < deadline:
+        time.sleep(0.02)
+    [row] = rows(stack.settings, db.JobInput)
+    columns = {column.name: getattr(row, column.name) for column in db.JobInput.__table__.columns}
+    assert all(isinstance(value, int | str) and len(str(value)) < 200 for value in columns.values()), columns
+    assert (row.job_id, row.field, row.filename) == (job_id, "image", "red.png")
+    assert stored(stack.settings, row.stored) == red_png()
+    stack.bfl.pending_polls = 0
+    assert wait_for(stack.live, job_id)["status"] == "succeeded"
+    assert rows(stack.settings, db.JobInput) == [] and stored(stack.settings, row.stored) is None
+
+
+def test_a_cancelled_queued_edit_job_s_files_are_deleted(settings: Settings) -> None:
+    with running_stack(settings, providers=("bfl",), job_concurrency=1) as stack:
+        stack.bfl.pending_polls = 10_000
+        first = submit(stack.live)
+        image = ("red.png", red_png(), "image/png")
+        raw = stack.live.images.with_raw_response.edit(
+            model="flux-kontext-pro", image=image, prompt="blue", extra_headers=ASYNC
+        )
+        [row] = rows(stack.settings, db.JobInput)
+        assert stored(stack.settings, row.stored) == red_png()
+        assert cancel(stack.live, raw.http_response.json()["id"]).json()["status"] == "cancelled"
+        assert rows(stack.settings, db.JobInput) == [] and stored(stack.settings, row.stored) is None
+        cancel(stack.live, first["id"])
+
+
+def test_an_edit_job_routed_to_openai_succeeds(settings: Settings) -> None:
+    """OpenAI's edits are sent as multipart from a file of their own: the job's files must be real files."""
+    with running_stack(settings, providers=("openai",)) as stack:
+        raw = stack.live.images.with_raw_response.edit(
+            model="gpt-image-2", image=("red.png", red_png(), "image/png"), prompt="blue", extra_headers=ASYNC
+        )
+        job = wait_for(stack.live, raw.http_response.json()["id"])
+        assert job["status"] == "succeeded", job
+        [edit] = stack.openai.edits
+        assert edit["images"] == [("red.png", "PNG", (64, 48))]
+
+
 def test_a_failed_job_carries_the_error_and_costs_nothing(stack: Stack) -> None:
     stack.bfl.moderate = "Request Moderated"
     job = wait_for(stack.live, submit(stack.live)["id"])

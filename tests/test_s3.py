@@ -3,6 +3,7 @@ moto's S3 server on loopback (whatever --storage says)."""
 
 import contextlib
 import datetime
+import io
 import os
 import subprocess
 import sys
@@ -128,6 +129,25 @@ async def test_put_stores_an_object_and_the_presigned_link_downloads_it(endpoint
             download = await http.get(link)
         assert (download.status_code, download.content) == (200, PNG)
         assert download.headers["content-type"] == "image/png"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [1000, s3.PART_BYTES * 2 + 1])
+async def test_a_job_s_upload_goes_to_the_bucket_in_parts_and_comes_back_as_a_file(bucket: str, size: int) -> None:
+    """One `put_object` for a small upload, a multipart upload of `PART_BYTES` parts for a large one."""
+    upload = io.BytesIO(os.urandom(size))
+    async with bucket_storage(bucket) as storage:
+        name = await storage.put_file(upload, "jpeg", "job_abc")
+        head = await storage.client.head_object(Bucket=bucket, Key=f"images/{name}")
+        assert (head["ContentLength"], head["ContentType"]) == (size, "image/jpeg")
+        assert ("-3" in head["ETag"]) == (size > s3.PART_BYTES)  # a multipart object's ETag counts its parts
+        with await storage.open_file(name) as file:
+            assert file.fileno() >= 0 and file.read() == upload.getvalue()
+        await storage.delete([name])
+        with pytest.raises(NotFound):
+            await storage.open_file(name)
+        listed = await storage.client.list_multipart_uploads(Bucket=bucket)
+        assert listed.get("Uploads", []) == []
 
 
 @pytest.mark.anyio

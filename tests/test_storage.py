@@ -1,6 +1,7 @@
 """Signed, expiring image URLs: LocalStorage on its own, then through the real app over HTTP."""
 
 import asyncio
+import io
 import os
 import stat
 import time
@@ -145,6 +146,20 @@ async def test_sweep_removes_only_images_older_than_the_ttl(storage: LocalStorag
     assert storage.path(fresh).exists() and storage.path(almost).exists()
     assert unrelated.read_text() == "keep me"
     assert await storage.sweep() == 0
+
+
+@pytest.mark.anyio
+async def test_a_job_s_upload_is_copied_in_opened_as_a_real_file_and_deleted(storage: LocalStorage) -> None:
+    upload = io.BytesIO(os.urandom(3 * 1024 * 1024 + 5))  # a few blocks of the copy, and a bit
+    upload.seek(100)  # kept from its start, wherever the upload was left
+    name = await storage.put_file(upload, "png", "job_abc")
+    assert name.startswith("img_job_abc_") and name.endswith(".png")
+    assert stat.S_IMODE((storage.root / name).stat().st_mode) == 0o600
+    with await storage.open_file(name) as file:
+        assert file.fileno() >= 0 and file.read() == upload.getvalue()
+    await storage.delete([name, "img_job_abc_gone.png"])
+    with pytest.raises(NotFound):
+        await storage.open_file(name)
 
 
 def test_load_secret_creates_a_private_file_once(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from qubax.errors import InvalidRequest, NotFound
 from qubax.jobs import STATUSES
 from qubax.jobs import stop as stop_job
 from qubax.providers.registry import PROVIDERS, credentials, default_concurrency
+from qubax.services import open_storage
 from qubax.settings import Settings
 
 T = TypeVar("T")
@@ -394,8 +395,9 @@ def cancel_job(job_id: str) -> None:
     """Cancel a job: a queued one at once, a running one (and its upstream work) by its node's runner."""
 
     async def stop() -> db.ImageJob:
-        async with open_engine(Settings()) as engine:
-            return await stop_job(db.sessions(engine), job_id)
+        settings = Settings()
+        async with open_engine(settings) as engine, open_storage(settings) as storage:
+            return await stop_job(db.sessions(engine), job_id, storage)
 
     try:
         job = asyncio.run(stop())

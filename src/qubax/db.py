@@ -186,7 +186,7 @@ class ImageJob(Base):
 
 
 class JobInput(Base):
-    """A file of an edit job (an image or the mask), kept until the job ends."""
+    """A file of an edit job (an image or the mask), kept in the image storage until the job ends."""
 
     __tablename__ = "job_inputs"
 
@@ -194,7 +194,7 @@ class JobInput(Base):
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     field: Mapped[str] = mapped_column(String(16))  # "image" or "mask"
     filename: Mapped[str] = mapped_column(String(255))
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    stored: Mapped[str] = mapped_column(String(128))  # its name in the image storage (`Storage.put_file`)
 
 
 class UpstreamTask(Base):

@@ -7,10 +7,11 @@ visible to the key that made them only: to any other they do not exist.
 """
 
 import asyncio
-import io
+import contextlib
+import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import orjson
 from fastapi import UploadFile
@@ -31,9 +32,10 @@ from qubax.protocol import (
     ImagesResponse,
 )
 from qubax.services import Services
-from qubax.storage import relink
+from qubax.storage import Storage, relink
 from qubax.targets import check_target
 
+logger = logging.getLogger("qubax")
 PREFER_ASYNC = re.compile(r"(?:^|,)\s*respond-async\s*(?:[,;]|$)", re.IGNORECASE)
 ENDED = ("succeeded", "failed", "cancelled")
 STATUSES = (*db.PENDING, *ENDED)
@@ -57,9 +59,6 @@ async def submit(
 ) -> db.ImageJob:
     """Queue a checked request as a job, once the key's limits admit it (they count it from now)."""
     webhook_url = await webhook_target(services, key, body.webhook_url)
-    # An edit's files, as checked: kept until the job runs, which may be on another node.
-    files = [("image", image) for image in request.images] + ([("mask", request.mask)] if request.mask else [])
-    inputs = await asyncio.to_thread(lambda: [(field, image.filename, image.read()) for field, image in files])
     job = db.ImageJob(
         id=db.new_id("job"),
         key_id=key.id,
@@ -75,14 +74,44 @@ async def submit(
         webhook_url=webhook_url,
     )
     # The limits count the job while they admit it; its row holds its reservation once it is written.
-    async with services.quotas.hold(key, request, concurrent=False), services.sessions() as session:
-        session.add(job)
-        await session.flush()  # the job before its inputs: the inputs refer to it
-        for position, (field, name, data) in enumerate(inputs):
-            session.add(db.JobInput(job_id=job.id, position=position, field=field, filename=name or "", data=data))
-        await session.commit()
+    async with services.quotas.hold(key, request, concurrent=False):
+        inputs = await keep_inputs(services.storage, request, job.id)
+        try:
+            async with services.sessions() as session:
+                session.add(job)
+                await session.flush()  # the job before its inputs: the inputs refer to it
+                session.add_all(inputs)
+                await session.commit()
+        except BaseException:
+            await asyncio.shield(drop_files(services.storage, [row.stored for row in inputs]))
+            raise
     services.job_posted.set()
     return job
+
+
+async def keep_inputs(storage: Storage, request: ImageRequest, job_id: str) -> list[db.JobInput]:
+    """An edit's files, as checked, copied into the image storage (the job may run on another node),
+    and the rows that name them."""
+    files = [("image", image) for image in request.images] + ([("mask", request.mask)] if request.mask else [])
+    rows: list[db.JobInput] = []
+    try:
+        for position, (field, image) in enumerate(files):
+            stored = await storage.put_file(image.rewind(), image.format, job_id)
+            rows.append(
+                db.JobInput(job_id=job_id, position=position, field=field, filename=image.filename, stored=stored)
+            )
+    except BaseException:
+        await asyncio.shield(drop_files(storage, [row.stored for row in rows]))
+        raise
+    return rows
+
+
+async def drop_files(storage: Storage, names: list[str]) -> None:
+    """Delete a job's stored uploads. Should that fail, they go when the job is forgotten (`Storage.sweep`)."""
+    try:
+        await storage.delete(names)
+    except (OSError, QubaxError) as exc:
+        logger.warning("could not delete a job's uploaded files %s: %s", names, exc)
 
 
 async def webhook_target(services: Services, key: db.KeyRecord, asked: str | None) -> str | None:
@@ -103,21 +132,28 @@ async def webhook_target(services: Services, key: db.KeyRecord, asked: str | Non
     return await check_target(url, services.settings.webhook_allowed_hosts)
 
 
-async def rebuild(services: Services, job: db.ImageJob) -> ImageRequest:
-    """The job's request as it was sent, checked again (the catalog may have changed since)."""
+@contextlib.asynccontextmanager
+async def rebuilt(services: Services, job: db.ImageJob) -> AsyncIterator[ImageRequest]:
+    """The job's request as it was sent, checked again (the catalog may have changed since); an edit's
+    files open from the image storage while it is used."""
     fields = orjson.loads(job.fields)
     if job.endpoint.endswith("/generations"):
-        return services.catalog.check(ImageGenerateRequest.model_validate(fields))
+        yield services.catalog.check(ImageGenerateRequest.model_validate(fields))
+        return
     async with services.sessions() as session:
         query = select(db.JobInput).where(db.JobInput.job_id == job.id).order_by(db.JobInput.position)
         inputs = list(await session.scalars(query))
-    images = [upload(row) for row in inputs if row.field == "image"]
-    mask = next((upload(row) for row in inputs if row.field == "mask"), None)
-    return await check_edit(ImageEditRequest.model_validate(fields | {"image": images, "mask": mask}), services)
-
-
-def upload(row: db.JobInput) -> UploadFile:
-    return UploadFile(io.BytesIO(row.data), size=len(row.data), filename=row.filename)
+    with contextlib.ExitStack() as files:
+        uploads = []
+        for row in inputs:
+            try:
+                file = files.enter_context(await services.storage.open_file(row.stored))
+            except NotFound as exc:
+                raise QubaxError(f"The job's uploaded file {row.filename!r} is gone from the image storage.") from exc
+            uploads.append((row.field, UploadFile(file, filename=row.filename)))
+        images = [upload for field, upload in uploads if field == "image"]
+        mask = next((upload for field, upload in uploads if field == "mask"), None)
+        yield await check_edit(ImageEditRequest.model_validate(fields | {"image": images, "mask": mask}), services)
 
 
 async def find(services: Services, key: db.KeyRecord, job_id: str) -> db.ImageJob:
@@ -147,18 +183,20 @@ async def page(services: Services, key: db.KeyRecord, limit: int, after: str | N
 async def cancel(services: Services, key: db.KeyRecord, job_id: str) -> db.ImageJob:
     if (await find(services, key, job_id)).status == "queued":
         services.metrics.jobs.inc(("cancelled",))  # no runner ends it
-    return await stop(services.sessions, job_id)
+    return await stop(services.sessions, job_id, services.storage)
 
 
-async def stop(sessions: async_sessionmaker[AsyncSession], job_id: str) -> db.ImageJob:
+async def stop(sessions: async_sessionmaker[AsyncSession], job_id: str, storage: Storage) -> db.ImageJob:
     """Cancel a job: at once if it is still queued; if it runs, its runner (on any node) stops it, and
     the upstream work it owns, within a second or so, which this waits for. An ended job stays as it
     ended. Raises `NotFound` for no such job."""
     async with sessions() as session:
-        if not await close(session, job_id, "cancelled", error=CANCELLED.model_dump_json(), was="queued"):
+        files = await close(session, job_id, "cancelled", error=CANCELLED.model_dump_json(), was="queued")
+        if files is None:
             running = (db.ImageJob.id == job_id) & (db.ImageJob.status == "in_progress")
             await session.execute(update(db.ImageJob).where(running).values(cancel_requested=True))
         await session.commit()
+    await drop_files(storage, files or [])
     deadline = time.monotonic() + CANCEL_WAIT_SECONDS
     while True:
         async with sessions() as session:
@@ -178,9 +216,10 @@ async def close(
     result: bytes | None = None,
     error: str | None = None,
     was: str = "in_progress",
-) -> bool:
-    """End a job that is still `was`, in the caller's transaction: its outcome kept, its files dropped,
-    its webhook (if it has one) queued. False when the job was not `was` (it ended already)."""
+) -> list[str] | None:
+    """End a job that is still `was`, in the caller's transaction: its outcome kept, its files' rows
+    dropped, its webhook (if it has one) queued. Returns the names of its stored files, for the caller
+    to `drop_files` once it committed; None when the job was not `was` (it ended already)."""
     ended = await session.execute(
         update(db.ImageJob)
         .where(db.ImageJob.id == job_id, db.ImageJob.status == was)
@@ -189,8 +228,11 @@ async def close(
     )
     row = ended.one_or_none()
     if row is None:
-        return False
-    await session.execute(delete(db.JobInput).where(db.JobInput.job_id == job_id))
+        return None
+    dropped = await session.scalars(
+        delete(db.JobInput).where(db.JobInput.job_id == job_id).returning(db.JobInput.stored)
+    )
+    files = list(dropped)
     if row.webhook_url:
         now = db.now()
         delivery = db.WebhookDelivery(
@@ -198,7 +240,7 @@ async def close(
             attempts=0, created_at=now, next_attempt_at=now,
         )  # fmt: skip
         session.add(delivery)
-    return True
+    return files
 
 
 async def describe(services: Services, job: db.ImageJob, public_url: str) -> ImageJob:

@@ -84,9 +84,12 @@ async def make(services: Services, job_id: str) -> bytes:
     key = db.key_record(row)
     if key.revoked_at is not None:
         raise AuthenticationError("The API key that made this job has been revoked.")
-    request = await jobs.rebuild(services, job)
     ledger.charged_as.set(usage_id(job_id))  # this runs in a task of its own (`run`)
-    async with services.quotas.running(key), journal.kept(services.sessions, journal.job_owner(job_id)):
+    async with (
+        jobs.rebuilt(services, job) as request,
+        services.quotas.running(key),
+        journal.kept(services.sessions, journal.job_owner(job_id)),
+    ):
         made = await generation.produce(request, key, services, job.public_url, job_id)
     return orjson.dumps(made.response.model_dump(exclude_none=True))
 
@@ -123,8 +126,9 @@ async def end(
     services: Services, job_id: str, status: str, *, result: bytes | None = None, error: str | None = None
 ) -> None:
     async with services.sessions() as session:
-        await jobs.close(session, job_id, status, result=result, error=error)
+        files = await jobs.close(session, job_id, status, result=result, error=error)
         await session.commit()
+    await jobs.drop_files(services.storage, files or [])
     services.webhook_posted.set()
     services.metrics.jobs.inc((status,))
     await journal.forget(services.sessions, journal.job_owner(job_id))

@@ -4,11 +4,13 @@ Endpoint, region and credentials come from the standard AWS variables and profil
 itself: `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`...
 """
 
+import asyncio
 import contextlib
 import datetime
 import logging
+import tempfile
 from collections.abc import AsyncIterator, Collection, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -20,9 +22,10 @@ from qubax.storage import SWEEP_GRACE_SECONDS, SignedUrls, new_image_id, swept
 
 if TYPE_CHECKING:  # the stubs are a development dependency
     from types_aiobotocore_s3 import S3Client
-    from types_aiobotocore_s3.type_defs import ObjectIdentifierTypeDef
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef, ObjectIdentifierTypeDef
 
 logger = logging.getLogger("qubax.s3")
+PART_BYTES = 8 * 1024 * 1024  # what a job's upload is sent to the bucket in (S3's parts: 5 MiB at least)
 # A bucket that does not answer must cost a request seconds, not minutes: botocore's defaults (60 s to
 # connect, 60 s per read, retries with backoff) would hold it far longer.
 CONFIG = AioConfig(
@@ -64,6 +67,63 @@ class S3Storage(SignedUrls):
                 Bucket=self.bucket, Key=self.key(image_id, ext), Body=data, ContentType=f"image/{ext}"
             )
         return image_id
+
+    async def put_file(self, file: BinaryIO, ext: str, job_id: str) -> str:
+        """A part of `PART_BYTES` at a time (one `put_object` for a smaller file), read in a worker thread."""
+        name = f"{new_image_id(job_id)}.{ext}"
+        key, kind = self.prefix + name, f"image/{ext}"
+        await asyncio.to_thread(file.seek, 0)
+        part = await asyncio.to_thread(file.read, PART_BYTES)
+        with translated("keep the uploaded files"):
+            if len(part) < PART_BYTES:
+                await self.client.put_object(Bucket=self.bucket, Key=key, Body=part, ContentType=kind)
+            else:
+                await self.put_parts(key, kind, part, file)
+        return name
+
+    async def put_parts(self, key: str, kind: str, part: bytes, file: BinaryIO) -> None:
+        """A multipart upload of `part` and the rest of `file`."""
+        bucket = self.bucket
+        upload_id = (await self.client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=kind))["UploadId"]
+        try:
+            parts: list[CompletedPartTypeDef] = []
+            while part:
+                number = len(parts) + 1
+                sent = await self.client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=part
+                )
+                parts.append({"ETag": sent["ETag"], "PartNumber": number})
+                part = await asyncio.to_thread(file.read, PART_BYTES)
+            await self.client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:  # or the bucket keeps (and bills) the parts sent
+            await asyncio.shield(self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id))
+            raise
+
+    async def open_file(self, name: str) -> BinaryIO:
+        """The object copied into a temporary file (gone once closed), a block at a time."""
+        copy = await asyncio.to_thread(tempfile.TemporaryFile)
+        try:
+            with translated("read the uploaded files"):
+                try:
+                    response = await self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)
+                except self.client.exceptions.NoSuchKey as exc:
+                    raise NotFound(f"The stored file {name} is gone.") from exc
+                async with response["Body"] as body:
+                    async for block in body.iter_chunks(PART_BYTES):
+                        await asyncio.to_thread(copy.write, block)
+            await asyncio.to_thread(copy.seek, 0)
+        except BaseException:
+            copy.close()
+            raise
+        return copy
+
+    async def delete(self, names: Collection[str]) -> None:
+        if names:  # at most 17 (an edit's images and mask): one request
+            with translated("delete the uploaded files"):
+                keys: list[ObjectIdentifierTypeDef] = [{"Key": self.prefix + name} for name in names]
+                await self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
 
     async def link(self, image_id: str, ext: str, public_url: str) -> str:
         if self.own_links:

@@ -9,12 +9,13 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from qubax import file_writer
 from qubax.errors import Forbidden, Gone, NotFound, ServiceUnavailable, StorageUnavailable
@@ -50,6 +51,20 @@ class Storage(Protocol):
 
     async def ready(self) -> None:
         """Raise `ServiceUnavailable` when the store cannot be used now (for /healthz and the start)."""
+        ...
+
+    async def put_file(self, file: BinaryIO, ext: str, job_id: str) -> str:
+        """Keep a job's upload, copied from `file` in blocks (never whole in memory), as long as the job
+        at most (`sweep`); returns its name, `{id}.{ext}`."""
+        ...
+
+    async def open_file(self, name: str) -> BinaryIO:
+        """A file kept with `put_file`, open for reading, a real file (with a descriptor); raises
+        `NotFound` when it is gone."""
+        ...
+
+    async def delete(self, names: Collection[str]) -> None:
+        """Delete files kept with `put_file`; those already gone are no matter."""
         ...
 
 
@@ -210,6 +225,27 @@ def write_file(path: str, data: bytes) -> OSError | None:
     return None
 
 
+def copy_file(file: BinaryIO, path: Path) -> None:
+    """`file` from its start into a new file at `path`, a block at a time, on disk before this returns."""
+    file.seek(0)
+    try:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            shutil.copyfileobj(file, out, COPY_BLOCK)
+            out.flush()
+            SYNC_DATA(out.fileno())
+    except OSError:
+        path.unlink(missing_ok=True)  # no half file behind
+        raise
+
+
+COPY_BLOCK = 1024 * 1024
+
+
+def delete_files(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 def settle(outcomes: list[tuple["asyncio.Future[None]", OSError | None]]) -> None:
     for done, error in outcomes:
         if done.cancelled():  # its request has gone; the file stays until the sweep
@@ -242,6 +278,27 @@ class LocalStorage(SignedUrls):
 
     async def close(self) -> None:
         await self.writer.close()
+
+    async def put_file(self, file: BinaryIO, ext: str, job_id: str) -> str:
+        name = f"{new_image_id(job_id)}.{ext}"
+        try:
+            await asyncio.to_thread(copy_file, file, self.root / name)
+        except OSError as exc:
+            logger.warning("could not keep an upload in %s: %s", self.folder, exc)
+            raise StorageUnavailable(
+                "The server could not keep the uploaded files: its image storage is full or not writable. "
+                "Try again shortly."
+            ) from exc
+        return name
+
+    async def open_file(self, name: str) -> BinaryIO:
+        try:
+            return await asyncio.to_thread(open, self.root / name, "rb")
+        except FileNotFoundError as exc:
+            raise NotFound(f"The stored file {name} is gone.") from exc
+
+    async def delete(self, names: Collection[str]) -> None:
+        await asyncio.to_thread(delete_files, [self.root / name for name in names])
 
     def path(self, image_id: str, ext: str = "png") -> Path:
         return self.root / f"{image_id}.{ext}"

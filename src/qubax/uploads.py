@@ -54,8 +54,11 @@ class InputImage:
     def reopen(self) -> BinaryIO:
         """A second handle on the file, at its start, for a sender that closes what it has sent (aiohttp
         does): the upload stays open for the next route. Both handles share one position."""
-        # A spooled file still in memory moves to disk for its descriptor.
-        return os.fdopen(os.dup(self.rewind().fileno()), "rb")
+        # A spooled file still in memory moves to disk for its descriptor. The rewind may only have moved
+        # within the file object's buffer: the descriptor goes to the start itself.
+        handle = os.dup(self.rewind().fileno())
+        os.lseek(handle, 0, os.SEEK_SET)
+        return os.fdopen(handle, "rb")
 
     async def decode(self, work: Callable[[Image.Image], T]) -> T:
         """`work` done on the image (opened, its pixels not yet read), in a worker thread, while no more

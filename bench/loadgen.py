@@ -19,8 +19,10 @@ def lua_script(path: Path, body: str, headers: dict[str, str]) -> Path:
     return path
 
 
-def run(wrk: str, url: str, script: Path, connections: int, seconds: float) -> dict[str, Any]:
-    cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={WRK_TIMEOUT}", "--latency"]
+def run(
+    wrk: str, url: str, script: Path, connections: int, seconds: float, timeout: str = WRK_TIMEOUT
+) -> dict[str, Any]:
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout}", "--latency"]
     done = subprocess.run([*cmd, "-s", str(script), url], capture_output=True, text=True, check=True)
     if done.stderr.strip():  # a Lua error does not stop wrk: it would load the wrong request
         raise RuntimeError(f"wrk: {done.stderr.strip()}")

@@ -55,9 +55,9 @@ def running(
 
 
 @contextmanager
-def upstream(payload: str, workdir: Path) -> Iterator[Server]:
+def upstream(payload: str, workdir: Path, delay: float = 0.0) -> Iterator[Server]:
     port = procs.free_port()
-    cmd = [sys.executable, "-m", "bench.upstream", "--port", str(port), "--payload", payload]
+    cmd = [sys.executable, "-m", "bench.upstream", "--port", str(port), "--payload", payload, "--delay", str(delay)]
     with running(cmd, "/health", port, workdir / f"upstream-{payload}.log", clean_env({})) as server:
         yield server
 
@@ -91,12 +91,15 @@ def create_key(env: dict[str, str]) -> str:
 
 
 @contextmanager
-def qubax(upstream_base: str, workdir: Path, images_dir: Path | None = None) -> Iterator[Server]:
+def qubax(
+    upstream_base: str, workdir: Path, images_dir: Path | None = None, settings: dict[str, str] | None = None
+) -> Iterator[Server]:
     """`qubax serve` as shipped (its default log level, access log on), with a fresh data dir and a live key;
-    url-mode images in a fresh folder under `images_dir` when given."""
+    url-mode images in a fresh folder under `images_dir` when given; `settings`: more variables."""
     data_dir = Path(tempfile.mkdtemp(prefix="qubax-", dir=workdir))
     images = Path(tempfile.mkdtemp(prefix="qubax-images-", dir=images_dir)) if images_dir else None
-    env = qubax_env(upstream_base, data_dir, {} if images is None else {"QUBAX_STORAGE_URL": f"file://{images}"})
+    extra = {**(settings or {}), **({} if images is None else {"QUBAX_STORAGE_URL": f"file://{images}"})}
+    env = qubax_env(upstream_base, data_dir, extra)
     key = create_key(env)
     port = procs.free_port()
     cmd = [str(BIN / "qubax"), "serve", "--port", str(port)]

@@ -1,15 +1,17 @@
 """A fast fake OpenAI Images upstream: answers a precomputed `b64_json` PNG for the requested size.
 
-    python -m bench.upstream --port 9001 --payload light|heavy [--server aiohttp|asgi]
+    python -m bench.upstream --port 9001 --payload light|heavy [--server aiohttp|asgi] [--delay SECONDS]
 
 The server is bare uvicorn (uvloop, httptools) with a raw ASGI app for `light` and aiohttp.web for
 `heavy`: whichever was faster for that payload.
 
 `light` is a flat single-colour PNG (a few KB: pure overhead); `heavy` is grey-level noise (~1.5 MB:
-payload handling). Bodies are built once per size (1024x1024 at start) and served as bytes.
+payload handling). Bodies are built once per size (1024x1024 at start) and served as bytes. `--delay`
+holds each generation that long before answering, as a real upstream takes its time (bench/realistic.py).
 """
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -58,12 +60,18 @@ def body_lookup(payload: str) -> Callable[[bytes], bytes]:
     return lookup
 
 
-def serve_aiohttp(port: int, lookup: Callable[[bytes], bytes]) -> None:
+BACKLOG = 8192  # a burst of thousands of new connections (the kernel caps it at somaxconn)
+
+
+def serve_aiohttp(port: int, lookup: Callable[[bytes], bytes], delay: float = 0.0) -> None:
     import uvloop
     from aiohttp import web
 
     async def generations(request: web.Request) -> web.Response:
-        return web.Response(body=lookup(await request.read()), content_type="application/json")
+        body = await request.read()
+        if delay:
+            await asyncio.sleep(delay)
+        return web.Response(body=lookup(body), content_type="application/json")
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -71,14 +79,15 @@ def serve_aiohttp(port: int, lookup: Callable[[bytes], bytes]) -> None:
     app = web.Application(client_max_size=4 * 1024 * 1024)
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_get("/health", health)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop())
+    loop = uvloop.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=loop, backlog=BACKLOG)
 
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 
 
-def asgi_app(lookup: Callable[[bytes], bytes]) -> Callable[..., Awaitable[None]]:
+def asgi_app(lookup: Callable[[bytes], bytes], delay: float = 0.0) -> Callable[..., Awaitable[None]]:
     json_headers = [(b"content-type", b"application/json")]
 
     async def app(
@@ -93,6 +102,8 @@ def asgi_app(lookup: Callable[[bytes], bytes]) -> Callable[..., Awaitable[None]]
             if not message.get("more_body"):
                 break
         if scope["method"] == "POST" and scope["path"] == "/v1/images/generations":
+            if delay:
+                await asyncio.sleep(delay)
             status, body, headers = 200, lookup(b"".join(chunks)), json_headers
         elif scope["path"] == "/health":
             status, body, headers = 200, b"ok", []
@@ -106,11 +117,11 @@ def asgi_app(lookup: Callable[[bytes], bytes]) -> Callable[..., Awaitable[None]]
     return app
 
 
-def serve_asgi(port: int, lookup: Callable[[bytes], bytes]) -> None:
+def serve_asgi(port: int, lookup: Callable[[bytes], bytes], delay: float = 0.0) -> None:
     import uvicorn
 
     uvicorn.run(
-        asgi_app(lookup),
+        asgi_app(lookup, delay),
         host="127.0.0.1",
         port=port,
         loop="uvloop",
@@ -118,6 +129,10 @@ def serve_asgi(port: int, lookup: Callable[[bytes], bytes]) -> None:
         access_log=False,
         log_level="warning",
         lifespan="off",
+        backlog=BACKLOG,
+        # uvicorn's 5 s would close idle connections before the gateway's pool does (aiohttp's 15 s), and
+        # a request sent on one as it closes fails; real upstreams keep them longer (aiohttp.web's 75 s).
+        timeout_keep_alive=75,
     )
 
 
@@ -126,9 +141,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--payload", choices=["light", "heavy"], default="light")
     parser.add_argument("--server", choices=["aiohttp", "asgi"], help="default: the faster one for the payload")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds each generation takes (default 0)")
     args = parser.parse_args()
     server = args.server or FASTER[args.payload]
-    (serve_aiohttp if server == "aiohttp" else serve_asgi)(args.port, body_lookup(args.payload))
+    (serve_aiohttp if server == "aiohttp" else serve_asgi)(args.port, body_lookup(args.payload), args.delay)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Peak memory of `qubax serve` while it takes one edit of 16 large images (issue 15).
 
-    .venv/bin/python -m bench.uploads [SIDE]
+    .venv/bin/python -m bench.uploads [SIDE] [async]
 
-SIDE (default 1000) is each image's width and height: 1000 gives ~3 MB images, 1400 ~6 MB.
+SIDE (default 1000) is each image's width and height: 1000 gives ~3 MB images, 1400 ~6 MB. With
+`async`, the edit is sent as a job (`Prefer: respond-async`), and the database's size is reported too.
 
 Starts `qubax serve` with a fresh data folder and a test key, sends one `POST /v1/images/edits` with
 16 PNGs of random noise (about 3 MB each: noise does not compress), and reports the server's resident
@@ -27,6 +28,7 @@ from PIL import Image
 IMAGES = 16
 SIDE = int(sys.argv[1]) if len(sys.argv) > 1 else 1000  # 1000x1000 RGB noise: ~3 MB as PNG
 QUBAX = Path(sys.executable).parent / "qubax"
+AS_JOB = "async" in sys.argv[2:]
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -65,12 +67,13 @@ def main() -> None:
         total = sum(len(image) for image in images) / 2**20
         before = memory(server.pid)
         files = [("image[]", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)]
+        headers = {"authorization": f"Bearer {key.stdout.strip()}"}
         started = time.monotonic()
         response = httpx.post(
             f"{url}/v1/images/edits",
             data={"model": "gpt-image-1.5", "prompt": "a grid"},
             files=files,
-            headers={"authorization": f"Bearer {key.stdout.strip()}"},
+            headers=headers | ({"prefer": "respond-async"} if AS_JOB else {}),
             timeout=120,
         )
         took = time.monotonic() - started
@@ -79,6 +82,11 @@ def main() -> None:
         print(f"server VmRSS before: {before['VmRSS']} MiB; VmHWM after: {after['VmHWM']} MiB")
         growth = after["VmHWM"] - before["VmRSS"]
         print(f"peak growth: {growth} MiB = {growth / total:.2f}x the upload")
+        if AS_JOB:
+            time.sleep(5)  # the job runs, and its files go
+            job = httpx.get(f"{url}/v1/images/jobs/{response.json()['id']}", headers=headers).json()
+            database = sum(path.stat().st_size for path in data.glob("qubax.db*")) / 2**20
+            print(f"job {job['status']}; VmHWM then: {memory(server.pid)['VmHWM']} MiB; database: {database:.1f} MiB")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)

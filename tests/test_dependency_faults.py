@@ -10,6 +10,7 @@ import collections
 import contextlib
 import errno
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from qubax.slots import REDIS_TIMEOUT_SECONDS
 from tests.fakes.openai import FakeOpenAI
 from tests.postgres import binaries, create_database, postgres_server
 from tests.redis import redis_server
@@ -149,6 +151,28 @@ def test_redis_stopped_mid_load(upstream: tuple[FakeOpenAI, str], tmp_path: Path
             answers = under_load(url, key, stop_and_start)
             recovered = recovers(url, key)
         print(f"redis stopped: {tally(answers)}, serving again {recovered:.1f}s after it was back")
+        assert_clear_failures(answers, "limits_unavailable")
+        assert charges(env["QUBAX_DATABASE_URL"], key) == [PRICE] * (tally(answers)[200] + 1)
+
+
+def test_redis_frozen_mid_load(upstream: tuple[FakeOpenAI, str], tmp_path: Path) -> None:
+    """A Redis that stops answering without closing its connections (SIGSTOP: a frozen process, or a
+    host gone from the network) refuses requests once the client's timeout passes; none hangs."""
+    with redis_server() as redis:
+        env = base_env(upstream, tmp_path / "qubax.db") | {"QUBAX_REDIS_URL": redis.url + "/0"}
+        key = new_key(env, tmp_path, "--rpm", "100000")
+        assert redis.process is not None
+        process = redis.process
+        with node(env, tmp_path / "a") as (url, _):
+
+            def freeze_and_thaw() -> None:
+                process.send_signal(signal.SIGSTOP)
+                time.sleep(REDIS_TIMEOUT_SECONDS + OUTAGE_SECONDS)  # past the client's timeout
+                process.send_signal(signal.SIGCONT)
+
+            answers = under_load(url, key, freeze_and_thaw)
+            recovered = recovers(url, key)
+        print(f"redis frozen: {tally(answers)}, serving again {recovered:.1f}s after it thawed")
         assert_clear_failures(answers, "limits_unavailable")
         assert charges(env["QUBAX_DATABASE_URL"], key) == [PRICE] * (tally(answers)[200] + 1)
 

@@ -244,7 +244,12 @@ class ConsoleSession(Base):
 
 def connect(url: str) -> AsyncEngine:
     if not url.startswith("sqlite"):
-        engine = create_async_engine(url)
+        # A server that stops answering (frozen, or a host gone from the network) must not hold requests
+        # for asyncpg's 60 s connect default, or for ever mid-statement: every statement here is a small
+        # indexed one or a batch of inserts.
+        engine = create_async_engine(
+            url, connect_args={"timeout": CONNECT_SECONDS, "command_timeout": STATEMENT_SECONDS}
+        )
         event.listen(engine.sync_engine, "do_connect", connect_or_fail)
         event.listen(engine.sync_engine, "handle_error", unavailable)
         return engine
@@ -259,6 +264,8 @@ def connect(url: str) -> AsyncEngine:
     event.listen(engine.sync_engine, "handle_error", unavailable)
     return engine
 
+
+CONNECT_SECONDS, STATEMENT_SECONDS = 5.0, 15.0
 
 # PostgreSQL's SQLSTATE classes for a failing server rather than a failing statement: the connection
 # (08), resources such as the disk or connection slots (53), a shutdown or start under way (57P).

@@ -9,12 +9,17 @@ import logging
 import secrets
 from collections.abc import Sequence
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from qubax.slots import unreachable
+from qubax.slots import REDIS_TIMEOUT_SECONDS, unreachable
 
 logger = logging.getLogger(__name__)
+# Connections to Redis per process. Past them a command waits for one (each takes well under a
+# millisecond) rather than failing, as redis-py's own pool does past 100 at once: a node with hundreds
+# of requests in flight answered them 503 (tests/test_upstream_capacity.py).
+REDIS_CONNECTIONS = 100
+POOL_WAIT_SECONDS = 10.0
 
 # KEYS: the names to choose among; ARGV: limit, hold in milliseconds, holder token. Takes a slot of the
 # least busy name that has one free; returns its index (1-based), or 0. Redis's clock, not the nodes'.
@@ -55,7 +60,14 @@ return total
 
 async def connect_redis(url: str) -> Redis:
     """A client for the shared store, checked now: a node that cannot share limits must not start."""
-    redis = Redis.from_url(url)
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=POOL_WAIT_SECONDS,
+        socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        socket_timeout=REDIS_TIMEOUT_SECONDS,
+    )
+    redis = Redis.from_pool(pool)
     try:
         await redis.ping()
     except RedisError as exc:

@@ -11,6 +11,10 @@ from typing import Protocol
 
 from qubax.errors import LimitsUnavailable
 
+# Limits are checked on every request: a Redis that stops answering (frozen, or its host gone) gets
+# requests refused with 503 limits_unavailable after this long, instead of holding them for ever.
+REDIS_TIMEOUT_SECONDS = 2.0
+
 
 class Slots(Protocol):
     async def take(self, names: Sequence[str], limit: int) -> tuple[str, str] | None:

@@ -16,7 +16,7 @@ import openai
 import pytest
 from PIL import Image
 
-from qubax.imaging import PNG_SIGNATURE, fill_mask
+from qubax.imaging import PNG_SIGNATURE, fill_mask, fitted
 from qubax.models import MODELS
 from qubax.settings import Settings
 from tests.fakes import decode_data_uri, decode_image
@@ -195,26 +195,34 @@ def zeros_png(width: int, height: int, depth: int = 16) -> bytes:
 def test_an_upload_that_would_decode_past_the_budget_is_refused_from_its_header(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An 8000x8000 PNG of 16-bit RGBA (half a megabyte, 512 MB of samples) is a 400 naming `image`,
-    never decoded: not for a Fill mask (live key), not for a test key's picture."""
+    """An 8000x8000 PNG of 16-bit RGBA (half a megabyte, 512 MB of samples) is never decoded: where a
+    route would decode it (the Fill mask) it is a 400 naming `image`; where it is sent on as it is
+    (Kontext), it goes; a test key draws without it, as its live twin would take it."""
     decoded: list[tuple[int, int]] = []
 
     def counted_fill_mask(image: Image.Image) -> bytes:
         decoded.append(image.size)
         return fill_mask(image)
 
+    def counted_fitted(image: Image.Image, width: int, height: int) -> Image.Image:
+        decoded.append(image.size)
+        return fitted(image, width=width, height=height)
+
     monkeypatch.setattr("qubax.uploads.fill_mask", counted_fill_mask)
+    monkeypatch.setattr("qubax.providers.placeholder.fitted", counted_fitted)
     huge = ("huge.png", zeros_png(8000, 8000))
     with running_stack(settings, providers=("bfl",)) as stack:
-        for sdk, model in ((stack.live, "flux-1-fill-pro"), (stack.test, "gpt-image-1.5")):
-            with pytest.raises(openai.BadRequestError) as caught:
-                sdk.images.edit(model=model, image=huge, prompt="sky")
-            assert caught.value.param == "image"
-            assert "'huge.png' (8000x8000) would take 488 MiB to decode" in caught.value.message
-        assert decoded == [] and stack.bfl.submissions == []
+        with pytest.raises(openai.BadRequestError) as caught:
+            stack.live.images.edit(model="flux-1-fill-pro", image=huge, prompt="sky")
+        assert caught.value.param == "image"
+        assert "'huge.png' (8000x8000) would take 488 MiB to decode" in caught.value.message
+        assert stack.bfl.submissions == []
+        assert len(stack.live.images.edit(model="flux-kontext-pro", image=huge, prompt="sky").data) == 1
+        assert len(stack.test.images.edit(model="gpt-image-1.5", image=huge, prompt="sky").data) == 1
+        assert decoded == [] and len(stack.bfl.submissions) == 1
         # At 8 bits a sample, a quarter of the size is within the default budget of 128 MiB.
         stack.live.images.edit(model="flux-1-fill-pro", image=("half.png", zeros_png(4000, 4000, 8)), prompt="sky")
-        assert decoded == [(4000, 4000)] and len(stack.bfl.submissions) == 1
+        assert decoded == [(4000, 4000)] and len(stack.bfl.submissions) == 2
 
 
 def test_uploads_are_decoded_a_bounded_number_at_a_time(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

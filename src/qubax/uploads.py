@@ -24,6 +24,19 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """The work uploads may cause: the most bytes of pixels one may decode to (`QUBAX_MAX_DECODE_BYTES`),
+    and the bound on how many are decoded at once (`QUBAX_DECODE_CONCURRENCY`), one for the app."""
+
+    budget: int
+    gate: asyncio.Semaphore
+
+
+def unbounded() -> Decoding:
+    return Decoding(2**63, asyncio.Semaphore())
+
+
+@dataclass(frozen=True)
 class InputImage:
     """One uploaded image: its open file (rewind it before each read), and what its header says."""
 
@@ -34,8 +47,9 @@ class InputImage:
     height: int
     alpha: bool = False  # it has transparent areas (an alpha channel or a transparent colour)
     param: str = "image"  # the field it came in: `image` or `mask`
-    # The app's bound on uploads decoded at once (`Decoding.gate`); an upload made alone has its own.
-    gate: asyncio.Semaphore = field(default_factory=asyncio.Semaphore, compare=False, repr=False)
+    cost: int = 0  # bytes its pixels take decoded, judged from its header (`decoded_bytes`)
+    # The app's budget and bound on uploads decoded at once; an upload made alone has its own.
+    decoding: Decoding = field(default_factory=unbounded, compare=False, repr=False)
 
     @property
     def content_type(self) -> str:
@@ -60,10 +74,25 @@ class InputImage:
         os.lseek(handle, 0, os.SEEK_SET)
         return os.fdopen(handle, "rb")
 
+    @property
+    def decodable(self) -> bool:
+        """Whether its pixels fit the decoding budget. Only what a route decodes is held to it: a file
+        passed on to an upstream as it is costs us its bytes, not its pixels."""
+        return self.cost <= self.decoding.budget
+
     async def decode(self, work: Callable[[Image.Image], T]) -> T:
         """`work` done on the image (opened, its pixels not yet read), in a worker thread, while no more
-        than the app's bound of other uploads are being decoded: each may take `QUBAX_MAX_DECODE_BYTES`."""
-        async with self.gate:
+        than the app's bound of other uploads are being decoded; refused (400) past the budget, from its
+        header, before any pixel is read."""
+        if not self.decodable:
+            budget = self.decoding.budget
+            raise InvalidRequest(
+                f"{self.param} {self.filename!r} ({self.width}x{self.height}) would take {self.cost // 2**20} MiB "
+                f"to decode; this server decodes at most {budget // 2**20} MiB (QUBAX_MAX_DECODE_BYTES). "
+                "Send a smaller image.",
+                param=self.param,
+            )
+        async with self.decoding.gate:
             return await asyncio.to_thread(self.decode_now, work)
 
     def decode_now(self, work: Callable[[Image.Image], T]) -> T:
@@ -122,15 +151,6 @@ def digest(upload: UploadFile) -> bytes:
     return found.digest()
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """The work uploads may cause: the most bytes of pixels one may decode to (`QUBAX_MAX_DECODE_BYTES`),
-    and the bound on how many are decoded at once (`QUBAX_DECODE_CONCURRENCY`), one for the app."""
-
-    budget: int
-    gate: asyncio.Semaphore
-
-
 async def read_uploads(
     images: list[UploadFile], mask: UploadFile | None, decoding: Decoding
 ) -> tuple[tuple[InputImage, ...], InputImage | None]:
@@ -187,15 +207,10 @@ def inspect(upload: UploadFile, param: str, limit: int, decoding: Decoding) -> I
         raise InvalidRequest(
             f"{param} {name!r} is {width}x{height}: more than {MAX_PIXELS // 1_000_000} million pixels.", param=param
         )
-    if (cost := decoded_bytes(width, height, header)) > decoding.budget:
-        raise InvalidRequest(
-            f"{param} {name!r} ({width}x{height}) would take {cost // 2**20} MiB to decode; this server decodes "
-            f"at most {decoding.budget // 2**20} MiB (QUBAX_MAX_DECODE_BYTES). Send a smaller image.",
-            param=param,
-        )
     if not whole(upload.file, kind):
         raise InvalidRequest(f"{param} {name!r} is cut short or damaged: not a whole {kind.upper()} file.", param=param)
-    return InputImage(upload.file, name, kind, width, height, alpha, param, decoding.gate)
+    cost = decoded_bytes(width, height, header)
+    return InputImage(upload.file, name, kind, width, height, alpha, param, cost, decoding)
 
 
 def whole(file: BinaryIO, kind: str) -> bool:

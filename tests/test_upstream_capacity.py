@@ -12,15 +12,18 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
 from qubax import connection
 from qubax.app import create_app
+from qubax.cli import main
 from qubax.providers.http import open_session, send
 from qubax.providers.pool import KeyPool
 from qubax.settings import Settings
+from tests.conftest import cli_env
 from tests.fakes.openai import FakeOpenAI
 from tests.providers.test_http import answer, listening, read_request
 from tests.server import serve
@@ -68,7 +71,15 @@ def descriptors(needed: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, before)
 
 
-def test_300_slow_requests_all_reach_the_upstream_at_once_while_its_cap_allows_them(settings: Settings) -> None:
+# A key's own limits, each far above the load: their counts (in Redis on the production stack) must not
+# hold the requests back either.
+GENEROUS = ("--rpm", "100000", "--images-per-day", "100000", "--max-concurrent", "10000", "--monthly-budget-usd", "1e5")
+
+
+@pytest.mark.parametrize("limits", [(), GENEROUS], ids=["unlimited-key", "limited-key"])
+def test_300_slow_requests_all_reach_the_upstream_at_once_while_its_cap_allows_them(
+    settings: Settings, limits: tuple[str, ...]
+) -> None:
     fake = Gathering(IN_FLIGHT)
     with descriptors(5 * IN_FLIGHT), serve(fake.app) as upstream:
         settings.credentials["openai"] = SecretStr("test-key")
@@ -77,9 +88,13 @@ def test_300_slow_requests_all_reach_the_upstream_at_once_while_its_cap_allows_t
         catalog.write_text(f"[providers.openai]\nconcurrency = {IN_FLIGHT}\n")  # the provider's cap allows them
         settings.catalog = catalog
         with running_stack(settings, providers=()) as stack:
+            key = stack.live_key
+            if limits:
+                created = CliRunner().invoke(main, ["keys", "create", *limits], env=cli_env(settings))
+                key = created.stdout.strip().splitlines()[-1]
 
             async def all_at_once() -> list[openai.types.ImagesResponse]:
-                client = openai.AsyncOpenAI(api_key=stack.live_key, base_url=stack.url + "/v1", max_retries=0)
+                client = openai.AsyncOpenAI(api_key=key, base_url=stack.url + "/v1", max_retries=0)
                 calls = (client.images.generate(model="dall-e-3", prompt=f"p{i}") for i in range(IN_FLIGHT))
                 try:
                     return await asyncio.gather(*calls)

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from qubax import db
 from qubax.catalog import ImageRequest
 from qubax.errors import QuotaExceeded, RateLimited
-from qubax.slots import REDIS_TIMEOUT_SECONDS, Slots, unreachable
+from qubax.slots import Slots, unreachable
 
 # Wrong admin tokens one address may send a minute: the token is long, but guessing should not be free.
 ADMIN_FAILURES = RateLimitItemPerMinute(10)
@@ -28,14 +28,16 @@ SLOT_WAIT_SECONDS = 0.25  # how often a job waiting for its key's concurrency lo
 def limiter_storage(redis_url: str | None) -> Storage:
     if redis_url is None:
         return MemoryStorage()
+    from qubax.shared_slots import blocking_pool  # the `redis` extra: only when asked for
+
     # wrap_exceptions: any Redis failure arrives as one StorageError, refused below as a 503.
     return RedisStorage(
         f"async+{redis_url}",
         wrap_exceptions=True,
         implementation="redispy",
         key_prefix="qubax:rpm",
-        socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-        socket_timeout=REDIS_TIMEOUT_SECONDS,
+        # Passed on to redis.asyncio.Redis, as limits documents; its annotation allows only scalars.
+        connection_pool=blocking_pool(redis_url),  # type: ignore[arg-type]
     )
 
 

@@ -58,16 +58,20 @@ return total
 """
 
 
-async def connect_redis(url: str) -> Redis:
-    """A client for the shared store, checked now: a node that cannot share limits must not start."""
-    pool = BlockingConnectionPool.from_url(
+def blocking_pool(url: str) -> BlockingConnectionPool:
+    """Connections to the Redis at `url`, for the slots' client and the rate limiter's."""
+    return BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_CONNECTIONS,
         timeout=POOL_WAIT_SECONDS,
         socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         socket_timeout=REDIS_TIMEOUT_SECONDS,
     )
-    redis = Redis.from_pool(pool)
+
+
+async def connect_redis(url: str) -> Redis:
+    """A client for the shared store, checked now: a node that cannot share limits must not start."""
+    redis = Redis.from_pool(blocking_pool(url))
     try:
         await redis.ping()
     except RedisError as exc:

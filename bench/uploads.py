@@ -12,6 +12,7 @@ picture from the first image, so no upstream is involved: what is measured is ta
 checking it and answering.
 """
 
+import contextlib
 import io
 import os
 import random
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,7 +49,9 @@ def noise(seed: int) -> bytes:
     return out.getvalue()
 
 
-def main() -> None:
+@contextlib.contextmanager
+def serving() -> Iterator[tuple[str, str, int, Path]]:
+    """`qubax serve` on a fresh data folder, healthy: its URL, a test key, its pid and the folder."""
     data = Path(tempfile.mkdtemp(prefix="qubax-uploads-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUBAX_")} | {"QUBAX_DATA_DIR": str(data)}
     key = subprocess.run([QUBAX, "keys", "create", "--test"], env=env, capture_output=True, text=True, check=True)
@@ -63,11 +67,19 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
+        yield url, key.stdout.strip(), server.pid, data
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(10)
+
+
+def main() -> None:
+    with serving() as (url, key, pid, data):
         images = [noise(seed) for seed in range(IMAGES)]
         total = sum(len(image) for image in images) / 2**20
-        before = memory(server.pid)
+        before = memory(pid)
         files = [("image[]", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)]
-        headers = {"authorization": f"Bearer {key.stdout.strip()}"}
+        headers = {"authorization": f"Bearer {key}"}
         started = time.monotonic()
         response = httpx.post(
             f"{url}/v1/images/edits",
@@ -77,7 +89,7 @@ def main() -> None:
             timeout=120,
         )
         took = time.monotonic() - started
-        after = memory(server.pid)
+        after = memory(pid)
         print(f"upload: {IMAGES} images, {total:.1f} MiB in all; answer {response.status_code} in {took:.1f} s")
         print(f"server VmRSS before: {before['VmRSS']} MiB; VmHWM after: {after['VmHWM']} MiB")
         growth = after["VmHWM"] - before["VmRSS"]
@@ -86,10 +98,7 @@ def main() -> None:
             time.sleep(5)  # the job runs, and its files go
             job = httpx.get(f"{url}/v1/images/jobs/{response.json()['id']}", headers=headers).json()
             database = sum(path.stat().st_size for path in data.glob("qubax.db*")) / 2**20
-            print(f"job {job['status']}; VmHWM then: {memory(server.pid)['VmHWM']} MiB; database: {database:.1f} MiB")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(10)
+            print(f"job {job['status']}; VmHWM then: {memory(pid)['VmHWM']} MiB; database: {database:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -6,42 +6,17 @@ The requests below send a head and no body: an answer that came at all was made 
 Had the server waited for it, the answer would be the body timeout's 408."""
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.test_admin import TOKEN
-from tests.test_connection import answer, connected, error_code, status
-from tests.test_readme import free_port, wait_for_health
+from tests.test_connection import answer, connected, error_code, served, status
 
 HUGE = 2_000_000_000  # a declared body no route takes
 UPLOAD_LIMIT = 2 * 1024 * 1024
 WITHIN_UPLOAD_LIMIT = UPLOAD_LIMIT - 1024  # but far past a console form's 16 KiB
-
-
-@contextlib.contextmanager
-def served(data: Path, **variables: str) -> Iterator[int]:
-    """`qubax serve` in its own process with these variables; yields its port."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBAX_")}
-    env |= {"QUBAX_DATA_DIR": str(data / "data"), "QUBAX_ADMIN_TOKEN": TOKEN, **variables}
-    port = free_port()
-    qubax = str(Path(sys.executable).parent / "qubax")
-    with (data / "serve.log").open("wb") as log:
-        server = subprocess.Popen(
-            [qubax, "serve", "--port", str(port)], env=env, stdout=log, stderr=log, start_new_session=True
-        )
-        try:
-            wait_for_health(f"http://127.0.0.1:{port}", server, 30)
-            yield port
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(10)
 
 
 class Server:
@@ -79,7 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "QUBAX_BODY_TIMEOUT_SECONDS": "5",
         "QUBAX_ACCESS_LOG": "false",
     }
-    with served(tmp_path_factory.mktemp("bodies"), **variables) as port:
+    with served(tmp_path_factory.mktemp("bodies"), QUBAX_ADMIN_TOKEN=TOKEN, **variables) as port:
         yield Server(port)
 
 

@@ -27,11 +27,11 @@ LIMITS = {
 HEALTH = b"GET /healthz HTTP/1.1\r\nhost: qubax\r\n\r\n"
 
 
-@pytest.fixture(scope="module")
-def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    data = tmp_path_factory.mktemp("serve")
+@contextlib.contextmanager
+def served(data: Path, **variables: str) -> Iterator[int]:
+    """`qubax serve` in its own process with these variables; yields its port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUBAX_")}
-    env |= {"QUBAX_DATA_DIR": str(data / "data"), "QUBAX_ACCESS_LOG": "false", **LIMITS}
+    env |= {"QUBAX_DATA_DIR": str(data / "data"), **variables}
     port = free_port()
     qubax = str(Path(sys.executable).parent / "qubax")
     with (data / "serve.log").open("wb") as log:
@@ -44,6 +44,12 @@ def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(10)
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    with served(tmp_path_factory.mktemp("serve"), QUBAX_ACCESS_LOG="false", **LIMITS) as port:
+        yield port
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import shutil
 import signal
 import sqlite3
@@ -103,6 +104,19 @@ def recovers(url: str, key: str, seconds: float = 15, body: dict[str, object] = 
     return time.monotonic() - began
 
 
+def outage(
+    stop: Callable[[], object], start: Callable[[], object], seconds: float = OUTAGE_SECONDS
+) -> Callable[[], None]:
+    """The fault `under_load` runs: `stop`, `seconds` without the part, `start`."""
+
+    def fault() -> None:
+        stop()
+        time.sleep(seconds)
+        start()
+
+    return fault
+
+
 def tally(answers: list[Answer]) -> dict[int | str, int]:
     """How many of each status, and of each error code."""
     return dict(collections.Counter(a.status for a in answers) + collections.Counter(a.code for a in answers if a.code))
@@ -122,13 +136,7 @@ def test_postgresql_restarted_mid_load(upstream: tuple[FakeOpenAI, str], tmp_pat
         env = base_env(upstream, asyncio.run(create_database(postgres.url, "faults")))
         key = new_key(env, tmp_path)
         with node(env, tmp_path / "a") as (url, _):
-
-            def restart() -> None:
-                postgres.stop()
-                time.sleep(OUTAGE_SECONDS)
-                postgres.start()
-
-            answers = under_load(url, key, restart)
+            answers = under_load(url, key, outage(postgres.stop, postgres.start))
             recovered = recovers(url, key)
         print(f"postgresql restarted: {tally(answers)}, serving again {recovered:.1f}s after it was back")
         assert_clear_failures(answers, "database_unavailable")
@@ -142,13 +150,7 @@ def test_redis_stopped_mid_load(upstream: tuple[FakeOpenAI, str], tmp_path: Path
         env = base_env(upstream, tmp_path / "qubax.db") | {"QUBAX_REDIS_URL": redis.url + "/0"}
         key = new_key(env, tmp_path, "--rpm", "100000")  # a limit: every request is counted in Redis
         with node(env, tmp_path / "a") as (url, _):
-
-            def stop_and_start() -> None:
-                redis.stop()
-                time.sleep(OUTAGE_SECONDS)
-                redis.start()
-
-            answers = under_load(url, key, stop_and_start)
+            answers = under_load(url, key, outage(redis.stop, redis.start))
             recovered = recovers(url, key)
         print(f"redis stopped: {tally(answers)}, serving again {recovered:.1f}s after it was back")
         assert_clear_failures(answers, "limits_unavailable")
@@ -164,13 +166,9 @@ def test_redis_frozen_mid_load(upstream: tuple[FakeOpenAI, str], tmp_path: Path)
         assert redis.process is not None
         process = redis.process
         with node(env, tmp_path / "a") as (url, _):
-
-            def freeze_and_thaw() -> None:
-                process.send_signal(signal.SIGSTOP)
-                time.sleep(REDIS_TIMEOUT_SECONDS + OUTAGE_SECONDS)  # past the client's timeout
-                process.send_signal(signal.SIGCONT)
-
-            answers = under_load(url, key, freeze_and_thaw)
+            freeze, thaw = (functools.partial(process.send_signal, sig) for sig in (signal.SIGSTOP, signal.SIGCONT))
+            # Frozen past the client's timeout.
+            answers = under_load(url, key, outage(freeze, thaw, REDIS_TIMEOUT_SECONDS + OUTAGE_SECONDS))
             recovered = recovers(url, key)
         print(f"redis frozen: {tally(answers)}, serving again {recovered:.1f}s after it thawed")
         assert_clear_failures(answers, "limits_unavailable")
@@ -185,13 +183,7 @@ def test_s3_stopped_mid_load(upstream: tuple[FakeOpenAI, str], tmp_path: Path) -
         key = new_key(env, tmp_path)
         body = BODY | {"response_format": "url"}
         with node(env, tmp_path / "a") as (url, _):
-
-            def stop_and_start() -> None:
-                s3.stop()
-                time.sleep(OUTAGE_SECONDS)
-                s3.start()
-
-            answers = under_load(url, key, stop_and_start, body)
+            answers = under_load(url, key, outage(s3.stop, s3.start), body)
             recovered = recovers(url, key, body=body)
         print(f"s3 stopped: {tally(answers)}, serving again {recovered:.1f}s after it was back")
         assert_clear_failures(answers, "storage_unavailable")
@@ -241,13 +233,7 @@ def test_disk_full_mid_load(full: str, upstream: tuple[FakeOpenAI, str], tmp_pat
         key = new_key(env, tmp_path)
         body = BODY | {"response_format": response_format}
         with node(env, tmp_path / "data") as (url, _):
-
-            def fill_and_free() -> None:
-                filler = fill(disk)
-                time.sleep(OUTAGE_SECONDS)
-                filler.unlink()
-
-            answers = under_load(url, key, fill_and_free, body)
+            answers = under_load(url, key, outage(lambda: fill(disk), (disk / "filler").unlink), body)
             recovered = recovers(url, key, body=body)
         print(f"{full} disk full: {tally(answers)}, serving again {recovered:.1f}s after it had room")
         assert_clear_failures(answers, code)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_bodies import served
+from tests.test_admin import TOKEN
+from tests.test_connection import served
 
 TRIES = 12  # wrong admin tokens, two past the 10 a minute an address may send
 
@@ -29,7 +30,7 @@ def logged_clients(data: Path) -> list[str]:
 
 
 def test_forwarded_addresses_are_not_believed_by_default(tmp_path: Path) -> None:
-    with served(tmp_path, QUBAX_LOG_FORMAT="json") as port:
+    with served(tmp_path, QUBAX_ADMIN_TOKEN=TOKEN, QUBAX_LOG_FORMAT="json") as port:
         statuses = wrong_tokens(port)
 
     assert statuses == [401] * 10 + [429] * 2
@@ -37,7 +38,9 @@ def test_forwarded_addresses_are_not_believed_by_default(tmp_path: Path) -> None
 
 
 def test_forwarded_addresses_from_a_named_proxy_are_believed(tmp_path: Path) -> None:
-    with served(tmp_path, QUBAX_LOG_FORMAT="json", QUBAX_FORWARDED_ALLOW_IPS="127.0.0.1") as port:
+    with served(
+        tmp_path, QUBAX_ADMIN_TOKEN=TOKEN, QUBAX_LOG_FORMAT="json", QUBAX_FORWARDED_ALLOW_IPS="127.0.0.1"
+    ) as port:
         statuses = wrong_tokens(port)
 
     assert statuses == [401] * TRIES  # each address has its own count

@@ -25,6 +25,11 @@ T = TypeVar("T")
 # A task that is already running (and billed) deserves more than one bad poll before we give up on it.
 POLL_RETRIES = 5
 logger = logging.getLogger("qubax")
+# Below the 5 s after which uvicorn and Node close an idle connection (a self-hosted OpenAI-compatible
+# host): a server that closes first races our next POST on that connection, which fails and is not
+# sent again, as it may have arrived. A new connection costs a handshake, nothing beside an image's
+# seconds. (aiohttp's own 15 s lost 1,075 requests in a second against such a host, bench/README.md.)
+KEEPALIVE_SECONDS = 4.0
 CANCEL_TIMEOUT = 5.0  # seconds a best-effort cancel may take once our caller has gone
 
 
@@ -80,14 +85,16 @@ async def open_session(
     """The one upstream HTTP session of an app. Proxies come from HTTP_PROXY / HTTPS_PROXY / NO_PROXY and
     trusted CAs from SSL_CERT_FILE / SSL_CERT_DIR, as read when the session opens. At most `connections`
     at once (0: no cap; more wait for one, within the request's deadline, and each wait is logged and
-    told to `waited`); idle ones close after 15 s, before servers close theirs. A GET, PUT or DELETE
+    told to `waited`); idle ones close after KEEPALIVE_SECONDS, before servers close theirs. A GET, PUT or DELETE
     whose kept-alive connection turns out closed is sent once more on a new one (aiohttp does this); a
     POST is not, as it may have arrived.
 
     Not aiohttp's `trust_env`: besides proxies it sends ~/.netrc credentials to any host they name
     (every download included), and looks both up in a thread on every request."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=timeouts.read)
-    connector = aiohttp.TCPConnector(limit=connections, ssl=ssl.create_default_context())
+    connector = aiohttp.TCPConnector(
+        limit=connections, ssl=ssl.create_default_context(), keepalive_timeout=KEEPALIVE_SECONDS
+    )
     found = urllib.request.getproxies_environment()
     proxies: dict[str, str] = {name: found[name] for name in ("http", "https", "no") if name in found}
     async with aiohttp.ClientSession(

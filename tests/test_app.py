@@ -1,6 +1,7 @@
 """The app's wiring: crashes become OpenAI-shaped 500s, every response has a request id."""
 
 import asyncio
+import gc
 
 import httpx
 import openai
@@ -9,6 +10,7 @@ from sqlalchemy import select
 
 from qubax import db, generation
 from qubax.app import create_app
+from qubax.services import GC_MIDDLE_THRESHOLD, GC_THRESHOLD
 from qubax.settings import Settings
 from tests.server import serve
 
@@ -50,6 +52,15 @@ def test_sdk_sees_413_for_a_huge_prompt(base_url: str, test_key: str) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         client.images.generate(model="flux-1.1-pro", prompt="x" * (1024 * 1024 + 1))
     assert (caught.value.status_code, caught.value.code) == (413, "request_too_large")
+
+
+def test_the_collector_goes_over_requests_in_flight_rarely(base_url: str) -> None:
+    """A started app leaves the objects of requests held by a slow upstream to their end (freed when the
+    request ends) instead of the collector's middle generation going over them again and again."""
+    assert httpx.get(f"{base_url}/healthz").status_code == 200
+    young, middle, _ = gc.get_threshold()
+    assert (young, middle) == (GC_THRESHOLD, GC_MIDDLE_THRESHOLD)
+    assert middle > 10  # the interpreter's default
 
 
 def test_request_ids_are_unique(base_url: str) -> None:

@@ -42,8 +42,20 @@ def served(data: Path, **variables: str) -> Iterator[int]:
             wait_for_health(f"http://127.0.0.1:{port}", server, 30)
             yield port
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(10)
+            stop(server, data / "serve.log")
+
+
+def stop(server: "subprocess.Popen[bytes]", log: Path) -> None:
+    """SIGTERM, as an operator's supervisor sends it; a server still running 30 s later is killed and
+    the test fails with the end of its log, which says what it was waiting for."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        pytest.fail(f"`qubax serve` did not stop within 30 s of SIGTERM; its log ends:\n{tail}")
 
 
 @pytest.fixture(scope="module")

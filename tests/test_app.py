@@ -6,6 +6,7 @@ import gc
 import httpx
 import openai
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from qubax import db, generation
@@ -109,3 +110,9 @@ def test_pinned_hosts_refuse_requests_naming_any_other(settings: Settings, test_
         )
         image = client.images.generate(model="flux-1-schnell", prompt="p", size="256x256").data[0]
         assert image.url is not None and image.url.startswith("http://eu.qubax.test/images/")
+
+
+@pytest.mark.parametrize("patterns", ["api-*.example.com", "*example.com", "api.*.example.com"])
+def test_a_host_pattern_the_check_cannot_match_stops_the_start(patterns: str) -> None:
+    with pytest.raises(ValidationError, match="a pattern must be a host name or like"):
+        Settings(allowed_hosts=f"api.example.com, {patterns}")

@@ -2,19 +2,17 @@
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import secrets
 import time
-import urllib.parse
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qubax import admin, console, docs, routes, runner, webhooks
@@ -161,27 +159,32 @@ class RequestLog:
 
 class AllowedHosts:
     """Refuses requests whose Host header names none of the operator's hosts (`QUBAX_ALLOWED_HOSTS`):
-    without `QUBAX_PUBLIC_URL`, that header is the host of the image URLs we hand out."""
+    without `QUBAX_PUBLIC_URL`, that header is the host of the image URLs we hand out. Starlette's
+    `TrustedHostMiddleware` decides; its plain-text refusal is answered as OpenAI answers errors instead."""
 
     def __init__(self, app: ASGIApp, patterns: list[str]) -> None:
         self.app = app
-        self.patterns = patterns
+        self.check = TrustedHostMiddleware(admitted, patterns, www_redirect=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.allows(Headers(scope=scope).get("host", "")):
+        refused = False
+
+        async def refuse(message: Message) -> None:  # the check sends only when it refuses
+            nonlocal refused
+            refused = True
+
+        if scope["type"] == "http":
+            await self.check(scope, receive, refuse)
+        if refused:
             message = "The Host header names a host this server does not answer for."
             refusal = InvalidRequest(message, code="invalid_host")
             await error_response(refusal.status_code, refusal.to_body())(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    def allows(self, host: str) -> bool:
-        parts = urllib.parse.urlsplit(f"//{host}")
-        try:
-            parts.port  # noqa: B018 (read for its check: a port that is no number raises)
-        except ValueError:
-            return False
-        return any(fnmatch.fnmatchcase(parts.hostname or "", pattern) for pattern in self.patterns)
+
+async def admitted(scope: Scope, receive: Receive, send: Send) -> None:
+    """The check's own app: a request it lets through goes on to `AllowedHosts.app` afterwards."""
 
 
 def crash_response(request_id: str) -> JSONResponse:

@@ -92,6 +92,15 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return value
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def host_wildcards(cls, value: str | None) -> str | None:
+        """Starlette's `TrustedHostMiddleware` matches these, and takes `*` alone or as a `*.` prefix only."""
+        for pattern in host_patterns(value):
+            if pattern != "*" and "*" in pattern.removeprefix("*."):
+                raise ValueError(f"{pattern!r}: a pattern must be a host name or like *.example.com")
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -171,7 +171,14 @@ class ServiceUnavailable(TryLater):
 
 
 class LimitsUnavailable(ServiceUnavailable):
+    """Without the shared limits store no node can tell whether a limit holds: refuse rather than guess."""
+
     code = "limits_unavailable"
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(
+            f"The shared limits store is unreachable ({type(cause).__name__}); try again shortly.", retry_after=1
+        )
 
 
 # What we tell clients to wait when a part we depend on fails: a database restart or a bucket's hiccup

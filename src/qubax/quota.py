@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax import db
 from qubax.catalog import ImageRequest
-from qubax.errors import QuotaExceeded, RateLimited
-from qubax.slots import Slots, unreachable
+from qubax.errors import LimitsUnavailable, QuotaExceeded, RateLimited
+from qubax.slots import Slots
 
 # Wrong admin tokens one address may send a minute: the token is long, but guessing should not be free.
 ADMIN_FAILURES = RateLimitItemPerMinute(10)
@@ -53,7 +53,7 @@ class Quotas:
             allowed = await self.window.test(ADMIN_FAILURES, client, "admin")
             stats = None if allowed else await self.window.get_window_stats(ADMIN_FAILURES, client, "admin")
         except StorageError as exc:
-            raise unreachable(exc) from exc
+            raise LimitsUnavailable(exc) from exc
         if stats is not None:
             raise RateLimited(
                 f"Too many failed admin attempts from this address: at most {ADMIN_FAILURES.amount} a minute.",
@@ -64,7 +64,7 @@ class Quotas:
         try:
             await self.window.hit(ADMIN_FAILURES, client, "admin")
         except StorageError as exc:
-            raise unreachable(exc) from exc
+            raise LimitsUnavailable(exc) from exc
 
     def hold(self, key: db.KeyRecord, request: ImageRequest, concurrent: bool = True) -> "Hold":
         """Admit one request, or raise a 429; the block gets the rate headers to send back. The request's
@@ -94,7 +94,7 @@ class Quotas:
             allowed = await self.window.hit(item, key.id)
             stats = await self.window.get_window_stats(item, key.id)
         except StorageError as exc:
-            raise unreachable(exc) from exc
+            raise LimitsUnavailable(exc) from exc
         reset = max(0.0, stats.reset_time - time.time())
         headers = {
             "x-ratelimit-limit-requests": str(key.rpm),

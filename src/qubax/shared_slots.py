@@ -12,9 +12,12 @@ from collections.abc import Sequence
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from qubax.slots import REDIS_TIMEOUT_SECONDS, unreachable
+from qubax.errors import LimitsUnavailable
 
 logger = logging.getLogger(__name__)
+# Limits are checked on every request: a Redis that stops answering (frozen, or its host gone) gets
+# requests refused with 503 limits_unavailable after this long, instead of holding them for ever.
+REDIS_TIMEOUT_SECONDS = 2.0
 # Connections to Redis per process. Past them a command waits for one (each takes well under a
 # millisecond) rather than failing, as redis-py's own pool does past 100 at once: a node with hundreds
 # of requests in flight answered them 503 (tests/test_upstream_capacity.py).
@@ -96,7 +99,7 @@ class RedisSlots:
         try:
             chosen = int(await self.take_script(keys=keys, args=[limit, int(self.hold_seconds * 1000), token]))
         except RedisError as exc:
-            raise unreachable(exc) from exc
+            raise LimitsUnavailable(exc) from exc
         return (names[chosen - 1], token) if chosen else None
 
     async def reserve(self, name: str, amount: int) -> tuple[str, int]:
@@ -104,14 +107,14 @@ class RedisSlots:
         try:
             total = await self.reserve_script(keys=[self.prefix + name], args=[int(self.hold_seconds * 1000), token])
         except RedisError as exc:
-            raise unreachable(exc) from exc
+            raise LimitsUnavailable(exc) from exc
         return token, int(total)
 
     async def check(self) -> None:
         try:
             await self.redis.ping()
         except RedisError as exc:
-            raise unreachable(exc) from exc
+            raise LimitsUnavailable(exc) from exc
 
     async def give_back(self, name: str, token: str) -> None:
         try:

@@ -9,12 +9,6 @@ import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from qubax.errors import LimitsUnavailable
-
-# Limits are checked on every request: a Redis that stops answering (frozen, or its host gone) gets
-# requests refused with 503 limits_unavailable after this long, instead of holding them for ever.
-REDIS_TIMEOUT_SECONDS = 2.0
-
 
 class Slots(Protocol):
     async def take(self, names: Sequence[str], limit: int) -> tuple[str, str] | None:
@@ -79,10 +73,3 @@ class LocalSlots:
         del holders[token]
         if not holders:
             del self.held[name]
-
-
-def unreachable(exc: Exception) -> LimitsUnavailable:
-    """Without the shared store no node can tell whether a limit holds: refuse rather than guess."""
-    return LimitsUnavailable(
-        f"The shared limits store is unreachable ({type(exc).__name__}); try again shortly.", retry_after=1
-    )

@@ -1,9 +1,15 @@
 """Every provider we can route to; adding one means one module (with its `INFO`) and one line here."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from qubax.providers import Provider, ProviderInfo, Upstream, bfl, fal, openai, replicate, together
 from qubax.providers.http import Http
-from qubax.settings import Settings
 from qubax.slots import Slots
+
+if TYPE_CHECKING:  # settings reads each provider's variables from this registry: here it is a type only
+    from qubax.settings import Settings
 
 PROVIDERS: dict[str, ProviderInfo] = {
     bfl.INFO.name: bfl.INFO,

@@ -20,12 +20,12 @@ from starlette.responses import Response
 from qubax import connection
 from qubax.app import create_app
 from qubax.cli import main
-from qubax.providers.http import open_session, send
 from qubax.providers.pool import KeyPool
+from qubax.providers.transport import open_session, send
 from qubax.settings import Settings
 from tests.conftest import cli_env
 from tests.fakes.openai import FakeOpenAI
-from tests.providers.test_http import answer, listening, read_request
+from tests.providers.test_transport import answer, listening, read_request
 from tests.server import serve
 from tests.stack import running_stack
 

@@ -25,8 +25,8 @@ from qubax.ledger import Ledger
 from qubax.masking import Mask, configured_secrets
 from qubax.metrics import Metrics
 from qubax.providers import Provider
-from qubax.providers.http import Http, Timeouts, open_session
 from qubax.providers.registry import build_providers
+from qubax.providers.transport import Http, Timeouts, open_session
 from qubax.quota import Quotas, limiter_storage
 from qubax.settings import Settings
 from qubax.slots import open_slots

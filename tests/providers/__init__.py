@@ -8,7 +8,7 @@ from typing import Any
 from qubax.catalog import Catalog, ImageRequest
 from qubax.models import MODELS
 from qubax.providers import GeneratedImage, Provider, Upstream
-from qubax.providers.http import open_session
+from qubax.providers.transport import open_session
 
 
 @dataclass(frozen=True)

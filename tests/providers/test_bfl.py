@@ -10,7 +10,7 @@ from PIL import Image
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.bfl import BFL
-from qubax.providers.http import open_session
+from qubax.providers.transport import open_session
 from tests.fakes.bfl import FakeBFL
 from tests.providers import Job, ask, run_adapter
 from tests.server import serve

@@ -15,7 +15,7 @@ from PIL import Image
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.fal import Fal
-from qubax.providers.http import open_session
+from qubax.providers.transport import open_session
 from qubax.uploads import InputImage
 from tests.fakes.bfl import ULTRA_SIZES
 from tests.fakes.fal import PRO, SCHNELL, ULTRA, FakeFal
@@ -445,7 +445,7 @@ async def test_a_cancel_that_hangs_does_not_hold_up_the_cancellation(
 ) -> None:
     fake.queued_polls = 10_000
     fake.cancel_delay = 5.0
-    monkeypatch.setattr("qubax.providers.http.CANCEL_TIMEOUT", 0.1)
+    monkeypatch.setattr("qubax.providers.polling.CANCEL_TIMEOUT", 0.1)
     async with open_session() as http:
         adapter = Fal(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
         task = asyncio.create_task(ask(adapter, pro()))

@@ -10,8 +10,8 @@ from PIL import Image
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import Upstream
-from qubax.providers.http import Http, open_session
 from qubax.providers.openai import OpenAI
+from qubax.providers.transport import Http, open_session
 from qubax.uploads import InputImage
 from tests.fakes.openai import SAFETY_MESSAGE, FakeOpenAI
 from tests.providers import Job, ask

@@ -7,9 +7,9 @@ from pydantic import SecretStr
 
 from qubax.app import create_app
 from qubax.providers import ProviderInfo
-from qubax.providers.http import open_session
 from qubax.providers.openai import OpenAI
 from qubax.providers.registry import PROVIDERS, build_providers, credentials, default_concurrency
+from qubax.providers.transport import open_session
 from qubax.settings import Settings
 from qubax.slots import LocalSlots
 from tests.conftest import create_key

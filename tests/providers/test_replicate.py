@@ -13,8 +13,8 @@ from PIL import Image
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, Upstream
-from qubax.providers.http import open_session
 from qubax.providers.replicate import Replicate
+from qubax.providers.transport import open_session
 from qubax.uploads import InputImage
 from tests.fakes.replicate import FILL, KONTEXT, NSFW_ERROR, PRO, SCHNELL, ULTRA, FakeReplicate
 from tests.providers import Job, ask, run_adapter

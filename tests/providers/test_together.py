@@ -9,8 +9,8 @@ from PIL import Image
 
 from qubax.errors import ContentPolicyViolation, UpstreamError
 from qubax.providers import Upstream
-from qubax.providers.http import Http, open_session
 from qubax.providers.together import Together
+from qubax.providers.transport import Http, open_session
 from tests.fakes.together import FakeTogether
 from tests.providers import Job, ask
 from tests.server import serve

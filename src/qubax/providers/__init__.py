@@ -10,15 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from qubax.catalog import ImageRequest
 from qubax.protocol import Usage
 from qubax.providers.pool import KeyPool
+from qubax.providers.transport import Http
 from qubax.slots import Slots
-
-if TYPE_CHECKING:  # the module imports this one
-    from qubax.providers.http import Http
 
 
 @dataclass(frozen=True)
@@ -43,11 +41,11 @@ class Tokens:
 
 class Upstream:
     """How to reach one provider: the shared HTTP session, where, a pool of credentials, and the hosts
-    its results may be downloaded from (besides the base URL's own origin: `http.trusted`)."""
+    its results may be downloaded from (besides the base URL's own origin: `hosts.trusted`)."""
 
     def __init__(
         self,
-        http: "Http",
+        http: Http,
         base_url: str,
         keys: str | Sequence[str],
         poll_interval: float = 0.5,

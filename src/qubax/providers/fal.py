@@ -6,7 +6,14 @@ from typing import Any
 
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio, http
+from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
+from qubax.providers.batches import fan_out
+from qubax.providers.deliveries import decode_b64, download
+from qubax.providers.failures import DETAIL_CHARS, billed, check_status
+from qubax.providers.hosts import trusted
+from qubax.providers.polling import accepted, cancel_quietly, poll, resumable
+from qubax.providers.replies import Reply, read_json
+from qubax.providers.transport import send
 from qubax.uploads import EncodedInputs, encode_inputs
 
 NAME, PROVIDER = "fal", "fal.ai"
@@ -30,22 +37,20 @@ class Fal:
         inputs = await encode_inputs(request.images, request.mask, fill=model == FILL)
         counts = [min(MAX_PER_REQUEST, request.n - start) for start in range(0, request.n, MAX_PER_REQUEST)]
         endpoint = app_for(model, len(request.images))
-        return await http.fan_out(
-            self._request(endpoint, body(request, model, count, inputs), count) for count in counts
-        )
+        return await fan_out(self._request(endpoint, body(request, model, count, inputs), count) for count in counts)
 
     async def _request(self, endpoint: str, payload: dict[str, Any], count: int) -> list[GeneratedImage]:
-        urls = http.resumable(NAME, endpoint, count)  # queued by a node that died: waited on, not sent again
+        urls = resumable(NAME, endpoint, count)  # queued by a node that died: waited on, not sent again
         # A request counts against the key's concurrency cap from submission until its result is in.
         async with self.upstream.lease(urls) as key:
             headers = {"authorization": f"Key {key}", "accept": "application/json"}
             if urls is None:
                 urls = await self._submit(endpoint, payload, headers)
-                await http.accepted(self.upstream, key, NAME, endpoint, count, urls)
-            with http.billed():
+                await accepted(self.upstream, key, NAME, endpoint, count, urls)
+            with billed():
                 await self._wait(urls, headers)
                 output = await self._call("GET", urls["response_url"], headers)
-        with http.billed():
+        with billed():
             return await self._images(output, count)
 
     async def _submit(self, endpoint: str, payload: dict[str, Any], headers: dict[str, str]) -> dict[str, str]:
@@ -54,25 +59,25 @@ class Fal:
         urls = {name: queued.get(name) for name in ("status_url", "response_url", "cancel_url")}
         if not queued.get("request_id") or not all(isinstance(url, str) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} accepted the request but returned no request_id or queue URLs.")
-        if not all(http.trusted(str(url), KEY_HOSTS, self.upstream.base_url) for url in urls.values()):
+        if not all(trusted(str(url), KEY_HOSTS, self.upstream.base_url) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} returned a queue URL on a host we do not send the key to.")
         return {name: str(url) for name, url in urls.items()}
 
     async def _call(self, method: str, url: str, headers: dict[str, str], **kwargs: Any) -> dict[str, Any]:
-        """`kwargs` go to `http.send`."""
-        response = await http.send(self.upstream.http, PROVIDER, method, url, headers=headers, **kwargs)
+        """`kwargs` go to `transport.send`."""
+        response = await send(self.upstream.http, PROVIDER, method, url, headers=headers, **kwargs)
         # fal's content checker refuses on submit, and the response URL repeats the model's own errors.
         if moderated(response):
             raise ContentPolicyViolation()
-        http.check_status(response, PROVIDER)  # a status URL answers 202 while queued or running
-        return http.read_json(response, PROVIDER)
+        check_status(response, PROVIDER)  # a status URL answers 202 while queued or running
+        return read_json(response, PROVIDER)
 
     async def _wait(self, urls: dict[str, Any], headers: dict[str, str]) -> None:
         try:
-            await http.poll(lambda: self._check(urls["status_url"], headers), self.upstream.poll_interval)
+            await poll(lambda: self._check(urls["status_url"], headers), self.upstream.poll_interval)
         except asyncio.CancelledError:
             # Nobody will collect the result: take it out of fal's queue.
-            await http.cancel_quietly(self.upstream.http, "PUT", urls["cancel_url"], headers)
+            await cancel_quietly(self.upstream.http, "PUT", urls["cancel_url"], headers)
             raise
 
     async def _check(self, url: str, headers: dict[str, str]) -> bool | None:
@@ -85,7 +90,7 @@ class Fal:
             detail = f"status {str(state)[:80]!r}"
             raise UpstreamError(f"{PROVIDER} reported an unknown request status.", detail=detail)
         if error := status.get("error") or status.get("error_type"):
-            raise TaskFailed(f"{PROVIDER} failed to generate the images.", detail=str(error)[: http.DETAIL_CHARS])
+            raise TaskFailed(f"{PROVIDER} failed to generate the images.", detail=str(error)[:DETAIL_CHARS])
         return True
 
     async def _images(self, output: dict[str, Any], count: int) -> list[GeneratedImage]:
@@ -98,7 +103,7 @@ class Fal:
         safe = [entry for i, entry in enumerate(entries[:count]) if i not in flagged]
         if flagged and not safe:
             raise ContentPolicyViolation()
-        images = await http.fan_out(self._image(entry) for entry in safe)
+        images = await fan_out(self._image(entry) for entry in safe)
         if len(images) < count:
             # The images made are kept (and billed); the rest can go elsewhere.
             error = TaskFailed(f"{PROVIDER} delivered {len(images)} of the {count} images asked for.")
@@ -109,12 +114,12 @@ class Fal:
     async def _image(self, entry: Any) -> list[GeneratedImage]:
         url = entry.get("url") if isinstance(entry, dict) else None
         if isinstance(url, str) and (inline := DATA_URI.fullmatch(url)):
-            return [GeneratedImage(http.decode_b64(inline[1], PROVIDER))]
+            return [GeneratedImage(decode_b64(inline[1], PROVIDER))]
         # Media URLs are public: download() sends no key, and only to fal's media hosts.
-        return [GeneratedImage(await http.download(self.upstream, PROVIDER, url))]
+        return [GeneratedImage(await download(self.upstream, PROVIDER, url))]
 
 
-def moderated(response: http.Reply) -> bool:
+def moderated(response: Reply) -> bool:
     """fal's content checker answers 422 with a FastAPI-style error of type `content_policy_violation`."""
     try:
         detail = response.json().get("detail") if response.status_code == 422 else None

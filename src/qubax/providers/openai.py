@@ -11,19 +11,12 @@ from qubax.catalog import ImageRequest
 from qubax.errors import MODEL_NOT_SERVED, ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.protocol import Usage
 from qubax.providers import GeneratedImage, ProviderInfo, Tokens, Upstream, aspect_ratio
-from qubax.providers.http import (
-    DETAIL_CHARS,
-    Reply,
-    base_host,
-    billed,
-    check_status,
-    decode_b64,
-    download,
-    error_detail,
-    fan_out,
-    read_json,
-    send,
-)
+from qubax.providers.batches import fan_out
+from qubax.providers.deliveries import decode_b64, download
+from qubax.providers.failures import DETAIL_CHARS, billed, check_status, error_detail
+from qubax.providers.hosts import base_host
+from qubax.providers.replies import Reply, read_json
+from qubax.providers.transport import send
 
 PROVIDER = "OpenAI"
 # Where OpenAI served dall-e-3 result URLs from; the configured base host (a proxy, a fake) is trusted too.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qubax.providers import Provider, ProviderInfo, Upstream, bfl, fal, openai, replicate, together
-from qubax.providers.http import Http
+from qubax.providers.transport import Http
 from qubax.slots import Slots
 
 if TYPE_CHECKING:  # settings reads each provider's variables from this registry: here it is a type only

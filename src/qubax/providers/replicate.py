@@ -6,21 +6,13 @@ from typing import Any
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
-from qubax.providers.http import (
-    DETAIL_CHARS,
-    accepted,
-    billed,
-    cancel_quietly,
-    check_status,
-    decode_b64,
-    download,
-    fan_out,
-    poll,
-    read_json,
-    resumable,
-    send,
-    trusted,
-)
+from qubax.providers.batches import fan_out
+from qubax.providers.deliveries import decode_b64, download
+from qubax.providers.failures import DETAIL_CHARS, billed, check_status
+from qubax.providers.hosts import trusted
+from qubax.providers.polling import accepted, cancel_quietly, poll, resumable
+from qubax.providers.replies import read_json
+from qubax.providers.transport import send
 from qubax.uploads import EncodedInputs, encode_inputs
 
 NAME, PROVIDER = "replicate", "Replicate"

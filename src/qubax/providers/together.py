@@ -5,16 +5,11 @@ from typing import Any
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream
-from qubax.providers.http import (
-    billed,
-    check_status,
-    decode_b64,
-    download,
-    error_detail,
-    fan_out,
-    read_json,
-    send,
-)
+from qubax.providers.batches import fan_out
+from qubax.providers.deliveries import decode_b64, download
+from qubax.providers.failures import billed, check_status, error_detail
+from qubax.providers.replies import read_json
+from qubax.providers.transport import send
 
 PROVIDER = "Together"
 MAX_PER_CALL = 4  # Together accepts n from 1 to 4

@@ -1,4 +1,4 @@
-"""The shared upstream plumbing (qubax.providers.http): the one session every adapter sends through, how
+"""The upstream transport (qubax.providers.transport): the one session every adapter sends through, how
 it finds proxies and CAs, bounds its connections and waits, and how transport failures become our errors.
 
 Upstreams here are real servers on loopback: a fake provider served by uvicorn, or a few lines of raw
@@ -8,7 +8,6 @@ asyncio when a test needs to decide exactly what goes on the wire (and when it d
 import asyncio
 import contextlib
 import gzip
-import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -18,15 +17,11 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-from starlette import requests
-from starlette.applications import Starlette
-from starlette.responses import StreamingResponse
-from starlette.routing import Route
 
 from qubax.errors import UpstreamError, UpstreamTimeout
-from qubax.providers import Upstream, http
-from qubax.providers.http import Timeouts, open_session, send
+from qubax.providers import Upstream, replies
 from qubax.providers.together import Together
+from qubax.providers.transport import Timeouts, open_session, send
 from qubax.slots import LocalSlots
 from tests.fakes.together import FakeTogether
 from tests.providers import Job, ask
@@ -445,7 +440,7 @@ def too_large_answer(kind: str, size: int) -> bytes:
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", ["content-length", "chunked", "gzip"])
 async def test_answer_larger_than_the_cap_is_refused(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
-    monkeypatch.setattr(http, "MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr(replies, "MAX_BODY_BYTES", 1000)
 
     async def sized(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (request := await read_request(reader)) is not None:
@@ -460,71 +455,3 @@ async def test_answer_larger_than_the_cap_is_refused(monkeypatch: pytest.MonkeyP
     assert at_the_cap.content == b"x" * 1000
     assert caught.value.message == "x sent a response larger than we accept."
     assert (caught.value.retryable, caught.value.failover) == (False, False)
-
-
-@pytest.mark.parametrize(
-    ("url", "allowed"),
-    [
-        ("https://delivery.eu1.bfl.ai/results/x.png", True),  # a provider host, https on its standard port
-        ("https://delivery.eu1.bfl.ai:443/results/x.png", True),
-        ("http://delivery.eu1.bfl.ai/results/x.png", False),  # never plain http to a provider host
-        ("https://delivery.eu1.bfl.ai:8443/results/x.png", False),  # nor another port of it
-        ("https://evil.example/x.png", False),
-        ("http://127.0.0.1:5000/files/x.png", True),  # the configured base URL's own origin (a fake, a proxy)
-        ("http://127.0.0.1:5001/files/x.png", False),  # another port of that host
-        ("https://127.0.0.1:5000/files/x.png", False),  # another scheme
-        ("http://127.0.0.1:bad/x.png", False),
-        ("file:///etc/passwd", False),
-    ],
-)
-def test_only_the_base_origin_and_provider_hosts_over_https_are_trusted(url: str, allowed: bool) -> None:
-    assert http.trusted(url, ("delivery.*.bfl.ai",), "http://127.0.0.1:5000") is allowed
-
-
-# --- server-sent events ------------------------------------------------------------------------------------
-
-
-def event_stream(chunks: list[bytes], media_type: str = "text/event-stream") -> Starlette:
-    async def answer(request: requests.Request) -> StreamingResponse:
-        async def body() -> AsyncIterator[bytes]:
-            for chunk in chunks:
-                yield chunk
-                await asyncio.sleep(0)
-
-        return StreamingResponse(body(), media_type=media_type)
-
-    return Starlette(routes=[Route("/", answer, methods=["POST"])])
-
-
-async def read_stream(chunks: list[bytes], media_type: str = "text/event-stream") -> tuple[list[Any], bytes]:
-    seen: list[Any] = []
-    with serve(event_stream(chunks, media_type)) as url:
-        async with open_session() as session:
-            reply = await send(session, "Fake", "POST", url + "/", json={}, events=seen.append)
-    return seen, reply.content
-
-
-@pytest.mark.anyio
-async def test_events_are_read_whatever_their_chunks_and_line_endings() -> None:
-    big = "x" * 300_000
-    text = (
-        ": keep-alive\r\n\r\n"
-        'event: a\r\ndata: {"n": 1}\r\n\r\n'
-        f'data: {{"n": 2,\ndata:  "big": "{big}"}}\n\n'
-        "data: [DONE]\n\n"
-    ).encode()
-    # Split everywhere awkward: inside a CRLF, inside the blank line, in the middle of the big event.
-    cuts = [0, 13, 14, 15, 33, 34, 35, 200, 150_000, len(text)]
-    chunks = [text[a:b] for a, b in itertools.pairwise(cuts) if b > a]
-    seen, last = await read_stream(chunks)
-    assert seen == [{"n": 1}, {"n": 2, "big": big}]
-    assert last.startswith(b'{"n": 2,')
-
-
-@pytest.mark.anyio
-async def test_an_unreadable_event_is_an_upstream_error_and_a_json_answer_is_read_whole() -> None:
-    with pytest.raises(UpstreamError) as caught:
-        await read_stream([b"data: {not json}\n\n"])
-    assert caught.value.message == "The upstream sent an unreadable event." and not caught.value.failover
-    seen, content = await read_stream([b'{"data": []}'], media_type="application/json")
-    assert seen == [] and content == b'{"data": []}'

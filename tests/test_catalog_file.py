@@ -1,12 +1,18 @@
+import re
+import tomllib
 from decimal import Decimal
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from qubax import catalog_file
 from qubax.catalog import Catalog, Fixed, Grid, Route, TokenPrices
 from qubax.catalog_file import CatalogError, load_catalog
-from qubax.errors import ModelNotFound
-from qubax.models import MODELS
+from qubax.errors import InvalidRequest, ModelNotFound
+from qubax.protocol import ImageGenerateRequest
+from qubax.providers.registry import PROVIDERS as REGISTRY
+from tests.catalog import MODELS
 
 PROVIDERS = {"bfl", "fal", "replicate", "together", "openai"}
 DEFAULTS = {"bfl": 24, "fal": 40}
@@ -113,3 +119,104 @@ def test_mistakes_are_reported_with_where_and_why(tmp_path: Path, text: str, mes
 def test_a_missing_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match="No such file"):
         load_catalog(tmp_path / "nope.toml", PROVIDERS, DEFAULTS)
+
+
+def test_one_loader_reads_the_built_in_file_then_the_operators_over_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_read, read = catalog_file.read, []
+
+    def spy(label: str, path: Path, base: Catalog, providers: set[str]) -> Catalog:
+        read.append((label, path))
+        return real_read(label, path, base, providers)
+
+    monkeypatch.setattr(catalog_file, "read", spy)
+    catalog = load(
+        tmp_path,
+        """
+        [models."flux-1.1-pro"]
+        price = 0.05
+        routes = [{ provider = "together" }, { provider = "bfl", model = "flux-pro-1.1-beta" }]
+
+        [models."dall-e-3"]
+        prices = [{ usd = 0.05, quality = "hd" }, { usd = 0.03 }]
+
+        [models."flux-2-pro"]              # new, from scratch, in the keys the built-in file uses
+        owned_by = "black-forest-labs"
+        created = 1763942400
+        sizes = { min = 256, max = 2048, step = 16 }
+        default_size = "1024x1024"
+        max_n = 4
+        price = 0.03
+        routes = [{ provider = "bfl", model = "flux-2-pro" }]
+        edits = true
+        max_images = 8
+
+        [shut_down]
+        "flux-1-pro" = "flux-1.1-pro"
+        """,
+    )
+    assert read == [("built-in catalog", catalog_file.BUILTIN), ("QUBAX_CATALOG", tmp_path / "catalog.toml")]
+    pro = catalog.find("flux-1.1-pro")
+    assert pro.price(None, "1024x768") == Decimal("0.05")
+    assert pro.routes == (Route("together", "black-forest-labs/FLUX.1.1-pro"), Route("bfl", "flux-pro-1.1-beta"))
+    dalle = catalog.find("dall-e-3")
+    assert (dalle.price("hd", "1024x1792"), dalle.price("standard", "1024x1024")) == (Decimal("0.05"), Decimal("0.03"))
+    assert [model.id for model in catalog.models] == [model.id for model in MODELS] + ["flux-2-pro"]
+    new = catalog.find("flux-2-pro")
+    assert (new.sizes, new.edits, new.max_images, new.mask) == (Grid(256, 2048, 16), True, 8, "optional")
+    untouched = [model for model in MODELS if model.id not in ("flux-1.1-pro", "dall-e-3")]
+    assert [model for model in catalog.models if model in untouched] == untouched
+    assert catalog.shut_down["dall-e-2"] == "gpt-image-2"  # the built-in names stay shut down beside the new one
+    with pytest.raises(InvalidRequest, match=re.escape("use `flux-1.1-pro`")):
+        catalog.asked("flux-1-pro")
+
+
+def test_the_built_in_file_is_checked_by_the_operators_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built_in = tmp_path / "built_in.toml"
+    built_in.write_text('[models.sq]\nlike = "nothing"\n')
+    monkeypatch.setattr(catalog_file, "BUILTIN", built_in)
+    with pytest.raises(CatalogError) as caught:
+        load_catalog(None, PROVIDERS, DEFAULTS)
+    assert str(caught.value) == f"built-in catalog {built_in}: models.sq.like: no model named 'nothing'"
+
+
+def test_the_shipped_catalog_parses_and_each_model_has_what_the_service_needs() -> None:
+    text = (resources.files("qubax") / "builtin_catalog.toml").read_text()
+    listed = list(tomllib.loads(text)["models"])
+    catalog = load_catalog(None, set(REGISTRY), {})
+    assert [model.id for model in catalog.models] == listed
+    assert len(listed) == len(set(listed)) >= 11
+    for model in catalog.models:
+        assert model.owned_by and model.created > 0 and (model.generates or model.edits), model.id
+        assert model.routes and {route.provider for route in model.routes} <= set(REGISTRY), model.id
+        sizes = model.sizes.sizes if isinstance(model.sizes, Fixed) else (model.default_size,)
+        for quality in set(model.qualities) - {"auto"} | {model.default_quality}:
+            assert all(model.price(quality, size) > 0 for size in sizes), (model.id, quality)
+        request = catalog.check(ImageGenerateRequest(model=model.id, prompt="a fox"), edit=not model.generates)
+        assert request.size == model.default_size and request.cost_per_image > 0
+    assert {"dall-e-2", "chatgpt-image-latest"} <= set(catalog.shut_down)
+    assert set(catalog.shut_down.values()) <= set(listed)
+    for table in text.split("\n[models.")[1:]:  # each price says where it came from
+        if re.search(r"^(price|prices|token_prices) =", table, re.MULTILINE):
+            assert "\n# Price: " in table, table.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[models."dall-e-3"]\nprice = 1\nprices = [{ usd = 1 }]\n', "give `price` or `prices`, not both"),
+        ('[models."dall-e-3"]\nprices = [{ usd = 1, size = "1024x1024" }]\n', "prices: none applies to quality"),
+        ('[models."dall-e-3"]\ndefault_quality = "ultra"\n', "default_quality 'ultra' is not one of its qualities"),
+        ('[models."dall-e-3"]\nmask = "maybe"\n', "models.dall-e-3.mask: Input should be 'optional', 'none' or"),
+        (
+            '[models."dall-e-3"]\nroutes = [{ provider = "openai", only_after = "timeout" }]\n',
+            "models.dall-e-3.routes.0.only_after: the one case is 'upstream_model_not_found'",
+        ),
+        ('[models.new]\nowned_by = "me"\ncreated = 1\n', "(missing: sizes, default_size, max_n, prices, routes)"),
+        ('[shut_down]\n"dall-e-2" = "dall-e-4"\n', "shut_down.dall-e-2: no model named 'dall-e-4'"),
+    ],
+)
+def test_mistakes_in_the_keys_the_built_in_file_uses(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(CatalogError, match=re.escape(message)):
+        load(tmp_path, text)

@@ -16,8 +16,8 @@ from PIL import Image
 
 from qubax import db
 from qubax.cli import main
-from qubax.models import MODELS
 from qubax.settings import Settings
+from tests.catalog import MODELS
 from tests.conftest import cli_env
 
 

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from qubax.imaging import PNG_SIGNATURE, fill_mask, fitted
-from qubax.models import MODELS
 from qubax.settings import Settings
+from tests.catalog import MODELS
 from tests.fakes import decode_data_uri, decode_image
 from tests.stack import Stack, running_stack
 from tests.test_upstreams import generations, picture

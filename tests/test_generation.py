@@ -8,7 +8,7 @@ import openai
 import pytest
 from PIL import Image
 
-from qubax.models import MODELS
+from tests.catalog import MODELS
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -19,9 +19,9 @@ from starlette.requests import Request
 from qubax.access import base_url
 from qubax.app import create_app
 from qubax.errors import ClientDisconnected
-from qubax.models import MODELS
 from qubax.routes import WATCH_AFTER_SECONDS, until_disconnect
 from qubax.settings import Settings
+from tests.catalog import MODELS
 from tests.conftest import cli_env, create_key, eventually
 from tests.server import serve
 

@@ -15,8 +15,8 @@ from pydantic import SecretStr
 
 from qubax import db
 from qubax.app import create_app
-from qubax.models import MODELS
 from qubax.settings import Settings
+from tests.catalog import MODELS
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
 from tests.server import serve

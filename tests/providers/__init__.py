@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from qubax.catalog import Catalog, ImageRequest
-from qubax.models import MODELS
 from qubax.providers import GeneratedImage, Provider, Upstream
 from qubax.providers.transport import open_session
+from tests.catalog import MODELS
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,24 @@
 import asyncio
 from collections.abc import Awaitable, Iterable
 
-from qubax.errors import UpstreamError
+from qubax.errors import TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage
+
+
+def batch_sizes(n: int, most: int) -> list[int]:
+    """`n` images as calls of at most `most` images each: 10 by 4 is [4, 4, 2]."""
+    return [min(most, n - start) for start in range(0, n, most)]
+
+
+def whole_batch(images: list[GeneratedImage], asked: int, provider: str) -> list[GeneratedImage]:
+    """A call's images, when it made all it was asked for. A batch that came back short (a safety
+    checker drops the images it flags) fails with the images it holds: they are kept (and billed),
+    and the rest can be made elsewhere."""
+    if len(images) < asked:
+        error = TaskFailed(f"{provider} returned {len(images)} of the {asked} images asked for.")
+        error.images = images
+        raise error
+    return images
 
 
 async def fan_out(calls: Iterable[Awaitable[list[GeneratedImage]]]) -> list[GeneratedImage]:

@@ -7,7 +7,7 @@ from typing import Any
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
-from qubax.providers.batches import fan_out
+from qubax.providers.batches import batch_sizes, fan_out, whole_batch
 from qubax.providers.deliveries import decode_b64, download
 from qubax.providers.failures import DETAIL_CHARS, billed, check_status
 from qubax.providers.hosts import trusted
@@ -35,7 +35,7 @@ class Fal:
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         inputs = await encode_inputs(request.images, request.mask, fill=model == FILL)
-        counts = [min(MAX_PER_REQUEST, request.n - start) for start in range(0, request.n, MAX_PER_REQUEST)]
+        counts = batch_sizes(request.n, MAX_PER_REQUEST)
         endpoint = app_for(model, len(request.images))
         return await fan_out(self._request(endpoint, body(request, model, count, inputs), count) for count in counts)
 
@@ -104,12 +104,7 @@ class Fal:
         if flagged and not safe:
             raise ContentPolicyViolation()
         images = await fan_out(self._image(entry) for entry in safe)
-        if len(images) < count:
-            # The images made are kept (and billed); the rest can go elsewhere.
-            error = TaskFailed(f"{PROVIDER} delivered {len(images)} of the {count} images asked for.")
-            error.images = images
-            raise error
-        return images
+        return whole_batch(images, count, PROVIDER)
 
     async def _image(self, entry: Any) -> list[GeneratedImage]:
         url = entry.get("url") if isinstance(entry, dict) else None

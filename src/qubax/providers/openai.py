@@ -11,7 +11,7 @@ from qubax.catalog import ImageRequest
 from qubax.errors import MODEL_NOT_SERVED, ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.protocol import Usage
 from qubax.providers import GeneratedImage, ProviderInfo, Tokens, Upstream, aspect_ratio
-from qubax.providers.batches import fan_out
+from qubax.providers.batches import fan_out, whole_batch
 from qubax.providers.deliveries import decode_b64, download
 from qubax.providers.failures import DETAIL_CHARS, billed, check_status, error_detail
 from qubax.providers.hosts import base_host
@@ -66,12 +66,7 @@ class OpenAI:
         tokens = Tokens(model, usage) if usage else None  # the call's, counted once: on its first image
         with billed():
             images = [await self._image(item, settings, tokens if i == 0 else None) for i, item in enumerate(items)]
-        if len(images) < n:
-            # What was made is kept (and billed); the rest can be made elsewhere.
-            error = TaskFailed(f"{PROVIDER} returned {len(images)} of the {n} images asked for.")
-            error.images = images
-            raise error
-        return images
+        return whole_batch(images, n, PROVIDER)
 
     async def _image(self, item: dict[str, Any], settings: dict[str, str], tokens: Tokens | None) -> GeneratedImage:
         if item.get("b64_json") is not None:

@@ -6,7 +6,7 @@ from typing import Any
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
-from qubax.providers.batches import fan_out
+from qubax.providers.batches import batch_sizes, fan_out, whole_batch
 from qubax.providers.deliveries import decode_b64, download
 from qubax.providers.failures import DETAIL_CHARS, billed, check_status
 from qubax.providers.hosts import trusted
@@ -32,7 +32,7 @@ class Replicate:
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         inputs = await encode_inputs(request.images, request.mask, fill="fill" in model)
         per_call = MAX_SCHNELL_OUTPUTS if "schnell" in model else 1
-        counts = [min(per_call, request.n - i) for i in range(0, request.n, per_call)]
+        counts = batch_sizes(request.n, per_call)
         return await fan_out(self._prediction(body(request, model, count, inputs), model, count) for count in counts)
 
     async def _prediction(self, payload: dict[str, Any], model: str, count: int) -> list[GeneratedImage]:
@@ -49,12 +49,7 @@ class Replicate:
                 outputs = await self._settle(prediction, headers)
         with billed():
             images = [GeneratedImage(await self._fetch(output)) for output in outputs[:count]]
-        if len(images) < count:
-            # The safety checker drops flagged images from the list; the rest can be made elsewhere.
-            error = TaskFailed(f"{PROVIDER} returned {len(images)} of the {count} images asked for.")
-            error.images = images
-            raise error
-        return images
+        return whole_batch(images, count, PROVIDER)  # the safety checker drops flagged images from the list
 
     async def _create(self, payload: dict[str, Any], model: str, headers: dict[str, str]) -> dict[str, Any]:
         url = f"{self.upstream.base_url}/models/{model}/predictions"

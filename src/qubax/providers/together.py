@@ -3,9 +3,9 @@
 from typing import Any
 
 from qubax.catalog import ImageRequest
-from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.errors import ContentPolicyViolation, UpstreamError
 from qubax.providers import GeneratedImage, ProviderInfo, Upstream
-from qubax.providers.batches import fan_out
+from qubax.providers.batches import batch_sizes, fan_out, whole_batch
 from qubax.providers.deliveries import decode_b64, download
 from qubax.providers.failures import billed, check_status, error_detail
 from qubax.providers.replies import read_json
@@ -24,8 +24,7 @@ class Together:
         self.upstream = upstream
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
-        counts = [min(MAX_PER_CALL, request.n - start) for start in range(0, request.n, MAX_PER_CALL)]
-        return await fan_out(self._call(request, model, count) for count in counts)
+        return await fan_out(self._call(request, model, count) for count in batch_sizes(request.n, MAX_PER_CALL))
 
     async def _call(self, request: ImageRequest, model: str, n: int) -> list[GeneratedImage]:
         url = f"{self.upstream.base_url}/images/generations"
@@ -42,12 +41,7 @@ class Together:
             raise UpstreamError(f"{PROVIDER} returned no list of images.", failover=True)
         with billed():
             images = [GeneratedImage(await self._image_bytes(item)) for item in items[:n]]
-        if len(images) < n:
-            # A short batch (say, some images dropped by the safety checker) is kept; the rest can go elsewhere.
-            error = TaskFailed(f"{PROVIDER} returned {len(images)} of the {n} images asked for.")
-            error.images = images
-            raise error
-        return images
+        return whole_batch(images, n, PROVIDER)
 
     async def _image_bytes(self, item: Any) -> bytes:
         if not isinstance(item, dict):

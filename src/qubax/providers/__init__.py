@@ -1,8 +1,14 @@
 """Provider adapters: one module per upstream, each a class with one async `generate` method.
 
 Adapters know their upstream's wire format and the checked `ImageRequest`, nothing about our HTTP
-API, keys, storage or database. Adding a provider is one module (its adapter and its `INFO`), one
-line in `registry.PROVIDERS`, one fake and one test file. Each translates its upstream's failures into `qubax.errors`.
+API, keys, storage or database. Adding a provider is one module (its adapter, a subclass of
+`adapter.Adapter`, and its `INFO`), one line in `registry.PROVIDERS`, one fake and one test file. Each
+translates its upstream's failures into `qubax.errors`.
+
+The plumbing they share, one module a concern: `transport` (the one session, sending), `replies` (an
+answer read within its cap), `events` (server-sent events), `failures` (what a status means),
+`polling` (accepted work: noted, resumed, polled, cancelled), `batches` (work split over calls),
+`hosts` (where an upstream's URL may take the key) and `deliveries` (image bytes, inline or downloaded).
 """
 
 import math

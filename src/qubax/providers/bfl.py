@@ -4,14 +4,10 @@ from typing import Any
 
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
+from qubax.providers import GeneratedImage, ProviderInfo, aspect_ratio
+from qubax.providers.adapter import Adapter
 from qubax.providers.batches import fan_out
-from qubax.providers.deliveries import download
-from qubax.providers.failures import DETAIL_CHARS, billed, check_status
-from qubax.providers.hosts import trusted
-from qubax.providers.polling import accepted, poll, resumable
-from qubax.providers.replies import read_json
-from qubax.providers.transport import send
+from qubax.providers.failures import DETAIL_CHARS, billed
 from qubax.uploads import EncodedInputs, encode_inputs
 
 NAME, PROVIDER = "bfl", "Black Forest Labs"
@@ -26,9 +22,8 @@ DELIVERY_HOSTS = ("delivery.*.bfl.ai", "*.bfl.ai", "bfldeliveryprod.blob.core.wi
 MODERATED = ("Request Moderated", "Content Moderated")
 
 
-class BFL:
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
+class BFL(Adapter):
+    name, label = NAME, PROVIDER
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         inputs = await encode_inputs(request.images, request.mask, fill=model == FILL)
@@ -37,40 +32,38 @@ class BFL:
         return await fan_out(self._one(payload, model) for _ in range(request.n))
 
     async def _one(self, payload: dict[str, Any], model: str) -> list[GeneratedImage]:
-        task = resumable(NAME, model, 1)  # BFL cannot cancel a task: one a dead node started is waited on
+        task = self.resumable(model, 1)  # BFL cannot cancel a task: one a dead node started is waited on
         # A task counts against the key's concurrency cap from submission until its result is in.
         async with self.upstream.lease(task) as key:
             headers = {"x-key": key, "accept": "application/json"}
             if task is None:
                 task = {"polling_url": await self._submit(payload, model, headers)}
-                await accepted(self.upstream, key, NAME, model, 1, task)
+                await self.accepted(key, model, 1, task)
             polling_url = task["polling_url"]
             with billed():
-                sample = await poll(lambda: self._check(polling_url, headers), self.upstream.poll_interval)
+                sample = await self.poll(lambda: self._check(polling_url, headers))
         with billed():
             # Delivery URLs are pre-signed: download() sends no key.
-            return [GeneratedImage(await download(self.upstream, PROVIDER, sample))]
+            return [GeneratedImage(await self.download(sample))]
 
     async def _submit(self, payload: dict[str, Any], model: str, headers: dict[str, str]) -> str:
         url = f"{self.upstream.base_url}/v1/{model}"
-        response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, json=payload, submission=True)
-        check_status(response, PROVIDER)
-        task = read_json(response, PROVIDER)
+        response = await self.send("POST", url, headers=headers, json=payload, submission=True)
+        task = self.checked_json(response)
         polling_url = task.get("polling_url")
         if not task.get("id") or not isinstance(polling_url, str):
             # Without an id there is no task of ours to be billed for: another route may take the work.
             raise UpstreamError(f"{PROVIDER} answered the submission without a task id or polling_url.", failover=True)
-        if not trusted(polling_url, KEY_HOSTS, self.upstream.base_url):
+        if not self.trusted(polling_url, KEY_HOSTS):
             raise UpstreamError(f"{PROVIDER} returned a polling URL on a host we do not send the key to.")
         return polling_url
 
     async def _check(self, polling_url: str, headers: dict[str, str]) -> str | None:
         """The sample URL once the task is Ready, None while Pending; raise for every other outcome."""
-        response = await send(self.upstream.http, PROVIDER, "GET", polling_url, headers=headers)
+        response = await self.send("GET", polling_url, headers=headers)
         if response.status_code == 404:
             raise UpstreamError(f"{PROVIDER} no longer knows the task (404).")
-        check_status(response, PROVIDER)
-        result = read_json(response, PROVIDER)
+        result = self.checked_json(response)
         status = result.get("status")
         if status == "Pending":  # BFL's own SDK treats only this as in progress
             return None

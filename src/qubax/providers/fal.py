@@ -6,14 +6,11 @@ from typing import Any
 
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
+from qubax.providers import GeneratedImage, ProviderInfo, aspect_ratio
+from qubax.providers.adapter import Adapter
 from qubax.providers.batches import batch_sizes, fan_out, whole_batch
-from qubax.providers.deliveries import decode_b64, download
-from qubax.providers.failures import DETAIL_CHARS, billed, check_status
-from qubax.providers.hosts import trusted
-from qubax.providers.polling import accepted, cancel_quietly, poll, resumable
-from qubax.providers.replies import Reply, read_json
-from qubax.providers.transport import send
+from qubax.providers.failures import DETAIL_CHARS, billed
+from qubax.providers.replies import Reply
 from qubax.uploads import EncodedInputs, encode_inputs
 
 NAME, PROVIDER = "fal", "fal.ai"
@@ -29,9 +26,8 @@ MEDIA_HOSTS = ("fal.media", "*.fal.media", "*.fal.run", "*.fal.ai")
 DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,(.*)", re.DOTALL)  # what sync_mode answers
 
 
-class Fal:
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
+class Fal(Adapter):
+    name, label = NAME, PROVIDER
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         inputs = await encode_inputs(request.images, request.mask, fill=model == FILL)
@@ -40,13 +36,13 @@ class Fal:
         return await fan_out(self._request(endpoint, body(request, model, count, inputs), count) for count in counts)
 
     async def _request(self, endpoint: str, payload: dict[str, Any], count: int) -> list[GeneratedImage]:
-        urls = resumable(NAME, endpoint, count)  # queued by a node that died: waited on, not sent again
+        urls = self.resumable(endpoint, count)  # queued by a node that died: waited on, not sent again
         # A request counts against the key's concurrency cap from submission until its result is in.
         async with self.upstream.lease(urls) as key:
             headers = {"authorization": f"Key {key}", "accept": "application/json"}
             if urls is None:
                 urls = await self._submit(endpoint, payload, headers)
-                await accepted(self.upstream, key, NAME, endpoint, count, urls)
+                await self.accepted(key, endpoint, count, urls)
             with billed():
                 await self._wait(urls, headers)
                 output = await self._call("GET", urls["response_url"], headers)
@@ -59,25 +55,24 @@ class Fal:
         urls = {name: queued.get(name) for name in ("status_url", "response_url", "cancel_url")}
         if not queued.get("request_id") or not all(isinstance(url, str) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} accepted the request but returned no request_id or queue URLs.")
-        if not all(trusted(str(url), KEY_HOSTS, self.upstream.base_url) for url in urls.values()):
+        if not all(self.trusted(url, KEY_HOSTS) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} returned a queue URL on a host we do not send the key to.")
         return {name: str(url) for name, url in urls.items()}
 
     async def _call(self, method: str, url: str, headers: dict[str, str], **kwargs: Any) -> dict[str, Any]:
         """`kwargs` go to `transport.send`."""
-        response = await send(self.upstream.http, PROVIDER, method, url, headers=headers, **kwargs)
+        response = await self.send(method, url, headers=headers, **kwargs)
         # fal's content checker refuses on submit, and the response URL repeats the model's own errors.
         if moderated(response):
             raise ContentPolicyViolation()
-        check_status(response, PROVIDER)  # a status URL answers 202 while queued or running
-        return read_json(response, PROVIDER)
+        return self.checked_json(response)  # a status URL answers 202 while queued or running
 
     async def _wait(self, urls: dict[str, Any], headers: dict[str, str]) -> None:
         try:
-            await poll(lambda: self._check(urls["status_url"], headers), self.upstream.poll_interval)
+            await self.poll(lambda: self._check(urls["status_url"], headers))
         except asyncio.CancelledError:
             # Nobody will collect the result: take it out of fal's queue.
-            await cancel_quietly(self.upstream.http, "PUT", urls["cancel_url"], headers)
+            await self.cancel("PUT", urls["cancel_url"], headers)
             raise
 
     async def _check(self, url: str, headers: dict[str, str]) -> bool | None:
@@ -109,9 +104,9 @@ class Fal:
     async def _image(self, entry: Any) -> list[GeneratedImage]:
         url = entry.get("url") if isinstance(entry, dict) else None
         if isinstance(url, str) and (inline := DATA_URI.fullmatch(url)):
-            return [GeneratedImage(decode_b64(inline[1], PROVIDER))]
+            return [GeneratedImage(self.decode_b64(inline[1]))]
         # Media URLs are public: download() sends no key, and only to fal's media hosts.
-        return [GeneratedImage(await download(self.upstream, PROVIDER, url))]
+        return [GeneratedImage(await self.download(url))]
 
 
 def moderated(response: Reply) -> bool:

@@ -10,15 +10,14 @@ from pydantic import ValidationError
 from qubax.catalog import ImageRequest
 from qubax.errors import MODEL_NOT_SERVED, ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.protocol import Usage
-from qubax.providers import GeneratedImage, ProviderInfo, Tokens, Upstream, aspect_ratio
+from qubax.providers import GeneratedImage, ProviderInfo, Tokens, aspect_ratio
+from qubax.providers.adapter import Adapter
 from qubax.providers.batches import fan_out, whole_batch
-from qubax.providers.deliveries import decode_b64, download
-from qubax.providers.failures import DETAIL_CHARS, billed, check_status, error_detail
+from qubax.providers.failures import DETAIL_CHARS, billed, error_detail
 from qubax.providers.hosts import base_host
-from qubax.providers.replies import Reply, read_json
-from qubax.providers.transport import send
+from qubax.providers.replies import Reply
 
-PROVIDER = "OpenAI"
+NAME, PROVIDER = "openai", "OpenAI"
 # Where OpenAI served dall-e-3 result URLs from; the configured base host (a proxy, a fake) is trusted too.
 DELIVERY_HOSTS = ("oaidalleapiprodscus.blob.core.windows.net",)
 MODERATION_CODES = ("content_policy_violation", "moderation_blocked")
@@ -28,10 +27,8 @@ DALL_E_QUALITIES = {"standard": "medium", "hd": "high"}
 NO_CREDIT_CODES = ("insufficient_quota", "billing_hard_limit_reached")
 
 
-class OpenAI:
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
-        self.host = base_host(upstream.base_url)
+class OpenAI(Adapter):
+    name, label = NAME, PROVIDER
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         if request.images or model.startswith(GPT_IMAGE):
@@ -51,9 +48,9 @@ class OpenAI:
         events = relay(request) if payload.get("stream") else None
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Bearer {key}"}
-            response = await send(self.upstream.http, PROVIDER, "POST", url, headers=headers, events=events, **data)
+            response = await self.send("POST", url, headers=headers, events=events, **data)
         self._raise_for_error(response, model)
-        answer = read_json(response, PROVIDER)
+        answer = self.checked_json(response)
         if events is not None:
             answer = completed(answer)
         n = payload["n"]
@@ -70,15 +67,15 @@ class OpenAI:
 
     async def _image(self, item: dict[str, Any], settings: dict[str, str], tokens: Tokens | None) -> GeneratedImage:
         if item.get("b64_json") is not None:
-            data = decode_b64(item["b64_json"], PROVIDER)
+            data = self.decode_b64(item["b64_json"])
         else:
             # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
-            data = await download(self.upstream, PROVIDER, item.get("url"))
+            data = await self.download(item.get("url"))
         revised = item.get("revised_prompt")
         return GeneratedImage(data, revised if isinstance(revised, str) else None, tokens, settings)
 
     def _raise_for_error(self, response: Reply, model: str) -> None:
-        """OpenAI's quirks first (its error `code` says more than the status), then the common mapping."""
+        """OpenAI's quirks (its error `code` says more than the status); `checked_json` maps the rest."""
         if response.status_code < 300:
             return
         code, detail = error_code(response), error_detail(response)
@@ -88,9 +85,10 @@ class OpenAI:
         if response.status_code == 404 or code == "model_not_found":
             # OpenAI shut dall-e-3 down on 2026-05-12; only compatible hosts still serve it.
             # Nothing was made: the next route (another host, or another model: the catalog's) may serve.
+            host = base_host(self.upstream.base_url)
             error = UpstreamError(
                 f"The upstream for this model does not serve {model}.",
-                detail=f"the configured OpenAI-compatible host ({self.host}) does not serve it; point "
+                detail=f"the configured OpenAI-compatible host ({host}) does not serve it; point "
                 f"QUBAX_OPENAI_BASE_URL at a host that does. It said: {detail or 'not found'}",
                 failover=True,
             )
@@ -103,7 +101,6 @@ class OpenAI:
                 detail=f"the account is out of credit: {detail}",
                 failover=True,
             )
-        check_status(response, PROVIDER)
 
 
 def body(request: ImageRequest, model: str) -> dict[str, Any]:
@@ -210,7 +207,7 @@ def error_code(response: Reply) -> str | None:
 
 # The cap keeps bursts from becoming 429s.
 INFO = ProviderInfo(
-    name="openai",
+    name=NAME,
     build=OpenAI,
     credential="OPENAI_API_KEY",
     base_url="https://api.openai.com/v1",

@@ -5,14 +5,10 @@ from typing import Any
 
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
-from qubax.providers import GeneratedImage, ProviderInfo, Upstream, aspect_ratio
+from qubax.providers import GeneratedImage, ProviderInfo, aspect_ratio
+from qubax.providers.adapter import Adapter
 from qubax.providers.batches import batch_sizes, fan_out, whole_batch
-from qubax.providers.deliveries import decode_b64, download
-from qubax.providers.failures import DETAIL_CHARS, billed, check_status
-from qubax.providers.hosts import trusted
-from qubax.providers.polling import accepted, cancel_quietly, poll, resumable
-from qubax.providers.replies import read_json
-from qubax.providers.transport import send
+from qubax.providers.failures import DETAIL_CHARS, billed
 from qubax.uploads import EncodedInputs, encode_inputs
 
 NAME, PROVIDER = "replicate", "Replicate"
@@ -25,9 +21,8 @@ KONTEXT_MAX_SAFETY = 2  # Replicate's Kontext takes no higher safety_tolerance w
 FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}  # ours -> Replicate's names
 
 
-class Replicate:
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
+class Replicate(Adapter):
+    name, label = NAME, PROVIDER
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         inputs = await encode_inputs(request.images, request.mask, fill="fill" in model)
@@ -36,7 +31,7 @@ class Replicate:
         return await fan_out(self._prediction(body(request, model, count, inputs), model, count) for count in counts)
 
     async def _prediction(self, payload: dict[str, Any], model: str, count: int) -> list[GeneratedImage]:
-        prediction = resumable(NAME, model, count)  # created by a node that died: waited on, not made again
+        prediction = self.resumable(model, count)  # created by a node that died: waited on, not made again
         # A prediction counts against the key's concurrency cap from creation until it is finished.
         async with self.upstream.lease(prediction) as key:
             headers = {"authorization": f"Bearer {key}"}
@@ -44,7 +39,7 @@ class Replicate:
                 prediction = await self._create(payload, model, headers)
                 if prediction.get("status") in RUNNING and isinstance(prediction.get("urls"), dict):
                     note = {"status": "starting", "urls": prediction["urls"]}
-                    await accepted(self.upstream, key, NAME, model, count, note)
+                    await self.accepted(key, model, count, note)
             with billed():
                 outputs = await self._settle(prediction, headers)
         with billed():
@@ -56,12 +51,8 @@ class Replicate:
         # Replicate holds the request up to `wait` seconds (1-60) for the prediction to end, which saves
         # polling; the whole submission must still fit in its timeout.
         wait = max(1, min(60, int(self.upstream.http.timeouts.submit / 2)))
-        http = self.upstream.http
-        response = await send(
-            http, PROVIDER, "POST", url, headers=headers | {"prefer": f"wait={wait}"}, json=payload, submission=True
-        )
-        check_status(response, PROVIDER)
-        return read_json(response, PROVIDER)
+        headers = headers | {"prefer": f"wait={wait}"}
+        return self.checked_json(await self.send("POST", url, headers=headers, json=payload, submission=True))
 
     async def _settle(self, prediction: dict[str, Any], headers: dict[str, str]) -> list[str]:
         """The output URIs once the prediction succeeded; raise for every other end."""
@@ -69,28 +60,26 @@ class Replicate:
             return done
         urls = prediction["urls"] if isinstance(prediction.get("urls"), dict) else {}
         get_url, cancel_url = urls.get("get"), urls.get("cancel")
-        if not isinstance(get_url, str) or not trusted(get_url, KEY_HOSTS, self.upstream.base_url):
+        if not isinstance(get_url, str) or not self.trusted(get_url, KEY_HOSTS):
             raise UpstreamError(f"{PROVIDER} returned no prediction URL on a host we send the key to.")
         try:
-            return await poll(lambda: self._check(get_url, headers), self.upstream.poll_interval)
+            return await self.poll(lambda: self._check(get_url, headers))
         except asyncio.CancelledError:
             await self._cancel(cancel_url, headers)  # stop paying for work nobody waits for
             raise
 
     async def _check(self, url: str, headers: dict[str, str]) -> list[str] | None:
-        response = await send(self.upstream.http, PROVIDER, "GET", url, headers=headers)
-        check_status(response, PROVIDER)
-        return outcome(read_json(response, PROVIDER))
+        return outcome(self.checked_json(await self.send("GET", url, headers=headers)))
 
     async def _cancel(self, url: Any, headers: dict[str, str]) -> None:
-        if isinstance(url, str) and trusted(url, KEY_HOSTS, self.upstream.base_url):
-            await cancel_quietly(self.upstream.http, "POST", url, headers)
+        if self.trusted(url, KEY_HOSTS):
+            await self.cancel("POST", url, headers)
 
     async def _fetch(self, output: str) -> bytes:
         if output.startswith("data:"):
             header, _, payload = output.partition(",")
-            return decode_b64(payload if header.endswith(";base64") else None, PROVIDER)
-        return await download(self.upstream, PROVIDER, output)
+            return self.decode_b64(payload if header.endswith(";base64") else None)
+        return await self.download(output)
 
 
 def outcome(prediction: dict[str, Any]) -> list[str] | None:

@@ -4,14 +4,12 @@ from typing import Any
 
 from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, UpstreamError
-from qubax.providers import GeneratedImage, ProviderInfo, Upstream
+from qubax.providers import GeneratedImage, ProviderInfo
+from qubax.providers.adapter import Adapter
 from qubax.providers.batches import batch_sizes, fan_out, whole_batch
-from qubax.providers.deliveries import decode_b64, download
-from qubax.providers.failures import billed, check_status, error_detail
-from qubax.providers.replies import read_json
-from qubax.providers.transport import send
+from qubax.providers.failures import billed, error_detail
 
-PROVIDER = "Together"
+NAME, PROVIDER = "together", "Together"
 MAX_PER_CALL = 4  # Together accepts n from 1 to 4
 # Result URLs come from Together's own CDN; the configured base host (a proxy, or a fake) is trusted too.
 DELIVERY_HOSTS = ("*.together.ai", "*.together.xyz", "api.together.ai")
@@ -19,9 +17,8 @@ DELIVERY_HOSTS = ("*.together.ai", "*.together.xyz", "api.together.ai")
 SAFETY_WORDS = ("nsfw", "safety")
 
 
-class Together:
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
+class Together(Adapter):
+    name, label = NAME, PROVIDER
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         return await fan_out(self._call(request, model, count) for count in batch_sizes(request.n, MAX_PER_CALL))
@@ -30,13 +27,10 @@ class Together:
         url = f"{self.upstream.base_url}/images/generations"
         async with self.upstream.lease() as key:
             headers = {"authorization": f"Bearer {key}"}
-            response = await send(
-                self.upstream.http, PROVIDER, "POST", url, headers=headers, json=body(request, model, n)
-            )
+            response = await self.send("POST", url, headers=headers, json=body(request, model, n))
         if response.status_code == 422 and any(word in error_detail(response).lower() for word in SAFETY_WORDS):
             raise ContentPolicyViolation()
-        check_status(response, PROVIDER)
-        items = read_json(response, PROVIDER).get("data")
+        items = self.checked_json(response).get("data")
         if not isinstance(items, list):
             raise UpstreamError(f"{PROVIDER} returned no list of images.", failover=True)
         with billed():
@@ -47,9 +41,9 @@ class Together:
         if not isinstance(item, dict):
             raise UpstreamError(f"{PROVIDER} returned an image entry that is not an object.")
         if item.get("b64_json") is not None:
-            return decode_b64(item["b64_json"], PROVIDER)
+            return self.decode_b64(item["b64_json"])
         # Only reached when Together ignores response_format=base64; download() refuses foreign hosts.
-        return await download(self.upstream, PROVIDER, item.get("url"))
+        return await self.download(item.get("url"))
 
 
 def body(request: ImageRequest, model: str, n: int) -> dict[str, Any]:
@@ -73,7 +67,7 @@ def body(request: ImageRequest, model: str, n: int) -> dict[str, Any]:
 
 # The cap keeps bursts from becoming 429s.
 INFO = ProviderInfo(
-    name="together",
+    name=NAME,
     build=Together,
     credential="TOGETHER_API_KEY",
     base_url="https://api.together.xyz/v1",

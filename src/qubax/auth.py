@@ -57,7 +57,8 @@ def masked(key: str) -> str:
 class KeyCache(Generic[T]):
     """Recent key lookups by digest (misses too), so a busy key costs one query per `ttl` seconds.
 
-    Revocation, and a key created on another node, take effect within `ttl` on every node.
+    Revocation, and a key created on another node, take effect within `ttl` on every node. Not async-lru:
+    it arms a timer per entry and costs ~3x on a hit (bench/README.md, "Home-made parts and libraries").
     """
 
     def __init__(self, ttl: float = 1.0, size: int = 10_000) -> None:

@@ -1,4 +1,6 @@
-"""Per-route circuit breakers: a route that keeps failing is skipped for a cool-down, then probed."""
+"""Per-route circuit breakers: a route that keeps failing is skipped for a cool-down, then probed.
+Our own: the libraries let every call through while half-open and cannot hand back a probe whose
+request went away (bench/README.md, "Home-made parts and libraries")."""
 
 import time
 from collections.abc import Callable

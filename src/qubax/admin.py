@@ -6,12 +6,22 @@ and Prometheus' `/metrics`.
 """
 
 import secrets
-from datetime import date
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,6 +35,15 @@ from qubax.settings import ADMIN_TOKEN_CHARS, Settings, admin_token_problem
 
 Limit = Annotated[StrictInt | None, Field(ge=0, le=db.MAX_LIMIT)]
 Budget = Annotated[float | None, Field(ge=0, le=db.MAX_BUDGET_USD)]
+
+
+# The answers below are read from the database's rows (`model_validate(row, from_attributes=True)`);
+# these say how a stored value becomes what the API gives: times as OpenAI gives them, Unix seconds,
+# and money in dollars (stored in micro-USD).
+Seconds = Annotated[int, BeforeValidator(db.unix)]
+MaybeSeconds = Annotated[int | None, BeforeValidator(lambda moment: None if moment is None else db.unix(moment))]
+Usd = Annotated[float, BeforeValidator(db.to_usd)]
+MaybeUsd = Annotated[float | None, BeforeValidator(lambda micros: None if micros is None else db.to_usd(micros))]
 
 
 def enabled(settings: Settings) -> bool:
@@ -118,12 +137,12 @@ class Key(BaseModel):
     name: str
     prefix: str
     test: bool
-    created_at: int  # Unix seconds, as OpenAI gives times
-    revoked_at: int | None
+    created_at: Seconds
+    revoked_at: MaybeSeconds
     rpm: int | None
     images_per_day: int | None
     max_concurrent: int | None
-    monthly_budget_usd: float | None
+    monthly_budget_usd: MaybeUsd = Field(validation_alias="monthly_budget_micros")
 
 
 class CreatedKey(Key):
@@ -143,7 +162,7 @@ class Usage(BaseModel):
     day: date | None = None
     requests: int
     images: int
-    cost_usd: float
+    cost_usd: Usd = Field(validation_alias="cost_micros")
 
 
 class UsageList(BaseModel):
@@ -179,9 +198,14 @@ class Delivery(BaseModel):
     attempts: int
     last_status: int | None
     last_error: str | None
-    created_at: int
+    created_at: Seconds
     next_attempt_at: int | None  # while pending
-    delivered_at: int | None
+    delivered_at: MaybeSeconds
+
+    @field_validator("next_attempt_at", mode="before")
+    @classmethod
+    def while_pending(cls, moment: datetime, info: ValidationInfo) -> int | None:
+        return db.unix(moment) if info.data.get("status") == "pending" else None
 
 
 class DeliveryList(BaseModel):
@@ -198,7 +222,8 @@ async def create_key(services: ServicesDep, body: NewKey = NO_BODY) -> CreatedKe
     limits = db.chosen_limits(body.model_dump(include=set(Limits.model_fields)))
     async with services.sessions() as session:
         key, secret = await db.create_key(session, name=body.name, test=body.test, limits=limits)
-    return CreatedKey(**describe(key).model_dump(), key=secret)
+    # The secret is no column of the row: it joins the key's fields, read from the row just above.
+    return CreatedKey.model_construct(**dict(describe(key)), key=secret)
 
 
 @router.get("/keys")
@@ -253,23 +278,7 @@ async def list_deliveries(services: ServicesDep, limit: int = 50, status: str | 
         query = query.where(db.WebhookDelivery.status == status)
     async with services.sessions() as session:
         found = list(await session.scalars(query))
-    return DeliveryList(data=[delivery_of(row) for row in found])
-
-
-def delivery_of(row: db.WebhookDelivery) -> Delivery:
-    return Delivery(
-        id=row.id,
-        job_id=row.job_id,
-        key_id=row.key_id,
-        url=row.url,
-        status=row.status,
-        attempts=row.attempts,
-        last_status=row.last_status,
-        last_error=row.last_error,
-        created_at=db.unix(row.created_at),
-        next_attempt_at=db.unix(row.next_attempt_at) if row.status == "pending" else None,
-        delivered_at=None if row.delivered_at is None else db.unix(row.delivered_at),
-    )
+    return DeliveryList(data=[Delivery.model_validate(row, from_attributes=True) for row in found])
 
 
 @router.get("/usage", response_model_exclude_none=True)
@@ -283,20 +292,7 @@ async def usage(services: ServicesDep, group_by: str = "key,model", since: str =
     check_order(first, last)
     async with services.sessions() as session:
         rows = await db.usage(session, list(dict.fromkeys(groups)), first, last)
-    return UsageList(
-        data=[
-            Usage(
-                key_id=row.key_id,
-                key_name=row.key_name,
-                model=row.model,
-                day=row.day,
-                requests=row.requests,
-                images=row.images,
-                cost_usd=db.to_usd(row.cost_micros),
-            )
-            for row in rows
-        ]
-    )
+    return UsageList(data=[Usage.model_validate(row, from_attributes=True) for row in rows])
 
 
 # Usage is stamped in Unix time, so nothing is older than 1970; and a range ends before the next day
@@ -343,16 +339,4 @@ def changed(key: db.ApiKey, services: Services) -> Key:
 
 
 def describe(key: db.ApiKey) -> Key:
-    budget = key.monthly_budget_micros
-    return Key(
-        id=key.id,
-        name=key.name,
-        prefix=key.prefix,
-        test=key.test,
-        created_at=db.unix(key.created_at),
-        revoked_at=None if key.revoked_at is None else db.unix(key.revoked_at),
-        rpm=key.rpm,
-        images_per_day=key.images_per_day,
-        max_concurrent=key.max_concurrent,
-        monthly_budget_usd=None if budget is None else db.to_usd(budget),
-    )
+    return Key.model_validate(key, from_attributes=True)

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from qubax.app import create_app
-from qubax.errors import Forbidden, Gone, NotFound
+from qubax.errors import Forbidden, Gone, NotFound, StorageUnavailable
 from qubax.settings import Settings
-from qubax.storage import SWEEP_GRACE_SECONDS, LocalStorage, load_secret
+from qubax.storage import HELPER_BYTES, SWEEP_GRACE_SECONDS, LocalStorage, load_secret
 from tests.conftest import create_key
 from tests.server import serve
 
@@ -54,6 +54,18 @@ async def test_put_writes_the_file_and_signed_path_verifies(storage: LocalStorag
     assert before + 60 <= int(expires) <= int(time.time()) + 60
     assert len(signature) == 64 and set(signature) <= set("0123456789abcdef")
     assert storage.verify(image_id, expires, signature) == storage.path(image_id)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [HELPER_BYTES, HELPER_BYTES + 1], ids=["helper process", "worker thread"])
+async def test_an_image_that_cannot_be_written_is_storage_unavailable(storage: LocalStorage, size: int) -> None:
+    storage.root.rmdir()  # as a full or read-only disk would, the write fails
+    try:
+        with pytest.raises(StorageUnavailable):
+            await storage.put(b"x" * size)
+    finally:
+        await storage.close()
+    assert not storage.root.exists()
 
 
 @pytest.mark.anyio
@@ -269,7 +281,7 @@ def test_the_data_folder_and_what_it_holds_are_the_service_users_alone(
     }
     assert modes == {"data": 0o700, "qubax.db": 0o600, "images": 0o700, image.name: 0o600}
 
-    async def put_big() -> str:  # over the helper process's size: written by the writer thread
+    async def put_big() -> str:  # over the helper process's size: written in a worker thread
         storage = LocalStorage(settings.images_dir, b"s" * 32, 60)
         try:
             return await storage.put(b"x" * (300 * 1024))

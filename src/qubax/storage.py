@@ -6,12 +6,10 @@ import contextlib
 import hmac
 import logging
 import os
-import queue
 import re
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -155,52 +153,25 @@ class SignedUrls:
             raise Gone("This image URL has expired. Generate the image again or request b64_json.")
 
 
-Write = tuple[str, bytes, "asyncio.Future[None]"]
-
-
 class FileWriter:
     """Writes files off the event loop: small ones through a helper process (`writers.py` says why),
-    big ones in one thread of its own, where the pipe's extra copies would cost more than the hand-over
-    saves (bench/README.md). The thread takes every write waiting when it wakes: one hand-over and one
-    wake-up of the loop for all of them."""
+    big ones in asyncio's worker threads, where the pipe's extra copies would cost more than the
+    hand-over saves (bench/README.md)."""
 
     def __init__(self) -> None:
         self.helper = WriterProcess("qubax.file_writer")
-        self.queue: queue.SimpleQueue[Write | None] = queue.SimpleQueue()
-        self.thread: threading.Thread | None = None
 
     async def write(self, path: str, data: bytes) -> None:
-        if len(data) <= HELPER_BYTES:
-            try:
-                await self.helper.call(file_writer.frame(path, data))
-            except WriteFailed as exc:
-                raise OSError(f"Writing {os.path.basename(path)} failed: {exc}") from exc
+        if len(data) > HELPER_BYTES:
+            await asyncio.to_thread(write_file, path, data)
             return
-        loop = asyncio.get_running_loop()
-        if self.thread is None:  # started by the first write, on the loop it will answer
-            self.thread = threading.Thread(target=self.run, args=(loop,), name="qubax-files", daemon=True)
-            self.thread.start()
-        done: asyncio.Future[None] = loop.create_future()
-        self.queue.put((path, data, done))
-        await done
-
-    def run(self, loop: asyncio.AbstractEventLoop) -> None:
-        running = True
-        while running:
-            batch = [self.queue.get()]
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            running = None not in batch  # `close` asks to stop once what came before is written
-            writes = [write for write in batch if write is not None]
-            outcomes = [(done, write_file(path, data)) for path, data, done in writes]
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
-                loop.call_soon_threadsafe(settle, outcomes)
+        try:
+            await self.helper.call(file_writer.frame(path, data))
+        except WriteFailed as exc:
+            raise OSError(f"Writing {os.path.basename(path)} failed: {exc}") from exc
 
     async def close(self) -> None:
         await self.helper.close()
-        if self.thread is not None:
-            self.queue.put(None)
-            await asyncio.to_thread(self.thread.join)
 
 
 HELPER_BYTES = 256 * 1024  # files up to this size go through the helper process
@@ -209,20 +180,16 @@ HELPER_BYTES = 256 * 1024  # files up to this size go through the helper process
 SYNC_DATA = getattr(os, "fdatasync", os.fsync)  # macOS has only fsync
 
 
-def write_file(path: str, data: bytes) -> OSError | None:
+def write_file(path: str, data: bytes) -> None:
     """Write a big image, on disk before its link goes out, and then out of the page cache: it is read
     once or twice at most. Kept cached, each file cost the kernel ever more CPU as the cache grew, far
-    more than synced and dropped (bench/README.md); the sync waits in this thread."""
-    try:
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
-            file.write(data)
-            file.flush()
-            SYNC_DATA(file.fileno())
-            if hasattr(os, "posix_fadvise"):  # not on macOS
-                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError as exc:
-        return exc
-    return None
+    more than synced and dropped (bench/README.md); the sync waits in a worker thread."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
+        file.write(data)
+        file.flush()
+        SYNC_DATA(file.fileno())
+        if hasattr(os, "posix_fadvise"):  # not on macOS
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def copy_file(file: BinaryIO, path: Path) -> None:
@@ -244,16 +211,6 @@ COPY_BLOCK = 1024 * 1024
 def delete_files(paths: list[Path]) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
-
-
-def settle(outcomes: list[tuple["asyncio.Future[None]", OSError | None]]) -> None:
-    for done, error in outcomes:
-        if done.cancelled():  # its request has gone; the file stays until the sweep
-            continue
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
 
 
 class LocalStorage(SignedUrls):

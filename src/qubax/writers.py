@@ -1,5 +1,6 @@
 """Helper processes for blocking writes: the usage ledger's SQLite batches (`sqlite_writer.py`) and
-small image files (`file_writer.py`), each a `WriterProcess`.
+small image files (`file_writer.py`), each a `WriterProcess`. Every other blocking file operation (big
+images, a job's uploads, deletes, the sweep) runs in asyncio's own worker threads (`asyncio.to_thread`).
 
 Why processes, not threads: a thread doing blocking writes shares the GIL with the event loop, and
 every system call it makes hands the GIL over and back; under load each hand-over is a forced switch

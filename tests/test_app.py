@@ -23,7 +23,7 @@ async def explode(*args: object) -> bytes:
 def test_a_crash_is_an_openai_shaped_500_without_internals(
     base_url: str, test_key: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(generation, "deliver", explode)  # a bug after the images were made
+    monkeypatch.setattr(generation, "store", explode)  # a bug after the images were made
     response = httpx.post(
         f"{base_url}/v1/images/generations",
         json={"model": "flux-1.1-pro", "prompt": "p", "response_format": "b64_json"},

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from qubax import db, idempotency, journal
+from qubax import claims, db, idempotency, journal
 from qubax.providers.pool import KeyPool
 from qubax.routes import GENERATIONS_PATH
 from qubax.settings import Settings
@@ -287,7 +287,7 @@ def abandoned(stack: Stack, key_id: str, token: str, fingerprint: str) -> db.Ide
         status="running",
         created_at=silent,
         heartbeat_at=silent,
-        expires_at=silent + idempotency.LIFETIME,
+        expires_at=silent + claims.LIFETIME,
     )
 
 

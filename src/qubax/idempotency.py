@@ -6,43 +6,40 @@ node) before any work. The first to claim it does the work, saying every few sec
 it; the answer of a success is stored with the row and replayed for 24 hours, and so is a refusal that
 the same request would meet again (`QubaxError.deterministic`: content policy, an upstream's 400). Any
 other failure (which costs nothing) may pass: it lets go of the key, so that a retry does the work anew.
-The work goes on when its client leaves (its
-retry will want the answer). A retry that finds the work still going waits for it, on whichever node it
-lands; one that finds it abandoned (its node died) takes it over, and waits on the upstream tasks the dead
-node had started (`journal`) rather than starting them again.
+The work goes on when its client leaves (its retry will want the answer). A retry that finds the work
+still going waits for it, on whichever node it lands; one that finds it abandoned (its node died) takes
+it over, and waits on the upstream tasks the dead node had started (`journal`) rather than starting them
+again.
+
+This wraps the pipeline from outside: the owner runs `pipeline.run` with the claim's charge identity
+(`claims.usage_id`), whatever the delivery; the rows themselves are `claims`'.
 """
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, BinaryIO
 
 import orjson
-from fastapi import Response
 from fastapi.sse import KEEPALIVE_COMMENT
-from sqlalchemy import delete, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.sql.elements import ColumnElement
 
-from qubax import db, journal, ledger
+from qubax import db, journal, pipeline
+from qubax.claims import claim, find, keep, let_go, touch, usage_id
 from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest, QubaxError
+from qubax.generation import Work
+from qubax.pipeline import Answer
+from qubax.services import Services
 from qubax.storage import Storage, relink
-
-if TYPE_CHECKING:  # services imports this module, for the sweep
-    from qubax.services import Services
 
 HEADER = "idempotency-key"
 MAX_KEY_CHARS = 255
-LIFETIME = timedelta(hours=24)
 WAIT_SECONDS = 0.2  # between looks at a request another node is working on
 REPLAYED_HEADERS = ("content-type", "x-qubax-route", "x-qubax-test", "x-should-retry")
 COMPLETED = b".completed"  # in the event name of each image a stream delivered
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def fingerprint(kind: str, fields: dict[str, object], files: list[bytes] | None = None) -> str:
@@ -51,6 +48,21 @@ def fingerprint(kind: str, fields: dict[str, object], files: list[bytes] | None 
     for file in files or ():
         digest.update(b"\0" + file)
     return digest.hexdigest()
+
+
+async def fingerprint_of(work: Work) -> str:
+    """The work's fingerprint: its endpoint, its fields and its files' digests (read in a worker thread)."""
+    request = work.request
+    files = [*request.images, *filter(None, [request.mask])]
+    digests = await asyncio.to_thread(lambda: [digest(file.rewind()) for file in files])
+    return fingerprint(work.endpoint, work.fields(), digests)
+
+
+def digest(file: BinaryIO) -> bytes:
+    found = hashlib.sha256()
+    while chunk := file.read(1024 * 1024):
+        found.update(chunk)
+    return found.digest()
 
 
 def check_key(token: str) -> str:
@@ -62,21 +74,15 @@ def check_key(token: str) -> str:
     return token
 
 
-async def once(
-    services: "Services",
-    key_id: str,
-    token: str,
-    print_: str,
-    owned: Callable[[], Awaitable[Response]],
-    public_url: str,
-) -> Response:
-    """The answer `owned()` gives once this request owns the key (`run` or `run_stream` it), made at most
-    once at a time for this key, and replayed once it succeeded."""
+async def once(work: Work, services: Services, token: str) -> Answer:
+    """The pipeline's answer to the work, made at most once at a time for this key (`run` or
+    `run_stream`, by whichever request owns the key), and replayed once it succeeded."""
+    key_id, print_ = work.key.id, await fingerprint_of(work)
     deadline = time.monotonic() + services.settings.request_timeout_seconds
     while True:
-        if await claim(services, key_id, token, print_):
-            return await owned()
-        row = await find(services, key_id, token)
+        if await claim(services.sessions, key_id, token, print_):
+            return await owned(work, services, token)
+        row = await find(services.sessions, key_id, token)
         if row is None:  # the first request failed and let go: this one does the work
             continue
         if row.fingerprint != print_:
@@ -84,9 +90,10 @@ async def once(
                 "This Idempotency-Key was already used with a different request; use a new key for a new request."
             )
         if row.status == "done":
-            return await replay(row, services.storage, public_url)
-        if await take_over(services, key_id, token):
-            return await owned()
+            return await replay(row, services.storage, work.public_url)
+        # A claim whose worker has gone silent (its node died) is taken over; of several nodes, one wins.
+        if await touch(services.sessions, key_id, token, silent_for=services.settings.takeover_seconds):
+            return await owned(work, services, token)
         if time.monotonic() > deadline:
             raise InProgress(
                 "The request with this Idempotency-Key is still at work; try again shortly.", retry_after=1
@@ -94,115 +101,59 @@ async def once(
         await asyncio.sleep(WAIT_SECONDS)
 
 
-async def claim(services: "Services", key_id: str, token: str, print_: str) -> bool:
-    """Whether this request now owns the key (an expired claim is cleared first)."""
-    now = db.now()
-    async with services.sessions() as session:
-        expired = row_of(key_id, token) & (db.IdempotentRequest.expires_at < now)
-        await session.execute(delete(db.IdempotentRequest).where(expired))
-        session.add(
-            db.IdempotentRequest(
-                key_id=key_id,
-                idempotency_key=token,
-                fingerprint=print_,
-                status="running",
-                created_at=now,
-                heartbeat_at=now,
-                expires_at=now + LIFETIME,
-            )
-        )
-        try:
-            await session.commit()
-        except IntegrityError:
-            return False
-    return True
+async def owned(work: Work, services: Services, token: str) -> Answer:
+    """The work done as the key's owner; it goes on if the client leaves (its retry will want the answer)."""
+    if work.delivery == "stream":
+        return await run_stream(work, services, token)
+    answer: Answer | None = await asyncio.shield(detach(services, own(work, services, token)))
+    assert answer is not None  # only a stream may have nothing to keep
+    return answer
 
 
-def row_of(key_id: str, token: str) -> ColumnElement[bool]:
-    """The one row of an API key's Idempotency-Key."""
-    return (db.IdempotentRequest.key_id == key_id) & (db.IdempotentRequest.idempotency_key == token)
-
-
-async def find(services: "Services", key_id: str, token: str) -> db.IdempotentRequest | None:
-    async with services.sessions() as session:
-        return await session.get(db.IdempotentRequest, (key_id, token))
-
-
-async def take_over(services: "Services", key_id: str, token: str) -> bool:
-    """Claim a request whose worker has gone silent (its node died); of several nodes trying, one wins."""
-    return await touch(services, key_id, token, stale=True)
-
-
-async def touch(services: "Services", key_id: str, token: str, stale: bool = False) -> bool:
-    """Say the work is still going; with `stale`, only where nobody has said so for the takeover time."""
-    same = row_of(key_id, token)
-    if stale:
-        same &= db.IdempotentRequest.heartbeat_at < db.now() - timedelta(seconds=services.settings.takeover_seconds)
-    async with services.sessions() as session:
-        result = await session.execute(
-            update(db.IdempotentRequest)
-            .where(same, db.IdempotentRequest.status == "running")
-            .values(heartbeat_at=db.now())
-        )
-        await session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-async def run(services: "Services", key_id: str, token: str, work: Callable[[], Awaitable[Response]]) -> Response:
-    """Do the work as the key's owner. It goes on if the client leaves: its retry will want the answer."""
-    response: Response | None = await asyncio.shield(detach(services, own(services, key_id, token, work)))
-    assert response is not None  # this work always has an answer
-    return response
-
-
-async def run_stream(
-    services: "Services",
-    key_id: str,
-    token: str,
-    open_events: Callable[[], Awaitable[tuple[dict[str, str], AsyncIterator[bytes]]]],
-    answer: Callable[[dict[str, str], AsyncIterator[bytes]], Response],
-) -> Response:
+async def run_stream(work: Work, services: Services, token: str) -> Answer:
     """A streamed answer as the key's owner: the events are made by work that goes on if the client
     leaves, sent to the client as they come, and kept, all together, as the answer to replay."""
-    opened: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
-    sent = Relay()
+    relay = Relay()
+    detach(services, own(work, services, token, relay)).add_done_callback(relay.ended)
+    return Answer(headers=await asyncio.shield(relay.opened), events=relay.events())
 
-    async def work() -> Response | None:
-        try:
-            headers, events = await open_events()
-        except Exception as exc:  # refused before it started (limits): the client gets the error
-            opened.set_exception(exc)
-            return None
-        opened.set_result(headers)
-        kept = []
-        try:
-            async for event in events:
-                sent.put(event)
-                if event != KEEPALIVE_COMMENT:
-                    kept.append(event)
-        finally:
-            sent.close()
-        # With no image sent, nothing was charged: a retry may make them anew.
-        if not any(COMPLETED in event for event in kept):
-            return None
-        return Response(b"".join(kept), media_type="text/event-stream", headers=headers)
 
-    def ended(task: "asyncio.Task[Response | None]") -> None:
-        if not opened.done():  # it failed before the stream could start (the database, say)
-            failure = None if task.cancelled() else task.exception()
-            opened.set_exception(failure or QubaxError("The streamed request stopped before it started."))
-
-    detach(services, own(services, key_id, token, work)).add_done_callback(ended)
-    return answer(await asyncio.shield(opened), sent.events())
+async def relayed(work: Work, services: Services, relay: "Relay") -> Answer | None:
+    """The stream's events handed to the relay; all of them together, when an image was delivered."""
+    try:
+        answer = await pipeline.run(work, services)
+    except Exception as exc:  # refused before it started (limits): the client gets the error
+        relay.opened.set_exception(exc)
+        return None
+    relay.opened.set_result(answer.headers)
+    assert answer.events is not None  # a stream's
+    kept = []
+    try:
+        async for event in answer.events:
+            relay.put(event)
+            if event != KEEPALIVE_COMMENT:
+                kept.append(event)
+    finally:
+        relay.close()
+    # With no image sent, nothing was charged: a retry may make them anew.
+    if not any(COMPLETED in event for event in kept):
+        return None
+    return Answer(b"".join(kept), headers=answer.headers | {"content-type": "text/event-stream; charset=utf-8"})
 
 
 class Relay:
     """Events handed from the work that makes them to the client that reads them, at its own pace."""
 
     def __init__(self) -> None:
+        self.opened: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         self.events_so_far: list[bytes] = []
         self.changed = asyncio.Event()
         self.closed = False
+
+    def ended(self, task: "asyncio.Task[Answer | None]") -> None:
+        if not self.opened.done():  # it failed before the stream could start (the database, say)
+            failure = None if task.cancelled() else task.exception()
+            self.opened.set_exception(failure or QubaxError("The streamed request stopped before it started."))
 
     def put(self, event: bytes) -> None:
         self.events_so_far.append(event)
@@ -224,7 +175,7 @@ class Relay:
             await self.changed.wait()
 
 
-def detach(services: "Services", work: Awaitable[Any]) -> "asyncio.Task[Any]":
+def detach(services: Services, work: Awaitable[Any]) -> "asyncio.Task[Any]":
     """Run work that outlives its request, held where the event loop's weak references cannot lose it."""
     task = asyncio.ensure_future(work)
     services.detached.add(task)
@@ -232,88 +183,52 @@ def detach(services: "Services", work: Awaitable[Any]) -> "asyncio.Task[Any]":
     return task
 
 
-async def own(
-    services: "Services", key_id: str, token: str, work: Callable[[], Awaitable[Response | None]]
-) -> Response | None:
+async def own(work: Work, services: Services, token: str, relay: Relay | None = None) -> Answer | None:
     """Store a success's answer, or a deterministic refusal's; let go of the key otherwise (a failure
-    that may pass, or work that has nothing worth keeping). Upstream tasks the work starts are noted in
-    the journal, where a takeover finds them."""
-    claimed = await find(services, key_id, token)
-    if claimed is not None:  # this runs in a task of its own (`detach`): the setting stays with the work
-        ledger.charged_as.set(usage_id(claimed))
+    that may pass, or work that has nothing worth keeping). The work's usage record is charged as the
+    claim (`claims.usage_id`); upstream tasks it starts are noted in the journal, where a takeover finds
+    them."""
+    key_id = work.key.id
+    claimed = await find(services.sessions, key_id, token)
+    if claimed is not None:
+        work = dataclasses.replace(work, charge_id=usage_id(claimed))
     beating = asyncio.create_task(heartbeat(services, key_id, token))
-    owner = journal.request_owner(key_id, token)
     try:
-        async with journal.kept(services.sessions, owner):
-            response = await work()
+        async with journal.kept(services.sessions, journal.request_owner(key_id, token)):
+            answer = await (pipeline.run(work, services) if relay is None else relayed(work, services, relay))
     except BaseException as exc:
         if isinstance(exc, QubaxError) and exc.deterministic:
-            await asyncio.shield(keep(services, key_id, token, refusal(exc)))
+            await asyncio.shield(keep(services.sessions, key_id, token, *refusal(exc)))
         else:
-            await asyncio.shield(let_go(services, key_id, token))
+            await asyncio.shield(let_go(services.sessions, key_id, token))
         raise
     finally:
         beating.cancel()
-    if response is None or response.status_code >= 300:
-        await let_go(services, key_id, token)
-        return response
-    await keep(services, key_id, token, response)
-    return response
+    if answer is None or answer.status >= 300:
+        await let_go(services.sessions, key_id, token)
+        return answer
+    await keep(services.sessions, key_id, token, answer.status, replayed(answer.headers), answer.body)
+    return answer
 
 
-def usage_id(row: db.IdempotentRequest) -> str:
-    """The id of the request's usage record, in `db.new_id`'s form: the same for a node taking the
-    request over, another for a request that claims the key afresh (after a failure, or a day)."""
-    micros = (db.utc(row.created_at) - EPOCH) // timedelta(microseconds=1)
-    digest = hashlib.sha256(f"{row.key_id}\0{row.idempotency_key}".encode()).hexdigest()
-    return f"gen_{micros:013x}{digest[:10]}"
-
-
-def refusal(error: QubaxError) -> Response:
+def refusal(error: QubaxError) -> tuple[int, dict[str, str], bytes]:
     """The error's answer, as `app` renders it, to keep."""
-    body = error.to_body().model_dump_json().encode()
-    return Response(body, status_code=error.status_code, media_type="application/json", headers=error.headers)
+    headers = replayed(error.headers | {"content-type": "application/json"})
+    return error.status_code, headers, error.to_body().model_dump_json().encode()
 
 
-async def keep(services: "Services", key_id: str, token: str, response: Response) -> None:
-    """The answer stored for the key's lifetime, to replay; the work's journal is done with."""
-    owner = journal.request_owner(key_id, token)
-    headers = {name: value for name, value in response.headers.items() if name in REPLAYED_HEADERS}
-    async with services.sessions() as session:
-        await session.execute(
-            update(db.IdempotentRequest)
-            .where(row_of(key_id, token))
-            .values(
-                status="done",
-                response_status=response.status_code,
-                response_headers=json.dumps(headers),
-                response_body=bytes(response.body),
-            )
-        )
-        await session.commit()
-    await journal.forget(services.sessions, owner)
+def replayed(headers: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name in REPLAYED_HEADERS}
 
 
-async def heartbeat(services: "Services", key_id: str, token: str) -> None:
+async def heartbeat(services: Services, key_id: str, token: str) -> None:
     while True:
         await asyncio.sleep(services.settings.takeover_seconds / 4)
         with contextlib.suppress(Exception):  # a missed beat only risks a takeover, never the work
-            await touch(services, key_id, token)
+            await touch(services.sessions, key_id, token)
 
 
-async def let_go(services: "Services", key_id: str, token: str) -> None:
-    await journal.forget(services.sessions, journal.request_owner(key_id, token))
-    async with services.sessions() as session:
-        await session.execute(
-            delete(db.IdempotentRequest).where(
-                row_of(key_id, token),
-                db.IdempotentRequest.status == "running",
-            )
-        )
-        await session.commit()
-
-
-async def replay(row: db.IdempotentRequest, storage: Storage, public_url: str) -> Response:
+async def replay(row: db.IdempotentRequest, storage: Storage, public_url: str) -> Answer:
     """The stored answer, its image links signed anew (the first ones may have expired)."""
     body = row.response_body or b""
     if b'"url"' in body:
@@ -321,12 +236,4 @@ async def replay(row: db.IdempotentRequest, storage: Storage, public_url: str) -
         await relink(answer, storage, public_url)
         body = orjson.dumps(answer)
     headers = json.loads(row.response_headers or "{}") | {"x-qubax-idempotent-replayed": "true"}
-    return Response(body, status_code=row.response_status or 200, headers=headers)
-
-
-async def sweep(sessions: async_sessionmaker[AsyncSession]) -> int:
-    """Forget the requests past their lifetime; returns how many."""
-    async with sessions() as session:
-        result = await session.execute(delete(db.IdempotentRequest).where(db.IdempotentRequest.expires_at < db.now()))
-        await session.commit()
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return Answer(body, row.response_status or 200, headers)

@@ -1,4 +1,4 @@
-"""The jobs API: a generation or edit sent with `Prefer: respond-async` becomes a job (`accept_job`),
+"""The jobs API: a generation or edit sent with `Prefer: respond-async` becomes a job (`pipeline.queued`),
 which its key reads, lists and cancels here."""
 
 from fastapi import APIRouter, Request, Response
@@ -6,12 +6,11 @@ from fastapi import APIRouter, Request, Response
 from qubax import db, jobs
 from qubax.access import CurrentKey, public_url
 from qubax.bodies import LimitedRoute
-from qubax.catalog import ImageRequest
 from qubax.errors import InvalidRequest
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest, ImageJob, ImageJobList, error_responses
 from qubax.services import Services, ServicesDep
 
-JOBS_PATH = "/v1/images/jobs"
+JOBS_PATH = jobs.JOBS_PATH
 router = APIRouter(route_class=LimitedRoute)
 
 
@@ -24,18 +23,6 @@ def wants_job(request: Request, body: ImageGenerateRequest | ImageEditRequest) -
             "webhook_url is for jobs: send it with the header Prefer: respond-async.", param="webhook_url"
         )
     return False
-
-
-async def accept_job(
-    request: Request, key: db.KeyRecord, path: str, body: ImageGenerateRequest | ImageEditRequest, checked: ImageRequest
-) -> Response:
-    """`Prefer: respond-async`: the request queued as a job, answered at once with `202 Accepted`."""
-    services: Services = request.app.state.services
-    job = await jobs.submit(services, key, path, body, checked, public_url(request))
-    answer = await job_answer(request, job)
-    answer.status_code = 202
-    answer.headers.update({"location": f"{JOBS_PATH}/{job.id}", "preference-applied": "respond-async"})
-    return answer
 
 
 @router.get(

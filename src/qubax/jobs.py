@@ -21,9 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from qubax import db
 from qubax.catalog import ImageRequest
 from qubax.errors import InvalidRequest, NotFound, QubaxError
-from qubax.generation import check_edit
+from qubax.generation import Work
+from qubax.parsing import check_edit
 from qubax.protocol import (
-    UPLOAD_FIELDS,
     Error,
     ImageEditRequest,
     ImageGenerateRequest,
@@ -36,6 +36,7 @@ from qubax.storage import Storage, relink
 from qubax.targets import check_target
 
 logger = logging.getLogger("qubax")
+JOBS_PATH = "/v1/images/jobs"
 PREFER_ASYNC = re.compile(r"(?:^|,)\s*respond-async\s*(?:[,;]|$)", re.IGNORECASE)
 ENDED = ("succeeded", "failed", "cancelled")
 STATUSES = (*db.PENDING, *ENDED)
@@ -49,23 +50,17 @@ def wants_async(prefer: str | None) -> bool:
     return prefer is not None and PREFER_ASYNC.search(prefer) is not None
 
 
-async def submit(
-    services: Services,
-    key: db.KeyRecord,
-    endpoint: str,
-    body: ImageGenerateRequest | ImageEditRequest,
-    request: ImageRequest,
-    public_url: str,
-) -> db.ImageJob:
+async def submit(work: Work, services: Services) -> db.ImageJob:
     """Queue a checked request as a job, once the key's limits admit it (they count it from now)."""
-    webhook_url = await webhook_target(services, key, body.webhook_url)
+    key, request = work.key, work.request
+    webhook_url = await webhook_target(services, key, work.body.webhook_url if work.body is not None else None)
     job = db.ImageJob(
         id=db.new_id("job"),
         key_id=key.id,
-        endpoint=endpoint,
+        endpoint=work.endpoint,
         model=request.model.id,
-        fields=orjson.dumps(body.model_dump(exclude=UPLOAD_FIELDS, exclude_none=True)).decode(),
-        public_url=public_url,
+        fields=orjson.dumps(work.fields()).decode(),
+        public_url=work.public_url,
         status="queued",
         reserved_images=request.n,
         reserved_micros=request.cost_micros(request.n, key.test),

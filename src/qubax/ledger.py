@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -59,10 +58,6 @@ class GenerationRecord:
 GENERATION_COLUMNS = [f.name for f in dataclasses.fields(GenerationRecord) if f.name != "attempts"]
 ATTEMPT_COLUMNS = [f.name for f in dataclasses.fields(AttemptRecord)]
 Entry = tuple[GenerationRecord, "asyncio.Future[None]"]
-# The id that charges for work with an identity of its own (a job, an idempotent request), set while it
-# runs. A node that takes such work over from one that died after recording it records the same id,
-# and a record whose id is taken is not written (`ON CONFLICT DO NOTHING`): the work is charged once.
-charged_as: ContextVar[str | None] = ContextVar("qubax_charged_as", default=None)
 
 
 class Ledger:
@@ -75,9 +70,6 @@ class Ledger:
 
     async def record(self, generation: GenerationRecord) -> None:
         """Return once the generation and its attempts are durable (raises if the write failed)."""
-        if generation.images and (fixed := charged_as.get()) is not None:
-            # Only a record that charges: a failed try must not keep a takeover's success unrecorded.
-            generation.id = fixed
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending.append((generation, done))
         if self.writer is None or self.writer.done():
@@ -134,7 +126,7 @@ class EngineSink:
         # a large share of a small batch's CPU (bench/README.md).
         self.connection: AsyncConnection | None = None
         dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        self.new_generations = dialect.insert(Generation).on_conflict_do_nothing()  # `charged_as`
+        self.new_generations = dialect.insert(Generation).on_conflict_do_nothing()  # `recording.finish`
 
     async def insert(self, generations: list[Row], attempts: list[Row]) -> None:
         if self.connection is None:

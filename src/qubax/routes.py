@@ -1,27 +1,26 @@
-"""The public HTTP API: each endpoint authenticates, calls one service function and returns."""
+"""The public HTTP API: each endpoint authenticates, parses, hands the request to the pipeline (through
+`idempotency` under an `Idempotency-Key`) and renders what it delivers."""
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
-import orjson
-from fastapi import APIRouter, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse
-from pydantic import BaseModel
 from sqlalchemy import text
 
-from qubax import db, generation, idempotency, job_routes, jobs, streaming
-from qubax.access import AuthenticatedUploadRoute, CurrentKey, base_url, public_url
+from qubax import failover, idempotency, job_routes, parsing, pipeline
+from qubax.access import AuthenticatedUploadRoute, CurrentKey, public_url
 from qubax.bodies import LimitedRoute
-from qubax.catalog import CatalogModel, ImageRequest
+from qubax.catalog import CatalogModel
 from qubax.errors import ClientDisconnected, InvalidRequest, NotFound
-from qubax.job_routes import accept_job, wants_job
+from qubax.generation import Work
+from qubax.job_routes import wants_job
 from qubax.protocol import (
     JOB_RESPONSE,
     STREAM_RESPONSE,
-    UPLOAD_FIELDS,
     HealthStatus,
     ImageEditRequest,
     ImageGenerateRequest,
@@ -33,7 +32,6 @@ from qubax.protocol import (
 )
 from qubax.services import Services, ServicesDep
 from qubax.storage import IMAGE_NAME
-from qubax.uploads import digests
 
 T = TypeVar("T")
 GENERATIONS_PATH = "/v1/images/generations"
@@ -53,22 +51,12 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
     """Creates images from a prompt, as OpenAI's `POST /v1/images/generations` does. Each image comes back
     as a signed, expiring `url` or inline as `b64_json`; failed requests cost nothing."""
     services: Services = request.app.state.services
-    as_job = wants_job(request, body)
-    if body.stream:
-        return await stream_answer(request, key, services.catalog.check(body), GENERATIONS_PATH, body)
-    if as_job:
-        checked = services.catalog.check(body)
-        return await respond(
-            request, key, lambda: accept_job(request, key, GENERATIONS_PATH, body, checked), GENERATIONS_PATH, body
-        )
+    delivery = delivery_of(request, body)
+    checked = parsing.check_generation(body, services)
     # Only links need our public address; working it out from the request costs a little on every one.
-    public_url = "" if body.response_format == "b64_json" else services.settings.public_url or base_url(request.scope)
-
-    async def make() -> Response:
-        result = await generation.generate(body, key, services, public_url.rstrip("/"))
-        return answer(request, key, result, body.model, body.prompt)
-
-    return await respond(request, key, make, GENERATIONS_PATH, body)
+    links = "" if delivery == "answer" and body.response_format == "b64_json" else public_url(request)
+    work = Work(request=checked, key=key, delivery=delivery, endpoint=GENERATIONS_PATH, body=body, public_url=links)
+    return await respond(request, work)
 
 
 async def create_image_edit(
@@ -78,23 +66,12 @@ async def create_image_edit(
     does: multipart/form-data with up to 16 images (`image`, or `image[]` as the SDK sends a list), each a
     PNG, JPEG or WebP of at most 50 MB, and an optional PNG `mask` the size of the first image."""
     services: Services = request.app.state.services
-    as_job = wants_job(request, form)
-    uploads = [*form.images, *filter(None, [form.mask])]
-    if form.stream:
-        checked = await generation.check_edit(form, services)
-        return await stream_answer(request, key, checked, EDITS_PATH, form, uploads)
-    if as_job:
-        checked = await generation.check_edit(form, services)
-        return await respond(
-            request, key, lambda: accept_job(request, key, EDITS_PATH, form, checked), EDITS_PATH, form, uploads
-        )
-    public_url = services.settings.public_url or base_url(request.scope)
-
-    async def make() -> Response:
-        result = await generation.edit(form, key, services, public_url.rstrip("/"))
-        return answer(request, key, result, form.model or "", form.prompt)
-
-    return await respond(request, key, make, EDITS_PATH, form, uploads)
+    delivery = delivery_of(request, form)
+    checked = await parsing.check_edit(form, services)
+    work = Work(
+        request=checked, key=key, delivery=delivery, endpoint=EDITS_PATH, body=form, public_url=public_url(request)
+    )
+    return await respond(request, work)
 
 
 # An ordinary route, with a route class of its own: uploads have their own size limit, and the key is
@@ -111,86 +88,47 @@ router.add_api_route(
 )
 
 
-async def respond(
-    request: Request,
-    key: db.KeyRecord,
-    make: Callable[[], Awaitable[Response]],
-    path: str,
-    body: BaseModel,
-    uploads: Sequence[UploadFile] = (),
-) -> Response:
-    """`make()`'s answer, cancelled if the client leaves. Under an `Idempotency-Key` it is made once for
-    this request (its fields and its files' digests) and replayed to the same request sent again."""
-    if (token := request.headers.get(idempotency.HEADER)) is None:
-        return await until_disconnect(request, make())
-    services: Services = request.app.state.services
-    print_ = await fingerprint(path, body, uploads)
-    token = idempotency.check_key(token)
-
-    def owned() -> Awaitable[Response]:
-        return idempotency.run(services, key.id, token, make)
-
-    return await until_disconnect(
-        request, idempotency.once(services, key.id, token, print_, owned, public_url(request))
-    )
-
-
-async def stream_answer(
-    request: Request,
-    key: db.KeyRecord,
-    checked: ImageRequest,
-    path: str,
-    body: BaseModel,
-    uploads: Sequence[UploadFile] = (),
-) -> Response:
-    """`stream: true`: the events of `streaming`, once the request is admitted. Under an
-    `Idempotency-Key` they are made once, and the same request sent again gets them all at once."""
-    services: Services = request.app.state.services
-    if jobs.wants_async(request.headers.get("prefer")):
+def delivery_of(request: Request, body: ImageGenerateRequest | ImageEditRequest) -> str:
+    """How the request asks for its images: "answer", "stream" (`stream: true`) or "job" (`Prefer:
+    respond-async`), which cannot be both."""
+    as_job = wants_job(request, body)
+    if not body.stream:
+        return "job" if as_job else "answer"
+    if as_job:
         raise InvalidRequest(
             "A streamed answer cannot also be a job: send stream: false with Prefer: respond-async.", param="stream"
         )
-    log = {"model": checked.model.id, "route": "stream", "images": checked.n}
-    request.scope["qubax.log"] = log | ({"prompt": checked.prompt} if services.settings.log_prompts else {})
-
-    def events_answer(headers: dict[str, str], events: AsyncIterator[bytes]) -> Response:
-        headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}  # no proxy may hold events back
-        if key.test:
-            headers["x-qubax-test"] = "true"
-        return EventSourceResponse(events, headers=headers)
-
-    def open_events() -> Awaitable[tuple[dict[str, str], AsyncIterator[bytes]]]:
-        return streaming.open_stream(checked, key, services)
-
-    if (token := request.headers.get(idempotency.HEADER)) is None:
-        return events_answer(*await open_events())
-    print_ = await fingerprint(path, body, uploads)
-    token = idempotency.check_key(token)
-
-    def owned() -> Awaitable[Response]:
-        return idempotency.run_stream(services, key.id, token, open_events, events_answer)
-
-    return await idempotency.once(services, key.id, token, print_, owned, public_url(request))
+    return "stream"
 
 
-async def fingerprint(path: str, body: BaseModel, uploads: Sequence[UploadFile]) -> str:
-    """What makes two requests the same: the endpoint, the fields and the files' digests."""
-    fields = body.model_dump(exclude=UPLOAD_FIELDS, exclude_none=True)
-    return idempotency.fingerprint(path, fields, await digests(list(uploads)))
-
-
-def answer(request: Request, key: db.KeyRecord, result: generation.Generated, model: str, prompt: str) -> Response:
+async def respond(request: Request, work: Work) -> Response:
+    """The pipeline's answer, rendered. Under an `Idempotency-Key` it is made once for this request (its
+    fields and its files' digests) and replayed to the same request sent again. An answer, or a job, is
+    cancelled if the client leaves before it; a stream stops when its client leaves."""
     services: Services = request.app.state.services
-    log = {"model": model, "route": result.upstream, "images": len(result.response.data)}
-    if services.settings.log_prompts:
-        log["prompt"] = prompt
-    request.scope["qubax.log"] = log  # for the access line
-    headers = {"x-qubax-route": result.upstream, **result.headers}
-    if key.test:
-        headers["x-qubax-test"] = "true"
-    # orjson writes megabytes of base64 far faster than pydantic's JSON serialiser (bench/README.md).
-    content = orjson.dumps(result.response.model_dump(exclude_none=True))
-    return Response(content, media_type="application/json", headers=headers)
+    if work.delivery == "stream":
+        request_ = work.request
+        note(request, {"model": request_.model.id, "route": "stream", "images": request_.n}, request_.prompt)
+    if (token := request.headers.get(idempotency.HEADER)) is None:
+        delivered = pipeline.run(work, services)
+    else:
+        delivered = idempotency.once(work, services, idempotency.check_key(token))
+    answer = await (delivered if work.delivery == "stream" else until_disconnect(request, delivered))
+    if answer.log is not None:
+        note(request, answer.log, work.request.prompt)
+    if answer.events is not None:
+        headers = answer.headers | {
+            "cache-control": "no-cache",
+            "x-accel-buffering": "no",
+        }  # no proxy may hold events back
+        return EventSourceResponse(answer.events, headers=headers)
+    return Response(answer.body, answer.status, headers=answer.headers)
+
+
+def note(request: Request, log: dict[str, object], prompt: str) -> None:
+    """What the access line says about the request."""
+    services: Services = request.app.state.services
+    request.scope["qubax.log"] = log | ({"prompt": prompt} if services.settings.log_prompts else {})
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -236,7 +174,7 @@ WATCH_AFTER_SECONDS = 0.1
 async def list_models(key: CurrentKey, services: ServicesDep) -> ModelList:
     """The models this key can use, aliases included: for a live key those with an upstream configured,
     for a test key all of them."""
-    models = [model for model in services.catalog.models if key.test or generation.usable_routes(model, services)]
+    models = [model for model in services.catalog.models if key.test or failover.usable_routes(model, services)]
     return ModelList(data=[model_card(model, name) for model in models for name in (model.id, *model.aliases)])
 
 
@@ -245,8 +183,8 @@ async def list_models(key: CurrentKey, services: ServicesDep) -> ModelList:
 )
 async def retrieve_model(model_id: str, key: CurrentKey, services: ServicesDep) -> Model:
     model = services.catalog.find(model_id)
-    if not key.test and not generation.usable_routes(model, services):
-        raise generation.not_served(model)
+    if not key.test and not failover.usable_routes(model, services):
+        raise failover.not_served(model)
     return model_card(model, model_id)
 
 

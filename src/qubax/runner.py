@@ -16,7 +16,7 @@ import orjson
 from sqlalchemy import Update, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from qubax import db, generation, jobs, journal, ledger, loops
+from qubax import db, generation, jobs, journal, loops
 from qubax.errors import AuthenticationError, DatabaseUnavailable, QubaxError
 from qubax.services import Services
 
@@ -84,13 +84,16 @@ async def make(services: Services, job_id: str) -> bytes:
     key = db.key_record(row)
     if key.revoked_at is not None:
         raise AuthenticationError("The API key that made this job has been revoked.")
-    ledger.charged_as.set(usage_id(job_id))  # this runs in a task of its own (`run`)
     async with (
         jobs.rebuilt(services, job) as request,
         services.quotas.running(key),
         journal.kept(services.sessions, journal.job_owner(job_id)),
     ):
-        made = await generation.produce(request, key, services, job.public_url, job_id)
+        # Admitted when it was submitted; what was a job's delivery now is its row's result.
+        work = generation.Work(
+            request=request, key=key, public_url=job.public_url, job_id=job_id, charge_id=usage_id(job_id)
+        )
+        made = await generation.make(work, services)
     return orjson.dumps(made.response.model_dump(exclude_none=True))
 
 

@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from qubax import db, idempotency, journal
+from qubax import claims, db, journal
 from qubax.auth import KeyCache
 from qubax.breaker import Breakers
 from qubax.catalog import Catalog
@@ -157,7 +157,7 @@ async def sweep(storage: Storage, sessions: async_sessionmaker[AsyncSession], se
         logger.warning("sweeping expired images failed: %s", exc)
         old_jobs = None
     try:
-        await idempotency.sweep(sessions)
+        await claims.sweep(sessions)
         await journal.sweep(sessions)
         if old_jobs is not None:  # a job goes after its images, or they would be kept for good
             async with sessions() as session:

@@ -34,7 +34,7 @@ def write(connection: sqlite3.Connection, batch: bytes) -> None:
 
 def statement(table: str, columns: list[str], rows: list[list[Any]]) -> tuple[str, list[Any]]:
     """One multi-row INSERT: one step through SQLite for the whole batch instead of one per row. A row
-    whose id is taken is left out (`ledger.charged_as`: work a node took over was charged already)."""
+    whose id is taken is left out (`recording.finish`: work a node took over was charged already)."""
     values = "(" + ", ".join("?" * len(columns)) + ")"
     rows_sql = ", ".join([values] * len(rows))
     sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES {rows_sql} ON CONFLICT DO NOTHING"

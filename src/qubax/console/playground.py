@@ -14,12 +14,13 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from qubax import db, generation, streaming
+from qubax import db, parsing, pipeline
 from qubax.bodies import UploadRequest, UploadRoute
 from qubax.catalog import ImageRequest
 from qubax.console.sessions import ActionSession, PageSession, signed_in
 from qubax.console.web import ConsoleRoute, page, router, usd
 from qubax.errors import NotFound, QubaxError
+from qubax.generation import Work
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest
 from qubax.services import Services, ServicesDep
 
@@ -68,13 +69,7 @@ async def make(
     started = time.monotonic()
     try:
         key = await key_record(services, asked.key_id)
-        if asked.upload is not None:
-            form = ImageEditRequest.model_validate(asked.fields(False) | {"image": [asked.upload]})
-            made = await generation.edit(form, key, services, "")
-        else:
-            made = await generation.generate(
-                ImageGenerateRequest.model_validate(asked.fields(False)), key, services, ""
-            )
+        made, _ = await pipeline.answered(Work(request=await check(services, asked, False), key=key), services)
     except QubaxError as exc:
         return await show(request, console, services, shown, error=exc.message)
     seconds = time.monotonic() - started
@@ -87,21 +82,24 @@ async def make(
 async def make_streamed(console: ActionSession, services: ServicesDep, asked: Annotated[Asked, Form()]) -> Response:
     """The same, as OpenAI's streamed events, then a `qubax.summary` event: route, seconds, cost."""
     key = await key_record(services, asked.key_id)
-    checked = await check(services, asked)
+    checked = await check(services, asked, True)
     started, since = time.monotonic(), db.now()
-    headers, events = await streaming.open_stream(checked, key, services)
-    return EventSourceResponse(summarised(events, services, key, checked, started, since), headers=headers)
+    answer = await pipeline.run(Work(request=checked, key=key, delivery="stream"), services)
+    assert answer.events is not None  # a stream's
+    return EventSourceResponse(
+        summarised(answer.events, services, key, checked, started, since), headers=answer.headers
+    )
 
 
 router.add_api_route("/playground", make, methods=["POST"], route_class_override=PlaygroundRoute)
 router.add_api_route("/playground/stream", make_streamed, methods=["POST"], route_class_override=PlaygroundRoute)
 
 
-async def check(services: Services, asked: Asked) -> ImageRequest:
+async def check(services: Services, asked: Asked, stream: bool) -> ImageRequest:
     if asked.upload is not None:
-        form = ImageEditRequest.model_validate(asked.fields(True) | {"image": [asked.upload]})
-        return await generation.check_edit(form, services)
-    return services.catalog.check(ImageGenerateRequest.model_validate(asked.fields(True)))
+        form = ImageEditRequest.model_validate(asked.fields(stream) | {"image": [asked.upload]})
+        return await parsing.check_edit(form, services)
+    return parsing.check_generation(ImageGenerateRequest.model_validate(asked.fields(stream)), services)
 
 
 async def summarised(

@@ -43,7 +43,7 @@ Labels = tuple[str, ...]
 class Family:
     """One metric's series, counted in a plain dict; turned into Prometheus' shape only when scraped.
     prometheus_client's own counters take a lock and a `labels()` lookup on every update (here every
-    update and every scrape runs on the event loop): ~8x ours, 6.7% of a light request's instructions
+    update and every scrape runs on the event loop): ~8x ours, 3.5-6.7% more instructions a light request
     (bench/README.md, "Home-made parts and libraries")."""
 
     name: str

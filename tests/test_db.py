@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -76,3 +77,29 @@ def test_jobs_waiting_with_their_files_in_rows_fail_at_the_upgrade_that_moves_th
     engine.dispose()
     assert found == {"job_edit": "failed", "job_generation": "queued", "job_ended": "succeeded"}
     assert json.loads(error)["code"] == "job_inputs_lost" and left == 0
+
+
+SLOW = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000000) SELECT count(*) FROM n"
+
+
+def test_a_statement_cancelled_mid_way_stays_cancelled(tmp_path: Path) -> None:
+    """Stopping a node cancels its background loops mid-statement: SQLAlchemy reports that cancellation
+    to its error hook as a disconnect, which must not become our `DatabaseUnavailable` (the loops take
+    that for a database that is away and go on looking, so the node never stopped)."""
+
+    async def cancel_mid_statement() -> BaseException | None:
+        engine = db.connect(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}")
+        try:
+            async with db.sessions(engine)() as session:
+                statement = asyncio.create_task(session.execute(sa.text(SLOW)))
+                await asyncio.sleep(0.3)  # well inside the statement, which takes seconds
+                statement.cancel()
+                try:
+                    await statement
+                except BaseException as exc:  # what the caller would see is the point
+                    return exc
+                return None
+        finally:
+            await engine.dispose()
+
+    assert isinstance(asyncio.run(cancel_mid_statement()), asyncio.CancelledError)

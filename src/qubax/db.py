@@ -289,6 +289,10 @@ def unavailable(context: ExceptionContext) -> None:
     """SQLAlchemy's hook for every database error, on any session or connection: a database that cannot
     be reached or written becomes ours, a 503 that says when to come back, instead of a crash (500)."""
     error = context.original_exception
+    if not isinstance(error, Exception):
+        # A cancellation (a node stopping, a client gone) reaches this hook as a "disconnect": made ours,
+        # it would be caught as a database that is away, and the cancelled work would go on.
+        return
     state = getattr(error, "sqlstate", None)
     failing = (
         context.is_disconnect

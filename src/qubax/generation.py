@@ -19,31 +19,14 @@ from qubax.catalog import Catalog, ImageRequest
 from qubax.errors import UpstreamError
 from qubax.imaging import convert, passes_through
 from qubax.ledger import GenerationRecord
-from qubax.protocol import UPLOAD_FIELDS, Image, ImageEditRequest, ImageGenerateRequest, ImagesResponse, Usage
+from qubax.protocol import Image, ImagesResponse, Usage
 from qubax.providers import GeneratedImage
 from qubax.recording import recording
 from qubax.services import Services
 from qubax.storage import Storage
+from qubax.work import Work
 
 INLINE_BYTES = 256 * 1024  # checking and base64-ing this much beats a thread hop (bench/README.md)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Work:
-    """A parsed request on its way through the pipeline: what it asks, for whom, and how it is delivered."""
-
-    request: ImageRequest
-    key: db.KeyRecord
-    delivery: str = "answer"  # "answer", "stream" or "job"
-    endpoint: str = ""  # the API path it came to
-    body: ImageGenerateRequest | ImageEditRequest | None = None  # as sent: a job keeps its fields
-    public_url: str = ""  # where image links point ("" for an answer without links)
-    job_id: str | None = None  # a job's images are kept as long as the job
-    charge_id: str | None = None  # the usage record's id, for work with an identity of its own (`recording`)
-
-    def fields(self) -> dict[str, Any]:
-        """The fields sent, without the files: what a job keeps, and what an idempotency key compares."""
-        return {} if self.body is None else self.body.model_dump(exclude=UPLOAD_FIELDS, exclude_none=True)
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ from fastapi.sse import KEEPALIVE_COMMENT
 from qubax import db, journal, pipeline
 from qubax.claims import claim, find, keep, let_go, touch, usage_id
 from qubax.errors import IdempotencyKeyReused, InProgress, InvalidRequest, QubaxError
-from qubax.generation import Work
 from qubax.pipeline import Answer
 from qubax.services import Services
 from qubax.storage import Storage, relink
+from qubax.work import Work
 
 HEADER = "idempotency-key"
 MAX_KEY_CHARS = 255

@@ -21,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from qubax import db
 from qubax.catalog import ImageRequest
 from qubax.errors import InvalidRequest, NotFound, QubaxError
-from qubax.generation import Work
 from qubax.parsing import check_edit
 from qubax.protocol import (
     Error,
@@ -34,6 +33,7 @@ from qubax.protocol import (
 from qubax.services import Services
 from qubax.storage import Storage, relink
 from qubax.targets import check_target
+from qubax.work import Work
 
 logger = logging.getLogger("qubax")
 JOBS_PATH = "/v1/images/jobs"

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import orjson
 
 from qubax import jobs, streaming
-from qubax.generation import Made, Work, make
+from qubax.generation import Made, make
 from qubax.services import Services
+from qubax.work import Work
 
 
 @dataclass

@@ -16,7 +16,6 @@ from qubax.access import AuthenticatedUploadRoute, CurrentKey, public_url
 from qubax.bodies import LimitedRoute
 from qubax.catalog import CatalogModel
 from qubax.errors import ClientDisconnected, InvalidRequest, NotFound
-from qubax.generation import Work
 from qubax.job_routes import wants_job
 from qubax.protocol import (
     JOB_RESPONSE,
@@ -32,6 +31,7 @@ from qubax.protocol import (
 )
 from qubax.services import Services, ServicesDep
 from qubax.storage import IMAGE_NAME
+from qubax.work import Delivery, Work
 
 T = TypeVar("T")
 GENERATIONS_PATH = "/v1/images/generations"
@@ -88,7 +88,7 @@ router.add_api_route(
 )
 
 
-def delivery_of(request: Request, body: ImageGenerateRequest | ImageEditRequest) -> str:
+def delivery_of(request: Request, body: ImageGenerateRequest | ImageEditRequest) -> Delivery:
     """How the request asks for its images: "answer", "stream" (`stream: true`) or "job" (`Prefer:
     respond-async`), which cannot be both."""
     as_job = wants_job(request, body)

@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from qubax import db, generation, jobs, journal, loops
 from qubax.errors import AuthenticationError, DatabaseUnavailable, QubaxError
 from qubax.services import Services
+from qubax.work import Work
 
 logger = logging.getLogger("qubax")
 RUNNING = db.ImageJob.status == "in_progress"
@@ -90,9 +91,7 @@ async def make(services: Services, job_id: str) -> bytes:
         journal.kept(services.sessions, journal.job_owner(job_id)),
     ):
         # Admitted when it was submitted; what was a job's delivery now is its row's result.
-        work = generation.Work(
-            request=request, key=key, public_url=job.public_url, job_id=job_id, charge_id=usage_id(job_id)
-        )
+        work = Work(request=request, key=key, public_url=job.public_url, job_id=job_id, charge_id=usage_id(job_id))
         made = await generation.make(work, services)
     return orjson.dumps(made.response.model_dump(exclude_none=True))
 

@@ -20,10 +20,11 @@ from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
 from qubax.catalog import ImageRequest
 from qubax.errors import QubaxError
-from qubax.generation import Piece, Pieces, Work, make
+from qubax.generation import Piece, Pieces, make
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers import GeneratedImage
 from qubax.services import Services
+from qubax.work import Work
 
 logger = logging.getLogger("qubax")
 PING_SECONDS = 15.0  # a comment line this often keeps proxies from closing a quiet stream

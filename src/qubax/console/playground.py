@@ -20,9 +20,9 @@ from qubax.catalog import ImageRequest
 from qubax.console.sessions import ActionSession, PageSession, signed_in
 from qubax.console.web import ConsoleRoute, page, router, usd
 from qubax.errors import NotFound, QubaxError
-from qubax.generation import Work
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest
 from qubax.services import Services, ServicesDep
+from qubax.work import Work
 
 FORMATS = ("png", "jpeg", "webp")
 

@@ -60,9 +60,10 @@ async def one(app: Any, headers: list[tuple[bytes, bytes]]) -> None:
 
 
 async def drive(requests: int, connections: int, key: str) -> None:
-    from qubax import logs, routes
+    from qubax.api import routes
     from qubax.app import create_app
-    from qubax.settings import Settings
+    from qubax.server import logs
+    from qubax.server.settings import Settings
 
     logging.config.dictConfig(logs.config("text"))  # as `qubax serve` sets logging up, but into a file
     log = (Path(os.environ["QUBAX_DATA_DIR"]) / "access.log").open("w")

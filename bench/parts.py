@@ -9,7 +9,7 @@ part's in the same run. The work is what a light `b64_json` request does with th
 - metrics: the response counted, then the generation's record observed (one attempt, a cost), as
   `qubax.metrics.Metrics` does, against prometheus_client's `Counter` and `Histogram` (`labels(...)`
   per update, as its documentation shows; and with each series' child looked up once, its best case);
-- key cache: a hit in `auth.KeyCache.fetch` against one in async-lru's `alru_cache(ttl=...)` (left out
+- key cache: a hit in `api_keys.KeyCache.fetch` against one in async-lru's `alru_cache(ttl=...)` (left out
   when async-lru is not installed);
 - host check (only with `QUBAX_ALLOWED_HOSTS`): `app.AllowedHosts` (Starlette's `TrustedHostMiddleware`
   deciding) against the `fnmatch` check it replaced.
@@ -29,10 +29,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from qubax import auth
 from qubax.app import AllowedHosts
-from qubax.ledger import AttemptRecord, GenerationRecord
-from qubax.metrics import DURATION_BUCKETS, Metrics
+from qubax.records import api_keys
+from qubax.records.ledger import AttemptRecord, GenerationRecord
+from qubax.server.metrics import DURATION_BUCKETS, Metrics
 
 LOOP = asyncio.new_event_loop()
 RECORD = GenerationRecord(
@@ -92,12 +92,12 @@ def library_metrics(children_once: bool) -> Callable[[], None]:
 
 
 def key_caches() -> dict[str, Callable[[], Any]]:
-    home: auth.KeyCache[str] = auth.KeyCache(ttl=1e9)
+    home: api_keys.KeyCache[str] = api_keys.KeyCache(ttl=1e9)
 
     async def load() -> str:
         return "key"
 
-    found: dict[str, Callable[[], Any]] = {"auth.KeyCache": lambda: home.fetch("digest", load)}
+    found: dict[str, Callable[[], Any]] = {"api_keys.KeyCache": lambda: home.fetch("digest", load)}
     try:
         async_lru = importlib.import_module("async_lru")
     except ImportError:

@@ -1,6 +1,6 @@
 """The built-in catalog's models, as the server loads them (its shipped file, through the catalog loader)."""
 
-from qubax.catalog_file import load_catalog
 from qubax.providers.registry import PROVIDERS
+from qubax.routing.catalog_file import load_catalog
 
 MODELS = load_catalog(None, set(PROVIDERS), {}).models

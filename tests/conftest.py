@@ -8,10 +8,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from qubax import auth, db
 from qubax.app import create_app
 from qubax.providers.registry import PROVIDERS
-from qubax.settings import Settings
+from qubax.records import api_keys, db
+from qubax.server.settings import Settings
 from tests.postgres import create_database, running_postgres
 from tests.redis import fresh_redis, running_redis
 from tests.s3 import create_bucket, running_moto, s3_environment
@@ -141,7 +141,7 @@ def cli_env(settings: Settings) -> dict[str, str]:
 
 def create_key(settings: Settings, *, test: bool = False, name: str = "") -> str:
     """A real key, created the way `qubax keys create` creates one; returns the secret."""
-    new = auth.new_key(test=test)
+    new = api_keys.new_key(test=test)
 
     async def add() -> None:
         engine = db.connect(settings.resolved_database_url)

@@ -10,9 +10,9 @@ import openai
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from qubax import db
 from qubax.app import create_app
-from qubax.settings import Settings
+from qubax.records import db
+from qubax.server.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
 from tests.fakes.fal import FakeFal

@@ -11,10 +11,10 @@ import openai
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from qubax import db
 from qubax.app import create_app
-from qubax.quota import ADMIN_FAILURES
-from qubax.settings import Settings
+from qubax.limits.quota import ADMIN_FAILURES
+from qubax.records import db
+from qubax.server.settings import Settings
 from tests.conftest import create_key
 from tests.server import serve
 from tests.stack import client

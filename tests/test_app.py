@@ -9,10 +9,11 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from qubax import db, generation
 from qubax.app import create_app
-from qubax.services import GC_MIDDLE_THRESHOLD, GC_THRESHOLD
-from qubax.settings import Settings
+from qubax.pipeline import generation
+from qubax.records import db
+from qubax.server.services import GC_MIDDLE_THRESHOLD, GC_THRESHOLD
+from qubax.server.settings import Settings
 from tests.server import serve
 
 

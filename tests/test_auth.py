@@ -10,9 +10,9 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from qubax import auth
-from qubax.cli import main
-from qubax.settings import Settings
+from qubax.records import api_keys
+from qubax.server.cli import main
+from qubax.server.settings import Settings
 from tests.conftest import cli_env, eventually
 
 URLSAFE_43 = re.compile(r"^[A-Za-z0-9_-]{43,}$")
@@ -20,7 +20,7 @@ URLSAFE_43 = re.compile(r"^[A-Za-z0-9_-]{43,}$")
 
 @pytest.mark.parametrize(("test", "prefix"), [(False, "qbx_live_"), (True, "qbx_test_")])
 def test_new_key_format(test: bool, prefix: str) -> None:
-    new = auth.new_key(test=test)
+    new = api_keys.new_key(test=test)
     assert new.secret.startswith(prefix)
     assert URLSAFE_43.match(new.secret.removeprefix(prefix))
     assert new.prefix == new.secret[: len(prefix) + 4]
@@ -29,45 +29,45 @@ def test_new_key_format(test: bool, prefix: str) -> None:
 
 
 def test_new_keys_are_unique() -> None:
-    keys = [auth.new_key(test=False) for _ in range(200)]
+    keys = [api_keys.new_key(test=False) for _ in range(200)]
     assert len({k.secret for k in keys}) == 200
     assert len({k.digest for k in keys}) == 200
 
 
 def test_digest_is_lowercase_sha256_hex() -> None:
-    assert auth.digest_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert re.fullmatch(r"[0-9a-f]{64}", auth.digest_key(auth.new_key(test=True).secret))
+    assert api_keys.digest_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert re.fullmatch(r"[0-9a-f]{64}", api_keys.digest_key(api_keys.new_key(test=True).secret))
 
 
 def test_display_prefix_shows_four_secret_characters() -> None:
-    assert auth.display_prefix("qbx_live_AbCdEfGh") == "qbx_live_AbCd"
-    assert auth.display_prefix("qbx_test_xyz1234567") == "qbx_test_xyz1"
+    assert api_keys.display_prefix("qbx_live_AbCdEfGh") == "qbx_live_AbCd"
+    assert api_keys.display_prefix("qbx_test_xyz1234567") == "qbx_test_xyz1"
 
 
 def test_masked_never_contains_the_full_secret() -> None:
     for test in (False, True):
-        key = auth.new_key(test=test).secret
-        shown = auth.masked(key)
+        key = api_keys.new_key(test=test).secret
+        shown = api_keys.masked(key)
         assert shown == key[:12] + "***"
         assert key not in shown
         assert key[12:] not in shown
-    assert auth.masked("sk-proj-abcdefghijklmnop") == "sk-***"
-    assert auth.masked("ab") == "ab***"
-    assert auth.masked("") == "***"
+    assert api_keys.masked("sk-proj-abcdefghijklmnop") == "sk-***"
+    assert api_keys.masked("ab") == "ab***"
+    assert api_keys.masked("") == "***"
 
 
 def test_looks_like_key() -> None:
-    assert auth.looks_like_key("qbx_live_x") and auth.looks_like_key("qbx_test_x")
-    assert not auth.looks_like_key("key_0123abcd")
-    assert not auth.looks_like_key("QBX_LIVE_x")
+    assert api_keys.looks_like_key("qbx_live_x") and api_keys.looks_like_key("qbx_test_x")
+    assert not api_keys.looks_like_key("key_0123abcd")
+    assert not api_keys.looks_like_key("QBX_LIVE_x")
 
 
 def test_a_key_is_known_by_its_digest_alone() -> None:
-    key, other = auth.new_key(test=False), auth.new_key(test=False)
-    assert auth.digest_key(key.secret) == key.digest and len(key.digest) == 64
+    key, other = api_keys.new_key(test=False), api_keys.new_key(test=False)
+    assert api_keys.digest_key(key.secret) == key.digest and len(key.digest) == 64
     assert key.secret not in key.digest
-    assert auth.digest_key(other.secret) != key.digest
-    assert auth.digest_key(key.secret + "x") != key.digest
+    assert api_keys.digest_key(other.secret) != key.digest
+    assert api_keys.digest_key(key.secret + "x") != key.digest
 
 
 def database_path(settings: Settings) -> Path:
@@ -131,8 +131,8 @@ def test_cli_key_authenticates_until_revoked(settings: Settings, base_url: str) 
 
 def test_key_cache_remembers_hits_and_misses_for_its_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
-    cache: auth.KeyCache[str] = auth.KeyCache(ttl=1.0, size=2)
+    monkeypatch.setattr(api_keys.time, "monotonic", lambda: now[0])
+    cache: api_keys.KeyCache[str] = api_keys.KeyCache(ttl=1.0, size=2)
     assert cache.get("d1") == (False, None)
     cache.put("d1", "key-1")
     cache.put("d2", None)  # an unknown key is remembered too
@@ -145,7 +145,7 @@ def test_key_cache_remembers_hits_and_misses_for_its_ttl(monkeypatch: pytest.Mon
 
 
 def test_a_flood_of_unknown_keys_does_not_push_out_a_busy_one() -> None:
-    cache: auth.KeyCache[str] = auth.KeyCache(ttl=60.0, size=100)
+    cache: api_keys.KeyCache[str] = api_keys.KeyCache(ttl=60.0, size=100)
     cache.put("busy", "key")
     for flood in range(1_000):
         cache.put(f"unknown-{flood}", None)
@@ -156,7 +156,7 @@ def test_a_flood_of_unknown_keys_does_not_push_out_a_busy_one() -> None:
 
 @pytest.mark.anyio
 async def test_requests_that_miss_together_share_one_lookup() -> None:
-    cache: auth.KeyCache[str] = auth.KeyCache()
+    cache: api_keys.KeyCache[str] = api_keys.KeyCache()
     calls = 0
     release = asyncio.Event()
 
@@ -176,7 +176,7 @@ async def test_requests_that_miss_together_share_one_lookup() -> None:
 
 @pytest.mark.anyio
 async def test_a_failed_lookup_fails_its_waiters_and_the_next_one_tries_again() -> None:
-    cache: auth.KeyCache[str] = auth.KeyCache()
+    cache: api_keys.KeyCache[str] = api_keys.KeyCache()
     answers: list[str | Exception] = [OSError("database down"), "key-1"]
 
     async def load() -> str:

@@ -1,4 +1,4 @@
-from qubax.breaker import Breakers
+from qubax.routing.breaker import Breakers
 
 
 class Clock:

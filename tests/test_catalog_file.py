@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from qubax import catalog_file
-from qubax.catalog import Catalog, Fixed, Grid, Route, TokenPrices
-from qubax.catalog_file import CatalogError, load_catalog
 from qubax.errors import InvalidRequest, ModelNotFound
 from qubax.protocol import ImageGenerateRequest
 from qubax.providers.registry import PROVIDERS as REGISTRY
+from qubax.routing import catalog_file
+from qubax.routing.catalog import Catalog, Fixed, Grid, Route, TokenPrices
+from qubax.routing.catalog_file import CatalogError, load_catalog
 from tests.catalog import MODELS
 
 PROVIDERS = {"bfl", "fal", "replicate", "together", "openai"}
@@ -182,7 +182,7 @@ def test_the_built_in_file_is_checked_by_the_operators_rules(tmp_path: Path, mon
 
 
 def test_the_shipped_catalog_parses_and_each_model_has_what_the_service_needs() -> None:
-    text = (resources.files("qubax") / "builtin_catalog.toml").read_text()
+    text = (resources.files("qubax.routing") / "builtin_catalog.toml").read_text()
     listed = list(tomllib.loads(text)["models"])
     catalog = load_catalog(None, set(REGISTRY), {})
     assert [model.id for model in catalog.models] == listed

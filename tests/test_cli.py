@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from qubax import db
-from qubax.cli import main
-from qubax.settings import Settings
+from qubax.records import db
+from qubax.server.cli import main
+from qubax.server.settings import Settings
 from tests.catalog import MODELS
 from tests.conftest import cli_env
 

@@ -17,9 +17,9 @@ from sqlalchemy import update
 from starlette.requests import Request
 from starlette.responses import Response
 
-from qubax import db
 from qubax.console import sessions
-from qubax.settings import Settings
+from qubax.records import db
+from qubax.server.settings import Settings
 from tests.stack import Stack, rows, running_stack
 from tests.test_admin import TOKEN
 from tests.test_upstreams import picture

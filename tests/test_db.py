@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from qubax import db
+from qubax.records import db
 
 
 def test_ids_sort_by_creation_and_fit_their_columns() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from qubax.shared_slots import REDIS_TIMEOUT_SECONDS
+from qubax.limits.shared_slots import REDIS_TIMEOUT_SECONDS
 from tests.fakes.openai import FakeOpenAI
 from tests.postgres import binaries, create_database, postgres_server
 from tests.redis import redis_server

@@ -9,7 +9,7 @@ import pytest
 from pydantic import SecretStr
 
 from qubax.app import create_app
-from qubax.settings import Settings
+from qubax.server.settings import Settings
 from tests.server import serve
 
 TOKEN = "admin-token-for-tests-0123456789abcdef"

@@ -16,8 +16,8 @@ import openai
 import pytest
 from PIL import Image
 
-from qubax.imaging import PNG_SIGNATURE, fill_mask, fitted
-from qubax.settings import Settings
+from qubax.pipeline.imaging import PNG_SIGNATURE, fill_mask, fitted
+from qubax.server.settings import Settings
 from tests.catalog import MODELS
 from tests.fakes import decode_data_uri, decode_image
 from tests.stack import Stack, running_stack
@@ -208,7 +208,7 @@ def test_an_upload_that_would_decode_past_the_budget_is_refused_from_its_header(
         decoded.append(image.size)
         return fitted(image, width=width, height=height)
 
-    monkeypatch.setattr("qubax.uploads.fill_mask", counted_fill_mask)
+    monkeypatch.setattr("qubax.pipeline.uploads.fill_mask", counted_fill_mask)
     monkeypatch.setattr("qubax.providers.placeholder.fitted", counted_fitted)
     huge = ("huge.png", zeros_png(8000, 8000))
     with running_stack(settings, providers=("bfl",)) as stack:
@@ -238,7 +238,7 @@ def test_uploads_are_decoded_a_bounded_number_at_a_time(settings: Settings, monk
             running[0] -= 1
         return fill_mask(image)
 
-    monkeypatch.setattr("qubax.uploads.fill_mask", slow_fill_mask)
+    monkeypatch.setattr("qubax.pipeline.uploads.fill_mask", slow_fill_mask)
     with running_stack(settings, providers=("bfl",), decode_concurrency=1) as stack:
 
         def edit(_: int) -> int:

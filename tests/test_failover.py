@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from qubax import db
-from qubax.settings import Settings
+from qubax.records import db
+from qubax.server.settings import Settings
 from tests.stack import Stack, rows, running_stack
 
 

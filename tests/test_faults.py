@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from qubax import db
-from qubax.settings import Settings
+from qubax.records import db
+from qubax.server.settings import Settings
 from tests.fakes.replicate import NSFW_ERROR
 from tests.stack import Stack, rows, running_stack
 

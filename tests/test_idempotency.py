@@ -9,10 +9,11 @@ import httpx
 import openai
 import pytest
 
-from qubax import claims, db, idempotency, journal
+from qubax.api.routes import GENERATIONS_PATH
+from qubax.pipeline import claims, idempotency
 from qubax.providers.pool import KeyPool
-from qubax.routes import GENERATIONS_PATH
-from qubax.settings import Settings
+from qubax.records import db, journal
+from qubax.server.settings import Settings
 from tests.stack import Stack, add, rows, running_stack
 from tests.test_upstreams import picture
 
@@ -246,7 +247,7 @@ def test_a_request_recorded_by_a_node_that_died_before_keeping_it_is_charged_onc
         await keep(*args)
 
     keep = idempotency.keep
-    monkeypatch.setattr("qubax.idempotency.keep", dies_the_first_time)
+    monkeypatch.setattr("qubax.pipeline.idempotency.keep", dies_the_first_time)
     with running_stack(settings, providers=("bfl",), takeover_seconds=2.0) as stack:
         body = {"model": "flux-1.1-pro", "prompt": "a fox", "response_format": "b64_json"}
         headers = {"authorization": f"Bearer {stack.live_key}", "idempotency-key": "crash-window"}

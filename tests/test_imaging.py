@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from qubax.errors import UpstreamError
-from qubax.imaging import convert, intact_png_size, render_placeholder
+from qubax.pipeline.imaging import convert, intact_png_size, render_placeholder
 
 Pixel = tuple[int, ...]
 

@@ -16,12 +16,13 @@ from PIL import Image
 from pydantic import SecretStr
 from sqlalchemy import update
 
-from qubax import db, journal, runner
 from qubax.app import create_app
+from qubax.background import runner
 from qubax.errors import NotFound
-from qubax.services import open_storage, sweep
-from qubax.settings import Settings
-from qubax.storage import IMAGE_LINK, SignedUrls
+from qubax.records import db, journal
+from qubax.records.storage import IMAGE_LINK, SignedUrls
+from qubax.server.services import open_storage, sweep
+from qubax.server.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
 from tests.server import serve
@@ -322,7 +323,7 @@ def test_a_job_recorded_by_a_node_that_died_before_ending_it_is_charged_once(
         await end(services, job_id, status, **outcome)
 
     end = runner.end
-    monkeypatch.setattr("qubax.runner.end", dies_the_first_time)
+    monkeypatch.setattr("qubax.background.runner.end", dies_the_first_time)
     with running_stack(settings, providers=("bfl",), takeover_seconds=2.0, job_poll_seconds=0.1) as stack:
         job_id = submit(stack.live)["id"]
         assert wait_for(stack.live, job_id)["status"] == "succeeded"
@@ -382,8 +383,8 @@ def test_the_async_sdk_submits_a_job_and_its_idempotent_copy(stack: Stack) -> No
 def test_a_job_s_images_are_kept_as_long_as_the_job(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that reads its job after the images' TTL still gets images behind its links; they go
     when the job is forgotten. An image made without a job is swept after the TTL, as ever."""
-    monkeypatch.setattr("qubax.storage.SWEEP_GRACE_SECONDS", 0)
-    monkeypatch.setattr("qubax.s3.SWEEP_GRACE_SECONDS", 0)
+    monkeypatch.setattr("qubax.records.storage.SWEEP_GRACE_SECONDS", 0)
+    monkeypatch.setattr("qubax.records.s3.SWEEP_GRACE_SECONDS", 0)
     with running_stack(settings, providers=("bfl",), image_ttl_seconds=2) as stack:
         job_id = submit(stack.test, response_format="url")["id"]
         [kept] = image_names(wait_for(stack.test, job_id)["result"])

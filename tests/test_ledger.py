@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qubax import db
-from qubax.ledger import (
+from qubax.records import db
+from qubax.records.ledger import (
     AttemptRecord,
     EngineSink,
     GenerationRecord,
@@ -21,8 +21,8 @@ from qubax.ledger import (
     Row,
     SqliteSink,
 )
-from qubax.settings import Settings
-from qubax.sqlite_writer import ROWS_PER_STATEMENT
+from qubax.records.sqlite_writer import ROWS_PER_STATEMENT
+from qubax.server.settings import Settings
 
 pytestmark = pytest.mark.anyio
 

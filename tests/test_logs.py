@@ -21,10 +21,10 @@ import httpx
 import openai
 import pytest
 
-from qubax import logs
 from qubax.app import create_app
-from qubax.logs import ACCESS, TEXT_FORMAT, JsonFormatter, StreamHandler, TextFormatter, log_access, sole_handler
-from qubax.settings import Settings
+from qubax.server import logs
+from qubax.server.logs import ACCESS, TEXT_FORMAT, JsonFormatter, StreamHandler, TextFormatter, log_access, sole_handler
+from qubax.server.settings import Settings
 from tests.conftest import create_key
 from tests.postgres import free_port
 from tests.server import serve

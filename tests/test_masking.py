@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from qubax import db
-from qubax.masking import MASK, Mask, configured_secrets
-from qubax.settings import Settings
+from qubax.records import db
+from qubax.server.masking import MASK, Mask, configured_secrets
+from qubax.server.settings import Settings
 from tests.server import serve
 from tests.stack import rows, running_stack
 

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from qubax.app import create_app
-from qubax.metrics import Metrics
-from qubax.settings import Settings
+from qubax.server.metrics import Metrics
+from qubax.server.settings import Settings
 from tests.conftest import eventually
 from tests.server import serve
 from tests.stack import Stack, running_stack

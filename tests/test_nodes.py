@@ -18,8 +18,8 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from qubax import db
-from qubax.auth import digest_key
+from qubax.records import db
+from qubax.records.api_keys import digest_key
 from tests.fakes.bfl import FakeBFL
 from tests.fakes.openai import FakeOpenAI
 from tests.postgres import binaries, create_database, free_port, running_postgres

@@ -6,22 +6,9 @@ from tests.test_layout import MODULES, import_graph
 
 # The one pipeline (issue 25): the request type, parsing, admission and delivery, production, storing and
 # recording, idempotency around it, and the jobs it queues.
-PIPELINE = (
-    "qubax.work",
-    "qubax.parsing",
-    "qubax.pipeline",
-    "qubax.generation",
-    "qubax.failover",
-    "qubax.recording",
-    "qubax.streaming",
-    "qubax.idempotency",
-    "qubax.claims",
-    "qubax.jobs",
-    "qubax.runner",
-)
+PIPELINE = ("qubax.pipeline", "qubax.background.jobs", "qubax.background.runner")
 # What parses and renders HTTP: the routers, the key dependency, body reading, docs, the app itself.
-HTTP_SURFACE = ("qubax.app", "qubax.routes", "qubax.job_routes", "qubax.admin", "qubax.access", "qubax.bodies")
-HTTP_SURFACE += ("qubax.docs", "qubax.console")
+HTTP_SURFACE = ("qubax.app", "qubax.api", "qubax.console")
 RESPONSES = ("fastapi.responses", "starlette.responses")
 
 

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from qubax.app import create_app
-from qubax.cli import main
-from qubax.settings import Settings
+from qubax.server.cli import main
+from qubax.server.settings import Settings
 from tests.conftest import cli_env, eventually
 from tests.redis import fresh_redis, running_redis
 from tests.server import serve

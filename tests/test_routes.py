@@ -16,11 +16,11 @@ from PIL import Image
 from pydantic import SecretStr
 from starlette.requests import Request
 
-from qubax.access import base_url
+from qubax.api.authentication import base_url
+from qubax.api.routes import WATCH_AFTER_SECONDS, until_disconnect
 from qubax.app import create_app
 from qubax.errors import ClientDisconnected
-from qubax.routes import WATCH_AFTER_SECONDS, until_disconnect
-from qubax.settings import Settings
+from qubax.server.settings import Settings
 from tests.catalog import MODELS
 from tests.conftest import cli_env, create_key, eventually
 from tests.server import serve
@@ -257,7 +257,7 @@ def test_revoked_key_is_refused(settings: Settings, base_url: str) -> None:
     assert client.models.list().data
     from click.testing import CliRunner
 
-    from qubax.cli import main
+    from qubax.server.cli import main
 
     result = CliRunner().invoke(main, ["keys", "revoke", key], env=cli_env(settings))
     assert result.exit_code == 0, result.output
@@ -510,13 +510,13 @@ def test_an_upload_over_the_limit_is_413_before_it_is_read_whole(settings: Setti
 def test_an_image_over_the_per_image_limits_is_a_400_naming_it(
     client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("qubax.uploads.MAX_IMAGE_BYTES", 1024)
+    monkeypatch.setattr("qubax.pipeline.uploads.MAX_IMAGE_BYTES", 1024)
     big = ("big.png", picture(64, 64) + b"\0" * 2048)  # trailing bytes: still a PNG, now over 1 KiB
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.edit(model="gpt-image-1.5", image=big, prompt="x")
     assert caught.value.param == "image" and "'big.png' is larger than" in caught.value.message
     monkeypatch.undo()
-    monkeypatch.setattr("qubax.uploads.MAX_PIXELS", 1000)
+    monkeypatch.setattr("qubax.pipeline.uploads.MAX_PIXELS", 1000)
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.edit(model="gpt-image-1.5", image=("a.png", picture(64, 64)), prompt="x")
     assert caught.value.param == "image" and "64x64: more than" in caught.value.message

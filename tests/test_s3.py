@@ -17,13 +17,13 @@ import openai
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from qubax import db, s3
 from qubax.app import create_app
 from qubax.errors import Forbidden, Gone, NotFound, ServiceUnavailable, UpstreamError
-from qubax.s3 import S3Storage
-from qubax.services import open_storage
-from qubax.settings import Settings
-from qubax.storage import SWEEP_GRACE_SECONDS, LocalStorage, SignedUrls
+from qubax.records import db, s3
+from qubax.records.s3 import S3Storage
+from qubax.records.storage import SWEEP_GRACE_SECONDS, LocalStorage, SignedUrls
+from qubax.server.services import open_storage
+from qubax.server.settings import Settings
 from tests.conftest import create_key, eventually
 from tests.postgres import free_port
 from tests.s3 import create_bucket, running_moto, s3_environment

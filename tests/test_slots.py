@@ -5,8 +5,8 @@ import pytest
 from redis.asyncio import Redis
 
 from qubax.errors import LimitsUnavailable
-from qubax.shared_slots import RedisSlots, connect_redis
-from qubax.slots import LocalSlots, Slots
+from qubax.limits.shared_slots import RedisSlots, connect_redis
+from qubax.limits.slots import LocalSlots, Slots
 from tests.redis import fresh_redis
 
 pytestmark = pytest.mark.anyio

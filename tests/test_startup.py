@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from qubax import admin
+from qubax.api import admin
 from qubax.app import create_app
-from qubax.settings import Settings
+from qubax.server.settings import Settings
 from tests.test_admin import TOKEN
 from tests.test_readme import free_port
 

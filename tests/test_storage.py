@@ -13,8 +13,8 @@ import pytest
 
 from qubax.app import create_app
 from qubax.errors import Forbidden, Gone, NotFound, StorageUnavailable
-from qubax.settings import Settings
-from qubax.storage import HELPER_BYTES, SWEEP_GRACE_SECONDS, LocalStorage, load_secret
+from qubax.records.storage import HELPER_BYTES, SWEEP_GRACE_SECONDS, LocalStorage, load_secret
+from qubax.server.settings import Settings
 from tests.conftest import create_key
 from tests.server import serve
 

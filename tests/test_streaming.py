@@ -12,8 +12,8 @@ import openai
 import pytest
 from PIL import Image
 
-from qubax import db
-from qubax.settings import Settings
+from qubax.records import db
+from qubax.server.settings import Settings
 from tests.stack import Stack, rows, running_stack
 from tests.test_upstreams import picture
 
@@ -232,7 +232,7 @@ def wait_for_rows(stack: Stack) -> list[tuple[str, int]]:
 
 
 def test_a_quiet_stream_is_kept_alive(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("qubax.streaming.PING_SECONDS", 0.05)
+    monkeypatch.setattr("qubax.pipeline.streaming.PING_SECONDS", 0.05)
     with running_stack(settings) as stack:
         stack.bfl.pending_polls = 20
         url = stack.url + "/v1/images/generations"

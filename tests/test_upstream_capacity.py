@@ -17,12 +17,12 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from qubax import connection
 from qubax.app import create_app
-from qubax.cli import main
 from qubax.providers.pool import KeyPool
 from qubax.providers.transport import open_session, send
-from qubax.settings import Settings
+from qubax.server import connection
+from qubax.server.cli import main
+from qubax.server.settings import Settings
 from tests.conftest import cli_env
 from tests.fakes.openai import FakeOpenAI
 from tests.providers.test_transport import answer, listening, read_request

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from qubax import db
 from qubax.app import create_app
-from qubax.settings import Settings
+from qubax.records import db
+from qubax.server.settings import Settings
 from tests.catalog import MODELS
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL

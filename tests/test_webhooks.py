@@ -19,10 +19,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from qubax import db
-from qubax.cli import main
-from qubax.settings import Settings
-from qubax.targets import PublicResolver, check_literal, public
+from qubax.background.webhook_targets import PublicResolver, check_literal, public
+from qubax.records import db
+from qubax.server.cli import main
+from qubax.server.settings import Settings
 from tests.conftest import cli_env
 from tests.server import serve
 from tests.stack import Stack, rows, running_stack

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qubax import file_writer
-from qubax.writers import WriteFailed, WriterProcess, serve
+from qubax.records import file_writer
+from qubax.records.writers import WriteFailed, WriterProcess, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -20,14 +20,14 @@ async def write(helper: WriterProcess, path: Path, data: bytes) -> None:
 
 
 async def test_overlapping_calls_are_all_answered(tmp_path: Path) -> None:
-    helper = WriterProcess("qubax.file_writer")
+    helper = WriterProcess("qubax.records.file_writer")
     await asyncio.gather(*(write(helper, tmp_path / f"{i}.png", b"x" * i) for i in range(50)))
     assert all((tmp_path / f"{i}.png").read_bytes() == b"x" * i for i in range(50))
     await helper.close()
 
 
 async def test_a_refused_frame_says_why_and_the_next_one_works(tmp_path: Path) -> None:
-    helper = WriterProcess("qubax.file_writer")
+    helper = WriterProcess("qubax.records.file_writer")
     with pytest.raises(WriteFailed, match="No such file or directory"):
         await write(helper, tmp_path / "missing" / "a.png", b"png")
     await write(helper, tmp_path / "b.png", b"png")
@@ -36,7 +36,7 @@ async def test_a_refused_frame_says_why_and_the_next_one_works(tmp_path: Path) -
 
 
 async def test_a_helper_that_dies_fails_what_it_had_not_answered_and_comes_back(tmp_path: Path) -> None:
-    helper = WriterProcess("qubax.file_writer")
+    helper = WriterProcess("qubax.records.file_writer")
     await write(helper, tmp_path / "first.png", b"png")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # opening it for writing blocks until a reader comes: the frame stays in flight
@@ -53,7 +53,7 @@ async def test_a_helper_that_dies_fails_what_it_had_not_answered_and_comes_back(
 
 
 async def test_a_helper_outlives_sigterm_and_ends_with_its_input(tmp_path: Path) -> None:
-    helper = WriterProcess("qubax.file_writer")
+    helper = WriterProcess("qubax.records.file_writer")
     await write(helper, tmp_path / "a.png", b"png")
     process = helper.process
     assert process is not None
@@ -76,7 +76,7 @@ def test_serve_answers_each_frame_in_order() -> None:
 
 
 async def test_a_helper_that_could_not_start_is_started_by_the_next_call(tmp_path: Path) -> None:
-    helper = WriterProcess("qubax.file_writer")
+    helper = WriterProcess("qubax.records.file_writer")
     command, helper.command = helper.command, (str(tmp_path / "no-such-python"),)
     with pytest.raises(FileNotFoundError):
         await write(helper, tmp_path / "a.png", b"png")

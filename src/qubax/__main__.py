@@ -1,3 +1,3 @@
-from qubax.cli import main
+from qubax.server.cli import main
 
 main()

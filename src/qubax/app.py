@@ -15,15 +15,17 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qubax import admin, console, docs, routes, runner, webhooks
-from qubax.catalog_file import load_catalog
+from qubax import console
+from qubax.api import admin, docs, routes
+from qubax.background import runner, webhooks
 from qubax.errors import InvalidRequest, QubaxError, RequestTooLarge, invalid_input
-from qubax.logs import log_access
-from qubax.metrics import Metrics
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers.registry import PROVIDERS, default_concurrency
-from qubax.services import open_services
-from qubax.settings import Settings, admin_token_problem, host_patterns
+from qubax.routing.catalog_file import load_catalog
+from qubax.server.logs import log_access
+from qubax.server.metrics import Metrics
+from qubax.server.services import open_services
+from qubax.server.settings import Settings, admin_token_problem, host_patterns
 
 logger = logging.getLogger("qubax")
 

@@ -5,9 +5,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from qubax.catalog import Catalog, ImageRequest
 from qubax.providers import GeneratedImage, Provider, Upstream
 from qubax.providers.transport import open_session
+from qubax.routing.catalog import Catalog, ImageRequest
 from tests.catalog import MODELS
 
 

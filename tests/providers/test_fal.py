@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.pipeline.uploads import InputImage
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.fal import Fal
 from qubax.providers.transport import open_session
-from qubax.uploads import InputImage
 from tests.fakes.bfl import ULTRA_SIZES
 from tests.fakes.fal import PRO, SCHNELL, ULTRA, FakeFal
 from tests.providers import Job, ask, run_adapter

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.pipeline.uploads import InputImage
 from qubax.providers import Upstream
 from qubax.providers.openai import OpenAI
 from qubax.providers.transport import Http, open_session
-from qubax.uploads import InputImage
 from tests.fakes.openai import SAFETY_MESSAGE, FakeOpenAI
 from tests.providers import Job, ask
 from tests.server import serve

@@ -3,9 +3,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from qubax.limits.shared_slots import RedisSlots, connect_redis
+from qubax.limits.slots import LocalSlots, Slots
 from qubax.providers.pool import KeyPool
-from qubax.shared_slots import RedisSlots, connect_redis
-from qubax.slots import LocalSlots, Slots
 from tests.redis import fresh_redis
 
 pytestmark = pytest.mark.anyio

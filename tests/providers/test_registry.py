@@ -6,12 +6,12 @@ import pytest
 from pydantic import SecretStr
 
 from qubax.app import create_app
+from qubax.limits.slots import LocalSlots
 from qubax.providers import ProviderInfo
 from qubax.providers.openai import OpenAI
 from qubax.providers.registry import PROVIDERS, build_providers, credentials, default_concurrency
 from qubax.providers.transport import open_session
-from qubax.settings import Settings
-from qubax.slots import LocalSlots
+from qubax.server.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.openai import FakeOpenAI
 from tests.server import serve

@@ -12,10 +12,10 @@ import replicate
 from PIL import Image
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.pipeline.uploads import InputImage
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.replicate import Replicate
 from qubax.providers.transport import open_session
-from qubax.uploads import InputImage
 from tests.fakes.replicate import FILL, KONTEXT, NSFW_ERROR, PRO, SCHNELL, ULTRA, FakeReplicate
 from tests.providers import Job, ask, run_adapter
 from tests.server import serve

@@ -19,10 +19,10 @@ import pytest
 import trustme
 
 from qubax.errors import UpstreamError, UpstreamTimeout
+from qubax.limits.slots import LocalSlots
 from qubax.providers import Upstream, replies
 from qubax.providers.together import Together
 from qubax.providers.transport import Timeouts, open_session, send
-from qubax.slots import LocalSlots
 from tests.fakes.together import FakeTogether
 from tests.providers import Job, ask
 from tests.proxy import forwarding_proxy

@@ -8,13 +8,13 @@ from fastapi import Form, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.datastructures import FormData
 
-from qubax import db
-from qubax.admin import find, not_found
+from qubax.api.admin import find, not_found
 from qubax.console import sessions
 from qubax.console.sessions import ActionSession, PageSession
 from qubax.console.web import page, router
 from qubax.errors import AuthenticationError, Forbidden, InvalidRequest
-from qubax.services import Services, ServicesDep
+from qubax.records import db
+from qubax.server.services import Services, ServicesDep
 
 LIMIT_FIELDS = {  # the form's fields, and what the form calls them
     "rpm": "Requests per minute",

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from fastapi import Request, Response
 from sqlalchemy import select
 
-from qubax import db
 from qubax.console.charts import stacked_bars
 from qubax.console.sessions import PageSession
 from qubax.console.web import page, router, usd
 from qubax.providers.registry import PROVIDERS
-from qubax.services import Services, ServicesDep
+from qubax.records import db
+from qubax.server.services import Services, ServicesDep
 
 DAYS = 30
 LATENCY_SAMPLES = 20_000  # the newest generations a day's percentiles are read from

@@ -14,15 +14,16 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from qubax import db, parsing, pipeline
-from qubax.bodies import UploadRequest, UploadRoute
-from qubax.catalog import ImageRequest
+from qubax.api.bodies import UploadRequest, UploadRoute
 from qubax.console.sessions import ActionSession, PageSession, signed_in
 from qubax.console.web import ConsoleRoute, page, router, usd
 from qubax.errors import NotFound, QubaxError
+from qubax.pipeline import delivery, parsing
+from qubax.pipeline.work import Work
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest
-from qubax.services import Services, ServicesDep
-from qubax.work import Work
+from qubax.records import db
+from qubax.routing.catalog import ImageRequest
+from qubax.server.services import Services, ServicesDep
 
 FORMATS = ("png", "jpeg", "webp")
 
@@ -69,7 +70,7 @@ async def make(
     started = time.monotonic()
     try:
         key = await key_record(services, asked.key_id)
-        made, _ = await pipeline.answered(Work(request=await check(services, asked, False), key=key), services)
+        made, _ = await delivery.answered(Work(request=await check(services, asked, False), key=key), services)
     except QubaxError as exc:
         return await show(request, console, services, shown, error=exc.message)
     seconds = time.monotonic() - started
@@ -84,7 +85,7 @@ async def make_streamed(console: ActionSession, services: ServicesDep, asked: An
     key = await key_record(services, asked.key_id)
     checked = await check(services, asked, True)
     started, since = time.monotonic(), db.now()
-    answer = await pipeline.run(Work(request=checked, key=key, delivery="stream"), services)
+    answer = await delivery.run(Work(request=checked, key=key, delivery="stream"), services)
     assert answer.events is not None  # a stream's
     return EventSourceResponse(
         summarised(answer.events, services, key, checked, started, since), headers=answer.headers

@@ -11,11 +11,11 @@ from urllib.parse import urlsplit
 from fastapi import Depends, Request, Response
 from sqlalchemy import delete
 
-from qubax import db
-from qubax.admin import is_admin_token
-from qubax.auth import digest_key
+from qubax.api.admin import is_admin_token
 from qubax.errors import AuthenticationError, Forbidden
-from qubax.services import Services
+from qubax.records import db
+from qubax.records.api_keys import digest_key
+from qubax.server.services import Services
 
 COOKIE = "qubax_console"
 LIFETIME = timedelta(hours=8)

@@ -10,13 +10,13 @@ from fastapi import Request, Response
 from markupsafe import Markup
 from sqlalchemy import select
 
-from qubax import db
-from qubax.admin import check_order, parse_day
+from qubax.api.admin import check_order, parse_day
 from qubax.console.charts import stacked_bars
 from qubax.console.sessions import PageSession
 from qubax.console.web import page, router
 from qubax.errors import InvalidRequest
-from qubax.services import Services, ServicesDep
+from qubax.records import db
+from qubax.server.services import Services, ServicesDep
 
 RECENT = 50
 

@@ -10,8 +10,8 @@ from fastapi import Request, Response
 from fastapi.routing import APIRouter
 from fastapi.templating import Jinja2Templates
 
-from qubax import db
-from qubax.bodies import LimitedRequest, LimitedRoute
+from qubax.api.bodies import LimitedRequest, LimitedRoute
+from qubax.records import db
 
 SECURITY_HEADERS = {
     "content-security-policy": (

@@ -18,11 +18,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from qubax.catalog import ImageRequest
+from qubax.limits.slots import Slots
 from qubax.protocol import Usage
 from qubax.providers.pool import KeyPool
 from qubax.providers.transport import Http
-from qubax.slots import Slots
+from qubax.routing.catalog import ImageRequest
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,13 @@
 
 from typing import Any
 
-from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.pipeline.uploads import EncodedInputs, encode_inputs
 from qubax.providers import GeneratedImage, ProviderInfo, aspect_ratio
 from qubax.providers.adapter import Adapter
 from qubax.providers.batches import fan_out
 from qubax.providers.failures import DETAIL_CHARS, billed
-from qubax.uploads import EncodedInputs, encode_inputs
+from qubax.routing.catalog import ImageRequest
 
 NAME, PROVIDER = "bfl", "Black Forest Labs"
 ULTRA = "flux-pro-1.1-ultra"  # takes an aspect ratio instead of width/height

@@ -4,14 +4,14 @@ import asyncio
 import re
 from typing import Any
 
-from qubax.catalog import ImageRequest
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.pipeline.uploads import EncodedInputs, encode_inputs
 from qubax.providers import GeneratedImage, ProviderInfo, aspect_ratio
 from qubax.providers.adapter import Adapter
 from qubax.providers.batches import batch_sizes, fan_out, whole_batch
 from qubax.providers.failures import DETAIL_CHARS, billed
 from qubax.providers.replies import Reply
-from qubax.uploads import EncodedInputs, encode_inputs
+from qubax.routing.catalog import ImageRequest
 
 NAME, PROVIDER = "fal", "fal.ai"
 ULTRA = "fal-ai/flux-pro/v1.1-ultra"  # takes an aspect ratio instead of an image size

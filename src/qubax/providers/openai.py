@@ -7,7 +7,6 @@ from typing import Any
 import aiohttp
 from pydantic import ValidationError
 
-from qubax.catalog import ImageRequest
 from qubax.errors import MODEL_NOT_SERVED, ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.protocol import Usage
 from qubax.providers import GeneratedImage, ProviderInfo, Tokens, aspect_ratio
@@ -16,6 +15,7 @@ from qubax.providers.batches import fan_out, whole_batch
 from qubax.providers.failures import DETAIL_CHARS, billed, error_detail
 from qubax.providers.hosts import base_host
 from qubax.providers.replies import Reply
+from qubax.routing.catalog import ImageRequest
 
 NAME, PROVIDER = "openai", "OpenAI"
 # Where OpenAI served dall-e-3 result URLs from; the configured base host (a proxy, a fake) is trusted too.

@@ -5,9 +5,9 @@ import functools
 
 import pybase64
 
-from qubax.catalog import ImageRequest
-from qubax.imaging import coarser, fitted, render_placeholder
+from qubax.pipeline.imaging import coarser, fitted, render_placeholder
 from qubax.providers import GeneratedImage
+from qubax.routing.catalog import ImageRequest
 
 
 class Placeholder:

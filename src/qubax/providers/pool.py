@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from qubax.errors import UpstreamError
-from qubax.slots import LocalSlots, Slots
+from qubax.limits.slots import LocalSlots, Slots
 
 # How often work waiting for a slot looks again: a release on this node wakes it at once, one on
 # another node is seen at the next look.

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from qubax.limits.slots import Slots
 from qubax.providers import Provider, ProviderInfo, Upstream, bfl, fal, openai, replicate, together
 from qubax.providers.transport import Http
-from qubax.slots import Slots
 
 if TYPE_CHECKING:  # settings reads each provider's variables from this registry: here it is a type only
-    from qubax.settings import Settings
+    from qubax.server.settings import Settings
 
 PROVIDERS: dict[str, ProviderInfo] = {
     bfl.INFO.name: bfl.INFO,

@@ -1,0 +1,2 @@
+"""Work that outlives a request: jobs and the runner that makes them, webhooks and their delivery,
+and the loop both share."""

@@ -1,0 +1,148 @@
+"""The job runner: every node runs one, for as long as the app runs. It takes queued jobs from the
+database, and jobs whose node went silent (it died), and makes them, a bounded number at a time.
+
+Taking a job is one conditional update (after `SELECT … FOR UPDATE SKIP LOCKED` on PostgreSQL), so of
+several nodes one wins each job. While a job runs, its runner says so every few seconds, and learns
+whether its key asked to cancel it. A node that stops cleanly puts its running jobs back in the queue
+(their upstream work was cancelled with them); one that dies leaves its upstream tasks in the journal,
+and the node that takes the job over waits on them.
+"""
+
+import asyncio
+import logging
+from datetime import timedelta
+
+import orjson
+from sqlalchemy import Update, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from qubax.background import jobs, loops
+from qubax.errors import AuthenticationError, DatabaseUnavailable, QubaxError
+from qubax.pipeline import generation
+from qubax.pipeline.work import Work
+from qubax.records import db, journal
+from qubax.server.services import Services
+
+logger = logging.getLogger("qubax")
+RUNNING = db.ImageJob.status == "in_progress"
+
+
+async def run_forever(services: Services) -> None:
+    settings = services.settings
+    await loops.take_and_run(
+        lambda: take(services),
+        lambda job_id: run(services, job_id),
+        services.job_posted,
+        settings.job_concurrency,
+        settings.job_poll_seconds,
+    )
+
+
+async def take(services: Services) -> str | None:
+    """The oldest job that is queued or abandoned, now this node's; None when there is none to take."""
+    silent = db.now() - timedelta(seconds=services.settings.takeover_seconds)
+    takeable = (db.ImageJob.status == "queued") | (RUNNING & (db.ImageJob.heartbeat_at < silent))
+    candidates = select(db.ImageJob.id).where(takeable).order_by(db.ImageJob.id)
+
+    def take_one(job_id: str) -> Update:
+        return (
+            update(db.ImageJob)
+            .where(db.ImageJob.id == job_id, takeable)
+            .values(status="in_progress", heartbeat_at=db.now())
+        )
+
+    return await loops.claim(services.sessions, candidates, take_one)
+
+
+async def run(services: Services, job_id: str) -> None:
+    """Make one job and record how it ended."""
+    work = asyncio.create_task(make(services, job_id))
+    watcher = asyncio.create_task(watch(services, job_id, work))
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # this node is stopping: another run starts it afresh
+            await asyncio.shield(requeue(services, job_id))
+            raise
+        await end(services, job_id, "cancelled", error=jobs.CANCELLED.model_dump_json())
+    except QubaxError as exc:
+        await end(services, job_id, "failed", error=jobs.failure(exc))
+    except Exception:
+        logger.exception("job %s crashed", job_id)
+        await end(services, job_id, "failed", error=jobs.failure(QubaxError(f"The job {job_id} failed on our side.")))
+    else:
+        await end(services, job_id, "succeeded", result=result)
+    finally:
+        watcher.cancel()
+
+
+async def make(services: Services, job_id: str) -> bytes:
+    """The job's ImagesResponse (JSON), made as the request would have been, its upstream tasks journaled."""
+    async with services.sessions() as session:
+        job = await session.get(db.ImageJob, job_id)
+        row = None if job is None else await db.find_key_by(session, key_id=job.key_id)
+    if job is None or row is None:
+        raise QubaxError(f"The job {job_id} is gone.")
+    key = db.key_record(row)
+    if key.revoked_at is not None:
+        raise AuthenticationError("The API key that made this job has been revoked.")
+    async with (
+        jobs.rebuilt(services, job) as request,
+        services.quotas.running(key),
+        journal.kept(services.sessions, journal.job_owner(job_id)),
+    ):
+        # Admitted when it was submitted; what was a job's delivery now is its row's result.
+        work = Work(request=request, key=key, public_url=job.public_url, job_id=job_id, charge_id=usage_id(job_id))
+        made = await generation.make(work, services)
+    return orjson.dumps(made.response.model_dump(exclude_none=True))
+
+
+def usage_id(job_id: str) -> str:
+    """The id of the job's usage record: the same for every node that makes the job (`db.new_id`'s form)."""
+    return "gen_" + job_id.removeprefix("job_")
+
+
+async def watch(services: Services, job_id: str, work: "asyncio.Task[bytes]") -> None:
+    """Say the job still runs, often; stop its work when its key asked to cancel it."""
+    beat = min(1.0, services.settings.takeover_seconds / 4)  # a cancel is seen within a second
+    while True:
+        await asyncio.sleep(beat)
+        try:
+            async with services.sessions() as session:
+                cancel = await session.scalar(
+                    update(db.ImageJob)
+                    .where(db.ImageJob.id == job_id, RUNNING)
+                    .values(heartbeat_at=db.now())
+                    .returning(db.ImageJob.cancel_requested)
+                )
+                await session.commit()
+        except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:
+            # A missed beat only risks a takeover, never the work.
+            logger.warning("job %s: heartbeat failed: %s", job_id, exc)
+            continue
+        if cancel:
+            work.cancel()
+            return
+
+
+async def end(
+    services: Services, job_id: str, status: str, *, result: bytes | None = None, error: str | None = None
+) -> None:
+    async with services.sessions() as session:
+        files = await jobs.close(session, job_id, status, result=result, error=error)
+        await session.commit()
+    await jobs.drop_files(services.storage, files or [])
+    services.webhook_posted.set()
+    services.metrics.jobs.inc((status,))
+    await journal.forget(services.sessions, journal.job_owner(job_id))
+    logger.info("job %s %s", job_id, status)
+
+
+async def requeue(services: Services, job_id: str) -> None:
+    await journal.forget(services.sessions, journal.job_owner(job_id))
+    async with services.sessions() as session:
+        await session.execute(
+            update(db.ImageJob).where(db.ImageJob.id == job_id, RUNNING).values(status="queued", heartbeat_at=None)
+        )
+        await session.commit()

@@ -1,0 +1,204 @@
+"""The one pipeline's middle: a checked, admitted request's images produced by its routes (`failover`),
+stored or inlined, and recorded (`recording`). Every way of delivering them (an answer, a stream, a
+job: `pipeline`) makes them here."""
+
+import asyncio
+import dataclasses
+import functools
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import pybase64
+
+from qubax.errors import UpstreamError
+from qubax.pipeline import failover
+from qubax.pipeline.imaging import convert, passes_through
+from qubax.pipeline.recording import recording
+from qubax.pipeline.work import Work
+from qubax.protocol import Image, ImagesResponse, Usage
+from qubax.providers import GeneratedImage
+from qubax.records import db
+from qubax.records.ledger import GenerationRecord
+from qubax.records.storage import Storage
+from qubax.routing.catalog import Catalog, ImageRequest
+from qubax.server.services import Services
+
+INLINE_BYTES = 256 * 1024  # checking and base64-ing this much beats a thread hop (bench/README.md)
+
+
+@dataclass(frozen=True)
+class Made:
+    response: ImagesResponse
+    images: list[GeneratedImage]  # as the routes made them (a stream's in the order they came)
+    upstream: str  # the route(s) that delivered, e.g. "bfl" or "bfl+fal"
+    cost_micros: int  # what the images cost the key, as the ledger records it
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A streamed image's part: a partial image, or the finished image (base64)."""
+
+    kind: str  # "partial_image" or "completed"
+    b64_json: str
+    partial_image_index: int = 0
+    image: GeneratedImage | None = None  # a finished image, with its token count
+
+
+Pieces = asyncio.Queue[Piece | bytes | None]  # a stream's, until None: what is ready to send
+
+
+async def make(work: Work, services: Services, pieces: Pieces | None = None) -> Made:
+    """produce -> store -> record. With `pieces` (a stream), each image is made by a route call of its
+    own, all at once, and handed on as it is ready; the last one only comes back, once it is recorded."""
+    request = work.request
+    async with recording(request, work.key, services, work.charge_id) as generation:
+        if pieces is None:
+            images, served = await failover.collect(request, work.key, services, generation.attempts)
+            data = await store(request, images, services.storage, work.public_url, work.job_id)
+        else:
+            images, served, data = await one_by_one(work, services, generation, pieces)
+        count_delivered(generation, request, work.key, images, served, services.catalog)
+    extra = gpt_fields(request, images) if request.model.token_prices else {}
+    response = ImagesResponse(created=int(time.time()), data=data, **extra)
+    return Made(response, images, generation.upstream, generation.cost_micros)
+
+
+async def one_by_one(
+    work: Work, services: Services, generation: GenerationRecord, pieces: Pieces
+) -> tuple[list[GeneratedImage], list[str], list[Image]]:
+    """The images made at once, one route call each, each inlined and handed on as it is ready (and
+    counted, so that a failure later charges the images already sent) except the last."""
+    request = work.request
+    made: list[GeneratedImage] = []
+    served: list[str] = []
+    data: list[Image] = []
+
+    async def one(index: int) -> None:
+        on_partial = functools.partial(send_partial, pieces, request.partial_images, itertools.count())
+        single = dataclasses.replace(request, n=1, index=index, on_partial=on_partial)
+        images, routes = await failover.collect(single, work.key, services, generation.attempts)
+        text = await finish_off_loop(images[0].data, request, None)
+        made.append(images[0])
+        served.extend(routes)
+        data.append(Image(b64_json=text, revised_prompt=images[0].revised_prompt))
+        count_delivered(generation, request, work.key, made, served, services.catalog)
+        if len(made) < request.n:
+            pieces.put_nowait(Piece("completed", text, image=images[0]))
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for index in range(request.n):
+                group.create_task(one(index))
+    except ExceptionGroup as failures:  # the first failure cancelled the other images
+        raise failures.exceptions[0] from None
+    return made, served, data
+
+
+def send_partial(pieces: Pieces, most: int, sent: Iterator[int], index: int, image: str) -> None:
+    """One of an image's partial images, up to the `partial_images` asked for: an upstream may send
+    more, and a route taking over from one that failed starts its own again."""
+    if next(sent) < most:
+        pieces.put_nowait(Piece("partial_image", image, partial_image_index=index))
+
+
+async def store(
+    request: ImageRequest, images: list[GeneratedImage], storage: Storage, public_url: str, job_id: str | None = None
+) -> list[Image]:
+    """The images as the answer carries them: stored behind signed links, or inline as base64."""
+    if len(images) != request.n:  # never answer 200 with fewer images than asked
+        raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
+    keep = None if request.response_format == "b64_json" else storage
+    if len(images) == 1:  # the common n=1 case: no gather, no extra task
+        outputs = [await finish_off_loop(images[0].data, request, keep, job_id)]
+    else:
+        finishing = (finish_off_loop(image.data, request, keep, job_id) for image in images)
+        outputs = await asyncio.gather(*finishing)
+    pairs = zip(outputs, images, strict=True)
+    if keep is None:
+        return [Image(b64_json=text, revised_prompt=image.revised_prompt) for text, image in pairs]
+    urls = [await storage.link(image_id, request.output_format, public_url) for image_id in outputs]
+    return [Image(url=url, revised_prompt=image.revised_prompt) for url, image in zip(urls, images, strict=True)]
+
+
+def count_delivered(
+    generation: GenerationRecord,
+    request: ImageRequest,
+    key: db.KeyRecord,
+    images: list[GeneratedImage],
+    served: list[str],
+    catalog: Catalog,
+) -> None:
+    """The images delivered so far, what made them and what they cost (test keys: nothing)."""
+    generation.upstream = "+".join(dict.fromkeys(served))
+    generation.images = len(images)
+    generation.cost_micros = 0 if key.test else cost_micros(request, images, catalog)
+
+
+def cost_micros(request: ImageRequest, images: list[GeneratedImage], catalog: Catalog) -> int:
+    """What the images cost, in millionths of a US dollar. Upstream calls that reported a token count (one
+    for all the images of a call) cost that count at the rates of the model they ran, which may be
+    another than the one asked for (a catalog route); without counts, or rates for them, the images
+    cost the requested model's price per image."""
+    counted = [image.tokens for image in images if image.tokens is not None]
+    spent = Decimal(0)
+    for tokens in counted:
+        prices = catalog.token_prices(tokens.model) or request.model.token_prices
+        if prices is None:  # a count nothing can price: the price per image instead
+            return request.cost_micros(len(images), test=False)
+        spent += prices.cost(tokens.usage)
+    return int(spent * 1_000_000) if counted else request.cost_micros(len(images), test=False)
+
+
+async def finish_off_loop(data: bytes, request: ImageRequest, store: Storage | None, job_id: str | None = None) -> str:
+    """The image as base64 text, or stored (returning its id; a job's image is kept with the job). The
+    work that needs a worker thread (decoding, converting, base64 of a large image) gets one; small
+    images that pass through as they are do not: for those the thread hop would cost more than the work."""
+    size, output_format = (request.width, request.height), request.output_format
+    sound = len(data) <= INLINE_BYTES and passes_through(data, *size, output_format)
+    if store is None:
+        if sound:
+            return pybase64.b64encode_as_string(data)
+        return await asyncio.to_thread(finish_image, data, *size, output_format)
+    picture = data if sound else await asyncio.to_thread(convert, data, *size, output_format)
+    return await store.put(picture, output_format, job_id)
+
+
+def finish_image(data: bytes, width: int, height: int, output_format: str) -> str:
+    """The image at the asked size and format, as base64 text."""
+    return pybase64.b64encode_as_string(convert(data, width, height, output_format))
+
+
+def total_usage(usages: Iterable[Usage | None]) -> Usage | None:
+    """The token counts of every upstream call together; None when no call reported one."""
+    counted = [usage.model_dump() for usage in usages if usage is not None]
+    if not counted:
+        return None
+    return Usage.model_validate(functools.reduce(add_counts, counted))
+
+
+def add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two token counts (nested dicts of integers) added up; a part one of them lacks is left out."""
+    return {
+        name: add_counts(value, b[name]) if isinstance(value, dict) else value + b[name]
+        for name, value in a.items()
+        if b.get(name) is not None and value is not None
+    }
+
+
+def gpt_fields(request: ImageRequest, images: list[GeneratedImage]) -> dict[str, Any]:
+    """What OpenAI's answer for a GPT image model carries besides the images: each setting only where
+    its value is a concrete one (the SDK's strict mode refuses `auto`), the token count where known."""
+    settings = images[0].settings if images else {}
+    background = settings.get("background") or request.background
+    quality = settings.get("quality") or request.quality
+    return {
+        "background": background if background in ("transparent", "opaque") else None,
+        "quality": quality if quality in ("low", "medium", "high") else None,
+        "output_format": request.output_format,
+        "size": request.size,
+        "usage": total_usage(image.tokens.usage if image.tokens else None for image in images),
+    }

@@ -6,7 +6,8 @@ from tests.test_layout import MODULES, import_graph
 
 # The one pipeline (issue 25): the request type, parsing, admission and delivery, production, storing and
 # recording, idempotency around it, and the jobs it queues.
-PIPELINE = ("qubax.pipeline", "qubax.background.jobs", "qubax.background.runner")
+PIPELINE = (*(name for name in MODULES if name.startswith("qubax.pipeline.")), "qubax.background.jobs")
+PIPELINE += ("qubax.background.runner",)
 # What parses and renders HTTP: the routers, the key dependency, body reading, docs, the app itself.
 HTTP_SURFACE = ("qubax.app", "qubax.api", "qubax.console")
 RESPONSES = ("fastapi.responses", "starlette.responses")

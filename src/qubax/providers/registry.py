@@ -1,15 +1,22 @@
 """Every provider we can route to; adding one means one module (with its `INFO`) and one line here."""
 
-from __future__ import annotations
+from typing import Protocol
 
-from typing import TYPE_CHECKING
+from pydantic import SecretStr
 
 from qubax.limits.slots import Slots
 from qubax.providers import Provider, ProviderInfo, Upstream, bfl, fal, openai, replicate, together
 from qubax.providers.transport import Http
 
-if TYPE_CHECKING:  # settings reads each provider's variables from this registry: here it is a type only
-    from qubax.server.settings import Settings
+
+class Settings(Protocol):
+    """What the registry reads of `qubax.server.settings.Settings`, which itself reads each provider's
+    variables from this registry: named here, so the two do not import each other."""
+
+    credentials: dict[str, SecretStr]
+    base_urls: dict[str, str]
+    poll_interval_seconds: float
+
 
 PROVIDERS: dict[str, ProviderInfo] = {
     bfl.INFO.name: bfl.INFO,

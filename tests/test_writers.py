@@ -1,6 +1,6 @@
 """Helper processes: frames answered in order, refusals said, a helper that dies fails only what it
 had not answered and comes back, and one that is signalled to stop keeps going until its input ends.
-Driven through the real image-file helper, `python -m qubax.file_writer`."""
+Driven through the real image-file helper, `python -m qubax.records.file_writer`."""
 
 import asyncio
 import io

@@ -1,5 +1,5 @@
 """The helper process that writes small image files (`writers.py` says why a process), run as
-`python -m qubax.file_writer` by `storage.FileWriter`.
+`python -m qubax.records.file_writer` by `storage.FileWriter`.
 
 Each frame is one file: the path's length (4 bytes, big-endian), the path (UTF-8), then the bytes.
 """

@@ -1,5 +1,5 @@
 """The usage ledger's helper process for a SQLite file (`writers.py` says why a process), run as
-`python -m qubax.sqlite_writer PATH` by `ledger.SqliteSink`.
+`python -m qubax.records.sqlite_writer PATH` by `ledger.SqliteSink`.
 
 Each frame is one batch: a JSON array of inserts, `[table, [column, ...], [[value, ...], ...]]`, all
 run in one transaction, which commits before the answer goes back.

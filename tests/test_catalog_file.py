@@ -10,8 +10,9 @@ from qubax.errors import InvalidRequest, ModelNotFound
 from qubax.protocol import ImageGenerateRequest
 from qubax.providers.registry import PROVIDERS as REGISTRY
 from qubax.routing import catalog_file
-from qubax.routing.catalog import Catalog, Fixed, Grid, Route, TokenPrices
+from qubax.routing.catalog import Catalog
 from qubax.routing.catalog_file import CatalogError, load_catalog
+from qubax.routing.models import Fixed, Grid, Route, TokenPrices
 from tests.catalog import MODELS
 
 PROVIDERS = {"bfl", "fal", "replicate", "together", "openai"}

@@ -7,7 +7,8 @@ from typing import Any
 
 from qubax.providers import GeneratedImage, Provider, Upstream
 from qubax.providers.transport import open_session
-from qubax.routing.catalog import Catalog, ImageRequest
+from qubax.routing.catalog import Catalog
+from qubax.routing.request import ImageRequest
 from tests.catalog import MODELS
 
 

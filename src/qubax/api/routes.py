@@ -31,7 +31,7 @@ from qubax.protocol import (
     error_responses,
 )
 from qubax.records.storage import IMAGE_NAME
-from qubax.routing.catalog import CatalogModel
+from qubax.routing.models import CatalogModel
 from qubax.server.services import Services, ServicesDep
 
 T = TypeVar("T")

@@ -32,7 +32,7 @@ from qubax.protocol import (
 )
 from qubax.records import db
 from qubax.records.storage import Storage, relink
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")

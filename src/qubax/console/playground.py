@@ -22,7 +22,7 @@ from qubax.pipeline import delivery, parsing
 from qubax.pipeline.work import Work
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest
 from qubax.records import db
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 from qubax.server.services import Services, ServicesDep
 
 FORMATS = ("png", "jpeg", "webp")

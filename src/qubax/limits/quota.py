@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from qubax.errors import LimitsUnavailable, QuotaExceeded, RateLimited
 from qubax.limits.slots import Slots
 from qubax.records import db
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 
 # Wrong admin tokens one address may send a minute: the token is long, but guessing should not be free.
 ADMIN_FAILURES = RateLimitItemPerMinute(10)

@@ -12,7 +12,8 @@ from qubax.providers.placeholder import Placeholder
 from qubax.providers.registry import PROVIDERS
 from qubax.records import db
 from qubax.records.ledger import AttemptRecord
-from qubax.routing.catalog import CatalogModel, ImageRequest, Route
+from qubax.routing.models import CatalogModel, Route
+from qubax.routing.request import ImageRequest
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")

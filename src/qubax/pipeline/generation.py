@@ -24,7 +24,8 @@ from qubax.providers import GeneratedImage
 from qubax.records import db
 from qubax.records.ledger import GenerationRecord
 from qubax.records.storage import Storage
-from qubax.routing.catalog import Catalog, ImageRequest
+from qubax.routing.catalog import Catalog
+from qubax.routing.request import ImageRequest
 from qubax.server.services import Services
 
 INLINE_BYTES = 256 * 1024  # checking and base64-ing this much beats a thread hop (bench/README.md)

@@ -3,7 +3,7 @@ uploads, checked against the catalog into an `ImageRequest`."""
 
 from qubax.pipeline.uploads import read_uploads
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 from qubax.server.services import Services
 
 

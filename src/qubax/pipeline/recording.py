@@ -9,7 +9,7 @@ from qubax.errors import QubaxError, UpstreamTimeout
 from qubax.pipeline.failover import count_timeout
 from qubax.records import db
 from qubax.records.ledger import GenerationRecord
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 from qubax.server.services import Services
 
 

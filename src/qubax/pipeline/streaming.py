@@ -23,7 +23,7 @@ from qubax.pipeline.generation import Piece, Pieces, make
 from qubax.pipeline.work import Work
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers import GeneratedImage
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from qubax.protocol import UPLOAD_FIELDS, ImageEditRequest, ImageGenerateRequest
 from qubax.records import db
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 
 # An answer to the request, a stream of server-sent events, or a job that a runner makes later.
 Delivery = Literal["answer", "stream", "job"]

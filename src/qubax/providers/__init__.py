@@ -22,7 +22,7 @@ from qubax.limits.slots import Slots
 from qubax.protocol import Usage
 from qubax.providers.pool import KeyPool
 from qubax.providers.transport import Http
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 
 
 @dataclass(frozen=True)

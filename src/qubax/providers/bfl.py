@@ -8,7 +8,7 @@ from qubax.providers import GeneratedImage, ProviderInfo, aspect_ratio
 from qubax.providers.adapter import Adapter
 from qubax.providers.batches import fan_out
 from qubax.providers.failures import DETAIL_CHARS, billed
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 
 NAME, PROVIDER = "bfl", "Black Forest Labs"
 ULTRA = "flux-pro-1.1-ultra"  # takes an aspect ratio instead of width/height

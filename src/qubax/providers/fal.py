@@ -11,7 +11,7 @@ from qubax.providers.adapter import Adapter
 from qubax.providers.batches import batch_sizes, fan_out, whole_batch
 from qubax.providers.failures import DETAIL_CHARS, billed
 from qubax.providers.replies import Reply
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 
 NAME, PROVIDER = "fal", "fal.ai"
 ULTRA = "fal-ai/flux-pro/v1.1-ultra"  # takes an aspect ratio instead of an image size

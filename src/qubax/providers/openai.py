@@ -15,7 +15,7 @@ from qubax.providers.batches import fan_out, whole_batch
 from qubax.providers.failures import DETAIL_CHARS, billed, error_detail
 from qubax.providers.hosts import base_host
 from qubax.providers.replies import Reply
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 
 NAME, PROVIDER = "openai", "OpenAI"
 # Where OpenAI served dall-e-3 result URLs from; the configured base host (a proxy, a fake) is trusted too.

@@ -7,7 +7,7 @@ import pybase64
 
 from qubax.pipeline.imaging import coarser, fitted, render_placeholder
 from qubax.providers import GeneratedImage
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 
 
 class Placeholder:

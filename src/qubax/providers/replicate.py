@@ -9,7 +9,7 @@ from qubax.providers import GeneratedImage, ProviderInfo, aspect_ratio
 from qubax.providers.adapter import Adapter
 from qubax.providers.batches import batch_sizes, fan_out, whole_batch
 from qubax.providers.failures import DETAIL_CHARS, billed
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 
 NAME, PROVIDER = "replicate", "Replicate"
 MAX_SCHNELL_OUTPUTS = 4  # flux-schnell's num_outputs is 1-4; pro and ultra make one image per prediction

@@ -7,7 +7,7 @@ from qubax.providers import GeneratedImage, ProviderInfo
 from qubax.providers.adapter import Adapter
 from qubax.providers.batches import batch_sizes, fan_out, whole_batch
 from qubax.providers.failures import billed, error_detail
-from qubax.routing.catalog import ImageRequest
+from qubax.routing.request import ImageRequest
 
 NAME, PROVIDER = "together", "Together"
 MAX_PER_CALL = 4  # Together accepts n from 1 to 4

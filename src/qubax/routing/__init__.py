@@ -1,2 +1,3 @@
-"""What is served and by whom: the catalog (models, limits, prices, their routes), read from the
-built-in catalog file and the operator's by one loader, and the routes' circuit breakers."""
+"""What is served and by whom: the catalog (`catalog`), its models' entries (`models`: sizes, prices,
+routes) and the one internal request a check makes (`request`), read from the built-in catalog file and
+the operator's by one loader, and the routes' circuit breakers."""

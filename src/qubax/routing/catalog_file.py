@@ -38,7 +38,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qubax.errors import MODEL_NOT_SERVED
-from qubax.routing.catalog import Catalog, CatalogModel, Fixed, Free, Grid, Price, Route, TokenPrices
+from qubax.routing.catalog import Catalog
+from qubax.routing.models import CatalogModel, Fixed, Free, Grid, Price, Route, TokenPrices
 
 BUILTIN = resources.files("qubax.routing") / "builtin_catalog.toml"
 # What a model made without `like` must say (the catalog's other fields have defaults).

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from qubax.api import admin
+from qubax.api import admin_token
 from qubax.app import create_app
 from qubax.server.settings import Settings
 from tests.test_admin import TOKEN
@@ -84,4 +84,4 @@ def test_a_blank_or_repetitive_admin_token_is_refused(tmp_path: Path, token: str
 
 @pytest.mark.parametrize("token", [secrets.token_hex(32), secrets.token_urlsafe(24), TOKEN])
 def test_a_random_admin_token_is_taken(tmp_path: Path, token: str) -> None:
-    assert admin.enabled(Settings(data_dir=tmp_path, admin_token=token))  # type: ignore[arg-type]
+    assert admin_token.enabled(Settings(data_dir=tmp_path, admin_token=token))  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qubax import console
-from qubax.api import admin, docs, routes
+from qubax.api import admin, admin_token, docs, routes
 from qubax.background import runner, webhooks
 from qubax.errors import InvalidRequest, QubaxError, RequestTooLarge, invalid_input
 from qubax.protocol import Error, ErrorResponse
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         strict_content_type=False,
     )
     app.include_router(routes.router)
-    if admin.enabled(settings):  # without an admin token, the admin API does not exist: /admin/... is a 404
+    if admin_token.enabled(settings):  # without an admin token, the admin API does not exist: /admin/... is a 404
         app.include_router(admin.router)
         app.include_router(admin.metrics_router)
         console.add_console(app)

@@ -8,7 +8,7 @@ from fastapi import Form, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.datastructures import FormData
 
-from qubax.api.admin import find, not_found
+from qubax.api.admin_keys import find, not_found
 from qubax.console import sessions
 from qubax.console.sessions import ActionSession, PageSession
 from qubax.console.web import page, router

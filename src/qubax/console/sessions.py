@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, Request, Response
 from sqlalchemy import delete
 
-from qubax.api.admin import is_admin_token
+from qubax.api.admin_token import is_admin_token
 from qubax.errors import AuthenticationError, Forbidden
 from qubax.records import db
 from qubax.records.api_keys import digest_key

@@ -10,7 +10,7 @@ import pytest
 
 from qubax.app import create_app
 from qubax.providers.registry import PROVIDERS
-from qubax.records import api_keys, db
+from qubax.records import api_keys, db, queries
 from qubax.server.settings import Settings
 from tests.postgres import create_database, running_postgres
 from tests.redis import fresh_redis, running_redis
@@ -147,7 +147,7 @@ def create_key(settings: Settings, *, test: bool = False, name: str = "") -> str
         engine = db.connect(settings.resolved_database_url)
         await db.migrate(engine)
         async with db.sessions(engine)() as session:
-            await db.add_key(session, name=name, prefix=new.prefix, digest=new.digest, test=test)
+            await queries.add_key(session, name=name, prefix=new.prefix, digest=new.digest, test=test)
         await engine.dispose()
 
     asyncio.run(add())

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from qubax.app import create_app
-from qubax.records import db
+from qubax.records import db, tables
 from qubax.server.settings import Settings
 from tests.conftest import create_key
 from tests.fakes.bfl import FakeBFL
@@ -21,7 +21,7 @@ from tests.fakes.replicate import FakeReplicate
 from tests.fakes.together import FakeTogether
 from tests.server import serve
 
-Row = TypeVar("Row", bound=db.Base)
+Row = TypeVar("Row", bound=tables.Base)
 
 
 @dataclass
@@ -87,7 +87,7 @@ def rows(settings: Settings, table: type[Row]) -> list[Row]:
     return asyncio.run(load())
 
 
-def add(settings: Settings, *new: db.Base) -> None:
+def add(settings: Settings, *new: tables.Base) -> None:
     """Write rows straight to the database, as another node (or a dead one) would have."""
 
     async def write() -> None:

@@ -13,7 +13,7 @@ from pydantic import SecretStr, ValidationError
 
 from qubax.app import create_app
 from qubax.limits.quota import ADMIN_FAILURES
-from qubax.records import db
+from qubax.records import db, tables
 from qubax.server.settings import Settings
 from tests.conftest import create_key
 from tests.server import serve
@@ -243,7 +243,7 @@ def add_generations(settings: Settings, key_id: str, rows: list[tuple[str, str, 
             for when, model, images, cost in rows:
                 created_at = datetime.fromisoformat(when).replace(tzinfo=UTC)
                 session.add(
-                    db.Generation(
+                    tables.Generation(
                         key_id=key_id, model=model, upstream="bfl", n=images, size="1024x1024", images=images,
                         cost_micros=cost, latency_ms=1, outcome="ok", created_at=created_at,
                     )

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from qubax.app import create_app
 from qubax.pipeline import generation
-from qubax.records import db
+from qubax.records import db, tables
 from qubax.server.services import GC_MIDDLE_THRESHOLD, GC_THRESHOLD
 from qubax.server.settings import Settings
 from tests.server import serve
@@ -41,7 +41,7 @@ def test_a_crash_is_an_openai_shaped_500_without_internals(
     async def outcomes() -> list[tuple[str, int]]:
         engine = db.connect(settings.resolved_database_url)
         async with db.sessions(engine)() as session:
-            rows = await session.scalars(select(db.Generation))
+            rows = await session.scalars(select(tables.Generation))
             result = [(row.outcome, row.cost_micros) for row in rows]
         await engine.dispose()
         return result

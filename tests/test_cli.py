@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from qubax.records import db
+from qubax.records import db, queries, tables
 from qubax.server.cli import main
 from qubax.server.settings import Settings
 from tests.catalog import MODELS
@@ -48,10 +48,10 @@ def table(stdout: str) -> list[list[str]]:
 
 
 def key_id(settings: Settings, key: str) -> str:
-    async def find() -> db.ApiKey | None:
+    async def find() -> tables.ApiKey | None:
         engine = db.connect(settings.resolved_database_url)
         async with db.sessions(engine)() as session:
-            found = await db.find_key(session, hashlib.sha256(key.encode()).hexdigest())
+            found = await queries.find_key(session, hashlib.sha256(key.encode()).hexdigest())
         await engine.dispose()
         return found
 

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from qubax.console import sessions
-from qubax.records import db
+from qubax.records import db, tables
 from qubax.server.settings import Settings
 from tests.stack import Stack, rows, running_stack
 from tests.test_admin import TOKEN
@@ -69,13 +69,13 @@ def test_sign_in_sets_a_strict_session_cookie_and_sign_out_ends_it(stack: Stack)
     cookie = answer.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
     assert "Max-Age=28800" in cookie and "Secure" not in cookie  # plain http here; Secure over https
-    [session] = rows(stack.settings, db.ConsoleSession)
+    [session] = rows(stack.settings, tables.ConsoleSession)
     assert session.digest not in cookie  # the cookie's token is stored as a digest only
     assert client.get("/console").status_code == 200
     csrf = csrf_of(client.get("/console").text)
     out = client.post("/console/sign-out", data={"csrf_token": csrf})
     assert out.status_code == 303 and 'qubax_console=""' in out.headers["set-cookie"]
-    assert rows(stack.settings, db.ConsoleSession) == []
+    assert rows(stack.settings, tables.ConsoleSession) == []
     assert client.get("/console").status_code == 303
 
 
@@ -86,7 +86,7 @@ def test_wrong_tokens_and_api_keys_cannot_sign_in(stack: Stack) -> None:
         assert answer.status_code in (401, 422 if not token else 401)
         assert "set-cookie" not in answer.headers
     assert "Sign-in failed." in client.post("/console/sign-in", data={"token": "wrong"}).text
-    assert rows(stack.settings, db.ConsoleSession) == []
+    assert rows(stack.settings, tables.ConsoleSession) == []
 
 
 def test_forms_need_the_csrf_token_and_our_own_origin(stack: Stack) -> None:
@@ -101,9 +101,9 @@ def test_forms_need_the_csrf_token_and_our_own_origin(stack: Stack) -> None:
     assert elsewhere.status_code == 403 and elsewhere.json()["error"]["code"] == "cross_origin"
     no_origin = httpx.post(f"{stack.url}/console/keys", data={"name": "x", "csrf_token": csrf}, cookies=client.cookies)
     assert no_origin.status_code == 403
-    assert len(rows(stack.settings, db.ApiKey)) == 2  # none of them made a key
+    assert len(rows(stack.settings, tables.ApiKey)) == 2  # none of them made a key
     assert client.post("/console/keys", data={"name": "ok", "csrf_token": csrf}).status_code == 200
-    assert len(rows(stack.settings, db.ApiKey)) == 3
+    assert len(rows(stack.settings, tables.ApiKey)) == 3
 
 
 def test_pages_carry_a_strict_content_security_policy_and_never_the_token(stack: Stack) -> None:
@@ -126,13 +126,13 @@ def test_keys_are_created_limited_and_revoked(stack: Stack) -> None:
     secret = re.search(r'id="new-secret">(qbx_live_[^<]+)<', created.text)
     assert secret is not None
     assert secret[1] not in client.get("/console/keys").text  # shown once
-    key = next(row for row in rows(stack.settings, db.ApiKey) if row.name == "mobile app")
+    key = next(row for row in rows(stack.settings, tables.ApiKey) if row.name == "mobile app")
     assert (key.rpm, key.monthly_budget_micros, key.test) == (60, 12_500_000, False)
     changed = client.post(
         f"/console/keys/{key.id}/limits", data={"csrf_token": csrf, "monthly_budget_usd": "20", "rpm": ""}
     )
     assert changed.status_code == 303
-    key = next(row for row in rows(stack.settings, db.ApiKey) if row.name == "mobile app")
+    key = next(row for row in rows(stack.settings, tables.ApiKey) if row.name == "mobile app")
     assert (key.rpm, key.monthly_budget_micros) == (None, 20_000_000)
     assert "$0.00 of $20.00" in client.get("/console/keys").text
     assert client.post(f"/console/keys/{key.id}/revoke", data={"csrf_token": csrf}).status_code == 303
@@ -141,13 +141,13 @@ def test_keys_are_created_limited_and_revoked(stack: Stack) -> None:
 
 def test_the_playground_makes_images_under_the_chosen_key(stack: Stack) -> None:
     client, csrf = signed_in(stack)
-    test_key = next(row for row in rows(stack.settings, db.ApiKey) if row.test)
+    test_key = next(row for row in rows(stack.settings, tables.ApiKey) if row.test)
     form = {"csrf_token": csrf, "key_id": test_key.id, "model": "flux-1.1-pro", "prompt": "a fox", "n": "2"}
     page = client.post("/console/playground", data=form, timeout=30)
     assert page.status_code == 200
     assert page.text.count('src="data:image/png;base64,') == 2
     assert 'data-figure="route">test<' in page.text
-    [generation] = rows(stack.settings, db.Generation)
+    [generation] = rows(stack.settings, tables.Generation)
     assert (generation.key_id, generation.images, generation.cost_micros) == (test_key.id, 2, 0)
     refused = client.post("/console/playground", data=form | {"n": "9"}, timeout=30)
     assert 'role="alert"' in refused.text and "got n=9." in refused.text
@@ -172,7 +172,7 @@ def test_usage_csv_matches_the_admin_api(stack: Stack) -> None:
 
 
 def stack_live_id(stack: Stack) -> str:
-    return next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
+    return next(row.id for row in rows(stack.settings, tables.ApiKey) if not row.test)
 
 
 def test_the_console_is_off_without_an_admin_token(settings: Settings) -> None:
@@ -188,7 +188,7 @@ def test_bad_limits_are_shown_on_the_form(stack: Stack) -> None:
     key_id = stack_live_id(stack)
     refused = client.post(f"/console/keys/{key_id}/limits", data={"csrf_token": csrf, "monthly_budget_usd": "lots"})
     assert refused.status_code == 400 and "Monthly budget must be a number" in refused.text
-    assert len(rows(stack.settings, db.ApiKey)) == 2
+    assert len(rows(stack.settings, tables.ApiKey)) == 2
 
 
 def test_an_expired_session_signs_out(stack: Stack) -> None:
@@ -197,7 +197,7 @@ def test_an_expired_session_signs_out(stack: Stack) -> None:
     async def expire() -> None:
         engine = db.connect(stack.settings.resolved_database_url)
         async with db.sessions(engine)() as session:
-            await session.execute(update(db.ConsoleSession).values(expires_at=db.now() - timedelta(seconds=1)))
+            await session.execute(update(tables.ConsoleSession).values(expires_at=tables.now() - timedelta(seconds=1)))
             await session.commit()
         await engine.dispose()
 
@@ -214,18 +214,18 @@ def test_the_cookie_is_secure_over_https() -> None:
 
 def test_an_edit_in_the_playground(stack: Stack) -> None:
     client, csrf = signed_in(stack)
-    test_key = next(row for row in rows(stack.settings, db.ApiKey) if row.test)
+    test_key = next(row for row in rows(stack.settings, tables.ApiKey) if row.test)
     form = {"csrf_token": csrf, "key_id": test_key.id, "model": "flux-kontext-pro", "prompt": "make it blue"}
     files = {"image": ("red.png", picture(64, 48), "image/png")}
     page = client.post("/console/playground", data=form, files=files, timeout=30)
     assert page.status_code == 200 and page.text.count('src="data:image/png;base64,') == 1, page.text[-800:]
-    [generation] = rows(stack.settings, db.Generation)
+    [generation] = rows(stack.settings, tables.Generation)
     assert (generation.model, generation.images) == ("flux-kontext-pro", 1)
 
 
 def test_the_playground_streams_its_images_then_a_summary(stack: Stack) -> None:
     client, csrf = signed_in(stack)
-    test_key = next(row for row in rows(stack.settings, db.ApiKey) if row.test)
+    test_key = next(row for row in rows(stack.settings, tables.ApiKey) if row.test)
     form = {"key_id": test_key.id, "model": "flux-1.1-pro", "prompt": "a fox", "n": "2"}
     answer = client.post("/console/playground/stream", data=form, headers={"x-csrf-token": csrf}, timeout=30)
     assert answer.headers["content-type"].startswith("text/event-stream")

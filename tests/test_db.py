@@ -7,11 +7,11 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from qubax.records import db
+from qubax.records import db, tables
 
 
 def test_ids_sort_by_creation_and_fit_their_columns() -> None:
-    ids = [db.new_id("gen") for _ in range(1000)]
+    ids = [tables.new_id("gen") for _ in range(1000)]
     stamps = [one[: len("gen_") + 13] for one in ids]  # microseconds; ids made within one may come in any order
     assert stamps == sorted(stamps)  # new rows go to the end of the primary-key index
     assert len(set(ids)) == len(ids)
@@ -27,7 +27,7 @@ def test_the_migrations_make_the_tables_the_models_describe(tmp_path: Path) -> N
         await db.migrate(engine)
         async with engine.connect() as connection:
             found = await connection.run_sync(
-                lambda sync: compare_metadata(MigrationContext.configure(sync), db.Base.metadata)
+                lambda sync: compare_metadata(MigrationContext.configure(sync), tables.Base.metadata)
             )
         await engine.dispose()
         return list(found)

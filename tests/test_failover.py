@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from qubax.records import db
+from qubax.records import tables
 from qubax.server.settings import Settings
 from tests.stack import Stack, rows, running_stack
 
@@ -24,11 +24,11 @@ def stack(settings: Settings) -> Iterator[Stack]:
 
 
 def attempts(stack: Stack) -> list[tuple[str, int, int, str]]:
-    return [(a.upstream, a.n, a.images, a.outcome) for a in rows(stack.settings, db.Attempt)]
+    return [(a.upstream, a.n, a.images, a.outcome) for a in rows(stack.settings, tables.Attempt)]
 
 
 def charged(stack: Stack) -> list[tuple[str, int, int]]:
-    return [(g.outcome, g.images, g.cost_micros) for g in rows(stack.settings, db.Generation)]
+    return [(g.outcome, g.images, g.cost_micros) for g in rows(stack.settings, tables.Generation)]
 
 
 def generate(stack: Stack, n: int = 1) -> openai.types.ImagesResponse:
@@ -152,7 +152,7 @@ def test_concurrency_cap_holds_under_100_concurrent_requests(settings: Settings)
         assert len(responses) == 100 and all(len(r.data) == 1 for r in responses)
         assert len(stack.openai.requests) == 100
         assert stack.openai.peak == 3  # excess work waited its turn instead of collecting 429s
-        assert [g.outcome for g in rows(stack.settings, db.Generation)] == ["ok"] * 100
+        assert [g.outcome for g in rows(stack.settings, tables.Generation)] == ["ok"] * 100
 
 
 def test_a_client_that_disconnects_cancels_the_upstream_work(stack: Stack) -> None:
@@ -165,7 +165,7 @@ def test_a_client_that_disconnects_cancels_the_upstream_work(stack: Stack) -> No
             timeout=0.5,
         )
     deadline = time.monotonic() + 10
-    while not rows(stack.settings, db.Generation) and time.monotonic() < deadline:
+    while not rows(stack.settings, tables.Generation) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert charged(stack) == [("client_disconnected", 0, 0)]
     assert attempts(stack) == [("bfl", 2, 0, "cancelled")]

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from qubax.records import db
+from qubax.records import tables
 from qubax.server.settings import Settings
 from tests.fakes.replicate import NSFW_ERROR
 from tests.stack import Stack, rows, running_stack
@@ -204,11 +204,11 @@ def refused(stack: Stack, n: int = 1) -> openai.APIStatusError:
 
 
 def attempts(stack: Stack) -> list[tuple[str, int, int, str]]:
-    return [(a.upstream, a.n, a.images, a.outcome) for a in rows(stack.settings, db.Attempt)]
+    return [(a.upstream, a.n, a.images, a.outcome) for a in rows(stack.settings, tables.Attempt)]
 
 
 def charged(stack: Stack) -> list[tuple[str, int, int]]:
-    return [(g.outcome, g.images, g.cost_micros) for g in rows(stack.settings, db.Generation)]
+    return [(g.outcome, g.images, g.cost_micros) for g in rows(stack.settings, tables.Generation)]
 
 
 @pytest.mark.parametrize("fault", FAILOVER_FAULTS)
@@ -226,7 +226,7 @@ def test_a_failure_before_acceptance_moves_the_whole_request_on(settings: Settin
         assert sum(up.asked(x)) == 2  # the first route was asked for everything…
         assert sum(UPSTREAMS[second].asked(y)) == 2  # …and the second made everything
         assert attempts(stack) == [(first, 2, 0, "upstream_error"), (second, 2, 2, "ok")]
-        assert error_for(up) in (rows(stack.settings, db.Attempt)[0].error or "")
+        assert error_for(up) in (rows(stack.settings, tables.Attempt)[0].error or "")
         assert charged(stack) == [("ok", 2, 2 * PRICE)]
 
 
@@ -234,7 +234,7 @@ def test_fal_out_of_credit_is_its_403_exhausted_balance(settings: Settings) -> N
     with pair(settings, "fal") as (stack, fal, _):
         turn(fal, UPSTREAMS["fal"].refuse(403))
         assert generate(stack, n=1)[0] == "replicate"
-        error = rows(stack.settings, db.Attempt)[0].error or ""
+        error = rows(stack.settings, tables.Attempt)[0].error or ""
         assert "User is locked. Reason: Exhausted balance" in error
 
 
@@ -330,7 +330,7 @@ def test_a_partial_fan_out_keeps_its_images_and_the_second_route_makes_the_rest(
         assert UPSTREAMS[second].asked(y) == [1]  # only the missing image
         assert attempts(stack) == [(first, 3, 2, "upstream_error"), (second, 1, 1, "ok")]
         assert charged(stack) == [("ok", 3, 3 * PRICE)]
-        [generation] = rows(stack.settings, db.Generation)
+        [generation] = rows(stack.settings, tables.Generation)
         assert generation.upstream == f"{first}+{second}"
 
 

@@ -12,7 +12,7 @@ import pytest
 from qubax.api.routes import GENERATIONS_PATH
 from qubax.pipeline import claims, idempotency
 from qubax.providers.pool import KeyPool
-from qubax.records import db, journal
+from qubax.records import journal, tables
 from qubax.server.settings import Settings
 from tests.stack import Stack, add, rows, running_stack
 from tests.test_upstreams import picture
@@ -25,7 +25,7 @@ def stack(settings: Settings) -> "Stack":
 
 
 def charged(stack: Stack) -> list[tuple[str, int, int]]:
-    return [(row.outcome, row.images, row.cost_micros) for row in rows(stack.settings, db.Generation)]
+    return [(row.outcome, row.images, row.cost_micros) for row in rows(stack.settings, tables.Generation)]
 
 
 def test_the_same_request_twice_is_made_once_and_charged_once(stack: Stack) -> None:
@@ -173,13 +173,13 @@ def test_an_edit_sent_twice_is_made_once_and_another_file_is_another_request(sta
 def test_work_abandoned_by_a_dead_node_is_taken_over(stack: Stack) -> None:
     """A claim whose worker stopped saying it is alive (its node died) is taken over by the retry."""
     body = {"model": "flux-1.1-pro", "prompt": "a fox"}
-    key_id = next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
+    key_id = next(row.id for row in rows(stack.settings, tables.ApiKey) if not row.test)
     fingerprint = idempotency.fingerprint(GENERATIONS_PATH, body)
 
     add(stack.settings, abandoned(stack, key_id, "orphan", fingerprint))
     response = stack.live.images.generate(**body, extra_headers={"Idempotency-Key": "orphan"})  # type: ignore[arg-type]
     assert response.data and len(stack.bfl.submissions) == 1
-    [row] = rows(stack.settings, db.IdempotentRequest)
+    [row] = rows(stack.settings, tables.IdempotentRequest)
     assert row.status == "done"
 
 
@@ -261,7 +261,7 @@ def test_a_request_recorded_by_a_node_that_died_before_keeping_it_is_charged_onc
 def test_a_takeover_waits_on_the_upstream_task_the_dead_node_started(stack: Stack) -> None:
     """The dead node had noted its BFL task in the journal: the retry polls that task and submits nothing."""
     body = {"model": "flux-1.1-pro", "prompt": "a fox", "response_format": "b64_json"}
-    key_id = next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
+    key_id = next(row.id for row in rows(stack.settings, tables.ApiKey) if not row.test)
     fingerprint = idempotency.fingerprint(GENERATIONS_PATH, body)
     task, task_id = bfl_task_of_a_dead_node(stack, journal.request_owner(key_id, "died"))
     add(stack.settings, abandoned(stack, key_id, "died", fingerprint), task)
@@ -270,18 +270,18 @@ def test_a_takeover_waits_on_the_upstream_task_the_dead_node_started(stack: Stac
     assert len(stack.bfl.submissions) == 1  # the dead node's, and no other
     assert stack.bfl.polls and set(stack.bfl.polls) == {task_id}
     assert charged(stack) == [("ok", 1, 40_000)]
-    assert rows(stack.settings, db.UpstreamTask) == []  # forgotten once the request is done
+    assert rows(stack.settings, tables.UpstreamTask) == []  # forgotten once the request is done
 
 
 def silent_since(stack: Stack) -> datetime:
     """When a node that has since died was last heard of."""
-    return db.now() - timedelta(seconds=stack.settings.takeover_seconds + 1)
+    return tables.now() - timedelta(seconds=stack.settings.takeover_seconds + 1)
 
 
-def abandoned(stack: Stack, key_id: str, token: str, fingerprint: str) -> db.IdempotentRequest:
+def abandoned(stack: Stack, key_id: str, token: str, fingerprint: str) -> tables.IdempotentRequest:
     """An idempotent request whose node died at work on it."""
     silent = silent_since(stack)
-    return db.IdempotentRequest(
+    return tables.IdempotentRequest(
         key_id=key_id,
         idempotency_key=token,
         fingerprint=fingerprint,
@@ -292,7 +292,7 @@ def abandoned(stack: Stack, key_id: str, token: str, fingerprint: str) -> db.Ide
     )
 
 
-def bfl_task_of_a_dead_node(stack: Stack, owner: str) -> tuple[db.UpstreamTask, str]:
+def bfl_task_of_a_dead_node(stack: Stack, owner: str) -> tuple[tables.UpstreamTask, str]:
     """A task submitted to the fake BFL by a node that died waiting on it, and its journal note."""
     submitted = httpx.post(
         f"{stack.settings.base_urls['bfl']}/v1/flux-pro-1.1",
@@ -303,7 +303,7 @@ def bfl_task_of_a_dead_node(stack: Stack, owner: str) -> tuple[db.UpstreamTask, 
         "polling_url": submitted["polling_url"],
         "key": KeyPool(["test-key"], scope="upstream:bfl").name_of("test-key"),
     }
-    note = db.UpstreamTask(
+    note = tables.UpstreamTask(
         owner=owner, provider="bfl", upstream_model="flux-pro-1.1", images=1, handle=json.dumps(handle),
         created_at=silent_since(stack),
     )  # fmt: skip

@@ -19,7 +19,7 @@ from sqlalchemy import update
 from qubax.app import create_app
 from qubax.background import runner
 from qubax.errors import NotFound
-from qubax.records import db, journal
+from qubax.records import db, journal, queries, tables
 from qubax.records.storage import IMAGE_LINK, SignedUrls
 from qubax.server.services import open_storage, sweep
 from qubax.server.settings import Settings
@@ -72,7 +72,7 @@ def wait_for(sdk: openai.OpenAI, job_id: str, timeout: float = 20) -> dict[str, 
 
 
 def charged(stack: Stack) -> list[tuple[str, int, int]]:
-    return [(row.outcome, row.images, row.cost_micros) for row in rows(stack.settings, db.Generation)]
+    return [(row.outcome, row.images, row.cost_micros) for row in rows(stack.settings, tables.Generation)]
 
 
 def test_a_job_is_accepted_at_once_and_succeeds_with_what_the_request_would_answer(stack: Stack) -> None:
@@ -90,7 +90,7 @@ def test_a_job_is_accepted_at_once_and_succeeds_with_what_the_request_would_answ
     assert set(done["result"]) == {"created", "data"}  # as the synchronous answer: no nulls
     assert len(stack.bfl.submissions) == 1
     assert charged(stack) == [("ok", 1, 40_000)]
-    assert rows(stack.settings, db.JobInput) == []
+    assert rows(stack.settings, tables.JobInput) == []
 
 
 def test_a_job_s_links_are_signed_when_it_is_read(stack: Stack) -> None:
@@ -116,7 +116,7 @@ def test_an_edit_job_keeps_its_files_until_it_ends(stack: Stack) -> None:
     assert job["status"] == "succeeded", job
     [submission] = stack.bfl.submissions
     assert submission["input_image"]  # the stored upload reached the upstream
-    assert rows(stack.settings, db.JobInput) == []
+    assert rows(stack.settings, tables.JobInput) == []
 
 
 def red_png() -> bytes:
@@ -150,14 +150,14 @@ def test_an_edit_job_s_files_live_in_the_image_storage_until_it_ends(stack: Stac
     deadline = time.monotonic() + 10
     while not stack.bfl.submissions and time.monotonic() < deadline:
         time.sleep(0.02)
-    [row] = rows(stack.settings, db.JobInput)
-    columns = {column.name: getattr(row, column.name) for column in db.JobInput.__table__.columns}
+    [row] = rows(stack.settings, tables.JobInput)
+    columns = {column.name: getattr(row, column.name) for column in tables.JobInput.__table__.columns}
     assert all(isinstance(value, int | str) and len(str(value)) < 200 for value in columns.values()), columns
     assert (row.job_id, row.field, row.filename) == (job_id, "image", "red.png")
     assert stored(stack.settings, row.stored) == red_png()
     stack.bfl.pending_polls = 0
     assert wait_for(stack.live, job_id)["status"] == "succeeded"
-    assert rows(stack.settings, db.JobInput) == [] and stored(stack.settings, row.stored) is None
+    assert rows(stack.settings, tables.JobInput) == [] and stored(stack.settings, row.stored) is None
 
 
 def test_a_cancelled_queued_edit_job_s_files_are_deleted(settings: Settings) -> None:
@@ -168,10 +168,10 @@ def test_a_cancelled_queued_edit_job_s_files_are_deleted(settings: Settings) -> 
         raw = stack.live.images.with_raw_response.edit(
             model="flux-kontext-pro", image=image, prompt="blue", extra_headers=ASYNC
         )
-        [row] = rows(stack.settings, db.JobInput)
+        [row] = rows(stack.settings, tables.JobInput)
         assert stored(stack.settings, row.stored) == red_png()
         assert cancel(stack.live, raw.http_response.json()["id"]).json()["status"] == "cancelled"
-        assert rows(stack.settings, db.JobInput) == [] and stored(stack.settings, row.stored) is None
+        assert rows(stack.settings, tables.JobInput) == [] and stored(stack.settings, row.stored) is None
         cancel(stack.live, first["id"])
 
 
@@ -203,7 +203,7 @@ def test_invalid_jobs_are_refused_at_submission(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         stack.live.images.generate(model="flux-1.1-pro", prompt="a fox", stream=True, extra_headers=ASYNC)
     assert caught.value.param == "stream"
-    assert rows(stack.settings, db.ImageJob) == []
+    assert rows(stack.settings, tables.ImageJob) == []
 
 
 def test_jobs_list_newest_first_a_page_at_a_time(stack: Stack) -> None:
@@ -287,16 +287,16 @@ def test_the_same_idempotency_key_answers_the_same_job(stack: Stack) -> None:
     again = stack.live.images.with_raw_response.generate(**FOX, extra_headers=headers)  # type: ignore[arg-type]
     assert again.status_code == 202 and again.headers["x-qubax-idempotent-replayed"] == "true"
     assert again.http_response.json()["id"] == first.http_response.json()["id"]
-    assert len(rows(stack.settings, db.ImageJob)) == 1
+    assert len(rows(stack.settings, tables.ImageJob)) == 1
 
 
 def test_a_job_abandoned_by_a_dead_node_is_finished_on_its_upstream_task(stack: Stack) -> None:
     """A node died while its job waited on a BFL task: the runner takes the job over once its heartbeat
     is stale, and waits on the noted task instead of submitting again."""
-    key_id = next(row.id for row in rows(stack.settings, db.ApiKey) if not row.test)
+    key_id = next(row.id for row in rows(stack.settings, tables.ApiKey) if not row.test)
     task, task_id = bfl_task_of_a_dead_node(stack, journal.job_owner("job_orphan"))
     silent = silent_since(stack)
-    job = db.ImageJob(
+    job = tables.ImageJob(
         id="job_orphan", key_id=key_id, endpoint="/v1/images/generations", model="flux-1.1-pro",
         fields=json.dumps(FOX), public_url=stack.url, status="in_progress", reserved_images=1,
         reserved_micros=40_000, cancel_requested=False, created_at=silent, heartbeat_at=silent,
@@ -306,7 +306,7 @@ def test_a_job_abandoned_by_a_dead_node_is_finished_on_its_upstream_task(stack: 
     assert job["status"] == "succeeded"
     assert len(stack.bfl.submissions) == 1 and set(stack.bfl.polls) == {task_id}
     assert charged(stack) == [("ok", 1, 40_000)]
-    assert rows(stack.settings, db.UpstreamTask) == []
+    assert rows(stack.settings, tables.UpstreamTask) == []
 
 
 def test_a_job_recorded_by_a_node_that_died_before_ending_it_is_charged_once(
@@ -344,11 +344,11 @@ def test_jobs_survive_a_restart_of_the_only_node(settings: Settings) -> None:
             deadline = time.monotonic() + 10
             while not bfl.submissions and time.monotonic() < deadline:
                 time.sleep(0.02)
-        assert sorted(row.status for row in rows(settings, db.ImageJob)) == ["queued", "queued"]
+        assert sorted(row.status for row in rows(settings, tables.ImageJob)) == ["queued", "queued"]
         bfl.pending_polls = 1
         with serve(create_app(settings)) as url:
             assert [wait_for(client(url, key), job_id)["status"] for job_id in ids] == ["succeeded"] * 2
-    generations = rows(settings, db.Generation)
+    generations = rows(settings, tables.Generation)
     assert [row.cost_micros for row in generations if row.outcome == "ok"] == [40_000, 40_000]
     assert sum(row.cost_micros for row in generations) == 80_000
 
@@ -397,8 +397,10 @@ def test_a_job_s_images_are_kept_as_long_as_the_job(settings: Settings, monkeypa
         async def forget() -> None:
             engine = db.connect(stack.settings.resolved_database_url)
             async with db.sessions(engine)() as session:
-                ended = db.now() - timedelta(days=31)
-                await session.execute(update(db.ImageJob).where(db.ImageJob.id == job_id).values(completed_at=ended))
+                ended = tables.now() - timedelta(days=31)
+                await session.execute(
+                    update(tables.ImageJob).where(tables.ImageJob.id == job_id).values(completed_at=ended)
+                )
                 await session.commit()
             await engine.dispose()
 
@@ -441,10 +443,12 @@ def test_jobs_that_ended_long_ago_are_forgotten(stack: Stack) -> None:
         engine = db.connect(stack.settings.resolved_database_url)
         async with db.sessions(engine)() as session:
             await session.execute(
-                update(db.ImageJob).where(db.ImageJob.id == old).values(completed_at=db.now() - timedelta(days=31))
+                update(tables.ImageJob)
+                .where(tables.ImageJob.id == old)
+                .values(completed_at=tables.now() - timedelta(days=31))
             )
             await session.commit()
-            forgotten = await db.forget_jobs(session, db.now() - timedelta(days=30))
+            forgotten = await queries.forget_jobs(session, tables.now() - timedelta(days=30))
         await engine.dispose()
         return forgotten
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qubax.records import db
+from qubax.records import db, queries, tables
 from qubax.records.ledger import (
     AttemptRecord,
     EngineSink,
@@ -33,23 +33,23 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     engine = db.connect(settings.resolved_database_url)
     await db.migrate(engine)
     async with db.sessions(engine)() as session:
-        await db.add_key(session, name="k", prefix="qbx_live_abcd", digest="d" * 64, test=False)
+        await queries.add_key(session, name="k", prefix="qbx_live_abcd", digest="d" * 64, test=False)
     yield engine
     await engine.dispose()
 
 
 async def key_id(engine: AsyncEngine) -> str:
     async with db.sessions(engine)() as session:
-        return (await session.scalars(select(db.ApiKey.id))).one()
+        return (await session.scalars(select(tables.ApiKey.id))).one()
 
 
 def generation(key: str, *, model: Any = "dall-e-3", attempts: int = 1) -> GenerationRecord:
-    record = GenerationRecord(db.new_id("gen"), key, model, 1, "1024x1024", "openai", 1, 40_000, 12)
+    record = GenerationRecord(tables.new_id("gen"), key, model, 1, "1024x1024", "openai", 1, 40_000, 12)
     record.attempts = [AttemptRecord("openai", "dall-e-3", 1, 1, 10) for _ in range(attempts)]
     return record
 
 
-async def count(engine: AsyncEngine, model: type[db.Base]) -> int:
+async def count(engine: AsyncEngine, model: type[tables.Base]) -> int:
     async with db.sessions(engine)() as session:
         return int(await session.scalar(select(func.count()).select_from(model)) or 0)
 
@@ -72,8 +72,8 @@ async def test_a_record_is_committed_before_record_returns(engine: AsyncEngine) 
     ledger = Ledger(engine)
     await ledger.record(generation(await key_id(engine), attempts=2))
     # Read through a different connection: only committed rows are visible there.
-    assert await count(engine, db.Generation) == 1
-    assert await count(engine, db.Attempt) == 2
+    assert await count(engine, tables.Generation) == 1
+    assert await count(engine, tables.Attempt) == 2
     await ledger.close()
 
 
@@ -98,7 +98,7 @@ async def test_the_writer_process_comes_back_after_it_died(engine: AsyncEngine, 
     await ledger.sink.writer.reader  # it has seen the helper go
     await ledger.record(generation(key))  # through a new one
     assert ledger.sink.writer.process is not None and ledger.sink.writer.process.pid != process.pid
-    assert await count(engine, db.Generation) == 2
+    assert await count(engine, tables.Generation) == 2
     await ledger.close()
 
 
@@ -107,7 +107,7 @@ async def test_concurrent_records_share_transactions(engine: AsyncEngine) -> Non
     sink = ledger.sink = CountingSink(ledger.sink)
     key = await key_id(engine)
     await asyncio.gather(*(ledger.record(generation(key)) for _ in range(200)))
-    assert await count(engine, db.Generation) == 200 and await count(engine, db.Attempt) == 200
+    assert await count(engine, tables.Generation) == 200 and await count(engine, tables.Attempt) == 200
     assert sink.batches < 20  # one while the first batch was being written, then the rest together
     await ledger.close()
 
@@ -117,7 +117,7 @@ async def test_a_batch_larger_than_one_statement_is_written_whole(engine: AsyncE
     key = await key_id(engine)
     records = [generation(key) for _ in range(ROWS_PER_STATEMENT * 2 + 7)]
     await ledger.write(records)
-    assert await count(engine, db.Generation) == len(records)
+    assert await count(engine, tables.Generation) == len(records)
     await ledger.close()
 
 
@@ -128,7 +128,7 @@ async def test_a_failed_write_fails_its_batch_and_the_next_one_succeeds(engine: 
     with pytest.raises(Exception, match=r"(?i)not.null"):
         await ledger.record(broken)
     await ledger.record(generation(key))
-    assert await count(engine, db.Generation) == 1  # the broken batch left nothing behind
+    assert await count(engine, tables.Generation) == 1  # the broken batch left nothing behind
     await ledger.close()
 
 
@@ -139,7 +139,7 @@ async def test_a_client_that_leaves_while_its_record_is_written_still_gets_it_wr
     waiting.cancel()
     assert ledger.writer is not None
     await ledger.writer
-    assert await count(engine, db.Generation) == 1
+    assert await count(engine, tables.Generation) == 1
     await ledger.close()
 
 
@@ -167,5 +167,5 @@ async def test_the_writer_process_writes_what_sqlalchemy_writes(engine: AsyncEng
     stamps = [row[-1] for row in rows]
     assert len({len(stamp) for stamp in stamps}) == 1 and "+" not in stamps[0]
     async with db.sessions(engine)() as session:
-        read = (await session.scalars(select(db.Generation.created_at).order_by(db.Generation.id))).all()
+        read = (await session.scalars(select(tables.Generation.created_at).order_by(tables.Generation.id))).all()
     assert all(abs(stamp.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=1) for stamp in read)

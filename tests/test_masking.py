@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from qubax.records import db
+from qubax.records import tables
 from qubax.server.masking import MASK, Mask, configured_secrets
 from qubax.server.settings import Settings
 from tests.server import serve
@@ -130,6 +130,6 @@ def test_an_echoed_credential_reaches_neither_client_nor_log_nor_database(
     assert PLAIN_KEY not in caplog.text
     for path_ in settings.data_dir.glob("qubax.db*"):  # the database and its write-ahead log
         assert PLAIN_KEY.encode() not in path_.read_bytes()
-    (attempt,) = rows(settings, db.Attempt)
+    (attempt,) = rows(settings, tables.Attempt)
     assert attempt.error is not None and MASK in attempt.error  # the operator still sees what was said
     assert f"Incorrect API key provided: {MASK}" in caplog.text

@@ -18,7 +18,7 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from qubax.records import db
+from qubax.records import db, tables
 from qubax.records.api_keys import digest_key
 from tests.fakes.bfl import FakeBFL
 from tests.fakes.openai import FakeOpenAI
@@ -187,9 +187,9 @@ def recorded_ok(database_url: str, key: str) -> int:
     async def count() -> int:
         engine = db.connect(database_url)
         async with db.sessions(engine)() as session:
-            query_key = select(db.ApiKey.id).where(db.ApiKey.digest == digest_key(key))
+            query_key = select(tables.ApiKey.id).where(tables.ApiKey.digest == digest_key(key))
             key_id = await session.scalar(query_key)
-            query = select(func.count()).where(db.Generation.key_id == key_id, db.Generation.outcome == "ok")
+            query = select(func.count()).where(tables.Generation.key_id == key_id, tables.Generation.outcome == "ok")
             total = int(await session.scalar(query) or 0)
         await engine.dispose()
         return total
@@ -255,8 +255,10 @@ def charges(database_url: str, key: str) -> list[int]:
     async def load() -> list[int]:
         engine = db.connect(database_url)
         async with db.sessions(engine)() as session:
-            key_id = await session.scalar(select(db.ApiKey.id).where(db.ApiKey.digest == digest_key(key)))
-            found = await session.scalars(select(db.Generation.cost_micros).where(db.Generation.key_id == key_id))
+            key_id = await session.scalar(select(tables.ApiKey.id).where(tables.ApiKey.digest == digest_key(key)))
+            found = await session.scalars(
+                select(tables.Generation.cost_micros).where(tables.Generation.key_id == key_id)
+            )
             costs = [cost for cost in found if cost]
         await engine.dispose()
         return costs

@@ -19,7 +19,7 @@ from pydantic import SecretStr, ValidationError
 
 from qubax.app import create_app
 from qubax.errors import Forbidden, Gone, NotFound, ServiceUnavailable, UpstreamError
-from qubax.records import db, s3
+from qubax.records import s3, tables
 from qubax.records.s3 import S3Storage
 from qubax.records.storage import SWEEP_GRACE_SECONDS, LocalStorage, SignedUrls
 from qubax.server.services import open_storage
@@ -291,9 +291,9 @@ def test_an_unreachable_store_is_an_openai_error_and_nothing_is_charged(
     assert (error.status_code, error.code, error.type) == (503, "storage_unavailable", "service_unavailable_error")
     assert "image store" in error.message
     assert error.response.headers["retry-after"] == "5"
-    [generation] = rows(s3_settings, db.Generation)
+    [generation] = rows(s3_settings, tables.Generation)
     assert (generation.outcome, generation.images, generation.cost_micros) == ("storage_unavailable", 0, 0)
-    assert [(a.upstream, a.outcome) for a in rows(s3_settings, db.Attempt)] == [("bfl", "ok")]
+    assert [(a.upstream, a.outcome) for a in rows(s3_settings, tables.Attempt)] == [("bfl", "ok")]
 
 
 def test_qubax_serve_will_not_start_on_an_unreachable_store(s3_settings: Settings, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from qubax.records import db
+from qubax.records import tables
 from qubax.server.settings import Settings
 from tests.stack import Stack, rows, running_stack
 from tests.test_upstreams import picture
@@ -123,7 +123,7 @@ def test_a_gpt_image_model_relays_the_upstream_partial_images(settings: Settings
         ]
         assert events[-1].usage.output_tokens > 0  # the upstream's token count, passed on
         assert stack.openai.requests[-1]["stream"] is True and stack.openai.requests[-1]["partial_images"] == 2
-        [row] = rows(stack.settings, db.Generation)
+        [row] = rows(stack.settings, tables.Generation)
         assert (row.outcome, row.images, row.upstream) == ("ok", 1, "openai") and row.cost_micros > 0
 
 
@@ -154,7 +154,7 @@ def test_the_usage_record_is_durable_before_the_last_event(settings: Settings) -
     with running_stack(settings) as stack:
         seen = []
         for event in stack.live.images.generate(model="flux-1.1-pro", prompt="p", n=2, stream=True):
-            seen.append([(row.outcome, row.images) for row in rows(stack.settings, db.Generation)])
+            seen.append([(row.outcome, row.images) for row in rows(stack.settings, tables.Generation)])
             assert event.type == "image_generation.completed"
         assert seen[-1] == [("ok", 2)]
 
@@ -187,7 +187,7 @@ def test_a_failure_after_the_stream_started_is_an_error_event(settings: Settings
         assert types == ["image_generation.partial_image"]
         assert error.message == "OpenAI failed while streaming the image."
         assert error.body["type"] == "upstream_error"  # type: ignore[index]
-        [row] = rows(stack.settings, db.Generation)
+        [row] = rows(stack.settings, tables.Generation)
         assert (row.outcome, row.images, row.cost_micros) == ("upstream_error", 0, 0)
 
 
@@ -198,7 +198,7 @@ def test_a_failed_image_among_several_is_an_error_after_those_sent(settings: Set
         types, error = until_error(stack.live.images.generate(model="flux-1.1-pro", prompt="p", n=2, stream=True))
         assert types == ["image_generation.completed"]
         assert "failed to generate the image" in error.message
-        [row] = rows(stack.settings, db.Generation)
+        [row] = rows(stack.settings, tables.Generation)
         assert (row.images, row.cost_micros) == (1, 40_000)
 
 
@@ -224,7 +224,7 @@ def test_a_client_leaving_a_stream_cancels_the_upstream_work(settings: Settings)
 def wait_for_rows(stack: Stack) -> list[tuple[str, int]]:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        found = [(row.outcome, row.images) for row in rows(stack.settings, db.Generation)]
+        found = [(row.outcome, row.images) for row in rows(stack.settings, tables.Generation)]
         if found:
             return found
         time.sleep(0.05)

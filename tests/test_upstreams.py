@@ -14,7 +14,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from qubax.app import create_app
-from qubax.records import db
+from qubax.records import tables
 from qubax.server.settings import Settings
 from tests.catalog import MODELS
 from tests.conftest import create_key
@@ -41,12 +41,12 @@ def png(data: bytes) -> Image.Image:
     return image
 
 
-def generations(settings: Settings) -> list[db.Generation]:
-    return rows(settings, db.Generation)
+def generations(settings: Settings) -> list[tables.Generation]:
+    return rows(settings, tables.Generation)
 
 
-def attempts(settings: Settings) -> list[db.Attempt]:
-    return rows(settings, db.Attempt)
+def attempts(settings: Settings) -> list[tables.Attempt]:
+    return rows(settings, tables.Attempt)
 
 
 @pytest.mark.parametrize(

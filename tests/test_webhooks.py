@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from qubax.background.webhook_targets import PublicResolver, check_literal, public
-from qubax.records import db
+from qubax.records import tables
 from qubax.server.cli import main
 from qubax.server.settings import Settings
 from tests.conftest import cli_env
@@ -69,7 +69,7 @@ def admin(stack: Stack) -> httpx.Client:
 
 
 def key_id(stack: Stack, test: bool = False) -> str:
-    return next(row.id for row in rows(stack.settings, db.ApiKey) if row.test == test)
+    return next(row.id for row in rows(stack.settings, tables.ApiKey) if row.test == test)
 
 
 def make_secret(stack: Stack, url: str | None = None) -> str:
@@ -202,7 +202,7 @@ def test_targets_that_are_not_public_https_are_refused(settings: Settings, targe
         assert caught.value.param == "webhook_url"
         refused = admin(stack).put(f"/keys/{key_id(stack)}/webhook", json={"url": target})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"
-        assert rows(stack.settings, db.ImageJob) == []
+        assert rows(stack.settings, tables.ImageJob) == []
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "0", "http"])
@@ -216,7 +216,7 @@ def test_a_target_with_an_impossible_port_is_refused(stack: Stack, port: str) ->
         assert caught.value.param == "webhook_url" and "port" in caught.value.message.lower()
         refused = admin(stack).put(f"/keys/{key_id(stack)}/webhook", json={"url": target})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"
-    assert rows(stack.settings, db.ImageJob) == []
+    assert rows(stack.settings, tables.ImageJob) == []
 
 
 def test_the_resolver_refuses_names_of_private_addresses() -> None:
@@ -277,7 +277,7 @@ def test_webhook_url_needs_a_job_and_a_secret(stack: Stack, receiver: tuple[Rece
     with pytest.raises(openai.BadRequestError) as caught:
         stack.live.images.generate(**FOX, extra_body={"webhook_url": receiver[1]}, extra_headers=ASYNC)  # type: ignore[arg-type]
     assert caught.value.code == "webhook_secret_missing"
-    assert rows(stack.settings, db.ImageJob) == [] and get(stack.live).json()["data"] == []
+    assert rows(stack.settings, tables.ImageJob) == [] and get(stack.live).json()["data"] == []
 
 
 def test_the_admin_api_shows_a_secret_only_when_it_is_made(stack: Stack, receiver: tuple[Receiver, str]) -> None:

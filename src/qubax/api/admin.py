@@ -18,12 +18,12 @@ from qubax.api.bodies import LimitedRoute
 from qubax.api.docs import openapi_schema
 from qubax.errors import InvalidRequest, NotFound
 from qubax.protocol import error_responses
-from qubax.records import db
+from qubax.records import queries
 from qubax.server.services import ServicesDep
 from qubax.server.settings import ADMIN_TOKEN_CHARS
 
 # Money in dollars (stored in micro-USD), as `admin_keys` reads its stored values.
-Usd = Annotated[float, BeforeValidator(db.to_usd)]
+Usd = Annotated[float, BeforeValidator(queries.to_usd)]
 
 
 router = APIRouter(
@@ -87,14 +87,14 @@ class UsageList(BaseModel):
 @router.get("/usage", response_model_exclude_none=True)
 async def usage(services: ServicesDep, group_by: str = "key,model", since: str = "", until: str = "") -> UsageList:
     groups = [group.strip() for group in group_by.split(",") if group.strip()]
-    unknown = [group for group in groups if group not in db.USAGE_GROUPS]
+    unknown = [group for group in groups if group not in queries.USAGE_GROUPS]
     if unknown:
-        choices = ", ".join(db.USAGE_GROUPS)
+        choices = ", ".join(queries.USAGE_GROUPS)
         raise InvalidRequest(f"Invalid value for 'group_by': {unknown[0]!r} is not one of {choices}.", param="group_by")
     first, last = parse_day(since, "since"), parse_day(until, "until")
     check_order(first, last)
     async with services.sessions() as session:
-        rows = await db.usage(session, list(dict.fromkeys(groups)), first, last)
+        rows = await queries.usage(session, list(dict.fromkeys(groups)), first, last)
     return UsageList(data=[Usage.model_validate(row, from_attributes=True) for row in rows])
 
 

@@ -25,19 +25,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from qubax.api.bodies import LimitedRoute
 from qubax.background import webhook_targets
 from qubax.errors import InvalidRequest, NotFound
-from qubax.records import db
+from qubax.records import queries, tables
 from qubax.server.services import Services, ServicesDep
 
-Limit = Annotated[StrictInt | None, Field(ge=0, le=db.MAX_LIMIT)]
-Budget = Annotated[float | None, Field(ge=0, le=db.MAX_BUDGET_USD)]
+Limit = Annotated[StrictInt | None, Field(ge=0, le=queries.MAX_LIMIT)]
+Budget = Annotated[float | None, Field(ge=0, le=queries.MAX_BUDGET_USD)]
 
 
 # The answers below are read from the database's rows (`model_validate(row, from_attributes=True)`);
 # these say how a stored value becomes what the API gives: times as OpenAI gives them, Unix seconds,
 # and money in dollars (stored in micro-USD).
-Seconds = Annotated[int, BeforeValidator(db.unix)]
-MaybeSeconds = Annotated[int | None, BeforeValidator(lambda moment: None if moment is None else db.unix(moment))]
-MaybeUsd = Annotated[float | None, BeforeValidator(lambda micros: None if micros is None else db.to_usd(micros))]
+Seconds = Annotated[int, BeforeValidator(tables.unix)]
+MaybeSeconds = Annotated[int | None, BeforeValidator(lambda moment: None if moment is None else tables.unix(moment))]
+MaybeUsd = Annotated[float | None, BeforeValidator(lambda micros: None if micros is None else queries.to_usd(micros))]
 
 
 router = APIRouter(route_class=LimitedRoute)
@@ -117,7 +117,7 @@ class Delivery(BaseModel):
     @field_validator("next_attempt_at", mode="before")
     @classmethod
     def while_pending(cls, moment: datetime, info: ValidationInfo) -> int | None:
-        return db.unix(moment) if info.data.get("status") == "pending" else None
+        return tables.unix(moment) if info.data.get("status") == "pending" else None
 
 
 class DeliveryList(BaseModel):
@@ -131,9 +131,9 @@ NO_CHANGE = Limits()  # an empty body: no field set, nothing changes
 
 @router.post("/keys", status_code=201)
 async def create_key(services: ServicesDep, body: NewKey = NO_BODY) -> CreatedKey:
-    limits = db.chosen_limits(body.model_dump(include=set(Limits.model_fields)))
+    limits = queries.chosen_limits(body.model_dump(include=set(Limits.model_fields)))
     async with services.sessions() as session:
-        key, secret = await db.create_key(session, name=body.name, test=body.test, limits=limits)
+        key, secret = await queries.create_key(session, name=body.name, test=body.test, limits=limits)
     # The secret is no column of the row: it joins the key's fields, read from the row just above.
     return CreatedKey.model_construct(**dict(describe(key)), key=secret)
 
@@ -141,7 +141,7 @@ async def create_key(services: ServicesDep, body: NewKey = NO_BODY) -> CreatedKe
 @router.get("/keys")
 async def list_keys(services: ServicesDep) -> KeyList:
     async with services.sessions() as session:
-        return KeyList(data=[describe(key) for key in await db.list_keys(session)])
+        return KeyList(data=[describe(key) for key in await queries.list_keys(session)])
 
 
 @router.get("/keys/{key_id}")
@@ -154,7 +154,9 @@ async def retrieve_key(key_id: str, services: ServicesDep) -> Key:
 async def update_key(key_id: str, services: ServicesDep, body: Limits = NO_CHANGE) -> Key:
     async with services.sessions() as session:
         key = await find(session, key_id)
-        key = await db.update_limits(session, key, db.chosen_limits(body.model_dump(include=body.model_fields_set)))
+        key = await queries.update_limits(
+            session, key, queries.chosen_limits(body.model_dump(include=body.model_fields_set))
+        )
     return changed(key, services)
 
 
@@ -162,7 +164,7 @@ async def update_key(key_id: str, services: ServicesDep, body: Limits = NO_CHANG
 @router.delete("/keys/{key_id}")
 async def revoke_key(key_id: str, services: ServicesDep) -> Key:
     async with services.sessions() as session:
-        key = await db.revoke_key(session, key_id=key_id)
+        key = await queries.revoke_key(session, key_id=key_id)
     if key is None:
         raise not_found(key_id)
     return changed(key, services)
@@ -185,16 +187,16 @@ async def list_deliveries(services: ServicesDep, limit: int = 50, status: str | 
     """The newest webhook deliveries first, and how each went."""
     if not 1 <= limit <= 1000:
         raise InvalidRequest(f"limit must be between 1 and 1000; got {limit}.", param="limit")
-    query = select(db.WebhookDelivery).order_by(db.WebhookDelivery.id.desc()).limit(limit)
+    query = select(tables.WebhookDelivery).order_by(tables.WebhookDelivery.id.desc()).limit(limit)
     if status is not None:
-        query = query.where(db.WebhookDelivery.status == status)
+        query = query.where(tables.WebhookDelivery.status == status)
     async with services.sessions() as session:
         found = list(await session.scalars(query))
     return DeliveryList(data=[Delivery.model_validate(row, from_attributes=True) for row in found])
 
 
-async def find(session: AsyncSession, key_id: str) -> db.ApiKey:
-    key = await db.find_key_by(session, key_id=key_id)
+async def find(session: AsyncSession, key_id: str) -> tables.ApiKey:
+    key = await queries.find_key_by(session, key_id=key_id)
     if key is None:
         raise not_found(key_id)
     return key
@@ -204,11 +206,11 @@ def not_found(key_id: str) -> NotFound:
     return NotFound(f"No API key with id '{key_id}'.", param="key_id")
 
 
-def changed(key: db.ApiKey, services: Services) -> Key:
+def changed(key: tables.ApiKey, services: Services) -> Key:
     # Other nodes see the change when their cached copy expires (within a second).
     services.keys.forget(key.digest)
     return describe(key)
 
 
-def describe(key: db.ApiKey) -> Key:
+def describe(key: tables.ApiKey) -> Key:
     return Key.model_validate(key, from_attributes=True)

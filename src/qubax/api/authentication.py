@@ -11,7 +11,7 @@ from starlette.types import Scope
 
 from qubax.api.bodies import UploadRoute
 from qubax.errors import AuthenticationError
-from qubax.records import api_keys, db
+from qubax.records import api_keys, queries, tables
 from qubax.server.services import Services
 
 
@@ -19,8 +19,8 @@ class ApiKeyAuth(HTTPBearer):
     """The bearer scheme, as a FastAPI security dependency that also checks the key: the schema shows
     bearer auth, and a request costs one dependency (each one costs FastAPI measurable work)."""
 
-    async def __call__(self, request: Request) -> db.KeyRecord:  # type: ignore[override]
-        known: db.KeyRecord | None = request.scope.get(KEY_SCOPE)  # authenticated before the body was read
+    async def __call__(self, request: Request) -> tables.KeyRecord:  # type: ignore[override]
+        known: tables.KeyRecord | None = request.scope.get(KEY_SCOPE)  # authenticated before the body was read
         if known is not None:
             return known
         header = request.headers.get("authorization", "")
@@ -40,15 +40,15 @@ class ApiKeyAuth(HTTPBearer):
         return await authenticate(request.app.state.services, token)
 
 
-async def authenticate(services: Services, token: str) -> db.KeyRecord:
+async def authenticate(services: Services, token: str) -> tables.KeyRecord:
     if not api_keys.looks_like_key(token):
         raise incorrect_key(token)
     digest = api_keys.digest_key(token)
 
-    async def find() -> db.KeyRecord | None:
+    async def find() -> tables.KeyRecord | None:
         async with services.sessions() as session:
-            row = await db.find_key(session, digest)
-            return None if row is None else db.key_record(row)
+            row = await queries.find_key(session, digest)
+            return None if row is None else tables.key_record(row)
 
     key = await services.keys.fetch(digest, find)
     # Found by its digest, so the stored digest is this one; compared again in constant time all the same.
@@ -65,7 +65,7 @@ def incorrect_key(token: str) -> AuthenticationError:
 
 KEY_SCOPE = "qubax.key"
 api_key = ApiKeyAuth(scheme_name="HTTPBearer", description="A Qubax API key, `qbx_live_…` or `qbx_test_…`.")
-CurrentKey = Annotated[db.KeyRecord, Depends(api_key)]
+CurrentKey = Annotated[tables.KeyRecord, Depends(api_key)]
 
 
 class AuthenticatedUploadRoute(UploadRoute):

@@ -8,7 +8,7 @@ from qubax.api.bodies import LimitedRoute
 from qubax.background import jobs
 from qubax.errors import InvalidRequest
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest, ImageJob, ImageJobList, error_responses
-from qubax.records import db
+from qubax.records import tables
 from qubax.server.services import Services, ServicesDep
 
 JOBS_PATH = jobs.JOBS_PATH
@@ -67,7 +67,7 @@ async def cancel_job(job_id: str, request: Request, key: CurrentKey, services: S
     return await job_answer(request, await jobs.cancel(services, key, job_id))
 
 
-async def job_answer(request: Request, job: db.ImageJob) -> Response:
+async def job_answer(request: Request, job: tables.ImageJob) -> Response:
     services: Services = request.app.state.services
     return json_response(jobs.render(await jobs.describe(services, job, public_url(request))))
 

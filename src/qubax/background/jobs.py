@@ -2,7 +2,7 @@
 at once, answered `202` with a job, and made later by any node's runner (`runner`).
 
 A job holds, from submission until it ends, the images and the money it may cost against its key's
-daily and monthly limits (`db.charged` counts them), so a burst of jobs cannot overspend. Jobs are
+daily and monthly limits (`queries.charged` counts them), so a burst of jobs cannot overspend. Jobs are
 visible to the key that made them only: to any other they do not exist.
 """
 
@@ -30,7 +30,7 @@ from qubax.protocol import (
     ImageJobList,
     ImagesResponse,
 )
-from qubax.records import db
+from qubax.records import queries, tables
 from qubax.records.storage import Storage, relink
 from qubax.routing.request import ImageRequest
 from qubax.server.services import Services
@@ -39,7 +39,7 @@ logger = logging.getLogger("qubax")
 JOBS_PATH = "/v1/images/jobs"
 PREFER_ASYNC = re.compile(r"(?:^|,)\s*respond-async\s*(?:[,;]|$)", re.IGNORECASE)
 ENDED = ("succeeded", "failed", "cancelled")
-STATUSES = (*db.PENDING, *ENDED)
+STATUSES = (*queries.PENDING, *ENDED)
 MAX_PAGE = 100
 CANCEL_WAIT_SECONDS = 10.0  # how long a cancel waits for the running job to stop, before answering
 CANCELLED = Error(message="The job was cancelled.", type="invalid_request_error", param=None, code="cancelled")
@@ -50,12 +50,12 @@ def wants_async(prefer: str | None) -> bool:
     return prefer is not None and PREFER_ASYNC.search(prefer) is not None
 
 
-async def submit(work: Work, services: Services) -> db.ImageJob:
+async def submit(work: Work, services: Services) -> tables.ImageJob:
     """Queue a checked request as a job, once the key's limits admit it (they count it from now)."""
     key, request = work.key, work.request
     webhook_url = await webhook_target(services, key, work.body.webhook_url if work.body is not None else None)
-    job = db.ImageJob(
-        id=db.new_id("job"),
+    job = tables.ImageJob(
+        id=tables.new_id("job"),
         key_id=key.id,
         endpoint=work.endpoint,
         model=request.model.id,
@@ -65,7 +65,7 @@ async def submit(work: Work, services: Services) -> db.ImageJob:
         reserved_images=request.n,
         reserved_micros=request.cost_micros(request.n, key.test),
         cancel_requested=False,
-        created_at=db.now(),
+        created_at=tables.now(),
         webhook_url=webhook_url,
     )
     # The limits count the job while they admit it; its row holds its reservation once it is written.
@@ -84,16 +84,16 @@ async def submit(work: Work, services: Services) -> db.ImageJob:
     return job
 
 
-async def keep_inputs(storage: Storage, request: ImageRequest, job_id: str) -> list[db.JobInput]:
+async def keep_inputs(storage: Storage, request: ImageRequest, job_id: str) -> list[tables.JobInput]:
     """An edit's files, as checked, copied into the image storage (the job may run on another node),
     and the rows that name them."""
     files = [("image", image) for image in request.images] + ([("mask", request.mask)] if request.mask else [])
-    rows: list[db.JobInput] = []
+    rows: list[tables.JobInput] = []
     try:
         for position, (field, image) in enumerate(files):
             stored = await storage.put_file(image.rewind(), image.format, job_id)
             rows.append(
-                db.JobInput(job_id=job_id, position=position, field=field, filename=image.filename, stored=stored)
+                tables.JobInput(job_id=job_id, position=position, field=field, filename=image.filename, stored=stored)
             )
     except BaseException:
         await asyncio.shield(drop_files(storage, [row.stored for row in rows]))
@@ -109,11 +109,11 @@ async def drop_files(storage: Storage, names: list[str]) -> None:
         logger.warning("could not delete a job's uploaded files %s: %s", names, exc)
 
 
-async def webhook_target(services: Services, key: db.KeyRecord, asked: str | None) -> str | None:
+async def webhook_target(services: Services, key: tables.KeyRecord, asked: str | None) -> str | None:
     """Where the job will report: the URL it names, or else its key's default; checked, and only for a
     key with a signing secret (its receiver could not tell our webhooks from forgeries otherwise)."""
     async with services.sessions() as session:
-        row = await session.get(db.ApiKey, key.id)
+        row = await session.get(tables.ApiKey, key.id)
     url = asked or (row.webhook_url if row is not None else None)
     if url is None:
         return None
@@ -128,7 +128,7 @@ async def webhook_target(services: Services, key: db.KeyRecord, asked: str | Non
 
 
 @contextlib.asynccontextmanager
-async def rebuilt(services: Services, job: db.ImageJob) -> AsyncIterator[ImageRequest]:
+async def rebuilt(services: Services, job: tables.ImageJob) -> AsyncIterator[ImageRequest]:
     """The job's request as it was sent, checked again (the catalog may have changed since); an edit's
     files open from the image storage while it is used."""
     fields = orjson.loads(job.fields)
@@ -136,7 +136,7 @@ async def rebuilt(services: Services, job: db.ImageJob) -> AsyncIterator[ImageRe
         yield services.catalog.check(ImageGenerateRequest.model_validate(fields))
         return
     async with services.sessions() as session:
-        query = select(db.JobInput).where(db.JobInput.job_id == job.id).order_by(db.JobInput.position)
+        query = select(tables.JobInput).where(tables.JobInput.job_id == job.id).order_by(tables.JobInput.position)
         inputs = list(await session.scalars(query))
     with contextlib.ExitStack() as files:
         uploads = []
@@ -151,9 +151,9 @@ async def rebuilt(services: Services, job: db.ImageJob) -> AsyncIterator[ImageRe
         yield await check_edit(ImageEditRequest.model_validate(fields | {"image": images, "mask": mask}), services)
 
 
-async def find(services: Services, key: db.KeyRecord, job_id: str) -> db.ImageJob:
+async def find(services: Services, key: tables.KeyRecord, job_id: str) -> tables.ImageJob:
     async with services.sessions() as session:
-        job = await session.get(db.ImageJob, job_id)
+        job = await session.get(tables.ImageJob, job_id)
     if job is None or job.key_id != key.id:
         raise no_such_job(job_id)
     return job
@@ -163,39 +163,41 @@ def no_such_job(job_id: str) -> NotFound:
     return NotFound(f"No job found with id '{job_id}'.", param="job_id")
 
 
-async def page(services: Services, key: db.KeyRecord, limit: int, after: str | None) -> tuple[list[db.ImageJob], bool]:
+async def page(
+    services: Services, key: tables.KeyRecord, limit: int, after: str | None
+) -> tuple[list[tables.ImageJob], bool]:
     """The key's jobs newest first, from the one after `after`, and whether more follow."""
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}; got {limit}.", param="limit")
-    query = select(db.ImageJob).where(db.ImageJob.key_id == key.id)
+    query = select(tables.ImageJob).where(tables.ImageJob.key_id == key.id)
     if after is not None:
-        query = query.where(db.ImageJob.id < after)
+        query = query.where(tables.ImageJob.id < after)
     async with services.sessions() as session:
-        jobs = list(await session.scalars(query.order_by(db.ImageJob.id.desc()).limit(limit + 1)))
+        jobs = list(await session.scalars(query.order_by(tables.ImageJob.id.desc()).limit(limit + 1)))
     return jobs[:limit], len(jobs) > limit
 
 
-async def cancel(services: Services, key: db.KeyRecord, job_id: str) -> db.ImageJob:
+async def cancel(services: Services, key: tables.KeyRecord, job_id: str) -> tables.ImageJob:
     if (await find(services, key, job_id)).status == "queued":
         services.metrics.jobs.inc(("cancelled",))  # no runner ends it
     return await stop(services.sessions, job_id, services.storage)
 
 
-async def stop(sessions: async_sessionmaker[AsyncSession], job_id: str, storage: Storage) -> db.ImageJob:
+async def stop(sessions: async_sessionmaker[AsyncSession], job_id: str, storage: Storage) -> tables.ImageJob:
     """Cancel a job: at once if it is still queued; if it runs, its runner (on any node) stops it, and
     the upstream work it owns, within a second or so, which this waits for. An ended job stays as it
     ended. Raises `NotFound` for no such job."""
     async with sessions() as session:
         files = await close(session, job_id, "cancelled", error=CANCELLED.model_dump_json(), was="queued")
         if files is None:
-            running = (db.ImageJob.id == job_id) & (db.ImageJob.status == "in_progress")
-            await session.execute(update(db.ImageJob).where(running).values(cancel_requested=True))
+            running = (tables.ImageJob.id == job_id) & (tables.ImageJob.status == "in_progress")
+            await session.execute(update(tables.ImageJob).where(running).values(cancel_requested=True))
         await session.commit()
     await drop_files(storage, files or [])
     deadline = time.monotonic() + CANCEL_WAIT_SECONDS
     while True:
         async with sessions() as session:
-            job = await session.get(db.ImageJob, job_id)
+            job = await session.get(tables.ImageJob, job_id)
         if job is None:
             raise no_such_job(job_id)
         if job.status in ENDED or time.monotonic() > deadline:
@@ -216,29 +218,29 @@ async def close(
     dropped, its webhook (if it has one) queued. Returns the names of its stored files, for the caller
     to `drop_files` once it committed; None when the job was not `was` (it ended already)."""
     ended = await session.execute(
-        update(db.ImageJob)
-        .where(db.ImageJob.id == job_id, db.ImageJob.status == was)
-        .values(status=status, result=result, error=error, completed_at=db.now(), heartbeat_at=None)
-        .returning(db.ImageJob.key_id, db.ImageJob.webhook_url)
+        update(tables.ImageJob)
+        .where(tables.ImageJob.id == job_id, tables.ImageJob.status == was)
+        .values(status=status, result=result, error=error, completed_at=tables.now(), heartbeat_at=None)
+        .returning(tables.ImageJob.key_id, tables.ImageJob.webhook_url)
     )
     row = ended.one_or_none()
     if row is None:
         return None
     dropped = await session.scalars(
-        delete(db.JobInput).where(db.JobInput.job_id == job_id).returning(db.JobInput.stored)
+        delete(tables.JobInput).where(tables.JobInput.job_id == job_id).returning(tables.JobInput.stored)
     )
     files = list(dropped)
     if row.webhook_url:
-        now = db.now()
-        delivery = db.WebhookDelivery(
-            id=db.new_id("msg"), job_id=job_id, key_id=row.key_id, url=row.webhook_url, status="pending",
+        now = tables.now()
+        delivery = tables.WebhookDelivery(
+            id=tables.new_id("msg"), job_id=job_id, key_id=row.key_id, url=row.webhook_url, status="pending",
             attempts=0, created_at=now, next_attempt_at=now,
         )  # fmt: skip
         session.add(delivery)
     return files
 
 
-async def describe(services: Services, job: db.ImageJob, public_url: str) -> ImageJob:
+async def describe(services: Services, job: tables.ImageJob, public_url: str) -> ImageJob:
     """The job as its key sees it; links in its result signed anew (the first ones may have expired)."""
     result = None
     if job.result is not None:
@@ -248,8 +250,8 @@ async def describe(services: Services, job: db.ImageJob, public_url: str) -> Ima
     return ImageJob(
         id=job.id,
         status=job.status,
-        created_at=db.unix(job.created_at),
-        completed_at=None if job.completed_at is None else db.unix(job.completed_at),
+        created_at=tables.unix(job.created_at),
+        completed_at=None if job.completed_at is None else tables.unix(job.completed_at),
         model=job.model,
         result=result,
         error=None if job.error is None else Error.model_validate_json(job.error),
@@ -269,7 +271,7 @@ def shown(job: ImageJob) -> dict[str, object]:
     return body
 
 
-async def render_page(services: Services, jobs: Sequence[db.ImageJob], more: bool, public_url: str) -> bytes:
+async def render_page(services: Services, jobs: Sequence[tables.ImageJob], more: bool, public_url: str) -> bytes:
     data = [await describe(services, job, public_url) for job in jobs]
     page = ImageJobList(
         data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=more

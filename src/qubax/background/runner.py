@@ -20,11 +20,11 @@ from qubax.background import jobs, loops
 from qubax.errors import AuthenticationError, DatabaseUnavailable, QubaxError
 from qubax.pipeline import generation
 from qubax.pipeline.work import Work
-from qubax.records import db, journal
+from qubax.records import journal, queries, tables
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")
-RUNNING = db.ImageJob.status == "in_progress"
+RUNNING = tables.ImageJob.status == "in_progress"
 
 
 async def run_forever(services: Services) -> None:
@@ -40,15 +40,15 @@ async def run_forever(services: Services) -> None:
 
 async def take(services: Services) -> str | None:
     """The oldest job that is queued or abandoned, now this node's; None when there is none to take."""
-    silent = db.now() - timedelta(seconds=services.settings.takeover_seconds)
-    takeable = (db.ImageJob.status == "queued") | (RUNNING & (db.ImageJob.heartbeat_at < silent))
-    candidates = select(db.ImageJob.id).where(takeable).order_by(db.ImageJob.id)
+    silent = tables.now() - timedelta(seconds=services.settings.takeover_seconds)
+    takeable = (tables.ImageJob.status == "queued") | (RUNNING & (tables.ImageJob.heartbeat_at < silent))
+    candidates = select(tables.ImageJob.id).where(takeable).order_by(tables.ImageJob.id)
 
     def take_one(job_id: str) -> Update:
         return (
-            update(db.ImageJob)
-            .where(db.ImageJob.id == job_id, takeable)
-            .values(status="in_progress", heartbeat_at=db.now())
+            update(tables.ImageJob)
+            .where(tables.ImageJob.id == job_id, takeable)
+            .values(status="in_progress", heartbeat_at=tables.now())
         )
 
     return await loops.claim(services.sessions, candidates, take_one)
@@ -80,11 +80,11 @@ async def run(services: Services, job_id: str) -> None:
 async def make(services: Services, job_id: str) -> bytes:
     """The job's ImagesResponse (JSON), made as the request would have been, its upstream tasks journaled."""
     async with services.sessions() as session:
-        job = await session.get(db.ImageJob, job_id)
-        row = None if job is None else await db.find_key_by(session, key_id=job.key_id)
+        job = await session.get(tables.ImageJob, job_id)
+        row = None if job is None else await queries.find_key_by(session, key_id=job.key_id)
     if job is None or row is None:
         raise QubaxError(f"The job {job_id} is gone.")
-    key = db.key_record(row)
+    key = tables.key_record(row)
     if key.revoked_at is not None:
         raise AuthenticationError("The API key that made this job has been revoked.")
     async with (
@@ -99,7 +99,7 @@ async def make(services: Services, job_id: str) -> bytes:
 
 
 def usage_id(job_id: str) -> str:
-    """The id of the job's usage record: the same for every node that makes the job (`db.new_id`'s form)."""
+    """The id of the job's usage record: the same for every node that makes the job (`tables.new_id`'s form)."""
     return "gen_" + job_id.removeprefix("job_")
 
 
@@ -111,10 +111,10 @@ async def watch(services: Services, job_id: str, work: "asyncio.Task[bytes]") ->
         try:
             async with services.sessions() as session:
                 cancel = await session.scalar(
-                    update(db.ImageJob)
-                    .where(db.ImageJob.id == job_id, RUNNING)
-                    .values(heartbeat_at=db.now())
-                    .returning(db.ImageJob.cancel_requested)
+                    update(tables.ImageJob)
+                    .where(tables.ImageJob.id == job_id, RUNNING)
+                    .values(heartbeat_at=tables.now())
+                    .returning(tables.ImageJob.cancel_requested)
                 )
                 await session.commit()
         except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:
@@ -143,6 +143,8 @@ async def requeue(services: Services, job_id: str) -> None:
     await journal.forget(services.sessions, journal.job_owner(job_id))
     async with services.sessions() as session:
         await session.execute(
-            update(db.ImageJob).where(db.ImageJob.id == job_id, RUNNING).values(status="queued", heartbeat_at=None)
+            update(tables.ImageJob)
+            .where(tables.ImageJob.id == job_id, RUNNING)
+            .values(status="queued", heartbeat_at=None)
         )
         await session.commit()

@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 from qubax.errors import InvalidRequest
-from qubax.records import db
+from qubax.records import tables
 from qubax.server.settings import host_patterns
 
 
@@ -114,7 +114,7 @@ class PublicResolver(AbstractResolver):
         await self.resolver.close()
 
 
-def configure(key: db.ApiKey, url: str | None, rotate: bool) -> str | None:
+def configure(key: tables.ApiKey, url: str | None, rotate: bool) -> str | None:
     """Set a key's default target (None: none) and, when asked or when it has none yet, a new signing
     secret: returned to be shown once; None when the secret did not change."""
     key.webhook_url = url

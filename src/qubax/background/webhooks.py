@@ -22,7 +22,7 @@ from standardwebhooks import Webhook
 
 from qubax.background import jobs, loops
 from qubax.background.webhook_targets import PublicResolver, check_literal
-from qubax.records import db
+from qubax.records import tables
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")
@@ -51,20 +51,24 @@ async def open_client(services: Services) -> AsyncIterator[aiohttp.ClientSession
         yield http
 
 
-async def take(services: Services) -> db.WebhookDelivery | None:
+async def take(services: Services) -> tables.WebhookDelivery | None:
     """The most overdue delivery, now this node's for the length of one try."""
-    now = db.now()
-    due = (db.WebhookDelivery.status == "pending") & (db.WebhookDelivery.next_attempt_at <= now)
-    candidates = select(db.WebhookDelivery).where(due).order_by(db.WebhookDelivery.next_attempt_at)
+    now = tables.now()
+    due = (tables.WebhookDelivery.status == "pending") & (tables.WebhookDelivery.next_attempt_at <= now)
+    candidates = select(tables.WebhookDelivery).where(due).order_by(tables.WebhookDelivery.next_attempt_at)
     lease = now + timedelta(seconds=services.settings.webhook_timeout_seconds + 30)
 
-    def take_one(delivery: db.WebhookDelivery) -> Update:
-        return update(db.WebhookDelivery).where(db.WebhookDelivery.id == delivery.id, due).values(next_attempt_at=lease)
+    def take_one(delivery: tables.WebhookDelivery) -> Update:
+        return (
+            update(tables.WebhookDelivery)
+            .where(tables.WebhookDelivery.id == delivery.id, due)
+            .values(next_attempt_at=lease)
+        )
 
     return await loops.claim(services.sessions, candidates, take_one)
 
 
-async def attempt(services: Services, http: aiohttp.ClientSession, delivery: db.WebhookDelivery) -> None:
+async def attempt(services: Services, http: aiohttp.ClientSession, delivery: tables.WebhookDelivery) -> None:
     """One try of one delivery, and what came of it."""
     status, error = None, None
     try:
@@ -79,15 +83,15 @@ async def attempt(services: Services, http: aiohttp.ClientSession, delivery: db.
     pause = pauses[min(tries, len(pauses)) - 1]
     async with services.sessions() as session:
         await session.execute(
-            update(db.WebhookDelivery)
-            .where(db.WebhookDelivery.id == delivery.id)
+            update(tables.WebhookDelivery)
+            .where(tables.WebhookDelivery.id == delivery.id)
             .values(
                 status=outcome,
                 attempts=tries,
                 last_status=status,
                 last_error=error,
-                next_attempt_at=db.now() + timedelta(seconds=pause),
-                delivered_at=db.now() if error is None else None,
+                next_attempt_at=tables.now() + timedelta(seconds=pause),
+                delivered_at=tables.now() if error is None else None,
             )
         )
         await session.commit()
@@ -95,12 +99,12 @@ async def attempt(services: Services, http: aiohttp.ClientSession, delivery: db.
     logger.info("webhook %s for job %s: try %d, %s", delivery.id, delivery.job_id, tries, error or "delivered")
 
 
-async def send(services: Services, http: aiohttp.ClientSession, delivery: db.WebhookDelivery) -> int:
+async def send(services: Services, http: aiohttp.ClientSession, delivery: tables.WebhookDelivery) -> int:
     """POST the job's end to its target; returns the target's HTTP status."""
     check_literal(urlsplit(delivery.url).hostname or "", services.settings.webhook_allowed_hosts)
     async with services.sessions() as session:
-        job = await session.get(db.ImageJob, delivery.job_id)
-        key = await session.get(db.ApiKey, delivery.key_id)
+        job = await session.get(tables.ImageJob, delivery.job_id)
+        key = await session.get(tables.ApiKey, delivery.key_id)
     if job is None or key is None or not key.webhook_secret:
         raise ValueError("the job, its key or the key's webhook secret is gone")
     described = jobs.shown(await jobs.describe(services, job, job.public_url))

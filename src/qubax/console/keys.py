@@ -13,7 +13,7 @@ from qubax.console import sessions
 from qubax.console.sessions import ActionSession, PageSession
 from qubax.console.web import page, router
 from qubax.errors import AuthenticationError, Forbidden, InvalidRequest
-from qubax.records import db
+from qubax.records import queries, tables
 from qubax.server.services import Services, ServicesDep
 
 LIMIT_FIELDS = {  # the form's fields, and what the form calls them
@@ -59,15 +59,15 @@ async def keys_page(request: Request, console: PageSession, services: ServicesDe
 
 async def show_keys(
     request: Request,
-    console: db.ConsoleSession,
+    console: tables.ConsoleSession,
     services: Services,
-    created: tuple[db.ApiKey, str] | None = None,
+    created: tuple[tables.ApiKey, str] | None = None,
     error: str = "",
 ) -> Response:
     month = datetime.now(UTC).date().replace(day=1)
     async with services.sessions() as session:
-        keys = await db.list_keys(session)
-        spent = {row.key_id: row.cost_micros for row in await db.usage(session, ("key",), month)}
+        keys = await queries.list_keys(session)
+        spent = {row.key_id: row.cost_micros for row in await queries.usage(session, ("key",), month)}
     answer = page(request, "keys.html", console, title="Keys", keys=keys, spent=spent, created=created, error=error)
     answer.status_code = 400 if error else 200
     return answer
@@ -86,7 +86,7 @@ async def create_key(
     except InvalidRequest as exc:
         return await show_keys(request, console, services, error=exc.message)
     async with services.sessions() as session:
-        key, secret = await db.create_key(session, name=name, test=kind != "live", limits=limits)
+        key, secret = await queries.create_key(session, name=name, test=kind != "live", limits=limits)
     return await show_keys(request, console, services, created=(key, secret))
 
 
@@ -96,7 +96,7 @@ async def key_page(key_id: str, request: Request, console: PageSession, services
 
 
 async def show_key(
-    request: Request, console: db.ConsoleSession, services: Services, key_id: str, error: str = ""
+    request: Request, console: tables.ConsoleSession, services: Services, key_id: str, error: str = ""
 ) -> Response:
     async with services.sessions() as session:
         key = await find(session, key_id)
@@ -112,7 +112,7 @@ async def set_limits(key_id: str, request: Request, console: ActionSession, serv
     except InvalidRequest as exc:
         return await show_key(request, console, services, key_id, error=exc.message)
     async with services.sessions() as session:
-        key = await db.update_limits(session, await find(session, key_id), limits)
+        key = await queries.update_limits(session, await find(session, key_id), limits)
     services.keys.forget(key.digest)
     return RedirectResponse(f"{request.scope.get('root_path', '')}/console/keys/{key.id}", status_code=303)
 
@@ -120,7 +120,7 @@ async def set_limits(key_id: str, request: Request, console: ActionSession, serv
 @router.post("/keys/{key_id}/revoke")
 async def revoke(key_id: str, request: Request, console: ActionSession, services: ServicesDep) -> Response:
     async with services.sessions() as session:
-        key = await db.revoke_key(session, key_id=key_id)
+        key = await queries.revoke_key(session, key_id=key_id)
     if key is None:
         raise not_found(key_id)
     services.keys.forget(key.digest)
@@ -136,8 +136,8 @@ def limits_from(form: FormData) -> dict[str, int | None]:
             value = float(text) if text else None
         except ValueError:
             raise InvalidRequest(f"{label} must be a number; got {text!r}.", param=name) from None
-        most = db.MAX_BUDGET_USD if name.endswith("usd") else db.MAX_LIMIT
+        most = queries.MAX_BUDGET_USD if name.endswith("usd") else queries.MAX_LIMIT
         if value is not None and not 0 <= value <= most:
             raise InvalidRequest(f"{label} must be between 0 and {most:,.0f}.", param=name)
         options[name] = value if name.endswith("usd") or value is None else int(value)
-    return db.chosen_limits(options)
+    return queries.chosen_limits(options)

@@ -12,7 +12,7 @@ from qubax.console.charts import stacked_bars
 from qubax.console.sessions import PageSession
 from qubax.console.web import page, router, usd
 from qubax.providers.registry import PROVIDERS
-from qubax.records import db
+from qubax.records import queries, tables
 from qubax.server.services import Services, ServicesDep
 
 DAYS = 30
@@ -26,7 +26,7 @@ class Totals:
     cost_micros: int = 0
     errors: int = 0
 
-    def add(self, row: db.UsageRow) -> None:
+    def add(self, row: queries.UsageRow) -> None:
         self.requests += row.requests
         self.images += row.images
         self.cost_micros += row.cost_micros
@@ -54,7 +54,7 @@ async def overview(request: Request, console: PageSession, services: ServicesDep
     today = datetime.now(UTC).date()
     days = [today - timedelta(days=DAYS - 1 - i) for i in range(DAYS)]
     async with services.sessions() as session:
-        rows = await db.usage(session, ("day", "model"), days[0], today)
+        rows = await queries.usage(session, ("day", "model"), days[0], today)
     day_totals, month_totals = Totals(), Totals()
     images: dict[str, list[float]] = {}
     spend: dict[str, list[float]] = {}
@@ -65,7 +65,7 @@ async def overview(request: Request, console: PageSession, services: ServicesDep
             day_totals.add(row)
         index = days.index(row.day)
         images.setdefault(row.model, [0.0] * DAYS)[index] += row.images
-        spend.setdefault(row.model, [0.0] * DAYS)[index] += db.to_usd(row.cost_micros)
+        spend.setdefault(row.model, [0.0] * DAYS)[index] += queries.to_usd(row.cost_micros)
     return page(
         request,
         "overview.html",
@@ -82,11 +82,11 @@ async def overview(request: Request, console: PageSession, services: ServicesDep
 
 async def latencies(services: Services) -> list[tuple[str, int, int, int, int]]:
     """Per route, over the last day's successful generations: how many, and p50, p95, p99 in ms."""
-    since = db.now() - timedelta(days=1)
+    since = tables.now() - timedelta(days=1)
     query = (
-        select(db.Generation.upstream, db.Generation.latency_ms)
-        .where(db.Generation.created_at >= since, db.Generation.outcome == "ok")
-        .order_by(db.Generation.created_at.desc())
+        select(tables.Generation.upstream, tables.Generation.latency_ms)
+        .where(tables.Generation.created_at >= since, tables.Generation.outcome == "ok")
+        .order_by(tables.Generation.created_at.desc())
         .limit(LATENCY_SAMPLES)
     )
     by_route: dict[str, list[int]] = {}
@@ -102,11 +102,11 @@ async def latencies(services: Services) -> list[tuple[str, int, int, int, int]]:
 
 async def route_states(services: Services) -> list[RouteState]:
     """Every route of every model: configured or what to set, its breaker, its failures this last hour."""
-    since = db.now() - timedelta(hours=1)
+    since = tables.now() - timedelta(hours=1)
     query = (
-        select(db.Attempt.upstream, db.Attempt.upstream_model, db.Attempt.error)
-        .where(db.Attempt.created_at >= since, db.Attempt.outcome != "ok")
-        .order_by(db.Attempt.id)
+        select(tables.Attempt.upstream, tables.Attempt.upstream_model, tables.Attempt.error)
+        .where(tables.Attempt.created_at >= since, tables.Attempt.outcome != "ok")
+        .order_by(tables.Attempt.id)
     )
     failures: dict[tuple[str, str], list[str]] = {}
     async with services.sessions() as session:

@@ -21,7 +21,7 @@ from qubax.errors import NotFound, QubaxError
 from qubax.pipeline import delivery, parsing
 from qubax.pipeline.work import Work
 from qubax.protocol import ImageEditRequest, ImageGenerateRequest
-from qubax.records import db
+from qubax.records import queries, tables
 from qubax.routing.request import ImageRequest
 from qubax.server.services import Services, ServicesDep
 
@@ -84,7 +84,7 @@ async def make_streamed(console: ActionSession, services: ServicesDep, asked: An
     """The same, as OpenAI's streamed events, then a `qubax.summary` event: route, seconds, cost."""
     key = await key_record(services, asked.key_id)
     checked = await check(services, asked, True)
-    started, since = time.monotonic(), db.now()
+    started, since = time.monotonic(), tables.now()
     answer = await delivery.run(Work(request=checked, key=key, delivery="stream"), services)
     assert answer.events is not None  # a stream's
     return EventSourceResponse(
@@ -106,7 +106,7 @@ async def check(services: Services, asked: Asked, stream: bool) -> ImageRequest:
 async def summarised(
     events: AsyncIterator[bytes],
     services: Services,
-    key: db.KeyRecord,
+    key: tables.KeyRecord,
     request: ImageRequest,
     started: float,
     since: datetime,
@@ -115,11 +115,13 @@ async def summarised(
     async for event in events:
         yield event
     query = (
-        select(db.Generation)
+        select(tables.Generation)
         .where(
-            db.Generation.key_id == key.id, db.Generation.model == request.model.id, db.Generation.created_at >= since
+            tables.Generation.key_id == key.id,
+            tables.Generation.model == request.model.id,
+            tables.Generation.created_at >= since,
         )
-        .order_by(db.Generation.id.desc())
+        .order_by(tables.Generation.id.desc())
         .limit(1)
     )
     async with services.sessions() as session:
@@ -135,13 +137,13 @@ async def summarised(
 
 async def show(
     request: Request,
-    console: db.ConsoleSession,
+    console: tables.ConsoleSession,
     services: Services,
     asked: dict[str, str],
     **outcome: object,
 ) -> Response:
     async with services.sessions() as session:
-        keys = [key for key in await db.list_keys(session) if key.revoked_at is None]
+        keys = [key for key in await queries.list_keys(session) if key.revoked_at is None]
     keys.sort(key=lambda key: not key.test)  # test keys first: the default costs nothing
     models = services.catalog.models
     return page(
@@ -150,9 +152,9 @@ async def show(
     )  # fmt: skip
 
 
-async def key_record(services: Services, key_id: str) -> db.KeyRecord:
+async def key_record(services: Services, key_id: str) -> tables.KeyRecord:
     async with services.sessions() as session:
-        key = await db.find_key_by(session, key_id=key_id)
+        key = await queries.find_key_by(session, key_id=key_id)
     if key is None or key.revoked_at is not None:
         raise NotFound("Pick a key that exists and is not revoked.", param="key_id")
-    return db.key_record(key)
+    return tables.key_record(key)

@@ -13,7 +13,7 @@ from sqlalchemy import delete
 
 from qubax.api.admin_token import is_admin_token
 from qubax.errors import AuthenticationError, Forbidden
-from qubax.records import db
+from qubax.records import tables
 from qubax.records.api_keys import digest_key
 from qubax.server.services import Services
 
@@ -32,11 +32,11 @@ async def sign_in(services: Services, given: str, client: str) -> str:
     if not await is_admin_token(services, given, client):
         raise AuthenticationError("Sign-in failed.")
     token = secrets.token_urlsafe(32)
-    now = db.now()
+    now = tables.now()
     async with services.sessions() as session:
-        await session.execute(delete(db.ConsoleSession).where(db.ConsoleSession.expires_at < now))
+        await session.execute(delete(tables.ConsoleSession).where(tables.ConsoleSession.expires_at < now))
         session.add(
-            db.ConsoleSession(
+            tables.ConsoleSession(
                 digest=digest_key(token),
                 csrf_token=secrets.token_urlsafe(32),
                 created_at=now,
@@ -47,9 +47,9 @@ async def sign_in(services: Services, given: str, client: str) -> str:
     return token
 
 
-async def sign_out(services: Services, console: db.ConsoleSession) -> None:
+async def sign_out(services: Services, console: tables.ConsoleSession) -> None:
     async with services.sessions() as session:
-        await session.execute(delete(db.ConsoleSession).where(db.ConsoleSession.digest == console.digest))
+        await session.execute(delete(tables.ConsoleSession).where(tables.ConsoleSession.digest == console.digest))
         await session.commit()
 
 
@@ -69,19 +69,19 @@ def clear_cookie(response: Response, request: Request) -> None:
     response.delete_cookie(COOKIE, path=PATH, httponly=True, samesite="strict", secure=request.url.scheme == "https")
 
 
-async def find(request: Request) -> db.ConsoleSession | None:
+async def find(request: Request) -> tables.ConsoleSession | None:
     token = request.cookies.get(COOKIE)
     if not token:
         return None
     services: Services = request.app.state.services
     async with services.sessions() as session:
-        found = await session.get(db.ConsoleSession, digest_key(token))
-    if found is None or db.utc(found.expires_at) < db.now():
+        found = await session.get(tables.ConsoleSession, digest_key(token))
+    if found is None or tables.utc(found.expires_at) < tables.now():
         return None
     return found
 
 
-async def page_session(request: Request) -> db.ConsoleSession:
+async def page_session(request: Request) -> tables.ConsoleSession:
     """For pages: the session, or the way to the sign-in page."""
     found = await find(request)
     if found is None:
@@ -89,7 +89,7 @@ async def page_session(request: Request) -> db.ConsoleSession:
     return found
 
 
-async def signed_in(request: Request) -> db.ConsoleSession:
+async def signed_in(request: Request) -> tables.ConsoleSession:
     """For requests that change something, what their head alone shows (so an upload is read only
     after it): the session, from our own origin."""
     if not same_origin(request):
@@ -100,7 +100,7 @@ async def signed_in(request: Request) -> db.ConsoleSession:
     return found
 
 
-async def action_session(request: Request) -> db.ConsoleSession:
+async def action_session(request: Request) -> tables.ConsoleSession:
     """For requests that change something: the session, from our own origin, with its CSRF token."""
     found = await signed_in(request)
     form = await request.form()  # parsed once: the route's own Form fields read the same
@@ -119,5 +119,5 @@ def same_origin(request: Request) -> bool:
     return f"{parts.scheme}://{parts.netloc}" == f"{request.url.scheme}://{request.url.netloc}"
 
 
-PageSession = Annotated[db.ConsoleSession, Depends(page_session)]
-ActionSession = Annotated[db.ConsoleSession, Depends(action_session)]
+PageSession = Annotated[tables.ConsoleSession, Depends(page_session)]
+ActionSession = Annotated[tables.ConsoleSession, Depends(action_session)]

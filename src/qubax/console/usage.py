@@ -15,7 +15,7 @@ from qubax.console.charts import stacked_bars
 from qubax.console.sessions import PageSession
 from qubax.console.web import page, router
 from qubax.errors import InvalidRequest
-from qubax.records import db
+from qubax.records import queries, tables
 from qubax.server.services import Services, ServicesDep
 
 RECENT = 50
@@ -33,7 +33,7 @@ async def usage_page(
         error, (first, last) = exc.message, days("", "")
     rows = await usage_rows(services, key, model, first, last)
     async with services.sessions() as session:
-        keys = await db.list_keys(session)
+        keys = await queries.list_keys(session)
     chosen = {"key": key, "model": model, "since": first.isoformat(), "until": last.isoformat()}
     models = [model.id for model in services.catalog.models]
     shown = page(
@@ -44,7 +44,7 @@ async def usage_page(
     return shown
 
 
-def chart(rows: list[db.UsageRow], first: date, last: date) -> Markup | None:
+def chart(rows: list[queries.UsageRow], first: date, last: date) -> Markup | None:
     """Images per day, by model: for ranges of up to about three months (a longer one has no chart)."""
     if (last - first).days >= 92:
         return None
@@ -65,16 +65,18 @@ async def usage_csv(
     writer = csv.writer(out)
     writer.writerow(["day", "key_id", "key_name", "model", "requests", "images", "cost_usd", "errors"])
     for row in await usage_rows(services, key, model, first, last):
-        cost = f"{db.to_usd(row.cost_micros):.6f}"
+        cost = f"{queries.to_usd(row.cost_micros):.6f}"
         writer.writerow([row.day, row.key_id, row.key_name, row.model, row.requests, row.images, cost, row.errors])
     name = f"qubax-usage-{first}-{last}.csv"
     headers = {"content-disposition": f'attachment; filename="{name}"'}
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
 
 
-async def usage_rows(services: Services, key: str, model: str, first: date, last: date) -> list[db.UsageRow]:
+async def usage_rows(services: Services, key: str, model: str, first: date, last: date) -> list[queries.UsageRow]:
     async with services.sessions() as session:
-        return await db.usage(session, ("day", "key", "model"), first, last, key_id=key or None, model=model or None)
+        return await queries.usage(
+            session, ("day", "key", "model"), first, last, key_id=key or None, model=model or None
+        )
 
 
 def days(since: str, until: str) -> tuple[date, date]:
@@ -89,7 +91,7 @@ def days(since: str, until: str) -> tuple[date, date]:
 @router.get("/jobs")
 async def jobs_page(request: Request, console: PageSession, services: ServicesDep) -> Response:
     async with services.sessions() as session:
-        jobs = list(await session.scalars(select(db.ImageJob).order_by(db.ImageJob.id.desc()).limit(RECENT)))
-        query = select(db.WebhookDelivery).order_by(db.WebhookDelivery.id.desc()).limit(RECENT)
+        jobs = list(await session.scalars(select(tables.ImageJob).order_by(tables.ImageJob.id.desc()).limit(RECENT)))
+        query = select(tables.WebhookDelivery).order_by(tables.WebhookDelivery.id.desc()).limit(RECENT)
         deliveries = list(await session.scalars(query))
     return page(request, "jobs.html", console, title="Jobs and webhooks", jobs=jobs, deliveries=deliveries)

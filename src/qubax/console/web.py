@@ -11,7 +11,7 @@ from fastapi.routing import APIRouter
 from fastapi.templating import Jinja2Templates
 
 from qubax.api.bodies import LimitedRequest, LimitedRoute
-from qubax.records import db
+from qubax.records import queries, tables
 
 SECURITY_HEADERS = {
     "content-security-policy": (
@@ -51,7 +51,7 @@ class ConsoleRoute(LimitedRoute):
 router = APIRouter(prefix="/console", include_in_schema=False, route_class=ConsoleRoute)
 
 
-def page(request: Request, template: str, console: db.ConsoleSession | None, **context: Any) -> Response:
+def page(request: Request, template: str, console: tables.ConsoleSession | None, **context: Any) -> Response:
     """A page, with what its layout needs: where the console lives, and the CSRF token for its forms."""
     root = request.scope.get("root_path", "")
     csrf = console.csrf_token if console is not None else ""
@@ -68,4 +68,4 @@ def load_templates() -> Jinja2Templates:
 
 def usd(micros: int) -> str:
     """Money as people read it: cents, or a fraction of a cent for very small amounts."""
-    return f"${db.to_usd(micros):,.2f}" if micros >= 10_000 or micros == 0 else f"${db.to_usd(micros):.4f}"
+    return f"${queries.to_usd(micros):,.2f}" if micros >= 10_000 or micros == 0 else f"${queries.to_usd(micros):.4f}"

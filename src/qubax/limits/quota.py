@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax.errors import LimitsUnavailable, QuotaExceeded, RateLimited
 from qubax.limits.slots import Slots
-from qubax.records import db
+from qubax.records import queries, tables
 from qubax.routing.request import ImageRequest
 
 # Wrong admin tokens one address may send a minute: the token is long, but guessing should not be free.
@@ -66,14 +66,14 @@ class Quotas:
         except StorageError as exc:
             raise LimitsUnavailable(exc) from exc
 
-    def hold(self, key: db.KeyRecord, request: ImageRequest, concurrent: bool = True) -> "Hold":
+    def hold(self, key: tables.KeyRecord, request: ImageRequest, concurrent: bool = True) -> "Hold":
         """Admit one request, or raise a 429; the block gets the rate headers to send back. The request's
         concurrency slot (unless not `concurrent`: a job takes one when it runs) and its reservations are
         held until the block ends."""
         return Hold(self, key, request, concurrent)
 
     @contextlib.asynccontextmanager
-    async def running(self, key: db.KeyRecord) -> AsyncIterator[None]:
+    async def running(self, key: tables.KeyRecord) -> AsyncIterator[None]:
         """A job's share of its key's concurrent requests: unlike a request, it waits its turn."""
         if key.max_concurrent is None:
             yield
@@ -86,7 +86,7 @@ class Quotas:
         finally:
             await self.slots.give_back(*taken)
 
-    async def count_request(self, key: db.KeyRecord) -> dict[str, str]:
+    async def count_request(self, key: tables.KeyRecord) -> dict[str, str]:
         if key.rpm is None:
             return {}
         item = RateLimitItemPerMinute(key.rpm)
@@ -109,7 +109,7 @@ class Quotas:
             )
         return headers
 
-    async def check_ledger(self, key: db.KeyRecord, request: ImageRequest, held: contextlib.AsyncExitStack) -> None:
+    async def check_ledger(self, key: tables.KeyRecord, request: ImageRequest, held: contextlib.AsyncExitStack) -> None:
         """Images per day and monthly spend: what the ledger has recorded, plus what requests in flight
         have reserved. Reserving before reading the ledger means concurrent requests cannot overshoot
         a limit together; at worst, one that would just fit is refused while another finishes."""
@@ -122,7 +122,7 @@ class Quotas:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         month = day.replace(day=1)
         async with self.sessions() as session:
-            today, spent = await db.charged(session, key.id, day, month)
+            today, spent = await queries.charged(session, key.id, day, month)
         if key.images_per_day is not None and today + images_in_flight > key.images_per_day:
             others = images_in_flight - request.n
             raise RateLimited(
@@ -133,8 +133,8 @@ class Quotas:
         if key.monthly_budget_micros is not None and spent + cost_in_flight > key.monthly_budget_micros:
             next_month = (month + timedelta(days=32)).replace(day=1)
             raise QuotaExceeded(
-                f"You exceeded this key's monthly budget of ${db.to_usd(key.monthly_budget_micros):.2f} "
-                f"(spent ${db.to_usd(spent):.4f}).",
+                f"You exceeded this key's monthly budget of ${queries.to_usd(key.monthly_budget_micros):.2f} "
+                f"(spent ${queries.to_usd(spent):.4f}).",
                 retry_after=(next_month - now).total_seconds(),
             )
 
@@ -149,7 +149,7 @@ class Hold:
     """`Quotas.hold()`'s block. A class rather than `contextlib.asynccontextmanager`, whose generator
     machinery is measurably dearer on the hot path (bench/README.md)."""
 
-    def __init__(self, quotas: Quotas, key: db.KeyRecord, request: ImageRequest, concurrent: bool = True) -> None:
+    def __init__(self, quotas: Quotas, key: tables.KeyRecord, request: ImageRequest, concurrent: bool = True) -> None:
         self.quotas, self.key, self.request = quotas, key, request
         self.max_concurrent = key.max_concurrent if concurrent else None
         self.held: contextlib.AsyncExitStack | None = None  # only keys with limits beyond the rate hold anything

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
-from qubax.records import db, journal
+from qubax.records import journal, tables
 
 Sessions = async_sessionmaker[AsyncSession]
 LIFETIME = timedelta(hours=24)
@@ -19,12 +19,12 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 async def claim(sessions: Sessions, key_id: str, token: str, print_: str) -> bool:
     """Whether this request now owns the key (an expired claim is cleared first)."""
-    now = db.now()
+    now = tables.now()
     async with sessions() as session:
-        expired = row_of(key_id, token) & (db.IdempotentRequest.expires_at < now)
-        await session.execute(delete(db.IdempotentRequest).where(expired))
+        expired = row_of(key_id, token) & (tables.IdempotentRequest.expires_at < now)
+        await session.execute(delete(tables.IdempotentRequest).where(expired))
         session.add(
-            db.IdempotentRequest(
+            tables.IdempotentRequest(
                 key_id=key_id,
                 idempotency_key=token,
                 fingerprint=print_,
@@ -43,12 +43,12 @@ async def claim(sessions: Sessions, key_id: str, token: str, print_: str) -> boo
 
 def row_of(key_id: str, token: str) -> ColumnElement[bool]:
     """The one row of an API key's Idempotency-Key."""
-    return (db.IdempotentRequest.key_id == key_id) & (db.IdempotentRequest.idempotency_key == token)
+    return (tables.IdempotentRequest.key_id == key_id) & (tables.IdempotentRequest.idempotency_key == token)
 
 
-async def find(sessions: Sessions, key_id: str, token: str) -> db.IdempotentRequest | None:
+async def find(sessions: Sessions, key_id: str, token: str) -> tables.IdempotentRequest | None:
     async with sessions() as session:
-        return await session.get(db.IdempotentRequest, (key_id, token))
+        return await session.get(tables.IdempotentRequest, (key_id, token))
 
 
 async def touch(sessions: Sessions, key_id: str, token: str, silent_for: float | None = None) -> bool:
@@ -56,21 +56,21 @@ async def touch(sessions: Sessions, key_id: str, token: str, silent_for: float |
     seconds (a takeover: of several nodes trying, one wins)."""
     same = row_of(key_id, token)
     if silent_for is not None:
-        same &= db.IdempotentRequest.heartbeat_at < db.now() - timedelta(seconds=silent_for)
+        same &= tables.IdempotentRequest.heartbeat_at < tables.now() - timedelta(seconds=silent_for)
     async with sessions() as session:
         result = await session.execute(
-            update(db.IdempotentRequest)
-            .where(same, db.IdempotentRequest.status == "running")
-            .values(heartbeat_at=db.now())
+            update(tables.IdempotentRequest)
+            .where(same, tables.IdempotentRequest.status == "running")
+            .values(heartbeat_at=tables.now())
         )
         await session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def usage_id(row: db.IdempotentRequest) -> str:
-    """The id of the request's usage record, in `db.new_id`'s form: the same for a node taking the
+def usage_id(row: tables.IdempotentRequest) -> str:
+    """The id of the request's usage record, in `tables.new_id`'s form: the same for a node taking the
     request over, another for a request that claims the key afresh (after a failure, or a day)."""
-    micros = (db.utc(row.created_at) - EPOCH) // timedelta(microseconds=1)
+    micros = (tables.utc(row.created_at) - EPOCH) // timedelta(microseconds=1)
     digest = hashlib.sha256(f"{row.key_id}\0{row.idempotency_key}".encode()).hexdigest()
     return f"gen_{micros:013x}{digest[:10]}"
 
@@ -79,7 +79,7 @@ async def keep(sessions: Sessions, key_id: str, token: str, status: int, headers
     """The answer stored for the key's lifetime, to replay; the work's journal is done with."""
     async with sessions() as session:
         await session.execute(
-            update(db.IdempotentRequest)
+            update(tables.IdempotentRequest)
             .where(row_of(key_id, token))
             .values(status="done", response_status=status, response_headers=json.dumps(headers), response_body=body)
         )
@@ -91,9 +91,9 @@ async def let_go(sessions: Sessions, key_id: str, token: str) -> None:
     await journal.forget(sessions, journal.request_owner(key_id, token))
     async with sessions() as session:
         await session.execute(
-            delete(db.IdempotentRequest).where(
+            delete(tables.IdempotentRequest).where(
                 row_of(key_id, token),
-                db.IdempotentRequest.status == "running",
+                tables.IdempotentRequest.status == "running",
             )
         )
         await session.commit()
@@ -102,6 +102,8 @@ async def let_go(sessions: Sessions, key_id: str, token: str) -> None:
 async def sweep(sessions: Sessions) -> int:
     """Forget the requests past their lifetime; returns how many."""
     async with sessions() as session:
-        result = await session.execute(delete(db.IdempotentRequest).where(db.IdempotentRequest.expires_at < db.now()))
+        result = await session.execute(
+            delete(tables.IdempotentRequest).where(tables.IdempotentRequest.expires_at < tables.now())
+        )
         await session.commit()
     return int(result.rowcount)  # type: ignore[attr-defined]

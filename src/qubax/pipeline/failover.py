@@ -10,7 +10,7 @@ from qubax.errors import MODEL_NOT_SERVED, InvalidRequest, ModelNotFound, QubaxE
 from qubax.providers import GeneratedImage
 from qubax.providers.placeholder import Placeholder
 from qubax.providers.registry import PROVIDERS
-from qubax.records import db
+from qubax.records import tables
 from qubax.records.ledger import AttemptRecord
 from qubax.routing.models import CatalogModel, Route
 from qubax.routing.request import ImageRequest
@@ -21,7 +21,7 @@ TEST_UPSTREAM = "test"
 
 
 async def collect(
-    request: ImageRequest, key: db.KeyRecord, services: Services, attempts: list[AttemptRecord]
+    request: ImageRequest, key: tables.KeyRecord, services: Services, attempts: list[AttemptRecord]
 ) -> tuple[list[GeneratedImage], list[str]]:
     """Images from the model's routes in order: a route that fails in a way another route can fix
     hands over to the next one, which makes only the images still missing."""

@@ -21,7 +21,7 @@ from qubax.pipeline.recording import recording
 from qubax.pipeline.work import Work
 from qubax.protocol import Image, ImagesResponse, Usage
 from qubax.providers import GeneratedImage
-from qubax.records import db
+from qubax.records import tables
 from qubax.records.ledger import GenerationRecord
 from qubax.records.storage import Storage
 from qubax.routing.catalog import Catalog
@@ -128,7 +128,7 @@ async def store(
 def count_delivered(
     generation: GenerationRecord,
     request: ImageRequest,
-    key: db.KeyRecord,
+    key: tables.KeyRecord,
     images: list[GeneratedImage],
     served: list[str],
     catalog: Catalog,

@@ -32,7 +32,7 @@ from qubax.pipeline import delivery
 from qubax.pipeline.claims import claim, find, keep, let_go, touch, usage_id
 from qubax.pipeline.delivery import Answer
 from qubax.pipeline.work import Work
-from qubax.records import db, journal
+from qubax.records import journal, tables
 from qubax.records.storage import Storage, relink
 from qubax.server.services import Services
 
@@ -229,7 +229,7 @@ async def heartbeat(services: Services, key_id: str, token: str) -> None:
             await touch(services.sessions, key_id, token)
 
 
-async def replay(row: db.IdempotentRequest, storage: Storage, public_url: str) -> Answer:
+async def replay(row: tables.IdempotentRequest, storage: Storage, public_url: str) -> Answer:
     """The stored answer, its image links signed anew (the first ones may have expired)."""
     body = row.response_body or b""
     if b'"url"' in body:

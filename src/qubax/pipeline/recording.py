@@ -7,7 +7,7 @@ from typing import Any
 
 from qubax.errors import QubaxError, UpstreamTimeout
 from qubax.pipeline.failover import count_timeout
-from qubax.records import db
+from qubax.records import tables
 from qubax.records.ledger import GenerationRecord
 from qubax.routing.request import ImageRequest
 from qubax.server.services import Services
@@ -20,10 +20,10 @@ class recording:  # lower case: used like a function, `async with recording(...)
     hot path (bench/README.md)."""
 
     def __init__(
-        self, request: ImageRequest, key: db.KeyRecord, services: Services, charge_id: str | None = None
+        self, request: ImageRequest, key: tables.KeyRecord, services: Services, charge_id: str | None = None
     ) -> None:
         self.services, self.charge_id = services, charge_id
-        self.generation = GenerationRecord(db.new_id("gen"), key.id, request.model.id, request.n, request.size)
+        self.generation = GenerationRecord(tables.new_id("gen"), key.id, request.model.id, request.n, request.size)
         self.deadline = asyncio.timeout(services.settings.request_timeout_seconds)
         self.started = 0.0
 

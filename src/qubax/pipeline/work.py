@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qubax.protocol import UPLOAD_FIELDS, ImageEditRequest, ImageGenerateRequest
-from qubax.records import db
+from qubax.records import tables
 from qubax.routing.request import ImageRequest
 
 # An answer to the request, a stream of server-sent events, or a job that a runner makes later.
@@ -17,7 +17,7 @@ class Work:
     """A parsed request on its way through the pipeline: what it asks, for whom, and how it is delivered."""
 
     request: ImageRequest
-    key: db.KeyRecord
+    key: tables.KeyRecord
     delivery: Delivery = "answer"
     endpoint: str = ""  # the API path it came to
     body: ImageGenerateRequest | ImageEditRequest | None = None  # as sent: a job keeps its fields

@@ -18,7 +18,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax.providers import journal
-from qubax.records import db
+from qubax.records import tables
 
 LIFETIME = timedelta(days=2)  # longer than any owner's: a job's run, an idempotent request's day
 
@@ -26,7 +26,9 @@ LIFETIME = timedelta(days=2)  # longer than any owner's: a job's run, an idempot
 class Journal:
     """One owner's notes (`providers.TaskJournal`): those found when it opened, handed out once each."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], owner: str, noted: list[db.UpstreamTask]) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], owner: str, noted: list[tables.UpstreamTask]
+    ) -> None:
         self.sessions = sessions
         self.owner = owner
         self.noted = [((row.provider, row.upstream_model, row.images), orjson.loads(row.handle)) for row in noted]
@@ -41,13 +43,13 @@ class Journal:
     async def record(self, provider: str, model: str, count: int, handle: dict[str, Any]) -> None:
         async with self.sessions() as session:
             session.add(
-                db.UpstreamTask(
+                tables.UpstreamTask(
                     owner=self.owner,
                     provider=provider,
                     upstream_model=model,
                     images=count,
                     handle=orjson.dumps(handle).decode(),
-                    created_at=db.now(),
+                    created_at=tables.now(),
                 )
             )
             await session.commit()
@@ -57,7 +59,7 @@ class Journal:
 async def kept(sessions: async_sessionmaker[AsyncSession], owner: str) -> AsyncIterator[None]:
     """Upstream tasks started inside are noted for `owner`; tasks noted for it before are waited on again."""
     async with sessions() as session:
-        query = select(db.UpstreamTask).where(db.UpstreamTask.owner == owner).order_by(db.UpstreamTask.id)
+        query = select(tables.UpstreamTask).where(tables.UpstreamTask.owner == owner).order_by(tables.UpstreamTask.id)
         noted = list(await session.scalars(query))
     token = journal.set(Journal(sessions, owner, noted))
     try:
@@ -69,7 +71,7 @@ async def kept(sessions: async_sessionmaker[AsyncSession], owner: str) -> AsyncI
 async def forget(sessions: async_sessionmaker[AsyncSession], owner: str) -> None:
     """The owner ended: its tasks will not be waited on again."""
     async with sessions() as session:
-        await session.execute(delete(db.UpstreamTask).where(db.UpstreamTask.owner == owner))
+        await session.execute(delete(tables.UpstreamTask).where(tables.UpstreamTask.owner == owner))
         await session.commit()
 
 
@@ -85,6 +87,8 @@ def request_owner(key_id: str, token: str) -> str:
 async def sweep(sessions: async_sessionmaker[AsyncSession]) -> int:
     """Forget notes whose owner never ended (it was abandoned and never retried); returns how many."""
     async with sessions() as session:
-        result = await session.execute(delete(db.UpstreamTask).where(db.UpstreamTask.created_at < db.now() - LIFETIME))
+        result = await session.execute(
+            delete(tables.UpstreamTask).where(tables.UpstreamTask.created_at < tables.now() - LIFETIME)
+        )
         await session.commit()
     return int(result.rowcount)  # type: ignore[attr-defined]

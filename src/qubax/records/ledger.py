@@ -17,7 +17,8 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from qubax.errors import DatabaseUnavailable
-from qubax.records.db import UNAVAILABLE, Attempt, Base, Generation, now
+from qubax.records.db import UNAVAILABLE
+from qubax.records.tables import Attempt, Base, Generation, now
 from qubax.records.writers import WriteFailed, WriterProcess
 
 logger = logging.getLogger("qubax")

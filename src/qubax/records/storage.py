@@ -115,7 +115,7 @@ def new_image_id(job_id: str | None = None) -> str:
     return "img_" + (f"{job_id}_" if job_id else "") + secrets.token_urlsafe(18)
 
 
-JOB_IMAGE = re.compile(r"img_(job_[A-Za-z0-9]+)_")  # a job's image: the job's id (`db.new_id`'s form) first
+JOB_IMAGE = re.compile(r"img_(job_[A-Za-z0-9]+)_")  # a job's image: the job's id (`tables.new_id`'s form) first
 
 
 def swept(name: str, expired: bool, forgotten_jobs: Collection[str]) -> bool:

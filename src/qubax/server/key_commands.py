@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from qubax.background import webhook_targets
 from qubax.errors import InvalidRequest
 from qubax.providers.registry import PROVIDERS, credentials
-from qubax.records import db
+from qubax.records import queries, tables
 from qubax.server.operator_commands import enabling, find, open_catalog, print_table, with_session
 from qubax.server.settings import Settings
 
@@ -29,12 +29,12 @@ def limit_options(command: F) -> F:
     for option in (
         click.option(
             "--monthly-budget-usd",
-            type=click.FloatRange(0, db.MAX_BUDGET_USD),
+            type=click.FloatRange(0, queries.MAX_BUDGET_USD),
             help="Spend cap per calendar month, USD.",
         ),
-        click.option("--max-concurrent", type=click.IntRange(0, db.MAX_LIMIT), help="Requests in flight at once."),
-        click.option("--images-per-day", type=click.IntRange(0, db.MAX_LIMIT), help="Images per UTC day."),
-        click.option("--rpm", type=click.IntRange(0, db.MAX_LIMIT), help="Requests per minute."),
+        click.option("--max-concurrent", type=click.IntRange(0, queries.MAX_LIMIT), help="Requests in flight at once."),
+        click.option("--images-per-day", type=click.IntRange(0, queries.MAX_LIMIT), help="Images per UTC day."),
+        click.option("--rpm", type=click.IntRange(0, queries.MAX_LIMIT), help="Requests per minute."),
     ):
         command = option(command)
     return command
@@ -42,11 +42,13 @@ def limit_options(command: F) -> F:
 
 def chosen_limits(options: dict[str, Any]) -> dict[str, int | None]:
     """The limits given on the command line (an option left out is None), as stored."""
-    return db.chosen_limits({name: value for name, value in options.items() if value is not None})
+    return queries.chosen_limits({name: value for name, value in options.items() if value is not None})
 
 
-def describe_limits(key: db.ApiKey) -> str:
-    parts = [f"{limit_name(name)} {limit_value(name, getattr(key, name))}" for name in db.LIMITS if getattr(key, name)]
+def describe_limits(key: tables.ApiKey) -> str:
+    parts = [
+        f"{limit_name(name)} {limit_value(name, getattr(key, name))}" for name in queries.LIMITS if getattr(key, name)
+    ]
     return ", ".join(parts) or "no limits"
 
 
@@ -57,7 +59,7 @@ def limit_name(name: str) -> str:
 def limit_value(name: str, value: int | None) -> str:
     if not value:
         return "none"
-    return f"${db.to_usd(value):.2f}" if name == "monthly_budget_micros" else str(value)
+    return f"${queries.to_usd(value):.2f}" if name == "monthly_budget_micros" else str(value)
 
 
 @keys.command("create")
@@ -67,7 +69,7 @@ def limit_value(name: str, value: int | None) -> str:
 def create_key(name: str, test: bool, **options: Any) -> None:
     """Create a key and print it (alone on stdout). It is shown only this once."""
     limits = chosen_limits(options)
-    stored, secret = with_session(lambda s: db.create_key(s, name=name, test=test, limits=limits))
+    stored, secret = with_session(lambda s: queries.create_key(s, name=name, test=test, limits=limits))
     click.echo(f"Created {'test' if test else 'live'} key {stored.id} ({describe_limits(stored)}).", err=True)
     click.echo("Store it now: it is not shown again.", err=True)
     settings = Settings()
@@ -87,12 +89,12 @@ def update_key(key_or_id: str, **options: Any) -> None:
 
     chosen = chosen_limits(options)
 
-    async def update(session: AsyncSession) -> tuple[db.ApiKey | None, dict[str, int | None]]:
+    async def update(session: AsyncSession) -> tuple[tables.ApiKey | None, dict[str, int | None]]:
         key = await find(session, key_or_id)
         if key is None:
             return None, {}
         before = {name: getattr(key, name) for name in chosen}
-        return await db.update_limits(session, key, chosen), before
+        return await queries.update_limits(session, key, chosen), before
 
     key, before = with_session(update)
     if key is None:
@@ -115,7 +117,7 @@ def key_webhook(key_or_id: str, url: str | None, no_url: bool, rotate_secret: bo
     shown once: give it to the key's owner, whose receiver checks our signatures with it."""
     settings = Settings()
 
-    async def configure(session: AsyncSession) -> tuple[db.ApiKey | None, str | None]:
+    async def configure(session: AsyncSession) -> tuple[tables.ApiKey | None, str | None]:
         if url is not None:
             await webhook_targets.check_target(url, settings.webhook_allowed_hosts)
         key = await find(session, key_or_id)
@@ -149,7 +151,7 @@ def list_keys() -> None:
             f"{k.created_at:%Y-%m-%d %H:%M}",
             "revoked" if k.revoked_at else "active",
         )
-        for k in with_session(db.list_keys)
+        for k in with_session(queries.list_keys)
     ]
     print_table(("ID", "KEY", "KIND", "NAME", "CREATED", "STATUS"), rows)
 
@@ -159,11 +161,11 @@ def list_keys() -> None:
 def revoke_key(key_or_id: str) -> None:
     """Revoke a key, given the full key or its id."""
 
-    async def revoke(session: AsyncSession) -> tuple[db.ApiKey | None, datetime | None]:
+    async def revoke(session: AsyncSession) -> tuple[tables.ApiKey | None, datetime | None]:
         key = await find(session, key_or_id)
         if key is None or key.revoked_at is not None:
             return key, None if key is None else key.revoked_at
-        return await db.revoke_key(session, key_id=key.id), None
+        return await queries.revoke_key(session, key_id=key.id), None
 
     key, earlier = with_session(revoke)
     if key is None:

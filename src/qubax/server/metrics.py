@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qubax.errors import DatabaseUnavailable
-from qubax.records import db
+from qubax.records import queries
 from qubax.records.ledger import GenerationRecord
 
 logger = logging.getLogger("qubax")
@@ -137,7 +137,7 @@ class Metrics(Collector):
         the gauge out of this scrape, rather than the whole scrape unanswered."""
         try:
             async with sessions() as session:
-                self.job_states = await db.count_jobs(session)
+                self.job_states = await queries.count_jobs(session)
         except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:
             logger.warning("counting jobs for /metrics failed: %s", exc)
             self.job_states = None
@@ -153,7 +153,7 @@ class Metrics(Collector):
         if generation.images:
             self.images.inc((model, route), generation.images)
         if generation.cost_micros:
-            self.cost.inc((model,), db.to_usd(generation.cost_micros))
+            self.cost.inc((model,), queries.to_usd(generation.cost_micros))
         for attempt in generation.attempts:
             self.upstream_attempts.inc((attempt.upstream, attempt.outcome))
             self.upstream_duration.observe((attempt.upstream,), attempt.latency_ms / 1000)

@@ -17,7 +17,7 @@ from qubax.background.jobs import STATUSES
 from qubax.background.jobs import stop as stop_job
 from qubax.errors import NotFound
 from qubax.providers.registry import PROVIDERS, credentials, default_concurrency
-from qubax.records import api_keys, db
+from qubax.records import api_keys, db, queries, tables
 from qubax.routing.catalog import Catalog
 from qubax.routing.catalog_file import CatalogError, load_catalog
 from qubax.server.services import open_storage
@@ -51,10 +51,10 @@ def with_session(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-async def find(session: AsyncSession, key_or_id: str) -> db.ApiKey | None:
+async def find(session: AsyncSession, key_or_id: str) -> tables.ApiKey | None:
     if api_keys.looks_like_key(key_or_id):
-        return await db.find_key_by(session, digest=api_keys.digest_key(key_or_id))
-    return await db.find_key_by(session, key_id=key_or_id)
+        return await queries.find_key_by(session, digest=api_keys.digest_key(key_or_id))
+    return await queries.find_key_by(session, key_id=key_or_id)
 
 
 def open_catalog(settings: Settings) -> Catalog:
@@ -105,8 +105,8 @@ def models() -> None:
 def usage() -> None:
     """Images delivered and their cost, per key and model."""
     rows = [
-        (r.key_id, r.key_name, r.model, str(r.requests), str(r.images), f"${db.to_usd(r.cost_micros):.4f}")
-        for r in with_session(db.usage)
+        (r.key_id, r.key_name, r.model, str(r.requests), str(r.images), f"${queries.to_usd(r.cost_micros):.4f}")
+        for r in with_session(queries.usage)
     ]
     print_table(("KEY", "NAME", "MODEL", "REQUESTS", "IMAGES", "COST"), rows)
 
@@ -123,13 +123,13 @@ def jobs() -> None:
 def list_jobs(key_or_id: str | None, status: str | None, limit: int) -> None:
     """The newest jobs first."""
 
-    async def load(session: AsyncSession) -> list[db.ImageJob]:
-        query = select(db.ImageJob).order_by(db.ImageJob.id.desc()).limit(limit)
+    async def load(session: AsyncSession) -> list[tables.ImageJob]:
+        query = select(tables.ImageJob).order_by(tables.ImageJob.id.desc()).limit(limit)
         if key_or_id is not None:
             key = await find(session, key_or_id)
-            query = query.where(db.ImageJob.key_id == (key.id if key else None))
+            query = query.where(tables.ImageJob.key_id == (key.id if key else None))
         if status is not None:
-            query = query.where(db.ImageJob.status == status)
+            query = query.where(tables.ImageJob.status == status)
         return list(await session.scalars(query))
 
     rows = [
@@ -144,8 +144,8 @@ def list_jobs(key_or_id: str | None, status: str | None, limit: int) -> None:
 def show_job(job_id: str) -> None:
     """One job: its key, model, status, times, request fields, and its images or its error."""
 
-    async def load(session: AsyncSession) -> db.ImageJob | None:
-        return await session.get(db.ImageJob, job_id)
+    async def load(session: AsyncSession) -> tables.ImageJob | None:
+        return await session.get(tables.ImageJob, job_id)
 
     job = with_session(load)
     if job is None:
@@ -166,7 +166,7 @@ def show_job(job_id: str) -> None:
 def cancel_job(job_id: str) -> None:
     """Cancel a job: a queued one at once, a running one (and its upstream work) by its node's runner."""
 
-    async def stop() -> db.ImageJob:
+    async def stop() -> tables.ImageJob:
         settings = Settings()
         async with open_engine(settings) as engine, open_storage(settings) as storage:
             return await stop_job(db.sessions(engine), job_id, storage)
@@ -178,5 +178,5 @@ def cancel_job(job_id: str) -> None:
     click.echo(f"{job.id}: {job.status}.")
 
 
-def ended_at(job: db.ImageJob) -> str:
+def ended_at(job: tables.ImageJob) -> str:
     return "" if job.completed_at is None else f"{job.completed_at:%Y-%m-%d %H:%M:%S}"

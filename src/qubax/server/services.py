@@ -24,7 +24,7 @@ from qubax.pipeline.uploads import Decoding
 from qubax.providers import Provider
 from qubax.providers.registry import build_providers
 from qubax.providers.transport import Http, Timeouts, open_session
-from qubax.records import db, journal
+from qubax.records import db, journal, queries, tables
 from qubax.records.api_keys import KeyCache
 from qubax.records.ledger import Ledger
 from qubax.records.storage import LocalStorage, Storage, signing_secret
@@ -58,7 +58,7 @@ class Services:
     metrics: Metrics
     mask: Mask  # for foreign text (an upstream's words) before it is logged or stored
     decoding: Decoding  # the work one upload may cause, and how many are decoded at once
-    keys: KeyCache[db.KeyRecord] = field(default_factory=KeyCache)
+    keys: KeyCache[tables.KeyRecord] = field(default_factory=KeyCache)
     # Work that outlives its request (an idempotent request whose client left): held here, as the event
     # loop keeps only weak references to tasks.
     detached: set["asyncio.Task[Any]"] = field(default_factory=set)
@@ -147,10 +147,10 @@ async def sweep_forever(storage: Storage, sessions: async_sessionmaker[AsyncSess
 async def sweep(storage: Storage, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
     """Remove expired images, and forget expired idempotency keys, abandoned upstream tasks and old jobs
     with their images; every `QUBAX_SWEEP_INTERVAL_SECONDS`."""
-    ended_before = db.now() - timedelta(days=settings.job_retention_days)
+    ended_before = tables.now() - timedelta(days=settings.job_retention_days)
     try:
         async with sessions() as session:
-            old_jobs = set(await session.scalars(db.ended_jobs(ended_before)))
+            old_jobs = set(await session.scalars(queries.ended_jobs(ended_before)))
         removed = await storage.sweep(old_jobs)
         if removed:
             logger.info("swept %d expired images", removed)
@@ -162,7 +162,7 @@ async def sweep(storage: Storage, sessions: async_sessionmaker[AsyncSession], se
         await journal.sweep(sessions)
         if old_jobs is not None:  # a job goes after its images, or they would be kept for good
             async with sessions() as session:
-                await db.forget_jobs(session, ended_before)
+                await queries.forget_jobs(session, ended_before)
     except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:
         logger.warning("forgetting expired idempotency keys and jobs failed: %s", exc)
 

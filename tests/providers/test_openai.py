@@ -1,3 +1,4 @@
+import asyncio
 import dataclasses
 import io
 import tempfile
@@ -13,6 +14,7 @@ from qubax.pipeline.uploads import InputImage
 from qubax.providers import Upstream
 from qubax.providers.openai import OpenAI
 from qubax.providers.transport import Http, open_session
+from qubax.routing.request import PartialImage
 from tests.fakes.openai import SAFETY_MESSAGE, FakeOpenAI
 from tests.providers import Job, ask
 from tests.server import serve
@@ -386,11 +388,11 @@ def test_the_fake_streams_as_the_official_sdk_reads_streams(server: str, fake: F
 
 @pytest.mark.anyio
 async def test_a_streamed_call_relays_partial_images(openai: OpenAI, fake: FakeOpenAI) -> None:
-    partials: list[tuple[int, int]] = []
-    request = dataclasses.replace(
-        gpt(n=1).request(), partial_images=3, on_partial=lambda i, b: partials.append((i, len(b)))
-    )
+    received: asyncio.Queue[PartialImage] = asyncio.Queue()
+    request = dataclasses.replace(gpt(n=1).request(), partial_images=3, index=1, partials=received)
     [image] = await openai.generate(request, "gpt-image-1.5")
-    assert [index for index, _ in partials] == [0, 1, 2] and all(size > 0 for _, size in partials)
+    partials = [received.get_nowait() for _ in range(received.qsize())]
+    assert [(partial.image, partial.partial_image_index) for partial in partials] == [(1, 0), (1, 1), (1, 2)]
+    assert all(partial.b64_json for partial in partials)
     assert image.tokens is not None and image.tokens.usage.output_tokens > 0
     assert fake.requests[-1]["stream"] is True

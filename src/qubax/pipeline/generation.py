@@ -5,9 +5,8 @@ job: `pipeline`) makes them here."""
 import asyncio
 import dataclasses
 import functools
-import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -25,7 +24,7 @@ from qubax.records import tables
 from qubax.records.ledger import GenerationRecord
 from qubax.records.storage import Storage
 from qubax.routing.catalog import Catalog
-from qubax.routing.request import ImageRequest
+from qubax.routing.request import ImageRequest, PartialImage
 from qubax.server.services import Services
 
 INLINE_BYTES = 256 * 1024  # checking and base64-ing this much beats a thread hop (bench/README.md)
@@ -41,15 +40,14 @@ class Made:
 
 @dataclass(frozen=True)
 class Piece:
-    """A streamed image's part: a partial image, or the finished image (base64)."""
+    """A streamed image, finished (base64, with its token count)."""
 
-    kind: str  # "partial_image" or "completed"
     b64_json: str
-    partial_image_index: int = 0
-    image: GeneratedImage | None = None  # a finished image, with its token count
+    image: GeneratedImage
 
 
-Pieces = asyncio.Queue[Piece | bytes | None]  # a stream's, until None: what is ready to send
+# A stream's, until None: what is ready to send (the adapters put the partial images they receive).
+Pieces = asyncio.Queue[Piece | PartialImage | bytes | None]
 
 
 async def make(work: Work, services: Services, pieces: Pieces | None = None) -> Made:
@@ -79,8 +77,7 @@ async def one_by_one(
     data: list[Image] = []
 
     async def one(index: int) -> None:
-        on_partial = functools.partial(send_partial, pieces, request.partial_images, itertools.count())
-        single = dataclasses.replace(request, n=1, index=index, on_partial=on_partial)
+        single = dataclasses.replace(request, n=1, index=index, partials=pieces)
         images, routes = await failover.collect(single, work.key, services, generation.attempts)
         text = await finish_off_loop(images[0].data, request, None)
         made.append(images[0])
@@ -88,7 +85,7 @@ async def one_by_one(
         data.append(Image(b64_json=text, revised_prompt=images[0].revised_prompt))
         count_delivered(generation, request, work.key, made, served, services.catalog)
         if len(made) < request.n:
-            pieces.put_nowait(Piece("completed", text, image=images[0]))
+            pieces.put_nowait(Piece(text, images[0]))
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -97,13 +94,6 @@ async def one_by_one(
     except ExceptionGroup as failures:  # the first failure cancelled the other images
         raise failures.exceptions[0] from None
     return made, served, data
-
-
-def send_partial(pieces: Pieces, most: int, sent: Iterator[int], index: int, image: str) -> None:
-    """One of an image's partial images, up to the `partial_images` asked for: an upstream may send
-    more, and a route taking over from one that failed starts its own again."""
-    if next(sent) < most:
-        pieces.put_nowait(Piece("partial_image", image, partial_image_index=index))
 
 
 async def store(

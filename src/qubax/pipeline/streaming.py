@@ -12,6 +12,7 @@ once the request's usage record is written; a failure after the answer started i
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +24,7 @@ from qubax.pipeline.generation import Piece, Pieces, make
 from qubax.pipeline.work import Work
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers import GeneratedImage
-from qubax.routing.request import ImageRequest
+from qubax.routing.request import ImageRequest, PartialImage
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")
@@ -49,15 +50,23 @@ async def stream(work: Work, services: Services, headers: dict[str, str]) -> Asy
         yield b""
         pieces: Pieces = asyncio.Queue()
         making = asyncio.create_task(produce(work, services, pieces))
+        # Partial images sent of each image: at most `partial_images`, as an upstream may send more, and
+        # a route taking over from one that failed starts its own again.
+        sent: Counter[int] = Counter()
         try:
             while (piece := await next_piece(pieces)) is not None:
-                yield piece if isinstance(piece, bytes) else piece_event(work.request, piece)
+                if isinstance(piece, PartialImage):
+                    sent[piece.image] += 1
+                    if sent[piece.image] <= work.request.partial_images:
+                        yield partial_event(work.request, piece)
+                else:
+                    yield piece if isinstance(piece, bytes) else completed_event(work.request, piece)
         finally:
             making.cancel()
             await asyncio.wait([making])
 
 
-async def next_piece(pieces: Pieces) -> Piece | bytes | None:
+async def next_piece(pieces: Pieces) -> Piece | PartialImage | bytes | None:
     try:
         return await asyncio.wait_for(pieces.get(), PING_SECONDS)
     except TimeoutError:
@@ -68,7 +77,7 @@ async def produce(work: Work, services: Services, pieces: Pieces) -> None:
     """Every image's pieces, the last image once the usage record is written, or an `error` event."""
     try:
         made = await make(work, services, pieces)
-        pieces.put_nowait(Piece("completed", made.response.data[-1].b64_json or "", image=made.images[-1]))
+        pieces.put_nowait(Piece(made.response.data[-1].b64_json or "", made.images[-1]))
     except QubaxError as exc:
         pieces.put_nowait(error_event(exc.to_body()))
     except Exception:
@@ -79,10 +88,12 @@ async def produce(work: Work, services: Services, pieces: Pieces) -> None:
         pieces.put_nowait(None)
 
 
-def piece_event(request: ImageRequest, piece: Piece) -> bytes:
-    if piece.image is not None:
-        return image_event(request, piece.kind, piece.b64_json, usage=usage_of(piece.image))
-    return image_event(request, piece.kind, piece.b64_json, partial_image_index=piece.partial_image_index)
+def completed_event(request: ImageRequest, piece: Piece) -> bytes:
+    return image_event(request, "completed", piece.b64_json, usage=usage_of(piece.image))
+
+
+def partial_event(request: ImageRequest, piece: PartialImage) -> bytes:
+    return image_event(request, "partial_image", piece.b64_json, partial_image_index=piece.partial_image_index)
 
 
 def image_event(request: ImageRequest, kind: str, image: str, **fields: Any) -> bytes:

@@ -15,7 +15,7 @@ from qubax.providers.batches import fan_out, whole_batch
 from qubax.providers.failures import DETAIL_CHARS, billed, error_detail
 from qubax.providers.hosts import base_host
 from qubax.providers.replies import Reply
-from qubax.routing.request import ImageRequest
+from qubax.routing.request import ImageRequest, PartialImage
 
 NAME, PROVIDER = "openai", "OpenAI"
 # Where OpenAI served dall-e-3 result URLs from; the configured base host (a proxy, a fake) is trusted too.
@@ -34,7 +34,7 @@ class OpenAI(Adapter):
         if request.images or model.startswith(GPT_IMAGE):
             payload = gpt_body(request, model)
             # The upstream's partial images are relayed from a call for one image: events carry no image index.
-            if request.on_partial is not None and request.partial_images and request.n == 1:
+            if request.partials is not None and request.partial_images and request.n == 1:
                 payload |= {"stream": True, "partial_images": request.partial_images}
             return await self._call(model, payload, request)
         # dall-e-3 takes only n=1: one call per image, all at once.
@@ -168,10 +168,10 @@ def relay(request: ImageRequest) -> Callable[[Any], None]:
             said = error.get("message") if isinstance(error, dict) else error
             detail = str(said or "(no message)")[:DETAIL_CHARS]
             raise UpstreamError(f"{PROVIDER} failed while streaming the image.", detail=detail, failover=False)
-        image, index, sink = event.get("b64_json"), event.get("partial_image_index"), request.on_partial
+        image, index, partials = event.get("b64_json"), event.get("partial_image_index"), request.partials
         partial = str(event.get("type")).endswith(".partial_image")
-        if partial and isinstance(image, str) and isinstance(index, int) and sink is not None:
-            sink(index, image)
+        if partial and isinstance(image, str) and isinstance(index, int) and partials is not None:
+            partials.put_nowait(PartialImage(request.index, index, image))
 
     return on_event
 

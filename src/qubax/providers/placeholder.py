@@ -7,7 +7,7 @@ import pybase64
 
 from qubax.pipeline.imaging import coarser, fitted, render_placeholder
 from qubax.providers import GeneratedImage
-from qubax.routing.request import ImageRequest
+from qubax.routing.request import ImageRequest, PartialImage
 
 
 class Placeholder:
@@ -21,17 +21,17 @@ class Placeholder:
         for index in range(request.index, request.index + request.n):
             size = (request.width, request.height)
             data = await asyncio.to_thread(render_placeholder, request.prompt, *size, index, base=base)
-            await send_partials(request, data)
+            await send_partials(request, data, index)
             images.append(GeneratedImage(data))
         return images
 
 
-async def send_partials(request: ImageRequest, data: bytes) -> None:
+async def send_partials(request: ImageRequest, data: bytes, index: int) -> None:
     """What a GPT image model's upstream sends a streamed answer before each image: the partial images
     asked for, coarse to fine (the other models send none)."""
-    if request.on_partial is None or request.model.token_prices is None:
+    if request.partials is None or request.model.token_prices is None:
         return
     for step in range(request.partial_images):
         factor = 2 ** (request.partial_images - step + 1)  # three partials: blocks of 16, 8 and 4 pixels
         partial = await asyncio.to_thread(coarser, data, factor, request.output_format)
-        request.on_partial(step, pybase64.b64encode_as_string(partial))
+        request.partials.put_nowait(PartialImage(index, step, pybase64.b64encode_as_string(partial)))

@@ -4,10 +4,9 @@ Apart from `catalog` (which assembles a request from a client's body) because th
 providers, the quota and the ledger all read the request, and none of them needs the catalog."""
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from qubax.errors import InvalidRequest
 from qubax.pipeline.uploads import InputImage
@@ -15,6 +14,23 @@ from qubax.protocol import ImageGenerateRequest
 from qubax.routing.models import CatalogModel
 
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # ASCII digits, no leading zeros, nothing else
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """A partial image an upstream streamed: of the request's image `image` (its `index`), the
+    `partial_image_index`-th, base64."""
+
+    image: int
+    partial_image_index: int
+    b64_json: str
+
+
+class PartialImages(Protocol):
+    """Where an adapter puts the partial images it receives: a queue the stream reads (data handed on,
+    nothing of the pipeline's run by the adapter)."""
+
+    def put_nowait(self, item: PartialImage, /) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,9 +60,9 @@ class ImageRequest:
     seed: int | None = None
     safety_tolerance: int | None = None
     # Streamed answers: how many partial images the client wants of each image, and where an adapter
-    # whose upstream makes them hands each one (its index, base64) as it arrives.
+    # whose upstream makes them puts each one as it arrives (the stream keeps to `partial_images`).
     partial_images: int = 0
-    on_partial: Callable[[int, str], None] | None = field(default=None, compare=False, repr=False)
+    partials: PartialImages | None = field(default=None, compare=False, repr=False)
     # Where the images asked for start among the client's: a streamed answer asks for each image apart,
     # and the test renderer labels each image by its place (#1, #2, ...).
     index: int = 0

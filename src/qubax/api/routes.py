@@ -52,11 +52,11 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
     """Creates images from a prompt, as OpenAI's `POST /v1/images/generations` does. Each image comes back
     as a signed, expiring `url` or inline as `b64_json`; failed requests cost nothing."""
     services: Services = request.app.state.services
-    delivery = delivery_of(request, body)
+    way = delivery_of(request, body)
     checked = parsing.check_generation(body, services)
     # Only links need our public address; working it out from the request costs a little on every one.
-    links = "" if delivery == "answer" and body.response_format == "b64_json" else public_url(request)
-    work = Work(request=checked, key=key, delivery=delivery, endpoint=GENERATIONS_PATH, body=body, public_url=links)
+    links = "" if way == "answer" and body.response_format == "b64_json" else public_url(request)
+    work = Work(request=checked, key=key, delivery=way, endpoint=GENERATIONS_PATH, body=body, public_url=links)
     return await respond(request, work)
 
 
@@ -67,11 +67,9 @@ async def create_image_edit(
     does: multipart/form-data with up to 16 images (`image`, or `image[]` as the SDK sends a list), each a
     PNG, JPEG or WebP of at most 50 MB, and an optional PNG `mask` the size of the first image."""
     services: Services = request.app.state.services
-    delivery = delivery_of(request, form)
+    way = delivery_of(request, form)
     checked = await parsing.check_edit(form, services)
-    work = Work(
-        request=checked, key=key, delivery=delivery, endpoint=EDITS_PATH, body=form, public_url=public_url(request)
-    )
+    work = Work(request=checked, key=key, delivery=way, endpoint=EDITS_PATH, body=form, public_url=public_url(request))
     return await respond(request, work)
 
 
@@ -118,10 +116,8 @@ async def respond(request: Request, work: Work) -> Response:
     if answer.log is not None:
         note(request, answer.log, work.request.prompt)
     if answer.events is not None:
-        headers = answer.headers | {
-            "cache-control": "no-cache",
-            "x-accel-buffering": "no",
-        }  # no proxy may hold events back
+        # No proxy may hold events back.
+        headers = answer.headers | {"cache-control": "no-cache", "x-accel-buffering": "no"}
         return EventSourceResponse(answer.events, headers=headers)
     return Response(answer.body, answer.status, headers=answer.headers)
 

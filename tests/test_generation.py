@@ -1,14 +1,19 @@
 """End to end through the official `openai` SDK against the real app, with test keys."""
 
 import base64
+import dataclasses
 import io
+import random
 
 import httpx
 import openai
 import pytest
 from PIL import Image
 
+from qubax.pipeline import generation
+from qubax.providers import GeneratedImage
 from tests.catalog import MODELS
+from tests.providers import Job
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -116,3 +121,25 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("flux-9")
     assert caught.value.code == "model_not_found"
+
+
+def noise_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.frombytes("RGB", (width, height), random.Random(width).randbytes(width * height * 3)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("width", [64, 512])  # answered inline, and past INLINE_BYTES (in a worker thread)
+async def test_an_image_that_passes_through_is_answered_with_the_upstreams_own_base64(width: int) -> None:
+    data = noise_png(width, 256)
+    assert (len(data) > generation.INLINE_BYTES) == (width == 512)
+    text = base64.b64encode(data).decode()
+    request = dataclasses.replace(Job("m", "a cat", width, 256, 1).request(), response_format="b64_json")
+    image = GeneratedImage(data, b64=text)
+    assert await generation.finish_off_loop(image, request, None) is text  # not decoded and encoded again
+    # Another size or format is converted, and encoded anew.
+    smaller = await generation.finish_off_loop(image, dataclasses.replace(request, height=128), None)
+    assert png_size(base64.b64decode(smaller)) == (width, 128)
+    jpeg = await generation.finish_off_loop(image, dataclasses.replace(request, output_format="jpeg"), None)
+    assert base64.b64decode(jpeg).startswith(b"\xff\xd8")

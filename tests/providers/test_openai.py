@@ -1,4 +1,5 @@
 import asyncio
+import base64
 import dataclasses
 import io
 import tempfile
@@ -69,6 +70,12 @@ async def test_one_image(openai: OpenAI, fake: FakeOpenAI) -> None:
     ]
     assert picture(image.data)[:2] == ("PNG", (1792, 1024))
     assert image.revised_prompt == "A natural picture of a lighthouse at dusk"
+
+
+@pytest.mark.anyio
+async def test_an_inline_image_keeps_the_upstreams_base64_text(openai: OpenAI, fake: FakeOpenAI) -> None:
+    [image] = await ask(openai, job())
+    assert image.b64 is not None and base64.b64decode(image.b64) == image.data
 
 
 @pytest.mark.anyio

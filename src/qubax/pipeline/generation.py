@@ -79,7 +79,7 @@ async def one_by_one(
     async def one(index: int) -> None:
         single = dataclasses.replace(request, n=1, index=index, partials=pieces)
         images, routes = await failover.collect(single, work.key, services, generation.attempts)
-        text = await finish_off_loop(images[0].data, request, None)
+        text = await finish_off_loop(images[0], request, None)
         made.append(images[0])
         served.extend(routes)
         data.append(Image(b64_json=text, revised_prompt=images[0].revised_prompt))
@@ -104,9 +104,9 @@ async def store(
         raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
     keep = None if request.response_format == "b64_json" else storage
     if len(images) == 1:  # the common n=1 case: no gather, no extra task
-        outputs = [await finish_off_loop(images[0].data, request, keep, job_id)]
+        outputs = [await finish_off_loop(images[0], request, keep, job_id)]
     else:
-        finishing = (finish_off_loop(image.data, request, keep, job_id) for image in images)
+        finishing = (finish_off_loop(image, request, keep, job_id) for image in images)
         outputs = await asyncio.gather(*finishing)
     pairs = zip(outputs, images, strict=True)
     if keep is None:
@@ -144,23 +144,28 @@ def cost_micros(request: ImageRequest, images: list[GeneratedImage], catalog: Ca
     return int(spent * 1_000_000) if counted else request.cost_micros(len(images), test=False)
 
 
-async def finish_off_loop(data: bytes, request: ImageRequest, store: Storage | None, job_id: str | None = None) -> str:
+async def finish_off_loop(
+    image: GeneratedImage, request: ImageRequest, store: Storage | None, job_id: str | None = None
+) -> str:
     """The image as base64 text, or stored (returning its id; a job's image is kept with the job). The
-    work that needs a worker thread (decoding, converting, base64 of a large image) gets one; small
-    images that pass through as they are do not: for those the thread hop would cost more than the work."""
-    size, output_format = (request.width, request.height), request.output_format
+    work that needs a worker thread (checking or converting a large image, base64 of one) gets one;
+    small images that pass through as they are do not: for those the thread hop would cost more."""
+    data, size, output_format = image.data, (request.width, request.height), request.output_format
     sound = len(data) <= INLINE_BYTES and passes_through(data, *size, output_format)
     if store is None:
         if sound:
-            return pybase64.b64encode_as_string(data)
-        return await asyncio.to_thread(finish_image, data, *size, output_format)
+            return image.b64 or pybase64.b64encode_as_string(data)
+        return await asyncio.to_thread(finish_image, image, *size, output_format)
     picture = data if sound else await asyncio.to_thread(convert, data, *size, output_format)
     return await store.put(picture, output_format, job_id)
 
 
-def finish_image(data: bytes, width: int, height: int, output_format: str) -> str:
-    """The image at the asked size and format, as base64 text."""
-    return pybase64.b64encode_as_string(convert(data, width, height, output_format))
+def finish_image(image: GeneratedImage, width: int, height: int, output_format: str) -> str:
+    """The image at the asked size and format, as base64 text: the upstream's own text when the image
+    passes through unchanged (sparing the encoding of megabytes)."""
+    if image.b64 is not None and passes_through(image.data, width, height, output_format):
+        return image.b64
+    return pybase64.b64encode_as_string(convert(image.data, width, height, output_format))
 
 
 def total_usage(usages: Iterable[Usage | None]) -> Usage | None:

@@ -4,7 +4,7 @@ and to the provider's names, so that an adapter module says only what is its pro
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from qubax.providers import Upstream
+from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.deliveries import decode_b64, download
 from qubax.providers.failures import check_status
 from qubax.providers.hosts import trusted
@@ -42,6 +42,10 @@ class Adapter:
     def decode_b64(self, text: Any) -> bytes:
         """Image bytes from an inline base64 field."""
         return decode_b64(text, self.label)
+
+    def inline_image(self, text: Any, **fields: Any) -> GeneratedImage:
+        """An image the upstream sent inline as base64, its text kept (`GeneratedImage.b64`)."""
+        return GeneratedImage(self.decode_b64(text), b64=text, **fields)
 
     async def download(self, url: Any) -> bytes:
         """Image bytes from a result URL, only from where the provider delivers from."""

@@ -66,13 +66,13 @@ class OpenAI(Adapter):
         return whole_batch(images, n, PROVIDER)
 
     async def _image(self, item: dict[str, Any], settings: dict[str, str], tokens: Tokens | None) -> GeneratedImage:
-        if item.get("b64_json") is not None:
-            data = self.decode_b64(item["b64_json"])
-        else:
-            # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
-            data = await self.download(item.get("url"))
         revised = item.get("revised_prompt")
-        return GeneratedImage(data, revised if isinstance(revised, str) else None, tokens, settings)
+        fields: dict[str, Any] = {"revised_prompt": revised if isinstance(revised, str) else None}
+        fields |= {"tokens": tokens, "settings": settings}
+        if item.get("b64_json") is not None:
+            return self.inline_image(item["b64_json"], **fields)
+        # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
+        return GeneratedImage(await self.download(item.get("url")), **fields)
 
     def _raise_for_error(self, response: Reply, model: str) -> None:
         """OpenAI's quirks (its error `code` says more than the status); `checked_json` maps the rest."""

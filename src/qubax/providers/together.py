@@ -34,16 +34,16 @@ class Together(Adapter):
         if not isinstance(items, list):
             raise UpstreamError(f"{PROVIDER} returned no list of images.", failover=True)
         with billed():
-            images = [GeneratedImage(await self._image_bytes(item)) for item in items[:n]]
+            images = [await self._image(item) for item in items[:n]]
         return whole_batch(images, n, PROVIDER)
 
-    async def _image_bytes(self, item: Any) -> bytes:
+    async def _image(self, item: Any) -> GeneratedImage:
         if not isinstance(item, dict):
             raise UpstreamError(f"{PROVIDER} returned an image entry that is not an object.")
         if item.get("b64_json") is not None:
-            return self.decode_b64(item["b64_json"])
+            return self.inline_image(item["b64_json"])
         # Only reached when Together ignores response_format=base64; download() refuses foreign hosts.
-        return await self.download(item.get("url"))
+        return GeneratedImage(await self.download(item.get("url")))
 
 
 def body(request: ImageRequest, model: str, n: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from qubax.routing.catalog_file import CatalogError, load_catalog
 from qubax.routing.models import Fixed, Grid, Route, TokenPrices
 from tests.catalog import MODELS
 
-PROVIDERS = {"bfl", "fal", "replicate", "together", "openai"}
+PROVIDERS = {"bfl", "fal", "replicate", "together", "openai", "byteplus", "google"}
 DEFAULTS = {"bfl": 24, "fal": 40}
 
 
@@ -50,6 +50,29 @@ def test_reorder_routes_change_price_and_add_aliases(tmp_path: Path) -> None:
     assert model.price(None, "1024x768") == Decimal("0.05")
     assert catalog.concurrency == {"bfl": 6, "fal": 40}
     assert [route.upstream_model for route in catalog.find("dall-e-3").routes] == ["dall-e-3", "gpt-image-2"]
+
+
+def test_a_megapixel_price_bills_by_size_and_a_price_per_image_replaces_it(tmp_path: Path) -> None:
+    catalog = load(
+        tmp_path,
+        """
+        [models."flux-2-pro"]
+        megapixel_price = { first = 0.04, further = 0.02 }
+
+        [models."flat-flux"]
+        like = "flux-2-pro"
+        price = 0.05
+        """,
+    )
+    model = catalog.find("flux-2-pro")
+    assert [model.price(None, size) for size in ("1024x1024", "1440x816", "2048x2048")] == [
+        Decimal("0.04"), Decimal("0.06"), Decimal("0.10")
+    ]  # fmt: skip
+    assert model.price(None, "1024x1024", ((300, 200), (2048, 1024))) == Decimal("0.10")  # 1 + 2 input megapixels
+    flat = catalog.find("flat-flux")
+    assert flat.megapixel_price is None and flat.price(None, "2048x2048") == Decimal("0.05")
+    with pytest.raises(CatalogError, match=r"models.flux-2-pro.megapixel_price.first: Input should be greater"):
+        load(tmp_path, '[models."flux-2-pro"]\nmegapixel_price = { first = -1, further = 0 }\n')
 
 
 def test_a_new_model_starts_from_an_existing_one(tmp_path: Path) -> None:
@@ -92,7 +115,7 @@ def test_a_token_billed_model_gets_new_rates(tmp_path: Path) -> None:
             "models.flux-1.1-pro.price: Input should be greater than or equal to 0",
         ),
         ('[models."flux-1.1-pro"]\ncolour = "red"\n', "models.flux-1.1-pro.colour: Extra inputs are not permitted"),
-        ('[models."flux-1.1-pro"]\nroutes = [{ provider = "mj" }]\n', "unknown provider 'mj' (known: bfl, fal"),
+        ('[models."flux-1.1-pro"]\nroutes = [{ provider = "mj" }]\n', "unknown provider 'mj' (known: bfl, byteplus"),
         (
             '[models."dall-e-3"]\nroutes = [{ provider = "bfl" }]\n',
             "bfl has no built-in name for this model; set `model`",
@@ -199,7 +222,7 @@ def test_the_shipped_catalog_parses_and_each_model_has_what_the_service_needs() 
     assert {"dall-e-2", "chatgpt-image-latest"} <= set(catalog.shut_down)
     assert set(catalog.shut_down.values()) <= set(listed)
     for table in text.split("\n[models.")[1:]:  # each price says where it came from
-        if re.search(r"^(price|prices|token_prices) =", table, re.MULTILINE):
+        if re.search(r"^(price|prices|token_prices|megapixel_price) =", table, re.MULTILINE):
             assert "\n# Price: " in table, table.splitlines()[0]
 
 

@@ -1,5 +1,6 @@
 """OpenAI wire types, named as OpenAI names them. Nothing here knows about providers or storage."""
 
+from datetime import date
 from typing import Any, Literal
 
 from fastapi import UploadFile
@@ -47,6 +48,11 @@ class ImageGenerateRequest(BaseModel):
     # FLUX extensions (not OpenAI's): OpenAI clients never send them and see no difference.
     seed: StrictInt | None = Field(None, description="FLUX extension: 0 to 4294967295, for repeatable images.")
     safety_tolerance: StrictInt | None = Field(None, description="FLUX extension: 0 (strict) to 6 (permissive).")
+    watermark: StrictBool | None = Field(
+        None, description='Seedream extension: `true` marks the image "AI generated" (off by default).'
+    )
+    steps: StrictInt | None = Field(None, description="FLUX extension (`flux-2-flex`): 1 to 50 inference steps.")
+    guidance: float | None = Field(None, description="FLUX extension (`flux-2-flex`): guidance scale, 1.5 to 10.")
     webhook_url: StrictStr | None = Field(
         None, description="Qubax extension, for jobs (`Prefer: respond-async`): told, signed, when the job ends."
     )
@@ -81,6 +87,9 @@ class ImageEditRequest(BaseModel):
     user: str | None = None
     seed: int | None = None
     safety_tolerance: int | None = None
+    watermark: bool | None = None
+    steps: int | None = None
+    guidance: float | None = None
     webhook_url: str | None = None
 
     @property
@@ -130,6 +139,8 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # As OpenAI's own list carries it: the day the model stops being served, where one is known.
+    shutdown_date: date | None = None
 
 
 class ModelList(BaseModel):

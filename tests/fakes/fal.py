@@ -43,8 +43,25 @@ FIELDS = {
 for app in KONTEXT:  # one way in per number of input images
     FIELDS |= {app: KONTEXT_FIELDS | {"image_url"}, f"{app}/multi": KONTEXT_FIELDS | {"image_urls"}}
     FIELDS[f"{app}/text-to-image"] = KONTEXT_FIELDS
+# FLUX.2 (fal's model pages): one image a request (no num_images), image_size, safety_tolerance "1"-"5";
+# each has an `/edit` app that takes `image_urls`; flex takes guidance_scale and num_inference_steps.
+FLUX2 = ("fal-ai/flux-2-pro", "fal-ai/flux-2-max", "fal-ai/flux-2-flex")
+FLUX2_FIELDS = {"prompt", "seed", "output_format", "sync_mode", "image_size", "safety_tolerance"}
+FLUX2_FIELDS |= {"enable_safety_checker"}
+for app in FLUX2:
+    tuning = {"guidance_scale", "num_inference_steps"} if app.endswith("flex") else set()
+    FIELDS |= {app: FLUX2_FIELDS | tuning, f"{app}/edit": FLUX2_FIELDS | tuning | {"image_urls"}}
 REQUIRED_IMAGES = {"image_url": (FILL, *KONTEXT), "image_urls": tuple(f"{app}/multi" for app in KONTEXT)}
+REQUIRED_IMAGES["image_urls"] += tuple(f"{app}/edit" for app in FLUX2)
 REQUIRED_IMAGES["mask_url"] = (FILL,)
+# Seedream (fal's model pages): `/text-to-image` and `/edit` (which needs `image_urls`, up to 10) per version;
+# image_size, num_images 1-6 and max_images 1-6, enable_safety_checker, enhance_prompt_mode; JPEG or PNG out.
+SEEDREAM = ("fal-ai/bytedance/seedream/v4", "fal-ai/bytedance/seedream/v4.5")
+SEEDREAM_FIELDS = {"prompt", "seed", "sync_mode", "image_size", "num_images", "max_images", "enable_safety_checker"}
+SEEDREAM_FIELDS |= {"enhance_prompt_mode"}
+for app in SEEDREAM:
+    FIELDS |= {f"{app}/text-to-image": SEEDREAM_FIELDS, f"{app}/edit": SEEDREAM_FIELDS | {"image_urls"}}
+REQUIRED_IMAGES["image_urls"] += tuple(f"{app}/edit" for app in SEEDREAM)
 PRESETS = {
     "square_hd": (1024, 1024),
     "square": (512, 512),
@@ -292,11 +309,15 @@ def validate(model: str, body: Any) -> list[dict[str, Any]]:
         problems.append(problem("aspect_ratio", f"Input should be one of {', '.join(ULTRA_SIZES)}", "enum"))
     if body.get("output_format", "jpeg") not in FORMATS:
         problems.append(problem("output_format", "Input should be 'jpeg' or 'png'", "enum"))
-    if body.get("safety_tolerance", "2") not in ("1", "2", "3", "4", "5", "6"):
-        problems.append(problem("safety_tolerance", "Input should be '1', '2', '3', '4', '5' or '6'", "enum"))
+    tolerances = ("1", "2", "3", "4", "5") if model.startswith(FLUX2) else ("1", "2", "3", "4", "5", "6")
+    if body.get("safety_tolerance", "2") not in tolerances:
+        problems.append(problem("safety_tolerance", f"Input should be one of {', '.join(tolerances)}", "enum"))
+    most = 50 if model.startswith(FLUX2) else 12
     steps = body.get("num_inference_steps", 4)
-    if not isinstance(steps, int) or not 1 <= steps <= 12:
-        problems.append(problem("num_inference_steps", "Input should be between 1 and 12", "less_than_equal"))
+    if not isinstance(steps, int) or not 1 <= steps <= most:
+        problems.append(problem("num_inference_steps", f"Input should be between 1 and {most}", "less_than_equal"))
+    if not 1.5 <= body.get("guidance_scale", 3.5) <= (10 if model.startswith(FLUX2) else 20):
+        problems.append(problem("guidance_scale", "Input should be in range", "less_than_equal"))
     if not isinstance(body.get("seed", 0), int):
         problems.append(problem("seed", "Input should be a valid integer", "int_type"))
     if not isinstance(body.get("enable_safety_checker", True), bool):

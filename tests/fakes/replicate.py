@@ -46,9 +46,25 @@ KONTEXT_FIELDS = COMMON | {"input_image", "safety_tolerance", "prompt_upsampling
 FIELDS |= {name: KONTEXT_FIELDS for name in KONTEXT}
 FIELDS[FILL] = {"prompt", "seed", "output_format", "image", "mask", "steps", "guidance", "outpaint"}
 FIELDS[FILL] |= {"safety_tolerance", "prompt_upsampling"}
+# FLUX.2 (the models' API pages): `input_images` (8 for pro and max, 10 for flex), `aspect_ratio` "custom"
+# with width and height 256-2048 in multiples of 16, safety_tolerance 1-5; flex adds steps and guidance.
+FLUX2 = {"black-forest-labs/flux-2-pro": 8, "black-forest-labs/flux-2-max": 8, "black-forest-labs/flux-2-flex": 10}
+FLUX2_FIELDS = COMMON | {"input_images", "resolution", "width", "height", "safety_tolerance", "output_quality"}
+FIELDS |= {name: FLUX2_FIELDS | {"prompt_upsampling"} for name in FLUX2}
+FIELDS["black-forest-labs/flux-2-flex"] |= {"steps", "guidance"}
 OUTPUT_FORMATS = {PRO: ("webp", "jpg", "png"), ULTRA: ("jpg", "png"), SCHNELL: ("webp", "jpg", "png")}
-OUTPUT_FORMATS |= {name: ("jpg", "png") for name in (*KONTEXT, FILL)}
+OUTPUT_FORMATS |= {name: ("jpg", "png") for name in (*KONTEXT, FILL)} | {name: ("webp", "jpg", "png") for name in FLUX2}
 DEFAULT_FORMAT = {PRO: "webp", ULTRA: "jpg", SCHNELL: "webp", FILL: "jpg"} | {name: "png" for name in KONTEXT}
+DEFAULT_FORMAT |= {name: "webp" for name in FLUX2}
+# Seedream (the models' API pages): `size` 1K (4 only)/2K/4K with an `aspect_ratio`, or "custom" with width and
+# height 1024-4096; `image_input` (10 for 4, 14 for 4.5); sequential_image_generation and max_images 1-15.
+# Its output is a list of JPEG URIs.
+SEEDREAM = {"bytedance/seedream-4": ("1K", "2K", "4K", "custom"), "bytedance/seedream-4.5": ("2K", "4K", "custom")}
+SEEDREAM_IMAGES = {"bytedance/seedream-4": 10, "bytedance/seedream-4.5": 14}
+SEEDREAM_RATIOS = ("match_input_image", "1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9")
+SEEDREAM_FIELDS = {"prompt", "image_input", "size", "aspect_ratio", "width", "height", "max_images"}
+FIELDS |= {name: SEEDREAM_FIELDS | {"sequential_image_generation", "enhance_prompt"} for name in SEEDREAM}
+DEFAULT_FORMAT |= {name: "jpg" for name in SEEDREAM}
 PILLOW = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 # flux-schnell's fixed sizes at megapixels=1 (cog-flux ASPECT_RATIOS); "0.25" halves each side.
 SCHNELL_SIZES = {
@@ -213,7 +229,7 @@ class FakeReplicate:
             return
         fmt = prediction.input.get("output_format") or DEFAULT_FORMAT[prediction.model]
         outputs = [self.output_uri(request, prediction, f"out-{i}.{fmt}") for i in range(kept)]
-        prediction.output = outputs if prediction.model == SCHNELL else outputs[0]
+        prediction.output = outputs if prediction.model in (SCHNELL, *SEEDREAM) else outputs[0]
         self.end(prediction, "succeeded")
 
     def output_uri(self, request: Request, prediction: Prediction, name: str) -> str:
@@ -273,6 +289,10 @@ def validate(model: str, body: Any) -> list[str]:
     if not isinstance(given.get("prompt"), str) or not given["prompt"]:
         errors.append("input: prompt is required")
     errors += image_errors(model, given)
+    if model in FLUX2:
+        return errors + flux2_errors(model, given)
+    if model in SEEDREAM:
+        return errors + seedream_errors(model, given)
     ratio = given.get("aspect_ratio", "match_input_image" if model in KONTEXT else "1:1")
     if ratio not in (PRO_RATIOS if model == PRO else ("match_input_image", *RATIOS) if model in KONTEXT else RATIOS):
         errors.append(f"input.aspect_ratio: {ratio!r} is not one of the allowed values")
@@ -294,6 +314,46 @@ def validate(model: str, body: Any) -> list[str]:
     return errors
 
 
+def flux2_errors(model: str, given: dict[str, Any]) -> list[str]:
+    errors = []
+    ratio = given.get("aspect_ratio", "1:1")
+    if ratio not in ("match_input_image", *PRO_RATIOS):
+        errors.append(f"input.aspect_ratio: {ratio!r} is not one of the allowed values")
+    for side in ("width", "height") if ratio == "custom" else ():
+        value = given.get(side)
+        if not isinstance(value, int) or not 256 <= value <= 2048 or value % 16:
+            errors.append(f"input.{side}: Must be a multiple of 16 between 256 and 2048")
+    if given.get("output_format", "webp") not in OUTPUT_FORMATS[model]:
+        errors.append(f"input.output_format: must be one of {', '.join(OUTPUT_FORMATS[model])}")
+    if "safety_tolerance" in given and given["safety_tolerance"] not in range(1, 6):
+        errors.append("input.safety_tolerance: Must be between 1 and 5")
+    if given.get("steps", 30) not in range(1, 51):
+        errors.append("input.steps: Must be between 1 and 50")
+    if not 1.5 <= given.get("guidance", 4.5) <= 10:
+        errors.append("input.guidance: Must be between 1.5 and 10")
+    images = given.get("input_images", [])
+    if len(images) > FLUX2[model] or any(decode_data_uri(uri) is None for uri in images):
+        errors.append(f"input.input_images: at most {FLUX2[model]} readable images")
+    return errors
+
+
+def seedream_errors(model: str, given: dict[str, Any]) -> list[str]:
+    errors = []
+    if given.get("size", "2K") not in SEEDREAM[model]:
+        errors.append(f"input.size: must be one of {', '.join(SEEDREAM[model])}")
+    if given.get("aspect_ratio", "match_input_image") not in SEEDREAM_RATIOS:
+        errors.append(f"input.aspect_ratio: {given['aspect_ratio']!r} is not one of the allowed values")
+    for side in ("width", "height"):
+        if given.get(side, 2048) not in range(1024, 4097):
+            errors.append(f"input.{side}: Must be between 1024 and 4096")
+    if given.get("max_images", 1) not in range(1, 16):
+        errors.append("input.max_images: Must be between 1 and 15")
+    images = given.get("image_input", [])
+    if len(images) > SEEDREAM_IMAGES[model] or any(decode_data_uri(uri) is None for uri in images):
+        errors.append(f"input.image_input: at most {SEEDREAM_IMAGES[model]} readable images")
+    return errors
+
+
 def image_errors(model: str, given: dict[str, Any]) -> list[str]:
     """File inputs are URLs; the fake reaches none but data URIs. Fill needs its image; Kontext takes
     safety_tolerance above 2 only without an input image."""
@@ -309,13 +369,15 @@ def image_errors(model: str, given: dict[str, Any]) -> list[str]:
 def output_size(model: str, given: dict[str, Any]) -> tuple[int, int]:
     """The size the model really produces: pro honours width/height; ultra ~4 MP; schnell fixed sizes;
     Fill its image's size; Kontext ~1 MP at its aspect ratio (default: the input image's)."""
+    if model in SEEDREAM:
+        return seedream_size(given)
     if model == FILL:
         return decode_data_uri(given["image"]).size  # type: ignore[union-attr]  # validated
     ratio = given.get("aspect_ratio", "match_input_image" if model in KONTEXT else "1:1")
     if ratio == "match_input_image":
         first = decode_data_uri(given.get("input_image"))
         ratio = f"{first.width}:{first.height}" if first else "1:1"
-    if model == PRO and ratio == "custom":
+    if model in (PRO, *FLUX2) and ratio == "custom":
         return given["width"], given["height"]
     if model == SCHNELL:
         width, height = SCHNELL_SIZES[ratio]
@@ -324,3 +386,18 @@ def output_size(model: str, given: dict[str, Any]) -> tuple[int, int]:
     pixels = 4_194_304 if model == ULTRA else 1_048_576
     width = round((pixels * w / h) ** 0.5 / 32) * 32
     return width, round(width * h / w / 32) * 32
+
+
+def seedream_size(given: dict[str, Any]) -> tuple[int, int]:
+    """Custom sizes as asked; a preset at its aspect ratio (default: the first input's, or 1:1), 2K about
+    4 MP (1K one, 4K sixteen), as Replicate's logs say ("Generating 2304x1728 image with aspect ratio 4:3")."""
+    if given.get("size") == "custom":
+        return given.get("width", 2048), given.get("height", 2048)
+    ratio = given.get("aspect_ratio", "match_input_image")
+    if ratio == "match_input_image":
+        first = decode_data_uri((given.get("image_input") or [None])[0])
+        ratio = f"{first.width}:{first.height}" if first else "1:1"
+    w, h = (int(part) for part in ratio.split(":"))
+    side = {"1K": 1024, "2K": 2048, "4K": 4096}[given.get("size", "2K")]
+    width = round(side * (w / h) ** 0.5 / 16) * 16
+    return width, round(width * h / w / 16) * 16

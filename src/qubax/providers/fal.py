@@ -21,6 +21,13 @@ SCHNELL = "fal-ai/flux/schnell"
 KONTEXT = "/kontext"
 FILL = "fal-ai/flux-pro/v1/fill"  # image_url and mask_url (white where to paint)
 MAX_PER_REQUEST = 4  # fal takes num_images from 1 to 4
+# FLUX.2 (fal.ai/models/fal-ai/flux-2-pro, -max, -flex and their `/edit` apps, 2026-12): one image per
+# request (no num_images), image_size {width, height}, safety_tolerance "1"-"5", jpeg or png; an edit
+# goes to `<model>/edit` with `image_urls`. Flex's steps and guidance are sent by fal's usual names.
+FLUX2 = "fal-ai/flux-2-"
+# Seedream (fal.ai/models/fal-ai/bytedance/seedream/v4/text-to-image, .../v4/edit, v4.5 likewise, 2026-12):
+# image_size {width, height}, num_images 1-6; an edit goes to `.../edit` with `image_urls` (up to 10).
+SEEDREAM, SEEDREAM_TEXT = "fal-ai/bytedance/seedream/", "/text-to-image"
 KEY_HOSTS = ("fal.run", "*.fal.run", "*.fal.ai")  # the queue URLs submit returns get the key only here
 MEDIA_HOSTS = ("fal.media", "*.fal.media", "*.fal.run", "*.fal.ai")
 DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,(.*)", re.DOTALL)  # what sync_mode answers
@@ -31,7 +38,7 @@ class Fal(Adapter):
 
     async def generate(self, request: ImageRequest, model: str) -> list[GeneratedImage]:
         inputs = await encode_inputs(request.images, request.mask, fill=model == FILL)
-        counts = batch_sizes(request.n, MAX_PER_REQUEST)
+        counts = batch_sizes(request.n, 1 if model.startswith(FLUX2) else MAX_PER_REQUEST)
         endpoint = app_for(model, len(request.images))
         return await fan_out(self._request(endpoint, body(request, model, count, inputs), count) for count in counts)
 
@@ -121,6 +128,10 @@ def moderated(response: Reply) -> bool:
 
 def app_for(model: str, images: int) -> str:
     """The fal app that takes this many input images for the route's model."""
+    if model.startswith(FLUX2):
+        return f"{model}/edit" if images else model
+    if model.startswith(SEEDREAM) and images:
+        return model.removesuffix(SEEDREAM_TEXT) + "/edit"
     if model.endswith(KONTEXT) or model.endswith(f"{KONTEXT}/max"):
         return model if images == 1 else f"{model}/{'multi' if images else 'text-to-image'}"
     return model
@@ -132,6 +143,10 @@ def body(request: ImageRequest, model: str, count: int, inputs: EncodedInputs | 
     payload: dict[str, Any] = {"prompt": request.prompt, "num_images": count, "output_format": image_format}
     if request.seed is not None:
         payload["seed"] = request.seed
+    if model.startswith(FLUX2):
+        return flux2_body(request, payload, inputs)
+    if model.startswith(SEEDREAM):
+        return seedream_body(request, count, inputs)
     if model == ULTRA or KONTEXT in model:
         payload["aspect_ratio"] = aspect_ratio(request.width, request.height, ULTRA_RATIOS)
     elif model != FILL:  # Fill makes its image's size
@@ -148,6 +163,24 @@ def body(request: ImageRequest, model: str, count: int, inputs: EncodedInputs | 
     if model == FILL:
         return payload | {"image_url": uris[0], "mask_url": inputs.mask_uri()}
     return payload | ({"image_url": uris[0]} if len(uris) == 1 else {"image_urls": uris})
+
+
+def flux2_body(request: ImageRequest, payload: dict[str, Any], inputs: EncodedInputs | None) -> dict[str, Any]:
+    payload = {name: value for name, value in payload.items() if name != "num_images"}
+    payload |= {"image_size": {"width": request.width, "height": request.height}, "enable_safety_checker": True}
+    if request.safety_tolerance is not None:
+        payload["safety_tolerance"] = str(min(max(request.safety_tolerance, 1), 5))
+    tuning = {"num_inference_steps": request.steps, "guidance_scale": request.guidance}
+    payload |= {name: value for name, value in tuning.items() if value is not None}
+    # Data URIs, as for the other models: nothing is left behind in fal's storage.
+    return payload | ({"image_urls": inputs.data_uris()} if inputs is not None else {})
+
+
+def seedream_body(request: ImageRequest, count: int, inputs: EncodedInputs | None) -> dict[str, Any]:
+    # Made at the size asked (fal takes Seedream's pixel range); no output_format: Seedream makes its own.
+    size = {"width": request.width, "height": request.height}
+    payload = {"prompt": request.prompt, "num_images": count, "image_size": size, "enable_safety_checker": True}
+    return payload | ({"image_urls": inputs.data_uris()} if inputs is not None else {})
 
 
 # The cap keeps bursts from becoming 429s.

@@ -5,7 +5,7 @@ from typing import Protocol
 from pydantic import SecretStr
 
 from qubax.limits.slots import Slots
-from qubax.providers import Provider, ProviderInfo, Upstream, bfl, fal, openai, replicate, together
+from qubax.providers import Provider, ProviderInfo, Upstream, bfl, byteplus, fal, google, openai, replicate, together
 from qubax.providers.transport import Http
 
 
@@ -24,6 +24,8 @@ PROVIDERS: dict[str, ProviderInfo] = {
     replicate.INFO.name: replicate.INFO,
     together.INFO.name: together.INFO,
     openai.INFO.name: openai.INFO,
+    byteplus.INFO.name: byteplus.INFO,
+    google.INFO.name: google.INFO,
 }
 
 

@@ -19,6 +19,15 @@ RUNNING = ("starting", "processing")
 MODERATED_WORDS = ("nsfw", "flagged", "sensitive")  # "flagged as sensitive (E005)", "… contained NSFW content"
 KONTEXT_MAX_SAFETY = 2  # Replicate's Kontext takes no higher safety_tolerance with an input image
 FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}  # ours -> Replicate's names
+# FLUX.2 (replicate.com/black-forest-labs/flux-2-pro, -max, -flex API pages, 2026-12): `aspect_ratio`
+# "custom" with width and height (256-2048), `input_images` (a list: 8 for pro and max, 10 for flex),
+# safety_tolerance 1-5; flex takes `steps` and `guidance`. One image per prediction.
+FLUX2 = "black-forest-labs/flux-2-"
+# Seedream (replicate.com/bytedance/seedream-4 and -4.5 API pages, 2026-12): `size` "custom" with width and
+# height (1024-4096 each), else "2K"/"4K" and an `aspect_ratio`; `image_input` (a list: 10 for 4, 14 for 4.5).
+SEEDREAM = "bytedance/seedream-"
+SEEDREAM_RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9")
+SEEDREAM_SIDES = range(1024, 4097)
 
 
 class Replicate(Adapter):
@@ -115,6 +124,10 @@ def body(request: ImageRequest, model: str, count: int, inputs: EncodedInputs | 
         megapixels = "0.25" if request.width * request.height <= 400_000 else "1"
         payload |= {"aspect_ratio": ratio, "megapixels": megapixels, "num_outputs": count}
         return {"input": payload | {"num_inference_steps": 4, "go_fast": True}}
+    if model.startswith(FLUX2):
+        return {"input": payload | flux2_inputs(request, inputs)}
+    if model.startswith(SEEDREAM):
+        return {"input": seedream_inputs(request, inputs)}
     if request.safety_tolerance is not None:
         payload["safety_tolerance"] = min(max(request.safety_tolerance, 1), 6)  # Replicate takes 1-6
     if "ultra" in model or "kontext" in model or "fill" in model:
@@ -129,6 +142,27 @@ def body(request: ImageRequest, model: str, count: int, inputs: EncodedInputs | 
         if "safety_tolerance" in payload:
             payload["safety_tolerance"] = min(payload["safety_tolerance"], KONTEXT_MAX_SAFETY)
     return {"input": payload}
+
+
+def flux2_inputs(request: ImageRequest, inputs: EncodedInputs | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"aspect_ratio": "custom", "width": request.width, "height": request.height}
+    if request.safety_tolerance is not None:
+        fields["safety_tolerance"] = min(max(request.safety_tolerance, 1), 5)
+    tuning = {"steps": request.steps, "guidance": request.guidance}
+    fields |= {name: value for name, value in tuning.items() if value is not None}
+    return fields | ({"input_images": inputs.data_uris()} if inputs is not None else {})
+
+
+def seedream_inputs(request: ImageRequest, inputs: EncodedInputs | None) -> dict[str, Any]:
+    """The size asked where Replicate's custom sizes reach it, else the nearest aspect ratio at 2K (4K for
+    larger sizes), fitted afterwards. One image, and no output_format or seed: Seedream takes neither."""
+    fields: dict[str, Any] = {"prompt": request.prompt, "sequential_image_generation": "disabled", "max_images": 1}
+    if request.width in SEEDREAM_SIDES and request.height in SEEDREAM_SIDES:
+        fields |= {"size": "custom", "width": request.width, "height": request.height}
+    else:
+        ratio = aspect_ratio(request.width, request.height, SEEDREAM_RATIOS)
+        fields |= {"size": "4K" if request.width * request.height > 2048 * 2048 else "2K", "aspect_ratio": ratio}
+    return fields | ({"image_input": inputs.data_uris()} if inputs is not None else {})
 
 
 def fill_inputs(inputs: EncodedInputs | None) -> dict[str, Any]:

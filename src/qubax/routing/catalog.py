@@ -4,17 +4,17 @@ A model's entry is in `models`; the request a check here makes, and its field ch
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from qubax.errors import InvalidRequest, ModelNotFound
 from qubax.pipeline.uploads import InputImage
 from qubax.protocol import UPLOAD_FIELDS, ImageEditRequest, ImageGenerateRequest
 from qubax.routing.models import CatalogModel, Grid, TokenPrices
-from qubax.routing.request import ImageRequest, check_range, gpt_options, parse_size, pick_option
+from qubax.routing.request import ImageRequest, check_range, flux_options, gpt_options, parse_size, pick_option
 
 RESPONSE_FORMATS = ("url", "b64_json")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-MAX_SEED = 2**32 - 1
 DEFAULT_EDIT_MODEL = "gpt-image-1.5"  # as OpenAI's own default
 
 
@@ -36,9 +36,12 @@ class Catalog:
         )
 
     def asked(self, model_id: str) -> CatalogModel:
-        """The model a request names; a name shut down upstream is a 400 that names its successor."""
-        successor = self.shut_down.get(model_id)
-        if successor is not None and not any(model_id in (model.id, *model.aliases) for model in self.models):
+        """The model a request names; a name shut down upstream is a 400 that names its successor: one the
+        catalog does not serve (`shut_down`), or a model past its shutdown date that no stand-in route
+        serves (one that has one is answered through it: `Route.only_after`)."""
+        served = next((model for model in self.models if model_id in (model.id, *model.aliases)), None)
+        successor = self.shut_down.get(model_id) if served is None else retired(served)
+        if successor is not None:
             raise InvalidRequest(
                 f"The model `{model_id}` has been shut down upstream; use `{successor}`, its successor here.",
                 param="model",
@@ -119,13 +122,11 @@ class Catalog:
         quality = pick_option(model.id, "quality", body.quality, model.qualities, model.default_quality)
         style = pick_option(model.id, "style", body.style, model.styles, model.default_style)
         output_format = pick_option(model.id, "output_format", body.output_format, OUTPUT_FORMATS, "png") or "png"
-        for name, value in (("seed", body.seed), ("safety_tolerance", body.safety_tolerance)):
-            if value is not None and not model.flux_extensions:
-                raise InvalidRequest(f"{name} is a FLUX extension; {model.id} does not take it.", param=name)
-        check_range("seed", body.seed, 0, MAX_SEED)
-        check_range("safety_tolerance", body.safety_tolerance, 0, 6)
+        if body.watermark is not None and not model.watermark_extension:
+            raise InvalidRequest(f"watermark is a Seedream extension; {model.id} does not take it.", param="watermark")
         return ImageRequest(
             **gpt_options(model, body, output_format),
+            **flux_options(model, body),
             model=model,
             prompt=body.prompt,
             width=width,
@@ -135,7 +136,14 @@ class Catalog:
             quality=quality,
             style=style,
             output_format=output_format,
-            seed=body.seed,
-            safety_tolerance=body.safety_tolerance,
+            watermark=bool(body.watermark),
             partial_images=body.partial_images or 0,
         )
+
+
+def retired(model: CatalogModel) -> str | None:
+    """The successor to name in place of a model whose upstream has shut it down and that no stand-in
+    route serves; None while it is served."""
+    if model.successor is None or model.shutdown_date is None or model.shutdown_date > datetime.now(UTC).date():
+        return None
+    return None if any(route.only_after for route in model.routes) else model.successor

@@ -25,10 +25,18 @@ written in code.
 
     [models."gpt-image-1.5"]               # a token-billed model's rates, USD per million tokens
     token_prices = { text_input = 5, image_input = 8, image_output = 32 }
+
+    [models."flux-2-pro"]                  # billed by megapixel: the first, then each further one
+    megapixel_price = { first = 0.03, further = 0.015 }
+
+    [models."flux-1-schnell"]              # its lifecycle: the day its upstream stops serving it, and
+    shutdown_date = 2027-03-01             # the model to ask for instead (after that day, a model with no
+    successor = "flux-1.1-pro"             # stand-in route is a 400 that names it)
 """
 
 import dataclasses
 import tomllib
+from datetime import date
 from decimal import Decimal
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -39,11 +47,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qubax.errors import MODEL_NOT_SERVED
 from qubax.routing.catalog import Catalog
-from qubax.routing.models import CatalogModel, Fixed, Free, Grid, Price, Route, TokenPrices
+from qubax.routing.catalog_prices import MegapixelPriceEntry, PriceEntry, TokenPricesEntry, price_changes
+from qubax.routing.models import CatalogModel, Fixed, Free, Grid, Route
 
 BUILTIN = resources.files("qubax.routing") / "builtin_catalog.toml"
 # What a model made without `like` must say (the catalog's other fields have defaults).
 REQUIRED = ("owned_by", "created", "sizes", "default_size", "max_n", "prices", "routes")
+PRICE_KEYS = ("price", "prices", "token_prices", "megapixel_price")  # read by `catalog_prices`
 
 
 class CatalogError(ValueError):
@@ -76,20 +86,6 @@ class FreeEntry(BaseModel):
     max_pixels: int = Field(ge=1)
 
 
-class PriceEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    usd: Decimal = Field(ge=0)
-    quality: str | None = None  # left out: any
-    size: str | None = None
-
-
-class TokenPricesEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text_input: Decimal = Field(ge=0)
-    image_input: Decimal = Field(ge=0)
-    image_output: Decimal = Field(ge=0)
-
-
 class ModelEntry(BaseModel):
     """A model's keys. Those below `routes` are named as `CatalogModel`'s fields and copied as they are."""
 
@@ -98,6 +94,7 @@ class ModelEntry(BaseModel):
     price: Decimal | None = Field(default=None, ge=0)
     prices: list[PriceEntry] | None = Field(default=None, min_length=1)  # the first that matches applies
     token_prices: TokenPricesEntry | None = None
+    megapixel_price: MegapixelPriceEntry | None = None
     sizes: list[str] | GridEntry | FreeEntry | None = None
     routes: list[RouteEntry] | None = None
     owned_by: str | None = None
@@ -121,6 +118,10 @@ class ModelEntry(BaseModel):
     mask: Literal["optional", "none", "required"] | None = None
     size_from_input: bool | None = None
     flux_extensions: bool | None = None
+    watermark_extension: bool | None = None
+    tuning: bool | None = None
+    shutdown_date: date | None = None  # a TOML date: shutdown_date = 2026-12-01
+    successor: str | None = None
 
 
 class ProviderEntry(BaseModel):
@@ -170,9 +171,11 @@ def apply(parsed: CatalogFile, base: Catalog, providers: set[str]) -> Catalog:
         for name in (model.id, *model.aliases):
             if claimed.setdefault(name, model.id) != model.id:
                 raise CatalogError(f"the name {name!r} is used by both {claimed[name]!r} and {model.id!r}")
-    for name, successor in parsed.shut_down.items():
+    successors = [(f"shut_down.{name}", successor) for name, successor in parsed.shut_down.items()]
+    successors += [(f"models.{model.id}.successor", model.successor) for model in models.values() if model.successor]
+    for where, successor in successors:
         if successor not in models:
-            raise CatalogError(f"shut_down.{name}: no model named {successor!r}")
+            raise CatalogError(f"{where}: no model named {successor!r}")
     concurrency = dict(base.concurrency) | {name: entry.concurrency for name, entry in parsed.providers.items()}
     return Catalog(tuple(models.values()), concurrency, dict(base.shut_down) | parsed.shut_down)
 
@@ -182,8 +185,8 @@ def build_model(model_id: str, entry: ModelEntry, models: dict[str, CatalogModel
     if base is None and entry.like:
         raise CatalogError(f"models.{model_id}.like: no model named {entry.like!r}")
     changes = entry_changes(model_id, entry, base.routes if base else (), providers)
-    if entry.like:  # a new model starts with no aliases of its own
-        changes.setdefault("aliases", ())
+    if entry.like:  # a new model starts with no aliases, and no lifecycle, of its own
+        changes = {"aliases": (), "shutdown_date": None, "successor": None} | changes
     if base is not None:
         model = dataclasses.replace(base, **changes)  # type: ignore[arg-type]
     elif missing := [name for name in REQUIRED if name not in changes]:
@@ -201,17 +204,12 @@ def entry_changes(
     model_id: str, entry: ModelEntry, built_in: tuple[Route, ...], providers: set[str]
 ) -> dict[str, object]:
     """The `CatalogModel` fields the entry sets."""
-    copied = entry.model_dump(exclude={"like", "price", "prices", "token_prices", "sizes", "routes"}, exclude_none=True)
+    copied = entry.model_dump(exclude={"like", *PRICE_KEYS, "sizes", "routes"}, exclude_none=True)
     changes: dict[str, object] = {"id": model_id}
     changes |= {name: tuple(value) if isinstance(value, list) else value for name, value in copied.items()}
     if entry.price is not None and entry.prices is not None:
         raise CatalogError(f"models.{model_id}: give `price` or `prices`, not both")
-    if entry.price is not None:
-        changes["prices"] = (Price(entry.price),)
-    if entry.prices is not None:
-        changes["prices"] = tuple(Price(price.usd, price.quality, price.size) for price in entry.prices)
-    if entry.token_prices is not None:
-        changes["token_prices"] = TokenPrices(**entry.token_prices.model_dump())
+    changes |= price_changes(entry.price, entry.prices, entry.token_prices, entry.megapixel_price)
     if entry.sizes is not None:
         changes["sizes"] = build_sizes(model_id, entry.sizes)
     if entry.routes is not None:

@@ -1,9 +1,11 @@
 """One entry of the catalog: a model we serve, the sizes it takes (`Grid`, `Fixed`, `Free`), what its
-images cost (`Price`, `TokenPrices`) and the upstreams that serve it (`Route`). Plain data that
+images cost (`Price`, `TokenPrices`, `MegapixelPrice`) and the upstreams that serve it (`Route`). Plain data that
 `catalog_file` builds from the TOML tables and every part of the service reads; apart from `catalog`
 so that `request.ImageRequest`, which carries its model, needs nothing of the catalog's lookups."""
 
+import math
 from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal
 
 from qubax.protocol import Usage
@@ -83,8 +85,9 @@ class Free:
         )
 
     def describe(self) -> str:
+        multiples = f"multiples of {self.step}, " if self.step > 1 else ""  # Seedream takes any whole number
         return (
-            f"width and height must be multiples of {self.step}, at most {self.max_side}, with an aspect ratio "
+            f"width and height must be {multiples}at most {self.max_side}, with an aspect ratio "
             f"within 1:{self.max_ratio} and {self.max_ratio}:1 and {self.min_pixels:,} to {self.max_pixels:,} pixels"
         )
 
@@ -97,15 +100,39 @@ class TokenPrices:
     text_input: Decimal
     image_input: Decimal
     image_output: Decimal
+    # Text and thinking tokens out, where the upstream bills them apart from the image's (Gemini); without
+    # it every output token is an image token.
+    text_output: Decimal | None = None
 
     def cost(self, usage: Usage) -> Decimal:
-        details = usage.input_tokens_details
+        details, output = usage.input_tokens_details, usage.output_tokens_details
+        image_out, text_out = usage.output_tokens, 0
+        if self.text_output is not None and output is not None:
+            image_out, text_out = output.image_tokens, usage.output_tokens - output.image_tokens
         spent = (
             details.text_tokens * self.text_input
             + details.image_tokens * self.image_input
-            + usage.output_tokens * self.image_output
+            + image_out * self.image_output
+            + text_out * (self.text_output or 0)
         )
         return spent / 1_000_000
+
+
+@dataclass(frozen=True)
+class MegapixelPrice:
+    """USD by megapixel, as BFL bills FLUX.2: the output's first megapixel, then each further one, and each
+    megapixel of an input image at the further rate. A megapixel is 1024x1024 pixels, counted up per image."""
+
+    first: Decimal
+    further: Decimal
+
+    def cost(self, width: int, height: int, inputs: tuple[tuple[int, int], ...] = ()) -> Decimal:
+        further = megapixels(width, height) - 1 + sum(megapixels(w, h) for w, h in inputs)
+        return self.first + self.further * further
+
+
+def megapixels(width: int, height: int) -> int:
+    return max(1, math.ceil(width * height / (1024 * 1024)))
 
 
 @dataclass(frozen=True)
@@ -146,8 +173,18 @@ class CatalogModel:
     mask: str = "optional"  # "optional", "none" (refused), or "required" (a mask or a transparent first image)
     size_from_input: bool = False  # an edit without a size takes the first image's aspect ratio
     flux_extensions: bool = True  # takes `seed` and `safety_tolerance`
+    watermark_extension: bool = False  # takes `watermark` (Seedream)
+    tuning: bool = False  # takes `steps` and `guidance` (FLUX.2 [flex])
+    megapixel_price: MegapixelPrice | None = None  # billed by megapixel; `prices` then holds the 1 MP price
+    # Its lifecycle: the day its upstream stops (or stopped) serving it, and the model to ask for instead.
+    shutdown_date: date | None = None
+    successor: str | None = None
 
-    def price(self, quality: str | None, size: str) -> Decimal:
+    def price(self, quality: str | None, size: str, inputs: tuple[tuple[int, int], ...] = ()) -> Decimal:
+        """One image's price at `size` (`WxH`), an edit's input images' sizes counted where they are billed."""
+        if self.megapixel_price is not None:
+            width, _, height = size.partition("x")
+            return self.megapixel_price.cost(int(width), int(height), inputs)
         for entry in self.prices:
             if entry.quality in (None, quality) and entry.size in (None, size):
                 return entry.usd

@@ -13,6 +13,7 @@ from qubax.pipeline.uploads import InputImage
 from qubax.protocol import ImageGenerateRequest
 from qubax.routing.models import CatalogModel
 
+MAX_SEED = 2**32 - 1
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # ASCII digits, no leading zeros, nothing else
 
 
@@ -59,6 +60,10 @@ class ImageRequest:
     # FLUX extensions: adapters pass them on where their upstream takes them and ignore them otherwise.
     seed: int | None = None
     safety_tolerance: int | None = None
+    steps: int | None = None  # FLUX.2 [flex]'s
+    guidance: float | None = None
+    # Seedream extension: ModelArk's "AI generated" mark, off unless the client asked for it.
+    watermark: bool = False
     # Streamed answers: how many partial images the client wants of each image, and where an adapter
     # whose upstream makes them puts each one as it arrives (the stream keeps to `partial_images`).
     partial_images: int = 0
@@ -74,7 +79,8 @@ class ImageRequest:
     @property
     def cost_per_image(self) -> Decimal:
         """The price of one image, or for a token-billed model the estimate its budget is checked with."""
-        return self.model.price(self.quality, self.size)
+        inputs = tuple((image.width, image.height) for image in self.images)  # where billed by megapixel
+        return self.model.price(self.quality, self.size, inputs)
 
     def cost_micros(self, images: int, test: bool) -> int:
         """What `images` of this request cost at the price per image (for a token-billed model, the
@@ -105,7 +111,21 @@ def gpt_options(model: CatalogModel, body: ImageGenerateRequest, output_format: 
     }
 
 
-def check_range(param: str, value: int | None, low: int, high: int) -> None:
+def flux_options(model: CatalogModel, body: ImageGenerateRequest) -> dict[str, Any]:
+    """The FLUX extensions, checked: each is a 400 naming it for a model that does not take it."""
+    options = {"seed": body.seed, "safety_tolerance": body.safety_tolerance}
+    tuning = {"steps": body.steps, "guidance": body.guidance}
+    for name, value in (options | tuning).items():
+        if value is not None and not (model.tuning if name in tuning else model.flux_extensions):
+            raise InvalidRequest(f"{name} is a FLUX extension; {model.id} does not take it.", param=name)
+    check_range("seed", body.seed, 0, MAX_SEED)
+    check_range("safety_tolerance", body.safety_tolerance, 0, 6)
+    check_range("steps", body.steps, 1, 50)
+    check_range("guidance", body.guidance, 1.5, 10)
+    return options | tuning
+
+
+def check_range(param: str, value: float | None, low: float, high: float) -> None:
     if value is not None and not low <= value <= high:
         raise InvalidRequest(f"{param} must be between {low} and {high}; got {value}.", param=param)
 

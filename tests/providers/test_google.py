@@ -14,6 +14,7 @@ from qubax.errors import MODEL_NOT_SERVED, ContentPolicyViolation, UpstreamError
 from qubax.pipeline.uploads import InputImage
 from qubax.providers import Upstream
 from qubax.providers.google import Google, body
+from qubax.providers.registry import PROVIDERS
 from qubax.providers.transport import Http, open_session
 from tests.fakes.google import FakeGoogle, inline_image
 from tests.providers import Job, ask
@@ -287,3 +288,9 @@ def seen(part: dict[str, Any]) -> tuple[str, tuple[int, int], Any] | None:
 
 def b64(image: InputImage) -> str:
     return base64.b64encode(image.read()).decode()
+
+
+def test_the_providers_variables_and_default_base_url() -> None:
+    info = PROVIDERS["google"]
+    assert (info.credential, info.base_url_variable) == ("GEMINI_API_KEY", "QUBAX_GOOGLE_BASE_URL")
+    assert info.base_url == "https://generativelanguage.googleapis.com/v1beta"

@@ -35,7 +35,7 @@ def test_credentials_and_defaults(settings: Settings) -> None:
     settings.credentials["openai"] = SecretStr("sk-1")
     assert credentials(settings, "openai") == ["sk-1"]
     assert default_concurrency()["bfl"] == 24
-    assert set(PROVIDERS) == {"bfl", "fal", "replicate", "together", "openai"}
+    assert set(PROVIDERS) == {"bfl", "fal", "replicate", "together", "openai", "byteplus", "google"}
 
 
 def test_a_new_provider_is_one_info_and_one_registry_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -112,6 +112,15 @@ def test_the_watermark_is_sent_only_when_asked(stack: Stack, ark: FakeModelArk) 
     assert [body["watermark"] for body in ark.requests] == [True, False]
 
 
+def test_an_edit_takes_the_watermark_as_a_form_field(stack: Stack, ark: FakeModelArk) -> None:
+    stack.live.images.edit(
+        model="seedream-4.0", image=("a.png", png(64, 64)), prompt="p", extra_body={"watermark": True}
+    )
+    stack.live.images.edit(model="seedream-4.0", image=("a.png", png(64, 64)), prompt="p")
+
+    assert [body["watermark"] for body in ark.requests] == [True, False]
+
+
 def test_the_watermark_extension_is_refused_for_models_without_it(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         stack.test.images.generate(model="flux-1.1-pro", prompt="a fox", extra_body={"watermark": False})
@@ -297,6 +306,13 @@ def test_models_lists_seedream_where_a_provider_serves_it(stack: Stack) -> None:
     listed = {model.id for model in stack.live.models.list()}
 
     assert {"seedream-4.0", "seedream-4.5"} <= listed
+
+
+def test_models_leaves_seedream_out_where_no_provider_serves_it(settings: Settings) -> None:
+    with running_stack(settings, providers=("bfl",)) as stack:
+        listed = {model.id for model in stack.live.models.list()}
+
+    assert "flux-1.1-pro" in listed and not {"seedream-4.0", "seedream-4.5"} & listed
 
 
 def wait_for(stack: Stack, job_id: str, timeout: float = 20) -> dict[str, Any]:

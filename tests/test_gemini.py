@@ -315,6 +315,7 @@ def test_models_lists_the_gemini_and_imagen_names(stack: Stack) -> None:
 
     assert {"gemini-2.5-flash-image", "gemini-3.1-flash-image", "gemini-3-pro-image"} <= listed
     assert {"imagen-4.0-generate-001", "imagen-4.0-fast-generate-001", "imagen-4.0-ultra-generate-001"} <= listed
+    assert "flux-1.1-pro" not in listed and "gpt-image-2" not in listed  # only Google is configured
 
 
 def wait_for(stack: Stack, job_id: str, timeout: float = 20) -> dict[str, Any]:

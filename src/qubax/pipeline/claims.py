@@ -17,28 +17,27 @@ LIFETIME = timedelta(hours=24)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-async def claim(sessions: Sessions, key_id: str, token: str, print_: str) -> bool:
-    """Whether this request now owns the key (an expired claim is cleared first)."""
+async def claim(sessions: Sessions, key_id: str, token: str, print_: str) -> tables.IdempotentRequest | None:
+    """The key's row, if this request now owns the key (an expired claim is cleared first)."""
     now = tables.now()
+    row = tables.IdempotentRequest(
+        key_id=key_id,
+        idempotency_key=token,
+        fingerprint=print_,
+        status="running",
+        created_at=now,
+        heartbeat_at=now,
+        expires_at=now + LIFETIME,
+    )
     async with sessions() as session:
         expired = row_of(key_id, token) & (tables.IdempotentRequest.expires_at < now)
         await session.execute(delete(tables.IdempotentRequest).where(expired))
-        session.add(
-            tables.IdempotentRequest(
-                key_id=key_id,
-                idempotency_key=token,
-                fingerprint=print_,
-                status="running",
-                created_at=now,
-                heartbeat_at=now,
-                expires_at=now + LIFETIME,
-            )
-        )
+        session.add(row)
         try:
             await session.commit()
         except IntegrityError:
-            return False
-    return True
+            return None
+    return row
 
 
 def row_of(key_id: str, token: str) -> ColumnElement[bool]:

@@ -81,8 +81,8 @@ async def once(work: Work, services: Services, token: str) -> Answer:
     key_id, print_ = work.key.id, await fingerprint_of(work)
     deadline = time.monotonic() + services.settings.request_timeout_seconds
     while True:
-        if await claim(services.sessions, key_id, token, print_):
-            return await owned(work, services, token)
+        if (claimed := await claim(services.sessions, key_id, token, print_)) is not None:
+            return await owned(charged_as(work, claimed), services, token)
         row = await find(services.sessions, key_id, token)
         if row is None:  # the first request failed and let go: this one does the work
             continue
@@ -94,7 +94,7 @@ async def once(work: Work, services: Services, token: str) -> Answer:
             return await replay(row, services.storage, work.public_url)
         # A claim whose worker has gone silent (its node died) is taken over; of several nodes, one wins.
         if await touch(services.sessions, key_id, token, silent_for=services.settings.takeover_seconds):
-            return await owned(work, services, token)
+            return await owned(charged_as(work, row), services, token)
         if time.monotonic() > deadline:
             raise InProgress(
                 "The request with this Idempotency-Key is still at work; try again shortly.", retry_after=1
@@ -184,15 +184,17 @@ def detach(services: Services, work: Awaitable[Any]) -> "asyncio.Task[Any]":
     return task
 
 
+def charged_as(work: Work, claimed: tables.IdempotentRequest) -> Work:
+    """The work, its usage record charged as the key's claim (`claims.usage_id`): the same record for a
+    node that takes the claim over."""
+    return dataclasses.replace(work, charge_id=usage_id(claimed))
+
+
 async def own(work: Work, services: Services, token: str, relay: Relay | None = None) -> Answer | None:
     """Store a success's answer, or a deterministic refusal's; let go of the key otherwise (a failure
     that may pass, or work that has nothing worth keeping). The work's usage record is charged as the
-    claim (`claims.usage_id`); upstream tasks it starts are noted in the journal, where a takeover finds
-    them."""
+    claim (`charged_as`); upstream tasks it starts are noted in the journal, where a takeover finds them."""
     key_id = work.key.id
-    claimed = await find(services.sessions, key_id, token)
-    if claimed is not None:
-        work = dataclasses.replace(work, charge_id=usage_id(claimed))
     beating = asyncio.create_task(heartbeat(services, key_id, token))
     try:
         async with journal.kept(services.sessions, journal.request_owner(key_id, token)):

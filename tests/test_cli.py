@@ -153,8 +153,10 @@ def test_models_without_credentials_say_what_to_set(settings: Settings) -> None:
     assert rows["flux-1-schnell"].endswith("  together, fal, replicate")
     assert rows["flux-1-schnell"].split()[1:4] == ["1024x1024", "1-4", "$0.003"]
     assert rows["dall-e-3"].split()[1:5] == ["1024x1024", "1", "from", "$0.04"]  # the price depends on quality
+    assert rows["flux-2-pro"].split()[1:4] == ["1024x1024", "1-4", "$0.03+0.015/MP"]  # by megapixel
     assert "To enable a route, set its credential: BFL_API_KEY (bfl), FAL_KEY (fal)," in output
     assert max(len(line) for line in output.splitlines()[:5]) <= 100  # fits a terminal
+    assert "  gemini-3.1-flash-image: gemini-3.1-flash-image-preview, nano-banana-2\n" in output
 
 
 def test_models_with_a_credential_say_configured(settings: Settings) -> None:
@@ -171,9 +173,21 @@ def test_models_show_the_operator_catalog(settings: Settings, tmp_path: Path) ->
     catalog.write_text(
         '[models."flux-1.1-pro"]\naliases = ["flux-pro"]\nroutes = [{ provider = "fal" }, { provider = "bfl" }]\n'
     )
-    rows = model_rows(ok(qubax(settings, "models", env={"QUBAX_CATALOG": str(catalog)})))
-    assert rows["flux-1.1-pro"].split("  ")[0] == "flux-1.1-pro (flux-pro)"
+    output = ok(qubax(settings, "models", env={"QUBAX_CATALOG": str(catalog)}))
+    rows = model_rows(output)
+    assert "\nAliases:\n  flux-1.1-pro: flux-pro\n" in output
     assert rows["flux-1.1-pro"].endswith("  fal, bfl")
+
+
+def test_models_show_shutdown_dates(settings: Settings, tmp_path: Path) -> None:
+    rows = model_rows(ok(qubax(settings, "models")))
+    assert rows["dall-e-3"].split()[-3:] == ["openai,", "openai", "2026-05-12"]
+    assert rows["gpt-image-1-mini"].endswith("  2026-12-01") and rows["gpt-image-1"].endswith("  2026-10-23")
+    assert rows["gpt-image-2"].endswith("  openai")  # none announced
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text('[models."gpt-image-2"]\nshutdown_date = 2027-06-30\n')
+    rows = model_rows(ok(qubax(settings, "models", env={"QUBAX_CATALOG": str(catalog)})))
+    assert rows["gpt-image-2"].split()[-2:] == ["openai", "2027-06-30"]
 
 
 def test_a_broken_catalog_is_a_clear_error(settings: Settings, tmp_path: Path) -> None:

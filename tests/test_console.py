@@ -7,7 +7,7 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
@@ -20,6 +20,7 @@ from starlette.responses import Response
 from qubax.console import sessions
 from qubax.records import db, tables
 from qubax.server.settings import Settings
+from tests.conftest import eventually
 from tests.stack import Stack, rows, running_stack
 from tests.test_admin import TOKEN
 from tests.test_upstreams import picture
@@ -250,6 +251,32 @@ def test_the_overview_shows_a_failing_route_and_its_breaker(settings: Settings) 
     assert row is not None and "breaker open" in row[0] and "Black Forest Labs" in row[0]
     assert "100.0%" in page  # today's error rate
     assert "not configured" in page and "set FAL_KEY" in page
+
+
+def test_the_overview_warns_of_shutdowns_and_of_routes_whose_upstream_lost_the_model(settings: Settings) -> None:
+    """Within 30 days or past (the catalog's date and the one OpenAI's model list publishes, side by side),
+    and a route whose upstream answered `model_not_found`."""
+    settings.admin_token = SecretStr(TOKEN)
+    soon, later = (datetime.now(UTC).date() + timedelta(days=days) for days in (10, 100))
+    catalog = f'[models."gpt-image-1.5"]\nshutdown_date = {soon}\n[models."gpt-image-2"]\nshutdown_date = {later}\n'
+    with running_stack(settings, catalog=catalog, providers=("openai",)) as stack:
+        stack.openai.retired = True
+        stack.live.images.generate(model="gpt-image-1", prompt="a fox")  # made by gpt-image-2 after a 404
+        eventually(lambda: read_once(stack))
+        client, _ = signed_in(stack)
+        page = client.get("/console").text
+    lifecycle = page[page.index('id="lifecycle"') : page.index("Routes now")]
+    rows = {row[0]: row for row in re.findall(r"<tr>\s*<td>([^<]+)</td>(.*?)</tr>", lifecycle, re.DOTALL)}
+    assert rows.keys() >= {"gpt-image-1.5", "gpt-image-2", "dall-e-3"}
+    assert f"{soon}" in lifecycle and "in 10 days" in lifecycle and "the catalog" in lifecycle
+    assert "2026-12-01" in lifecycle and "openai (its model list)" in lifecycle  # OpenAI's own date, beside
+    assert f"{later}" in rows["gpt-image-2"][1] and "data-warning" not in rows["gpt-image-2"][1]
+    assert 'data-warning="dall-e-3"' in lifecycle and "shut down" in rows["dall-e-3"][1]
+    assert re.search(r'data-not-found="openai:gpt-image-1".*answered 1 time in', lifecycle, re.DOTALL)
+
+
+def read_once(stack: Stack) -> None:
+    assert stack.openai.model_lists == 1  # OpenAI's model list, read as the app started
 
 
 def test_usage_with_bad_days_says_so_on_the_page(stack: Stack) -> None:

@@ -2,6 +2,7 @@
 own parser. flux-1.1-pro goes to BFL first and Together next; dall-e-3 goes to the fake OpenAI."""
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
@@ -209,3 +210,37 @@ def test_queued_and_running_jobs_are_a_gauge(settings: Settings) -> None:
         stack.bfl.pending_polls = 0
         eventually(none, seconds=30)
     assert len(stack.bfl.submissions) == 2  # both jobs were made
+
+
+def test_shutdowns_within_30_days_and_models_an_upstream_no_longer_serves(settings: Settings) -> None:
+    """Each known shutdown date by who says so (the catalog, OpenAI's model list), a 1 for those within
+    30 days or past, and a count of the tries whose upstream answered `model_not_found`, by route."""
+    soon, later = (datetime.now(UTC).date() + timedelta(days=days) for days in (10, 100))
+    catalog = (
+        f'[models."gpt-image-2"]\nshutdown_date = {soon}\n[models."gpt-image-2.6-flare"]\nshutdown_date = {later}\n'
+    )
+    with running_stack(settings, catalog=catalog, admin_token=SecretStr(ADMIN_TOKEN)) as stack:
+        stack.openai.retired = True
+        stack.live.images.generate(model="gpt-image-1", prompt="p")  # made by gpt-image-2 after a 404
+        samples = eventually(lambda: published(scrape(stack)))
+    assert label_values(samples, "qubax_model_shutting_down", "model") >= {"gpt-image-2", "dall-e-3", "gpt-image-1"}
+    assert value(samples, "qubax_model_shutting_down", model="gpt-image-2", date=soon.isoformat()) == 1
+    assert "gpt-image-2.6-flare" not in label_values(samples, "qubax_model_shutting_down", "model")
+    midnight = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    for source in ("catalog", "openai"):
+        assert (
+            value(samples, "qubax_model_shutdown_timestamp_seconds", model="gpt-image-1.5", source=source) == midnight
+        )
+    flare = datetime.combine(later, datetime.min.time(), UTC).timestamp()
+    assert (
+        value(samples, "qubax_model_shutdown_timestamp_seconds", model="gpt-image-2.6-flare", source="catalog") == flare
+    )
+    not_found = "qubax_upstream_model_not_found_total"
+    assert value(samples, not_found, upstream="openai", upstream_model="gpt-image-1") == 1
+    assert label_values(samples, not_found, "upstream_model") == {"gpt-image-1"}  # not the stand-in that made it
+
+
+def published(samples: Samples) -> Samples:
+    """Once OpenAI's model list has been read (as the app started)."""
+    assert value(samples, "qubax_model_shutdown_timestamp_seconds", model="dall-e-3", source="openai") > 0
+    return samples

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qubax import console
 from qubax.api import admin, admin_token, docs, routes
-from qubax.background import runner, webhooks
+from qubax.background import lifecycle, runner, webhooks
 from qubax.errors import InvalidRequest, QubaxError, RequestTooLarge, invalid_input
 from qubax.protocol import Error, ErrorResponse
 from qubax.providers.registry import PROVIDERS, default_concurrency
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             background = [
                 asyncio.create_task(runner.run_forever(services)),
                 asyncio.create_task(webhooks.deliver_forever(services)),
+                asyncio.create_task(lifecycle.read_forever(services)),
             ]
             try:
                 yield

@@ -13,7 +13,9 @@ low/medium/high/auto, `background`, `moderation`, `output_format`, `output_compr
 then an `image_generation.completed` event with the image and its `usage`.
 
 By default it is a compatible host that still serves the models OpenAI has shut down; with `retired` set
-it answers them 404 `model_not_found`, as OpenAI's own API does.
+it answers them 404 `model_not_found`, as OpenAI's own API does. `GET /v1/models` lists its models as
+OpenAI's list does, each with the optional `shutdown_date` (YYYY-MM-DD, or null when none is announced;
+`shutdown_dates`, from OpenAI's deprecations page).
 """
 
 import asyncio
@@ -30,7 +32,14 @@ from starlette.routing import Route
 from tests.fakes import ImagesFake
 
 SIZES = ("1024x1024", "1792x1024", "1024x1792")
-GPT_MODELS = ("gpt-image-1.5", "gpt-image-1-mini", "gpt-image-2", "gpt-image-1")
+GPT_MODELS = (
+    "gpt-image-1.5",
+    "gpt-image-1-mini",
+    "gpt-image-2",
+    "gpt-image-1",
+    "gpt-image-2.6-sunburst",
+    "gpt-image-2.6-flare",
+)
 GPT_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
 # What OpenAI's own API has shut down and answers 404 model_not_found (its deprecations page): dall-e-3 on
 # 2026-05-12, gpt-image-1 on 2026-10-23, the rest on 2026-12-01.
@@ -42,6 +51,16 @@ RETIRED = (
     "gpt-image-1-mini",
     "chatgpt-image-latest",
 )
+# The shutdown dates OpenAI's deprecations page gives these models (and its model list publishes).
+SHUTDOWN_DATES = {
+    "dall-e-2": "2026-05-12",
+    "dall-e-3": "2026-05-12",
+    "gpt-image-1": "2026-10-23",
+    "gpt-image-1.5": "2026-12-01",
+    "gpt-image-1.5-2025-12-16": "2026-12-01",
+    "gpt-image-1-mini": "2026-12-01",
+    "chatgpt-image-latest": "2026-12-01",
+}
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # Image tokens OpenAI documents for one output image, at 1024x1024 and at the larger standard sizes.
 OUTPUT_TOKENS = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
@@ -65,10 +84,29 @@ class FakeOpenAI(ImagesFake):
         self.event_delay = 0.0  # seconds between streamed events
         self.extra_partials = 0  # a streamed answer sends this many partial images more than asked
         self.streams_closed = 0  # streamed answers that ended early: the client went away
+        self.shutdown_dates = dict(SHUTDOWN_DATES)  # what `GET /v1/models` publishes
+        self.model_lists = 0  # `GET /v1/models` calls answered
         self.app.router.routes.append(Route("/v1/images/edits", self.edit, methods=["POST"]))
+        self.app.router.routes.append(Route("/v1/models", self.list_models))
 
     def unauthorized(self) -> Response:
         return error(401, "Incorrect API key provided: test-***.", "invalid_api_key")
+
+    async def list_models(self, request: Request) -> Response:
+        """`GET /v1/models`: `{"object": "list", "data": [{"id", "object", "created", "owned_by",
+        "shutdown_date"}]}`; the retired models only while it still serves them."""
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return self.unauthorized()
+        if self.fail_status is not None:
+            return error(self.fail_status, f"fake failure {self.fail_status}", None, "server_error")
+        self.model_lists += 1
+        served = [name for name in ("dall-e-3", *GPT_MODELS) if not (self.retired and name in RETIRED)]
+        listed = [
+            {"id": name, "object": "model", "created": 1698785189, "owned_by": "system"}
+            | {"shutdown_date": self.shutdown_dates.get(name)}
+            for name in served
+        ]
+        return JSONResponse({"object": "list", "data": listed})
 
     def answer(self, request: Request, body: dict[str, Any]) -> Response:
         if refusal := self.refusal(body):
@@ -237,7 +275,7 @@ def gpt_invalid(body: dict[str, Any]) -> tuple[str, str] | None:
 def gpt_size_ok(model: str, size: str) -> bool:
     if size in GPT_SIZES:
         return True
-    if model != "gpt-image-2":
+    if not model.startswith("gpt-image-2"):
         return False
     width, height = (int(side) for side in size.split("x"))
     long, short = max(width, height), min(width, height)

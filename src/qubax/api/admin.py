@@ -19,6 +19,7 @@ from qubax.api.docs import openapi_schema
 from qubax.errors import InvalidRequest, NotFound
 from qubax.protocol import error_responses
 from qubax.records import queries
+from qubax.routing import lifecycle
 from qubax.server.services import ServicesDep
 from qubax.server.settings import ADMIN_TOKEN_CHARS
 
@@ -61,6 +62,7 @@ async def admin_openapi() -> dict[str, Any]:
 async def serve_metrics(services: ServicesDep) -> Response:
     """Prometheus' scrape target (`authorization: {type: Bearer, ...}` in the scrape job)."""
     await services.metrics.read_jobs(services.sessions)
+    services.metrics.shutdowns = lifecycle.shutdowns(services.catalog.models, services.published)
     return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

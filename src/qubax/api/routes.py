@@ -31,6 +31,7 @@ from qubax.protocol import (
     error_responses,
 )
 from qubax.records.storage import IMAGE_NAME
+from qubax.routing import lifecycle
 from qubax.routing.models import CatalogModel
 from qubax.server.services import Services, ServicesDep
 
@@ -167,26 +168,38 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 WATCH_AFTER_SECONDS = 0.1
 
 
-@router.get("/v1/models", responses=error_responses(401), summary="List models", tags=["Models"])
+@router.get(
+    "/v1/models",
+    responses=error_responses(401),
+    summary="List models",
+    tags=["Models"],
+    response_model_exclude_none=True,
+)
 async def list_models(key: CurrentKey, services: ServicesDep) -> ModelList:
     """The models this key can use, aliases included: for a live key those with an upstream configured,
-    for a test key all of them."""
+    for a test key all of them. `shutdown_date` where one is known (the catalog's, else the upstream's)."""
     models = [model for model in services.catalog.models if key.test or failover.usable_routes(model, services)]
-    return ModelList(data=[model_card(model, name) for model in models for name in (model.id, *model.aliases)])
+    cards = [model_card(model, name, services) for model in models for name in (model.id, *model.aliases)]
+    return ModelList(data=cards)
 
 
 @router.get(
-    "/v1/models/{model_id:path}", responses=error_responses(401, 404), summary="Retrieve model", tags=["Models"]
+    "/v1/models/{model_id:path}",
+    responses=error_responses(401, 404),
+    summary="Retrieve model",
+    tags=["Models"],
+    response_model_exclude_none=True,
 )
 async def retrieve_model(model_id: str, key: CurrentKey, services: ServicesDep) -> Model:
     model = services.catalog.find(model_id)
     if not key.test and not failover.usable_routes(model, services):
         raise failover.not_served(model)
-    return model_card(model, model_id)
+    return model_card(model, model_id, services)
 
 
-def model_card(model: CatalogModel, name: str) -> Model:
-    return Model(id=name, created=model.created, owned_by=model.owned_by)
+def model_card(model: CatalogModel, name: str, services: Services) -> Model:
+    ends = lifecycle.shutdown_date(model, services.published)
+    return Model(id=name, created=model.created, owned_by=model.owned_by, shutdown_date=ends)
 
 
 IMAGE_CONTENT = {f"image/{ext}": {"schema": {"type": "string", "format": "binary"}} for ext in ("png", "jpeg", "webp")}

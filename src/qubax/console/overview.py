@@ -1,18 +1,21 @@
 """The overview page: today and the last 30 days at a glance, images and spend per day and model, how
-fast each route answers, and the state of every route now."""
+fast each route answers, the state of every route now, and the models' shutdown dates, with a warning for
+those that shut down within 30 days and for routes whose upstream no longer serves their model."""
 
 import statistics
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from fastapi import Request, Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from qubax.console.charts import stacked_bars
 from qubax.console.sessions import PageSession
 from qubax.console.web import page, router, usd
+from qubax.errors import MODEL_NOT_SERVED
 from qubax.providers.registry import PROVIDERS
 from qubax.records import queries, tables
+from qubax.routing import lifecycle
 from qubax.server.services import Services, ServicesDep
 
 DAYS = 30
@@ -77,6 +80,10 @@ async def overview(request: Request, console: PageSession, services: ServicesDep
         spend_chart=stacked_bars("Spend per day, by model", days, spend, lambda v: usd(round(v * 1_000_000))),
         latencies=await latencies(services),
         routes=await route_states(services),
+        shutdowns=lifecycle.shutdowns(services.catalog.models, services.published),
+        this_day=today,
+        warn_days=lifecycle.WARN_DAYS,
+        not_found=await not_found_routes(services),
     )
 
 
@@ -98,6 +105,20 @@ async def latencies(services: Services) -> list[tuple[str, int, int, int, int]]:
         cuts = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
         found.append((route, len(values), round(cuts[49]), round(cuts[94]), round(cuts[98])))
     return found
+
+
+async def not_found_routes(services: Services) -> list[tuple[str, str, int]]:
+    """The routes whose upstream answered, in the last day, that it does not serve their model: (provider,
+    upstream model, how many times). A lasting answer: the model is likely shut down there."""
+    query = (
+        select(tables.Attempt.upstream, tables.Attempt.upstream_model, func.count())
+        .where(tables.Attempt.created_at >= tables.now() - timedelta(days=1))
+        .where(tables.Attempt.outcome == MODEL_NOT_SERVED)
+        .group_by(tables.Attempt.upstream, tables.Attempt.upstream_model)
+        .order_by(tables.Attempt.upstream, tables.Attempt.upstream_model)
+    )
+    async with services.sessions() as session:
+        return [(upstream, model, count) for upstream, model, count in await session.execute(query)]
 
 
 async def route_states(services: Services) -> list[RouteState]:

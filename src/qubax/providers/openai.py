@@ -1,7 +1,9 @@
 """Any OpenAI-compatible Images API: dall-e-3 (one synchronous call per image) and the GPT image models
 (one call for all `n`, billed by the token count the answer carries)."""
 
+import contextlib
 from collections.abc import Callable
+from datetime import date
 from typing import Any
 
 import aiohttp
@@ -73,6 +75,21 @@ class OpenAI(Adapter):
             return self.inline_image(item["b64_json"], **fields)
         # Only reached when the host ignores response_format=b64_json; download() refuses foreign hosts.
         return GeneratedImage(await self.download(item.get("url")), **fields)
+
+    async def shutdown_dates(self) -> dict[str, date]:
+        """The shutdown dates OpenAI publishes for its models: `GET /models` carries an optional
+        `shutdown_date` (YYYY-MM-DD, or null when none is announced) per model. Read by
+        `background.lifecycle`, never on a request's path; a date it cannot read is left out."""
+        async with self.upstream.lease() as key:
+            headers = {"authorization": f"Bearer {key}"}
+            response = await self.send("GET", f"{self.upstream.base_url}/models", headers=headers)
+        listed = self.checked_json(response).get("data")
+        dates = {}
+        for model in listed if isinstance(listed, list) else []:
+            if isinstance(model, dict) and isinstance(model.get("id"), str) and model.get("shutdown_date"):
+                with contextlib.suppress(TypeError, ValueError):
+                    dates[model["id"]] = date.fromisoformat(model["shutdown_date"])
+        return dates
 
     def _raise_for_error(self, response: Reply, model: str) -> None:
         """OpenAI's quirks (its error `code` says more than the status); `checked_json` maps the rest."""

@@ -6,6 +6,7 @@ import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, time
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -14,9 +15,10 @@ from prometheus_client.utils import floatToGoString
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from qubax.errors import DatabaseUnavailable
+from qubax.errors import MODEL_NOT_SERVED, DatabaseUnavailable
 from qubax.records import queries
 from qubax.records.ledger import GenerationRecord
+from qubax.routing.lifecycle import WARN_DAYS, Shutdown, soon
 
 logger = logging.getLogger("qubax")
 # Image generation takes from a fraction of a second (test keys, fast models) to minutes (queues).
@@ -102,6 +104,12 @@ class Metrics(Collector):
         self.upstream_errors = Family(
             "qubax_upstream_errors", "Tries of one route that did not end ok.", ("upstream", "code")
         )
+        # A lasting answer about a route's model, not a passing failure: its upstream no longer serves it.
+        self.model_not_found = Family(
+            "qubax_upstream_model_not_found",
+            "Tries whose upstream answered that it does not serve the route's model.",
+            ("upstream", "upstream_model"),
+        )
         self.upstream_waits = Family(
             "qubax_upstream_waits",
             "Upstream calls that waited for capacity: a free connection, or a slot under a provider's cap.",
@@ -113,6 +121,7 @@ class Metrics(Collector):
         # `qubax_jobs` is the gauge of jobs not yet ended (`read_jobs`); these are those this node ended.
         self.jobs = Family("qubax_jobs_ended", "Jobs ended by this node, by how they ended.", ("status",))
         self.job_states: dict[str, int] | None = None  # every node's jobs by status, as last read
+        self.shutdowns: list[Shutdown] = []  # the models' known shutdown dates, as a scrape begins
         self.webhook_tries = Family(
             "qubax_webhook_tries",
             "Tries of a webhook delivery: delivered, retry (to be tried again) or failed.",
@@ -130,6 +139,27 @@ class Metrics(Collector):
             for state, count in self.job_states.items():
                 gauge.add_metric((state,), count)
             yield gauge
+        yield from self.lifecycle()
+
+    def lifecycle(self) -> Iterable[Metric]:
+        """Each known shutdown date (the catalog's and the upstream's, by `source`), and a 1 for each
+        model that shuts down within `WARN_DAYS` days or has shut down: what an alert watches."""
+        dates = GaugeMetricFamily(
+            "qubax_model_shutdown_timestamp_seconds",
+            "When a model's upstream stops serving it (00:00 UTC that day), by who says so.",
+            labels=("model", "source"),
+        )
+        warned = GaugeMetricFamily(
+            "qubax_model_shutting_down",
+            f"1 for a model that shuts down within {WARN_DAYS} days or has shut down upstream.",
+            labels=("model", "date"),
+        )
+        for shutdown in self.shutdowns:
+            midnight = datetime.combine(shutdown.day, time(), UTC)
+            dates.add_metric((shutdown.model, shutdown.source), midnight.timestamp())
+        for shutdown in soon(self.shutdowns):
+            warned.add_metric((shutdown.model, shutdown.day.isoformat()), 1)
+        return (dates, warned)
 
     async def read_jobs(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         """The `qubax_jobs` gauge's figures, read from the database as a scrape begins: queued jobs are
@@ -159,6 +189,8 @@ class Metrics(Collector):
             self.upstream_duration.observe((attempt.upstream,), attempt.latency_ms / 1000)
             if attempt.outcome != "ok":
                 self.upstream_errors.inc((attempt.upstream, attempt.outcome))
+            if attempt.outcome == MODEL_NOT_SERVED:
+                self.model_not_found.inc((attempt.upstream, attempt.upstream_model))
 
     def count_wait(self, upstream: str, resource: str, seconds: float) -> None:
         """One wait for upstream capacity (`providers.pool.Waited`); `resource` is "connection" or "slot"."""

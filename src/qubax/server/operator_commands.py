@@ -82,8 +82,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 @click.command()
 def models() -> None:
-    """List the catalog: each model's default size, images per request, price per image, aliases and
-    routes in failover order (* marks the routes whose credential is set)."""
+    """List the catalog: each model's default size, images per request, price per image, aliases,
+    routes in failover order (* marks the routes whose credential is set) and the day its upstream shuts
+    it down (`shutdown_date`; the console names its successor)."""
     settings = Settings()
     catalog = open_catalog(settings)
     configured = {name for name in PROVIDERS if credentials(settings, name)}
@@ -92,10 +93,15 @@ def models() -> None:
         routes = ", ".join(route.provider + ("*" if route.provider in configured else "") for route in model.routes)
         prices = sorted({p.usd for p in model.prices})
         price = f"${prices[0]}" if len(prices) == 1 else f"from ${prices[0]}"  # by quality or size
+        if (megapixel := model.megapixel_price) is not None:  # the first megapixel, then each further one
+            price = f"${megapixel.first}+{megapixel.further}/MP"
         n_range = "1" if model.max_n == 1 else f"1-{model.max_n}"
-        name = model.id + (f" ({', '.join(model.aliases)})" if model.aliases else "")
-        rows.append((name, model.default_size, n_range, price, routes))
-    print_table(("MODEL (ALIASES)", "DEFAULT SIZE", "N", "PER IMAGE", "ROUTES (* CONFIGURED)"), rows)
+        rows.append((model.id, model.default_size, n_range, price, routes, model.shutdown_date or ""))
+    print_table(("MODEL", "DEFAULT SIZE", "N", "PER IMAGE", "ROUTES (* CONFIGURED)", "SHUTS DOWN"), rows)
+    # Below the table, which they would widen past a terminal (Gemini's models have several each).
+    aliased = [f"  {model.id}: {', '.join(model.aliases)}" for model in catalog.models if model.aliases]
+    if aliased:
+        click.echo("\nAliases:\n" + "\n".join(aliased))
     missing = [f"{info.credential} ({name})" for name, info in PROVIDERS.items() if name not in configured]
     if missing:
         click.echo(f"\nTo enable a route, set its credential: {', '.join(missing)}.")

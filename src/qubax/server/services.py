@@ -30,6 +30,7 @@ from qubax.records.ledger import Ledger
 from qubax.records.storage import LocalStorage, Storage, signing_secret
 from qubax.routing.breaker import Breakers
 from qubax.routing.catalog import Catalog
+from qubax.routing.lifecycle import Published
 from qubax.server.masking import Mask, configured_secrets
 from qubax.server.metrics import Metrics
 from qubax.server.settings import Settings
@@ -64,6 +65,7 @@ class Services:
     detached: set["asyncio.Task[Any]"] = field(default_factory=set)
     job_posted: asyncio.Event = field(default_factory=asyncio.Event)  # wakes this node's job runner
     webhook_posted: asyncio.Event = field(default_factory=asyncio.Event)  # wakes its webhook deliverer
+    published: Published = field(default_factory=Published)  # shutdown dates upstreams publish
 
 
 @contextlib.asynccontextmanager

@@ -231,6 +231,8 @@ def test_imagen_names_are_answered_by_their_stand_in(
     assert raw.headers["x-qubax-route"] == f"google:{stand_in}"
     assert [picture(item.b64_json) for item in raw.parse().data or []] == [("PNG", (1024, 1024))] * 4
     assert {model for model, _ in google.requests} == {stand_in}  # no call spent on the shut-down name
+    thinking = {"imagen-4": {"thinkingLevel": "HIGH"}, "imagen-4.0-fast-generate-001": {"thinkingLevel": "MINIMAL"}}
+    assert google.requests[0][1]["generationConfig"].get("thinkingConfig") == thinking.get(name)
     assert [(a[1], a[3]) for a in attempts(stack)][-1] == (stand_in, "ok")
     assert attempts(stack)[0][3] == "upstream_model_not_found"
     rates = (0.5, 60, 3) if "flash" in stand_in else (2, 120, 12)

@@ -1,6 +1,7 @@
 import base64
 import dataclasses
 import io
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -16,6 +17,8 @@ from qubax.providers import Upstream
 from qubax.providers.google import Google, body
 from qubax.providers.registry import PROVIDERS
 from qubax.providers.transport import Http, open_session
+from qubax.routing.catalog import Catalog
+from tests.catalog import MODELS
 from tests.fakes.google import FakeGoogle, inline_image
 from tests.providers import Job, ask
 from tests.server import serve
@@ -118,6 +121,20 @@ def test_sdk_edit_with_two_images_matches_our_request(client: genai.Client, fake
             ("image/png", (48, 32), (0, 0, 255)),
         ]
     )
+
+
+def test_sdk_thinking_level_matches_ours(client: genai.Client, fake: FakeGoogle) -> None:
+    thinking = types.ThinkingConfig(thinking_level=types.ThinkingLevel.MINIMAL)
+    config = types.GenerateContentConfig(
+        response_modalities=["IMAGE"],
+        image_config=types.ImageConfig(aspect_ratio="1:1", image_size="1K"),
+        thinking_config=thinking,
+    )
+    client.models.generate_content(model=FLASH, contents="a red fox in snow", config=config)
+
+    fast = dataclasses.replace(job(FLASH).request(), model=Catalog(MODELS).find("imagen-4-fast"))
+    assert body(fast, FLASH, ()) == camel(fake.requests[0][1])  # the client writes `thinking_level`
+    assert "thinkingConfig" not in body(job(FLASH).request(), FLASH, ())["generationConfig"]
 
 
 def test_sdk_reads_the_fakes_refusals(client: genai.Client, fake: FakeGoogle) -> None:
@@ -284,6 +301,13 @@ def seen(part: dict[str, Any]) -> tuple[str, tuple[int, int], Any] | None:
     """What the fake makes of an inline image part: its MIME type, size and first pixel."""
     found = inline_image(part["inlineData"])
     return None if found is None else (found[0], found[1].size, found[1].convert("RGB").getpixel((0, 0)))
+
+
+def camel(found: Any) -> Any:
+    """A JSON body with its field names in proto3 JSON's camelCase (the API takes either spelling)."""
+    if isinstance(found, dict):
+        return {re.sub(r"_([a-z])", lambda m: m[1].upper(), k): camel(v) for k, v in found.items()}
+    return [camel(v) for v in found] if isinstance(found, list) else found
 
 
 def b64(image: InputImage) -> str:

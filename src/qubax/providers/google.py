@@ -30,6 +30,9 @@ ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16")
 IMAGE_SIZES = (("1K", 1024 * 1024), ("2K", 2048 * 2048), ("4K", 4096 * 4096))
 ONE_SIZE = ("gemini-2.5-flash-image",)  # makes 1K images only and takes no imageSize
 SHUT_DOWN = ("imagen-",)  # Imagen: shut down on the Gemini API on 2026-08-17
+# Google's migration guide (firebase.google.com/docs/ai-logic/imagen-models-migration): Imagen 4 Fast is
+# made by Nano Banana 2 thinking at MINIMAL, Imagen 4 at HIGH (the other models think at their default).
+THINKING = {"imagen-4.0-fast-generate-001": "MINIMAL", "imagen-4.0-generate-001": "HIGH"}
 # Why a turn ends without an image when Google's safety system stopped it (google-genai's FinishReason);
 # any other answer without an image is refused alike (the model declined to draw), never retried elsewhere.
 SAFETY = ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT")
@@ -85,7 +88,9 @@ def body(request: ImageRequest, model: str, images: tuple[tuple[str, str], ...])
     config: dict[str, Any] = {"aspectRatio": aspect_ratio(request.width, request.height, ASPECT_RATIOS)}
     if model not in ONE_SIZE:
         config["imageSize"] = image_size(request.width, request.height)
-    generation = {"responseModalities": ["IMAGE"], "imageConfig": config}
+    generation: dict[str, Any] = {"responseModalities": ["IMAGE"], "imageConfig": config}
+    if level := THINKING.get(request.model.id):
+        generation["thinkingConfig"] = {"thinkingLevel": level}
     return {"contents": [{"role": "user", "parts": parts}], "generationConfig": generation}
 
 

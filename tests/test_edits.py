@@ -50,7 +50,8 @@ def sent(stack: Stack, provider: str) -> tuple[list[Image.Image], Image.Image | 
         mask = decode_data_uri(body["mask_url"]) if "mask_url" in body else None
     else:
         body = stack.replicate.creates[-1]["input"]
-        images = [decode_data_uri(body[name]) for name in ("image", "input_image") if name in body]
+        uris = [body[name] for name in ("image", "input_image") if name in body] + body.get("input_images", [])
+        images = [decode_data_uri(uri) for uri in uris]
         mask = decode_data_uri(body["mask"]) if "mask" in body else None
     assert all(image is not None for image in images)
     return [image for image in images if image is not None], mask
@@ -79,7 +80,7 @@ def test_a_flux_edit_through_every_route(settings: Settings, model: str, provide
         else:
             assert mask is None
         [row] = generations(stack.settings)
-        price = next(m for m in MODELS if m.id == model).prices[0].usd
+        price = next(m for m in MODELS if m.id == model).price(None, "1248x832", ((300, 200),))  # FLUX.2: by MP
         assert (row.outcome, row.cost_micros) == ("ok", int(price * 1_000_000))
 
 

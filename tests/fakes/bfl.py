@@ -39,6 +39,15 @@ FIELDS = {
     KONTEXT_MAX: KONTEXT_FIELDS,
     FILL: BASE_FIELDS | {"image", "mask", "steps", "guidance"},
 }
+# FLUX.2 (docs.bfl.ai API reference): width and height in multiples of 16 (at least 64, at most 4 MP in
+# all), up to 8 input images (klein: 4), safety_tolerance 0-5, jpeg or png; flex adds steps and guidance.
+# The answer carries cost (credits), input_mp and output_mp.
+FLUX2_INPUTS = ("input_image", *(f"input_image_{i}" for i in range(2, 9)))
+FLUX2 = {"flux-2-pro": 8, "flux-2-max": 8, "flux-2-flex": 8, "flux-2-klein-4b": 4, "flux-2-klein-9b": 4}
+for name, most in FLUX2.items():
+    FIELDS[name] = BASE_FIELDS | {"width", "height", *FLUX2_INPUTS[:most]}
+FIELDS["flux-2-flex"] |= {"steps", "guidance"}
+MAX_PIXELS = 4 * 1024 * 1024
 COST = {PRO: 4, ULTRA: 6, KONTEXT_PRO: 4, KONTEXT_MAX: 8, FILL: 5}  # credits; 1 credit = $0.01
 # Observed output sizes of FLUX1.1 [pro] Ultra (~4 MP) per aspect ratio.
 ULTRA_SIZES = {
@@ -137,7 +146,10 @@ class FakeBFL:
         polling_url = self.polling_url_override or f"{base}/v1/get_result?id={task.id}"
         if self.submit_response is not None:
             return JSONResponse(self.submit_response)
-        return JSONResponse({"id": task.id, "polling_url": polling_url, "cost": COST[model]})
+        answer = {"id": task.id, "polling_url": polling_url, "cost": COST.get(model)}
+        if model in FLUX2:  # its price depends on the megapixels: the fake reports them, not what they cost
+            answer |= {"cost": None, "output_mp": round(size[0] * size[1] / 1_000_000, 2)}
+        return JSONResponse(answer)
 
     async def get_result(self, request: Request) -> Response:
         task_id = request.query_params.get("id", "")
@@ -192,6 +204,8 @@ def validate(model: str, body: Any) -> list[dict[str, Any]]:
         for name in body
         if name not in FIELDS[model]
     ]
+    if model in FLUX2:
+        return problems + flux2_problems(body) + image_problems(model, body)
     for name in ("width", "height"):
         value = body.get(name)
         if value is None:
@@ -207,6 +221,27 @@ def validate(model: str, body: Any) -> list[dict[str, Any]]:
         msg = "Input should be 'jpeg', 'png' or 'webp'"
         problems.append({"loc": ["body", "output_format"], "msg": msg, "type": "enum"})
     return problems + image_problems(model, body)
+
+
+def flux2_problems(body: dict[str, Any]) -> list[dict[str, Any]]:
+    problems = []
+    width, height = body.get("width", 1024), body.get("height", 1024)
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value < 64 or value % 16:
+            msg = "Input should be a multiple of 16, at least 64"
+            problems.append({"loc": ["body", name], "msg": msg, "type": "value_error"})
+    if not problems and width * height > MAX_PIXELS:
+        problems.append({"loc": ["body", "width"], "msg": "At most 4 megapixels", "type": "value_error"})
+    checks = (
+        ("output_format", body.get("output_format", "jpeg") in ("jpeg", "png")),
+        ("safety_tolerance", body.get("safety_tolerance", 2) in range(6)),
+        ("steps", body.get("steps", 50) in range(1, 51)),
+        ("guidance", 1.5 <= body.get("guidance", 4.5) <= 10),
+    )
+    for name, valid in checks:
+        if not valid:
+            problems.append({"loc": ["body", name], "msg": "Input out of range", "type": "value_error"})
+    return problems
 
 
 def output_size(model: str, body: dict[str, Any]) -> tuple[int, int]:
@@ -228,7 +263,7 @@ def output_size(model: str, body: dict[str, Any]) -> tuple[int, int]:
 
 def image_problems(model: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     """Kontext's input images and Fill's image and mask must be base64 images; Fill's mask its image's size."""
-    names = [name for name in (*KONTEXT_INPUTS, "image", "mask") if body.get(name) is not None]
+    names = [name for name in (*FLUX2_INPUTS, "image", "mask") if body.get(name) is not None]
     if model == FILL and "image" not in names:
         names.append("image")
     problems, sizes = [], {}

@@ -1,6 +1,7 @@
 """The BFL adapter against a fake BFL API served over real loopback HTTP."""
 
 import asyncio
+import dataclasses
 import io
 from collections.abc import Iterator
 
@@ -8,9 +9,12 @@ import pytest
 from PIL import Image
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
+from qubax.pipeline.uploads import InputImage
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.bfl import BFL
 from qubax.providers.transport import open_session
+from qubax.routing.request import ImageRequest
+from tests.fakes import decode_image
 from tests.fakes.bfl import FakeBFL
 from tests.providers import Job, ask, run_adapter
 from tests.server import serve
@@ -271,3 +275,57 @@ async def test_cancelling_stops_every_task_and_leaks_nothing(fake: FakeBFL) -> N
     polls = len(fake.polls)
     await asyncio.sleep(0.1)  # ten poll intervals: a leaked task would keep polling
     assert len(fake.polls) == polls
+
+
+# --- FLUX.2 ------------------------------------------------------------------------------------------------
+
+
+def flux2(model: str = "flux-2-pro", images: int = 0, **changes: object) -> ImageRequest:
+    """A FLUX.2 request at 1440x816 (multiples of 16, not of 32) with `images` reference images."""
+    request = Job(model, "a fox", 1440, 816, 1).request()
+    uploads = tuple(upload(64 + i, 48) for i in range(images))
+    return dataclasses.replace(request, images=uploads, **changes)  # type: ignore[arg-type]
+
+
+def upload(width: int, height: int) -> InputImage:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, "PNG")
+    out.seek(0)
+    return InputImage(out, "a.png", "png", width, height)
+
+
+async def make(fake: FakeBFL, request: ImageRequest, model: str) -> list[GeneratedImage]:
+    async with open_session() as http, asyncio.timeout(10):
+        return await BFL(Upstream(http, fake.base_url, "test-key", poll_interval=0.01)).generate(request, model)
+
+
+async def test_flux2_sends_width_height_and_every_reference_image(fake: FakeBFL) -> None:
+    request = flux2(images=8, n=2, seed=7, safety_tolerance=6, output_format="webp")
+
+    images = await make(fake, request, "flux-2-max")
+
+    assert len(images) == 2 and len(fake.tasks) == 2  # one task per image
+    sent = fake.submissions[0]
+    inputs = ["input_image", *(f"input_image_{i}" for i in range(2, 9))]
+    assert [decode_image(sent[name]).size for name in inputs] == [(64 + i, 48) for i in range(8)]  # type: ignore[union-attr]
+    # FLUX.2 takes safety_tolerance up to 5 and jpeg or png: webp is converted on our side.
+    expected = {"prompt": "a fox", "width": 1440, "height": 816, "seed": 7, "safety_tolerance": 5}
+    assert {name: sent[name] for name in expected} == expected and sent["output_format"] == "png"
+    assert Image.open(io.BytesIO(images[0].data)).size == (1440, 816)
+
+
+async def test_flux2_flex_sends_steps_and_guidance(fake: FakeBFL) -> None:
+    await make(fake, flux2("flux-2-flex", steps=28, guidance=3.5), "flux-2-flex")
+    await make(fake, flux2("flux-2-pro"), "flux-2-pro")
+
+    assert (fake.submissions[0]["steps"], fake.submissions[0]["guidance"]) == (28, 3.5)
+    assert "steps" not in fake.submissions[1] and "guidance" not in fake.submissions[1]
+    assert "input_image" not in fake.submissions[1]  # a generation sends no reference image
+
+
+async def test_the_fake_refuses_what_flux2_does_not_take(fake: FakeBFL) -> None:
+    """The fake's checks, which the tests above rely on, follow BFL's FLUX.2 schema."""
+    with pytest.raises(UpstreamError):
+        await make(fake, flux2("flux-2-pro", steps=28), "flux-2-pro")  # steps are flex's
+    with pytest.raises(UpstreamError):
+        await make(fake, flux2("flux-2-klein-4b", images=5), "flux-2-klein-4b")  # klein takes 4

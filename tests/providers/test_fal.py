@@ -17,6 +17,7 @@ from qubax.pipeline.uploads import InputImage
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.fal import Fal
 from qubax.providers.transport import open_session
+from tests.fakes import decode_data_uri
 from tests.fakes.bfl import ULTRA_SIZES
 from tests.fakes.fal import PRO, SCHNELL, ULTRA, FakeFal
 from tests.providers import Job, ask, run_adapter
@@ -525,3 +526,36 @@ def upload(width: int, height: int, mode: str = "RGB") -> InputImage:
     Image.new(mode, (width, height)).save(out, "PNG")
     out.seek(0)
     return InputImage(out, "a.png", "png", width, height, alpha=mode == "RGBA")
+
+
+# --- FLUX.2 ------------------------------------------------------------------------------------------------
+
+
+async def test_flux2_asks_one_image_a_request_with_its_size_and_edits_through_edit(fake: FakeFal) -> None:
+    async with open_session() as http:
+        fal = Fal(Upstream(http, fake.base_url, "test-key", poll_interval=0.01))
+        request = Job("", "a fox", 1440, 816, 2, seed=3, safety_tolerance=6).request()
+        images = await fal.generate(request, "fal-ai/flux-2-pro")
+        edit = dataclasses.replace(request, n=1, images=(upload(64, 48), upload(32, 48)), steps=20, guidance=2.5)
+        await fal.generate(edit, "fal-ai/flux-2-flex")
+    assert fake.models == ["fal-ai/flux-2-pro", "fal-ai/flux-2-pro", "fal-ai/flux-2-flex/edit"]
+    assert [Image.open(io.BytesIO(image.data)).size for image in images] == [(1440, 816)] * 2
+    first, _, flex = fake.submissions
+    assert "num_images" not in first  # fal's FLUX.2 makes one image a request
+    assert (first["image_size"], first["seed"], first["safety_tolerance"]) == ({"width": 1440, "height": 816}, 3, "5")
+    assert [decode_data_uri(uri).size for uri in flex["image_urls"]] == [(64, 48), (32, 48)]  # type: ignore[union-attr]
+    assert (flex["num_inference_steps"], flex["guidance_scale"]) == (20, 2.5)
+
+
+async def test_the_official_client_drives_the_fake_flux2(fake: FakeFal, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", fake.base_url + "/")
+    client = fal_client.AsyncClient(key="test-key")
+    made = await client.subscribe(
+        "fal-ai/flux-2-max/edit",
+        arguments={"prompt": "p", "image_urls": [data_uri(64, 64)], "image_size": {"width": 1024, "height": 512}},
+        interval=0.01,
+    )
+    assert [(image["width"], image["height"]) for image in made["images"]] == [(1024, 512)]
+    with pytest.raises(fal_client.client.FalClientHTTPError) as caught:  # no num_images on FLUX.2
+        await client.subscribe("fal-ai/flux-2-pro", arguments={"prompt": "p", "num_images": 2}, interval=0.01)
+    assert caught.value.status_code == 422

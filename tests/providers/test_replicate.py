@@ -16,6 +16,7 @@ from qubax.pipeline.uploads import InputImage
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.replicate import Replicate
 from qubax.providers.transport import open_session
+from tests.fakes import decode_data_uri
 from tests.fakes.replicate import FILL, KONTEXT, NSFW_ERROR, PRO, SCHNELL, ULTRA, FakeReplicate
 from tests.providers import Job, ask, run_adapter
 from tests.server import serve
@@ -428,3 +429,41 @@ def upload(mode: str = "RGB") -> InputImage:
     Image.new(mode, (64, 48)).save(out, "PNG")
     out.seek(0)
     return InputImage(out, "a.png", "png", 64, 48, alpha=mode == "RGBA")
+
+
+# --- FLUX.2 ------------------------------------------------------------------------------------------------
+
+
+async def test_flux2_asks_its_custom_size_with_its_reference_images(fake: FakeReplicate) -> None:
+    async with open_session() as http:
+        adapter = Replicate(Upstream(http, f"{fake.base_url}/v1", "test-key", poll_interval=0.01))
+        request = job("", n=2, width=1440, height=816, safety_tolerance=6).request()
+        images = await adapter.generate(request, "black-forest-labs/flux-2-pro")
+        edit = dataclasses.replace(request, n=1, images=(sized(64, 48), sized(32, 48)), steps=20, guidance=2.5)
+        await adapter.generate(edit, "black-forest-labs/flux-2-flex")
+    assert [Image.open(io.BytesIO(image.data)).size for image in images] == [(1440, 816)] * 2
+    first, _, flex = (prediction.input for prediction in fake.predictions)
+    expected = {"aspect_ratio": "custom", "width": 1440, "height": 816, "safety_tolerance": 5}
+    assert {name: first[name] for name in expected} == expected and "input_images" not in first
+    assert [decode_data_uri(uri).size for uri in flex["input_images"]] == [(64, 48), (32, 48)]  # type: ignore[union-attr]
+    assert (flex["steps"], flex["guidance"]) == (20, 2.5)
+
+
+async def test_the_official_client_drives_the_fake_flux2(fake: FakeReplicate) -> None:
+    client = replicate.Client(api_token="test-key", base_url=fake.base_url)
+    sized_input = {"aspect_ratio": "custom", "width": 1024, "height": 512}
+    made = await client.async_run(
+        "black-forest-labs/flux-2-max",
+        input={"prompt": "p", "input_images": [data_uri(64, 64)], **sized_input},
+        use_file_output=False,
+    )
+    assert isinstance(made, str) and made.endswith(".webp")  # one URI; webp is FLUX.2's default there
+    with pytest.raises(replicate.exceptions.ReplicateError):  # steps are flex's
+        await client.async_run("black-forest-labs/flux-2-pro", input={"prompt": "p", "steps": 20})
+
+
+def sized(width: int, height: int) -> InputImage:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, "PNG")
+    out.seek(0)
+    return InputImage(out, "a.png", "png", width, height)

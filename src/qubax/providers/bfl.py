@@ -14,7 +14,12 @@ NAME, PROVIDER = "bfl", "Black Forest Labs"
 ULTRA = "flux-pro-1.1-ultra"  # takes an aspect ratio instead of width/height
 KONTEXT = ("flux-kontext-pro", "flux-kontext-max")  # so do these; they take up to 4 input images
 FILL = "flux-pro-1.0-fill"  # paints into its one image where the mask is white, at the image's size
-INPUT_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+# FLUX.2 (`flux-2-pro`, `-max`, `-flex`, `-klein-4b`, `-klein-9b`; docs.bfl.ai API reference, 2026-12):
+# width and height (multiples of 16, up to 4 MP), up to 8 reference images (klein: 4), safety_tolerance
+# 0-5, jpeg or png; flex adds `steps` and `guidance`. The answer carries `cost` and `output_mp` as well.
+FLUX2 = "flux-2-"
+FLUX2_MAX_SAFETY = 5
+INPUT_FIELDS = ("input_image", *(f"input_image_{i}" for i in range(2, 9)))
 # BFL answers with a polling URL on whichever cluster took the task; only its own hosts get the key.
 KEY_HOSTS = ("bfl.ai", "*.bfl.ai")
 # Signed result URLs: current delivery hosts and the older Azure blob store.
@@ -91,6 +96,8 @@ def body(request: ImageRequest, model: str, inputs: EncodedInputs | None = None)
         payload["seed"] = request.seed
     if request.safety_tolerance is not None:
         payload["safety_tolerance"] = request.safety_tolerance
+    if model.startswith(FLUX2):
+        return payload | flux2_fields(request, inputs)
     if model == ULTRA or model in KONTEXT:
         payload["aspect_ratio"] = aspect_ratio(request.width, request.height)
     elif model != FILL:  # Fill makes its image's size
@@ -101,6 +108,19 @@ def body(request: ImageRequest, model: str, inputs: EncodedInputs | None = None)
     if model == FILL:
         return payload | {"image": encoded[0], "mask": inputs.mask}
     return payload | dict(zip(INPUT_FIELDS, encoded, strict=False))
+
+
+def flux2_fields(request: ImageRequest, inputs: EncodedInputs | None) -> dict[str, Any]:
+    """FLUX.2's size, its reference images and flex's tuning; jpeg or png (webp is made from png)."""
+    fields: dict[str, Any] = {"width": request.width, "height": request.height}
+    fields["output_format"] = "jpeg" if request.output_format == "jpeg" else "png"
+    if request.safety_tolerance is not None:
+        fields["safety_tolerance"] = min(request.safety_tolerance, FLUX2_MAX_SAFETY)
+    tuning = {"steps": request.steps, "guidance": request.guidance}
+    fields |= {name: value for name, value in tuning.items() if value is not None}
+    if inputs is not None:
+        fields |= dict(zip(INPUT_FIELDS, (text for _, text in inputs.images), strict=False))
+    return fields
 
 
 # BFL allows 24 active tasks per key by default.

@@ -181,14 +181,16 @@ def test_models_show_the_operator_catalog(settings: Settings, tmp_path: Path) ->
 
 
 def test_models_show_shutdown_dates(settings: Settings, tmp_path: Path) -> None:
-    rows = model_rows(ok(qubax(settings, "models")))
-    assert rows["dall-e-3"].split()[-3:] == ["openai,", "openai", "2026-05-12"]
-    assert rows["gpt-image-1-mini"].endswith("  2026-12-01") and rows["gpt-image-1"].endswith("  2026-10-23")
-    assert rows["gpt-image-2"].endswith("  openai")  # none announced
+    """Below the table, with each model's successor."""
+    output = ok(qubax(settings, "models"))
+    assert "\n  dall-e-3: 2026-05-12 (successor: gpt-image-2)\n" in output
+    assert "\n  gpt-image-1: 2026-10-23 (successor: gpt-image-2)\n" in output
+    assert "\n  gpt-image-1-mini: 2026-12-01 (successor: gpt-image-2)\n" in output
+    assert "\n  gpt-image-2:" not in output  # none announced
     catalog = tmp_path / "catalog.toml"
     catalog.write_text('[models."gpt-image-2"]\nshutdown_date = 2027-06-30\n')
-    rows = model_rows(ok(qubax(settings, "models", env={"QUBAX_CATALOG": str(catalog)})))
-    assert rows["gpt-image-2"].split()[-2:] == ["openai", "2027-06-30"]
+    output = ok(qubax(settings, "models", env={"QUBAX_CATALOG": str(catalog)}))
+    assert "\n  gpt-image-2: 2027-06-30\n" in output
 
 
 def test_a_broken_catalog_is_a_clear_error(settings: Settings, tmp_path: Path) -> None:

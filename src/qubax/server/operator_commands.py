@@ -82,9 +82,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 @click.command()
 def models() -> None:
-    """List the catalog: each model's default size, images per request, price per image, aliases,
-    routes in failover order (* marks the routes whose credential is set) and the day its upstream shuts
-    it down (`shutdown_date`; the console names its successor)."""
+    """List the catalog: each model's default size, images per request, price per image, routes in
+    failover order (* marks the routes whose credential is set); then aliases, and the day the upstream
+    shuts down each model that has one (`shutdown_date`) with the model to ask for instead."""
     settings = Settings()
     catalog = open_catalog(settings)
     configured = {name for name in PROVIDERS if credentials(settings, name)}
@@ -96,12 +96,19 @@ def models() -> None:
         if (megapixel := model.megapixel_price) is not None:  # the first megapixel, then each further one
             price = f"${megapixel.first}+{megapixel.further}/MP"
         n_range = "1" if model.max_n == 1 else f"1-{model.max_n}"
-        rows.append((model.id, model.default_size, n_range, price, routes, model.shutdown_date or ""))
-    print_table(("MODEL", "DEFAULT SIZE", "N", "PER IMAGE", "ROUTES (* CONFIGURED)", "SHUTS DOWN"), rows)
+        rows.append((model.id, model.default_size, n_range, price, routes))
+    print_table(("MODEL", "DEFAULT SIZE", "N", "PER IMAGE", "ROUTES (* CONFIGURED)"), rows)
     # Below the table, which they would widen past a terminal (Gemini's models have several each).
     aliased = [f"  {model.id}: {', '.join(model.aliases)}" for model in catalog.models if model.aliases]
     if aliased:
         click.echo("\nAliases:\n" + "\n".join(aliased))
+    ending = [
+        f"  {model.id}: {model.shutdown_date}" + (f" (successor: {model.successor})" if model.successor else "")
+        for model in catalog.models
+        if model.shutdown_date is not None
+    ]
+    if ending:
+        click.echo("\nShutdown dates:\n" + "\n".join(ending))
     missing = [f"{info.credential} ({name})" for name, info in PROVIDERS.items() if name not in configured]
     if missing:
         click.echo(f"\nTo enable a route, set its credential: {', '.join(missing)}.")

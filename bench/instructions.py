@@ -7,7 +7,9 @@ where wall-clock and CPU time on this VM drift by 10-30%:
 
     valgrind --tool=callgrind --instr-atstart=no .venv/bin/python -m bench.instructions [--requests 640]
 
-(callgrind leaves an empty `callgrind.out.<pid>` in the current folder).
+(callgrind leaves an empty `callgrind.out.<pid>` in the current folder). `--payload heavy` has the
+upstream answer with a 1.5 MB image instead; under callgrind give it `--connections 2 --requests 64`,
+or 32 connections at a time outlast the upstream read timeout and end in a 502.
 
 Compare two versions of the code by running it on each (e.g. `PYTHONPATH=/tmp/old/src`). Under
 valgrind everything runs ~50x slower, so anything that depends on the clock behaves differently (the
@@ -115,10 +117,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=640)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--payload", choices=["light", "heavy"], default="light")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="qubax-instructions-"))
     try:
-        with targets.upstream("light", workdir) as up:
+        with targets.upstream(args.payload, workdir) as up:
             env = targets.qubax_env(up.base, workdir / "data")
             os.environ.clear()
             os.environ.update(env)

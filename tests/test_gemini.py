@@ -267,6 +267,18 @@ def test_a_streamed_generation(stack: Stack, google: FakeGoogle) -> None:
     assert charged(stack) == [("google", "ok", 2, 2 * int(FLASH_1K))]
 
 
+@pytest.mark.parametrize("which", ["live", "test"])
+def test_a_stream_asking_for_partial_images_gets_none(stack: Stack, which: str) -> None:
+    client = stack.live if which == "live" else stack.test
+    events = list(
+        client.images.generate(
+            model="gemini-3-pro-image", prompt="a fox", size="1024x1024", stream=True, partial_images=2
+        )
+    )
+
+    assert [event.type for event in events] == ["image_generation.completed"]  # as live, so with a test key
+
+
 def test_a_job(stack: Stack, google: FakeGoogle) -> None:
     raw = stack.live.images.with_raw_response.generate(
         model="gemini-3.1-flash-image",

@@ -28,8 +28,9 @@ class Placeholder:
 
 async def send_partials(request: ImageRequest, data: bytes, index: int) -> None:
     """What a GPT image model's upstream sends a streamed answer before each image: the partial images
-    asked for, coarse to fine (the other models send none)."""
-    if request.partials is None or request.model.token_prices is None:
+    asked for, coarse to fine. The other models send none (Gemini's are token-billed too, but its
+    generateContent streams no partial image): a GPT image model is the one with their own parameters."""
+    if request.partials is None or not request.model.backgrounds:
         return
     for step in range(request.partial_images):
         factor = 2 ** (request.partial_images - step + 1)  # three partials: blocks of 16, 8 and 4 pixels

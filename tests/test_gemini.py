@@ -111,6 +111,17 @@ def test_pro_by_its_preview_name_answers_a_url_at_4k_priced_by_its_tokens(stack:
     assert charged(stack) == [("google", "ok", 1, 3 * 2 + 2000 * 120 + 200 * 12)]
 
 
+def test_the_operators_rates_price_the_tokens(settings: Settings, gemini: tuple[FakeGoogle, str]) -> None:
+    catalog = """
+[models."gemini-3.1-flash-image"]
+token_prices = { text_input = 1, image_input = 1, image_output = 50, text_output = 10 }
+"""
+    with start(settings, gemini, catalog) as stack:
+        stack.live.images.generate(model="gemini-3.1-flash-image", prompt="a fox", size="1024x1024")
+
+        assert charged(stack) == [("google", "ok", 1, 2 * 1 + 1120 * 50 + 200 * 10)]
+
+
 def test_nano_banana_takes_no_image_size(stack: Stack, google: FakeGoogle) -> None:
     response = stack.live.images.generate(
         model="nano-banana", prompt="a fox", size="1280x960", response_format="b64_json"

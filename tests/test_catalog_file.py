@@ -165,7 +165,7 @@ def test_one_loader_reads_the_built_in_file_then_the_operators_over_it(
         [models."dall-e-3"]
         prices = [{ usd = 0.05, quality = "hd" }, { usd = 0.03 }]
 
-        [models."flux-2-pro"]              # new, from scratch, in the keys the built-in file uses
+        [models."my-flux"]                 # new, from scratch, in the keys the built-in file uses
         owned_by = "black-forest-labs"
         created = 1763942400
         sizes = { min = 256, max = 2048, step = 16 }
@@ -186,8 +186,8 @@ def test_one_loader_reads_the_built_in_file_then_the_operators_over_it(
     assert pro.routes == (Route("together", "black-forest-labs/FLUX.1.1-pro"), Route("bfl", "flux-pro-1.1-beta"))
     dalle = catalog.find("dall-e-3")
     assert (dalle.price("hd", "1024x1792"), dalle.price("standard", "1024x1024")) == (Decimal("0.05"), Decimal("0.03"))
-    assert [model.id for model in catalog.models] == [model.id for model in MODELS] + ["flux-2-pro"]
-    new = catalog.find("flux-2-pro")
+    assert [model.id for model in catalog.models] == [model.id for model in MODELS] + ["my-flux"]
+    new = catalog.find("my-flux")
     assert (new.sizes, new.edits, new.max_images, new.mask) == (Grid(256, 2048, 16), True, 8, "optional")
     untouched = [model for model in MODELS if model.id not in ("flux-1.1-pro", "dall-e-3")]
     assert [model for model in catalog.models if model in untouched] == untouched

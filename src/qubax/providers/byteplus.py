@@ -41,10 +41,10 @@ class ModelArk(Adapter):
         if not isinstance(items, list) or not items:
             raise UpstreamError(f"{PROVIDER} returned no list of images.", failover=True)
         with billed():
-            images = [GeneratedImage(await self._image(item)) for item in items[:1]]
+            images = [await self._image(item) for item in items[:1]]
         return whole_batch(images, 1, PROVIDER)
 
-    async def _image(self, item: Any) -> bytes:
+    async def _image(self, item: Any) -> GeneratedImage:
         if not isinstance(item, dict):
             raise UpstreamError(f"{PROVIDER} returned an image entry that is not an object.")
         if isinstance(item.get("error"), dict):
@@ -54,9 +54,9 @@ class ModelArk(Adapter):
             detail = str(item["error"].get("message") or item["error"].get("code"))[:DETAIL_CHARS]
             raise TaskFailed(f"{PROVIDER} failed to generate the image.", detail=detail)
         if item.get("b64_json") is not None:
-            return self.decode_b64(item["b64_json"])
+            return self.inline_image(item["b64_json"])
         # Only reached when ModelArk ignores response_format=b64_json; download() refuses foreign hosts.
-        return await self.download(item.get("url"))
+        return GeneratedImage(await self.download(item.get("url")))
 
 
 def body(request: ImageRequest, model: str, inputs: EncodedInputs | None) -> dict[str, Any]:

@@ -111,7 +111,7 @@ class Fal(Adapter):
     async def _image(self, entry: Any) -> list[GeneratedImage]:
         url = entry.get("url") if isinstance(entry, dict) else None
         if isinstance(url, str) and (inline := DATA_URI.fullmatch(url)):
-            return [GeneratedImage(self.decode_b64(inline[1]))]
+            return [self.inline_image(inline[1])]
         # Media URLs are public: download() sends no key, and only to fal's media hosts.
         return [GeneratedImage(await self.download(url))]
 

@@ -58,7 +58,7 @@ class Google(Adapter):
         answer = self.checked_json(response)
         data = first_image(answer)  # raises for a refusal: nothing to bill, nothing another route should retry
         usage = read_usage(answer.get("usageMetadata"))
-        return [GeneratedImage(self.decode_b64(data), tokens=Tokens(model, usage) if usage else None)]
+        return [self.inline_image(data, tokens=Tokens(model, usage) if usage else None)]
 
     def _raise_for_error(self, response: Reply, model: str) -> None:
         """Google's quirks: a bad key is a 400 (reason API_KEY_INVALID), an unknown model a 404;

@@ -85,19 +85,29 @@ def test_an_operator_file_overrides_a_date(settings: Settings, monkeypatch: pyte
         assert dates["gpt-image-1-mini"] == "2026-12-01"
 
 
-def test_a_retired_model_without_a_stand_in_is_refused_naming_its_successor(settings: Settings) -> None:
+def test_a_model_its_upstream_no_longer_serves_without_a_stand_in_names_its_successor(settings: Settings) -> None:
+    """dall-e-3 with its first route alone (the catalog file's way to do without the stand-in): a host that
+    still serves it makes it; one that answers `model_not_found` is a 400 naming its successor. A model
+    with no successor keeps the upstream's error."""
     catalog = (
-        '[models."flux-1-schnell"]\nshutdown_date = 2026-01-01\nsuccessor = "flux-1.1-pro"\n'
-        '[models."flux-kontext-max"]\nshutdown_date = 2099-01-01\nsuccessor = "flux-kontext-pro"\n'
+        '[models."dall-e-3"]\nroutes = [{ provider = "openai" }]\n'
+        '[models."old-image"]\nlike = "gpt-image-1"\n'
+        'routes = [{ provider = "openai", model = "chatgpt-image-latest" }]\n'
     )
-    with running_stack(settings, catalog=catalog, providers=("bfl", "together")) as stack:
-        for client in (stack.live, stack.test):
-            with pytest.raises(openai.BadRequestError) as caught:
-                client.images.generate(model="flux-1-schnell", prompt="a fox")
-            assert caught.value.param == "model" and "use `flux-1.1-pro`" in caught.value.message
-        assert stack.together.requests == []
-        assert stack.live.images.generate(model="flux-kontext-max", prompt="a fox").data  # not yet shut down
-        assert listed(stack.live)["flux-1-schnell"] == "2026-01-01"
+    with running_stack(settings, catalog=catalog, providers=("openai",)) as stack:
+        assert (
+            stack.live.images.with_raw_response.generate(model="dall-e-3", prompt="a fox").headers["x-qubax-route"]
+            == "openai"
+        )
+        stack.openai.retired = True
+        with pytest.raises(openai.BadRequestError) as caught:
+            stack.live.images.generate(model="dall-e-3", prompt="a fox")
+        assert caught.value.param == "model"
+        assert "`dall-e-3` has been shut down upstream; use `gpt-image-2`" in caught.value.message
+        with pytest.raises(openai.APIStatusError) as failed:
+            stack.live.images.generate(model="old-image", prompt="a fox")
+        assert failed.value.status_code == 502 and failed.value.code == "upstream_model_not_found"
+    assert [body["model"] for body in stack.openai.requests] == ["dall-e-3"] * 2 + ["chatgpt-image-latest"]
 
 
 def test_the_loop_survives_the_upstream_being_down_and_reads_it_again(

@@ -56,7 +56,7 @@ async def collect(
         if failure is not None and not failure.failover:
             raise failure
     if failure is not None:
-        raise failure
+        raise shut_down(request.model, failure)
     wait = min(services.breakers.retry_after(breaker_name(route)) for route in routes)
     raise ServiceUnavailable(
         f"Every upstream for {request.model.id} is failing; the next try is in {wait:.0f}s.", retry_after=wait
@@ -98,6 +98,17 @@ async def attempt(
     services.breakers.succeeded(name)
     record.images = len(images)
     return images, None
+
+
+def shut_down(model: CatalogModel, failure: UpstreamError) -> QubaxError:
+    """The last route's failure; when its upstream no longer serves the model and the catalog names a
+    successor, a 400 naming it, as for the names the catalog lists as shut down (`Catalog.asked`)."""
+    if failure.code != MODEL_NOT_SERVED or model.successor is None:
+        return failure
+    return InvalidRequest(
+        f"The model `{model.id}` has been shut down upstream; use `{model.successor}`, its successor here.",
+        param="model",
+    )
 
 
 def route_label(route: Route, model: CatalogModel) -> str:

@@ -2,9 +2,9 @@
 A model's entry is in `models`; the request a check here makes, and its field checks, in `request`."""
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from qubax.errors import InvalidRequest, ModelNotFound
@@ -26,22 +26,29 @@ class Catalog:
     concurrency: Mapping[str, int] = field(default_factory=dict)  # per-key active-task caps by provider
     shut_down: Mapping[str, str] = field(default_factory=dict)  # names no longer served: their successors
 
-    def find(self, model_id: str) -> CatalogModel:
+    @functools.cached_property
+    def named(self) -> dict[str, CatalogModel]:
+        """Each model by its id and by each of its aliases (looked up on every request)."""
+        names: dict[str, CatalogModel] = {}
         for model in self.models:
-            if model_id == model.id or model_id in model.aliases:
-                return model
+            for name in (model.id, *model.aliases):
+                names.setdefault(name, model)
+        return names
+
+    def find(self, model_id: str) -> CatalogModel:
+        if (model := self.named.get(model_id)) is not None:
+            return model
         raise ModelNotFound(
             f"The model `{model_id}` does not exist or you do not have access to it. "
             "GET /v1/models lists the models this server offers."
         )
 
     def asked(self, model_id: str) -> CatalogModel:
-        """The model a request names; a name shut down upstream is a 400 that names its successor: one the
-        catalog does not serve (`shut_down`), or a model past its shutdown date that no stand-in route
-        serves (one that has one is answered through it: `Route.only_after`)."""
-        served = next((model for model in self.models if model_id in (model.id, *model.aliases)), None)
-        successor = self.shut_down.get(model_id) if served is None else retired(served)
-        if successor is not None:
+        """The model a request names; a name shut down upstream that the catalog does not serve is a 400
+        that names its successor (a model it serves is tried: `failover.collect` names the successor once
+        its upstreams answer that they no longer serve it)."""
+        successor = self.shut_down.get(model_id)
+        if successor is not None and model_id not in self.named:
             raise InvalidRequest(
                 f"The model `{model_id}` has been shut down upstream; use `{successor}`, its successor here.",
                 param="model",
@@ -50,8 +57,8 @@ class Catalog:
 
     def token_prices(self, model_id: str) -> "TokenPrices | None":
         """The token rates of the model an upstream call ran, when the catalog knows it by that name."""
-        found = next((model for model in self.models if model.id == model_id), None)
-        return found.token_prices if found else None
+        found = self.named.get(model_id)
+        return found.token_prices if found and found.id == model_id else None
 
     def check_edit(self, form: ImageEditRequest) -> ImageRequest:
         """`check` for an edit's fields, with a model that edits; the uploads are checked apart."""
@@ -139,11 +146,3 @@ class Catalog:
             watermark=bool(body.watermark),
             partial_images=body.partial_images or 0,
         )
-
-
-def retired(model: CatalogModel) -> str | None:
-    """The successor to name in place of a model whose upstream has shut it down and that no stand-in
-    route serves; None while it is served."""
-    if model.successor is None or model.shutdown_date is None or model.shutdown_date > datetime.now(UTC).date():
-        return None
-    return None if any(route.only_after for route in model.routes) else model.successor

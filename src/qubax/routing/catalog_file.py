@@ -30,8 +30,8 @@ written in code.
     megapixel_price = { first = 0.03, further = 0.015 }
 
     [models."flux-1-schnell"]              # its lifecycle: the day its upstream stops serving it, and
-    shutdown_date = 2027-03-01             # the model to ask for instead (after that day, a model with no
-    successor = "flux-1.1-pro"             # stand-in route is a 400 that names it)
+    shutdown_date = 2027-03-01             # the model to ask for instead (named in a 400 once its
+    successor = "flux-1.1-pro"             # upstreams answer that they no longer serve it)
 """
 
 import dataclasses

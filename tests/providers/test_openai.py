@@ -4,6 +4,7 @@ import dataclasses
 import io
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from datetime import date
 from typing import Any
 
 import openai as openai_sdk
@@ -403,3 +404,27 @@ async def test_a_streamed_call_relays_partial_images(openai: OpenAI, fake: FakeO
     assert all(partial.b64_json for partial in partials)
     assert image.tokens is not None and image.tokens.usage.output_tokens > 0
     assert fake.requests[-1]["stream"] is True
+
+
+# --- lifecycles ----------------------------------------------------------------------------------------------
+
+
+def test_the_fakes_model_list_carries_shutdown_dates_as_the_official_sdk_reads_them(server: str) -> None:
+    client = openai_sdk.OpenAI(
+        api_key="test-key", base_url=f"{server}/v1", max_retries=0, _strict_response_validation=True
+    )
+    listed = {model.id: model.shutdown_date for model in client.models.list()}
+    assert listed["gpt-image-1"] == "2026-10-23" and listed["gpt-image-1.5"] == "2026-12-01"
+    assert listed["gpt-image-2"] is None  # none announced
+
+
+@pytest.mark.anyio
+async def test_the_shutdown_dates_openai_publishes(openai: OpenAI, fake: FakeOpenAI) -> None:
+    fake.shutdown_dates |= {"gpt-image-2": "not a date", "gpt-image-2.6-flare": "2099-01-31"}
+    dates = await openai.shutdown_dates()
+    assert dates["dall-e-3"] == date(2026, 5, 12) and dates["gpt-image-1-mini"] == date(2026, 12, 1)
+    assert dates["gpt-image-2.6-flare"] == date(2099, 1, 31)
+    assert "gpt-image-2" not in dates and "gpt-image-2.6-sunburst" not in dates  # unreadable, and none
+    fake.fail_status = 503
+    with pytest.raises(UpstreamError):
+        await openai.shutdown_dates()

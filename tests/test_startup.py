@@ -39,7 +39,10 @@ def serve(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
         ({"QUBAX_ADMIN_TOKEN": " " * 32}, "QUBAX_ADMIN_TOKEN: is blank or repetitive"),
         ({"QUBAX_ADMIN_TOKEN": "a" * 32}, "QUBAX_ADMIN_TOKEN: is blank or repetitive"),
         ({"QUBAX_DATABASE_URL": "mysql://user:pw@localhost/qubax"}, "QUBAX_DATABASE_URL: cannot open 'mysql' URLs"),
-        ({"QUBAX_DATABASE_URL": "postgresql://u@localhost/q"}, "Use postgresql+asyncpg://"),
+        # The plain scheme is taken, with the async driver: the failure is reaching it, not the URL.
+        ({"QUBAX_DATABASE_URL": "postgresql://u@127.0.0.1:9/q"}, "QUBAX_DATABASE_URL: cannot use the database at"),
+        ({"QUBAX_PUBLIC_URL": "images.example.com"}, "QUBAX_PUBLIC_URL='images.example.com': must be an absolute URL"),
+        ({"QUBAX_WEBHOOK_RETRY_SECONDS": "5,soon"}, "QUBAX_WEBHOOK_RETRY_SECONDS='soon': Input should be a valid"),
         (
             {"QUBAX_DATABASE_URL": "postgresql+asyncpg://qubax:hunter2-secret@127.0.0.1:9/qubax"},
             "QUBAX_DATABASE_URL: cannot use the database at 127.0.0.1:9",
@@ -85,3 +88,16 @@ def test_a_blank_or_repetitive_admin_token_is_refused(tmp_path: Path, token: str
 @pytest.mark.parametrize("token", [secrets.token_hex(32), secrets.token_urlsafe(24), TOKEN])
 def test_a_random_admin_token_is_taken(tmp_path: Path, token: str) -> None:
     assert admin_token.enabled(Settings(data_dir=tmp_path, admin_token=token))  # type: ignore[arg-type]
+
+
+def test_plain_forms_of_settings_are_taken(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("QUBAX_WEBHOOK_RETRY_SECONDS", "5, 10")
+    monkeypatch.setenv("QUBAX_DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
+    monkeypatch.setenv("QUBAX_PUBLIC_URL", "https://images.example.com")
+
+    settings = Settings()
+
+    assert settings.webhook_retry_seconds == [5, 10]
+    assert settings.resolved_database_url == f"sqlite+aiosqlite:///{tmp_path}/x.db"
+    assert Settings(database_url="postgresql://u@db/q").resolved_database_url == "postgresql+asyncpg://u@db/q"
+    assert Settings(webhook_retry_seconds="[1, 2]").webhook_retry_seconds == [1, 2]  # type: ignore[arg-type]

@@ -1,16 +1,20 @@
 """Configuration, read from the environment once, in `create_app` or the CLI, never at import."""
 
 import os
+import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import orjson
 import platformdirs
 from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ADMIN_TOKEN_CHARS = 32
 ADMIN_TOKEN_KINDS = 8  # different characters: fewer is a token made by hand (`a` x 32), not drawn at random
+# The async driver for each plain database scheme: `sqlite:///x.db` is what people write.
+ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
 
 
 class Settings(BaseSettings):
@@ -45,12 +49,16 @@ class Settings(BaseSettings):
     # pauses between tries of a failed delivery (the default spans 27 hours).
     webhook_allowed_hosts: str | None = None
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
-    webhook_retry_seconds: list[float] = Field(default=[5, 300, 1800, 7200, 18000, 36000, 36000], min_length=1)
+    # `5,300,1800` (or a JSON list); NoDecode: pydantic-settings would read it as JSON only, and crash.
+    webhook_retry_seconds: Annotated[list[float], NoDecode] = Field(
+        default=[5, 300, 1800, 7200, 18000, 36000, 36000], min_length=1
+    )
     catalog: Path | None = None  # the operator's TOML catalog file
     breaker_failures: int = Field(default=5, ge=1)  # failures in a row that take a route out of rotation
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
     log_format: Literal["text", "json"] = "text"
     access_log: bool = True
+    trace_prompts: bool = False  # prompts on upstream spans, when traces are on (OTEL_EXPORTER_OTLP_ENDPOINT)
     log_prompts: bool = False  # prompts are the users' data: off the logs unless the operator asks
 
     # Upstream HTTP: seconds to connect, seconds of silence before an upstream is given up, seconds an
@@ -101,6 +109,25 @@ class Settings(BaseSettings):
                 raise ValueError(f"{pattern!r}: a pattern must be a host name or like *.example.com")
         return value
 
+    @field_validator("public_url")
+    @classmethod
+    def absolute_url(cls, value: str | None) -> str | None:
+        """Every image link starts with it: without a scheme each one would be broken."""
+        if not value:
+            return None
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an absolute URL with its scheme, like https://images.example.com")
+        return value
+
+    @field_validator("webhook_retry_seconds", mode="before")
+    @classmethod
+    def comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            return orjson.loads(text) if text.startswith("[") else [part.strip() for part in text.split(",")]
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -114,7 +141,10 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'qubax.db'}"
+        if not self.database_url:
+            return f"sqlite+aiosqlite:///{self.data_dir / 'qubax.db'}"
+        scheme, separator, rest = self.database_url.partition("://")
+        return ASYNC_DRIVERS.get(scheme, scheme) + separator + rest
 
     @property
     def images_dir(self) -> Path:

@@ -15,7 +15,6 @@ from qubax.providers import GeneratedImage
 from tests.catalog import MODELS
 from tests.providers import Job
 
-
 NAMES = [name for model in MODELS for name in (model.id, *model.aliases)]  # as /v1/models lists them
 
 
@@ -124,6 +123,16 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("flux-9")
     assert caught.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize(("asked", "served"), [("flux-pro-1.1", "flux-1.1-pro"), ("dall-e3", "dall-e-3")])
+def test_an_unknown_model_names_the_nearest_served_one(client: openai.OpenAI, asked: str, served: str) -> None:
+    """BFL's own name for a model, or a near miss: still a 404, with the name to use."""
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.images.generate(model=asked, prompt="a lighthouse")
+
+    assert caught.value.code == "model_not_found" and caught.value.param == "model"
+    assert f"Did you mean `{served}`?" in str(caught.value)
 
 
 def noise_png(width: int, height: int) -> bytes:

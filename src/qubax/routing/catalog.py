@@ -2,6 +2,7 @@
 A model's entry is in `models`; the request a check here makes, and its field checks, in `request`."""
 
 import dataclasses
+import difflib
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,13 +36,33 @@ class Catalog:
                 names.setdefault(name, model)
         return names
 
+    @functools.cached_property
+    def upstream_names(self) -> dict[str, str]:
+        """Each upstream's own name for a model (`flux-pro-1.1` at BFL) to the name served here; a
+        stand-in route (`only_after`) is not the model it stands in for."""
+        names: dict[str, str] = {}
+        for model in self.models:
+            for route in model.routes:
+                if route.only_after is None and route.upstream_model not in self.named:
+                    names.setdefault(route.upstream_model.lower(), model.id)
+        return names
+
     def find(self, model_id: str) -> CatalogModel:
         if (model := self.named.get(model_id)) is not None:
             return model
         raise ModelNotFound(
             f"The model `{model_id}` does not exist or you do not have access to it. "
-            "GET /v1/models lists the models this server offers."
+            f"{self.suggestion(model_id)}GET /v1/models lists the models this server offers."
         )
+
+    def suggestion(self, model_id: str) -> str:
+        """ "Did you mean …?" for an upstream's own name or a near miss of a served one; else nothing."""
+        asked = model_id.lower()
+        nearest = self.upstream_names.get(asked)
+        if nearest is None:
+            close = difflib.get_close_matches(asked, [*self.named, *self.upstream_names], n=1, cutoff=0.75)
+            nearest = self.upstream_names.get(close[0], close[0]) if close else None
+        return f"Did you mean `{nearest}`? " if nearest else ""
 
     def asked(self, model_id: str) -> CatalogModel:
         """The model a request names; a name shut down upstream that the catalog does not serve is a 400

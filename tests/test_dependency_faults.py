@@ -1,6 +1,6 @@
 """A dependency fails under load: PostgreSQL restarted, Redis stopped, S3 stopped, the disk full. Each
 case runs a `qubax serve` node on the real servers (started here, so that they can be broken), keeps a
-few dozen requests in flight, breaks the dependency in the middle, then mends it. What README "Several
+few dozen requests in flight, breaks the dependency in the middle, then mends it. What docs/operating.md "Several
 nodes" promises is checked by counting: every request answered 200 or an OpenAI 503 with `Retry-After`
 (never a 500, never a hang), one usage record charged per 200 and none for the rest, and the node
 serving again by itself once the dependency is back."""

@@ -1,7 +1,7 @@
 """Fault injection, end to end: SDK → our app → fake upstreams over loopback HTTP.
 
 Every upstream that serves flux-1.1-pro takes its turn as the FIRST route, with a healthy upstream
-second (the catalog file orders them). Each fault is checked against README "Routing and failover":
+second (the catalog file orders them). Each fault is checked against docs/models.md "Routing and failover":
 what the client sees, whether the second route is called, what the attempts ledger records, and what
 is charged. The faults are knobs on the fakes, set through the `UPSTREAMS` table below.
 """
@@ -311,7 +311,7 @@ def test_an_upstream_that_never_finishes_is_504_at_the_one_deadline(settings: Se
         assert UPSTREAMS[SECOND[first]].asked(y) == []  # one deadline per request, not one per route
         assert attempts(stack) == [(first, 1, 0, "upstream_timeout")]  # the route's failure, for its breaker
         assert charged(stack) == [("upstream_timeout", 0, 0)]
-        # The work we own upstream is taken back where the upstream has a way to (README).
+        # The work we own upstream is taken back where the upstream has a way to (docs/models.md).
         if first == "fal":
             assert x.cancels == [x.requests[0].id]
         elif first == "replicate":

@@ -71,7 +71,7 @@ def serve(host: str, port: int, workers: int) -> None:
         "port": port,
         "log_config": log_config,
         "access_log": False,
-        "http": GuardedConnection,  # the connection limits (README "Running on the internet")
+        "http": GuardedConnection,  # the connection limits (docs/security.md "Running on the internet")
         # X-Forwarded-For/-Proto only from the proxies the operator names: uvicorn would take them from
         # 127.0.0.1, so any local process (or a same-host proxy passing them on) could choose its address.
         "proxy_headers": bool(settings.forwarded_allow_ips),

@@ -215,3 +215,51 @@ def test_images_count_from_today_and_spend_from_the_first_of_the_month(stack: St
     with pytest.raises(openai.RateLimitError) as caught:  # yesterday's images are not today's, its spend is
         generate(sdk)
     assert caught.value.code == "insufficient_quota"
+
+
+def counting_client(stack: Stack, key: str, sent: list[str]) -> openai.OpenAI:
+    """The SDK with its default retries (2), counting what reaches the server."""
+    hooks = {"request": [lambda request: sent.append(request.url.path)]}
+    http = httpx.Client(event_hooks=hooks)  # type: ignore[dict-item]
+    return openai.OpenAI(api_key=key, base_url=stack.url + "/v1", max_retries=2, http_client=http)
+
+
+@pytest.mark.parametrize("flags", [("--images-per-day", "1"), ("--monthly-budget-usd", "0.05")])
+def test_a_day_or_month_limit_is_not_retried_by_the_sdk(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, str]
+) -> None:
+    """Retry-After stays honest (hours away), and x-should-retry: false keeps the SDK from retrying."""
+    waits: list[float] = []
+    monkeypatch.setattr(openai.OpenAI, "_sleep_for_retry", lambda self, **kwargs: waits.append(1))
+    key = qubax(stack.settings, "keys", "create", *flags).stdout.strip().splitlines()[-1]
+    sent: list[str] = []
+    sdk = counting_client(stack, key, sent)
+    generate(sdk, model="flux-1.1-pro", n=1)  # $0.04: the budget has no room for another
+    with pytest.raises(openai.RateLimitError) as caught:
+        generate(sdk, model="flux-1.1-pro", n=1)
+
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert int(caught.value.response.headers["retry-after"]) > 60
+    assert (len(sent), waits) == (2, [])
+
+
+def test_a_per_minute_limit_and_a_revoked_key(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A per-minute 429 is worth the SDK's retries (they come at once here: its sleep is skipped); a
+    revoked key's 401 is not."""
+    monkeypatch.setattr(openai.OpenAI, "_sleep_for_retry", lambda self, **kwargs: None)
+    key = qubax(stack.settings, "keys", "create", "--rpm", "1").stdout.strip().splitlines()[-1]
+    sent: list[str] = []
+    sdk = counting_client(stack, key, sent)
+    generate(sdk)
+    with pytest.raises(openai.RateLimitError) as caught:
+        generate(sdk)
+    assert "x-should-retry" not in caught.value.response.headers
+    assert len(sent) == 1 + 3  # the refused request and the SDK's two retries
+
+    revoked = qubax(stack.settings, "keys", "create").stdout.strip().splitlines()[-1]
+    qubax(stack.settings, "keys", "revoke", revoked)
+    sent.clear()
+    with pytest.raises(openai.AuthenticationError) as refused:
+        generate(counting_client(stack, revoked, sent))
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert len(sent) == 1

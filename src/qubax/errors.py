@@ -11,7 +11,7 @@
     │   └── ModelNotFound           404 model_not_found
     ├── Gone                        410
     ├── RequestTooLarge             413
-    ├── TryLater                    (sends Retry-After)
+    ├── TryLater                    (sends Retry-After; past a minute, x-should-retry: false)
     │   ├── InProgress              409 idempotency_key_in_use (the first request is still at work)
     │   ├── RateLimited             429 rate_limit_exceeded  (a key's own limit)
     │   │   └── QuotaExceeded       429 insufficient_quota   (the key's monthly budget is spent)
@@ -97,6 +97,10 @@ class AuthenticationError(QubaxError):
     type = "invalid_request_error"
     code = "invalid_api_key"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-should-retry": "false"}  # a wrong or revoked key stays so
+
 
 class Forbidden(QubaxError):
     status_code = 403
@@ -128,6 +132,10 @@ class RequestTooLarge(QubaxError):
     code = "request_too_large"
 
 
+# The longest wait a client's automatic retry may sit out; a longer Retry-After comes with `x-should-retry: false`.
+SOON_SECONDS = 60
+
+
 class TryLater(QubaxError):
     """Refused for now: says when to come back (`Retry-After`), plus any headers that explain why."""
 
@@ -138,7 +146,12 @@ class TryLater(QubaxError):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"retry-after": str(max(1, round(self.retry_after))), **self.extra_headers}
+        headers = {"retry-after": str(max(1, round(self.retry_after))), **self.extra_headers}
+        if self.retry_after > SOON_SECONDS:
+            # A day's or a month's limit: the SDKs would retry sooner than Retry-After (Python's, past
+            # 60 s) or sleep for hours (Node's). Neither can succeed; say so.
+            headers["x-should-retry"] = "false"
+        return headers
 
 
 class InProgress(TryLater):

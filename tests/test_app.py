@@ -56,6 +56,27 @@ def test_sdk_sees_413_for_a_huge_prompt(base_url: str, test_key: str) -> None:
     assert (caught.value.status_code, caught.value.code) == (413, "request_too_large")
 
 
+def test_a_base_url_without_v1_is_told_to_add_it(base_url: str, test_key: str) -> None:
+    """Not the 405 that the download route /images/{name} would give POST /images/generations."""
+    client = openai.OpenAI(api_key=test_key, base_url=base_url, max_retries=0)
+    calls = [
+        lambda: client.images.generate(model="flux-1.1-pro", prompt="a cat"),
+        lambda: client.images.edit(model="gpt-image-1.5", image=("a.png", b"x"), prompt="a hat"),
+        lambda: client.models.list(),
+        lambda: client.models.retrieve("dall-e-3"),
+    ]
+    for call in calls:
+        with pytest.raises(openai.NotFoundError) as caught:
+            call()
+        assert caught.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+        assert f"the base URL must end in /v1, as in {base_url}/v1." in caught.value.message
+
+    unknown = httpx.post(f"{base_url}/no/such/path")
+    assert unknown.status_code == 404 and "/v1" not in unknown.json()["error"]["message"]
+    image = httpx.get(f"{base_url}/images/img_unknown.png")
+    assert image.status_code == 403  # the download route still answers: a link without its signature
+
+
 def test_the_collector_goes_over_requests_in_flight_rarely(base_url: str) -> None:
     """A started app leaves the objects of requests held by a slow upstream to their end (freed when the
     request ends) instead of the collector's middle generation going over them again and again."""

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qubax import console
@@ -118,9 +119,26 @@ async def render_http_exception(request: Request, exc: Exception) -> JSONRespons
     assert isinstance(exc, HTTPException)
     if exc.status_code == 413:
         return await render_error(request, RequestTooLarge(str(exc.detail)))
-    message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
+    status, message, headers = exc.status_code, str(exc.detail), dict(exc.headers or {})
+    if status == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    if status in (404, 405) and under_v1(request):
+        status, headers = 404, {}
+        message = (
+            f"Invalid URL ({request.method} {request.url.path}): the base URL must end in /v1, "
+            f"as in {str(request.base_url).rstrip('/')}/v1."
+        )
     body = ErrorResponse(error=Error(message=message, type="invalid_request_error", param=None, code=None))
-    return error_response(exc.status_code, body, dict(exc.headers or {}))
+    return error_response(status, body, headers)
+
+
+def under_v1(request: Request) -> bool:
+    """Whether the path is an API endpoint's without its /v1: a client whose base URL lacks it (the
+    download route `/images/{name}` would otherwise answer its POSTs with a 405)."""
+    if request.url.path.startswith("/v1/"):
+        return False
+    scope = {**request.scope, "path": "/v1" + request.url.path}
+    return any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes)
 
 
 class RequestLog:

@@ -27,6 +27,7 @@ from qubax.server.logs import log_access
 from qubax.server.metrics import Metrics
 from qubax.server.services import open_services
 from qubax.server.settings import Settings, admin_token_problem, host_patterns
+from qubax.server.traces import ServerSpans, configure, running
 
 logger = logging.getLogger("qubax")
 
@@ -40,11 +41,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raise ValueError(f"QUBAX_ADMIN_TOKEN: {problem}.")
     catalog = load_catalog(settings.catalog, set(PROVIDERS), default_concurrency())
     metrics = Metrics()  # a registry per app, not the process-wide default: tests run many apps at once
+    tracing = configure(settings.trace_prompts)  # None unless OTEL_EXPORTER_OTLP_ENDPOINT is set
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logging.getLogger("uvicorn.access").addFilter(hide_query)
-        async with open_services(settings, catalog, metrics) as services:
+        async with running(tracing), open_services(settings, catalog, metrics) as services:
             app.state.services = services
             background = [
                 asyncio.create_task(runner.run_forever(services)),
@@ -85,7 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, render_http_exception)
     if settings.allowed_hosts:
         app.add_middleware(AllowedHosts, patterns=host_patterns(settings.allowed_hosts))
-    app.add_middleware(RequestLog, metrics=metrics, access_log=settings.access_log)  # outermost: sees all
+    app.add_middleware(RequestLog, metrics=metrics, access_log=settings.access_log)  # sees all
+    if tracing is not None:  # outermost: its span covers the rest, and sees a crash's 500
+        app.add_middleware(ServerSpans, tracing=tracing)
     return app
 
 

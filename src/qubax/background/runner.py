@@ -21,6 +21,7 @@ from qubax.errors import AuthenticationError, DatabaseUnavailable, QubaxError
 from qubax.pipeline import generation
 from qubax.pipeline.work import Work
 from qubax.records import journal, queries, tables
+from qubax.server import traces
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")
@@ -55,7 +56,14 @@ async def take(services: Services) -> str | None:
 
 
 async def run(services: Services, job_id: str) -> None:
-    """Make one job and record how it ended."""
+    """Make one job and record how it ended: a trace of its own (its work's spans inside)."""
+    with traces.span("qubax.job") as span:
+        if span is not None:
+            span.set_attribute("qubax.job_id", job_id)
+        await run_traced(services, job_id)
+
+
+async def run_traced(services: Services, job_id: str) -> None:
     work = asyncio.create_task(make(services, job_id))
     watcher = asyncio.create_task(watch(services, job_id, work))
     try:

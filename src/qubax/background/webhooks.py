@@ -23,6 +23,7 @@ from standardwebhooks import Webhook
 from qubax.background import jobs, loops
 from qubax.background.webhook_targets import PublicResolver, check_literal
 from qubax.records import tables
+from qubax.server import traces
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")
@@ -69,7 +70,21 @@ async def take(services: Services) -> tables.WebhookDelivery | None:
 
 
 async def attempt(services: Services, http: aiohttp.ClientSession, delivery: tables.WebhookDelivery) -> None:
-    """One try of one delivery, and what came of it."""
+    """One try of one delivery, and what came of it: a trace of its own, without the target's URL
+    (its query may hold the receiver's token)."""
+    with traces.span("qubax.webhook") as span:
+        outcome, status = await deliver(services, http, delivery)
+        if span is not None:
+            span.set_attributes({"qubax.delivery_id": delivery.id, "qubax.job_id": delivery.job_id})
+            span.set_attributes({"qubax.try": delivery.attempts + 1, "qubax.outcome": outcome})
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+
+
+async def deliver(
+    services: Services, http: aiohttp.ClientSession, delivery: tables.WebhookDelivery
+) -> tuple[str, int | None]:
+    """The try itself: how the delivery stands after it, and the target's status, if it answered."""
     status, error = None, None
     try:
         status = await send(services, http, delivery)
@@ -97,6 +112,7 @@ async def attempt(services: Services, http: aiohttp.ClientSession, delivery: tab
         await session.commit()
     services.metrics.webhook_tries.inc(("retry" if outcome == "pending" else outcome,))
     logger.info("webhook %s for job %s: try %d, %s", delivery.id, delivery.job_id, tries, error or "delivered")
+    return outcome, status
 
 
 async def send(services: Services, http: aiohttp.ClientSession, delivery: tables.WebhookDelivery) -> int:

@@ -14,6 +14,7 @@ from qubax.records import tables
 from qubax.records.ledger import AttemptRecord
 from qubax.routing.models import CatalogModel, Route
 from qubax.routing.request import ImageRequest
+from qubax.server import traces
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")
@@ -67,7 +68,40 @@ async def attempt(
     services: Services, route: Route, request: ImageRequest, attempts: list[AttemptRecord]
 ) -> tuple[list[GeneratedImage], UpstreamError | None]:
     """One route's try at `request.n` images: its images, and its failure when it fell short;
-    refusals are raised."""
+    refusals are raised. Traced as a span saying which route, and what came of it."""
+    with traces.span("qubax.upstream") as span:
+        failure: UpstreamError | None = None
+        try:
+            made, failure = await try_route(services, route, request, attempts)
+        finally:
+            if span is not None:
+                describe(span, route, request, attempts[-1], failure)
+        return made, failure
+
+
+def describe(
+    span: "traces.Span", route: Route, request: ImageRequest, record: AttemptRecord, failure: UpstreamError | None
+) -> None:
+    """An upstream span's attributes: the record's codes and counts, never its (foreign) words."""
+    span.set_attributes(
+        {
+            "qubax.provider": route.provider,
+            "qubax.model": request.model.id,
+            "qubax.upstream_model": route.upstream_model,
+            "qubax.route": route_label(route, request.model),
+            "qubax.images.asked": request.n,
+            "qubax.images.made": record.images,
+            "qubax.outcome": record.outcome,
+        }
+    )
+    if failure is not None:  # why the next route is tried, or why none is
+        span.set_attribute("qubax.failover_reason" if failure.failover else "qubax.failure", record.outcome)
+    traces.prompt(span, request.prompt)
+
+
+async def try_route(
+    services: Services, route: Route, request: ImageRequest, attempts: list[AttemptRecord]
+) -> tuple[list[GeneratedImage], UpstreamError | None]:
     name = breaker_name(route)
     record = AttemptRecord(route.provider, route.upstream_model, request.n)
     attempts.append(record)

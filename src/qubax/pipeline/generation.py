@@ -25,6 +25,7 @@ from qubax.records.ledger import GenerationRecord
 from qubax.records.storage import Storage
 from qubax.routing.catalog import Catalog
 from qubax.routing.request import ImageRequest, PartialImage
+from qubax.server import traces
 from qubax.server.services import Services
 
 INLINE_BYTES = 256 * 1024  # checking and base64-ing this much beats a thread hop (bench/README.md)
@@ -157,7 +158,10 @@ async def finish_off_loop(
             return image.b64 or pybase64.b64encode_as_string(data)
         return await asyncio.to_thread(finish_image, image, *size, output_format)
     picture = data if sound else await asyncio.to_thread(convert, data, *size, output_format)
-    return await store.put(picture, output_format, job_id)
+    with traces.span("qubax.storage.put") as span:
+        if span is not None:
+            span.set_attributes({"qubax.storage": type(store).__name__, "qubax.bytes": len(picture)})
+        return await store.put(picture, output_format, job_id)
 
 
 def finish_image(image: GeneratedImage, width: int, height: int, output_format: str) -> str:

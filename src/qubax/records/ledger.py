@@ -20,6 +20,7 @@ from qubax.errors import DatabaseUnavailable
 from qubax.records.db import UNAVAILABLE
 from qubax.records.tables import Attempt, Base, Generation, now
 from qubax.records.writers import WriteFailed, WriterProcess
+from qubax.server import traces
 
 logger = logging.getLogger("qubax")
 
@@ -75,8 +76,11 @@ class Ledger:
         self.pending.append((generation, done))
         if self.writer is None or self.writer.done():
             self.writer = asyncio.create_task(self.drain())
-        # A client that disconnects now cancels only this wait: the record is in the batch, and is written.
-        await done
+        with traces.span("qubax.ledger.record") as span:  # the wait for its batch's commit
+            if span is not None:
+                span.set_attributes({"qubax.outcome": generation.outcome, "qubax.images.made": generation.images})
+            # A client that disconnects now cancels only this wait: the record is in the batch, and is written.
+            await done
 
     async def drain(self) -> None:
         while self.pending:

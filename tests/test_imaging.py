@@ -1,12 +1,16 @@
 """Normalising upstream images to PNG, and the placeholder renderer for test keys."""
 
 import io
+import random
+import struct
+import zlib
 from collections.abc import Callable
 
 import pytest
 from PIL import Image
 
 from qubax.errors import UpstreamError
+from qubax.pipeline import imaging
 from qubax.pipeline.imaging import convert, intact_png_size, render_placeholder
 
 Pixel = tuple[int, ...]
@@ -209,3 +213,26 @@ def test_truncated_png_of_the_right_size_is_an_upstream_error() -> None:
     data = noisy_png(64, 32)
     with pytest.raises(UpstreamError):
         convert(data[: len(data) // 2], 64, 32)
+
+
+def png_row_filters(data: bytes) -> set[int]:
+    """The filter type each row of an 8-bit PNG starts with (0 none, 1 sub, 2 up, 3 average, 4 Paeth)."""
+    width, height = struct.unpack(">II", data[16:24])
+    channels = {0: 1, 4: 2, 2: 3, 6: 4}[data[25]]
+    offset, stream = 8, b""
+    while offset < len(data):
+        (length,) = struct.unpack_from(">I", data, offset)
+        if data[offset + 4 : offset + 8] == b"IDAT":
+            stream += data[offset + 8 : offset + 8 + length]
+        offset += 12 + length
+    raw, stride = zlib.decompress(stream), 1 + width * channels
+    return {raw[row * stride] for row in range(height)}
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_pngs_are_written_by_libvips_with_one_filter_and_lose_nothing(mode: str) -> None:
+    source = Image.frombytes("RGBA", (96, 40), random.Random(1).randbytes(96 * 40 * 4)).convert(mode)
+    data = imaging.encode(source)
+    assert png_row_filters(data) == {1}  # sub, every row: Pillow would choose a filter per row
+    with Image.open(io.BytesIO(data)) as decoded:
+        assert decoded.mode == mode and decoded.tobytes() == source.tobytes()

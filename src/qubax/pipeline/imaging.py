@@ -9,12 +9,17 @@ import struct
 import warnings
 import zlib
 
+import pyvips
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from qubax.errors import UpstreamError
 
-# Pillow's default level 6 encodes 4 MP ultra images far slower, for only slightly smaller files.
+# PNGs are written by libvips, every row with the `sub` filter, at zlib level 3: about 0.3x the CPU of
+# Pillow at the same level (which tries every filter on every row), for files 1.0-1.06x the size
+# (bench/README.md, "which PNG encoder"). Levels 1 and below are zlib-ng's quick strategy: far larger.
 PNG_COMPRESS_LEVEL = 3
+PNG_FILTER = pyvips.enums.ForeignPngFilter.SUB
+VIPS_MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # 8 bits a sample, as libvips takes them from memory
 MAX_PIXELS = 64_000_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RGB_8BIT = (b"\x08\x02", b"\x08\x06")  # IHDR bit depth and colour type: 8-bit RGB and RGBA
@@ -104,6 +109,8 @@ def coarser(data: bytes, factor: int, output_format: str) -> bytes:
 
 
 def encode(image: Image.Image, output_format: str = "png") -> bytes:
+    if output_format == "png" and image.mode in VIPS_MODES:
+        return encode_png(image)
     out = io.BytesIO()
     if output_format == "png":
         image.save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -112,6 +119,15 @@ def encode(image: Image.Image, output_format: str = "png") -> bytes:
     else:
         image.save(out, format="WEBP", quality=95)
     return out.getvalue()
+
+
+def encode_png(image: Image.Image) -> bytes:
+    # libvips' operation cache would keep recent operations, and so their pixel buffers, alive; every
+    # image written here is a new one, so nothing would ever be found in it.
+    pyvips.cache_set_max(0)
+    pixels = pyvips.Image.new_from_memory(image.tobytes(), image.width, image.height, VIPS_MODES[image.mode], "uchar")
+    data: bytes = pixels.pngsave_buffer(compression=PNG_COMPRESS_LEVEL, filter=PNG_FILTER)
+    return data
 
 
 def render_placeholder(prompt: str, width: int, height: int, index: int, base: Image.Image | None = None) -> bytes:

@@ -19,6 +19,8 @@ from qubax.server.cli import main
 from qubax.server.settings import Settings
 from tests.catalog import MODELS
 from tests.conftest import cli_env
+from tests.stack import running_stack
+from tests.test_readme import free_port
 
 
 def runner() -> CliRunner:
@@ -80,22 +82,24 @@ def test_keys_create_test(settings: Settings) -> None:
 
 
 def test_keys_list_shows_names_and_prefixes_never_keys(settings: Settings) -> None:
-    live = create(settings, "--name", "ci-bot")
+    live = create(settings, "--name", "ci-bot", "--rpm", "5", "--monthly-budget-usd", "12.5")
     test = create(settings, "--test", "--name", "sandbox")
     stdout = ok(qubax(settings, "keys", "list"))
     rows = table(stdout)
-    assert rows[0] == ["ID", "KEY", "KIND", "NAME", "CREATED", "STATUS"]
+    assert rows[0] == ["ID", "KEY", "KIND", "NAME", "CREATED", "LIMITS", "STATUS"]
     assert [(r[0], r[1], r[2], r[3], r[-1]) for r in rows[1:]] == [
         (key_id(settings, live), live[:13] + "…", "live", "ci-bot", "active"),
         (key_id(settings, test), test[:13] + "…", "test", "sandbox", "active"),
     ]
+    assert "  rpm 5, monthly budget $12.50  active" in stdout.splitlines()[1]
+    assert "  no limits" in stdout.splitlines()[2]
     for key in (live, test):
         assert key not in stdout
         assert key[13:17] not in stdout
 
 
 def test_keys_list_when_there_are_none(settings: Settings) -> None:
-    assert table(ok(qubax(settings, "keys", "list"))) == [["ID", "KEY", "KIND", "NAME", "CREATED", "STATUS"]]
+    assert table(ok(qubax(settings, "keys", "list"))) == [["ID", "KEY", "KIND", "NAME", "CREATED", "LIMITS", "STATUS"]]
 
 
 def test_revoke_by_full_key_and_by_id(settings: Settings) -> None:
@@ -167,6 +171,29 @@ def test_models_with_a_credential_say_configured(settings: Settings) -> None:
     assert rows["flux-1.1-pro-ultra"].endswith("  bfl*, fal, replicate")
     assert "*" not in rows["flux-1-schnell"]
     assert "BFL_API_KEY" not in output and "bfl-secret-123" not in output
+
+
+def test_models_ask_the_running_server(settings: Settings) -> None:
+    """The server has BFL's credential, this shell none: the server's answer is the one shown."""
+    with running_stack(settings, providers=("bfl",)) as stack:
+        result = qubax(settings, "models", "--base-url", f"{stack.url}/v1", env={"QUBAX_API_KEY": stack.live_key})
+    rows = model_rows(ok(result))
+    assert f"Asked the server at {stack.url}/v1" in result.stderr
+    assert rows["flux-1.1-pro"].split()[1] == "yes" and rows["flux-1.1-pro"].endswith("  bfl, fal, replicate, together")
+    assert rows["seedream-4.5"].split()[1] == "no"
+    assert "*" not in result.stdout and "To enable a route" not in result.stdout
+
+
+def test_models_without_a_server_say_whose_settings_they_show(settings: Settings) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    result = qubax(settings, "models", "--base-url", closed, env={"QUBAX_API_KEY": "qbx_test_x"})
+    assert f"no server answered at {closed}: this shows this shell's settings" in result.stderr
+    assert "no QUBAX_API_KEY to ask a server with: this shows this shell's settings" in qubax(settings, "models").stderr
+
+
+def test_models_say_which_route_is_a_stand_in(settings: Settings) -> None:
+    rows = model_rows(ok(qubax(settings, "models")))
+    assert rows["dall-e-3"].endswith("  openai, openai:gpt-image-2 (stand-in)")
 
 
 def test_models_show_the_operator_catalog(settings: Settings, tmp_path: Path) -> None:
@@ -259,6 +286,23 @@ def test_generate_saves_pngs_and_prints_their_paths(base_url: str, test_key: str
     assert all(p.name.startswith("flux-1-schnell-") and p.suffix == ".png" for p in paths)
     assert [png_size(p) for p in paths] == [(512, 512), (512, 512)]
     assert paths[0].read_bytes() != paths[1].read_bytes()
+
+
+@pytest.mark.parametrize("pictures", [True, False])
+def test_generate_without_out_saves_in_the_pictures_or_data_folder(
+    base_url: str, test_key: str, tmp_path: Path, pictures: bool
+) -> None:
+    home = tmp_path / "home"
+    (home / "Pictures").mkdir(parents=True) if pictures else home.mkdir()
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "QUBAX_DATA_DIR": str(tmp_path / "data")}
+    result = runner().invoke(
+        main, ["generate", "a fox", "--api-key", test_key, "--base-url", base_url + "/v1", "--size", "256x256"], env=env
+    )
+    folder = home / "Pictures" / "qubax" if pictures else tmp_path / "data" / "generated"
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert f"Saving in {folder} " in result.stderr
+    (saved,) = folder.iterdir()
+    assert result.stdout == f"{saved}\n"
 
 
 def test_generate_takes_the_key_from_the_environment(base_url: str, test_key: str, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import contextlib
 import itertools
+import os
 import secrets
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 import httpx
+import platformdirs
 
 T = TypeVar("T")
 JOB_POLL_SECONDS = 1.0
@@ -24,12 +26,24 @@ TIMEOUT = httpx.Timeout(900.0, connect=10.0)
 @click.option("--model", default="flux-1.1-pro", show_default=True)
 @click.option("--size", default=None, help="WIDTHxHEIGHT; the model's default when omitted.")
 @click.option("-n", "n", default=1, show_default=True, type=int)
-@click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The folder to save in. Default: a qubax folder in your Pictures folder, else in Qubax's data folder.",
+)
 @click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True)
 @click.option("--api-key", envvar="QUBAX_API_KEY", help="Or set QUBAX_API_KEY.")
 @click.option("--async", "as_job", is_flag=True, help="Send it as a job (Prefer: respond-async) and wait on the job.")
 def generate(
-    prompt: str, model: str, size: str | None, n: int, out: Path, base_url: str, api_key: str | None, as_job: bool
+    prompt: str,
+    model: str,
+    size: str | None,
+    n: int,
+    out: Path | None,
+    base_url: str,
+    api_key: str | None,
+    as_job: bool,
 ) -> None:
     """Generate images on a running server and save them as PNG files."""
     if not api_key:
@@ -42,12 +56,24 @@ def generate(
     base_url = base_url.rstrip("/")
     with reaching(f"{base_url}/images/generations"):
         answer = asyncio.run((wait_on_job if as_job else post)(base_url, body, api_key))
+    if out is None:
+        out = default_folder()
+        click.echo(f"Saving in {out} (--out chooses another folder).", err=True)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)  # two runs in one second must not collide
     for index, item in enumerate(answer["data"], start=1):
         path = out / f"{model}-{stamp}-{index}.png"
         path.write_bytes(base64.b64decode(item["b64_json"]))
         click.echo(str(path))
+
+
+def default_folder() -> Path:
+    """Where images go without --out: the platform's pictures folder, else Qubax's data folder (a server,
+    say, has no pictures folder)."""
+    pictures = Path(platformdirs.user_pictures_dir())
+    if pictures.is_dir():
+        return pictures / "qubax"
+    return Path(os.environ.get("QUBAX_DATA_DIR") or platformdirs.user_data_dir("qubax")) / "generated"
 
 
 async def post(base_url: str, body: dict[str, Any], api_key: str) -> dict[str, Any]:
@@ -75,6 +101,17 @@ async def wait_on_job(base_url: str, body: dict[str, Any], api_key: str) -> dict
         raise click.ClickException(f"The job {ended['status']}: {error.get('message', '')}".rstrip(": "))
     result: dict[str, Any] = ended["result"]
     return result
+
+
+def served_models(base_url: str, api_key: str) -> set[str] | None:
+    """The model names a running server offers this key (GET /v1/models); None when none answers there."""
+    try:
+        response = httpx.get(
+            f"{base_url.rstrip('/')}/models", headers={"authorization": f"Bearer {api_key}"}, timeout=5.0
+        )
+    except httpx.HTTPError:
+        return None
+    return {model["id"] for model in answer_of(response)["data"]}
 
 
 def client(base_url: str, api_key: str) -> httpx.AsyncClient:

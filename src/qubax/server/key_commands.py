@@ -141,7 +141,7 @@ def key_webhook(key_or_id: str, url: str | None, no_url: bool, rotate_secret: bo
 
 @keys.command("list")
 def list_keys() -> None:
-    """List keys (prefix only; full keys are never stored)."""
+    """List keys (prefix only; full keys are never stored) with their limits and budgets."""
     rows = [
         (
             k.id,
@@ -149,11 +149,12 @@ def list_keys() -> None:
             "test" if k.test else "live",
             k.name,
             f"{k.created_at:%Y-%m-%d %H:%M}",
+            describe_limits(k),
             "revoked" if k.revoked_at else "active",
         )
         for k in with_session(queries.list_keys)
     ]
-    print_table(("ID", "KEY", "KIND", "NAME", "CREATED", "STATUS"), rows)
+    print_table(("ID", "KEY", "KIND", "NAME", "CREATED", "LIMITS", "STATUS"), rows)
 
 
 @keys.command("revoke")

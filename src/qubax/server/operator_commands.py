@@ -20,6 +20,8 @@ from qubax.providers.registry import PROVIDERS, credentials, default_concurrency
 from qubax.records import api_keys, db, queries, tables
 from qubax.routing.catalog import Catalog
 from qubax.routing.catalog_file import CatalogError, load_catalog
+from qubax.routing.models import Route
+from qubax.server.client import served_models
 from qubax.server.services import open_storage
 from qubax.server.settings import Settings
 
@@ -81,23 +83,37 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 
 @click.command()
-def models() -> None:
+@click.option("--base-url", default="http://127.0.0.1:8000/v1", show_default=True, help="The server to ask.")
+@click.option("--api-key", envvar="QUBAX_API_KEY", help="Or set QUBAX_API_KEY: the key to ask the server with.")
+def models(base_url: str, api_key: str | None) -> None:
     """List the catalog: each model's default size, images per request, price per image, routes in
-    failover order (* marks the routes whose credential is set); then aliases, and the day the upstream
-    shuts down each model that has one (`shutdown_date`) with the model to ask for instead."""
+    failover order (a stand-in, tried when the upstream no longer serves the model, says so); then
+    aliases, and the day the upstream shuts down each model that has one (`shutdown_date`) with the model
+    to ask for instead. With a key, the running server says which models it serves that key; without
+    one, or with no server there, * marks the routes whose credential is set in this shell."""
     settings = Settings()
     catalog = open_catalog(settings)
-    configured = {name for name in PROVIDERS if credentials(settings, name)}
+    served = served_models(base_url, api_key) if api_key else None
+    if served is None:  # the server's own environment may differ: say whose this is
+        why = "no QUBAX_API_KEY to ask a server with" if not api_key else f"no server answered at {base_url}"
+        click.echo(f"({why}: this shows this shell's settings, which may not be the server's.)", err=True)
+    else:
+        click.echo(f"(Asked the server at {base_url}: it serves {len(served)} names to this key.)", err=True)
+    configured = {name for name in PROVIDERS if credentials(settings, name)} if served is None else set()
     rows = []
     for model in catalog.models:
-        routes = ", ".join(route.provider + ("*" if route.provider in configured else "") for route in model.routes)
+        routes = ", ".join(route_name(route, configured) for route in model.routes)
         prices = sorted({p.usd for p in model.prices})
         price = f"${prices[0]}" if len(prices) == 1 else f"from ${prices[0]}"  # by quality or size
         if (megapixel := model.megapixel_price) is not None:  # the first megapixel, then each further one
             price = f"${megapixel.first}+{megapixel.further}/MP"
         n_range = "1" if model.max_n == 1 else f"1-{model.max_n}"
         rows.append((model.id, model.default_size, n_range, price, routes))
-    print_table(("MODEL", "DEFAULT SIZE", "N", "PER IMAGE", "ROUTES (* CONFIGURED)"), rows)
+    if served is None:
+        print_table(("MODEL", "DEFAULT SIZE", "N", "PER IMAGE", "ROUTES (* CONFIGURED)"), rows)
+    else:
+        marked = [(row[0], "yes" if row[0] in served else "no", *row[1:]) for row in rows]
+        print_table(("MODEL", "SERVED", "DEFAULT SIZE", "N", "PER IMAGE", "ROUTES"), marked)
     # Below the table, which they would widen past a terminal (Gemini's models have several each).
     aliased = [f"  {model.id}: {', '.join(model.aliases)}" for model in catalog.models if model.aliases]
     if aliased:
@@ -110,8 +126,14 @@ def models() -> None:
     if ending:
         click.echo("\nShutdown dates:\n" + "\n".join(ending))
     missing = [f"{info.credential} ({name})" for name, info in PROVIDERS.items() if name not in configured]
-    if missing:
+    if missing and served is None:
         click.echo(f"\nTo enable a route, set its credential: {', '.join(missing)}.")
+
+
+def route_name(route: Route, configured: set[str]) -> str:
+    """`bfl*`; a stand-in by the model it makes: `openai:gpt-image-2 (stand-in)`."""
+    name = route.provider + ("*" if route.provider in configured else "")
+    return f"{name}:{route.upstream_model} (stand-in)" if route.only_after else name
 
 
 @click.command()

@@ -236,3 +236,50 @@ def test_pngs_are_written_by_libvips_with_one_filter_and_lose_nothing(mode: str)
     assert png_row_filters(data) == {1}  # sub, every row: Pillow would choose a filter per row
     with Image.open(io.BytesIO(data)) as decoded:
         assert decoded.mode == mode and decoded.tobytes() == source.tobytes()
+
+
+def photo(mode: str = "RGB", size: tuple[int, int] = (64, 32)) -> Image.Image:
+    return Image.frombytes("RGB", size, random.Random(2).randbytes(size[0] * size[1] * 3)).convert(mode)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_a_whole_jpeg_or_webp_of_the_asked_size_passes_through_untouched(fmt: str) -> None:
+    data = encode(photo(), fmt.upper(), quality=80)
+    assert convert(data, 64, 32, fmt) is data  # no decode, no second generation of loss
+    assert convert(data, 32, 32, fmt) is not data  # another size: made anew
+
+
+def rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[imaging.ORIENTATION] = 6  # shown turned a quarter: convert turns the pixels instead
+    return encode(photo(size=(32, 64)), "JPEG", exif=exif)
+
+
+@pytest.mark.parametrize(
+    ("made", "fmt"),
+    [
+        (lambda: encode(photo(), "JPEG") + b"\0", "jpeg"),  # something after the EOI marker
+        (lambda: encode(photo("L"), "JPEG"), "jpeg"),  # greyscale: convert makes it RGB
+        (lambda: encode(photo("CMYK"), "JPEG"), "jpeg"),
+        (rotated_jpeg, "jpeg"),
+        (lambda: encode(photo(), "WEBP", save_all=True, append_images=[photo("L").convert("RGB")]), "webp"),
+        (lambda: encode(photo(), "PNG"), "jpeg"),  # another format than the one asked
+    ],
+)
+def test_jpegs_and_webps_that_need_converting_are_converted(made: Callable[[], bytes], fmt: str) -> None:
+    data = made()
+    out = convert(data, 64, 32, fmt)
+    assert out is not data
+    with Image.open(io.BytesIO(out)) as image:
+        assert (image.format, image.size, image.mode) == (fmt.upper(), (64, 32), "RGB")
+        assert getattr(image, "n_frames", 1) == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt"),
+    [(encode(photo(), "JPEG")[:-2], "jpeg"), (encode(photo(), "WEBP")[:-4], "webp")],  # no EOI; short of RIFF's size
+)
+def test_a_jpeg_or_webp_cut_short_is_not_passed_through_but_refused(data: bytes, fmt: str) -> None:
+    assert imaging.sound_header(data, fmt) is None
+    with pytest.raises(UpstreamError):
+        convert(data, 64, 32, fmt)

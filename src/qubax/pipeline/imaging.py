@@ -23,11 +23,38 @@ VIPS_MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # 8 bits a sample, as libvi
 MAX_PIXELS = 64_000_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RGB_8BIT = (b"\x08\x02", b"\x08\x06")  # IHDR bit depth and colour type: 8-bit RGB and RGBA
+ORIENTATION = 0x0112  # the EXIF tag `convert` applies (exif_transpose)
 
 
 def passes_through(data: bytes, width: int, height: int, output_format: str) -> bool:
-    """Whether `data` already is what `convert` would make, so decoding and re-encoding would only cost time."""
-    return output_format == "png" and intact_png_size(data) == (width, height) and data[24:26] in RGB_8BIT
+    """Whether `data` already is what `convert` would make, so decoding and re-encoding would only cost
+    time (and, for JPEG and WebP, a generation of loss). Judged from the file's structure, never by
+    decoding it: a PNG's chunks (`intact_png_size`), a JPEG's or WebP's header and end."""
+    if output_format == "png":
+        return intact_png_size(data) == (width, height) and data[24:26] in RGB_8BIT
+    return sound_header(data, output_format) == (width, height)
+
+
+def sound_header(data: bytes, output_format: str) -> tuple[int, int] | None:
+    """(width, height) of a whole JPEG or WebP that needs nothing of `convert`: RGB(A), one frame, upright
+    (no EXIF rotation to apply), and not cut short (a JPEG ends with its EOI marker, a WebP's RIFF size
+    is its length); else None. Pillow reads only the header for this."""
+    if output_format == "jpeg":
+        whole = data.startswith(b"\xff\xd8") and data.endswith(b"\xff\xd9")
+    else:
+        whole = data[:4] == b"RIFF" and data[8:12] == b"WEBP" and int.from_bytes(data[4:8], "little") + 8 == len(data)
+    if not whole:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            modes = ("RGB",) if output_format == "jpeg" else ("RGB", "RGBA")
+            if image.format != output_format.upper() or image.mode not in modes or getattr(image, "n_frames", 1) != 1:
+                return None
+            if image.getexif().get(ORIENTATION, 1) != 1:
+                return None
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def convert(data: bytes, width: int, height: int, output_format: str = "png") -> bytes:

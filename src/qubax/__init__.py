@@ -1,3 +1,7 @@
 """Qubax Images: an OpenAI-compatible image generation gateway."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+# The installed distribution's version (pyproject.toml's), so `qubax --version`, the OpenAPI schema and
+# this never disagree.
+__version__ = version("qubax")

@@ -10,7 +10,9 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-TITLE, VERSION = "Qubax Images", "0.1.0"
+from qubax import __version__
+
+TITLE, VERSION = "Qubax Images", __version__
 DESCRIPTION = (
     "OpenAI's Images API in front of FLUX, DALL-E and friends: point any OpenAI client at this server's "
     "`/v1` and use a Qubax API key. Errors always have OpenAI's shape."

@@ -60,7 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
 
-    # FastAPI's built-in OpenTelemetry hooks look up global providers on every request; we do not use them.
+    # FastAPI's built-in OpenTelemetry hooks look up global providers on every request, and would export
+    # our image links' signatures with their URLs: `server/traces.py` makes the spans instead.
     telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(
         title=docs.TITLE,

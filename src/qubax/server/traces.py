@@ -64,6 +64,7 @@ def configure(prompts: bool = False) -> Tracing | None:
     # Resource.create lets its argument win over OTEL_SERVICE_NAME: so the variable is read here.
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or "qubax"})
     provider = TracerProvider(resource=resource)  # its sampler from OTEL_TRACES_SAMPLER(_ARG)
+    logger.info("traces: sent over OTLP/HTTP to the collector %s names", variable)  # not its URL: it may hold a token
     return Tracing(provider, provider.get_tracer("qubax"), prompts)
 
 

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span as Span  # re-exported: callers annotate with `traces.Span`
     from opentelemetry.trace import SpanKind, Tracer
 
@@ -41,6 +42,7 @@ class Tracing:
 
     provider: "TracerProvider"
     tracer: "Tracer"
+    exporter: "SpanExporter"
     prompts: bool  # QUBAX_TRACE_PROMPTS: the operator asked for prompts on upstream spans
 
 
@@ -56,6 +58,7 @@ def configure(prompts: bool = False) -> Tracing | None:
     if variable is None:
         return None
     try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
     except ImportError:
@@ -65,7 +68,7 @@ def configure(prompts: bool = False) -> Tracing | None:
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or "qubax"})
     provider = TracerProvider(resource=resource)  # its sampler from OTEL_TRACES_SAMPLER(_ARG)
     logger.info("traces: sent over OTLP/HTTP to the collector %s names", variable)  # not its URL: it may hold a token
-    return Tracing(provider, provider.get_tracer("qubax"), prompts)
+    return Tracing(provider, provider.get_tracer("qubax"), OTLPSpanExporter(), prompts)
 
 
 @contextlib.asynccontextmanager
@@ -74,10 +77,9 @@ async def running(tracing: Tracing | None) -> AsyncIterator[None]:
     if tracing is None:
         yield
         return
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    tracing.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    tracing.provider.add_span_processor(BatchSpanProcessor(tracing.exporter))  # its thread starts here
     token = CURRENT.set(tracing)
     try:
         yield

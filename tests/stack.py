@@ -1,12 +1,15 @@
 """The whole system for end-to-end tests: our app in front of fake upstreams, all over loopback HTTP."""
 
 import asyncio
+import base64
 import contextlib
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import openai
+from PIL import Image
 from pydantic import SecretStr
 from sqlalchemy import select
 
@@ -98,3 +101,20 @@ def add(settings: Settings, *new: tables.Base) -> None:
         await engine.dispose()
 
     asyncio.run(write())
+
+
+def png(width: int, height: int, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, "PNG")
+    return out.getvalue()
+
+
+def picture(b64: str | None) -> tuple[str | None, tuple[int, int]]:
+    """The format and size of an image an answer carried inline."""
+    image = Image.open(io.BytesIO(base64.b64decode(b64 or "")))
+    return image.format, image.size
+
+
+def charged(stack: Stack) -> list[tuple[str, str, int, int]]:
+    """Each request's usage record: the upstreams that served it, its outcome, its images, its cost."""
+    return [(g.upstream, g.outcome, g.images, g.cost_micros) for g in rows(stack.settings, tables.Generation)]

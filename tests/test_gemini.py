@@ -2,7 +2,6 @@
 SDK → our app → a fake Gemini API over loopback HTTP."""
 
 import asyncio
-import base64
 import io
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from qubax.records import tables
 from qubax.server.settings import Settings
 from tests.fakes.google import FakeGoogle, inline_image
 from tests.server import serve
-from tests.stack import Stack, rows, running_stack
+from tests.stack import Stack, charged, picture, png, rows, running_stack
 
 # A second route for the flash model, so that a test sees whether a failure moves the work on.
 FAILOVER_CATALOG = """
@@ -48,21 +47,6 @@ def start(settings: Settings, gemini: tuple[FakeGoogle, str], catalog: str | Non
 def stack(settings: Settings, gemini: tuple[FakeGoogle, str]) -> Iterator[Stack]:
     with start(settings, gemini) as stack:
         yield stack
-
-
-def png(width: int, height: int, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(out, "PNG")
-    return out.getvalue()
-
-
-def picture(b64: str | None) -> tuple[str | None, tuple[int, int]]:
-    image = Image.open(io.BytesIO(base64.b64decode(b64 or "")))
-    return image.format, image.size
-
-
-def charged(stack: Stack) -> list[tuple[str, str, int, int]]:
-    return [(g.upstream, g.outcome, g.images, g.cost_micros) for g in rows(stack.settings, tables.Generation)]
 
 
 def attempts(stack: Stack) -> list[tuple[str, str, int, str]]:

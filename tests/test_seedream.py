@@ -2,7 +2,6 @@
 fake fal and Replicate, where the request fails over) over loopback HTTP."""
 
 import asyncio
-import base64
 import io
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from qubax.server.settings import Settings
 from tests.fakes import decode_data_uri
 from tests.fakes.byteplus import FakeModelArk
 from tests.server import serve
-from tests.stack import Stack, rows, running_stack
+from tests.stack import Stack, charged, picture, png, rows, running_stack
 
 SEEDREAM_4 = "seedream-4-0-250828"
 
@@ -42,21 +41,6 @@ def stack(settings: Settings, modelark: tuple[FakeModelArk, str]) -> Iterator[St
     settings.credentials["byteplus"] = SecretStr("test-key")
     with running_stack(settings, providers=("fal", "replicate"), base_urls={"byteplus": modelark[1]}) as stack:
         yield stack
-
-
-def png(width: int, height: int, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(out, "PNG")
-    return out.getvalue()
-
-
-def picture(b64: str | None) -> tuple[str | None, tuple[int, int]]:
-    image = Image.open(io.BytesIO(base64.b64decode(b64 or "")))
-    return image.format, image.size
-
-
-def charged(stack: Stack) -> list[tuple[str, str, int, int]]:
-    return [(g.upstream, g.outcome, g.images, g.cost_micros) for g in rows(stack.settings, tables.Generation)]
 
 
 def attempts(stack: Stack) -> list[tuple[str, int, str]]:

@@ -206,6 +206,17 @@ def test_invalid_jobs_are_refused_at_submission(stack: Stack) -> None:
     assert rows(stack.settings, tables.ImageJob) == []
 
 
+def test_the_sdk_that_cannot_read_a_job_is_told_how(stack: Stack) -> None:
+    """The SDK's plain images.generate() would take the 202 for images (data=None) and lose the job."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.live.images.generate(**FOX, extra_headers=ASYNC)  # type: ignore[arg-type]
+    assert caught.value.code == "job_needs_raw_response"
+    assert "client.images.with_raw_response.generate(...)" in caught.value.message
+    assert rows(stack.settings, tables.ImageJob) == []
+    raw = stack.live.images.with_raw_response.generate(**FOX, extra_headers=ASYNC)  # type: ignore[arg-type]
+    assert raw.status_code == 202 and raw.http_response.json()["object"] == "image.job"
+
+
 def test_jobs_list_newest_first_a_page_at_a_time(stack: Stack) -> None:
     made = [submit(stack.test)["id"] for _ in range(5)]
     first = get(stack.test, limit=2).json()
@@ -263,7 +274,7 @@ def test_a_burst_of_jobs_cannot_overspend_the_budget(stack: Stack) -> None:
     sdk = limited_key(stack, "--monthly-budget-usd", "0.10")
     jobs = [submit(sdk), submit(sdk)]
     with pytest.raises(openai.RateLimitError) as caught:
-        sdk.images.generate(**FOX, extra_headers=ASYNC)  # type: ignore[arg-type]
+        sdk.images.with_raw_response.generate(**FOX, extra_headers=ASYNC)  # type: ignore[arg-type]
     assert caught.value.code == "insufficient_quota"
     with pytest.raises(openai.RateLimitError):
         sdk.images.generate(**FOX)  # type: ignore[arg-type]
@@ -276,7 +287,7 @@ def test_daily_images_are_held_by_jobs_in_the_queue(stack: Stack) -> None:
     sdk = limited_key(stack, "--images-per-day", "3")
     submit(sdk, n=2)
     with pytest.raises(openai.RateLimitError) as caught:
-        sdk.images.generate(**FOX, n=2, extra_headers=ASYNC)  # type: ignore[arg-type]
+        sdk.images.with_raw_response.generate(**FOX, n=2, extra_headers=ASYNC)  # type: ignore[arg-type]
     assert caught.value.code == "rate_limit_exceeded"
     submit(sdk)  # one more fits
 

@@ -198,7 +198,7 @@ def test_targets_that_are_not_public_https_are_refused(settings: Settings, targe
     with running_stack(settings, providers=("bfl",)) as stack:  # no hosts allowed
         make_secret(stack)
         with pytest.raises(openai.BadRequestError) as caught:
-            stack.live.images.generate(**FOX, extra_body={"webhook_url": target}, extra_headers=ASYNC)  # type: ignore[arg-type]
+            stack.live.images.with_raw_response.generate(**FOX, extra_body={"webhook_url": target}, extra_headers=ASYNC)  # type: ignore[arg-type]
         assert caught.value.param == "webhook_url"
         refused = admin(stack).put(f"/keys/{key_id(stack)}/webhook", json={"url": target})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"
@@ -212,7 +212,7 @@ def test_a_target_with_an_impossible_port_is_refused(stack: Stack, port: str) ->
     for host in ("127.0.0.1", "example.com"):
         target = f"https://{host}:{port}/hook"
         with pytest.raises(openai.BadRequestError) as caught:
-            stack.live.images.generate(**FOX, extra_body={"webhook_url": target}, extra_headers=ASYNC)  # type: ignore[arg-type]
+            stack.live.images.with_raw_response.generate(**FOX, extra_body={"webhook_url": target}, extra_headers=ASYNC)  # type: ignore[arg-type]
         assert caught.value.param == "webhook_url" and "port" in caught.value.message.lower()
         refused = admin(stack).put(f"/keys/{key_id(stack)}/webhook", json={"url": target})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "webhook_url"
@@ -275,7 +275,8 @@ def test_webhook_url_needs_a_job_and_a_secret(stack: Stack, receiver: tuple[Rece
         stack.live.images.generate(**FOX, extra_body={"webhook_url": receiver[1]})  # type: ignore[arg-type]
     assert caught.value.param == "webhook_url"
     with pytest.raises(openai.BadRequestError) as caught:
-        stack.live.images.generate(**FOX, extra_body={"webhook_url": receiver[1]}, extra_headers=ASYNC)  # type: ignore[arg-type]
+        hook = {"webhook_url": receiver[1]}
+        stack.live.images.with_raw_response.generate(**FOX, extra_body=hook, extra_headers=ASYNC)  # type: ignore[arg-type]
     assert caught.value.code == "webhook_secret_missing"
     assert rows(stack.settings, tables.ImageJob) == [] and get(stack.live).json()["data"] == []
 

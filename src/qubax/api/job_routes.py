@@ -26,6 +26,20 @@ def wants_job(request: Request, body: ImageGenerateRequest | ImageEditRequest) -
     return False
 
 
+def check_job_reader(request: Request) -> None:
+    """Refuse a job to the Python `openai` SDK's plain `images.generate()`/`edit()`: they would read its
+    202 as images (`data=None`) and lose the job. Its raw responses (`with_raw_response`, which sends
+    `X-Stainless-Raw-Response`) read it; other clients (Node's `.asResponse()`) cannot be told apart."""
+    headers = request.headers
+    if headers.get("x-stainless-lang") == "python" and "x-stainless-raw-response" not in headers:
+        raise InvalidRequest(
+            "The openai SDK's images.generate() and images.edit() cannot read a job (a 202 answer): send "
+            "Prefer: respond-async with client.images.with_raw_response.generate(...) (or .edit) and read "
+            "the job from its .http_response.json().",
+            code="job_needs_raw_response",
+        )
+
+
 @router.get(
     JOBS_PATH + "/{job_id}",
     response_model=ImageJob,

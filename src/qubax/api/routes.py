@@ -53,8 +53,8 @@ async def create_image(body: ImageGenerateRequest, request: Request, key: Curren
     """Creates images from a prompt, as OpenAI's `POST /v1/images/generations` does. Each image comes back
     as a signed, expiring `url` or inline as `b64_json`; failed requests cost nothing."""
     services: Services = request.app.state.services
-    way = delivery_of(request, body)
     checked = parsing.check_generation(body, services)
+    way = delivery_of(request, body)
     # Only links need our public address; working it out from the request costs a little on every one.
     links = "" if way == "answer" and body.response_format == "b64_json" else public_url(request)
     work = Work(request=checked, key=key, delivery=way, endpoint=GENERATIONS_PATH, body=body, public_url=links)
@@ -68,8 +68,8 @@ async def create_image_edit(
     does: multipart/form-data with up to 16 images (`image`, or `image[]` as the SDK sends a list), each a
     PNG, JPEG or WebP of at most 50 MB, and an optional PNG `mask` the size of the first image."""
     services: Services = request.app.state.services
-    way = delivery_of(request, form)
     checked = await parsing.check_edit(form, services)
+    way = delivery_of(request, form)
     work = Work(request=checked, key=key, delivery=way, endpoint=EDITS_PATH, body=form, public_url=public_url(request))
     return await respond(request, work)
 
@@ -93,6 +93,8 @@ def delivery_of(request: Request, body: ImageGenerateRequest | ImageEditRequest)
     respond-async`), which cannot be both."""
     as_job = wants_job(request, body)
     if not body.stream:
+        if as_job:
+            job_routes.check_job_reader(request)
         return "job" if as_job else "answer"
     if as_job:
         raise InvalidRequest(

@@ -95,3 +95,10 @@ def test_serve_command_on_a_clean_clone(tmp_path: Path) -> None:
             f"Error: {variable} needs the {extra} client, which is not installed: pip install 'qubax[{extra}]' "
             f"(./qubax installs it by itself when {variable} is set)."
         )
+
+
+def test_where_the_readme_names_litellm_it_says_how_to_ask_for_base64() -> None:
+    """LiteLLM's SDK refuses response_format="b64_json" for openai/… image models before sending;
+    extra_body carries it through."""
+    paragraph = next(p for p in (ROOT / "README.md").read_text().split("\n\n") if "LiteLLM" in p)
+    assert 'extra_body={"response_format": "b64_json"}' in paragraph

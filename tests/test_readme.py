@@ -1,6 +1,7 @@
 """The README's two commands, as a newcomer runs them on a clean checkout."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -102,3 +103,41 @@ def test_where_the_readme_names_litellm_it_says_how_to_ask_for_base64() -> None:
     extra_body carries it through."""
     paragraph = next(p for p in (ROOT / "README.md").read_text().split("\n\n") if "LiteLLM" in p)
     assert 'extra_body={"response_format": "b64_json"}' in paragraph
+
+
+PIP = """#!/usr/bin/env bash
+# The venv's python, as far as ./qubax uses it: `-m pip install ...`, printing what pip prints.
+case " $* " in *" --quiet "*) exit 0 ;; esac
+echo "Obtaining file:///checkout"
+echo "Collecting fastapi>=0.115 (from qubax==0.1.0)"
+echo "  Downloading fastapi-0.115.0-py3-none-any.whl (94 kB)"
+echo "Collecting uvicorn>=0.30 (from qubax==0.1.0)"
+[ -z "${BROKEN_INDEX:-}" ] || { echo "ERROR: No matching distribution found for uvicorn>=0.30"; exit 1; }
+echo "Installing collected packages: fastapi, uvicorn"
+echo "Successfully installed fastapi-0.115.0 uvicorn-0.30.0"
+"""
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_first_run_of_the_checkout_script_shows_its_progress(tmp_path: Path, broken: bool) -> None:
+    """./qubax installs itself on first use: each package pip fetches shows as it goes, and a failed
+    install shows pip's whole output. (A stand-in for the venv's python plays pip.)"""
+    script = tmp_path / "qubax"
+    shutil.copy(ROOT / "qubax", script)
+    (tmp_path / "pyproject.toml").write_text("")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(PIP)
+    (bin_dir / "qubax").write_text('#!/usr/bin/env bash\necho "qubax ran: $*"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBAX_")} | {"BROKEN_INDEX": "1" if broken else ""}
+
+    done = subprocess.run([str(script), "--version"], env=env, capture_output=True, text=True, timeout=60)
+
+    assert "  Collecting fastapi>=0.115\n  Collecting uvicorn>=0.30\n" in done.stderr
+    if broken:
+        assert done.returncode == 1 and "ERROR: No matching distribution found" in done.stderr
+    else:
+        assert (done.returncode, done.stdout) == (0, "qubax ran: --version\n")
+        assert "  Installing…\nInstalled.\n" in done.stderr

@@ -220,7 +220,7 @@ def test_images_count_from_today_and_spend_from_the_first_of_the_month(stack: St
 def counting_client(stack: Stack, key: str, sent: list[str]) -> openai.OpenAI:
     """The SDK with its default retries (2), counting what reaches the server."""
     hooks = {"request": [lambda request: sent.append(request.url.path)]}
-    http = httpx.Client(event_hooks=hooks)  # type: ignore[dict-item]
+    http = httpx.Client(event_hooks=hooks)
     return openai.OpenAI(api_key=key, base_url=stack.url + "/v1", max_retries=2, http_client=http)
 
 

@@ -177,11 +177,15 @@ def test_models_ask_the_running_server(settings: Settings) -> None:
     """The server has BFL's credential, this shell none: the server's answer is the one shown."""
     with running_stack(settings, providers=("bfl",)) as stack:
         result = qubax(settings, "models", "--base-url", f"{stack.url}/v1", env={"QUBAX_API_KEY": stack.live_key})
+        wrong = {"QUBAX_API_KEY": "qbx_live_wrong"}
+        refused = qubax(settings, "models", "--base-url", f"{stack.url}/v1", env=wrong)
     rows = model_rows(ok(result))
     assert f"Asked the server at {stack.url}/v1" in result.stderr
     assert rows["flux-1.1-pro"].split()[1] == "yes" and rows["flux-1.1-pro"].endswith("  bfl, fal, replicate, together")
     assert rows["seedream-4.5"].split()[1] == "no"
     assert "*" not in result.stdout and "To enable a route" not in result.stdout
+    assert refused.exit_code == 1
+    assert f"The server at {stack.url}/v1 refused to list its models: 401: Incorrect API key" in refused.stderr
 
 
 def test_models_without_a_server_say_whose_settings_they_show(settings: Settings) -> None:

@@ -111,7 +111,10 @@ def served_models(base_url: str, api_key: str) -> set[str] | None:
         )
     except httpx.HTTPError:
         return None
-    return {model["id"] for model in answer_of(response)["data"]}
+    try:
+        return {model["id"] for model in answer_of(response)["data"]}
+    except click.ClickException as exc:  # a wrong key, say: which server said so
+        raise click.ClickException(f"The server at {base_url} refused to list its models: {exc.message}") from exc
 
 
 def client(base_url: str, api_key: str) -> httpx.AsyncClient:

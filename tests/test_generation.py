@@ -4,6 +4,7 @@ import base64
 import dataclasses
 import io
 import random
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from qubax.pipeline import generation
+from qubax.pipeline.converter import Converter
 from qubax.providers import GeneratedImage
 from tests.catalog import MODELS
 from tests.providers import Job
@@ -141,17 +143,26 @@ def noise_png(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+@pytest.fixture(scope="module")
+def converter() -> Iterator[Converter]:
+    converting = Converter(1)
+    yield converting
+    converting.close()
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("width", [64, 512])  # answered inline, and past INLINE_BYTES (in a worker thread)
-async def test_an_image_that_passes_through_is_answered_with_the_upstreams_own_base64(width: int) -> None:
+async def test_an_image_that_passes_through_is_answered_with_the_upstreams_own_base64(
+    width: int, converter: Converter
+) -> None:
     data = noise_png(width, 256)
     assert (len(data) > generation.INLINE_BYTES) == (width == 512)
     text = base64.b64encode(data).decode()
     request = dataclasses.replace(Job("m", "a cat", width, 256, 1).request(), response_format="b64_json")
     image = GeneratedImage(data, b64=text)
-    assert await generation.finish_off_loop(image, request, None) is text  # not decoded and encoded again
+    assert await generation.finish_off_loop(image, request, converter, None) is text  # not decoded and encoded again
     # Another size or format is converted, and encoded anew.
-    smaller = await generation.finish_off_loop(image, dataclasses.replace(request, height=128), None)
+    smaller = await generation.finish_off_loop(image, dataclasses.replace(request, height=128), converter, None)
     assert png_size(base64.b64decode(smaller)) == (width, 128)
-    jpeg = await generation.finish_off_loop(image, dataclasses.replace(request, output_format="jpeg"), None)
+    jpeg = await generation.finish_off_loop(image, dataclasses.replace(request, output_format="jpeg"), converter, None)
     assert base64.b64decode(jpeg).startswith(b"\xff\xd8")

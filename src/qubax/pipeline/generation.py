@@ -15,7 +15,8 @@ import pybase64
 
 from qubax.errors import UpstreamError
 from qubax.pipeline import failover
-from qubax.pipeline.imaging import convert, passes_through
+from qubax.pipeline.converter import Converter
+from qubax.pipeline.imaging import passes_through
 from qubax.pipeline.recording import recording
 from qubax.pipeline.work import Work
 from qubax.protocol import Image, ImagesResponse, Usage
@@ -58,7 +59,7 @@ async def make(work: Work, services: Services, pieces: Pieces | None = None) -> 
     async with recording(request, work.key, services, work.charge_id) as generation:
         if pieces is None:
             images, served = await failover.collect(request, work.key, services, generation.attempts)
-            data = await store(request, images, services.storage, work.public_url, work.job_id)
+            data = await store(request, images, services, work.public_url, work.job_id)
         else:
             images, served, data = await one_by_one(work, services, generation, pieces)
         count_delivered(generation, request, work.key, images, served, services.catalog)
@@ -80,7 +81,7 @@ async def one_by_one(
     async def one(index: int) -> None:
         single = dataclasses.replace(request, n=1, index=index, partials=pieces)
         images, routes = await failover.collect(single, work.key, services, generation.attempts)
-        text = await finish_off_loop(images[0], request, None)
+        text = await finish_off_loop(images[0], request, services.converter, None)
         made.append(images[0])
         served.extend(routes)
         data.append(Image(b64_json=text, revised_prompt=images[0].revised_prompt))
@@ -98,16 +99,17 @@ async def one_by_one(
 
 
 async def store(
-    request: ImageRequest, images: list[GeneratedImage], storage: Storage, public_url: str, job_id: str | None = None
+    request: ImageRequest, images: list[GeneratedImage], services: Services, public_url: str, job_id: str | None = None
 ) -> list[Image]:
     """The images as the answer carries them: stored behind signed links, or inline as base64."""
     if len(images) != request.n:  # never answer 200 with fewer images than asked
         raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
+    storage, converter = services.storage, services.converter
     keep = None if request.response_format == "b64_json" else storage
     if len(images) == 1:  # the common n=1 case: no gather, no extra task
-        outputs = [await finish_off_loop(images[0], request, keep, job_id)]
+        outputs = [await finish_off_loop(images[0], request, converter, keep, job_id)]
     else:
-        finishing = (finish_off_loop(image, request, keep, job_id) for image in images)
+        finishing = (finish_off_loop(image, request, converter, keep, job_id) for image in images)
         outputs = await asyncio.gather(*finishing)
     pairs = zip(outputs, images, strict=True)
     if keep is None:
@@ -146,30 +148,28 @@ def cost_micros(request: ImageRequest, images: list[GeneratedImage], catalog: Ca
 
 
 async def finish_off_loop(
-    image: GeneratedImage, request: ImageRequest, store: Storage | None, job_id: str | None = None
+    image: GeneratedImage, request: ImageRequest, converter: Converter, store: Storage | None, job_id: str | None = None
 ) -> str:
-    """The image as base64 text, or stored (returning its id; a job's image is kept with the job). The
-    work that needs a worker thread (checking or converting a large image, base64 of one) gets one;
-    small images that pass through as they are do not: for those the thread hop would cost more."""
+    """The image as base64 text, or stored (returning its id; a job's image is kept with the job). One
+    that is not already what was asked is converted in the converter's processes. Checking a large
+    image's chunks and base64 of one go to a worker thread; a small image's do not: for those the thread
+    hop would cost more than the work."""
     data, size, output_format = image.data, (request.width, request.height), request.output_format
-    sound = len(data) <= INLINE_BYTES and passes_through(data, *size, output_format)
+    if len(data) <= INLINE_BYTES:
+        sound = passes_through(data, *size, output_format)
+    else:
+        sound = await asyncio.to_thread(passes_through, data, *size, output_format)
+    picture = data if sound else await converter.convert(data, *size, output_format)
     if store is None:
-        if sound:
-            return image.b64 or pybase64.b64encode_as_string(data)
-        return await asyncio.to_thread(finish_image, image, *size, output_format)
-    picture = data if sound else await asyncio.to_thread(convert, data, *size, output_format)
+        if sound and image.b64 is not None:
+            return image.b64  # the upstream's own text: megabytes not encoded again
+        if len(picture) <= INLINE_BYTES:
+            return pybase64.b64encode_as_string(picture)
+        return await asyncio.to_thread(pybase64.b64encode_as_string, picture)
     with traces.span("qubax.storage.put") as span:
         if span is not None:
             span.set_attributes({"qubax.storage": type(store).__name__, "qubax.bytes": len(picture)})
         return await store.put(picture, output_format, job_id)
-
-
-def finish_image(image: GeneratedImage, width: int, height: int, output_format: str) -> str:
-    """The image at the asked size and format, as base64 text: the upstream's own text when the image
-    passes through unchanged (sparing the encoding of megabytes)."""
-    if image.b64 is not None and passes_through(image.data, width, height, output_format):
-        return image.b64
-    return pybase64.b64encode_as_string(convert(image.data, width, height, output_format))
 
 
 def total_usage(usages: Iterable[Usage | None]) -> Usage | None:

@@ -20,6 +20,7 @@ from qubax.errors import DatabaseUnavailable, QubaxError
 from qubax.limits.quota import Quotas, limiter_storage
 from qubax.limits.slots import open_slots
 from qubax.pipeline import claims
+from qubax.pipeline.converter import Converter
 from qubax.pipeline.uploads import Decoding
 from qubax.providers import Provider
 from qubax.providers.registry import build_providers
@@ -59,6 +60,7 @@ class Services:
     metrics: Metrics
     mask: Mask  # for foreign text (an upstream's words) before it is logged or stored
     decoding: Decoding  # the work one upload may cause, and how many are decoded at once
+    converter: Converter  # upstream images made into the format and size asked, in worker processes
     keys: KeyCache[tables.KeyRecord] = field(default_factory=KeyCache)
     # Work that outlives its request (an idempotent request whose client left): held here, as the event
     # loop keeps only weak references to tasks.
@@ -93,6 +95,8 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
         quotas = Quotas(sessions, slots, limiter_storage(settings.redis_url))
         sweeper = asyncio.create_task(sweep_forever(storage, sessions, settings))
         held.push_async_callback(stop, sweeper)
+        converter = Converter(settings.convert_processes)
+        held.push_async_callback(asyncio.to_thread, converter.close)
         settle_garbage_collector()
         yield Services(
             settings=settings,
@@ -108,6 +112,7 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
             metrics=metrics,
             mask=Mask(configured_secrets(settings)),
             decoding=Decoding(settings.max_decode_bytes, asyncio.Semaphore(settings.decode_concurrency)),
+            converter=converter,
         )
 
 

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # header, whatever the route), and how many are decoded at once per process.
     max_decode_bytes: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
     decode_concurrency: int = Field(default=2, ge=1)
+    # Worker processes converting upstream images to the format and size asked (`pipeline.converter`);
+    # unset: one for each core the server may use.
+    convert_processes: int | None = Field(default=None, ge=1)
 
     # Per provider, by its registry name, from the provider's own variables (`ProviderVariables`):
     # its credential (BFL_API_KEY=key1,key2) and its base URL (QUBAX_BFL_BASE_URL).

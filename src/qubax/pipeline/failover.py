@@ -12,6 +12,7 @@ from qubax.providers.placeholder import Placeholder
 from qubax.providers.registry import PROVIDERS
 from qubax.records import tables
 from qubax.records.ledger import AttemptRecord
+from qubax.routing import lifecycle
 from qubax.routing.models import CatalogModel, Route
 from qubax.routing.request import ImageRequest
 from qubax.server import traces
@@ -139,10 +140,7 @@ def shut_down(model: CatalogModel, failure: UpstreamError) -> QubaxError:
     successor, a 400 naming it, as for the names the catalog lists as shut down (`Catalog.asked`)."""
     if failure.code != MODEL_NOT_SERVED or model.successor is None:
         return failure
-    return InvalidRequest(
-        f"The model `{model.id}` has been shut down upstream; use `{model.successor}`, its successor here.",
-        param="model",
-    )
+    return lifecycle.shut_down(model.id, model.successor)
 
 
 def route_label(route: Route, model: CatalogModel) -> str:

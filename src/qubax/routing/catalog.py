@@ -11,6 +11,7 @@ from typing import Any
 from qubax.errors import InvalidRequest, ModelNotFound
 from qubax.pipeline.uploads import InputImage
 from qubax.protocol import UPLOAD_FIELDS, ImageEditRequest, ImageGenerateRequest
+from qubax.routing import lifecycle
 from qubax.routing.models import CatalogModel, Grid, TokenPrices
 from qubax.routing.request import ImageRequest, check_range, flux_options, gpt_options, parse_size, pick_option
 
@@ -70,10 +71,7 @@ class Catalog:
         its upstreams answer that they no longer serve it)."""
         successor = self.shut_down.get(model_id)
         if successor is not None and model_id not in self.named:
-            raise InvalidRequest(
-                f"The model `{model_id}` has been shut down upstream; use `{successor}`, its successor here.",
-                param="model",
-            )
+            raise lifecycle.shut_down(model_id, successor)
         return self.find(model_id)
 
     def token_prices(self, model_id: str) -> "TokenPrices | None":

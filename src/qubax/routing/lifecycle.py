@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
+from qubax.errors import InvalidRequest
 from qubax.routing.models import CatalogModel
 
 WARN_DAYS = 30  # a model that shuts down within this many days (or has shut down) is warned about
@@ -44,6 +45,13 @@ class Shutdown:
 
     def days_left(self, today: date) -> int:
         return (self.day - today).days
+
+
+def shut_down(name: str, successor: str) -> InvalidRequest:
+    """The 400 for a model its upstreams have shut down: it names the model to ask for instead."""
+    return InvalidRequest(
+        f"The model `{name}` has been shut down upstream; use `{successor}`, its successor here.", param="model"
+    )
 
 
 def shutdown_date(model: CatalogModel, published: Published) -> date | None:

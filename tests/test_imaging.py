@@ -200,13 +200,23 @@ def test_a_sound_png_of_the_right_size_passes_through_untouched() -> None:
     [
         lambda d: d[:-1],  # truncated inside IEND
         lambda d: d[: len(d) // 2],  # truncated mid-stream
-        lambda d: d[:40] + bytes([d[40] ^ 1]) + d[41:],  # a flipped bit: CRC mismatch
+        lambda d: d[:40] + bytes([d[40] ^ 1]) + d[41:],  # a flipped bit in IDAT's name: an unknown critical chunk
+        lambda d: d[:33] + d[-12:],  # no IDAT: no pixels
         lambda d: d + b"trailing",  # something after IEND
         lambda d: b"\x89PNG\r\n\x1a\n",  # the signature alone
     ],
 )
 def test_damaged_pngs_are_not_passed_through(damage: Callable[[bytes], bytes]) -> None:
     assert intact_png_size(damage(noisy_png(64, 32))) is None
+
+
+def test_the_chunks_crcs_are_not_what_is_checked() -> None:
+    # TLS guards the bytes in transit; the check is for bodies cut short and files that are not PNGs.
+    data = noisy_png(64, 32)
+    wrong_crc = data[:29] + bytes([data[29] ^ 1]) + data[30:]  # IHDR's CRC
+    assert intact_png_size(wrong_crc) == (64, 32)
+    ancillary = data[:33] + struct.pack(">I", 3) + b"tEXt" + b"a\x00b" + b"\x00" * 4 + data[33:]
+    assert intact_png_size(ancillary) == (64, 32)
 
 
 def test_truncated_png_of_the_right_size_is_an_upstream_error() -> None:

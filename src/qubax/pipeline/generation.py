@@ -151,14 +151,14 @@ async def finish_off_loop(
     image: GeneratedImage, request: ImageRequest, converter: Converter, store: Storage | None, job_id: str | None = None
 ) -> str:
     """The image as base64 text, or stored (returning its id; a job's image is kept with the job). One
-    that is not already what was asked is converted in the converter's processes. Checking a large
-    image's chunks and base64 of one go to a worker thread; a small image's do not: for those the thread
-    hop would cost more than the work."""
+    that is not already what was asked is converted in the converter's processes. Whether it is, is read
+    from its headers, on the loop; only Pillow's WebP reader walks a whole file, so a large WebP's check
+    goes to a worker thread, as does base64 of a large image: for small ones the hop costs more."""
     data, size, output_format = image.data, (request.width, request.height), request.output_format
-    if len(data) <= INLINE_BYTES:
-        sound = passes_through(data, *size, output_format)
-    else:
+    if output_format == "webp" and len(data) > INLINE_BYTES:
         sound = await asyncio.to_thread(passes_through, data, *size, output_format)
+    else:
+        sound = passes_through(data, *size, output_format)
     picture = data if sound else await converter.convert(data, *size, output_format)
     if store is None:
         if sound and image.b64 is not None:

@@ -2,6 +2,7 @@
 
 import base64
 import dataclasses
+import hashlib
 import io
 import random
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ from PIL import Image
 from qubax.pipeline import generation
 from qubax.pipeline.converter import Converter
 from qubax.providers import GeneratedImage
+from qubax.server.settings import Settings
 from tests.catalog import MODELS
 from tests.providers import Job
+from tests.stack import running_stack
 
 NAMES = [name for model in MODELS for name in (model.id, *model.aliases)]  # as /v1/models lists them
 
@@ -151,7 +154,7 @@ def converter() -> Iterator[Converter]:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("width", [64, 512])  # answered inline, and past INLINE_BYTES (in a worker thread)
+@pytest.mark.parametrize("width", [64, 512])  # encoded on the loop, and past INLINE_BYTES (in a worker thread)
 async def test_an_image_that_passes_through_is_answered_with_the_upstreams_own_base64(
     width: int, converter: Converter
 ) -> None:
@@ -166,3 +169,23 @@ async def test_an_image_that_passes_through_is_answered_with_the_upstreams_own_b
     assert png_size(base64.b64decode(smaller)) == (width, 128)
     jpeg = await generation.finish_off_loop(image, dataclasses.replace(request, output_format="jpeg"), converter, None)
     assert base64.b64decode(jpeg).startswith(b"\xff\xd8")
+
+
+@pytest.mark.parametrize("response_format", ["b64_json", "url"])
+@pytest.mark.parametrize("delivered", ["inline", "url"])  # how the upstream hands its image over
+def test_an_upstream_png_of_the_asked_size_reaches_the_client_byte_identical(
+    settings: Settings, response_format: str, delivered: str
+) -> None:
+    sent = noise_png(1024, 1024)  # Pillow's encoder, not ours: anything we re-encoded would differ
+    with running_stack(settings, providers=("openai",)) as stack:
+        stack.openai.image = lambda *_: sent  # type: ignore[method-assign]
+        stack.openai.return_urls = delivered == "url"
+        answer = stack.live.images.generate(
+            model="dall-e-3",
+            prompt="a cat",
+            size="1024x1024",
+            response_format=response_format,  # type: ignore[arg-type]
+        )
+        image = answer.data[0]
+        got = base64.b64decode(image.b64_json or "") if image.url is None else httpx.get(image.url).content
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(sent).hexdigest()

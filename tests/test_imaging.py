@@ -293,3 +293,20 @@ def test_a_jpeg_or_webp_cut_short_is_not_passed_through_but_refused(data: bytes,
     assert imaging.sound_header(data, fmt) is None
     with pytest.raises(UpstreamError):
         convert(data, 64, 32, fmt)
+
+
+FORMATS = ["png", "jpeg", "webp"]
+
+
+@pytest.mark.parametrize("asked", FORMATS)
+@pytest.mark.parametrize("upstream", FORMATS)
+def test_every_format_pair_is_converted_to_the_asked_format_and_size(upstream: str, asked: str) -> None:
+    sent = encode(Image.new("RGB", (96, 48), (20, 130, 240)), upstream.upper(), quality=95)
+    for size in ((96, 48), (48, 48)):  # the same size (passed through or re-encoded) and another
+        out = convert(sent, *size, asked)
+        if upstream == asked and size == (96, 48):
+            assert out is sent
+        with Image.open(io.BytesIO(out)) as image:
+            assert (image.format, image.size, image.mode) == (asked.upper(), size, "RGB")
+            red, green, blue = image.convert("RGB").getpixel((size[0] // 2, 24))  # type: ignore[misc]
+            assert abs(red - 20) <= 4 and abs(green - 130) <= 4 and abs(blue - 240) <= 4

@@ -21,6 +21,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from tests.fakes import decode_image
+from tests.fakes.callbacks import CallingBack
 
 PRO = "flux-pro-1.1"
 ULTRA = "flux-pro-1.1-ultra"
@@ -62,6 +63,7 @@ ULTRA_SIZES = {
     "9:21": (1344, 3136),
 }
 FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+ENDED = 1_000_000  # a poll past every status sequence: where a task stands once it has ended
 ERROR_DETAILS = {
     401: "Not authenticated",
     402: "Insufficient credits",
@@ -80,10 +82,11 @@ class Task:
     size: tuple[int, int]
     format: str  # a Pillow format name
     polls: int = 0
+    ended: bool = False  # a task with a webhook_url ends on a timer (`CallingBack`), not by being polled
 
 
 @dataclass
-class FakeBFL:
+class FakeBFL(CallingBack):
     key: str = "test-key"
     base_url: str = ""  # for tests' convenience once served; the fake itself reads the request's
     # Statuses each task answers, one per poll; the last one repeats. Default: pending_polls Pendings,
@@ -147,6 +150,9 @@ class FakeBFL:
         if self.submit_response is not None:
             return JSONResponse(self.submit_response)
         answer = {"id": task.id, "polling_url": polling_url, "cost": COST.get(model)}
+        if isinstance(body.get("webhook_url"), str):  # BFL's AsyncWebhookResponse: no polling_url
+            answer = {"id": task.id, "status": "Pending", "webhook_url": body["webhook_url"], "cost": COST.get(model)}
+            self.later(lambda: self.end(task, base), body["webhook_url"])
         if model in FLUX2:  # its price depends on the megapixels: the fake reports them, not what they cost
             answer |= {"cost": None, "output_mp": round(size[0] * size[1] / 1_000_000, 2)}
         return JSONResponse(answer)
@@ -164,6 +170,8 @@ class FakeBFL:
         if task is None:
             return JSONResponse({"id": task_id, "status": "Task not found"})
         status = self.status_at(self.tasks.index(task), task.polls)
+        if "webhook_url" in task.body:
+            status = self.status_at(self.tasks.index(task), ENDED) if task.ended else "Pending"
         task.polls += 1
         answer: dict[str, Any] = {"id": task.id, "status": status, "result": None, "details": None}
         if status == "Ready":
@@ -174,6 +182,13 @@ class FakeBFL:
         elif status == "Error":
             answer["details"] = self.error_details
         return JSONResponse(answer)
+
+    def end(self, task: Task, base: str) -> dict[str, Any]:
+        """End a task submitted with a webhook_url; what BFL POSTs to it."""
+        task.ended = True
+        status = self.status_at(self.tasks.index(task), ENDED)
+        sample = f"{base}/delivery/{task.id}.{task.format.lower()}" if status == "Ready" else None
+        return {"id": task.id, "status": status, "result": {"sample": sample} if sample else None}
 
     def status_at(self, index: int, poll: int) -> str:
         """What the `index`-th task answers to its `poll`-th poll; the last status repeats."""

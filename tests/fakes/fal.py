@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from tests.fakes import decode_data_uri
 from tests.fakes.bfl import ULTRA_SIZES
+from tests.fakes.callbacks import CallingBack
 
 PRO = "fal-ai/flux-pro/v1.1"
 ULTRA = "fal-ai/flux-pro/v1.1-ultra"
@@ -97,10 +98,11 @@ class Queued:
     completed: bool = False
     cancelled: bool = False
     output: dict[str, Any] | None = None  # made on the first result fetch
+    webhook: str | None = None  # `fal_webhook`: then it completes on a timer (`CallingBack`), not by polls
 
 
 @dataclass
-class FakeFal:
+class FakeFal(CallingBack):
     key: str = "test-key"
     base_url: str = ""  # for tests' convenience once served; the fake itself reads the request's
     # Each request answers queued_polls IN_QUEUE, then running_polls IN_PROGRESS, then COMPLETED.
@@ -180,6 +182,9 @@ class FakeFal:
         image_format = self.image_format or FORMATS[body.get("output_format", "jpeg")]
         queued = Queued(uuid.uuid4().hex, model, app, body, output_size(model, body), image_format)
         self.requests.append(queued)
+        if webhook := request.query_params.get("fal_webhook"):
+            queued.webhook = webhook
+            self.later(lambda: self.complete(request, queued), webhook)
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         if self.submit_response is not None:
@@ -209,9 +214,11 @@ class FakeFal:
             return JSONResponse({"detail": "Request not found"}, 404)
         queued.polls += 1
         response_url = str(request.url).removesuffix("/status")
-        if queued.polls <= self.queued_polls and not queued.cancelled:
+        by_polls = not queued.webhook and not queued.cancelled  # else it ends on a timer, or has been cancelled
+        if by_polls and queued.polls <= self.queued_polls:
             return JSONResponse({"status": "IN_QUEUE", "queue_position": 0, "response_url": response_url}, 202)
-        if queued.polls <= self.queued_polls + self.running_polls and not queued.cancelled:
+        running = queued.polls <= self.queued_polls + self.running_polls if by_polls else not queued.completed
+        if running and not queued.cancelled:
             return JSONResponse({"status": "IN_PROGRESS", "logs": [], "response_url": response_url}, 202)
         queued.completed = True
         answer: dict[str, Any] = {"status": "COMPLETED", "response_url": response_url, "logs": None}
@@ -242,6 +249,14 @@ class FakeFal:
         if queued.output is None:
             queued.output = self.output(request, queued)
         return JSONResponse(queued.output)
+
+    def complete(self, request: Request, queued: Queued) -> dict[str, Any]:
+        """Complete a request submitted with `fal_webhook`; what fal POSTs to it."""
+        queued.completed = True
+        answer = {"request_id": queued.id, "gateway_request_id": queued.id, "status": "OK", "error": None}
+        if self.completed_with_error:
+            return answer | {"status": "ERROR", "error": self.completed_with_error, "payload": None}
+        return answer | {"payload": self.output(request, queued)}
 
     def output(self, request: Request, queued: Queued) -> dict[str, Any]:
         """The model's answer: its images (black where the safety checker flagged them), published."""

@@ -27,6 +27,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from tests.fakes import decode_data_uri
+from tests.fakes.callbacks import CallingBack
 
 PRO = "black-forest-labs/flux-1.1-pro"
 ULTRA = "black-forest-labs/flux-1.1-pro-ultra"
@@ -103,10 +104,11 @@ class Prediction:
     error: str | None = None
     polls: int = 0
     history: list[str] = field(default_factory=list)  # every status it answered with
+    webhook: str | None = None
 
 
 @dataclass
-class FakeReplicate:
+class FakeReplicate(CallingBack):
     key: str = "test-key"
     base_url: str = ""  # for tests' convenience once served; the fake itself reads the request's
     # How predictions end. Default: `running_polls` polls answer processing, the next succeeds.
@@ -175,6 +177,9 @@ class FakeReplicate:
         waited = PREFER_WAIT.fullmatch(request.headers.get("prefer", "")) is not None
         if waited and self.fast:
             self.finish(prediction, request)
+        elif isinstance(body.get("webhook"), str):  # ends on a timer (`CallingBack`), not by being polled
+            prediction.webhook = body["webhook"]
+            self.later(lambda: self.called_back(prediction, request), body["webhook"], sign=True)
         headers = {"preference-applied": "wait"} if waited else {}
         return JSONResponse(self.render(prediction, request), 201, headers=headers)
 
@@ -189,7 +194,9 @@ class FakeReplicate:
         prediction = self.prediction(request.path_params["id"])
         if prediction is None:
             return problem(404, "Not found.")
-        if prediction.status not in TERMINAL:
+        if prediction.status not in TERMINAL and prediction.webhook:
+            prediction.status = "processing"
+        elif prediction.status not in TERMINAL:
             prediction.polls += 1
             if prediction.polls > self.running_polls:
                 self.finish(prediction, request)
@@ -207,6 +214,12 @@ class FakeReplicate:
         if prediction.status not in TERMINAL:
             self.end(prediction, "canceled")
         return JSONResponse(self.render(prediction, request))
+
+    def called_back(self, prediction: Prediction, request: Request) -> dict[str, Any]:
+        """End a prediction created with a webhook (unless it was cancelled); what Replicate POSTs to it."""
+        if prediction.status not in TERMINAL:
+            self.finish(prediction, request)
+        return self.render(prediction, request)
 
     def end(self, prediction: Prediction, status: str) -> None:
         prediction.status = status

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse
 from sqlalchemy import text
 
-from qubax.api import job_routes
+from qubax.api import job_routes, upstream_callbacks
 from qubax.api.authentication import AuthenticatedUploadRoute, CurrentKey, public_url
 from qubax.api.bodies import LimitedRoute
 from qubax.api.job_routes import wants_job
@@ -251,3 +251,4 @@ async def healthz(services: ServicesDep) -> HealthStatus:
 
 
 router.include_router(job_routes.router)  # the jobs API is part of the public API (and its schema)
+router.include_router(upstream_callbacks.router)  # upstreams' callbacks to us: in the schema too

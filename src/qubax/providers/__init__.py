@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from qubax.limits.slots import Slots
 from qubax.protocol import Usage
+from qubax.providers.callbacks import Callbacks
 from qubax.providers.pool import KeyPool
 from qubax.providers.transport import Http
 from qubax.routing.request import ImageRequest
@@ -49,8 +50,9 @@ class Tokens:
 
 
 class Upstream:
-    """How to reach one provider: the shared HTTP session, where, a pool of credentials, and the hosts
-    its results may be downloaded from (besides the base URL's own origin: `hosts.trusted`)."""
+    """How to reach one provider: the shared HTTP session, where, a pool of credentials, the hosts its
+    results may be downloaded from (besides the base URL's own origin: `hosts.trusted`), and where its
+    tasks call us back when they end (`callbacks`)."""
 
     def __init__(
         self,
@@ -62,6 +64,7 @@ class Upstream:
         slots: Slots | None = None,
         name: str = "",
         delivery_hosts: Sequence[str] = (),
+        callbacks: Callbacks | None = None,
     ) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
@@ -69,6 +72,7 @@ class Upstream:
         self.pool = KeyPool(keys, concurrency, slots, f"upstream:{name}", http.waited)
         self.poll_interval = poll_interval
         self.delivery_hosts = tuple(delivery_hosts)
+        self.callbacks = callbacks  # tasks' callbacks to us, where the upstream has them and they are on
 
     def lease(self, task: Mapping[str, Any] | None = None) -> AbstractAsyncContextManager[str]:
         """A key with a free slot (for a `task` taken up again from the journal, the key that started it);
@@ -111,6 +115,7 @@ class ProviderInfo:
     base_url: str  # the default; QUBAX_<NAME>_BASE_URL overrides it
     concurrency: int | None = None  # active tasks each key may have at once (the upstream's own cap)
     delivery_hosts: tuple[str, ...] = ()  # shell-style patterns of the hosts results are downloaded from
+    callbacks: bool = False  # whether its tasks can call us back when they end (`callbacks`)
 
     @property
     def base_url_variable(self) -> str:

@@ -59,9 +59,23 @@ class Adapter:
         """Note a task the upstream accepted under `key`, before anyone waits on it."""
         await accepted(self.upstream, key, self.name, model, count, handle)
 
-    async def poll(self, check: Callable[[], Awaitable[T | None]]) -> T:
-        """Call `check` at the upstream's poll interval until it returns a value (`polling.poll`)."""
-        return await poll(check, self.upstream.poll_interval)
+    def callback(self) -> tuple[str, str] | None:
+        """A fresh reference for a task about to be submitted, to note in its handle, and the URL its
+        upstream is to call when it ends; None when callbacks are off (`QUBAX_PUBLIC_URL` unset)."""
+        callbacks = self.upstream.callbacks
+        if callbacks is None:
+            return None
+        ref = callbacks.new()
+        return ref, callbacks.url(self.name, ref)
+
+    async def poll(self, check: Callable[[], Awaitable[T | None]], callback: str | None = None) -> T:
+        """Call `check` until it returns a value (`polling.poll`): at the upstream's poll interval, or, for
+        a task submitted with the `callback` reference, when the callback comes or the slow poll is due."""
+        callbacks = self.upstream.callbacks
+        if callback is None or callbacks is None:
+            return await poll(check, self.upstream.poll_interval)
+        with callbacks.waiting(callback) as woken:
+            return await poll(check, self.upstream.poll_interval, woken, callbacks.poll_seconds)
 
     async def cancel(self, method: str, url: str, headers: Mapping[str, str]) -> None:
         """Best-effort cancel of upstream work nobody will collect (`polling.cancel_quietly`)."""

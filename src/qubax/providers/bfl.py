@@ -1,5 +1,6 @@
 """Black Forest Labs (api.bfl.ai): one async task per image, each polled until it yields a signed URL."""
 
+import urllib.parse
 from typing import Any
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
@@ -25,6 +26,10 @@ KEY_HOSTS = ("bfl.ai", "*.bfl.ai")
 # Signed result URLs: current delivery hosts and the older Azure blob store.
 DELIVERY_HOSTS = ("delivery.*.bfl.ai", "*.bfl.ai", "bfldeliveryprod.blob.core.windows.net")
 MODERATED = ("Request Moderated", "Content Moderated")
+# Callbacks: `webhook_url` in the submission (BFL's OpenAPI: every model's input takes `webhook_url` and
+# `webhook_secret`); the answer is then `AsyncWebhookResponse` (`id`, `status`, `webhook_url`), and BFL
+# POSTs the task's result to the URL when it ends. Its own signature (from `webhook_secret`) is presented
+# differently by different BFL sources, so we send none and rely on the secret in the URL.
 
 
 class BFL(Adapter):
@@ -42,26 +47,33 @@ class BFL(Adapter):
         async with self.upstream.lease(task) as key:
             headers = {"x-key": key, "accept": "application/json"}
             if task is None:
-                task = {"polling_url": await self._submit(payload, model, headers)}
+                task = await self._submit(payload, model, headers)
                 await self.accepted(key, model, 1, task)
             polling_url = task["polling_url"]
             with billed():
-                sample = await self.poll(lambda: self._check(polling_url, headers))
+                sample = await self.poll(lambda: self._check(polling_url, headers), task.get("callback"))
         with billed():
             # Delivery URLs are pre-signed: download() sends no key.
             return [GeneratedImage(await self.download(sample))]
 
-    async def _submit(self, payload: dict[str, Any], model: str, headers: dict[str, str]) -> str:
+    async def _submit(self, payload: dict[str, Any], model: str, headers: dict[str, str]) -> dict[str, Any]:
+        """The task's handle: its polling URL, and its callback's reference when it has one."""
         url = f"{self.upstream.base_url}/v1/{model}"
+        handle, callback = {}, self.callback()
+        if callback is not None:
+            handle["callback"], payload = callback[0], payload | {"webhook_url": callback[1]}
         response = await self.send("POST", url, headers=headers, json=payload, submission=True)
         task = self.checked_json(response)
         polling_url = task.get("polling_url")
+        if callback is not None and polling_url is None and isinstance(task.get("id"), str):
+            # BFL's answer to a submission with a webhook (`AsyncWebhookResponse`) may lack it.
+            polling_url = f"{self.upstream.base_url}/v1/get_result?id={urllib.parse.quote(task['id'])}"
         if not task.get("id") or not isinstance(polling_url, str):
             # Without an id there is no task of ours to be billed for: another route may take the work.
             raise UpstreamError(f"{PROVIDER} answered the submission without a task id or polling_url.", failover=True)
         if not self.trusted(polling_url, KEY_HOSTS):
             raise UpstreamError(f"{PROVIDER} returned a polling URL on a host we do not send the key to.")
-        return polling_url
+        return handle | {"polling_url": polling_url}
 
     async def _check(self, polling_url: str, headers: dict[str, str]) -> str | None:
         """The sample URL once the task is Ready, None while Pending; raise for every other outcome."""
@@ -131,4 +143,5 @@ INFO = ProviderInfo(
     base_url="https://api.bfl.ai",
     concurrency=24,
     delivery_hosts=DELIVERY_HOSTS,
+    callbacks=True,
 )

@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import urllib.parse
 from typing import Any
 
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
@@ -30,6 +31,9 @@ FLUX2 = "fal-ai/flux-2-"
 SEEDREAM, SEEDREAM_TEXT = "fal-ai/bytedance/seedream/", "/text-to-image"
 KEY_HOSTS = ("fal.run", "*.fal.run", "*.fal.ai")  # the queue URLs submit returns get the key only here
 MEDIA_HOSTS = ("fal.media", "*.fal.media", "*.fal.run", "*.fal.ai")
+# Callbacks: `?fal_webhook=<url>` on the queue submission (fal's webhooks docs); when the request ends fal
+# POSTs `request_id`, `gateway_request_id`, `status` (OK or ERROR) and `payload` to it. fal signs it with
+# ED25519 keys from its JWKS; we rely on the secret in the URL instead, which needs no fetch of fal's keys.
 DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,(.*)", re.DOTALL)  # what sync_mode answers
 
 
@@ -57,14 +61,18 @@ class Fal(Adapter):
             return await self._images(output, count)
 
     async def _submit(self, endpoint: str, payload: dict[str, Any], headers: dict[str, str]) -> dict[str, str]:
-        url = f"{self.upstream.base_url}/{endpoint}"
+        """The request's handle: its queue URLs, and its callback's reference when it has one."""
+        url, handle = f"{self.upstream.base_url}/{endpoint}", {}
+        if (callback := self.callback()) is not None:
+            handle["callback"] = callback[0]
+            url += "?" + urllib.parse.urlencode({"fal_webhook": callback[1]})
         queued = await self._call("POST", url, headers, json=payload, submission=True)
         urls = {name: queued.get(name) for name in ("status_url", "response_url", "cancel_url")}
         if not queued.get("request_id") or not all(isinstance(url, str) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} accepted the request but returned no request_id or queue URLs.")
         if not all(self.trusted(url, KEY_HOSTS) for url in urls.values()):
             raise UpstreamError(f"{PROVIDER} returned a queue URL on a host we do not send the key to.")
-        return {name: str(url) for name, url in urls.items()}
+        return handle | {name: str(url) for name, url in urls.items()}
 
     async def _call(self, method: str, url: str, headers: dict[str, str], **kwargs: Any) -> dict[str, Any]:
         """`kwargs` go to `transport.send`."""
@@ -76,7 +84,7 @@ class Fal(Adapter):
 
     async def _wait(self, urls: dict[str, Any], headers: dict[str, str]) -> None:
         try:
-            await self.poll(lambda: self._check(urls["status_url"], headers))
+            await self.poll(lambda: self._check(urls["status_url"], headers), urls.get("callback"))
         except asyncio.CancelledError:
             # Nobody will collect the result: take it out of fal's queue.
             await self.cancel("PUT", urls["cancel_url"], headers)
@@ -191,4 +199,5 @@ INFO = ProviderInfo(
     base_url="https://queue.fal.run",
     concurrency=40,
     delivery_hosts=MEDIA_HOSTS,
+    callbacks=True,
 )

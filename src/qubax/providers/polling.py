@@ -30,8 +30,11 @@ async def accepted(upstream: Upstream, key: str, provider: str, model: str, coun
         await noted.record(provider, model, count, handle | {"key": upstream.key_name(key)})
 
 
-async def poll(check: Callable[[], Awaitable[T | None]], interval: float) -> T:
-    """Call `check` until it returns a value; the caller's deadline bounds the wait.
+async def poll(
+    check: Callable[[], Awaitable[T | None]], interval: float, woken: asyncio.Event | None = None, slow: float = 0.0
+) -> T:
+    """Call `check` until it returns a value; the caller's deadline bounds the wait. With `woken` (the
+    task's callback: `callbacks.Callbacks.waiting`), each pause lasts until it is set, or `slow` seconds.
 
     Transient failures (retryable errors) are retried with growing pauses, a few times in a row.
     """
@@ -48,7 +51,12 @@ async def poll(check: Callable[[], Awaitable[T | None]], interval: float) -> T:
         failures = 0
         if result is not None:
             return result
-        await asyncio.sleep(interval)
+        if woken is None:
+            await asyncio.sleep(interval)
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(woken.wait(), slow)
+        woken.clear()
 
 
 async def cancel_quietly(http: Http, method: str, url: str, headers: Mapping[str, str]) -> None:

@@ -6,6 +6,7 @@ from pydantic import SecretStr
 
 from qubax.limits.slots import Slots
 from qubax.providers import Provider, ProviderInfo, Upstream, bfl, byteplus, fal, google, openai, replicate, together
+from qubax.providers.callbacks import Callbacks
 from qubax.providers.transport import Http
 
 
@@ -45,9 +46,11 @@ def base_url(settings: Settings, name: str) -> str:
     return settings.base_urls.get(name) or PROVIDERS[name].base_url
 
 
-def build_providers(settings: Settings, http: Http, concurrency: dict[str, int], slots: Slots) -> dict[str, Provider]:
+def build_providers(
+    settings: Settings, http: Http, concurrency: dict[str, int], slots: Slots, callbacks: Callbacks | None = None
+) -> dict[str, Provider]:
     """Adapters for the providers with at least one credential; the others stay off. Their keys'
-    concurrency caps are counted in `slots`."""
+    concurrency caps are counted in `slots`; those that can call back get `callbacks`."""
     providers: dict[str, Provider] = {}
     for name, info in PROVIDERS.items():
         keys = credentials(settings, name)
@@ -61,6 +64,7 @@ def build_providers(settings: Settings, http: Http, concurrency: dict[str, int],
                 slots,
                 name,
                 info.delivery_hosts,
+                callbacks if info.callbacks else None,
             )
             providers[name] = info.build(upstream)
     return providers

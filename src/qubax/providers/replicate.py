@@ -28,6 +28,9 @@ FLUX2 = "black-forest-labs/flux-2-"
 SEEDREAM = "bytedance/seedream-"
 SEEDREAM_RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9")
 SEEDREAM_SIDES = range(1024, 4097)
+# Callbacks: `webhook` and `webhook_events_filter: ["completed"]` in the create body (Replicate's webhooks
+# docs); the POST carries the prediction object, signed per Standard Webhooks with the account's secret
+# (`QUBAX_REPLICATE_WEBHOOK_SECRET`, checked where set) besides the secret in the URL.
 
 
 class Replicate(Adapter):
@@ -45,9 +48,11 @@ class Replicate(Adapter):
         async with self.upstream.lease(prediction) as key:
             headers = {"authorization": f"Bearer {key}"}
             if prediction is None:
-                prediction = await self._create(payload, model, headers)
+                callback = self.callback()
+                prediction = await self._create(payload | webhook(callback), model, headers)
+                prediction["callback"] = callback and callback[0]
                 if prediction.get("status") in RUNNING and isinstance(prediction.get("urls"), dict):
-                    note = {"status": "starting", "urls": prediction["urls"]}
+                    note = {"status": "starting", "urls": prediction["urls"], "callback": prediction["callback"]}
                     await self.accepted(key, model, count, note)
             with billed():
                 outputs = await self._settle(prediction, headers)
@@ -72,7 +77,7 @@ class Replicate(Adapter):
         if not isinstance(get_url, str) or not self.trusted(get_url, KEY_HOSTS):
             raise UpstreamError(f"{PROVIDER} returned no prediction URL on a host we send the key to.")
         try:
-            return await self.poll(lambda: self._check(get_url, headers))
+            return await self.poll(lambda: self._check(get_url, headers), prediction.get("callback"))
         except asyncio.CancelledError:
             await self._cancel(cancel_url, headers)  # stop paying for work nobody waits for
             raise
@@ -89,6 +94,11 @@ class Replicate(Adapter):
             header, _, payload = output.partition(",")
             return self.decode_b64(payload if header.endswith(";base64") else None)
         return await self.download(output)
+
+
+def webhook(callback: tuple[str, str] | None) -> dict[str, Any]:
+    """The fields that have Replicate call us once, when the prediction ends."""
+    return {} if callback is None else {"webhook": callback[1], "webhook_events_filter": ["completed"]}
 
 
 def outcome(prediction: dict[str, Any]) -> list[str] | None:
@@ -179,4 +189,5 @@ INFO = ProviderInfo(
     base_url="https://api.replicate.com/v1",
     concurrency=50,
     delivery_hosts=DELIVERY_HOSTS,
+    callbacks=True,
 )

@@ -51,7 +51,7 @@ def configured_secrets(settings: Settings) -> list[str]:
     """Every secret this process was given: upstream keys, the admin token, the signing secret,
     passwords in service URLs, and the AWS secret key botocore will read."""
     found = [key for name in PROVIDERS for key in credentials(settings, name)]
-    for secret in (settings.admin_token, settings.signing_secret):
+    for secret in (settings.admin_token, settings.signing_secret, settings.replicate_webhook_secret):
         if secret is not None:
             found.append(secret.get_secret_value())
     for url in (settings.database_url, settings.redis_url):

@@ -23,6 +23,7 @@ from qubax.pipeline import claims
 from qubax.pipeline.converter import Converter
 from qubax.pipeline.uploads import Decoding
 from qubax.providers import Provider
+from qubax.providers.callbacks import Callbacks, open_callbacks
 from qubax.providers.registry import build_providers
 from qubax.providers.transport import Http, Timeouts, open_session
 from qubax.records import db, journal, queries, tables
@@ -61,6 +62,7 @@ class Services:
     mask: Mask  # for foreign text (an upstream's words) before it is logged or stored
     decoding: Decoding  # the work one upload may cause, and how many are decoded at once
     converter: Converter  # upstream images made into the format and size asked, in worker processes
+    callbacks: Callbacks | None  # upstream tasks' callbacks to us (None without QUBAX_PUBLIC_URL)
     keys: KeyCache[tables.KeyRecord] = field(default_factory=KeyCache)
     # Work that outlives its request (an idempotent request whose client left): held here, as the event
     # loop keeps only weak references to tasks.
@@ -87,7 +89,12 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
         http = await held.enter_async_context(open_session(timeouts, connections, metrics.count_wait))
         # A slot outlives no request: its hold lapses after the longest one could take.
         slots = await held.enter_async_context(open_slots(settings.redis_url, settings.request_timeout_seconds + 60))
-        providers = build_providers(settings, http, dict(catalog.concurrency), slots)
+        callbacks = await held.enter_async_context(
+            open_callbacks(
+                settings.public_url, signing_secret(settings), settings.callback_poll_seconds, settings.redis_url
+            )
+        )
+        providers = build_providers(settings, http, dict(catalog.concurrency), slots, callbacks)
         breakers = Breakers(settings.breaker_failures, settings.breaker_cooldown_seconds)
         sessions = db.sessions(engine)
         ledger = Ledger(engine)
@@ -113,6 +120,7 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
             mask=Mask(configured_secrets(settings)),
             decoding=Decoding(settings.max_decode_bytes, asyncio.Semaphore(settings.decode_concurrency)),
             converter=converter,
+            callbacks=callbacks,
         )
 
 

@@ -37,11 +37,19 @@ class Settings(BaseSettings):
     image_ttl_seconds: int = Field(default=3600, gt=0)
     request_timeout_seconds: float = Field(default=300.0, gt=0)
     poll_interval_seconds: float = Field(default=0.5, gt=0)
+    # With public_url set, BFL, fal and Replicate tasks call us back at it when they end
+    # (`providers.callbacks`), and are polled only this often, for a callback that never comes.
+    callback_poll_seconds: float = Field(default=15.0, gt=0)
+    # Replicate's webhook signing secret (`whsec_...`, GET /v1/webhooks/default/secret): where set, its
+    # callbacks must carry Replicate's signature too.
+    replicate_webhook_secret: SecretStr | None = None
     sweep_interval_seconds: float = Field(default=60.0, gt=0)
     # Silence after which another node takes over a job or an idempotent request whose node died; the
     # node at work says it is alive four times as often.
     takeover_seconds: float = Field(default=20.0, gt=0)
-    job_concurrency: int = Field(default=8, ge=1)  # async jobs each node makes at once
+    # Async jobs each node makes at once; unset: as many as its providers' concurrency caps let run
+    # (`runner.capacity`), so that a node is not held below the caps the catalog sets.
+    job_concurrency: int | None = Field(default=None, ge=1)
     job_poll_seconds: float = Field(default=1.0, gt=0)  # how often a node looks for jobs other nodes queued
     job_retention_days: float = Field(default=30.0, gt=0)  # how long an ended job (and its answer) is kept
     # Webhooks: hosts (or `*.example.com` patterns, comma-separated) that may be http, or resolve to

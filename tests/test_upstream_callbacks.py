@@ -15,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from qubax.app import create_app
+from qubax.server.metrics import path_label
 from qubax.server.settings import Settings
 from tests.fakes.callbacks import REPLICATE_SECRET, CallingBack, signed
 from tests.redis import fresh_redis
@@ -159,3 +160,8 @@ def test_a_callback_reaching_another_node_wakes_the_waiter(settings: Settings, r
     assert url.startswith(node_b + "/v1/upstream-callbacks/bfl/")
     assert status == 204
     assert len(stack.bfl.polls) == 2
+
+
+def test_callbacks_are_counted_under_one_path_label() -> None:
+    """`qubax_http_requests_total{path="/v1/upstream-callbacks"}` by status: 204 verified, 401 refused."""
+    assert path_label("/v1/upstream-callbacks/bfl/ref/signature") == "/v1/upstream-callbacks"

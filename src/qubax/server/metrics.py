@@ -34,6 +34,8 @@ PREFIXES = (
     ("/v1/models/", "/v1/models"),
     ("/images/", "/images"),
     ("/admin/", "/admin"),
+    # Upstream callbacks, by status: 204 verified (and passed on), 401 refused.
+    ("/v1/upstream-callbacks/", "/v1/upstream-callbacks"),
 )
 NO_ROUTE = "none"  # the route label of a generation that no route delivered
 

@@ -92,16 +92,21 @@ def create_key(env: dict[str, str]) -> str:
 
 @contextmanager
 def qubax(
-    upstream_base: str, workdir: Path, images_dir: Path | None = None, settings: dict[str, str] | None = None
+    upstream_base: str,
+    workdir: Path,
+    images_dir: Path | None = None,
+    settings: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[Server]:
     """`qubax serve` as shipped (its default log level, access log on), with a fresh data dir and a live key;
-    url-mode images in a fresh folder under `images_dir` when given; `settings`: more variables."""
+    url-mode images in a fresh folder under `images_dir` when given; `settings`: more variables; on `port`
+    (default: a free one)."""
     data_dir = Path(tempfile.mkdtemp(prefix="qubax-", dir=workdir))
     images = Path(tempfile.mkdtemp(prefix="qubax-images-", dir=images_dir)) if images_dir else None
     extra = {**(settings or {}), **({} if images is None else {"QUBAX_STORAGE_URL": f"file://{images}"})}
     env = qubax_env(upstream_base, data_dir, extra)
     key = create_key(env)
-    port = procs.free_port()
+    port = port or procs.free_port()
     cmd = [str(BIN / "qubax"), "serve", "--port", str(port)]
     try:
         with running(cmd, "/healthz", port, data_dir / "serve.log", env) as server:

@@ -14,28 +14,48 @@ from datetime import timedelta
 
 import orjson
 from sqlalchemy import Update, select, update
-from sqlalchemy.exc import SQLAlchemyError
 
 from qubax.background import jobs, loops
-from qubax.errors import AuthenticationError, DatabaseUnavailable, QubaxError
+from qubax.background.heartbeats import RUNNING, Heartbeats
+from qubax.errors import AuthenticationError, QubaxError
 from qubax.pipeline import generation
 from qubax.pipeline.work import Work
+from qubax.providers.registry import credentials
 from qubax.records import journal, queries, tables
 from qubax.server import traces
 from qubax.server.services import Services
 
 logger = logging.getLogger("qubax")
-RUNNING = tables.ImageJob.status == "in_progress"
+# The jobs a provider without a concurrency cap counts for in a node's default (`capacity`): its own
+# upstream is what bounds it, and each running job holds some memory and its share of the heartbeat.
+UNCAPPED_JOBS = 100
 
 
 async def run_forever(services: Services) -> None:
     settings = services.settings
-    await loops.take_and_run(
-        lambda: take(services),
-        lambda job_id: run(services, job_id),
-        services.job_posted,
-        settings.job_concurrency,
-        settings.job_poll_seconds,
+    # Said alive often (four times within the takeover's silence), so that a cancel is seen within a second.
+    alive = Heartbeats(services.sessions, min(1.0, settings.takeover_seconds / 4))
+    beating = asyncio.create_task(alive.run_forever())
+    try:
+        await loops.take_and_run(
+            lambda: take(services),
+            lambda job_id: run(services, job_id, alive),
+            services.job_posted,
+            settings.job_concurrency or capacity(services),
+            settings.job_poll_seconds,
+        )
+    finally:
+        beating.cancel()
+
+
+def capacity(services: Services) -> int:
+    """Jobs a node makes at once unless the operator says: as many as its providers' caps let run at
+    once, each cap (the catalog's, per key) times the provider's keys; a provider without a cap counts as
+    `UNCAPPED_JOBS`. A lower default would hold the node below the caps the operator configured."""
+    caps = services.catalog.concurrency
+    return max(
+        1,
+        sum(caps.get(name, UNCAPPED_JOBS) * len(credentials(services.settings, name)) for name in services.providers),
     )
 
 
@@ -55,17 +75,17 @@ async def take(services: Services) -> str | None:
     return await loops.claim(services.sessions, candidates, take_one)
 
 
-async def run(services: Services, job_id: str) -> None:
+async def run(services: Services, job_id: str, alive: Heartbeats) -> None:
     """Make one job and record how it ended: a trace of its own (its work's spans inside)."""
     with traces.span("qubax.job") as span:
         if span is not None:
             span.set_attribute("qubax.job_id", job_id)
-        await run_traced(services, job_id)
+        await run_traced(services, job_id, alive)
 
 
-async def run_traced(services: Services, job_id: str) -> None:
+async def run_traced(services: Services, job_id: str, alive: Heartbeats) -> None:
     work = asyncio.create_task(make(services, job_id))
-    watcher = asyncio.create_task(watch(services, job_id, work))
+    alive.add(job_id, work)  # said alive with the node's other jobs; cancelled if its key asks
     try:
         result = await work
     except asyncio.CancelledError:
@@ -82,7 +102,7 @@ async def run_traced(services: Services, job_id: str) -> None:
     else:
         await end(services, job_id, "succeeded", result=result)
     finally:
-        watcher.cancel()
+        alive.discard(job_id)
 
 
 async def make(services: Services, job_id: str) -> bytes:
@@ -109,29 +129,6 @@ async def make(services: Services, job_id: str) -> bytes:
 def usage_id(job_id: str) -> str:
     """The id of the job's usage record: the same for every node that makes the job (`tables.new_id`'s form)."""
     return "gen_" + job_id.removeprefix("job_")
-
-
-async def watch(services: Services, job_id: str, work: "asyncio.Task[bytes]") -> None:
-    """Say the job still runs, often; stop its work when its key asked to cancel it."""
-    beat = min(1.0, services.settings.takeover_seconds / 4)  # a cancel is seen within a second
-    while True:
-        await asyncio.sleep(beat)
-        try:
-            async with services.sessions() as session:
-                cancel = await session.scalar(
-                    update(tables.ImageJob)
-                    .where(tables.ImageJob.id == job_id, RUNNING)
-                    .values(heartbeat_at=tables.now())
-                    .returning(tables.ImageJob.cancel_requested)
-                )
-                await session.commit()
-        except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:
-            # A missed beat only risks a takeover, never the work.
-            logger.warning("job %s: heartbeat failed: %s", job_id, exc)
-            continue
-        if cancel:
-            work.cancel()
-            return
 
 
 async def end(

@@ -34,7 +34,7 @@ async def upstream_callback(
 ) -> Response:
     callbacks = services.callbacks
     if callbacks is None or not callbacks.verified(provider, ref, signature):
-        logger.warning("refused an upstream callback with a signature we did not make (%s)", provider[:40])
+        logger.warning("refused an upstream callback whose URL we did not sign")  # its path is anyone's text
         raise AuthenticationError(REFUSED, code="invalid_signature")
     if provider == "replicate" and not await signed_by_replicate(request, services):
         logger.warning("refused a Replicate callback without Replicate's signature")

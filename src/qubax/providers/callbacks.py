@@ -109,7 +109,7 @@ async def open_callbacks(
     from redis.asyncio import Redis  # the `redis` extra: only when asked for
 
     # A client of its own: a subscriber blocks on its connection with no read timeout.
-    redis = Redis.from_url(redis_url)
+    redis = Redis.from_url(redis_url, health_check_interval=30)  # a silently dead link is noticed
     listener = asyncio.create_task(callbacks.listen_forever(redis))
     callbacks.redis = redis
     try:

@@ -10,10 +10,11 @@ import pytest
 
 from qubax.providers import Upstream, journal
 from qubax.providers.bfl import BFL
-from qubax.providers.callbacks import Callbacks
+from qubax.providers.callbacks import Callbacks, open_callbacks
 from qubax.providers.transport import open_session
 from tests.fakes.bfl import FakeBFL
 from tests.providers import Job, ask
+from tests.redis import fresh_redis
 from tests.server import serve
 
 pytestmark = pytest.mark.anyio
@@ -77,3 +78,22 @@ async def test_a_task_taken_over_waits_on_the_callback_it_was_submitted_with(fak
     assert len(images) == 1
     assert len(fake.submissions) == 1  # taken over, not submitted again
     assert len(fake.polls) == 3
+
+
+async def test_a_callback_at_another_node_wakes_only_its_own_waiter(redis_server: str) -> None:
+    """Two nodes sharing a real Redis: a callback node B receives wakes the task that waits on node A."""
+    url, secret = fresh_redis(redis_server), b"s" * 32
+    async with (
+        open_callbacks("https://qubax.example", secret, 60, url) as node_a,
+        open_callbacks("https://qubax.example", secret, 60, url) as node_b,
+    ):
+        assert node_a is not None and node_b is not None
+        with node_a.waiting("task-1") as first, node_a.waiting("task-2") as second:
+            for _ in range(100):  # until node A's subscription is in place: a wake sent before it is lost
+                await node_b.wake("task-1")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(first.wait(), 0.1)
+                    break
+            assert first.is_set()
+            assert not second.is_set()
+            assert node_b.waiters == {}

@@ -2,28 +2,30 @@
 
 from typing import Any
 
-# label, numerator target, denominator target, metric, goal from issue 4 (or None), payloads the goal is for
-RATIOS: list[tuple[str, str, str, str, tuple[str, float] | None, tuple[str, ...]]] = [
-    ("Qubax/floor req/s", "qubax", "floor", "rps", (">=", 0.7), ("light", "heavy")),
-    ("Qubax/floor p99", "qubax", "floor", "p99_ms", ("<=", 1.5), ("light",)),
-    ("Qubax url/b64 req/s", "qubax-url", "qubax", "rps", (">=", 0.7), ("light", "heavy")),
-    ("Qubax/LiteLLM req/s", "qubax", "litellm", "rps", None, ()),
-    ("Qubax/LiteLLM p99", "qubax", "litellm", "p99_ms", None, ()),
-    ("LiteLLM/floor req/s", "litellm", "floor", "rps", None, ()),
-    ("floor/upstream req/s", "floor", "upstream", "rps", None, ()),
+Goal = tuple[str, float]
+# label, numerator target, denominator target, metric, and the goal for each payload that has one:
+# issue 25's for Qubax against the floor, issue 4's for url against b64_json.
+RATIOS: list[tuple[str, str, str, str, dict[str, Goal]]] = [
+    ("Qubax/floor req/s", "qubax", "floor", "rps", {"light": (">=", 0.45), "heavy": (">=", 0.8)}),
+    ("Qubax/floor p99", "qubax", "floor", "p99_ms", {"light": ("<=", 1.5), "heavy": ("<=", 1.5)}),
+    ("Qubax url/b64 req/s", "qubax-url", "qubax", "rps", {"light": (">=", 0.7), "heavy": (">=", 0.7)}),
+    ("Qubax/LiteLLM req/s", "qubax", "litellm", "rps", {}),
+    ("Qubax/LiteLLM p99", "qubax", "litellm", "p99_ms", {}),
+    ("LiteLLM/floor req/s", "litellm", "floor", "rps", {}),
+    ("floor/upstream req/s", "floor", "upstream", "rps", {}),
 ]
 
 
 def ratios(payload: str, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for label, top, bottom, metric, goal, goal_payloads in RATIOS:
+    for label, top, bottom, metric, goals in RATIOS:
         a, b = rows.get(top, {}).get(metric), rows.get(bottom, {}).get(metric)
         if a is None or b is None or b == 0:
             continue
         value = a / b
         entry: dict[str, Any] = {"value": round(value, 3)}
-        if goal and payload in goal_payloads:
-            op, limit = goal
+        if payload in goals:
+            op, limit = goals[payload]
             entry["goal"] = f"{op} {limit}"
             entry["met"] = value >= limit if op == ">=" else value <= limit
         out[label] = entry

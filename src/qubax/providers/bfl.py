@@ -59,9 +59,10 @@ class BFL(Adapter):
     async def _submit(self, payload: dict[str, Any], model: str, headers: dict[str, str]) -> dict[str, Any]:
         """The task's handle: its polling URL, and its callback's reference when it has one."""
         url = f"{self.upstream.base_url}/v1/{model}"
-        handle, callback = {}, self.callback()
-        if callback is not None:
-            handle["callback"], payload = callback[0], payload | {"webhook_url": callback[1]}
+        handle: dict[str, Any] = {}
+        if (callback := self.callback()) is not None:
+            handle["callback"] = callback[0]
+            payload = payload | {"webhook_url": callback[1]}
         response = await self.send("POST", url, headers=headers, json=payload, submission=True)
         task = self.checked_json(response)
         polling_url = task.get("polling_url")

@@ -50,7 +50,7 @@ class Replicate(Adapter):
             if prediction is None:
                 callback = self.callback()
                 prediction = await self._create(payload | webhook(callback), model, headers)
-                prediction["callback"] = callback and callback[0]
+                prediction["callback"] = callback[0] if callback else None  # what `_settle` waits on
                 if prediction.get("status") in RUNNING and isinstance(prediction.get("urls"), dict):
                     note = {"status": "starting", "urls": prediction["urls"], "callback": prediction["callback"]}
                     await self.accepted(key, model, count, note)

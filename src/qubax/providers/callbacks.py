@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 PATH = "/v1/upstream-callbacks"
 CHANNEL = "qubax:upstream-callbacks"  # every node listens; the one holding the waiter wakes it
 RECONNECT_SECONDS = 1.0
+PUBLISH_SECONDS = 2.0
 
 
 class Callbacks:
@@ -67,9 +68,9 @@ class Callbacks:
             return
         from redis.exceptions import RedisError  # the `redis` extra: only with QUBAX_REDIS_URL
 
-        try:
-            await self.redis.publish(CHANNEL, ref)
-        except RedisError as exc:  # the slow poll still finds the task ended
+        try:  # bounded: the upstream waits for our answer, and Redis may hang
+            await asyncio.wait_for(self.redis.publish(CHANNEL, ref), PUBLISH_SECONDS)
+        except (RedisError, TimeoutError) as exc:  # the slow poll still finds the task ended
             logger.warning("could not pass an upstream callback on through Redis: %s", exc)
 
     def woken(self, ref: str) -> bool:

@@ -2,6 +2,7 @@
 
 import base64
 import dataclasses
+import gc
 import hashlib
 import io
 import random
@@ -15,6 +16,8 @@ from PIL import Image
 from qubax.pipeline import generation
 from qubax.pipeline.converter import Converter
 from qubax.providers import GeneratedImage
+from qubax.records.ledger import GenerationRecord, Ledger
+from qubax.records.storage import LocalStorage
 from qubax.server.settings import Settings
 from tests.catalog import MODELS
 from tests.providers import Job
@@ -189,3 +192,42 @@ def test_an_upstream_png_of_the_asked_size_reaches_the_client_byte_identical(
         image = answer.data[0]
         got = base64.b64decode(image.b64_json or "") if image.url is None else httpx.get(image.url).content
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(sent).hexdigest()
+
+
+@pytest.mark.parametrize("response_format", ["b64_json", "url"])
+def test_no_copy_of_the_image_is_held_that_its_answer_does_not_need(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, response_format: str
+) -> None:
+    """Hundreds of requests can wait on their records at once: each keeps only what its answer carries
+    (the base64 text, or a link), not also the image's bytes and the upstream's text; and an image
+    being stored for a link is held as its bytes alone."""
+    held: list[int] = []  # while the record is written: bytes and text
+    stored: list[int] = []  # while a url-mode image is stored: text
+    record, put = Ledger.record, LocalStorage.put
+
+    def alive() -> list[GeneratedImage]:
+        gc.collect()  # another test's images in unreachable cycles are not held by anything
+        return [found for found in gc.get_objects() if isinstance(found, GeneratedImage)]
+
+    async def watched(self: Ledger, generation: GenerationRecord) -> None:
+        held.append(sum(len(image.data) + len(image.b64 or "") for image in alive()))
+        await record(self, generation)
+
+    async def storing(self: LocalStorage, data: bytes, ext: str = "png", job_id: str | None = None) -> str:
+        stored.append(sum(len(image.b64 or "") for image in alive()))
+        return await put(self, data, ext, job_id)
+
+    monkeypatch.setattr(Ledger, "record", watched)
+    monkeypatch.setattr(LocalStorage, "put", storing)
+    sent = noise_png(1024, 1024)
+    with running_stack(settings, providers=("openai",)) as stack:
+        stack.openai.image = lambda *_: sent  # type: ignore[method-assign]
+        answer = stack.live.images.generate(
+            model="dall-e-3",
+            prompt="a cat",
+            size="1024x1024",
+            response_format=response_format,  # type: ignore[arg-type]
+        )
+    assert answer.data[0].b64_json or answer.data[0].url
+    assert held == [0]
+    assert stored == ([] if response_format == "b64_json" else [0])

@@ -35,7 +35,7 @@ INLINE_BYTES = 256 * 1024  # checking and base64-ing this much beats a thread ho
 @dataclass(frozen=True)
 class Made:
     response: ImagesResponse
-    images: list[GeneratedImage]  # as the routes made them (a stream's in the order they came)
+    images: list[GeneratedImage]  # as the routes made them, `delivered` (a stream's in the order they came)
     upstream: str  # the route(s) that delivered, e.g. "bfl" or "bfl+fal"
     cost_micros: int  # what the images cost the key, as the ledger records it
 
@@ -59,7 +59,10 @@ async def make(work: Work, services: Services, pieces: Pieces | None = None) -> 
     async with recording(request, work.key, services, work.charge_id) as generation:
         if pieces is None:
             images, served = await failover.collect(request, work.key, services, generation.attempts)
+            if request.response_format != "b64_json":  # a link is made from the bytes: not held while stored
+                images = [dataclasses.replace(image, b64=None) for image in images]
             data = await store(request, images, services, work.public_url, work.job_id)
+            images = [delivered(image) for image in images]
         else:
             images, served, data = await one_by_one(work, services, generation, pieces)
         count_delivered(generation, request, work.key, images, served, services.catalog)
@@ -82,12 +85,12 @@ async def one_by_one(
         single = dataclasses.replace(request, n=1, index=index, partials=pieces)
         images, routes = await failover.collect(single, work.key, services, generation.attempts)
         text = await finish_off_loop(images[0], request, services.converter, None)
-        made.append(images[0])
+        made.append(delivered(images[0]))
         served.extend(routes)
         data.append(Image(b64_json=text, revised_prompt=images[0].revised_prompt))
         count_delivered(generation, request, work.key, made, served, services.catalog)
         if len(made) < request.n:
-            pieces.put_nowait(Piece(text, images[0]))
+            pieces.put_nowait(Piece(text, made[-1]))
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -116,6 +119,13 @@ async def store(
         return [Image(b64_json=text, revised_prompt=image.revised_prompt) for text, image in pairs]
     urls = [await storage.link(image_id, request.output_format, public_url) for image_id in outputs]
     return [Image(url=url, revised_prompt=image.revised_prompt) for url, image in zip(urls, images, strict=True)]
+
+
+def delivered(image: GeneratedImage) -> GeneratedImage:
+    """The image without its bytes and base64 text, once they are stored or in the answer's data: the
+    rest of the request needs only its prompt, token count and settings, and a request waiting for its
+    usage record to be written holds megabytes less (bench/README.md, "Issue 27 item 2")."""
+    return dataclasses.replace(image, data=b"", b64=None)
 
 
 def count_delivered(

@@ -23,7 +23,8 @@ def create_app(upstream: str) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal session
-        session = aiohttp.ClientSession()
+        # No cap on upstream connections (aiohttp's default is 100), as Qubax has none of its own.
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         try:
             yield
         finally:

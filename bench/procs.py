@@ -6,6 +6,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -94,6 +95,42 @@ def memory_kib(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0])
     return fields
+
+
+def tree_rss_kib(pids: list[int]) -> int:
+    """Resident memory of these processes added up, in KiB (a process gone meanwhile counts nothing)."""
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+    total = 0
+    for one in pids:
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{one}/statm").read_text().split()[1]) * page_kib
+    return total
+
+
+class PeakTreeRss:
+    """The highest `tree_rss_kib` of a process and its descendants while the block runs, sampled every
+    `interval` seconds (children that start meanwhile are found within a second)."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid, self.interval, self.kib = pid, interval, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        pids, found_at = [self.pid], 0.0
+        while not self._done.is_set():
+            if time.monotonic() - found_at > 1.0:
+                pids, found_at = [self.pid, *descendants(self.pid)], time.monotonic()
+            self.kib = max(self.kib, tree_rss_kib(pids))
+            self._done.wait(self.interval)
+
+    def __enter__(self) -> "PeakTreeRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def cpu_seconds(pid: int) -> float:

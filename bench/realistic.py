@@ -45,9 +45,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def measure(
-    server: targets.Server, wrk: str, workdir: Path, in_flight: int, args: argparse.Namespace
+    server: targets.Server,
+    wrk: str,
+    workdir: Path,
+    in_flight: int,
+    args: argparse.Namespace,
+    request: dict[str, str] = REQUEST,
 ) -> dict[str, Any]:
-    body = json.dumps(REQUEST)
+    """One wrk run of `args.duration` seconds at `in_flight` connections (`args.delay`: the upstream's)."""
+    body = json.dumps(request)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {server.api_key}"}
     script = loadgen.lua_script(workdir / "realistic.lua", body, headers)
     load_before = os.getloadavg()[0]

@@ -63,14 +63,13 @@ def parse_args() -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def postgres(workdir: Path) -> Iterator[str]:
+def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL cluster (as tests/postgres.py starts one, but with fsync on) and its URL."""
     found = [path for path in Path("/usr/lib/postgresql").glob("*/bin") if (path / "initdb").exists()]
     if not found:
         raise RuntimeError("PostgreSQL is not installed: apt-get install -y postgresql")
     bin_dir = max(found, key=lambda path: int(path.parent.name))
-    root = workdir / "pg"
-    root.mkdir()
+    root = Path(tempfile.mkdtemp(prefix="qubax-jobs-pg-"))  # its own: the postgres user cannot enter `workdir`
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses to run as root
     if as_user:
         shutil.chown(root, "postgres")
@@ -89,6 +88,7 @@ def postgres(workdir: Path) -> Iterator[str]:
         yield f"{base}/qubax"
     finally:
         subprocess.run([*ctl, "-m", "immediate", "-w", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def sqlite_size(data_dir: Path) -> int:
@@ -277,7 +277,7 @@ def main() -> None:
             "QUBAX_BFL_BASE_URL": upstream.base,
         }
         if args.database == "postgresql":
-            settings["QUBAX_DATABASE_URL"] = stack.enter_context(postgres(workdir))
+            settings["QUBAX_DATABASE_URL"] = stack.enter_context(postgres())
         port = procs.free_port()
         if args.webhooks == "on":  # BFL is then given a callback URL under it, and polled only as a fallback
             settings["QUBAX_PUBLIC_URL"] = f"http://127.0.0.1:{port}"

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -149,8 +150,11 @@ def main() -> None:
     if litellm_exe is not None:
         starts["litellm"] = lambda base: targets.litellm(litellm_exe, base, workdir)
     args.litellm_note = litellm_note
-    print(f"{litellm_note}; data in {workdir}", flush=True)
-    runs = [run_load(*load, starts, wrk, workdir, args) for load in loads(args) if load[1] > 0]
+    print(litellm_note, flush=True)
+    try:
+        runs = [run_load(*load, starts, wrk, workdir, args) for load in loads(args) if load[1] > 0]
+    finally:  # url mode leaves a gigabyte of images in Qubax's data folders
+        shutil.rmtree(workdir, ignore_errors=True)
     results = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "qubax_source": qubax_source(),

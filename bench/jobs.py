@@ -232,6 +232,8 @@ async def measure(
         "checked_through_api": dict(checked),
         "upstream_requests": upstream_counts,
         "tracebacks": log.count("Traceback (most recent call last)"),
+        # The first few, whole: the data folder goes with the run.
+        "traceback_texts": ["Traceback" + part[:3000] for part in log.split("Traceback")[1:4]],
         "warnings": log.count(" WARNING "),
         "load_average": [round(load_before, 2), round(load_after, 2)],
     }

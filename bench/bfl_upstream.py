@@ -21,9 +21,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import aiohttp
-import uvicorn
 
-from bench.upstream import BACKLOG, make_png
+from bench.upstream import make_png, respond, run_uvicorn
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -58,9 +57,7 @@ class FakeBFL:
             status, answer, headers = 200, b"ok", []
         else:
             status, answer, headers = 404, b'{"detail":"Not Found"}', JSON
-        headers = [*headers, (b"content-length", str(len(answer)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
+        await respond(send, status, answer, headers)
 
     def submit(self, body: dict[str, Any], base: str) -> bytes:
         self.counts["submits"] += 1
@@ -121,18 +118,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=5.0, help="seconds each task takes (default 5)")
     args = parser.parse_args()
-    uvicorn.run(
-        FakeBFL(args.delay),
-        host="127.0.0.1",
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        lifespan="off",
-        backlog=BACKLOG,
-        timeout_keep_alive=75,  # longer than the gateway's pool keeps an idle connection (bench/upstream.py)
-    )
+    run_uvicorn(FakeBFL(args.delay), args.port)
 
 
 if __name__ == "__main__":

@@ -109,19 +109,29 @@ def asgi_app(lookup: Callable[[bytes], bytes], delay: float = 0.0) -> Callable[.
             status, body, headers = 200, b"ok", []
         else:
             status, body, headers = 404, b"{}", json_headers
-        # Without content-length uvicorn would answer chunked, which costs the client more to read.
-        headers = [*headers, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await respond(send, status, body, headers)
 
     return app
 
 
+async def respond(send: Callable[..., Awaitable[None]], status: int, body: bytes, headers: list[Any]) -> None:
+    """One whole ASGI answer."""
+    # Without content-length uvicorn would answer chunked, which costs the client more to read.
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def serve_asgi(port: int, lookup: Callable[[bytes], bytes], delay: float = 0.0) -> None:
+    run_uvicorn(asgi_app(lookup, delay), port)
+
+
+def run_uvicorn(app: Any, port: int) -> None:
+    """Serve a fake upstream's ASGI app as fast as uvicorn goes, for bursts of thousands of connections."""
     import uvicorn
 
     uvicorn.run(
-        asgi_app(lookup, delay),
+        app,
         host="127.0.0.1",
         port=port,
         loop="uvloop",

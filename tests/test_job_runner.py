@@ -3,6 +3,7 @@ running jobs said alive together."""
 
 import asyncio
 import json
+import sqlite3
 import time
 from datetime import timedelta
 from types import SimpleNamespace
@@ -85,3 +86,44 @@ async def beat_once(settings: Settings, job_ids: list[str]) -> dict[str, Any]:
         "cancelled": [job_id for job_id, work in works.items() if work.cancelled() and job_id not in alive.works],
         "left": sorted(alive.works),
     }
+
+
+def test_abandoned_jobs_are_taken_first_then_the_oldest_queued_read_off_an_index(settings: Settings) -> None:
+    create_key(settings)
+    key_id = rows(settings, tables.ApiKey)[0].id
+    stale, fresh = tables.now() - timedelta(hours=1), tables.now()
+
+    def job(job_id: str, status: str, heartbeat: Any = None) -> tables.ImageJob:
+        return tables.ImageJob(
+            id=job_id, key_id=key_id, endpoint="/v1/images/generations", model="flux-1.1-pro",
+            fields=json.dumps({}), public_url="http://x", status=status, reserved_images=1, reserved_micros=0,
+            heartbeat_at=heartbeat,
+        )  # fmt: skip
+
+    add(settings, job("job_1", "queued"), job("job_2", "queued"), job("job_3", "in_progress", fresh))
+    add(settings, job("job_4", "in_progress", stale), job("job_5", "succeeded"))  # job_4's node went silent
+    taken, selects = asyncio.run(take_all(settings))
+    assert taken == ["job_4", "job_1", "job_2"]  # job_3's node is alive; job_5 has ended
+    if settings.resolved_database_url.startswith("sqlite"):
+        path = settings.resolved_database_url.partition(":///")[2]
+        with sqlite3.connect(path) as plain:
+            plans = [str(plain.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()) for sql, params in selects]
+        assert plans and not [plan for plan in plans if "TEMP B-TREE" in plan]  # no sort of every queued job
+
+
+async def take_all(settings: Settings) -> tuple[list[str], list[tuple[str, Any]]]:
+    """What `runner.take` takes until nothing is left, and the SELECTs it sent."""
+    engine = db.connect(settings.resolved_database_url)
+    selects: list[tuple[str, Any]] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", note)
+    services = cast(Services, SimpleNamespace(settings=settings, sessions=db.sessions(engine)))
+    taken = []
+    while (job_id := await runner.take(services)) is not None:
+        taken.append(job_id)
+    await engine.dispose()
+    return taken, selects

@@ -10,10 +10,11 @@ and the node that takes the job over waits on them.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 import orjson
-from sqlalchemy import Update, select, update
+from sqlalchemy import ColumnElement, Update, select, update
 
 from qubax.background import jobs, loops
 from qubax.background.heartbeats import RUNNING, Heartbeats
@@ -60,10 +61,21 @@ def capacity(services: Services) -> int:
 
 
 async def take(services: Services) -> str | None:
-    """The oldest job that is queued or abandoned, now this node's; None when there is none to take."""
+    """The oldest abandoned job (its node went silent), else the oldest queued one, now this node's; None
+    when there is none to take. Two looks rather than one with OR: each is read off an index in order,
+    where the OR of both has the database sort every queued job for each one taken."""
     silent = tables.now() - timedelta(seconds=services.settings.takeover_seconds)
-    takeable = (tables.ImageJob.status == "queued") | (RUNNING & (tables.ImageJob.heartbeat_at < silent))
-    candidates = select(tables.ImageJob.id).where(takeable).order_by(tables.ImageJob.id)
+    abandoned = RUNNING & (tables.ImageJob.heartbeat_at < silent)
+    for takeable in (abandoned, tables.ImageJob.status == "queued"):
+        candidates = select(tables.ImageJob.id).where(takeable).order_by(tables.ImageJob.id)
+        taken = await loops.claim(services.sessions, candidates, taking(takeable))
+        if taken is not None:
+            return taken
+    return None
+
+
+def taking(takeable: ColumnElement[bool]) -> Callable[[str], Update]:
+    """Make a job this node's, only while it still is `takeable`: of several nodes, one wins it."""
 
     def take_one(job_id: str) -> Update:
         return (
@@ -72,7 +84,7 @@ async def take(services: Services) -> str | None:
             .values(status="in_progress", heartbeat_at=tables.now())
         )
 
-    return await loops.claim(services.sessions, candidates, take_one)
+    return take_one
 
 
 async def run(services: Services, job_id: str, alive: Heartbeats) -> None:

@@ -283,6 +283,7 @@ def main() -> None:
         port = procs.free_port()
         if args.webhooks == "on":  # BFL is then given a callback URL under it, and polled only as a fallback
             settings["QUBAX_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
+            settings["QUBAX_UPSTREAM_CALLBACKS"] = "true"  # on loopback, where they are otherwise left off
         server = stack.enter_context(
             targets.qubax(upstream.base, workdir, settings={**settings, **args.settings}, port=port)
         )

@@ -153,7 +153,9 @@ def test_a_callback_reaching_another_node_wakes_the_waiter(settings: Settings, r
     other = settings.model_copy(update={"public_url": UNREACHABLE})
     with (
         serve(create_app(other)) as node_b,
-        running_stack(settings, providers=("bfl",), public_url=node_b, callback_poll_seconds=SLOW_POLL) as stack,
+        running_stack(
+            settings, providers=("bfl",), public_url=node_b, upstream_callbacks=True, callback_poll_seconds=SLOW_POLL
+        ) as stack,
     ):
         assert patient(stack.live).images.generate(**FOX).data[0].b64_json
     [(url, status)] = stack.bfl.callbacks
@@ -165,3 +167,11 @@ def test_a_callback_reaching_another_node_wakes_the_waiter(settings: Settings, r
 def test_callbacks_are_counted_under_one_path_label() -> None:
     """`qubax_http_requests_total{path="/v1/upstream-callbacks"}` by status: 204 verified, 401 refused."""
     assert path_label("/v1/upstream-callbacks/bfl/ref/signature") == "/v1/upstream-callbacks"
+
+
+@pytest.mark.parametrize("public_url", ["http://127.0.0.1:8000", "http://localhost:8000", "https://qubax.internal"])
+def test_a_public_url_no_upstream_could_reach_leaves_tasks_polled(settings: Settings, public_url: str) -> None:
+    """Image links behind a private address are no reason to wait out the slow poll on every task."""
+    with running_stack(settings, providers=("bfl",), public_url=public_url, callback_poll_seconds=SLOW_POLL) as stack:
+        assert patient(stack.live).images.generate(**FOX).data[0].b64_json
+    assert "webhook_url" not in stack.bfl.submissions[0]

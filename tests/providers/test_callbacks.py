@@ -10,7 +10,7 @@ import pytest
 
 from qubax.providers import Upstream, journal
 from qubax.providers.bfl import BFL
-from qubax.providers.callbacks import Callbacks, open_callbacks
+from qubax.providers.callbacks import Callbacks, open_callbacks, reachable
 from qubax.providers.transport import open_session
 from tests.fakes.bfl import FakeBFL
 from tests.providers import Job, ask
@@ -97,3 +97,26 @@ async def test_a_callback_at_another_node_wakes_only_its_own_waiter(redis_server
             assert first.is_set()
             assert not second.is_set()
             assert node_b.waiters == {}
+
+
+@pytest.mark.parametrize(
+    ("public_url", "asked", "callbacks"),
+    [
+        ("https://images.example.com", None, True),
+        ("http://203.0.113.7:8000", None, False),  # documentation range: not global
+        ("http://8.8.8.8", None, True),
+        ("http://[2001:4860::1]:8000", None, True),
+        ("http://10.1.2.3", None, False),
+        ("http://[::1]:8000", None, False),
+        ("http://localhost:8000", None, False),
+        ("http://qubax:8000", None, False),  # a name without a dot: inside a network
+        ("https://qubax.internal", None, False),
+        ("http://127.0.0.1:8000", True, True),  # the operator knows best, both ways
+        ("https://images.example.com", False, False),
+        (None, True, False),
+    ],
+)
+def test_callbacks_are_asked_for_only_where_an_upstream_could_call(
+    public_url: str | None, asked: bool | None, callbacks: bool
+) -> None:
+    assert (reachable(public_url, asked) is not None) == callbacks

@@ -14,8 +14,10 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,7 @@ PATH = "/v1/upstream-callbacks"
 CHANNEL = "qubax:upstream-callbacks"  # every node listens; the one holding the waiter wakes it
 RECONNECT_SECONDS = 1.0
 PUBLISH_SECONDS = 2.0
+PRIVATE_SUFFIXES = (".localhost", ".local", ".internal", ".lan", ".home.arpa")  # never on the internet
 
 
 class Callbacks:
@@ -93,6 +96,23 @@ class Callbacks:
             except (RedisError, OSError) as exc:
                 logger.warning("upstream callbacks from other nodes: Redis failed (%s); reconnecting", exc)
                 await asyncio.sleep(RECONNECT_SECONDS)
+
+
+def reachable(public_url: str | None, asked: bool | None = None) -> str | None:
+    """The base of callback URLs: `public_url`, unless the operator said no (`asked` False) or, left to
+    us, it names a host no upstream could call: a deployment reached only from inside would otherwise
+    wait the slow poll out on every task."""
+    if not public_url or asked is False:
+        return None
+    host = urllib.parse.urlsplit(public_url).hostname or ""
+    if asked:
+        return public_url
+    try:
+        return public_url if ipaddress.ip_address(host).is_global else None
+    except ValueError:  # a name, not an address
+        pass
+    inside = "." not in host.rstrip(".") or host.endswith(PRIVATE_SUFFIXES)  # "localhost", "qubax", "x.local"
+    return None if inside else public_url
 
 
 @contextlib.asynccontextmanager

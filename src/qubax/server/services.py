@@ -23,7 +23,7 @@ from qubax.pipeline import claims
 from qubax.pipeline.converter import Converter
 from qubax.pipeline.uploads import Decoding
 from qubax.providers import Provider
-from qubax.providers.callbacks import Callbacks, open_callbacks
+from qubax.providers.callbacks import Callbacks, open_callbacks, reachable
 from qubax.providers.registry import build_providers
 from qubax.providers.transport import Http, Timeouts, open_session
 from qubax.records import db, journal, queries, tables
@@ -91,7 +91,10 @@ async def open_services(settings: Settings, catalog: Catalog, metrics: Metrics) 
         slots = await held.enter_async_context(open_slots(settings.redis_url, settings.request_timeout_seconds + 60))
         callbacks = await held.enter_async_context(
             open_callbacks(
-                settings.public_url, signing_secret(settings), settings.callback_poll_seconds, settings.redis_url
+                reachable(settings.public_url, settings.upstream_callbacks),
+                signing_secret(settings),
+                settings.callback_poll_seconds,
+                settings.redis_url,
             )
         )
         providers = build_providers(settings, http, dict(catalog.concurrency), slots, callbacks)

@@ -37,9 +37,12 @@ class Settings(BaseSettings):
     image_ttl_seconds: int = Field(default=3600, gt=0)
     request_timeout_seconds: float = Field(default=300.0, gt=0)
     poll_interval_seconds: float = Field(default=0.5, gt=0)
-    # With public_url set, BFL, fal and Replicate tasks call us back at it when they end
+    # With public_url set (see upstream_callbacks), BFL, fal and Replicate tasks call us back at it when they end
     # (`providers.callbacks`), and are polled only this often, for a callback that never comes.
     callback_poll_seconds: float = Field(default=15.0, gt=0)
+    # Unset: callbacks only where public_url names a host the upstreams could reach (not localhost, a
+    # private or loopback address, or a name without a dot); true or false decides it either way.
+    upstream_callbacks: bool | None = None
     # Replicate's webhook signing secret (`whsec_...`, GET /v1/webhooks/default/secret): where set, its
     # callbacks must carry Replicate's signature too.
     replicate_webhook_secret: SecretStr | None = None

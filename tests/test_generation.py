@@ -7,6 +7,7 @@ import hashlib
 import io
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -17,6 +18,7 @@ from qubax.pipeline import generation
 from qubax.pipeline.converter import Converter
 from qubax.providers import GeneratedImage
 from qubax.records.ledger import GenerationRecord, Ledger
+from qubax.records.s3 import S3Storage
 from qubax.records.storage import LocalStorage
 from qubax.server.settings import Settings
 from tests.catalog import MODELS
@@ -203,7 +205,8 @@ def test_no_copy_of_the_image_is_held_that_its_answer_does_not_need(
     being stored for a link is held as its bytes alone."""
     held: list[int] = []  # while the record is written: bytes and text
     stored: list[int] = []  # while a url-mode image is stored: text
-    record, put = Ledger.record, LocalStorage.put
+    kind = S3Storage if (settings.storage_url or "").startswith("s3://") else LocalStorage  # --storage=s3
+    record, put = Ledger.record, kind.put
 
     def alive() -> list[GeneratedImage]:
         gc.collect()  # another test's images in unreachable cycles are not held by anything
@@ -213,12 +216,12 @@ def test_no_copy_of_the_image_is_held_that_its_answer_does_not_need(
         held.append(sum(len(image.data) + len(image.b64 or "") for image in alive()))
         await record(self, generation)
 
-    async def storing(self: LocalStorage, data: bytes, ext: str = "png", job_id: str | None = None) -> str:
+    async def storing(self: Any, data: bytes, ext: str = "png", job_id: str | None = None) -> str:
         stored.append(sum(len(image.b64 or "") for image in alive()))
         return await put(self, data, ext, job_id)
 
     monkeypatch.setattr(Ledger, "record", watched)
-    monkeypatch.setattr(LocalStorage, "put", storing)
+    monkeypatch.setattr(kind, "put", storing)
     sent = noise_png(1024, 1024)
     with running_stack(settings, providers=("openai",)) as stack:
         stack.openai.image = lambda *_: sent  # type: ignore[method-assign]

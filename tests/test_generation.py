@@ -168,11 +168,11 @@ async def test_an_image_that_passes_through_is_answered_with_the_upstreams_own_b
     text = base64.b64encode(data).decode()
     request = dataclasses.replace(Job("m", "a cat", width, 256, 1).request(), response_format="b64_json")
     image = GeneratedImage(data, b64=text)
-    assert await generation.finish_off_loop(image, request, converter, None) is text  # not decoded and encoded again
+    assert await generation.inline(image, request, converter) is text  # not decoded and encoded again
     # Another size or format is converted, and encoded anew.
-    smaller = await generation.finish_off_loop(image, dataclasses.replace(request, height=128), converter, None)
+    smaller = await generation.inline(image, dataclasses.replace(request, height=128), converter)
     assert png_size(base64.b64decode(smaller)) == (width, 128)
-    jpeg = await generation.finish_off_loop(image, dataclasses.replace(request, output_format="jpeg"), converter, None)
+    jpeg = await generation.inline(image, dataclasses.replace(request, output_format="jpeg"), converter)
     assert base64.b64decode(jpeg).startswith(b"\xff\xd8")
 
 

@@ -1,10 +1,10 @@
 """OpenAI wire types, named as OpenAI names them. Nothing here knows about providers or storage."""
 
 from datetime import date
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
 
 class ImageGenerateRequest(BaseModel):
@@ -97,9 +97,14 @@ class ImageEditRequest(BaseModel):
         return [*(self.image or ()), *(self.image_list or ())]
 
 
+# Base64 text, a string on the wire. Held as bytes when it is an upstream's own, passed through: written
+# into the answer as it is (`payload.dumps`), never made into a str on the way.
+Base64Text = Annotated[str | bytes, WithJsonSchema({"type": "string"})]
+
+
 class Image(BaseModel):
     url: str | None = None
-    b64_json: str | None = None
+    b64_json: Base64Text | None = None
     revised_prompt: str | None = None
 
 

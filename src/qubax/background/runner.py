@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from datetime import timedelta
 
-import orjson
 from sqlalchemy import ColumnElement, Update, select, update
 
 from qubax.background import jobs, loops
@@ -21,6 +20,7 @@ from qubax.background.heartbeats import RUNNING, Heartbeats
 from qubax.errors import AuthenticationError, QubaxError
 from qubax.pipeline import generation
 from qubax.pipeline.work import Work
+from qubax.providers import payload
 from qubax.providers.registry import credentials
 from qubax.records import journal, queries, tables
 from qubax.server import traces
@@ -135,7 +135,7 @@ async def make(services: Services, job_id: str) -> bytes:
         # Admitted when it was submitted; what was a job's delivery now is its row's result.
         work = Work(request=request, key=key, public_url=job.public_url, job_id=job_id, charge_id=usage_id(job_id))
         made = await generation.make(work, services)
-    return orjson.dumps(made.response.model_dump(exclude_none=True))
+    return payload.dumps(made.response.model_dump(exclude_none=True))
 
 
 def usage_id(job_id: str) -> str:

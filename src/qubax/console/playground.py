@@ -75,7 +75,8 @@ async def make(
         return await show(request, console, services, shown, error=exc.message)
     seconds = time.monotonic() - started
     media = f"image/{asked.output_format if asked.output_format in FORMATS else 'png'}"
-    images = [f"data:{media};base64,{item.b64_json}" for item in made.response.data if item.b64_json]
+    texts = [item.b64_json for item in made.response.data if item.b64_json]
+    images = [f"data:{media};base64,{text if isinstance(text, str) else text.decode()}" for text in texts]
     result = {"images": images, "route": made.upstream, "seconds": f"{seconds:.1f}", "cost_micros": made.cost_micros}
     return await show(request, console, services, shown, result=result)
 

@@ -7,12 +7,11 @@ delivers (an `Answer`)."""
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import orjson
-
 from qubax.background import jobs
 from qubax.pipeline import streaming
 from qubax.pipeline.generation import Made, make
 from qubax.pipeline.work import Work
+from qubax.providers import payload
 from qubax.server.services import Services
 
 
@@ -48,8 +47,7 @@ def answer(work: Work, made: Made, rate_headers: dict[str, str]) -> Answer:
     headers = {"content-type": "application/json", "x-qubax-route": made.upstream, **rate_headers}
     if work.key.test:
         headers["x-qubax-test"] = "true"
-    # orjson writes megabytes of base64 far faster than pydantic's JSON serialiser (bench/README.md).
-    body = orjson.dumps(made.response.model_dump(exclude_none=True))
+    body = payload.dumps(made.response.model_dump(exclude_none=True))
     asked = work.body.model if work.body is not None else work.request.model.id
     log = {"model": asked or "", "route": made.upstream, "images": len(made.response.data)}
     return Answer(body, headers=headers, log=log)

@@ -6,10 +6,10 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import pybase64
 
@@ -29,6 +29,7 @@ from qubax.routing.request import ImageRequest, PartialImage
 from qubax.server import traces
 from qubax.server.services import Services
 
+T = TypeVar("T")
 INLINE_BYTES = 256 * 1024  # checking and base64-ing this much beats a thread hop (bench/README.md)
 
 
@@ -44,7 +45,7 @@ class Made:
 class Piece:
     """A streamed image, finished (base64, with its token count)."""
 
-    b64_json: str
+    b64_json: str | bytes
     image: GeneratedImage
 
 
@@ -84,7 +85,7 @@ async def one_by_one(
     async def one(index: int) -> None:
         single = dataclasses.replace(request, n=1, index=index, partials=pieces)
         images, routes = await failover.collect(single, work.key, services, generation.attempts)
-        text = await finish_off_loop(images[0], request, services.converter, None)
+        text = await inline(images[0], request, services.converter)
         made.append(delivered(images[0]))
         served.extend(routes)
         data.append(Image(b64_json=text, revised_prompt=images[0].revised_prompt))
@@ -108,17 +109,20 @@ async def store(
     if len(images) != request.n:  # never answer 200 with fewer images than asked
         raise UpstreamError(f"The upstream returned {len(images)} of {request.n} images.")
     storage, converter = services.storage, services.converter
-    keep = None if request.response_format == "b64_json" else storage
-    if len(images) == 1:  # the common n=1 case: no gather, no extra task
-        outputs = [await finish_off_loop(images[0], request, converter, keep, job_id)]
-    else:
-        finishing = (finish_off_loop(image, request, converter, keep, job_id) for image in images)
-        outputs = await asyncio.gather(*finishing)
-    pairs = zip(outputs, images, strict=True)
-    if keep is None:
+    if request.response_format == "b64_json":
+        texts = await each(images, lambda image: inline(image, request, converter))
+        pairs = zip(texts, images, strict=True)
         return [Image(b64_json=text, revised_prompt=image.revised_prompt) for text, image in pairs]
-    urls = [await storage.link(image_id, request.output_format, public_url) for image_id in outputs]
+    ids = await each(images, lambda image: kept(image, request, converter, storage, job_id))
+    urls = [await storage.link(image_id, request.output_format, public_url) for image_id in ids]
     return [Image(url=url, revised_prompt=image.revised_prompt) for url, image in zip(urls, images, strict=True)]
+
+
+async def each(images: list[GeneratedImage], finish: Callable[[GeneratedImage], Awaitable[T]]) -> list[T]:
+    """Every image finished, at once; the common single image without a gather or an extra task."""
+    if len(images) == 1:
+        return [await finish(images[0])]
+    return list(await asyncio.gather(*(finish(image) for image in images)))
 
 
 def delivered(image: GeneratedImage) -> GeneratedImage:
@@ -157,29 +161,39 @@ def cost_micros(request: ImageRequest, images: list[GeneratedImage], catalog: Ca
     return int(spent * 1_000_000) if counted else request.cost_micros(len(images), test=False)
 
 
-async def finish_off_loop(
-    image: GeneratedImage, request: ImageRequest, converter: Converter, store: Storage | None, job_id: str | None = None
+async def inline(image: GeneratedImage, request: ImageRequest, converter: Converter) -> str | bytes:
+    """The image as asked, as base64 text: the upstream's own where it passes through unchanged
+    (megabytes not encoded again); base64 of a large image is made in a worker thread."""
+    picture, sound = await fitted(image, request, converter)
+    if sound and image.b64 is not None:
+        return image.b64
+    if len(picture) <= INLINE_BYTES:
+        return pybase64.b64encode_as_string(picture)
+    return await asyncio.to_thread(pybase64.b64encode_as_string, picture)
+
+
+async def kept(
+    image: GeneratedImage, request: ImageRequest, converter: Converter, store: Storage, job_id: str | None
 ) -> str:
-    """The image as base64 text, or stored (returning its id; a job's image is kept with the job). One
-    that is not already what was asked is converted in the converter's processes. Whether it is, is read
-    from its headers, on the loop; only Pillow's WebP reader walks a whole file, so a large WebP's check
-    goes to a worker thread, as does base64 of a large image: for small ones the hop costs more."""
+    """The image as asked, stored (a job's kept with the job); returns its id."""
+    picture, _ = await fitted(image, request, converter)
+    with traces.span("qubax.storage.put") as span:
+        if span is not None:
+            span.set_attributes({"qubax.storage": type(store).__name__, "qubax.bytes": len(picture)})
+        return await store.put(picture, request.output_format, job_id)
+
+
+async def fitted(image: GeneratedImage, request: ImageRequest, converter: Converter) -> tuple[bytes, bool]:
+    """The image's bytes in the format and size asked, and whether they are the upstream's unchanged.
+    One that is not already what was asked is converted in the converter's processes. Whether it is, is
+    read from its headers, on the loop; only Pillow's WebP reader walks a whole file, so a large WebP's
+    check goes to a worker thread: for small ones the hop costs more."""
     data, size, output_format = image.data, (request.width, request.height), request.output_format
     if output_format == "webp" and len(data) > INLINE_BYTES:
         sound = await asyncio.to_thread(passes_through, data, *size, output_format)
     else:
         sound = passes_through(data, *size, output_format)
-    picture = data if sound else await converter.convert(data, *size, output_format)
-    if store is None:
-        if sound and image.b64 is not None:
-            return image.b64  # the upstream's own text: megabytes not encoded again
-        if len(picture) <= INLINE_BYTES:
-            return pybase64.b64encode_as_string(picture)
-        return await asyncio.to_thread(pybase64.b64encode_as_string, picture)
-    with traces.span("qubax.storage.put") as span:
-        if span is not None:
-            span.set_attributes({"qubax.storage": type(store).__name__, "qubax.bytes": len(picture)})
-        return await store.put(picture, output_format, job_id)
+    return (data, True) if sound else (await converter.convert(data, *size, output_format), False)
 
 
 def total_usage(usages: Iterable[Usage | None]) -> Usage | None:

@@ -16,14 +16,13 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
 from qubax.errors import QubaxError
 from qubax.pipeline.generation import Piece, Pieces, make
 from qubax.pipeline.work import Work
 from qubax.protocol import Error, ErrorResponse
-from qubax.providers import GeneratedImage
+from qubax.providers import GeneratedImage, payload
 from qubax.routing.request import ImageRequest, PartialImage
 from qubax.server.services import Services
 
@@ -96,7 +95,7 @@ def partial_event(request: ImageRequest, piece: PartialImage) -> bytes:
     return image_event(request, "partial_image", piece.b64_json, partial_image_index=piece.partial_image_index)
 
 
-def image_event(request: ImageRequest, kind: str, image: str, **fields: Any) -> bytes:
+def image_event(request: ImageRequest, kind: str, image: str | bytes, **fields: Any) -> bytes:
     """`image_generation.<kind>` (`image_edit.<kind>` for an edit), with the settings asked for."""
     name = f"{'image_edit' if request.images else 'image_generation'}.{kind}"
     data = {
@@ -109,7 +108,7 @@ def image_event(request: ImageRequest, kind: str, image: str, **fields: Any) -> 
         "output_format": request.output_format,
         **fields,
     }
-    return format_sse_event(event=name, data_str=orjson.dumps(data).decode())
+    return format_sse_event(event=name, data_str=payload.dumps(data).decode())
 
 
 def usage_of(image: GeneratedImage) -> dict[str, Any]:

@@ -36,9 +36,9 @@ class GeneratedImage:
     # (on the first of them only), and what it made of settings asked as `auto` (`quality`, `background`).
     tokens: "Tokens | None" = None
     settings: Mapping[str, str] = field(default_factory=dict)
-    # The upstream's own base64 text of `data`, where it sent one: an image that passes through unchanged
-    # is answered with it, not encoded again.
-    b64: str | None = None
+    # The upstream's own base64 text of `data`, where it sent one (bytes when cut from its JSON answer:
+    # `payload`): an image that passes through unchanged is answered with it, not encoded again.
+    b64: str | bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ def decode_b64(text: Any, provider: str) -> bytes:
     """Image bytes from an upstream's inline base64 field."""
     try:
         # pybase64 (SIMD) decodes big images far faster than the standard library (bench/README.md).
-        data = pybase64.b64decode(text, validate=True) if isinstance(text, str) else b""
+        data = pybase64.b64decode(text, validate=True) if isinstance(text, str | bytes) else b""
     except (binascii.Error, ValueError):
         data = b""
     if not data:

@@ -187,7 +187,7 @@ def relay(request: ImageRequest) -> Callable[[Any], None]:
             raise UpstreamError(f"{PROVIDER} failed while streaming the image.", detail=detail, failover=False)
         image, index, partials = event.get("b64_json"), event.get("partial_image_index"), request.partials
         partial = str(event.get("type")).endswith(".partial_image")
-        if partial and isinstance(image, str) and isinstance(index, int) and partials is not None:
+        if partial and isinstance(image, str | bytes) and isinstance(index, int) and partials is not None:
             partials.put_nowait(PartialImage(request.index, index, image))
 
     return on_event

@@ -24,7 +24,7 @@ class PartialImage:
 
     image: int
     partial_image_index: int
-    b64_json: str
+    b64_json: str | bytes  # as the upstream sent it (`payload`)
 
 
 class PartialImages(Protocol):

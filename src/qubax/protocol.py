@@ -4,7 +4,7 @@ from datetime import date
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
 
 class ImageGenerateRequest(BaseModel):
@@ -98,8 +98,9 @@ class ImageEditRequest(BaseModel):
 
 
 # Base64 text, a string on the wire. Held as bytes when it is an upstream's own, passed through: written
-# into the answer as it is (`payload.dumps`), never made into a str on the way.
-Base64Text = Annotated[str | bytes, WithJsonSchema({"type": "string"})]
+# into the answer as it is (`payload.dumps`), never made into a str on the way. Only our code builds it,
+# so it is not validated: pydantic's union would try to decode megabytes of bytes as a str first.
+Base64Text = Annotated[str | bytes, SkipValidation, WithJsonSchema({"type": "string"})]
 
 
 class Image(BaseModel):

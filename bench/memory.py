@@ -35,8 +35,8 @@ Start = Callable[[str], AbstractContextManager[targets.Server]]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--light", type=int, default=4000, help="in flight with the light payload (default 4000)")
-    parser.add_argument("--heavy", type=int, default=200, help="in flight with the heavy payload (default 200)")
+    parser.add_argument("--light", type=int, default=4000, help="in flight with the light payload (default 4000; 0: not run)")
+    parser.add_argument("--heavy", type=int, default=200, help="in flight with the heavy payload (default 200; 0: not run)")
     parser.add_argument("--duration", type=int, default=20, help="seconds of load per run, whole (default 20)")
     parser.add_argument("--delay", type=float, default=5.0, help="seconds the upstream takes (default 5)")
     parser.add_argument("--targets", default="floor,qubax,litellm", help="comma-separated (default: all three)")
@@ -49,8 +49,10 @@ def loads(args: argparse.Namespace) -> Iterator[tuple[str, int, list[tuple[str, 
     """(payload, in flight, [(target, response_format)]) in the order they run."""
     wanted = [name for name in ("floor", "qubax", "litellm") if name in args.targets]
     light = [(name, "b64_json") for name in wanted]
-    yield "light", args.light, light
-    yield "heavy", args.heavy, light + ([("qubax", "url")] if "qubax" in wanted else [])
+    if args.light:  # 0 leaves a load out
+        yield "light", args.light, light
+    if args.heavy:
+        yield "heavy", args.heavy, light + ([("qubax", "url")] if "qubax" in wanted else [])
 
 
 def measure(

@@ -9,6 +9,7 @@ from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from pydantic import SecretStr
 from sqlalchemy import event
 
@@ -88,7 +89,9 @@ async def beat_once(settings: Settings, job_ids: list[str]) -> dict[str, Any]:
     }
 
 
-def test_abandoned_jobs_are_taken_first_then_the_oldest_queued_read_off_an_index(settings: Settings) -> None:
+@pytest.mark.parametrize("room", [1, 2, 10])
+def test_abandoned_jobs_are_taken_first_then_the_oldest_queued_read_off_an_index(settings: Settings, room: int) -> None:
+    """One by one or several at a time (a look takes as many as the runner has room for)."""
     create_key(settings)
     key_id = rows(settings, tables.ApiKey)[0].id
     stale, fresh = tables.now() - timedelta(hours=1), tables.now()
@@ -102,8 +105,9 @@ def test_abandoned_jobs_are_taken_first_then_the_oldest_queued_read_off_an_index
 
     add(settings, job("job_1", "queued"), job("job_2", "queued"), job("job_3", "in_progress", fresh))
     add(settings, job("job_4", "in_progress", stale), job("job_5", "succeeded"))  # job_4's node went silent
-    taken, selects = asyncio.run(take_all(settings))
-    assert taken == ["job_4", "job_1", "job_2"]  # job_3's node is alive; job_5 has ended
+    taken, selects = asyncio.run(take_all(settings, room))
+    assert [job_id for batch in taken for job_id in batch] == ["job_4", "job_1", "job_2"]  # job_3's node is alive
+    assert [len(batch) for batch in taken] == {1: [1, 1, 1], 2: [2, 1], 10: [3]}[room]  # job_5 has ended
     if settings.resolved_database_url.startswith("sqlite"):
         path = settings.resolved_database_url.partition(":///")[2]
         with sqlite3.connect(path) as plain:
@@ -111,8 +115,8 @@ def test_abandoned_jobs_are_taken_first_then_the_oldest_queued_read_off_an_index
         assert plans and not [plan for plan in plans if "TEMP B-TREE" in plan]  # no sort of every queued job
 
 
-async def take_all(settings: Settings) -> tuple[list[str], list[tuple[str, Any]]]:
-    """What `runner.take` takes until nothing is left, and the SELECTs it sent."""
+async def take_all(settings: Settings, room: int) -> tuple[list[list[str]], list[tuple[str, Any]]]:
+    """What `runner.take` takes, `room` at a time, until nothing is left, and the SELECTs it sent."""
     engine = db.connect(settings.resolved_database_url)
     selects: list[tuple[str, Any]] = []
 
@@ -123,7 +127,7 @@ async def take_all(settings: Settings) -> tuple[list[str], list[tuple[str, Any]]
     event.listen(engine.sync_engine, "before_cursor_execute", note)
     services = cast(Services, SimpleNamespace(settings=settings, sessions=db.sessions(engine)))
     taken = []
-    while (job_id := await runner.take(services)) is not None:
-        taken.append(job_id)
+    while batch := await runner.take(services, room):
+        taken.append(batch)
     await engine.dispose()
     return taken, selects

@@ -19,13 +19,15 @@ logger = logging.getLogger("qubax")
 
 
 async def take_and_run(
-    take: Callable[[], Awaitable[T | None]],
+    take: Callable[[int], Awaitable[list[T]]],
     run: Callable[[T], Coroutine[Any, Any, None]],
     posted: asyncio.Event,
     limit: int,
     poll_seconds: float,
 ) -> None:
-    """Until cancelled; cancelling it cancels the work it runs, and waits for that work to stop."""
+    """Until cancelled; cancelling it cancels the work it runs, and waits for that work to stop.
+    `take(room)` takes up to `room` pieces of work at once: one by one, a node whose database is busy
+    (SQLite's one writer, behind a burst of submissions) takes work slower than its upstreams free up."""
     running: set[asyncio.Task[None]] = set()
 
     def ended(task: "asyncio.Task[None]") -> None:
@@ -39,14 +41,15 @@ async def take_and_run(
         while True:
             posted.clear()
             try:
-                work = await take() if len(running) < limit else None
+                taken = await take(limit - len(running)) if len(running) < limit else []
             except Exception:  # a bug must not stop this node's work for good: the next look may do better
                 logger.exception("taking work failed")
-                work = None
-            if work is not None:
+                taken = []
+            for work in taken:
                 task = asyncio.create_task(run(work))
                 running.add(task)
                 task.add_done_callback(ended)
+            if taken:
                 continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(poll_seconds):
@@ -58,20 +61,25 @@ async def take_and_run(
 
 
 async def claim(
-    sessions: async_sessionmaker[AsyncSession], candidates: "Select[T]", take: Callable[[T], Update]
-) -> T | None:
-    """The first row (or id) `candidates` selects that this node wins, or None. `take(found)` must update
-    it only while it still is a candidate: of several nodes, one wins each. PostgreSQL skips the rows
-    another node is taking (`SKIP LOCKED`); SQLite has one writer at a time anyway."""
+    sessions: async_sessionmaker[AsyncSession],
+    candidates: "Select[T]",
+    take: Callable[[list[T]], Update],
+    count: int,
+    ident: Callable[[T], str] = str,
+) -> list[T]:
+    """The first `count` rows (or ids) `candidates` selects that this node wins, in one transaction.
+    `take(found)` must update them only while they still are candidates, returning the ids it updated
+    (`ident` tells a row's): of several nodes, one wins each. PostgreSQL skips the rows another node is
+    taking (`SKIP LOCKED`); SQLite has one writer at a time anyway."""
     try:
         async with sessions() as session:
-            found = await session.scalar(candidates.limit(1).with_for_update(skip_locked=True))
-            if found is None:
-                return None
+            found = list(await session.scalars(candidates.limit(count).with_for_update(skip_locked=True)))
+            if not found:
+                return []
             # What was read stays as read: the update is matched in the database only.
-            taken = await session.execute(take(found).execution_options(synchronize_session=False))
+            won = set((await session.execute(take(found).execution_options(synchronize_session=False))).scalars())
             await session.commit()
     except (OSError, SQLAlchemyError, DatabaseUnavailable) as exc:  # the database is away: the next look may do better
         logger.warning("taking work failed: %s", exc)
-        return None
-    return found if taken.rowcount else None  # type: ignore[attr-defined]
+        return []
+    return [item for item in found if ident(item) in won]

@@ -39,7 +39,7 @@ async def run_forever(services: Services) -> None:
     beating = asyncio.create_task(alive.run_forever())
     try:
         await loops.take_and_run(
-            lambda: take(services),
+            lambda room: take(services, room),
             lambda job_id: run(services, job_id, alive),
             services.job_posted,
             settings.job_concurrency or capacity(services),
@@ -60,31 +60,32 @@ def capacity(services: Services) -> int:
     )
 
 
-async def take(services: Services) -> str | None:
-    """The oldest abandoned job (its node went silent), else the oldest queued one, now this node's; None
-    when there is none to take. Two looks rather than one with OR: each is read off an index in order,
-    where the OR of both has the database sort every queued job for each one taken."""
+async def take(services: Services, room: int) -> list[str]:
+    """Up to `room` jobs, now this node's: the oldest abandoned ones (their node went silent) first, then
+    the oldest queued ones. Two looks rather than one with OR: each is read off an index in order, where
+    the OR of both has the database sort every queued job for each look."""
     silent = tables.now() - timedelta(seconds=services.settings.takeover_seconds)
     abandoned = RUNNING & (tables.ImageJob.heartbeat_at < silent)
+    taken: list[str] = []
     for takeable in (abandoned, tables.ImageJob.status == "queued"):
-        candidates = select(tables.ImageJob.id).where(takeable).order_by(tables.ImageJob.id)
-        taken = await loops.claim(services.sessions, candidates, taking(takeable))
-        if taken is not None:
-            return taken
-    return None
+        if len(taken) < room:
+            candidates = select(tables.ImageJob.id).where(takeable).order_by(tables.ImageJob.id)
+            taken += await loops.claim(services.sessions, candidates, taking(takeable), room - len(taken))
+    return taken
 
 
-def taking(takeable: ColumnElement[bool]) -> Callable[[str], Update]:
-    """Make a job this node's, only while it still is `takeable`: of several nodes, one wins it."""
+def taking(takeable: ColumnElement[bool]) -> Callable[[list[str]], Update]:
+    """Make jobs this node's, only while they still are `takeable`: of several nodes, one wins each."""
 
-    def take_one(job_id: str) -> Update:
+    def take_them(job_ids: list[str]) -> Update:
         return (
             update(tables.ImageJob)
-            .where(tables.ImageJob.id == job_id, takeable)
+            .where(tables.ImageJob.id.in_(job_ids), takeable)
             .values(status="in_progress", heartbeat_at=tables.now())
+            .returning(tables.ImageJob.id)
         )
 
-    return take_one
+    return take_them
 
 
 async def run(services: Services, job_id: str, alive: Heartbeats) -> None:

@@ -35,7 +35,7 @@ async def deliver_forever(services: Services) -> None:
     """This node's deliverer: takes due deliveries, a few at a time, for as long as the app runs."""
     async with open_client(services) as http:
         await loops.take_and_run(
-            lambda: take(services),
+            lambda room: take(services, room),
             lambda delivery: attempt(services, http, delivery),
             services.webhook_posted,
             CONCURRENCY,
@@ -52,21 +52,22 @@ async def open_client(services: Services) -> AsyncIterator[aiohttp.ClientSession
         yield http
 
 
-async def take(services: Services) -> tables.WebhookDelivery | None:
-    """The most overdue delivery, now this node's for the length of one try."""
+async def take(services: Services, room: int) -> list[tables.WebhookDelivery]:
+    """The most overdue deliveries, up to `room`, now this node's for the length of one try."""
     now = tables.now()
     due = (tables.WebhookDelivery.status == "pending") & (tables.WebhookDelivery.next_attempt_at <= now)
     candidates = select(tables.WebhookDelivery).where(due).order_by(tables.WebhookDelivery.next_attempt_at)
     lease = now + timedelta(seconds=services.settings.webhook_timeout_seconds + 30)
 
-    def take_one(delivery: tables.WebhookDelivery) -> Update:
+    def take_them(deliveries: list[tables.WebhookDelivery]) -> Update:
         return (
             update(tables.WebhookDelivery)
-            .where(tables.WebhookDelivery.id == delivery.id, due)
+            .where(tables.WebhookDelivery.id.in_([delivery.id for delivery in deliveries]), due)
             .values(next_attempt_at=lease)
+            .returning(tables.WebhookDelivery.id)
         )
 
-    return await loops.claim(services.sessions, candidates, take_one)
+    return await loops.claim(services.sessions, candidates, take_them, room, lambda delivery: delivery.id)
 
 
 async def attempt(services: Services, http: aiohttp.ClientSession, delivery: tables.WebhookDelivery) -> None:

@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from qubax.background.webhook_targets import PublicResolver, check_literal, public
+from qubax.addresses import public
+from qubax.background.webhook_targets import PublicResolver, check_literal
 from qubax.records import tables
 from qubax.server.cli import main
 from qubax.server.settings import Settings

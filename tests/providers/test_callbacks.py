@@ -108,6 +108,8 @@ async def test_a_callback_at_another_node_wakes_only_its_own_waiter(redis_server
         ("http://[2001:4860::1]:8000", None, True),
         ("http://10.1.2.3", None, False),
         ("http://[::1]:8000", None, False),
+        ("http://[::ffff:10.0.0.1]:8000", None, False),  # IPv4-mapped: judged by the address it carries
+        ("http://[64:ff9b::a00:1]:8000", None, False),  # NAT64 to 10.0.0.1
         ("http://localhost:8000", None, False),
         ("http://qubax:8000", None, False),  # a name without a dot: inside a network
         ("https://qubax.internal", None, False),

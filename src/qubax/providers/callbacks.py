@@ -14,12 +14,13 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
+
+from qubax.addresses import public
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -108,7 +109,7 @@ def reachable(public_url: str | None, asked: bool | None = None) -> str | None:
     if asked:
         return public_url
     try:
-        return public_url if ipaddress.ip_address(host).is_global else None
+        return public_url if public(host.strip("[]")) else None
     except ValueError:  # a name, not an address
         pass
     inside = "." not in host.rstrip(".") or host.endswith(PRIVATE_SUFFIXES)  # "localhost", "qubax", "x.local"

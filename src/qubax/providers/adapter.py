@@ -2,7 +2,7 @@
 and to the provider's names, so that an adapter module says only what is its provider's own."""
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from qubax.providers import GeneratedImage, Upstream
 from qubax.providers.deliveries import decode_b64, download
@@ -13,6 +13,14 @@ from qubax.providers.replies import Reply, read_json
 from qubax.providers.transport import send
 
 T = TypeVar("T")
+
+
+class Callback(NamedTuple):
+    """Where a task's upstream calls us when it ends: the task's fresh reference (noted in its handle),
+    and the URL to give the upstream."""
+
+    ref: str
+    url: str
 
 
 class Adapter:
@@ -59,14 +67,14 @@ class Adapter:
         """Note a task the upstream accepted under `key`, before anyone waits on it."""
         await accepted(self.upstream, key, self.name, model, count, handle)
 
-    def callback(self) -> tuple[str, str] | None:
+    def callback(self) -> Callback | None:
         """A fresh reference for a task about to be submitted, to note in its handle, and the URL its
         upstream is to call when it ends; None when callbacks are off (`QUBAX_PUBLIC_URL` unset)."""
         callbacks = self.upstream.callbacks
         if callbacks is None:
             return None
         ref = callbacks.new()
-        return ref, callbacks.url(self.name, ref)
+        return Callback(ref, callbacks.url(self.name, ref))
 
     async def poll(self, check: Callable[[], Awaitable[T | None]], callback: str | None = None) -> T:
         """Call `check` until it returns a value (`polling.poll`): at the upstream's poll interval, or, for

@@ -61,8 +61,8 @@ class BFL(Adapter):
         url = f"{self.upstream.base_url}/v1/{model}"
         handle: dict[str, Any] = {}
         if (callback := self.callback()) is not None:
-            handle["callback"] = callback[0]
-            payload = payload | {"webhook_url": callback[1]}
+            handle["callback"] = callback.ref
+            payload = payload | {"webhook_url": callback.url}
         response = await self.send("POST", url, headers=headers, json=payload, submission=True)
         task = self.checked_json(response)
         polling_url = task.get("polling_url")

@@ -64,8 +64,8 @@ class Fal(Adapter):
         """The request's handle: its queue URLs, and its callback's reference when it has one."""
         url, handle = f"{self.upstream.base_url}/{endpoint}", {}
         if (callback := self.callback()) is not None:
-            handle["callback"] = callback[0]
-            url += "?" + urllib.parse.urlencode({"fal_webhook": callback[1]})
+            handle["callback"] = callback.ref
+            url += "?" + urllib.parse.urlencode({"fal_webhook": callback.url})
         queued = await self._call("POST", url, headers, json=payload, submission=True)
         urls = {name: queued.get(name) for name in ("status_url", "response_url", "cancel_url")}
         if not queued.get("request_id") or not all(isinstance(url, str) for url in urls.values()):

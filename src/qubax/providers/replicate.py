@@ -6,7 +6,7 @@ from typing import Any
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.pipeline.uploads import EncodedInputs, encode_inputs
 from qubax.providers import GeneratedImage, ProviderInfo, aspect_ratio
-from qubax.providers.adapter import Adapter
+from qubax.providers.adapter import Adapter, Callback
 from qubax.providers.batches import batch_sizes, fan_out, whole_batch
 from qubax.providers.failures import DETAIL_CHARS, billed
 from qubax.routing.request import ImageRequest
@@ -50,7 +50,7 @@ class Replicate(Adapter):
             if prediction is None:
                 callback = self.callback()
                 prediction = await self._create(payload | webhook(callback), model, headers)
-                prediction["callback"] = callback[0] if callback else None  # what `_settle` waits on
+                prediction["callback"] = callback.ref if callback else None  # what `_settle` waits on
                 if prediction.get("status") in RUNNING and isinstance(prediction.get("urls"), dict):
                     note = {"status": "starting", "urls": prediction["urls"], "callback": prediction["callback"]}
                     await self.accepted(key, model, count, note)
@@ -96,9 +96,9 @@ class Replicate(Adapter):
         return await self.download(output)
 
 
-def webhook(callback: tuple[str, str] | None) -> dict[str, Any]:
+def webhook(callback: Callback | None) -> dict[str, Any]:
     """The fields that have Replicate call us once, when the prediction ends."""
-    return {} if callback is None else {"webhook": callback[1], "webhook_events_filter": ["completed"]}
+    return {} if callback is None else {"webhook": callback.url, "webhook_events_filter": ["completed"]}
 
 
 def outcome(prediction: dict[str, Any]) -> list[str] | None:

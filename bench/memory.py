@@ -35,8 +35,8 @@ Start = Callable[[str], AbstractContextManager[targets.Server]]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--light", type=int, default=4000, help="in flight with the light payload (default 4000; 0: not run)")
-    parser.add_argument("--heavy", type=int, default=200, help="in flight with the heavy payload (default 200; 0: not run)")
+    parser.add_argument("--light", type=int, default=4000, help="in flight, light payload (default 4000; 0: none)")
+    parser.add_argument("--heavy", type=int, default=200, help="in flight, heavy payload (default 200; 0: none)")
     parser.add_argument("--duration", type=int, default=20, help="seconds of load per run, whole (default 20)")
     parser.add_argument("--delay", type=float, default=5.0, help="seconds the upstream takes (default 5)")
     parser.add_argument("--targets", default="floor,qubax,litellm", help="comma-separated (default: all three)")

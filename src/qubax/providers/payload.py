@@ -88,12 +88,14 @@ def restore(node: Any, nonce: str, images: list[bytes]) -> int:
 def dumps(value: Any) -> bytes:
     """JSON for `value`, whose bytes values are base64 text (one an upstream sent, cut out by `loads`
     and checked as base64 where it became an image): each is written as a JSON string as it is."""
-    nonce = f"qubax-{secrets.token_hex(8)}"
     texts: list[bytes] = []
+    nonce = ""  # made at the first bytes value: an answer without any (a small one) costs no random draw
 
     def placeholder(text: Any) -> str:
+        nonlocal nonce
         if not isinstance(text, bytes):
             raise TypeError(f"{type(text).__name__} is not JSON")
+        nonce = nonce or f"qubax-{secrets.token_hex(8)}"
         texts.append(text)
         return nonce
 

@@ -14,7 +14,7 @@ from PIL import Image
 from qubax.errors import ContentPolicyViolation, TaskFailed, UpstreamError
 from qubax.pipeline.uploads import InputImage
 from qubax.providers import Upstream
-from qubax.providers.openai import OpenAI
+from qubax.providers.openai import OpenAI, relay
 from qubax.providers.transport import Http, open_session
 from qubax.routing.request import PartialImage
 from tests.fakes.openai import SAFETY_MESSAGE, FakeOpenAI
@@ -404,6 +404,18 @@ async def test_a_streamed_call_relays_partial_images(openai: OpenAI, fake: FakeO
     assert all(partial.b64_json for partial in partials)
     assert image.tokens is not None and image.tokens.usage.output_tokens > 0
     assert fake.requests[-1]["stream"] is True
+
+
+def test_a_partial_image_that_is_not_base64_is_left_out() -> None:
+    """It would be written into our events as it came (bytes cut from the upstream's JSON): only base64 is."""
+    received: asyncio.Queue[PartialImage] = asyncio.Queue()
+    request = dataclasses.replace(gpt(n=1).request(), partial_images=2, partials=received)
+    on_event = relay(request)
+    good = base64.b64encode(b"\x89PNG partial")
+    for index, text in enumerate([b'not "base64"\n' * 8, good, "", None]):
+        on_event({"type": "image_generation.partial_image", "partial_image_index": index, "b64_json": text})
+    assert [(partial.partial_image_index, partial.b64_json) for partial in [received.get_nowait()]] == [(1, good)]
+    assert received.empty()
 
 
 # --- lifecycles ----------------------------------------------------------------------------------------------

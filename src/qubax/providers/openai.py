@@ -4,7 +4,7 @@
 import contextlib
 from collections.abc import Callable
 from datetime import date
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 from pydantic import ValidationError
@@ -14,6 +14,7 @@ from qubax.protocol import Usage
 from qubax.providers import GeneratedImage, ProviderInfo, Tokens, aspect_ratio
 from qubax.providers.adapter import Adapter
 from qubax.providers.batches import fan_out, whole_batch
+from qubax.providers.deliveries import decode_b64
 from qubax.providers.failures import DETAIL_CHARS, billed, error_detail
 from qubax.providers.hosts import base_host
 from qubax.providers.replies import Reply
@@ -187,10 +188,20 @@ def relay(request: ImageRequest) -> Callable[[Any], None]:
             raise UpstreamError(f"{PROVIDER} failed while streaming the image.", detail=detail, failover=False)
         image, index, partials = event.get("b64_json"), event.get("partial_image_index"), request.partials
         partial = str(event.get("type")).endswith(".partial_image")
-        if partial and isinstance(image, str | bytes) and isinstance(index, int) and partials is not None:
+        if partial and isinstance(index, int) and partials is not None and is_base64(image):
             partials.put_nowait(PartialImage(request.index, index, image))
 
     return on_event
+
+
+def is_base64(image: Any) -> TypeGuard[str | bytes]:
+    """Whether a partial image is base64, as a finished one must be: it is handed on as the upstream sent
+    it (bytes, `payload`), into our events as it is. One that is not is left out; the image goes on."""
+    try:
+        decode_b64(image, PROVIDER)
+    except UpstreamError:
+        return False
+    return True
 
 
 def completed(event: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,7 @@ each loaded by wrk with the same settings, per payload. Results print as tables 
 bench/results/latest.json.
 
     .venv/bin/python -m bench [--connections 32] [--duration 10] [--rounds 3] [--payload light|heavy|both]
-                              [--targets upstream,floor,qubax,qubax-url,litellm]
+                              [--targets upstream,floor,fastapi,qubax,qubax-url,litellm]
 """
 
 import argparse
@@ -26,7 +26,7 @@ from typing import Any
 
 from bench import deps, loadgen, procs, report, targets
 
-TARGETS = ("upstream", "floor", "qubax", "qubax-url", "litellm")
+TARGETS = ("upstream", "floor", "fastapi", "qubax", "qubax-url", "litellm")
 REQUEST = {"model": "dall-e-3", "prompt": "a cat", "size": "1024x1024", "response_format": "b64_json"}
 DESCRIPTIONS = {"light": "flat single-colour 1024x1024 PNG", "heavy": "grey-noise 1024x1024 PNG"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -152,6 +152,7 @@ def run_payload(
             gateways(
                 {
                     "floor": lambda: targets.floor(up.base, workdir),
+                    "fastapi": lambda: targets.floor(up.base, workdir, "fastapi"),
                     "qubax": lambda: targets.qubax(up.base, workdir, args.images_dir),
                 },
                 args.rounds,
@@ -176,6 +177,7 @@ def run_payload(
 # (target, response_format, the gateway serving it), in the order each round loads them
 GATEWAY_TARGETS = (
     ("floor", "b64_json", "floor"),
+    ("fastapi", "b64_json", "fastapi"),
     ("qubax", "b64_json", "qubax"),
     ("qubax-url", "url", "qubax"),
     ("litellm", "b64_json", "litellm"),

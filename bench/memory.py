@@ -1,7 +1,8 @@
-"""Memory per request in flight (issue 27 item 2): the floor, Qubax and LiteLLM proxy under the same slow load.
+"""Memory per request in flight (issue 27 item 2): the floor, its FastAPI twin (`bench/floor.py`), Qubax and
+LiteLLM proxy under the same slow load.
 
     .venv/bin/python -m bench.memory [--light 4000] [--heavy 200] [--duration 20] [--delay 5]
-                                     [--targets floor,qubax,litellm]
+                                     [--targets floor,fastapi,qubax,litellm]
 
 Two loads against the fake OpenAI upstream (`bench/upstream.py`) holding every generation `--delay` seconds:
 `--light` requests in flight with the light payload (a 6 KB answer), and `--heavy` in flight with the heavy
@@ -39,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heavy", type=int, default=200, help="in flight, heavy payload (default 200; 0: none)")
     parser.add_argument("--duration", type=int, default=20, help="seconds of load per run, whole (default 20)")
     parser.add_argument("--delay", type=float, default=5.0, help="seconds the upstream takes (default 5)")
-    parser.add_argument("--targets", default="floor,qubax,litellm", help="comma-separated (default: all three)")
+    parser.add_argument("--targets", default="floor,fastapi,qubax,litellm", help="comma-separated (default: all)")
     args = parser.parse_args()
     args.targets = args.targets.split(",")
     return args
@@ -47,7 +48,7 @@ def parse_args() -> argparse.Namespace:
 
 def loads(args: argparse.Namespace) -> Iterator[tuple[str, int, list[tuple[str, str]]]]:
     """(payload, in flight, [(target, response_format)]) in the order they run."""
-    wanted = [name for name in ("floor", "qubax", "litellm") if name in args.targets]
+    wanted = [name for name in ("floor", "fastapi", "qubax", "litellm") if name in args.targets]
     light = [(name, "b64_json") for name in wanted]
     if args.light:  # 0 leaves a load out
         yield "light", args.light, light
@@ -147,6 +148,7 @@ def main() -> None:
     catalog.write_text(f"[providers.openai]\nconcurrency = {realistic.CAP}\n")
     starts: dict[str, Start] = {
         "floor": lambda base: targets.floor(base, workdir),
+        "fastapi": lambda base: targets.floor(base, workdir, "fastapi"),
         "qubax": lambda base: targets.qubax(base, workdir, settings={"QUBAX_CATALOG": str(catalog)}),
     }
     if litellm_exe is not None:

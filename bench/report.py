@@ -8,6 +8,8 @@ Goal = tuple[str, float]
 RATIOS: list[tuple[str, str, str, str, dict[str, Goal]]] = [
     ("Qubax/floor req/s", "qubax", "floor", "rps", {"light": (">=", 0.45), "heavy": (">=", 0.8)}),
     ("Qubax/floor p99", "qubax", "floor", "p99_ms", {"light": ("<=", 1.5), "heavy": ("<=", 1.5)}),
+    ("FastAPI/floor req/s", "fastapi", "floor", "rps", {}),
+    ("Qubax/FastAPI req/s", "qubax", "fastapi", "rps", {}),
     ("Qubax url/b64 req/s", "qubax-url", "qubax", "rps", {"light": (">=", 0.7), "heavy": (">=", 0.7)}),
     ("Qubax/LiteLLM req/s", "qubax", "litellm", "rps", {}),
     ("Qubax/LiteLLM p99", "qubax", "litellm", "p99_ms", {}),

@@ -63,9 +63,10 @@ def upstream(payload: str, workdir: Path, delay: float = 0.0) -> Iterator[Server
 
 
 @contextmanager
-def floor(upstream_base: str, workdir: Path) -> Iterator[Server]:
+def floor(upstream_base: str, workdir: Path, framework: str = "starlette") -> Iterator[Server]:
     port = procs.free_port()
     cmd = [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", f"{upstream_base}/v1"]
+    cmd += ["--framework", framework]
     with running(cmd, "/health", port, workdir / f"floor-{port}.log", clean_env({})) as server:
         yield server
 

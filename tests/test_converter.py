@@ -27,9 +27,11 @@ def jpeg(width: int, height: int) -> bytes:
 
 @pytest.mark.anyio
 async def test_an_image_is_converted_in_a_worker_process_at_a_lower_priority(converter: Converter) -> None:
+    assert converter.pool is None  # nothing started before there is something to convert
     png = await converter.convert(jpeg(64, 48), 32, 32, "png")
     with Image.open(io.BytesIO(png)) as image:
         assert (image.format, image.size) == ("PNG", (32, 32))
+    assert converter.pool is not None
     [worker] = converter.pool._processes.values()  # started by the first conversion
     assert worker.pid != os.getpid()
     assert os.getpriority(os.PRIO_PROCESS, worker.pid) == os.getpriority(os.PRIO_PROCESS, 0) + NICENESS
@@ -45,8 +47,9 @@ async def test_an_unreadable_image_is_the_upstreams_error_as_raised_in_the_worke
 @pytest.mark.anyio
 async def test_a_worker_that_dies_fails_its_conversion_and_the_next_gets_a_new_pool(converter: Converter) -> None:
     await converter.convert(jpeg(64, 48), 32, 32, "png")
-    [worker] = converter.pool._processes.values()
     broken = converter.pool
+    assert broken is not None
+    [worker] = broken._processes.values()
     os.kill(worker.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
     with pytest.raises(UpstreamError, match="process converting it stopped"):
         await converter.convert(jpeg(64, 48), 32, 32, "png")

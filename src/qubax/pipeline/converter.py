@@ -5,7 +5,9 @@ threads of the server's own process it competed with the event loop on equal ter
 a second put plain requests' p99 up 3.4x (bench/README.md, "conversion load"). Worker processes with
 a higher niceness let the operating system give the server's own process the CPU first, and a decoder
 that crashes or is killed takes only its worker with it. As many workers as the server may use cores
-(`QUBAX_CONVERT_PROCESSES`); each starts at its first conversion.
+(`QUBAX_CONVERT_PROCESSES`); the pool starts at the first conversion, each worker at the first one it
+takes. A node whose upstreams answer as asked never converts, and so never pays for the pool: its
+queues start multiprocessing's resource tracker, a process of ~12 MiB (bench/README.md, "idle memory").
 """
 
 import asyncio
@@ -29,7 +31,7 @@ def cores() -> int:
 class Converter:
     def __init__(self, processes: int | None = None) -> None:
         self.processes = processes or cores()
-        self.pool = self.start()
+        self.pool: ProcessPoolExecutor | None = None
 
     def start(self) -> ProcessPoolExecutor:
         # Not a fork of the server, whose threads (the database's, asyncio's) may hold locks: a fork of a
@@ -40,11 +42,12 @@ class Converter:
             server = multiprocessing.get_context("forkserver")
             server.set_forkserver_preload([imaging.__name__])
             context = server
-        return ProcessPoolExecutor(self.processes, mp_context=context, initializer=os.nice, initargs=(NICENESS,))
+        self.pool = ProcessPoolExecutor(self.processes, mp_context=context, initializer=os.nice, initargs=(NICENESS,))
+        return self.pool
 
     async def convert(self, data: bytes, width: int, height: int, output_format: str) -> bytes:
         """`imaging.convert` in a worker; its `UpstreamError` for an unreadable image comes back as it is."""
-        pool = self.pool
+        pool = self.pool or self.start()
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(pool, imaging.convert, data, width, height, output_format)
@@ -52,9 +55,10 @@ class Converter:
             # A worker died (killed for memory, or a crash in a decoder) and took the pool with it: the
             # conversions that were in it fail, the next ones get a new pool.
             if self.pool is pool:
-                self.pool = self.start()
+                self.start()
                 pool.shutdown(wait=False)
             raise UpstreamError("The image could not be converted: the process converting it stopped.") from exc
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -39,6 +39,7 @@ def serve(host: str, port: int, workers: int) -> None:
 
     from qubax.app import create_app
     from qubax.server import startup
+    from qubax.server.allocator import keep_large_buffers
     from qubax.server.connection import GuardedConnection, connection_bound, raise_descriptor_limit
 
     try:
@@ -63,6 +64,7 @@ def serve(host: str, port: int, workers: int) -> None:
     else:
         logger.warning("no upstream configured: live keys can use no model. %s", enabling(open_catalog(settings)))
     descriptors = raise_descriptor_limit()  # before the workers start: they inherit it
+    keep_large_buffers()  # and this
     connections = settings.max_connections or connection_bound(descriptors)
     logger.info("client connections: %d at once per process (file-descriptor limit %d)", connections, descriptors)
     # Qubax writes the access log itself (with the request id, never a query string): uvicorn's is off.

@@ -64,10 +64,11 @@ async def one(app: Any, headers: list[tuple[bytes, bytes]]) -> None:
 async def drive(requests: int, connections: int, key: str) -> None:
     from qubax.api import routes
     from qubax.app import create_app
-    from qubax.server import logs
+    from qubax.server import allocator, logs
     from qubax.server.settings import Settings
 
     logging.config.dictConfig(logs.config("text"))  # as `qubax serve` sets logging up, but into a file
+    allocator.keep_large_buffers()  # and its allocator
     log = (Path(os.environ["QUBAX_DATA_DIR"]) / "access.log").open("w")
     for handler in logging.getLogger("qubax").handlers:
         if isinstance(handler, logging.StreamHandler):

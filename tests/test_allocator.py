@@ -32,10 +32,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def page_faults(setting: str) -> int:
+def run(script: str, *args: str) -> str:
+    """What `script` prints, run by a fresh interpreter with glibc's defaults (no MALLOC_ variables)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, setting], capture_output=True, text=True, check=True, env=env)
-    return int(done.stdout)
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, check=True, env=env
+    ).stdout
+
+
+def page_faults(setting: str) -> int:
+    return int(run(SCRIPT, setting))
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
@@ -45,9 +51,9 @@ def test_an_images_buffers_are_reused_not_faulted_in_again() -> None:
 
 
 def test_the_processes_the_server_starts_get_the_same_settings() -> None:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
-    script = "import os; from qubax.server import allocator; allocator.keep_large_buffers(); print(dict(os.environ))"
-    started = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    printed = run(
+        "import os; from qubax.server import allocator; allocator.keep_large_buffers(); print(dict(os.environ))"
+    )
     # glibc reads these as a process starts: the workers of `qubax serve --workers N`
-    assert f"'MALLOC_MMAP_THRESHOLD_': '{allocator.MMAP_THRESHOLD}'" in started.stdout
-    assert f"'MALLOC_TRIM_THRESHOLD_': '{allocator.TRIM_THRESHOLD}'" in started.stdout
+    assert f"'MALLOC_MMAP_THRESHOLD_': '{allocator.MMAP_THRESHOLD}'" in printed
+    assert f"'MALLOC_TRIM_THRESHOLD_': '{allocator.TRIM_THRESHOLD}'" in printed
